@@ -1,0 +1,80 @@
+"""LoRA factors as plain tensors: the one in-memory form every other module speaks.
+
+A ``LoraAdapter`` maps each adapted module's name in the base model
+("model.layers.0.self_attn.q_proj") to its factors A (r x d_in) and B (d_out x r), with one
+scaling s for all modules, so that the module's weight update is ``s * B @ A``. A client's
+update, a stacked global adapter (scaling 1) and a persistent fedit/zeropad global LoRA are
+all this one type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class LoraPair(NamedTuple):
+    """The two factors of one module: ``a`` is (r, d_in), ``b`` is (d_out, r)."""
+
+    a: Tensor
+    b: Tensor
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
+    """LoRA's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """LoRA factors for a set of modules sharing one rank and one scaling."""
+
+    pairs: Mapping[str, LoraPair]
+    scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise ValueError("a LoRA adapter needs at least one module")
+        ranks = set()
+        for name, (a, b) in self.pairs.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"{name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                    "(r, d_in) and (d_out, r) factors of one rank"
+                )
+            ranks.add(a.shape[0])
+        if len(ranks) != 1:
+            raise ValueError(f"all modules of an adapter must share one rank, got ranks {sorted(ranks)}")
+        if not math.isfinite(self.scaling):
+            raise ValueError(f"scaling must be finite, got {self.scaling}")
+
+    @property
+    def rank(self) -> int:
+        """The rank r shared by every module."""
+        return next(iter(self.pairs.values())).a.shape[0]
+
+    @property
+    def module_names(self) -> list[str]:
+        """Adapted module names, sorted (the order used on the wire)."""
+        return sorted(self.pairs)
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight update ``s * B @ A`` of one module, computed in ``dtype``."""
+        a, b = self.pairs[name]
+        return (b.to(dtype) @ a.to(dtype)) * self.scaling
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoraAdapter:
+        """The same adapter with every factor moved/cast."""
+        return LoraAdapter(
+            {n: LoraPair(p.a.to(device=device, dtype=dtype), p.b.to(device=device, dtype=dtype)) for n, p in self.pairs.items()},
+            self.scaling,
+        )

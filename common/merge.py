@@ -1,0 +1,65 @@
+"""Merging a LoRA adapter into base weights: W <- W + s B A, computed in float32, cast back.
+
+The arithmetic is a pure function over {module name: weight} so that the server, the clients
+and offline tools all merge the same way, with or without a model object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from flora.common.lora import LoraAdapter
+
+
+def merged_weights(
+    weights: Mapping[str, Tensor], adapter: LoraAdapter, precision: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """New weights W + s B A for every module of ``adapter``, in each weight's dtype and device.
+
+    The product is formed in ``precision`` (half-precision products lose the small updates LoRA
+    makes) and nothing is returned unless every result is finite, so that a bad adapter can never
+    leave a model half-merged.
+    """
+    merged = {}
+    for name in adapter.module_names:
+        if name not in weights:
+            raise KeyError(f"module {name!r} of the adapter is not among the weights being merged")
+        weight = weights[name]
+        a, b = (t.to(device=weight.device, dtype=precision) for t in adapter.pairs[name])
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise ValueError(
+                f"module {name!r}: adapter delta is {(b.shape[0], a.shape[1])} but the weight is {tuple(weight.shape)}"
+            )
+        new = torch.addmm(weight.to(precision), b, a, alpha=adapter.scaling)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"module {name!r}: merging the adapter gives non-finite weights")
+        merged[name] = new.to(weight.dtype)
+    return merged
+
+
+def module_weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """The live weight tensors of the named linear modules of ``model``."""
+    return {name: model.get_submodule(name).weight for name in names}
+
+
+def merge_into_model(model: nn.Module, adapter: LoraAdapter, precision: torch.dtype = torch.float32) -> None:
+    """Add ``adapter`` to the model's weights in place (all modules, or none on error)."""
+    live = module_weights(model, adapter.module_names)
+    updated = merged_weights(live, adapter, precision)
+    with torch.no_grad():
+        for name, new in updated.items():
+            live[name].copy_(new)
+
+
+def merge_into_state_dict(
+    state_dict: Mapping[str, Tensor], adapter: LoraAdapter, precision: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """A copy of a Hugging Face state dict (keys "<module>.weight") with ``adapter`` merged in."""
+    weights = {name: state_dict[f"{name}.weight"] for name in adapter.module_names if f"{name}.weight" in state_dict}
+    merged = merged_weights(weights, adapter, precision)
+    out = dict(state_dict)
+    out.update({f"{name}.weight": w for name, w in merged.items()})
+    return out

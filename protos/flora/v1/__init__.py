@@ -1,0 +1,1 @@
+"""Generated stubs of the flora.v1 protocol; regenerate with ``python protos/generate.py``."""

@@ -1,0 +1,74 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AggregationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_METHOD_UNSPECIFIED: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_FLORA: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_FEDIT: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_ZEROPAD: _ClassVar[AggregationMethod]
+
+class ScalingRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCALING_RULE_UNSPECIFIED: _ClassVar[ScalingRule]
+    SCALING_RULE_STANDARD: _ClassVar[ScalingRule]
+    SCALING_RULE_RSLORA: _ClassVar[ScalingRule]
+AGGREGATION_METHOD_UNSPECIFIED: AggregationMethod
+AGGREGATION_METHOD_FLORA: AggregationMethod
+AGGREGATION_METHOD_FEDIT: AggregationMethod
+AGGREGATION_METHOD_ZEROPAD: AggregationMethod
+SCALING_RULE_UNSPECIFIED: ScalingRule
+SCALING_RULE_STANDARD: ScalingRule
+SCALING_RULE_RSLORA: ScalingRule
+
+class TargetModule(_message.Message):
+    __slots__ = ("name", "out_features", "in_features")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    out_features: int
+    in_features: int
+    def __init__(self, name: _Optional[str] = ..., out_features: _Optional[int] = ..., in_features: _Optional[int] = ...) -> None: ...
+
+class TrainingHints(_message.Message):
+    __slots__ = ("max_steps", "local_epochs", "learning_rate", "batch_size")
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    max_steps: int
+    local_epochs: float
+    learning_rate: float
+    batch_size: int
+    def __init__(self, max_steps: _Optional[int] = ..., local_epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class RunSpec(_message.Message):
+    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_SCALING_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    base_model: str
+    base_model_hash: str
+    target_modules: _containers.RepeatedCompositeFieldContainer[TargetModule]
+    method: AggregationMethod
+    rounds: int
+    max_update_bytes: int
+    chunk_size: int
+    required_scaling: float
+    hints: TrainingHints
+    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ...) -> None: ...
