@@ -52,6 +52,8 @@ class LoraAdapter:
                     "(r, d_in) and (d_out, r) factors of one rank"
                 )
             ranks.add(a.shape[0])
+        if 0 in ranks:
+            raise ValueError("LoRA rank must be >= 1, got a module with rank 0")
         if len(ranks) != 1:
             raise ValueError(f"all modules of an adapter must share one rank, got ranks {sorted(ranks)}")
         if not math.isfinite(self.scaling):

@@ -50,7 +50,7 @@ class TrainingHints(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., local_epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints")
+    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints", "global_lora_rank")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class RunSpec(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_SCALING_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     base_model: str
     base_model_hash: str
@@ -71,4 +72,5 @@ class RunSpec(_message.Message):
     chunk_size: int
     required_scaling: float
     hints: TrainingHints
-    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ...) -> None: ...
+    global_lora_rank: int
+    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ..., global_lora_rank: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,146 @@
+"""Cost of aggregation: FLoRA stacking + merge of K client updates for Llama-7B-shaped modules.
+
+For each K, clients get ranks cycling through 4, 8, 16, 32, 64 (heterogeneous, as in the paper).
+One transformer layer's q_proj and v_proj (4096 x 4096 in Llama-7B) are measured; a 32-layer
+model costs 32 times the per-layer numbers (the layers are independent and identical in shape).
+Baseline: one pass reading the same update bytes (a reduction over every tensor), measured in
+the same run: stacking is a copy of those bytes, so its GB/s should sit near the baseline's.
+Merging is a (d_out x R) @ (R x d_in) product, so its time should be linear in R = sum of ranks.
+
+    python -m bench.aggregate            # K = 10 .. 1000 (about 4 GB of RAM at K = 1000)
+    python -m bench.aggregate --smoke    # seconds, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+
+import torch
+
+from bench.report import format_table, median_seconds, write_results
+from flora.common.aggregation import flora_stack
+from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
+from flora.common.merge import merged_weights
+from flora.common.weights import client_weights
+
+RANKS = (4, 8, 16, 32, 64)
+LAYERS_IN_7B = 32
+
+
+def synthetic_updates(count: int, dim: int, modules: list[str], seed: int = 0) -> list[LoraAdapter]:
+    """K client updates with ranks cycling through RANKS and alpha = 2 r."""
+    gen = torch.Generator().manual_seed(seed)
+    updates = []
+    for rank in itertools.islice(itertools.cycle(RANKS), count):
+        pairs = {m: LoraPair(torch.randn(rank, dim, generator=gen), torch.randn(dim, rank, generator=gen)) for m in modules}
+        updates.append(LoraAdapter(pairs, lora_scaling(rank, 2.0 * rank)))
+    return updates
+
+
+def read_once(updates: list[LoraAdapter]) -> float:
+    """Baseline: touch every byte of every factor once."""
+    total = 0.0
+    for update in updates:
+        for a, b in update.pairs.values():
+            total += float(a.sum()) + float(b.sum())
+    return total
+
+
+def measure(count: int, dim: int, modules: list[str], repeats: int) -> dict:
+    """Time reading, stacking and merging K updates for one layer's modules."""
+    updates = synthetic_updates(count, dim, modules)
+    weights = client_weights([1 + k % 7 for k in range(count)])
+    base = {m: torch.randn(dim, dim) for m in modules}
+    nbytes = sum(t.numel() * t.element_size() for u in updates for p in u.pairs.values() for t in p)
+    total_rank = sum(u.rank for u in updates)
+
+    read_s = median_seconds(lambda: read_once(updates), repeats)
+    stack_s = median_seconds(lambda: flora_stack(updates, weights), repeats)
+    stacked = flora_stack(updates, weights)
+    merge_s = median_seconds(lambda: merged_weights(base, stacked), repeats)
+    element = stacked.pairs[modules[0]].a.element_size()
+    downlink_stacked = sum((p.a.numel() + p.b.numel()) * element for p in stacked.pairs.values())
+    downlink_dense = len(modules) * dim * dim * element
+    del updates, stacked
+    gc.collect()
+    return {
+        "K": count,
+        "sum_of_ranks": total_rank,
+        "update_MB": nbytes / 1e6,
+        "read_s": read_s,
+        "read_GBps": nbytes / read_s / 1e9,
+        "stack_s": stack_s,
+        "stack_GBps": nbytes / stack_s / 1e9,
+        "stack_vs_read": read_s / stack_s,
+        "merge_s": merge_s,
+        "merge_s_per_1k_rank": merge_s / total_rank * 1000,
+        "layer_total_s": stack_s + merge_s,
+        "model_32_layers_s": (stack_s + merge_s) * LAYERS_IN_7B,
+        "downlink_stacked_MB": downlink_stacked / 1e6,
+        "downlink_dense_MB": downlink_dense / 1e6,
+    }
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares y = a x + b and its R^2: how linear merge time is in the sum of ranks."""
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    design = torch.stack([x, torch.ones_like(x)], dim=1)
+    (slope, intercept) = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1).tolist()
+    residual = y - (slope * x + intercept)
+    r2 = 1.0 - float(residual.pow(2).sum() / (y - y.mean()).pow(2).sum()) if len(xs) > 1 else 1.0
+    return slope, intercept, r2
+
+
+def plot(rows: list[dict], path) -> None:
+    """Merge and stack time against the sum of ranks (log-log), one point per K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ranks = [r["sum_of_ranks"] for r in rows]
+    for key, label in (("merge_s", "merge (B_g A_g into W)"), ("stack_s", "stack"), ("read_s", "baseline: read bytes once")):
+        ax.plot(ranks, [r[key] for r in rows], marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="sum of client ranks R", ylabel="seconds per layer (q_proj + v_proj)")
+    ax.set_title("FLoRA aggregation cost, Llama-7B-shaped layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="10,30,100,300,1000", help="comma-separated K values")
+    parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out of each module (Llama-7B: 4096)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.dim, args.repeats = "2,5", 64, 1
+    modules = ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"]
+    rows = [measure(int(k), args.dim, modules, args.repeats) for k in args.clients.split(",")]
+    slope, intercept, r2 = linear_fit([r["sum_of_ranks"] for r in rows], [r["merge_s"] for r in rows])
+
+    print(f"Per layer (q_proj + v_proj, {args.dim}x{args.dim}, float32); x{LAYERS_IN_7B} for a 7B model.")
+    print(format_table(rows, ["K", "sum_of_ranks", "update_MB", "read_GBps", "stack_GBps", "stack_vs_read", "merge_s", "merge_s_per_1k_rank", "model_32_layers_s"]))
+    print(f"\nmerge_s = {slope * 1000:.4g} s per 1000 ranks * R + {intercept:.3g} s   (R^2 = {r2:.4f}: linear in R)")
+    print("\nDownlink per round and layer: stacked adapter vs dense delta")
+    print(format_table(rows, ["K", "sum_of_ranks", "downlink_stacked_MB", "downlink_dense_MB"]))
+    crossover = args.dim * args.dim // (2 * args.dim)
+    print(f"(the stacked form is smaller while R < d_out*d_in/(d_out+d_in) = {crossover})")
+
+    from pathlib import Path
+
+    out = Path(args.out) if args.out else None
+    kwargs = {"out_dir": out} if out else {}
+    path = write_results("aggregate", {"dim": args.dim, "rows": rows, "merge_fit": {"s_per_rank": slope, "intercept_s": intercept, "r2": r2}}, **kwargs)
+    plot(rows, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The one place that turns payloads into flora.v1 transfer messages and back.
+
+Both large transfers of the protocol (DESIGN.md section 3) are built from ``flora.common.chunks``:
+
+- download (``FetchGlobal``): ``artifact_chunks`` streams one artifact as ``Chunk`` messages;
+  ``ArtifactReceiver`` / ``receive_artifacts`` write a stream of consecutive versions into one
+  file per version, each staged as ``<path>.part``, verified, then renamed into place, so that a
+  crash never leaves a half-written final file and the ``.part`` is what a resume continues;
+- upload (``SubmitUpdate``): ``update_messages`` sends the header and then the pieces;
+  ``UpdateReceiver`` / ``receive_update`` enforce header-first-and-once and verify the bytes.
+
+The receivers are plain state machines fed one message at a time; the async helpers only drive
+them from a ``grpc.aio`` stream, running each step in a worker thread because writing, hashing
+(which releases the GIL) and fsync are blocking work that must stay off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, NamedTuple
+
+from flora.common.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    ChunkError,
+    ChunkReceiver,
+    Source,
+    check_announcement,
+    check_sha256,
+    fsync_file,
+    iter_chunks,
+    open_partial,
+    publish,
+    source_size,
+)
+from flora.v1 import transfer_pb2
+
+PathFor = Callable[[int, int], Path]
+
+
+class WireError(ChunkError):
+    """A message stream that breaks the protocol (order, header, kinds, versions)."""
+
+
+class Artifact(NamedTuple):
+    """One downloaded artifact, verified and in its final place."""
+
+    kind: int
+    version: int
+    path: Path
+    sha256: str
+
+
+def artifact_chunks(
+    kind: int,
+    version: int,
+    source: Source,
+    sha256: str,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    offset: int = 0,
+) -> Iterator[transfer_pb2.Chunk]:
+    """Stream one artifact from ``offset`` on (the FetchGlobal response for one version).
+
+    Every message repeats kind, version, total_bytes and sha256, so a client can tell where one
+    version ends and the next begins, and resume any of them, without any other framing.
+    """
+    check_sha256(sha256)
+    total = source_size(source)
+    for start, data in iter_chunks(source, chunk_size, offset):
+        yield transfer_pb2.Chunk(
+            kind=kind, version=version, offset=start, total_bytes=total, sha256=sha256, data=data
+        )
+
+
+def update_messages(
+    header: transfer_pb2.UpdateHeader, source: Source, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[transfer_pb2.UpdateChunk]:
+    """The SubmitUpdate stream: the header, then the payload in pieces."""
+    check_sha256(header.sha256, "header sha256")
+    if header.total_bytes != (size := source_size(source)):
+        raise WireError(f"header total_bytes={header.total_bytes} but the payload is {size} bytes")
+    yield transfer_pb2.UpdateChunk(header=header)
+    for start, data in iter_chunks(source, chunk_size):
+        yield transfer_pb2.UpdateChunk(piece=transfer_pb2.UpdatePiece(offset=start, data=data))
+
+
+class UpdateReceiver:
+    """Consume a SubmitUpdate stream into ``sink``: the header exactly once and first, then pieces."""
+
+    def __init__(self, sink: BinaryIO, max_bytes: int) -> None:
+        self._sink = sink
+        self._max_bytes = max_bytes
+        self._messages = 0
+        self._chunks: ChunkReceiver | None = None
+        self.header: transfer_pb2.UpdateHeader | None = None
+
+    def feed(self, message: transfer_pb2.UpdateChunk) -> None:
+        """Take the next message of the stream."""
+        self._messages += 1
+        content = message.WhichOneof("content")
+        if content == "header":
+            if self.header is not None:
+                raise WireError(f"message {self._messages} is a second header; the header comes once")
+            self._chunks = ChunkReceiver(
+                self._sink, message.header.total_bytes, message.header.sha256, self._max_bytes
+            )
+            self.header = message.header
+        elif content == "piece":
+            if self._chunks is None:
+                raise WireError(f"message {self._messages} is a piece before the header")
+            self._chunks.add(message.piece.offset, message.piece.data)
+        else:
+            raise WireError(f"message {self._messages} holds neither a header nor a piece")
+
+    def finish(self) -> transfer_pb2.UpdateHeader:
+        """Verify that the whole payload arrived intact and return the header it came with."""
+        if self._chunks is None or self.header is None:
+            raise WireError("the upload stream ended before its header (no messages)")
+        self._chunks.finish()
+        return self.header
+
+
+async def receive_update(
+    messages: AsyncIterable[transfer_pb2.UpdateChunk], sink: BinaryIO, max_bytes: int
+) -> transfer_pb2.UpdateHeader:
+    """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it."""
+    receiver = UpdateReceiver(sink, max_bytes)
+    async for message in messages:
+        await asyncio.to_thread(receiver.feed, message)
+    return receiver.finish()
+
+
+def part_path(path: Path) -> Path:
+    """Where a download of ``path`` is staged until it is verified."""
+    return path.with_name(path.name + ".part")
+
+
+def resume_offset(path: Path) -> int:
+    """The offset to ask FetchGlobal for: what the staged download of ``path`` already holds."""
+    part = part_path(path)
+    return part.stat().st_size if part.exists() else 0
+
+
+class _Staged(NamedTuple):
+    kind: int
+    version: int
+    path: Path
+    file: BinaryIO
+    chunks: ChunkReceiver
+    sha256: str
+
+
+class ArtifactReceiver:
+    """Write a FetchGlobal stream of consecutive versions into one verified file per version.
+
+    ``path_for(kind, version)`` names each final file. Only the stream's first artifact may start
+    at an offset > 0: it then continues the ``.part`` file already on disk (see
+    ``resume_offset``). A ``.part`` whose bytes fail the sha256 is deleted, because resuming it
+    could never succeed; after any other failure it is kept for the next resume. Use as a context
+    manager so that an interrupted stream always closes its file.
+    """
+
+    def __init__(self, path_for: PathFor, max_bytes: int) -> None:
+        self._path_for = path_for
+        self._max_bytes = max_bytes
+        self._staged: _Staged | None = None
+        self._last: tuple[int, int] | None = None
+        self._done: list[Artifact] = []
+
+    def feed(self, chunk: transfer_pb2.Chunk) -> None:
+        """Take the next message of the stream."""
+        staged = self._staged
+        if staged is None or (chunk.kind, chunk.version) != (staged.kind, staged.version):
+            self._complete()
+            staged = self._staged = self._stage(chunk)
+        elif (chunk.total_bytes, chunk.sha256) != (staged.chunks.total_bytes, staged.sha256):
+            raise WireError(
+                f"version {chunk.version}: chunk at offset {chunk.offset} changes total_bytes/sha256 "
+                f"from {staged.chunks.total_bytes}/{staged.sha256} to {chunk.total_bytes}/{chunk.sha256}"
+            )
+        staged.chunks.add(chunk.offset, chunk.data)
+
+    def finish(self) -> list[Artifact]:
+        """Complete the last artifact and return every artifact of the stream, in order."""
+        self._complete()
+        return list(self._done)
+
+    def close(self) -> None:
+        """Close the open ``.part`` file, if any, without publishing it."""
+        if self._staged is not None:
+            self._staged.file.close()
+            self._staged = None
+
+    def __enter__(self) -> ArtifactReceiver:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _stage(self, chunk: transfer_pb2.Chunk) -> _Staged:
+        if chunk.kind == transfer_pb2.ARTIFACT_KIND_UNSPECIFIED:
+            raise WireError(f"version {chunk.version}: artifact kind is unspecified")
+        if self._last is not None:
+            if chunk.kind != self._last[0]:
+                raise WireError(
+                    f"version {chunk.version}: kind {chunk.kind} differs from the stream's kind {self._last[0]}"
+                )
+            if chunk.version <= self._last[1]:
+                raise WireError(f"version {chunk.version} follows version {self._last[1]}; versions must increase")
+        resume = chunk.offset > 0 and self._last is None
+        self._last = (chunk.kind, chunk.version)
+        check_announcement(chunk.total_bytes, chunk.sha256, self._max_bytes)
+        path = Path(self._path_for(chunk.kind, chunk.version))
+        if resume:
+            file, prefix = open_partial(part_path(path))
+        else:
+            file, prefix = open(part_path(path), "wb"), None  # noqa: SIM115 - closed by _complete/close
+        try:
+            chunks = ChunkReceiver(file, chunk.total_bytes, chunk.sha256, self._max_bytes, prefix=prefix)
+        except ChunkError:
+            file.close()
+            # The announcement passed, so the prefix on disk is longer than the artifact: useless.
+            part_path(path).unlink(missing_ok=True)
+            raise
+        return _Staged(chunk.kind, chunk.version, path, file, chunks, chunk.sha256)
+
+    def _complete(self) -> None:
+        staged = self._staged
+        if staged is None:
+            return
+        try:
+            staged.chunks.finish()
+        except ChunkError:
+            if staged.chunks.received == staged.chunks.total_bytes:
+                self.close()
+                part_path(staged.path).unlink(missing_ok=True)
+            raise
+        fsync_file(staged.file)
+        self.close()
+        publish(part_path(staged.path), staged.path)
+        self._done.append(Artifact(staged.kind, staged.version, staged.path, staged.sha256))
+
+
+async def receive_artifacts(
+    messages: AsyncIterable[transfer_pb2.Chunk], path_for: PathFor, max_bytes: int
+) -> list[Artifact]:
+    """Receive a whole FetchGlobal response stream into verified files, one per version."""
+    with ArtifactReceiver(path_for, max_bytes) as receiver:
+        async for chunk in messages:
+            await asyncio.to_thread(receiver.feed, chunk)
+        return await asyncio.to_thread(receiver.finish)
