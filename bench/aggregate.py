@@ -14,12 +14,12 @@ Merging is a (d_out x R) @ (R x d_in) product, so its time should be linear in R
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 
 import torch
 
-from bench.report import format_table, median_seconds, write_results
+from bench.report import median_seconds, write_results
+from flora.common.tables import format_table
 from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.merge import merged_weights
@@ -63,8 +63,6 @@ def measure(count: int, dim: int, modules: list[str], repeats: int) -> dict:
     element = stacked.pairs[modules[0]].a.element_size()
     downlink_stacked = sum((p.a.numel() + p.b.numel()) * element for p in stacked.pairs.values())
     downlink_dense = len(modules) * dim * dim * element
-    del updates, stacked
-    gc.collect()
     return {
         "K": count,
         "sum_of_ranks": total_rank,

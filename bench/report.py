@@ -1,4 +1,6 @@
-"""Shared output of the benchmarks: an aligned table on stdout, the same rows as JSON on disk.
+"""Shared output of the benchmarks: timings, the machine they ran on, and JSON results on disk.
+
+Tables are printed with ``flora.common.tables.format_table``.
 
 Every benchmark compares against a baseline measured in the same run, so rows carry ratios as
 well as absolute numbers; machines are noisy, so timings are medians of repeats.
@@ -10,7 +12,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +30,6 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as a Markdown table (readable in a terminal and pasteable into notes)."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    body = [[cell(row.get(col, "")) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in body)) for i, col in enumerate(columns)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in body)])
 
 
 def machine() -> dict[str, Any]:

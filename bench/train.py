@@ -30,7 +30,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from flora.client.trainer import TrainConfig, resolve_device, train_lora
+from flora.client.trainer import TrainConfig, train_lora
+from flora.common.devices import resolve_device
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, load_tokenizer
 from flora.common.data import Example, TokenizedExample, collate, load_examples, tokenize_examples
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from flora.common.basemodel import DEFAULT_TARGET_MODULES, target_module_shapes
+from flora.common.devices import resolve_device
 from flora.common.data import IGNORE_INDEX, TokenizedExample, collate
 from flora.common.evaluate import autocast_context, evaluate_loss, shifted_targets, summed_token_loss
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
@@ -97,18 +98,6 @@ def lr_at(step: int, num_steps: int, config: TrainConfig) -> float:
         return config.learning_rate
     progress = (step - config.warmup_steps) / max(1, num_steps - config.warmup_steps)
     return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; an explicit CUDA device must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    return device
 
 
 def total_steps(num_examples: int, config: TrainConfig) -> int:

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Shared by server and clients: the maths, payloads, transfer, data, base model and settings."""

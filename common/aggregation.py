@@ -15,7 +15,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 
 
 class Method(str, Enum):
@@ -75,20 +75,13 @@ def _common_scaling(adapters: Sequence[LoraAdapter], method: str) -> float:
     return scaling
 
 
-def _pad_rank(pair: LoraPair, rank: int) -> LoraPair:
-    """Zero-pad A's rows and B's columns up to ``rank``."""
-    a, b = pair
-    extra = rank - a.shape[0]
-    return LoraPair(torch.nn.functional.pad(a, (0, 0, 0, extra)), torch.nn.functional.pad(b, (0, extra)))
-
-
 def _average(
     adapters: Sequence[LoraAdapter], weights: Sequence[float], rank: int, scaling: float, dtype: torch.dtype
 ) -> LoraAdapter:
     """A_g = sum p_k A_k, B_g = sum p_k B_k, each factor zero-padded to ``rank`` first."""
     pairs = {}
     for name in adapters[0].module_names:
-        padded = [_pad_rank(LoraPair(*(t.to(dtype) for t in a.pairs[name])), rank) for a in adapters]
+        padded = [pad_pair(LoraPair(*(t.to(dtype) for t in a.pairs[name])), rank) for a in adapters]
         pairs[name] = LoraPair(
             sum(p * pair.a for p, pair in zip(weights, padded)),
             sum(p * pair.b for p, pair in zip(weights, padded)),

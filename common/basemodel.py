@@ -172,15 +172,17 @@ def target_module_shapes(model: nn.Module, target_modules: Iterable[str]) -> dic
 
 
 def fingerprint(model: nn.Module, module_names: Iterable[str]) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of the target modules' base weights.
+    """sha256 over the names, shapes and float32 values of the target modules' base weights.
 
     Server and clients compare it at Join: merging the same adapters into different base weights
-    would silently diverge, so a mismatch must fail before any training.
+    would silently diverge, so a mismatch must fail before any training. Values are hashed as
+    float32 so that a server holding a bfloat16 checkpoint in bfloat16 and a client holding it
+    in float32 agree (the cast is exact); weights that differ after rounding still disagree.
     """
     digest = hashlib.sha256()
     modules = dict(model.named_modules())
     for name in sorted(module_names):
-        weight = modules[name].weight.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}\n".encode())
+        weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

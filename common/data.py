@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,8 +161,12 @@ def get_template(spec: str) -> PromptTemplate:
 # --- reading files --------------------------------------------------------------------------
 
 
-def _read_records(path: Path) -> list[tuple[int | None, Any]]:
-    """(line number or None, parsed value) per record: a JSON array, else one JSON value per line."""
+def read_records(path: Path) -> list[tuple[int | None, Any]]:
+    """(line number or None, parsed value) per record: a JSON array, else one JSON value per line.
+
+    Public so that tools which re-split data files (the demo carving validation sets) keep each
+    record in its original form, parsed exactly as training will parse it.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -223,7 +228,7 @@ def _form_of(record: Mapping[str, Any], file_form: RecordForm | None) -> RecordF
 def load_file(path: str | os.PathLike[str], template: PromptTemplate) -> list[Example]:
     """All records of one file as examples; the first record decides the file's form."""
     path = Path(path)
-    records = _read_records(path)
+    records = read_records(path)
     if not records:
         raise DataFormatError(path, "file holds no records")
     form: RecordForm | None = None
@@ -340,3 +345,29 @@ def split_examples(items: Sequence[T], validation: float | int, seed: int = 0) -
     chosen = set(random.Random(seed).sample(range(n), count))
     train = [item for i, item in enumerate(items) if i not in chosen]
     return train, [item for i, item in enumerate(items) if i in chosen]
+
+
+# --- folders of per-client files ------------------------------------------------------------
+
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort client_2 before client_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def data_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A folder of one data file per client: (client files in natural order, validation files).
+
+    Files whose name starts with ``validation`` hold held-out data (the demo's sample data writes
+    one), not a client's. The demo and the simulator read folders the same way through this.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"data folder {folder} is not a directory")
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES), key=_natural_key)
+    validation = [p for p in files if p.name.startswith("validation")]
+    clients = [p for p in files if p not in validation]
+    if not clients:
+        raise ValueError(f"data folder {folder} holds no .json or .jsonl client files (one per client expected)")
+    return clients, validation

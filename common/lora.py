@@ -80,3 +80,32 @@ class LoraAdapter:
             {n: LoraPair(p.a.to(device=device, dtype=dtype), p.b.to(device=device, dtype=dtype)) for n, p in self.pairs.items()},
             self.scaling,
         )
+
+
+def pad_pair(pair: LoraPair, rank: int) -> LoraPair:
+    """Zero-pad A's rows and B's columns up to ``rank`` (same product B @ A)."""
+    a, b = pair
+    extra = rank - a.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {a.shape[0]} down to {rank}")
+    return LoraPair(torch.nn.functional.pad(a, (0, 0, 0, extra)), torch.nn.functional.pad(b, (0, extra)))  # (rank, d_in), (d_out, rank)
+
+
+def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    """The same adapter zero-padded to ``rank`` in every module."""
+    return LoraAdapter({name: pad_pair(pair, rank) for name, pair in adapter.pairs.items()}, adapter.scaling)
+
+
+def seeded_lora(shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> LoraAdapter:
+    """A fresh LoRA as PEFT initialises one (A Kaiming-uniform, B zero), drawn from ``seed`` alone.
+
+    The fedit/zeropad global LoRA of version 0: every client starts round 1 from these same
+    factors, wherever it runs, because they depend on nothing but the seed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, (d_out, d_in) in sorted(shapes.items()):
+        a = torch.empty(rank, d_in)  # (r, d_in)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        pairs[name] = LoraPair(a, torch.zeros(d_out, rank))  # B: (d_out, r)
+    return LoraAdapter(pairs, scaling)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 Settings = TypeVar("Settings", bound=BaseModel)
 
@@ -52,8 +52,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseMode
     """
     for name, field in model.model_fields.items():
         flags = [flag_name(name)] + ([aliases[name]] if name in aliases else [])
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description or ''} (default: {_render_value(default)})"
+        default = "required" if field.is_required() else f"default: {_render_value(field.get_default(call_default_factory=True))}"
+        help_text = f"{field.description or ''} ({default})"
         if _is_bool(field.annotation):
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -110,7 +110,8 @@ def load_settings(
     """Validate the merged layers into ``model``; every invalid field is reported with its source."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_file is not None:
-        layers.append((f"config file {config_file}", read_config_file(config_file)))
+        values = {k: _from_text(model, k, v) if k in model.model_fields else v for k, v in read_config_file(config_file).items()}
+        layers.append((f"config file {config_file}", values))
     layers.append(("environment", environment_values(model, env_prefix, environ)))
     cli = {k: _from_text(model, k, v) for k, v in (flags or {}).items() if v is not None and k in model.model_fields}
     layers.append(("command line", cli))
@@ -145,10 +146,15 @@ def _render_value(value: Any) -> str:
 
 
 def render_settings(settings: BaseModel) -> str:
-    """The effective settings as a TOML document that ``--config`` accepts back."""
+    """The effective settings as a TOML document that ``--config`` accepts back.
+
+    Secrets are never printed: they appear as a comment saying that they are set.
+    """
     lines = []
     for name, value in settings.model_dump(mode="json").items():
-        if value is None:
+        if isinstance(getattr(settings, name), SecretStr):
+            lines.append(f"# {name} is set (secret, not shown)")
+        elif value is None:
             lines.append(f"# {name} is unset")
         else:
             lines.append(f"{name} = {json.dumps(value)}")

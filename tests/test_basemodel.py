@@ -13,7 +13,7 @@ from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, finger
 
 # sha256 of the built-in model's q_proj/v_proj weights; a change here means every deployed
 # client and server would disagree, so it must be deliberate (bump _BUILTIN_REVISION).
-BUILTIN_FINGERPRINT = "bf7604f5b26274f4ae12007094be35b717feb463ddd4f97bdbb901027c7ca49b"
+BUILTIN_FINGERPRINT = "76550e745f3ff0f3a5e986aeab80a95d95d4e57aca75cb1e30d1a3f379e0d3bb"
 
 
 def test_builtin_model_is_a_normal_hugging_face_directory(tiny_model_dir):
@@ -68,3 +68,11 @@ def test_fingerprint_changes_when_a_weight_changes(tiny_model):
     with torch.no_grad():
         tiny_model.get_submodule(names[0]).weight[0, 0] += 1e-3
     assert fingerprint(tiny_model, names) != before
+
+
+def test_fingerprint_agrees_across_exact_dtype_casts(tiny_model):
+    names = list(target_module_shapes(tiny_model, DEFAULT_TARGET_MODULES))
+    rounded = tiny_model.to(torch.bfloat16)
+    in_bf16 = fingerprint(rounded, names)
+    assert fingerprint(rounded.to(torch.float32), names) == in_bf16
+    assert in_bf16 != BUILTIN_FINGERPRINT  # rounding to bfloat16 changed the weights

@@ -14,6 +14,7 @@ from flora.common.data import (
     IGNORE_INDEX,
     TEMPLATES,
     DataFormatError,
+    data_folder,
     Example,
     TokenizedExample,
     collate,
@@ -292,3 +293,16 @@ def test_split_by_count_and_limits() -> None:
             split_examples(list(range(10)), bad)
     with pytest.raises(TypeError):
         split_examples(list(range(10)), True)
+
+
+def test_data_folder_lists_clients_naturally_and_sets_validation_apart(tmp_path):
+    for name in ("client_10.json", "client_2.jsonl", "client_1.json", "validation.json", "notes.txt"):
+        (tmp_path / name).write_text("[]")
+    clients, validation = data_folder(tmp_path)
+    assert [p.name for p in clients] == ["client_1.json", "client_2.jsonl", "client_10.json"]
+    assert [p.name for p in validation] == ["validation.json"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .json or .jsonl client files"):
+        data_folder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a directory"):
+        data_folder(tmp_path / "missing")

@@ -6,7 +6,7 @@ import argparse
 import tomllib
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from flora.common.settings import SettingsError, add_settings_arguments, load_settings, render_settings
 
@@ -83,3 +83,22 @@ def test_rendered_settings_load_back_as_toml(tmp_path):
     config.write_text(render_settings(settings))
     tomllib.loads(config.read_text())
     assert load_settings(Example, config_file=config, environ={}) == settings
+
+
+class WithSecret(BaseModel):
+    name: str = Field(description="who")
+    token: SecretStr | None = Field(None, description="a secret")
+
+
+def test_required_fields_say_so_in_help_and_secrets_never_print():
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, WithSecret)
+    assert "(required)" in parser.format_help()
+    text = render_settings(WithSecret(name="x", token="hunter2-hunter2"))
+    assert "hunter2" not in text and "token is set" in text
+
+
+def test_a_single_string_in_a_file_fills_a_list_setting(tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text('modules = "q_proj, k_proj"\n')
+    assert load_settings(Example, config_file=config, environ={}).modules == ["q_proj", "k_proj"]

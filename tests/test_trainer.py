@@ -15,12 +15,12 @@ from flora.client.trainer import (
     TrainConfig,
     TrainingCancelled,
     lr_at,
-    resolve_device,
     total_steps,
     train_lora,
 )
 from flora.common.basemodel import load_model, load_tokenizer, target_module_shapes
 from flora.common.data import Example, collate, load_examples, tokenize_examples
+from flora.common.devices import resolve_device
 from flora.common.evaluate import evaluate_loss
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 
