@@ -28,6 +28,7 @@ def test_coordinator_service_has_every_call():
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
     calls = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert calls == {
+        "GetRun": (False, False),
         "Join": (False, False),
         "NextTask": (False, False),
         "FetchGlobal": (False, True),

@@ -38,6 +38,18 @@ class Capabilities(_message.Message):
     software_version: str
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., scaling_rule: _Optional[_Union[_run_pb2.ScalingRule, str]] = ..., device: _Optional[str] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
 
+class GetRunRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRunReply(_message.Message):
+    __slots__ = ("run", "global_version")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    run: _run_pb2.RunSpec
+    global_version: int
+    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., global_version: _Optional[int] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("client_name", "capabilities", "base_model_hash")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -36,6 +36,11 @@ class CoordinatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetRun = channel.unary_unary(
+                '/flora.v1.Coordinator/GetRun',
+                request_serializer=flora_dot_v1_dot_coordinator__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_coordinator__pb2.GetRunReply.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/flora.v1.Coordinator/Join',
                 request_serializer=flora_dot_v1_dot_coordinator__pb2.JoinRequest.SerializeToString,
@@ -76,6 +81,14 @@ class CoordinatorStub:
 class CoordinatorServicer:
     """The coordinator of a federated run: clients join, pull tasks, download globals, upload updates.
     """
+
+    def GetRun(self, request, context):
+        """The run a client would join, read before joining (same credentials as Join), so that a new
+        client can check its base model against the run's target modules and hash first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
         """Registers a client (or recognises a returning one) and returns the run it joins.
@@ -129,6 +142,11 @@ class CoordinatorServicer:
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=flora_dot_v1_dot_coordinator__pb2.GetRunRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_coordinator__pb2.GetRunReply.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=flora_dot_v1_dot_coordinator__pb2.JoinRequest.FromString,
@@ -175,6 +193,33 @@ def add_CoordinatorServicer_to_server(servicer, server):
 class Coordinator:
     """The coordinator of a federated run: clients join, pull tasks, download globals, upload updates.
     """
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/GetRun',
+            flora_dot_v1_dot_coordinator__pb2.GetRunRequest.SerializeToString,
+            flora_dot_v1_dot_coordinator__pb2.GetRunReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,

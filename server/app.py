@@ -1,0 +1,132 @@
+"""Assembling and running the server: state, model, gRPC service, health, signals, shutdown.
+
+``serve`` is the whole life of a ``flora-server`` process: open the state directory, load the
+model and the run off the event loop, listen, announce ``listening on HOST:PORT``, and on
+SIGTERM/SIGINT (or when a finished run's linger time is over) report NOT_SERVING, release the
+long-polls, give in-flight calls ``shutdown_grace_s`` to finish, let a running aggregation
+commit, and close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from flora.server.aggregator import Aggregator
+from flora.server.auth import AuthInterceptor, Credentials
+from flora.server.config import ServerSettings
+from flora.server.coordinator import Coordinator
+from flora.server.layout import Layout
+from flora.server.lifecycle import RoundDriver
+from flora.server.servicer import CoordinatorServicer
+from flora.server.startup import StartupError, open_run, restore_machine, state_dir_path
+from flora.server.store import Store
+from flora.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = ("", coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name)
+
+
+def _secret(value) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    """Listen as configured (TLS, mutual TLS or plaintext) and return the real port."""
+    address = _address(settings.host, settings.port)
+    try:
+        if settings.tls_cert is None:
+            port = server.add_insecure_port(address)
+        else:
+            ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                root_certificates=ca, require_client_auth=ca is not None,
+            )
+            port = server.add_secure_port(address, credentials)
+    except (OSError, RuntimeError) as err:
+        raise StartupError(f"cannot listen on {address}: {err}") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}")
+    return port
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in SERVICE_NAMES:
+        await servicer.set(name, status)
+
+
+async def _wait_for_stop(stop: asyncio.Event, driver: RoundDriver, settings: ServerSettings) -> None:
+    """Until a signal arrives, or the finished run has lingered ``exit_after_finish_s``."""
+    linger = settings.exit_after_finish_s
+    while not stop.is_set():
+        if linger is not None and driver.finished_at is not None and time.time() >= driver.finished_at + linger:
+            log.info("the run is finished and exit_after_finish_s has passed: stopping")
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except asyncio.TimeoutError:  # a builtin alias only from 3.11
+            pass
+
+
+async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: RoundDriver) -> None:
+    limit = 2 * settings.chunk_size + (1 << 20)  # a piece plus its header, with room to spare
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(coordinator.credentials)],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = _bind(server, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        driver.start()
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening on %s (run %s, method %s, version %d of %d rounds)", _address(settings.host, port),
+                 coordinator.run.run_id, coordinator.run.method, driver.machine.version, settings.rounds)
+        await _wait_for_stop(stop, driver, settings)
+        log.info("shutting down: NOT_SERVING, %.0fs grace for calls in flight", settings.shutdown_grace_s)
+    finally:
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        coordinator.stopping = True
+        driver.notify()  # long-polls answer WAIT now instead of holding the shutdown
+        await server.stop(settings.shutdown_grace_s)
+        await driver.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run the server until it is told to stop; raises ``StartupError`` for unusable setups."""
+    layout = Layout(state_dir_path(settings))
+    layout.create()
+    shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died
+    layout.tmp.mkdir()
+    store = Store(layout.database)
+    try:
+        aggregator = await asyncio.to_thread(Aggregator, settings, layout)
+        run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
+        machine = restore_machine(settings, store, run.version)
+        driver = RoundDriver(settings, layout, store, aggregator, machine)
+        credentials = Credentials(_secret(settings.enrollment_token), _secret(settings.operator_token))
+        coordinator = Coordinator(settings, layout, store, driver, run, credentials)
+        await _listen(settings, coordinator, driver)
+    finally:
+        store.close()
+    log.info("stopped cleanly")

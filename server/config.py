@@ -1,0 +1,254 @@
+"""Every setting of ``flora-server`` in one validated model: defaults, limits and help text.
+
+``flora.common.settings`` turns this model into the CLI flags, the ``FLORA_*`` environment
+variables and the config-file keys, so a setting is described exactly once, here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+
+from flora.common.aggregation import Method
+from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
+from flora.common.lora import lora_scaling
+from flora.common.weights import Weighting
+from flora.server.rounds import Selection
+
+ENV_PREFIX = "FLORA_"
+MiB = 1 << 20
+
+
+class ServerWeighting(str, Enum):
+    """Client weightings a server can compute from what clients report (no user-given weights)."""
+
+    EXAMPLES = Weighting.EXAMPLES.value
+    UNIFORM = Weighting.UNIFORM.value
+
+
+class ServerSettings(BaseModel):
+    """The configuration of one coordinator; the field descriptions are the ``--help`` text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- network and security -------------------------------------------------------------
+    # (TLS fields come first: validators of later fields read them.)
+    tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients need a certificate it signed (mTLS)",
+    )
+    insecure: bool = Field(False, description="allow plaintext on a non-loopback host (never on an untrusted network)")
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(50051, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port")
+    enrollment_token: SecretStr | None = Field(
+        None, min_length=16,
+        description="token a new client must present to join; unset = open enrolment",
+    )
+    operator_token: SecretStr | None = Field(
+        None, min_length=16,
+        description="token that authorises Status calls without joining",
+    )
+    # --- state and model ------------------------------------------------------------------
+    state_dir: Path = Field(Path("flora-state"), description="directory holding the run's database and outputs")
+    base_model: str = Field(
+        BUILTIN_MODEL, min_length=1,
+        description="base model: Hugging Face Hub id, local directory or the built-in name",
+    )
+    target_modules: list[str] = Field(
+        list(DEFAULT_TARGET_MODULES), min_length=1,
+        description="suffixes of the linear layers LoRA adapts",
+    )
+    model_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the server's copy of the model",
+    )
+    merge_device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="device for merging and evaluation: auto (first CUDA device, else CPU), cpu, cuda or cuda:N",
+    )
+    precision: Literal["float32", "float64"] = Field(
+        "float32",
+        description="arithmetic precision of aggregation and merging",
+    )
+    # --- rounds ---------------------------------------------------------------------------
+    rounds: int = Field(5, ge=1, le=100_000, description="number of rounds in the run")
+    min_clients: int = Field(2, ge=1, le=100_000, description="connected clients needed before a round opens")
+    clients_per_round: str = Field(
+        "all",
+        description="clients selected per round: all, a count (e.g. 8) or a fraction in (0, 1] (e.g. 0.5), seeded",
+    )
+    quorum: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="fraction of the selected clients (at least 1) whose updates close a round at its deadline",
+    )
+    round_deadline_s: float = Field(600.0, gt=0.0, le=7 * 86400, description="seconds a round stays open for uploads")
+    long_poll_s: float = Field(
+        20.0, gt=0.0, le=3600,
+        description="longest time NextTask holds a call before answering WAIT",
+    )
+    client_timeout_s: float = Field(
+        90.0, gt=0.0, le=86400,
+        description="a client silent for longer counts as lost (must exceed long_poll_s)",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1,
+        description="seed of client selection and of the fedit/zeropad initial global LoRA",
+    )
+    exit_after_finish_s: float | None = Field(
+        None, ge=0.0,
+        description="after the last round, keep serving this long, then exit; unset = serve until stopped",
+    )
+    # --- aggregation ----------------------------------------------------------------------
+    method: Method = Field(Method.FLORA, description="aggregation: flora (exact stacking), fedit or zeropad")
+    weighting: ServerWeighting = Field(
+        ServerWeighting.EXAMPLES,
+        description="client weights: examples (n_k / sum n) or uniform",
+    )
+    max_rank: int = Field(256, ge=1, le=65536, description="largest LoRA rank a client may declare")
+    lora_rank: int = Field(
+        8, ge=1, le=4096,
+        description="fedit/zeropad: rank of the persistent global LoRA (at most max_rank)",
+    )
+    lora_alpha: float = Field(
+        16.0, gt=0.0, le=1e6,
+        description="fedit/zeropad: alpha of the global LoRA (every client must use the same scaling)",
+    )
+    rslora: bool = Field(
+        False,
+        description="fedit/zeropad: global LoRA scaling alpha / sqrt(rank) instead of alpha / rank",
+    )
+    max_update_bytes: int = Field(
+        512 * MiB, ge=4096, le=1 << 40,
+        description="largest update upload accepted, in bytes",
+    )
+    chunk_size: int = Field(
+        MiB, ge=4096, le=16 * MiB,
+        description="bytes per streamed chunk (clients upload in pieces no larger)",
+    )
+    checkpoint_every: int = Field(
+        5, ge=0, le=100_000,
+        description="save a merged Hugging Face checkpoint every N rounds (0 = only at the end; the last round always)",
+    )
+    # --- evaluation -----------------------------------------------------------------------
+    validation_data: list[Path] = Field(
+        [],
+        description="JSON/JSONL instruction data files (comma-separated) to evaluate the global model on after every round",
+    )
+    validation_template: str = Field(
+        "alpaca", min_length=1,
+        description="prompt template of validation_data: alpaca, plain or a format string",
+    )
+    validation_cutoff: int = Field(256, ge=2, le=131072, description="tokens per validation example")
+    validation_batch_size: int = Field(8, ge=1, le=4096, description="examples per evaluation batch")
+    validation_mask_prompt: bool = Field(False, description="score only the response tokens of validation examples")
+    # --- hints sent to clients (0 = client decides) ---------------------------------------
+    local_steps: int = Field(
+        0, ge=0, le=10_000_000,
+        description="optimiser steps per round asked of clients; 0 = client decides",
+    )
+    local_epochs: float = Field(
+        0.0, ge=0.0, le=10_000,
+        description="local epochs per round asked of clients when local_steps is 0; 0 = client decides",
+    )
+    learning_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="peak learning rate asked of clients; 0 = client decides",
+    )
+    batch_size: int = Field(0, ge=0, le=65536, description="micro-batch size asked of clients; 0 = client decides")
+    # --- process --------------------------------------------------------------------------
+    shutdown_grace_s: float = Field(
+        10.0, ge=0.0, le=3600,
+        description="seconds in-flight calls get to finish on SIGTERM/SIGINT",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging verbosity")
+
+    @field_validator("clients_per_round", mode="before")
+    @classmethod
+    def _selection_text(cls, value: object) -> str:
+        """Accept 8 and 0.5 from TOML/YAML as well as text, and check the form once."""
+        text = str(value).strip().lower() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+        Selection.parse(text)  # raises ValueError naming the allowed forms
+        return text
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_suffixes(cls, value: list[str]) -> list[str]:
+        for suffix in value:
+            if not suffix or not all(part.isidentifier() or part.isdigit() for part in suffix.split(".")):
+                raise ValueError(f"target module suffix {suffix!r} is not a dotted module name")
+        return sorted(set(value))
+
+    @field_validator("tls_key")
+    @classmethod
+    def _key_with_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return value
+
+    @field_validator("tls_client_ca")
+    @classmethod
+    def _ca_with_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert") is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _tls_beyond_loopback(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("tls_cert") is None and not info.data.get("insecure") and not is_loopback(value):
+            raise ValueError(
+                f"host {value!r} is not a loopback address and TLS is off: set tls_cert and tls_key, "
+                "or set insecure=true to serve plaintext deliberately"
+            )
+        return value
+
+    @field_validator("client_timeout_s")
+    @classmethod
+    def _timeout_beyond_poll(cls, value: float, info: ValidationInfo) -> float:
+        poll = info.data.get("long_poll_s")
+        if poll is not None and value <= poll:
+            raise ValueError(
+                f"client_timeout_s ({value}) must exceed long_poll_s ({poll}): a long-polling client would count as lost"
+            )
+        return value
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank_within_max(cls, value: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_rank")
+        if limit is not None and value > limit:
+            raise ValueError(f"lora_rank ({value}) must not exceed max_rank ({limit})")
+        return value
+
+    @property
+    def selection(self) -> Selection:
+        """The parsed clients_per_round."""
+        return Selection.parse(self.clients_per_round)
+
+    @property
+    def required_scaling(self) -> float:
+        """fedit/zeropad: the one scaling every client must train with; 0 for flora."""
+        if self.method is Method.FLORA:
+            return 0.0
+        return lora_scaling(self.lora_rank, self.lora_alpha, self.rslora)
+
+    @property
+    def global_lora_rank(self) -> int:
+        """fedit/zeropad: rank of the persistent global LoRA; 0 for flora."""
+        return 0 if self.method is Method.FLORA else self.lora_rank
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,376 @@
+"""What each flora.v1 call does, in domain terms (protos/PROTOCOL.md), without gRPC.
+
+The servicer hands every call here with the caller's token or client id and turns a raised
+``Refusal`` into a status code. Replies are built as flora.v1 messages (plain data). All methods
+run on the event loop: blocking work (receiving, validating and publishing uploads) goes through
+``asyncio.to_thread``, and no ``await`` separates a final check from the record it guards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from flora.common.aggregation import Method
+from flora.common.chunks import publish
+from flora.common.lora import lora_scaling
+from flora.common.payload import PayloadLimits
+from flora.common.wire import artifact_chunks
+from flora.server.auth import Credentials, new_token, token_digest
+from flora.server.config import ServerSettings
+from flora.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange, Refusal, Unauthenticated
+from flora.server.layout import Layout, fsync_dir
+from flora.server.lifecycle import RoundDriver
+from flora.server.rounds import Finished, RoundMachine, RoundState, Train
+from flora.server.store import ClientRecord, RunRecord, Store, Submission
+from flora.server.uploads import (
+    SCALING_RULE_NAMES,
+    check_header,
+    finite_or_none,
+    first_message,
+    is_rslora,
+    receive_payload,
+    validate_payload,
+)
+from flora.v1 import coordinator_pb2 as pb, run_pb2, transfer_pb2
+
+log = logging.getLogger(__name__)
+
+CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+METHODS = {Method.FLORA: run_pb2.AGGREGATION_METHOD_FLORA, Method.FEDIT: run_pb2.AGGREGATION_METHOD_FEDIT,
+           Method.ZEROPAD: run_pb2.AGGREGATION_METHOD_ZEROPAD}
+_RETRY_AFTER_MS = 1000
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One artifact of a FetchGlobal stream: what to send and from which byte."""
+
+    kind: int
+    version: int
+    path: Path
+    sha256: str
+    size: int
+    offset: int = 0
+
+
+def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[int, int]]) -> run_pb2.RunSpec:
+    """The RunSpec clients receive at Join and in Status."""
+    return run_pb2.RunSpec(
+        run_id=run.run_id, base_model=run.base_model, base_model_hash=run.base_model_hash,
+        target_modules=[run_pb2.TargetModule(name=n, out_features=o, in_features=i) for n, (o, i) in sorted(shapes.items())],
+        method=METHODS[Method(run.method)], rounds=settings.rounds, max_update_bytes=settings.max_update_bytes,
+        chunk_size=settings.chunk_size, required_scaling=settings.required_scaling, global_lora_rank=settings.global_lora_rank,
+        hints=run_pb2.TrainingHints(max_steps=settings.local_steps, local_epochs=settings.local_epochs,
+                                    learning_rate=settings.learning_rate, batch_size=settings.batch_size),
+    )
+
+
+class Coordinator:
+    """The run as the clients see it: identities, tasks, uploads, downloads and status."""
+
+    def __init__(self, settings: ServerSettings, layout: Layout, store: Store, driver: RoundDriver,
+                 run: RunRecord, credentials: Credentials) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.store = store
+        self.driver = driver
+        self.machine: RoundMachine = driver.machine
+        self.shapes = driver.aggregator.shapes
+        self.run = run
+        self.spec = run_spec(settings, run, self.shapes)
+        self.credentials = credentials
+        self.clients = {c.id: c for c in store.clients()}
+        self._names = {c.name: c.id for c in self.clients.values()}
+        self._last_submitted = store.last_submitted_rounds()
+        self._limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
+        self.stopping = False
+        for client in self.clients.values():
+            credentials.register(client.id, client.token_sha256)
+            self.machine.known(client.id, client.left)
+
+    def identify(self, token: str | None) -> str:
+        """The client a call's token belongs to."""
+        client_id = self.credentials.client_for(token)
+        if client_id is None:
+            raise Unauthenticated("unknown or missing client token; join first")
+        return client_id
+
+    @contextlib.contextmanager
+    def active(self, client_id: str) -> Iterator[None]:
+        """Count a call in progress as a sign of life for its whole duration."""
+        self.machine.call_started(client_id, time.time())
+        try:
+            yield
+        finally:
+            self.machine.call_ended(client_id, time.time())
+
+    # --- GetRun, Join ---------------------------------------------------------------------------
+
+    def get_run(self) -> pb.GetRunReply:
+        """The run, for a client to check its base model against before it joins."""
+        return pb.GetRunReply(run=self.spec, global_version=self.machine.version)
+
+    def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
+        """Register a new client or recognise a returning one (protos/PROTOCOL.md, Identity)."""
+        name, caps = request.client_name, request.capabilities
+        if not CLIENT_NAME.fullmatch(name):
+            raise InvalidArgument(f"client_name {name[:80]!r} must match ^[A-Za-z0-9._-]{{1,64}}$")
+        self._check_capabilities(caps)
+        if request.base_model_hash != self.run.base_model_hash:
+            raise FailedPrecondition(
+                f"base_model_hash {request.base_model_hash[:12]!r} differs from the run's {self.run.base_model_hash[:12]!r}: "
+                f"load the base model {self.run.base_model!r} unchanged"
+            )
+        now = time.time()
+        returning = self.credentials.client_for(token)
+        if returning is not None:
+            client = self.clients[returning]
+            if client.name != name:
+                raise InvalidArgument(f"the token presented belongs to client {client.name!r}, not {name!r}")
+            client = replace(client, **self._capability_fields(caps), left=False)
+            self.store.rejoin_client(client)
+        else:
+            if name in self._names:
+                raise AlreadyExists(
+                    f"client name {name!r} is taken: rejoin with the token kept in that client's state directory, "
+                    "or pick another name"
+                )
+            token = new_token()
+            client = ClientRecord(id=secrets.token_hex(8), name=name, token_sha256=token_digest(token), joined=now,
+                                  **self._capability_fields(caps))
+            self.store.add_client(client)
+            self.credentials.register(client.id, client.token_sha256)
+            self._names[name] = client.id
+        self.clients[client.id] = client
+        log.info("client %s (%s) %s: rank %d, alpha %g, %d examples, %s", client.name, client.id,
+                 "rejoined" if returning else "joined", client.rank, client.alpha, client.num_examples, client.device or "?")
+        self.machine.joined(client.id, now)
+        self.driver.advance()
+        return pb.JoinReply(client_id=client.id, client_token=token, run=self.spec, global_version=self.machine.version)
+
+    @staticmethod
+    def _capability_fields(caps: pb.Capabilities) -> dict:
+        return {"rank": caps.rank, "alpha": caps.alpha, "scaling_rule": caps.scaling_rule, "num_examples": caps.num_examples,
+                "device": caps.device[:64], "software_version": caps.software_version[:64]}
+
+    def _check_capabilities(self, caps: pb.Capabilities) -> None:
+        if not 1 <= caps.rank <= self.settings.max_rank:
+            raise InvalidArgument(f"capabilities.rank {caps.rank} is outside [1, {self.settings.max_rank}]")
+        if not (math.isfinite(caps.alpha) and caps.alpha > 0):
+            raise InvalidArgument(f"capabilities.alpha {caps.alpha} must be a finite number > 0")
+        if caps.scaling_rule not in SCALING_RULE_NAMES:
+            raise InvalidArgument("capabilities.scaling_rule must be SCALING_RULE_STANDARD or SCALING_RULE_RSLORA")
+        method = Method(self.run.method)
+        if method is Method.FLORA:
+            return
+        global_rank = self.settings.global_lora_rank
+        if method is Method.FEDIT and caps.rank != global_rank:
+            raise FailedPrecondition(f"fedit run: capabilities.rank {caps.rank} must equal the global LoRA rank {global_rank}")
+        if method is Method.ZEROPAD and caps.rank > global_rank:
+            raise FailedPrecondition(f"zeropad run: capabilities.rank {caps.rank} exceeds the global LoRA rank {global_rank}")
+        scaling = lora_scaling(caps.rank, caps.alpha, is_rslora(caps.scaling_rule))
+        if not math.isclose(scaling, self.settings.required_scaling, rel_tol=1e-5):
+            raise FailedPrecondition(
+                f"{method.value} run: the client's LoRA scaling {scaling:g} differs from the required scaling "
+                f"{self.settings.required_scaling:g}"
+            )
+
+    # --- NextTask, Heartbeat, Leave ---------------------------------------------------------------
+
+    async def next_task(self, client_id: str, request: pb.NextTaskRequest) -> pb.Task:
+        """Long-poll: TRAIN, FINISHED, or WAIT once nothing changed for the allowed time."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(request.max_wait_ms / 1000, self.settings.long_poll_s)
+        with self.active(client_id):
+            self.driver.advance()  # this call may be what connects enough clients to open a round
+            while True:
+                changed = self.driver.changed
+                task = self.machine.task_for(client_id, time.time())
+                if isinstance(task, Train):
+                    lora_version = 0 if self.run.method == Method.FLORA.value else task.required_version
+                    return pb.Task(train=pb.TrainTask(
+                        round=task.number, deadline_unix_ms=int(task.deadline * 1000), required_version=task.required_version,
+                        hints=self.spec.hints, global_lora_version=lora_version))
+                if isinstance(task, Finished):
+                    return pb.Task(finished=pb.FinishedTask(final_version=task.version))
+                remaining = until - loop.time()
+                if remaining <= 0 or self.stopping:
+                    reason = "the server is shutting down" if self.stopping else task.reason
+                    return pb.Task(wait=pb.WaitTask(retry_after_ms=_RETRY_AFTER_MS, reason=reason))
+                with contextlib.suppress(asyncio.TimeoutError):  # a builtin alias only from 3.11
+                    await asyncio.wait_for(changed.wait(), remaining)
+
+    def heartbeat(self, client_id: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        """Record activity; tell the client whether the round it works on is still open for it."""
+        self.machine.seen(client_id, time.time())
+        current = self.machine.current
+        is_open = current is not None and current.state is RoundState.OPEN
+        still_open = is_open and current.number == request.round and client_id in current.selected
+        return pb.HeartbeatReply(open_round=current.number if is_open else 0, global_version=self.machine.version,
+                                 round_closed=request.round != 0 and not still_open)
+
+    def leave(self, client_id: str) -> pb.LeaveReply:
+        """Withdraw the client from selection until it joins again."""
+        log.info("client %s (%s) left the run", self.clients[client_id].name, client_id)
+        self.machine.left(client_id)
+        self.store.set_left(client_id)
+        self.clients[client_id] = replace(self.clients[client_id], left=True)
+        self.driver.advance()  # the round may have been waiting only for this client
+        self.driver.notify()
+        return pb.LeaveReply()
+
+    # --- Status ---------------------------------------------------------------------------------------
+
+    def status(self) -> pb.StatusReply:
+        """The operator view: run, version, current round and every client."""
+        now = time.time()
+        current = self.machine.current
+        if self.machine.finished:
+            state = "finished"
+        elif current.state in (RoundState.OPEN, RoundState.AGGREGATING):
+            state = "running"
+        else:
+            state = "waiting_for_clients"
+        reply = pb.StatusReply(run=self.spec, state=state, global_version=self.machine.version)
+        if current is not None:
+            reply.round.CopyFrom(pb.RoundStatus(
+                round=current.number, state=current.state.value, selected=sorted(current.selected),
+                submitted=sorted(current.accepted), deadline_unix_ms=int(current.deadline * 1000), quorum=current.quorum))
+        for client in self.clients.values():
+            presence = self.machine.clients.get(client.id)
+            seen = presence.last_seen if presence and math.isfinite(presence.last_seen) else 0.0
+            reply.clients.append(pb.ClientStatus(
+                client_id=client.id, client_name=client.name, rank=client.rank, alpha=client.alpha,
+                num_examples=client.num_examples, state=self._client_state(client, now), last_seen_unix_ms=int(seen * 1000),
+                last_submitted_round=self._last_submitted.get(client.id, 0)))
+        return reply
+
+    def _client_state(self, client: ClientRecord, now: float) -> str:
+        current = self.machine.current
+        if client.left:
+            return "left"
+        if not self.machine.is_connected(client.id, now):
+            return "lost"
+        if current is not None and client.id in current.accepted:
+            return "submitted"
+        if current is not None and current.state is RoundState.OPEN and client.id in current.selected:
+            return "training"
+        return "connected"
+
+    # --- FetchGlobal ----------------------------------------------------------------------------------
+
+    def plan_fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> list[Planned]:
+        """The artifacts a FetchGlobal request asks for, checked before a byte is streamed."""
+        self.machine.seen(client_id, time.time())
+        latest, flora = self.machine.version, self.run.method == Method.FLORA.value
+        kind, first, last = request.kind, request.from_version, request.to_version
+        if kind not in (transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA,
+                        transfer_pb2.ARTIFACT_KIND_MERGED_MODULES):
+            raise InvalidArgument(f"kind {kind} is not an artifact kind a client can fetch")
+        if last > latest:
+            raise OutOfRange(f"to_version {last} is beyond the latest version {latest}")
+        if (kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA) == flora:
+            wanted = "ARTIFACT_KIND_GLOBAL_ADAPTER or ARTIFACT_KIND_MERGED_MODULES" if flora else "ARTIFACT_KIND_GLOBAL_LORA"
+            raise FailedPrecondition(f"this run aggregates with {self.run.method}: fetch {wanted}")
+        if kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER:
+            wanted_versions, store_kind = range(first + 1, last + 1), "global"
+        elif kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA:
+            wanted_versions, store_kind = [last], "global"
+        else:
+            if last != latest:
+                raise FailedPrecondition(f"merged weights are served for the latest version {latest} only, not {last}")
+            wanted_versions, store_kind = [last], "merged"
+        plan = []
+        for version in wanted_versions:
+            artifact = self.store.artifact(store_kind, version)
+            plan.append(Planned(kind, version, self.layout.absolute(artifact.path), artifact.sha256, artifact.size))
+        if plan and request.offset:
+            if request.offset > plan[0].size:
+                raise OutOfRange(
+                    f"offset {request.offset} is beyond the {plan[0].size}-byte artifact of version {plan[0].version}"
+                )
+            plan[0] = replace(plan[0], offset=request.offset)
+        return plan
+
+    async def fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> AsyncIterator[transfer_pb2.Chunk]:
+        """The FetchGlobal stream: each planned artifact in chunks, read off the event loop."""
+        plan = self.plan_fetch(client_id, request)
+        with self.active(client_id):
+            for item in plan:
+                chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    self.driver.bytes_out += len(chunk.data)
+                    yield chunk
+
+    # --- SubmitUpdate --------------------------------------------------------------------------------
+
+    async def submit(self, client_id: str, messages: AsyncIterator[transfer_pb2.UpdateChunk]) -> pb.SubmitReply:
+        """Receive, validate and record one update (protos/PROTOCOL.md, SubmitUpdate)."""
+        with self.active(client_id):
+            header = await first_message(messages)
+            check_header(header, self.clients[client_id], self.settings.max_update_bytes)
+            if self._recorded(client_id, header) or not self._allowed(client_id, header):
+                return self._duplicate(header)
+            tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
+            final = self.layout.update(header.round, client_id, header.sha256)
+            try:
+                await asyncio.to_thread(validate_payload, tmp, header, self.shapes, self._limits)
+                await asyncio.to_thread(_publish_update, tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            # From here to the record there is no await: the check and the record are atomic.
+            try:
+                new = self._allowed(client_id, header)
+            except Refusal:
+                final.unlink(missing_ok=True)  # named by this upload's own sha256: never a recorded file
+                raise
+            if not new:
+                return self._duplicate(header)
+            self._record(client_id, header, final)
+            return pb.SubmitReply(accepted=True, round=header.round, message=f"update accepted for round {header.round}")
+
+    def _allowed(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
+        return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())
+
+    def _recorded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
+        """Whether this exact update is already recorded for a round that has since closed."""
+        if header.round == 0 or header.round > self.machine.version:
+            return False
+        prior = self.store.submission(header.round, client_id)
+        return prior is not None and prior.sha256 == header.sha256
+
+    @staticmethod
+    def _duplicate(header: transfer_pb2.UpdateHeader) -> pb.SubmitReply:
+        return pb.SubmitReply(accepted=True, duplicate=True, round=header.round,
+                              message=f"this update was already accepted for round {header.round}")
+
+    def _record(self, client_id: str, header: transfer_pb2.UpdateHeader, final: Path) -> None:
+        now = time.time()
+        self.store.add_submission(Submission(
+            round=header.round, client_id=client_id, sha256=header.sha256, path=self.layout.relative(final),
+            size=header.total_bytes, rank=header.rank, alpha=header.alpha, scaling_rule=header.scaling_rule,
+            num_examples=header.num_examples, base_version=header.base_version, train_loss=finite_or_none(header.train_loss),
+            validation_loss=finite_or_none(header.validation_loss) if header.HasField("validation_loss") else None,
+            steps=header.steps, train_seconds=max(0.0, finite_or_none(header.train_seconds) or 0.0), received=now))
+        self._last_submitted[client_id] = header.round
+        log.info("round %d: update from %s (%s) accepted: rank %d, %d examples, %d bytes", header.round,
+                 self.clients[client_id].name, client_id, header.rank, header.num_examples, header.total_bytes)
+        self.driver.apply(self.machine.accept(client_id, header.round, header.sha256, now))
+        self.driver.notify()
+
+
+def _publish_update(tmp: Path, final: Path) -> None:
+    """Move a validated upload to its final name durably (the round folder included)."""
+    if not final.parent.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(final.parent.parent)
+    publish(tmp, final)

@@ -1,0 +1,126 @@
+"""Outputs a user loads directly: Hugging Face checkpoints, PEFT adapters, the round history.
+
+Each is published atomically: written under the state directory's ``tmp/``, fsynced, then
+renamed into place, so an interrupted server never leaves a half-written checkpoint or history
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from flora.common.chunks import fsync_file, publish
+from flora.common.lora import LoraAdapter, LoraPair
+from flora.server.layout import fsync_dir
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as file:
+                fsync_file(file)
+    for folder in sorted({p.parent for p in root.rglob("*")} | {root}):
+        fsync_dir(folder)
+
+
+def publish_folder(staging: Path, dest: Path) -> None:
+    """Move a fully written folder to ``dest`` durably, replacing an older one of that name.
+
+    A folder cannot be renamed over a non-empty one, so an existing ``dest`` (left by an
+    interrupted earlier aggregation of the same round) is moved aside first and removed after.
+    """
+    _fsync_tree(staging)
+    old = None
+    if dest.exists():
+        old = staging.with_name(staging.name + ".old")
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model: nn.Module, tokenizer: Any, dest: Path, tmp: Path, adapter: dict[str, Any] | None = None) -> None:
+    """Write a ``from_pretrained``-loadable checkpoint (safetensors + tokenizer) at ``dest``.
+
+    ``adapter`` (keyword arguments of ``save_peft_adapter`` without the folder) adds a PEFT
+    adapter of the cumulative update in ``dest/adapter``.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=tmp))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if adapter is not None:
+            save_peft_adapter(staging / "adapter", **adapter)
+        publish_folder(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_peft_adapter(
+    folder: Path, adapter: LoraAdapter, *, alpha: float, rslora: bool, target_modules: Sequence[str], base_model: str
+) -> None:
+    """A PEFT LoRA adapter folder (``PeftModel.from_pretrained`` loads it) holding ``adapter``.
+
+    ``alpha`` and ``rslora`` must reproduce ``adapter.scaling`` under PEFT's rule (alpha / r or
+    alpha / sqrt(r)); the factors are written as they are.
+    """
+    from peft import LoraConfig  # imported here: peft takes seconds to import and only exports need it
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(
+        r=adapter.rank,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model,
+        task_type="CAUSAL_LM",
+    )
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for name, (a, b) in adapter.pairs.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def concatenate(adapters: Sequence[LoraAdapter]) -> LoraAdapter:
+    """One adapter equal to the sum of scaling-1 adapters: A's stacked by rows, B's by columns.
+
+    The global adapters of successive flora versions all have scaling 1, so their
+    concatenation is exactly the cumulative update B_1 A_1 + ... + B_t A_t (DESIGN.md section 2).
+    """
+    if any(adapter.scaling != 1.0 for adapter in adapters):
+        raise ValueError("only scaling-1 adapters concatenate into their sum")
+    names = adapters[0].module_names
+    pairs = {
+        name: LoraPair(torch.cat([a.pairs[name].a for a in adapters], 0), torch.cat([a.pairs[name].b for a in adapters], 1))
+        for name in names
+    }
+    return LoraAdapter(pairs, 1.0)
+
+
+def write_history(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Rewrite ``history.jsonl`` from the committed records: one line per record, atomically.
+
+    Rewriting from the database (rather than appending) is what guarantees exactly one line per
+    round after any crash: the file can lag the database, never disagree with it.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record, sort_keys=True) + "\n")
+        fsync_file(file)
+    publish(tmp, path)

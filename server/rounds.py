@@ -1,0 +1,351 @@
+"""The round state machine: which round is open, who trains in it, and when it closes.
+
+A plain object with no gRPC, no I/O and no clock of its own: every method that depends on time
+takes ``now`` (Unix seconds), so tests drive it deterministically and a restarted server can
+rebuild it from the database. It decides; the caller persists each decision it returns (the
+events) before acting on it. The rules are those of protos/PROTOCOL.md, "Rounds":
+
+- a round opens when at least ``min_clients`` clients are available (connected, or holding an
+  accepted update for the round), and selects participants with a generator seeded by
+  (run seed, round, attempt), always keeping clients whose update is already accepted;
+- it closes when every selected client has submitted, or at its deadline when the quorum has
+  (or as soon as every client still missing has left, rather than waiting for the deadline);
+- otherwise the attempt is abandoned and a new attempt of the same round opens when enough
+  clients are available again. Accepted updates stay valid: the base version has not moved.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from flora.server.errors import AlreadyExists, FailedPrecondition
+
+# Float noise must not turn 0.7 * 10 clients into a quorum of 8.
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How many clients a round selects: all available, a fixed count, or a fraction."""
+
+    mode: str  # "all" | "count" | "fraction"
+    value: float = 0.0
+
+    @classmethod
+    def parse(cls, text: object) -> Selection:
+        """Parse "all", a positive integer ("8") or a fraction in (0, 1] ("0.25")."""
+        if not isinstance(text, str):
+            raise ValueError(f"clients_per_round must be 'all', a count or a fraction, got {text!r}")
+        text = text.strip().lower()
+        if text == "all":
+            return cls("all")
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"clients_per_round must be 'all', a count >= 1 or a fraction in (0, 1], got {text!r}") from None
+        if text.isdigit() and number >= 1:
+            return cls("count", number)
+        if 0.0 < number <= 1.0:
+            return cls("fraction", number)
+        raise ValueError(f"clients_per_round must be 'all', a count >= 1 or a fraction in (0, 1], got {text!r}")
+
+    def size(self, available: int) -> int:
+        """Clients to select out of ``available`` (at least one when any is available)."""
+        if self.mode == "all":
+            return available
+        if self.mode == "count":
+            return min(available, int(self.value))
+        return min(available, max(1, math.ceil(self.value * available - _EPSILON)))
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """The run's fixed round rules (from the server settings)."""
+
+    rounds: int
+    min_clients: int
+    selection: Selection
+    quorum: float  # fraction of the selected clients, in (0, 1]
+    deadline_s: float
+    client_timeout_s: float
+    seed: int
+
+    def quorum_count(self, selected: int) -> int:
+        """Accepted updates that close a round of ``selected`` clients at its deadline."""
+        return max(1, math.ceil(self.quorum * selected - _EPSILON))
+
+
+class RoundState(str, Enum):
+    """Where one round stands; the values are those Status reports."""
+
+    WAITING = "waiting"  # no attempt open yet: too few clients
+    OPEN = "open"
+    ABANDONED = "abandoned"  # the last attempt missed its quorum; the next opens with clients
+    AGGREGATING = "aggregating"
+    DONE = "done"
+
+
+@dataclass
+class Round:
+    """The current round: its latest attempt and the updates accepted across its attempts."""
+
+    number: int
+    attempt: int = 0
+    state: RoundState = RoundState.WAITING
+    selected: frozenset[str] = frozenset()
+    deadline: float = 0.0
+    quorum: int = 0
+    accepted: dict[str, str] = field(default_factory=dict)  # client id -> sha256 of its update
+
+
+@dataclass
+class Presence:
+    """What the machine knows of one client's liveness."""
+
+    last_seen: float = -math.inf
+    left: bool = False
+    in_flight: int = 0  # calls being served now (a long-poll in progress is a sign of life)
+
+
+# --- decisions returned to the caller -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A new attempt of a round opened with this selection, deadline and quorum."""
+
+    round: Round
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """The attempt missed its quorum at the deadline; accepted updates are kept."""
+
+    number: int
+    attempt: int
+    accepted: int
+    quorum: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The round stops taking updates; aggregate these participants' updates."""
+
+    number: int
+    attempt: int
+    participants: tuple[str, ...]
+    reason: str
+
+
+Event = Opened | Abandoned | Closed
+
+
+@dataclass(frozen=True)
+class Train:
+    """Task: train ``number`` from ``required_version`` and upload before ``deadline``."""
+
+    number: int
+    deadline: float
+    required_version: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Task: nothing to do now, for this reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Task: the run is over at this version."""
+
+    version: int
+
+
+Task = Train | Wait | Finished
+
+
+class RoundMachine:
+    """The rounds of one run, from version ``version`` on."""
+
+    def __init__(self, policy: RoundPolicy, version: int = 0, current: Round | None = None) -> None:
+        self.policy = policy
+        self.version = version
+        self.current = current
+        self.clients: dict[str, Presence] = {}
+        if current is None and not self.finished:
+            self.current = Round(version + 1)
+
+    # --- presence ---------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """Whether every round of the run is done."""
+        return self.version >= self.policy.rounds
+
+    def joined(self, client: str, now: float) -> None:
+        """A client joined (or rejoined): it is connected and may be selected again."""
+        self.clients[client] = Presence(last_seen=now, in_flight=self.clients.get(client, Presence()).in_flight)
+
+    def known(self, client: str, left: bool = False) -> None:
+        """Register a client restored from storage; it counts as connected once it calls."""
+        self.clients.setdefault(client, Presence(left=left))
+
+    def seen(self, client: str, now: float) -> None:
+        """Any call from the client is a sign of life."""
+        self.clients.setdefault(client, Presence()).last_seen = now
+
+    def call_started(self, client: str, now: float) -> None:
+        """A call from the client is being served (it stays connected while the call lasts)."""
+        self.seen(client, now)
+        self.clients[client].in_flight += 1
+
+    def call_ended(self, client: str, now: float) -> None:
+        """The call counted by ``call_started`` is over."""
+        presence = self.clients[client]
+        presence.in_flight = max(0, presence.in_flight - 1)
+        presence.last_seen = now
+
+    def left(self, client: str) -> None:
+        """The client withdrew: never selected again until it joins again."""
+        self.clients.setdefault(client, Presence()).left = True
+
+    def is_connected(self, client: str, now: float) -> bool:
+        """Not left, and either in a call now or heard from within the client timeout."""
+        presence = self.clients.get(client)
+        if presence is None or presence.left:
+            return False
+        return presence.in_flight > 0 or now - presence.last_seen <= self.policy.client_timeout_s
+
+    def connected(self, now: float) -> list[str]:
+        """Every connected client, sorted."""
+        return sorted(c for c in self.clients if self.is_connected(c, now))
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def task_for(self, client: str, now: float) -> Task:
+        """What ``client`` should do now."""
+        if self.finished:
+            return Finished(self.version)
+        current = self.current
+        presence = self.clients.get(client)
+        if presence is not None and presence.left:
+            return Wait("the client has left the run; join again to take part")
+        if current.state is RoundState.OPEN and client in current.selected and client not in current.accepted:
+            if now < current.deadline:
+                return Train(current.number, current.deadline, self.version)
+        return Wait(self._wait_reason(client, now))
+
+    def _wait_reason(self, client: str, now: float) -> str:
+        current = self.current
+        if client in current.accepted:
+            return f"update for round {current.number} accepted; waiting for the round to close"
+        if current.state is RoundState.OPEN:
+            return f"round {current.number} is in progress without this client"
+        if current.state is RoundState.AGGREGATING:
+            return f"round {current.number} is being aggregated"
+        available = len(set(self.connected(now)) | set(current.accepted))
+        return f"waiting for clients to open round {current.number}: {available} of {self.policy.min_clients} available"
+
+    # --- transitions ------------------------------------------------------------------------
+
+    def advance(self, now: float) -> list[Event]:
+        """Apply every transition due at ``now``: deadline closes or abandons, openings."""
+        current = self.current
+        if self.finished or current.state is RoundState.AGGREGATING:
+            return []
+        events: list[Event] = []
+        if current.state is RoundState.OPEN:
+            pending = current.selected - current.accepted.keys()
+            if not pending:
+                return [self._close("every selected client has submitted")]  # e.g. restored after a crash
+            # Waiting is pointless once every missing client has left: decide now, as at the deadline.
+            everyone_left = all(self.clients.get(c, Presence()).left for c in pending)
+            if everyone_left or now >= current.deadline:
+                if len(current.accepted) >= current.quorum:
+                    return [self._close("every selected client that stayed has submitted" if everyone_left
+                                        else "deadline reached with quorum")]
+                current.state = RoundState.ABANDONED
+                events.append(Abandoned(current.number, current.attempt, len(current.accepted), current.quorum))
+        if current.state in (RoundState.WAITING, RoundState.ABANDONED):
+            available = set(self.connected(now)) | set(current.accepted)
+            if len(available) >= self.policy.min_clients:
+                events.append(self._open(now))
+                if current.selected <= current.accepted.keys():
+                    events.append(self._close("every selected client has submitted"))
+        return events
+
+    def _open(self, now: float) -> Opened:
+        current = self.current
+        current.attempt += 1
+        kept = set(current.accepted)
+        candidates = sorted(set(self.connected(now)) - kept)
+        wanted = self.policy.selection.size(len(candidates) + len(kept)) - len(kept)
+        rng = random.Random(f"flora-selection:{self.policy.seed}:{current.number}:{current.attempt}")
+        chosen = rng.sample(candidates, max(0, min(wanted, len(candidates))))
+        current.selected = frozenset(kept | set(chosen))
+        current.deadline = now + self.policy.deadline_s
+        current.quorum = self.policy.quorum_count(len(current.selected))
+        current.state = RoundState.OPEN
+        return Opened(Round(current.number, current.attempt, current.state, current.selected,
+                            current.deadline, current.quorum, dict(current.accepted)))
+
+    def _close(self, reason: str) -> Closed:
+        current = self.current
+        current.state = RoundState.AGGREGATING
+        return Closed(current.number, current.attempt, tuple(sorted(current.accepted)), reason)
+
+    def check_submission(self, client: str, number: int, sha256: str, base_version: int, now: float) -> bool:
+        """Whether an update may be recorded: True if new, False for an idempotent duplicate.
+
+        Raises ``FailedPrecondition`` (wrong or closed round, not selected, past the deadline,
+        stale base version) or ``AlreadyExists`` (a different update is already accepted).
+        """
+        current = self.current
+        if current is None or self.finished or number != current.number:
+            open_now = "none" if self.finished else str(current.number)
+            raise FailedPrecondition(f"round {number} is not open for updates (current round: {open_now})")
+        prior = current.accepted.get(client)
+        if prior == sha256:
+            return False
+        if prior is not None:
+            raise AlreadyExists(
+                f"round {number}: a different update (sha256 {prior[:12]}) is already accepted from this client"
+            )
+        if current.state is not RoundState.OPEN:
+            raise FailedPrecondition(f"round {number} is not open for updates (state: {current.state.value})")
+        if client not in current.selected:
+            raise FailedPrecondition(f"round {number}: this client is not selected in attempt {current.attempt}")
+        if now >= current.deadline:
+            raise FailedPrecondition(f"round {number}: the deadline has passed")
+        if base_version != self.version:
+            raise FailedPrecondition(
+                f"round {number}: update trained from version {base_version}, the round requires version {self.version}"
+            )
+        return True
+
+    def accept(self, client: str, number: int, sha256: str, now: float) -> list[Event]:
+        """Record an update that ``check_submission`` allowed and the caller has persisted."""
+        current = self.current
+        if number != current.number or current.state is not RoundState.OPEN:
+            raise FailedPrecondition(f"round {number} is not open for updates")
+        current.accepted[client] = sha256
+        if current.selected <= current.accepted.keys():
+            return [self._close("every selected client has submitted")]
+        return []
+
+    def aggregated(self, number: int) -> None:
+        """The round's aggregate is committed: its version is the latest, the next round waits."""
+        if self.current is None or self.current.number != number or self.current.state is not RoundState.AGGREGATING:
+            raise RuntimeError(f"round {number} is not being aggregated")
+        self.version = number
+        self.current = None if self.finished else Round(number + 1)
+
+    def restore_accepted(self, accepted: Iterable[tuple[str, str]]) -> None:
+        """Put back the current round's accepted updates after a restart."""
+        self.current.accepted.update(accepted)

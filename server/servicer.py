@@ -1,0 +1,93 @@
+"""The flora.v1 Coordinator service: translate each call to the coordinator and back.
+
+Thin by design: a handler resolves the caller from its bearer token, calls one coordinator
+method, and ``refusals`` maps every domain ``Refusal`` to its gRPC status, in this one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+
+from flora.server import errors
+from flora.server.auth import bearer_token
+from flora.server.coordinator import Coordinator
+from flora.v1 import coordinator_pb2 as pb
+from flora.v1 import coordinator_pb2_grpc, transfer_pb2
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[errors.Refusal], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@contextlib.asynccontextmanager
+async def refusals(context: grpc.aio.ServicerContext, call: str) -> AsyncIterator[None]:
+    """End the call with the status code of any domain refusal raised inside."""
+    try:
+        yield
+    except errors.Refusal as refusal:
+        code = STATUS_CODES[type(refusal)]
+        log.info("%s refused with %s: %s", call, code.name, refusal)
+        await context.abort(code, str(refusal))
+
+
+def _token(context: grpc.aio.ServicerContext) -> str | None:
+    return bearer_token(context.invocation_metadata())
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    """flora.v1.Coordinator on top of a ``Coordinator``."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunReply:
+        return self._coordinator.get_run()
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        async with refusals(context, "Join"):
+            return self._coordinator.join(request, _token(context))
+
+    async def NextTask(self, request: pb.NextTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        async with refusals(context, "NextTask"):
+            return await self._coordinator.next_task(self._coordinator.identify(_token(context)), request)
+
+    async def FetchGlobal(
+        self, request: pb.FetchGlobalRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[transfer_pb2.Chunk]:
+        async with refusals(context, "FetchGlobal"):
+            async for chunk in self._coordinator.fetch(self._coordinator.identify(_token(context)), request):
+                yield chunk
+
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterable[transfer_pb2.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SubmitReply:
+        async with refusals(context, "SubmitUpdate"):
+            return await self._coordinator.submit(self._coordinator.identify(_token(context)), aiter(request_iterator))
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        async with refusals(context, "Heartbeat"):
+            return self._coordinator.heartbeat(self._coordinator.identify(_token(context)), request)
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        async with refusals(context, "Leave"):
+            return self._coordinator.leave(self._coordinator.identify(_token(context)))
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        async with refusals(context, "Status"):
+            token = _token(context)
+            if not self._coordinator.credentials.is_operator(token):
+                self._coordinator.identify(token)
+            return self._coordinator.status()

@@ -1,0 +1,105 @@
+"""Opening a state directory: create the run, or resume the stored one exactly where it stopped.
+
+A fresh directory gets a new run with its version-0 artifacts. An existing one must hold the
+same run (same base model, method, target modules and, for fedit/zeropad, the same global LoRA
+shape) or the server refuses to start; the model is brought back to the committed version, the
+current round is rebuilt as stored (deadline included), and leftovers of an interrupted write
+are removed: nothing that the database does not refer to is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from flora.server.aggregator import Aggregator
+from flora.server.config import ServerSettings
+from flora.server.export import write_history
+from flora.server.layout import Layout
+from flora.server.rounds import RoundMachine, RoundPolicy
+from flora.server.store import RunRecord, Store
+
+log = logging.getLogger(__name__)
+
+# Settings that define a run: changing one between restarts would mix incompatible rounds.
+RUN_DEFINING = ("base_model", "method", "target_modules", "model_dtype", "lora_rank", "lora_alpha", "rslora")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start with this configuration and state directory; the message says why."""
+
+
+def defining_settings(settings: ServerSettings) -> dict:
+    """The run-defining settings as stored with the run."""
+    dumped = settings.model_dump(mode="json")
+    return {key: dumped[key] for key in RUN_DEFINING}
+
+
+def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator: Aggregator) -> RunRecord:
+    """The run of this state directory: created now, or checked and restored (blocking)."""
+    run = store.run()
+    if run is None:
+        artifacts, loss = aggregator.initial()
+        run = RunRecord(
+            run_id=uuid.uuid4().hex, base_model=settings.base_model, base_model_hash=aggregator.fingerprint,
+            method=settings.method.value, target_modules=sorted(aggregator.shapes), settings=defining_settings(settings),
+            version=0, created=time.time(),
+        )
+        record = None if loss is None else {"round": 0, "version": 0, "validation_loss": loss, "committed_unix": run.created}
+        store.create_run(run, artifacts, record)
+        log.info("created run %s in %s", run.run_id, layout.root)
+        return run
+    check_same_run(run, settings, aggregator.fingerprint)
+    remove_orphans(layout, store, run.version)
+    write_history(layout.history, store.history())  # it may lag the database after a crash
+    artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged")}
+    aggregator.restore(run.version, {k: a for k, a in artifacts.items() if a is not None})
+    log.info("resuming run %s at version %d", run.run_id, run.version)
+    return run
+
+
+def check_same_run(run: RunRecord, settings: ServerSettings, model_hash: str) -> None:
+    """Refuse a configuration that contradicts the stored run, naming every difference."""
+    stored, wanted = run.settings, defining_settings(settings)
+    diffs = [
+        f"{key}: stored {stored.get(key)!r}, configured {wanted[key]!r}" for key in RUN_DEFINING if stored.get(key) != wanted[key]
+    ]
+    if not diffs and model_hash != run.base_model_hash:
+        diffs.append(f"base model weights: stored hash {run.base_model_hash[:12]}, loaded {model_hash[:12]}")
+    if diffs:
+        raise StartupError(
+            f"the state directory holds run {run.run_id} with different settings ("
+            + "; ".join(diffs) + "): use the run's settings or a new state_dir"
+        )
+
+
+def remove_orphans(layout: Layout, store: Store, version: int) -> None:
+    """Delete files no committed row refers to (left by a crash between a write and its commit)."""
+    kept = {layout.absolute(p) for p in store.update_paths() | store.artifact_paths()}
+    for folder in ("updates", "globals", "merged"):
+        for path in sorted((layout.root / folder).rglob("*")):
+            if path.is_file() and path not in kept:
+                log.info("removing %s: not referred to by the database", layout.relative(path))
+                path.unlink()
+    for checkpoint in sorted(layout.checkpoints.glob("v*")):
+        if checkpoint.name[1:].isdigit() and int(checkpoint.name[1:]) > version:
+            log.info("removing %s: its round was not committed", layout.relative(checkpoint))
+            shutil.rmtree(checkpoint)
+
+
+def restore_machine(settings: ServerSettings, store: Store, version: int) -> RoundMachine:
+    """The round machine as stored: the committed version and the current round's attempt."""
+    policy = RoundPolicy(
+        rounds=settings.rounds, min_clients=settings.min_clients, selection=settings.selection, quorum=settings.quorum,
+        deadline_s=settings.round_deadline_s, client_timeout_s=settings.client_timeout_s, seed=settings.seed,
+    )
+    current = None if version >= settings.rounds else store.load_round(version + 1)
+    return RoundMachine(policy, version, current)
+
+
+def state_dir_path(settings: ServerSettings) -> Path:
+    """The state directory, absolute (so stored relative paths never depend on the cwd)."""
+    return settings.state_dir.expanduser().resolve()

@@ -1,0 +1,311 @@
+"""Durable run state in SQLite: the run, its clients, rounds, accepted updates and versions.
+
+The database is the source of truth a restarted server resumes from (DESIGN.md section 4).
+Files (updates, globals, merged weights) are written atomically *before* the row that refers to
+them is committed, so a committed row always points at a complete file; a crash in between
+leaves at most an orphan file, which the next start removes. Each state change is one
+transaction: a round's version, artifacts, history record and "done" mark commit together, so a
+finished round is never redone and never half-recorded.
+
+One connection, WAL journal, ``synchronous=FULL`` (an acknowledged upload survives power loss),
+guarded by a lock so that it can be used from any one thread at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from flora.server.rounds import Round, RoundState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL, base_model TEXT NOT NULL, base_model_hash TEXT NOT NULL,
+    method TEXT NOT NULL, target_modules TEXT NOT NULL, settings TEXT NOT NULL,
+    version INTEGER NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_sha256 TEXT NOT NULL UNIQUE,
+    rank INTEGER NOT NULL, alpha REAL NOT NULL, scaling_rule INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL, device TEXT NOT NULL, software_version TEXT NOT NULL,
+    joined REAL NOT NULL, left INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER NOT NULL, attempt INTEGER NOT NULL, state TEXT NOT NULL, selected TEXT NOT NULL,
+    deadline REAL NOT NULL, quorum INTEGER NOT NULL, PRIMARY KEY (round, attempt)
+);
+CREATE TABLE IF NOT EXISTS submissions (
+    round INTEGER NOT NULL, client_id TEXT NOT NULL REFERENCES clients(id), sha256 TEXT NOT NULL,
+    path TEXT NOT NULL, size INTEGER NOT NULL, rank INTEGER NOT NULL, alpha REAL NOT NULL,
+    scaling_rule INTEGER NOT NULL, num_examples INTEGER NOT NULL, base_version INTEGER NOT NULL,
+    train_loss REAL, validation_loss REAL, steps INTEGER NOT NULL, train_seconds REAL NOT NULL,
+    received REAL NOT NULL, PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    kind TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, PRIMARY KEY (kind, version)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The run a state directory holds; fixed when the run is created."""
+
+    run_id: str
+    base_model: str
+    base_model_hash: str
+    method: str
+    target_modules: list[str]
+    settings: dict[str, Any]  # the run-defining settings, to refuse a conflicting restart
+    version: int
+    created: float
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """A client that joined, with the capabilities of its latest Join."""
+
+    id: str
+    name: str
+    token_sha256: str
+    rank: int
+    alpha: float
+    scaling_rule: int
+    num_examples: int
+    device: str
+    software_version: str
+    joined: float
+    left: bool = False
+
+
+@dataclass(frozen=True)
+class Submission:
+    """An accepted update: the header fields it came with and where its payload lies."""
+
+    round: int
+    client_id: str
+    sha256: str
+    path: str
+    size: int
+    rank: int
+    alpha: float
+    scaling_rule: int
+    num_examples: int
+    base_version: int
+    train_loss: float | None
+    validation_loss: float | None
+    steps: int
+    train_seconds: float
+    received: float
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file the server serves: a global adapter/LoRA or merged weights of one version."""
+
+    kind: str  # "global" or "merged"
+    version: int
+    path: str
+    sha256: str
+    size: int
+
+
+def _columns(cls: type) -> str:
+    return ", ".join(f.name for f in fields(cls))
+
+
+def _placeholders(cls: type) -> str:
+    return ", ".join("?" for _ in fields(cls))
+
+
+class Store:
+    """The SQLite database of one state directory."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.RLock()
+        self._closed = False
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+            self._closed = True
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- run ------------------------------------------------------------------------------
+
+    def run(self) -> RunRecord | None:
+        """The stored run, or None for a fresh state directory."""
+        rows = self._query(f"SELECT {_columns(RunRecord)} FROM run WHERE id = 1")
+        if not rows:
+            return None
+        run_id, model, digest, method, modules, settings, version, created = rows[0]
+        return RunRecord(run_id, model, digest, method, json.loads(modules), json.loads(settings), version, created)
+
+    def create_run(self, run: RunRecord, artifacts: Sequence[Artifact], record: dict[str, Any] | None) -> None:
+        """Store a new run with its version-0 artifacts (and version-0 history record, if any)."""
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO run (id, {_columns(RunRecord)}) VALUES (1, {_placeholders(RunRecord)})",
+                (run.run_id, run.base_model, run.base_model_hash, run.method,
+                 json.dumps(run.target_modules), json.dumps(run.settings, sort_keys=True), run.version, run.created),
+            )
+            self._insert_artifacts(db, artifacts)
+            if record is not None:
+                db.execute("INSERT INTO versions VALUES (?, ?, ?)", (0, run.created, json.dumps(record)))
+
+    # --- clients --------------------------------------------------------------------------
+
+    def clients(self) -> list[ClientRecord]:
+        """Every client that ever joined, in join order."""
+        rows = self._query(f"SELECT {_columns(ClientRecord)} FROM clients ORDER BY joined, id")
+        return [ClientRecord(*row[:-1], left=bool(row[-1])) for row in rows]
+
+    def add_client(self, client: ClientRecord) -> None:
+        """Register a new client (name and token hash are unique)."""
+        with self._transaction() as db:
+            db.execute(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})", astuple(client))
+
+    def rejoin_client(self, client: ClientRecord) -> None:
+        """Update a returning client's capabilities and clear its ``left`` mark."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE clients SET rank = ?, alpha = ?, scaling_rule = ?, num_examples = ?, device = ?, "
+                "software_version = ?, left = 0 WHERE id = ?",
+                (client.rank, client.alpha, client.scaling_rule, client.num_examples, client.device,
+                 client.software_version, client.id),
+            )
+
+    def set_left(self, client_id: str) -> None:
+        """Mark a client as having left the run."""
+        with self._transaction() as db:
+            db.execute("UPDATE clients SET left = 1 WHERE id = ?", (client_id,))
+
+    # --- rounds ---------------------------------------------------------------------------
+
+    def save_attempt(self, current: Round) -> None:
+        """Insert or update the row of the round's current attempt."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
+                (current.number, current.attempt, current.state.value, json.dumps(sorted(current.selected)),
+                 current.deadline, current.quorum),
+            )
+
+    def set_attempt_state(self, number: int, attempt: int, state: RoundState) -> None:
+        """Move one attempt of a round to a new state."""
+        with self._transaction() as db:
+            db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?", (state.value, number, attempt))
+
+    def load_round(self, number: int) -> Round:
+        """The round as stored: its latest attempt (if any) and its accepted updates."""
+        rows = self._query(
+            "SELECT attempt, state, selected, deadline, quorum FROM rounds WHERE round = ? ORDER BY attempt DESC LIMIT 1",
+            (number,),
+        )
+        accepted = {s.client_id: s.sha256 for s in self.submissions(number)}
+        if not rows:
+            return Round(number, accepted=accepted)
+        attempt, state, selected, deadline, quorum = rows[0]
+        return Round(number, attempt, RoundState(state), frozenset(json.loads(selected)), deadline, quorum, accepted)
+
+    # --- submissions ----------------------------------------------------------------------
+
+    def add_submission(self, submission: Submission) -> None:
+        """Record an accepted update (its file is already in place)."""
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})", astuple(submission)
+            )
+
+    def submissions(self, number: int) -> list[Submission]:
+        """The accepted updates of a round, ordered by client id (the aggregation order)."""
+        rows = self._query(f"SELECT {_columns(Submission)} FROM submissions WHERE round = ? ORDER BY client_id", (number,))
+        return [Submission(*row) for row in rows]
+
+    def submission(self, number: int, client_id: str) -> Submission | None:
+        """One client's accepted update of a round, if any."""
+        rows = self._query(
+            f"SELECT {_columns(Submission)} FROM submissions WHERE round = ? AND client_id = ?", (number, client_id)
+        )
+        return Submission(*rows[0]) if rows else None
+
+    def last_submitted_rounds(self) -> dict[str, int]:
+        """Per client, the last round it has an accepted update for."""
+        return dict(self._query("SELECT client_id, MAX(round) FROM submissions GROUP BY client_id"))
+
+    def update_paths(self) -> set[str]:
+        """Stored paths of every accepted update (to tell orphans from records)."""
+        return {row[0] for row in self._query("SELECT path FROM submissions")}
+
+    # --- versions -------------------------------------------------------------------------
+
+    def commit_version(
+        self, number: int, attempt: int, artifacts: Sequence[Artifact], record: dict[str, Any], now: float
+    ) -> None:
+        """Commit a round's result at once: artifacts, history record, round done, run version."""
+        with self._transaction() as db:
+            (version,) = db.execute("SELECT version FROM run WHERE id = 1").fetchone()
+            if version != number - 1:
+                raise RuntimeError(f"cannot commit round {number}: the run is at version {version}")
+            self._insert_artifacts(db, artifacts)
+            # Only the latest merged weights are served (MERGED_MODULES is for the latest version).
+            db.execute("DELETE FROM artifacts WHERE kind = 'merged' AND version < ?", (number,))
+            db.execute("INSERT INTO versions VALUES (?, ?, ?)", (number, now, json.dumps(record)))
+            db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?", (RoundState.DONE.value, number, attempt))
+            db.execute("UPDATE run SET version = ? WHERE id = 1", (number,))
+
+    @staticmethod
+    def _insert_artifacts(db: sqlite3.Connection, artifacts: Sequence[Artifact]) -> None:
+        db.executemany(f"INSERT OR REPLACE INTO artifacts VALUES ({_placeholders(Artifact)})", [astuple(a) for a in artifacts])
+
+    def artifact(self, kind: str, version: int) -> Artifact | None:
+        """A served file of a version, if recorded."""
+        rows = self._query(f"SELECT {_columns(Artifact)} FROM artifacts WHERE kind = ? AND version = ?", (kind, version))
+        return Artifact(*rows[0]) if rows else None
+
+    def artifacts(self, kind: str) -> list[Artifact]:
+        """Every recorded file of one kind, by version."""
+        rows = self._query(f"SELECT {_columns(Artifact)} FROM artifacts WHERE kind = ? ORDER BY version", (kind,))
+        return [Artifact(*row) for row in rows]
+
+    def artifact_paths(self) -> set[str]:
+        """Stored paths of every recorded artifact (to tell orphans from records)."""
+        return {row[0] for row in self._query("SELECT path FROM artifacts")}
+
+    def history(self) -> list[dict[str, Any]]:
+        """The history records of every committed version, in order."""
+        return [json.loads(row[0]) for row in self._query("SELECT record FROM versions ORDER BY version")]

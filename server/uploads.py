@@ -1,0 +1,115 @@
+"""Receiving one SubmitUpdate stream: header checks, the bytes to a temporary file, validation.
+
+The order is the protocol's (protos/PROTOCOL.md, "SubmitUpdate"): the header is checked before a
+payload byte is accepted, the pieces go to a temporary file while being hashed, and the payload
+is fully validated (names, shapes, rank, dtype, finite values, metadata) before anything is
+recorded. Each failure raises the domain refusal that names what was wrong; the temporary file
+is removed on every path that does not hand it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from pathlib import Path
+
+from flora.common.chunks import ChunkError, check_sha256, fsync_file
+from flora.common.lora import lora_scaling
+from flora.common.payload import PayloadError, PayloadLimits, read_adapter
+from flora.common.wire import WireError, receive_update
+from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
+from flora.server.store import ClientRecord
+from flora.v1 import run_pb2, transfer_pb2
+
+SCALING_RULE_NAMES = {run_pb2.SCALING_RULE_STANDARD: "standard", run_pb2.SCALING_RULE_RSLORA: "rslora"}
+
+
+def is_rslora(rule: int) -> bool:
+    """Whether a proto ScalingRule value is rsLoRA's alpha / sqrt(r)."""
+    return rule == run_pb2.SCALING_RULE_RSLORA
+
+
+async def first_message(messages: AsyncIterator[transfer_pb2.UpdateChunk]) -> transfer_pb2.UpdateHeader:
+    """The stream's header, which must be its first message."""
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        raise InvalidArgument("the upload stream is empty; its first message must be the header") from None
+    if first.WhichOneof("content") != "header":
+        raise InvalidArgument("the first message of an upload must be the header")
+    return first.header
+
+
+def check_header(header: transfer_pb2.UpdateHeader, client: ClientRecord, max_bytes: int) -> None:
+    """Refuse a header that contradicts the client's Join or a limit, before reading the payload."""
+    if header.rank != client.rank:
+        raise InvalidArgument(f"header rank {header.rank} differs from the rank {client.rank} declared at Join")
+    if not math.isclose(header.alpha, client.alpha, rel_tol=1e-6):
+        raise InvalidArgument(f"header alpha {header.alpha:g} differs from the alpha {client.alpha:g} declared at Join")
+    if header.scaling_rule != client.scaling_rule:
+        got = SCALING_RULE_NAMES.get(header.scaling_rule, header.scaling_rule)
+        joined = SCALING_RULE_NAMES[client.scaling_rule]
+        raise InvalidArgument(f"header scaling_rule {got} differs from the rule {joined} declared at Join")
+    if header.num_examples < 1:
+        raise InvalidArgument("header num_examples must be >= 1 (it weights the update)")
+    try:
+        check_sha256(header.sha256, "header sha256")
+    except ChunkError as err:
+        raise InvalidArgument(str(err)) from None
+    if header.total_bytes > max_bytes:
+        raise ResourceExhausted(f"header total_bytes {header.total_bytes} exceeds max_update_bytes {max_bytes}")
+
+
+async def _replay(
+    header: transfer_pb2.UpdateHeader, rest: AsyncIterable[transfer_pb2.UpdateChunk]
+) -> AsyncIterator[transfer_pb2.UpdateChunk]:
+    """The stream as ``receive_update`` expects it, with the already-read header put back in front."""
+    yield transfer_pb2.UpdateChunk(header=header)
+    async for message in rest:
+        yield message
+
+
+async def receive_payload(
+    header: transfer_pb2.UpdateHeader, rest: AsyncIterable[transfer_pb2.UpdateChunk], tmp_dir: Path, max_bytes: int
+) -> Path:
+    """Stream the pieces after ``header`` into a new temporary file, verified and fsynced."""
+    path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
+    try:
+        with open(path, "wb") as sink:
+            try:
+                await receive_update(_replay(header, rest), sink, max_bytes)
+            except WireError as err:
+                raise InvalidArgument(f"upload stream: {err}") from None
+            except ChunkError as err:
+                raise DataLoss(f"upload stream: {err}") from None
+            await asyncio.to_thread(fsync_file, sink)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def validate_payload(
+    path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits
+) -> None:
+    """Check the payload fully (blocking: run it in a thread) against the header and the model."""
+    scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
+    try:
+        _, meta = read_adapter(path, shapes, rank=header.rank, scaling=scaling, limits=limits)
+    except PayloadError as err:
+        raise InvalidArgument(f"payload: {err}") from None
+    if meta.kind != "client_update":
+        raise InvalidArgument(f"payload: metadata 'kind' is {meta.kind!r}, expected 'client_update'")
+    if not math.isclose(meta.alpha, header.alpha, rel_tol=1e-6):
+        raise InvalidArgument(f"payload: metadata 'alpha' {meta.alpha:g} differs from the header's {header.alpha:g}")
+    if meta.scaling_rule != SCALING_RULE_NAMES[header.scaling_rule]:
+        raise InvalidArgument(f"payload: metadata 'scaling_rule' {meta.scaling_rule} differs from the header's")
+    if meta.round != header.round:
+        raise InvalidArgument(f"payload: metadata 'round' {meta.round} differs from the header's round {header.round}")
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A reported loss for the history: non-finite values are recorded as unknown."""
+    return value if value is not None and math.isfinite(value) else None

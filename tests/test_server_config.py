@@ -1,0 +1,105 @@
+"""flora-server settings: defaults, limits, layering, and the refusals that protect a deployment."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from flora.common.settings import SettingsError, load_settings
+from flora.server.cli import build_parser, main
+from flora.server.config import ENV_PREFIX, ServerSettings, is_loopback
+
+
+def settings_from(argv: list[str], environ: dict[str, str] | None = None, config=None) -> ServerSettings:
+    flags = vars(build_parser().parse_args(argv))
+    flags.pop("config"), flags.pop("print_config")
+    return load_settings(ServerSettings, config_file=config, env_prefix=ENV_PREFIX, flags=flags, environ=environ or {})
+
+
+def test_defaults_are_valid_and_safe():
+    settings = settings_from([])
+    assert (settings.host, settings.port, settings.method.value, settings.min_clients) == ("127.0.0.1", 50051, "flora", 2)
+    assert settings.enrollment_token is None and settings.tls_cert is None
+    assert settings.required_scaling == 0.0 and settings.global_lora_rank == 0
+
+
+def test_required_flags_exist_with_their_names():
+    settings = settings_from(["--host", "localhost", "--port", "0", "--state-dir", "/tmp/s", "--base-model", "m",
+                              "--rounds", "7", "--min-clients", "3", "--method", "zeropad"])
+    chosen = (settings.port, str(settings.state_dir), settings.base_model, settings.rounds, settings.min_clients)
+    assert chosen == (0, "/tmp/s", "m", 7, 3)
+    assert settings.method.value == "zeropad" and settings.global_lora_rank == 8 and settings.required_scaling == 2.0
+
+
+def test_file_environment_and_flags_layer(tmp_path):
+    config = tmp_path / "server.yaml"
+    config.write_text("rounds: 4\nclients_per_round: 0.5\nmethod: fedit\ntarget_modules: [v_proj, q_proj]\n")
+    environ = {"FLORA_ROUNDS": "6", "FLORA_ENROLLMENT_TOKEN": "enrol-0123456789abcdef"}
+    settings = settings_from(["--min-clients", "1"], environ, config)
+    assert (settings.rounds, settings.min_clients, settings.clients_per_round) == (6, 1, "0.5")
+    assert settings.target_modules == ["q_proj", "v_proj"]
+    assert settings.enrollment_token.get_secret_value() == "enrol-0123456789abcdef"
+    assert settings.selection.size(10) == 5
+
+
+def test_toml_numbers_are_accepted_for_clients_per_round(tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text("clients_per_round = 3\n")
+    assert settings_from([], config=config).selection.size(10) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "message"),
+    [
+        (["--host", "0.0.0.0"], "host", "not a loopback address and TLS is off"),
+        (["--tls-key", "k.pem"], "tls_key", "given together"),
+        (["--tls-client-ca", "ca.pem"], "tls_client_ca", "needs tls_cert"),
+        (["--long-poll-s", "120"], "client_timeout_s", "must exceed long_poll_s"),
+        (["--method", "fedit", "--lora-rank", "64", "--max-rank", "32"], "lora_rank", "must not exceed max_rank"),
+        (["--clients-per-round", "1.5"], "clients_per_round", "fraction in (0, 1]"),
+        (["--rounds", "0"], "rounds", "greater than or equal to 1"),
+        (["--quorum", "0"], "quorum", "greater than 0"),
+        (["--merge-device", "tpu"], "merge_device", "pattern"),
+        (["--method", "fedavg"], "method", "flora"),
+        (["--enrollment-token", "short"], "enrollment_token", "at least 16"),
+        (["--target-modules", "q_proj,../x"], "target_modules", "dotted module name"),
+    ],
+)
+def test_invalid_settings_name_the_field_and_the_limit(argv, field, message):
+    with pytest.raises(SettingsError) as error:
+        settings_from(argv)
+    assert f"{field}:" in str(error.value) and message in str(error.value)
+
+
+def test_plaintext_beyond_loopback_needs_an_explicit_choice(tmp_path):
+    assert settings_from(["--host", "0.0.0.0", "--insecure"]).insecure
+    tls = settings_from(["--host", "0.0.0.0", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+    assert tls.tls_cert.name == "c.pem"
+    assert is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
+    assert not is_loopback("10.0.0.1") and not is_loopback("example.org")
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text("roundz = 3\n")
+    with pytest.raises(SettingsError, match="roundz"):
+        settings_from([], config=config)
+
+
+def test_print_config_round_trips_and_hides_secrets(tmp_path, capsys):
+    main(["--print-config", "--rounds", "9", "--operator-token", "operator-0123456789abcdef"])
+    text = capsys.readouterr().out
+    assert "operator-0123456789abcdef" not in text
+    values = tomllib.loads(text)
+    assert values["rounds"] == 9 and values["method"] == "flora" and "operator_token" not in values
+    config = tmp_path / "echo.toml"
+    config.write_text(text)
+    assert settings_from([], config=config) == settings_from(["--rounds", "9"])
+
+
+def test_invalid_settings_exit_with_status_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--port", "70000"])
+    assert exit_.value.code == 2
+    assert "port" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""The SQLite store: what is committed survives reopening, and a round commits exactly once."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from flora.server.layout import Layout
+from flora.server.rounds import Round, RoundState
+from flora.server.store import Artifact, ClientRecord, RunRecord, Store, Submission
+
+RUN = RunRecord("run1", "flora-tiny-llama", "f" * 64, "flora", ["m.q_proj"], {"method": "flora"}, 0, 1.0)
+
+
+def client(id_: str, name: str) -> ClientRecord:
+    return ClientRecord(id_, name, id_ * 8, 4, 8.0, 1, 10, "cpu", "0.1", 1.0)
+
+
+def submission(number: int, client_id: str, sha: str = "a" * 64) -> Submission:
+    return Submission(number, client_id, sha, f"updates/r{number:06d}/{client_id}.{sha}.safetensors", 100, 4, 8.0, 1,
+                      10, number - 1, 1.5, None, 3, 0.5, 2.0)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    opened = Store(tmp_path / "state.db")
+    opened.create_run(RUN, [Artifact("merged", 0, "merged/v000000.safetensors", "0" * 64, 10)], None)
+    yield opened
+    opened.close()
+
+
+def test_a_fresh_database_has_no_run(tmp_path):
+    fresh = Store(tmp_path / "fresh.db")
+    assert fresh.run() is None
+    fresh.close()
+
+
+def test_everything_survives_reopening(tmp_path, store):
+    store.add_client(client("c1", "alice"))
+    store.add_client(client("c2", "bob"))
+    store.set_left("c2")
+    store.save_attempt(Round(1, 1, RoundState.OPEN, frozenset({"c1", "c2"}), 50.0, 1))
+    store.add_submission(submission(1, "c1"))
+    store.close()
+    reopened = Store(tmp_path / "state.db")
+    assert reopened.run() == RUN
+    assert [(c.name, c.left) for c in reopened.clients()] == [("alice", False), ("bob", True)]
+    restored = reopened.load_round(1)
+    assert (restored.attempt, restored.state, restored.selected, restored.deadline) == (1, RoundState.OPEN, {"c1", "c2"}, 50.0)
+    assert restored.accepted == {"c1": "a" * 64}
+    assert reopened.submission(1, "c1") == submission(1, "c1")
+    assert reopened.last_submitted_rounds() == {"c1": 1}
+    reopened.close()
+
+
+def test_names_tokens_and_submissions_are_unique(store):
+    store.add_client(client("c1", "alice"))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_client(client("c2", "alice"))
+    store.add_submission(submission(1, "c1"))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_submission(submission(1, "c1", "b" * 64))
+    assert store.submissions(1) == [submission(1, "c1")]
+
+
+def test_rejoin_updates_capabilities_and_clears_left(store):
+    store.add_client(client("c1", "alice"))
+    store.set_left("c1")
+    store.rejoin_client(ClientRecord("c1", "alice", "c1" * 8, 16, 32.0, 2, 99, "cuda:0", "0.2", 1.0))
+    (stored,) = store.clients()
+    assert (stored.rank, stored.alpha, stored.scaling_rule, stored.left) == (16, 32.0, 2, False)
+
+
+def test_a_round_commits_once_with_its_artifacts_and_history(store):
+    store.add_client(client("c1", "alice"))
+    store.save_attempt(Round(1, 2, RoundState.AGGREGATING, frozenset({"c1"}), 50.0, 1))
+    artifacts = [Artifact("global", 1, "globals/v000001.safetensors", "1" * 64, 5),
+                 Artifact("merged", 1, "merged/v000001.safetensors", "2" * 64, 6)]
+    store.commit_version(1, 2, artifacts, {"round": 1}, 3.0)
+    assert store.run().version == 1
+    assert store.load_round(1).state is RoundState.DONE
+    assert store.history() == [{"round": 1}]
+    assert store.artifact("global", 1) == artifacts[0]
+    assert store.artifacts("merged") == [artifacts[1]]  # only the latest merged weights are served
+    with pytest.raises(RuntimeError, match="version 1"):
+        store.commit_version(1, 2, artifacts, {"round": 1}, 4.0)
+    assert store.history() == [{"round": 1}]
+
+
+def test_a_failed_commit_changes_nothing(store):
+    store.save_attempt(Round(1, 1, RoundState.AGGREGATING, frozenset(), 50.0, 1))
+    bad = [Artifact("global", 1, "g", "1" * 64, 5), Artifact("global", 1, "g", "1" * 64, None)]  # NOT NULL violated
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit_version(1, 1, bad, {"round": 1}, 3.0)
+    assert store.run().version == 0 and store.history() == [] and store.artifact("global", 1) is None
+    assert store.load_round(1).state is RoundState.AGGREGATING
+
+
+def test_layout_names_come_from_ids_and_hashes_only(tmp_path):
+    layout = Layout(tmp_path)
+    assert layout.update(3, "ab12", "c" * 64).name == f"ab12.{'c' * 64}.safetensors"
+    for bad_id in ("../x", "Alice", ""):
+        with pytest.raises(ValueError):
+            layout.update(3, bad_id, "c" * 64)
+    with pytest.raises(ValueError, match="outside"):
+        layout.absolute("../../etc/passwd")
