@@ -1,1 +1,1 @@
-"""placeholder"""
+"""flora.client: the ``flora-client`` daemon (cli, daemon, connection, sync, state) and its trainer."""

@@ -1,0 +1,151 @@
+"""``flora-client`` settings: one flat pydantic model behind the config file, env and flags.
+
+The training hyper-parameters are not redefined here: ``ClientSettings`` is derived from
+``flora.client.trainer.TrainConfig`` (same names, limits and help text), extended with what
+only the daemon needs (server, identity, data, state, transport). ``train_config`` turns the
+settings plus the run's target modules and the server's hints into the ``TrainConfig`` of one
+round. Environment variables use the ``FLORA_CLIENT_`` prefix (``FLORA_CLIENT_TOKEN``, ...).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_model, field_validator, model_validator
+
+from flora.client.trainer import TrainConfig
+from flora.v1 import run_pb2
+
+ENV_PREFIX = "FLORA_CLIENT_"
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# The client replaces TrainConfig's target-module suffixes with the run's module names; its own
+# ``target_modules`` setting only narrows those (see ``train_config``).
+_OWN_TRAIN_FIELDS = ("target_modules",)
+TRAIN_FIELDS = tuple(name for name in TrainConfig.model_fields if name not in _OWN_TRAIN_FIELDS)
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 hosts in brackets) as (host without brackets, port)."""
+    match = _HOST_PORT.fullmatch(address)
+    if not match:
+        raise ValueError(f"{address!r} is not HOST:PORT (IPv6 hosts in brackets: [::1]:50051)")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} of {address!r} is outside 1..65535")
+    return match["host"].strip("[]"), port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine: plaintext is acceptable only there."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _DaemonFields(BaseModel):
+    """The daemon's own settings; the training fields are added from TrainConfig below."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str = Field("localhost:50051", description="address of flora-server, HOST:PORT")
+    name: str = Field(pattern=NAME_PATTERN, description="this client's unique name (letters, digits, . _ -; at most 64)")
+    data: list[FilePath] = Field(
+        min_length=1, description="training data files, comma-separated: JSON or JSONL, Alpaca, Dolly or text form (detected per file)"
+    )
+    validation_data: list[FilePath] = Field([], description="held-out data files whose loss is reported with each upload")
+    template: str = Field("alpaca", min_length=1, description="prompt template: alpaca, plain, or a format string with {instruction} and {input}")
+    cutoff: int = Field(256, ge=2, le=65536, description="maximum tokens per example (prompt + response)")
+    mask_prompt: bool = Field(False, description="exclude the prompt's tokens from the training loss")
+    base_model: str | None = Field(None, description="local path or Hub id of the base model; default: the run's base model")
+    target_modules: list[str] | None = Field(
+        None, description="train only these of the run's target modules (names or suffixes); default: all of them"
+    )
+    state_dir: Path = Field(Path("flora-client-state"), description="local state: identity, held global version, cached downloads")
+    token: SecretStr | None = Field(None, description="enrolment token of the server (only for the first Join)")
+    tls_ca: FilePath | None = Field(None, description="PEM CA bundle to verify the server with (default: system roots off loopback)")
+    tls_cert: FilePath | None = Field(None, description="PEM client certificate for mutual TLS (with --tls-key)")
+    tls_key: FilePath | None = Field(None, description="PEM private key of --tls-cert")
+    insecure: bool = Field(False, description="allow a plaintext connection to a non-loopback server")
+    rpc_timeout: float = Field(30.0, ge=0.1, le=3600, description="deadline of each short call, in seconds")
+    transfer_timeout: float = Field(600.0, ge=1, le=86400, description="deadline of each download or upload stream, in seconds")
+    long_poll: float = Field(30.0, ge=0, le=600, description="how long the server may hold a NextTask call, in seconds")
+    heartbeat_interval: float = Field(5.0, ge=0.1, le=600, description="seconds between heartbeats while syncing, training or uploading")
+    backoff_initial: float = Field(0.5, ge=0.01, le=600, description="first reconnect delay after a failed call, in seconds")
+    backoff_max: float = Field(30.0, ge=0.01, le=3600, description="largest reconnect delay, in seconds")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe log level shown")
+    progress: Literal["auto", "on", "off"] = Field("auto", description="progress bars: auto (when stderr is a terminal), on, off")
+
+    @field_validator("server")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        split_address(value)
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_modules(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one module, or leave unset to train all of the run's modules")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _DaemonFields:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(f"backoff_max ({self.backoff_max}) must be >= backoff_initial ({self.backoff_initial})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (mutual TLS needs both)")
+        if self.insecure and (self.tls_ca or self.tls_cert):
+            raise ValueError("insecure contradicts tls_ca/tls_cert: choose plaintext or TLS")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """TLS unless explicitly insecure, or a loopback server with no CA given."""
+        if self.insecure:
+            return False
+        return self.tls_ca is not None or self.tls_cert is not None or not is_loopback(split_address(self.server)[0])
+
+    def own_train_config(self) -> TrainConfig:
+        """This client's own training settings, before the run and the round adjust them."""
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FIELDS})
+
+    def train_config(self, modules: list[str], hints: run_pb2.TrainingHints, num_examples: int, seed: int) -> TrainConfig:
+        """The TrainConfig of one round: own settings, the server's non-zero hints over them.
+
+        ``modules`` are the full module names to adapt (PEFT matches whole names exactly), and
+        ``seed`` is the round's seed, so that every round starts from a different fresh LoRA.
+        A fractional ``local_epochs`` hint becomes the equivalent number of optimiser steps.
+        """
+        values = self.own_train_config().model_dump()
+        values.update(target_modules=tuple(modules), seed=seed)
+        if hints.batch_size:
+            values["batch_size"] = hints.batch_size
+        if hints.learning_rate:
+            values["learning_rate"] = hints.learning_rate
+        if hints.max_steps:
+            values["max_steps"] = hints.max_steps
+        elif hints.local_epochs > 0:
+            epochs = hints.local_epochs
+            if epochs.is_integer():
+                values.update(epochs=int(epochs), max_steps=0)
+            else:
+                batches = math.ceil(num_examples / values["batch_size"])
+                values["max_steps"] = max(1, math.ceil(epochs * batches / values["grad_accum"]))
+        return TrainConfig(**values)
+
+
+ClientSettings = create_model(
+    "ClientSettings",
+    __base__=_DaemonFields,
+    __doc__="Everything flora-client is configured with; each field is a flag, an env variable and a file key.",
+    **{name: (TrainConfig.model_fields[name].annotation, TrainConfig.model_fields[name]) for name in TRAIN_FIELDS},
+)

@@ -1,0 +1,115 @@
+"""The client's local material: its data, its copy of the base model, and their checks.
+
+Everything here runs before the first round and fails with ``ConfigError`` (exit status 2, a
+message naming the file, field or module at fault) rather than a traceback: a wrong data file,
+a base model whose weights differ from the server's, or a target-module override that names
+modules the run does not adapt are mistakes of the operator, found before any training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from flora.client.config import ClientSettings
+from flora.common.basemodel import fingerprint, load_model, load_tokenizer
+from flora.common.devices import resolve_device
+from flora.common.data import DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
+from flora.v1 import run_pb2
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(Exception):
+    """A mistake in the client's configuration, data or model; reported without a traceback."""
+
+
+def load_data(settings: ClientSettings) -> tuple[list[Example], list[Example]]:
+    """The training and validation examples (validation empty when no file is given)."""
+    try:
+        train = load_examples(settings.data, settings.template)
+        validation = load_examples(settings.validation_data, settings.template) if settings.validation_data else []
+    except (DataFormatError, ValueError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+    log.info("event=data_loaded train_examples=%d validation_examples=%d", len(train), len(validation))
+    return train, validation
+
+
+def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str]:
+    """The run's modules this client trains: all, or those its ``target_modules`` selects.
+
+    An entry selects a module by its full name or by a dotted suffix, as PEFT does. The upload
+    still covers every module of the run: a module left out contributes a zero update, which
+    stacking keeps exact. Averaging methods have no such neutral element, so they refuse it.
+    """
+    names = [m.name for m in spec.target_modules]
+    if settings.target_modules is None:
+        return names
+    if spec.method != run_pb2.AGGREGATION_METHOD_FLORA:
+        raise ConfigError("target_modules: an override is only possible in flora runs (fedit/zeropad average every module)")
+    chosen = []
+    for entry in settings.target_modules:
+        matches = [n for n in names if n == entry or n.endswith("." + entry)]
+        if not matches:
+            raise ConfigError(f"target_modules: {entry!r} matches none of the run's target modules {names}")
+        chosen.extend(matches)
+    return sorted(set(chosen))
+
+
+@dataclass
+class LocalModel:
+    """The base model (at some global version), its tokenizer and the tokenised local data."""
+
+    model: nn.Module
+    source: str
+    digest: str  # fingerprint of the target modules' base weights, equal to the run's
+    train: list[TokenizedExample]
+    validation: list[TokenizedExample]
+
+
+def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
+    """Every target module of the run exists in ``model`` as a linear layer of the same shape."""
+    modules = dict(model.named_modules())
+    for target in spec.target_modules:
+        module = modules.get(target.name)
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(f"base model: the run's target module {target.name!r} is not a linear layer of this model")
+        if (module.out_features, module.in_features) != (target.out_features, target.in_features):
+            raise ConfigError(
+                f"base model: module {target.name!r} is {(module.out_features, module.in_features)}, "
+                f"the run's is {(target.out_features, target.in_features)}"
+            )
+
+
+def load_base(settings: ClientSettings, source: str) -> nn.Module:
+    """The base model ``source`` on the training device, or a ConfigError saying what to pass."""
+    try:
+        return load_model(source, device=resolve_device(settings.device))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
+
+
+def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[list[Example], list[Example]]) -> LocalModel:
+    """Load the base model the run names (or ``--base-model``), check it is the server's, tokenise."""
+    source = settings.base_model or spec.base_model
+    model = load_base(settings, source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer of {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
+    check_modules(model, spec)
+    digest = fingerprint(model, [m.name for m in spec.target_modules])
+    if digest != spec.base_model_hash:
+        raise ConfigError(
+            f"base model {source!r} differs from the server's: target-module hash {digest[:12]} != {spec.base_model_hash[:12]}"
+        )
+    train, validation = (_tokenize(examples, tokenizer, settings) for examples in data)
+    log.info("event=model_loaded source=%s modules=%d hash=%s", source, len(spec.target_modules), digest[:12])
+    return LocalModel(model, source, digest, train, validation)
+
+
+def _tokenize(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
+    return tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)

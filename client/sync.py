@@ -1,0 +1,192 @@
+"""Bringing the local model to the version a round requires, from verified downloads only.
+
+flora runs: the global adapters of versions held+1 .. required are downloaded (each resumed from
+its ``.part`` after an interruption), their sha256 verified by the receiver, validated against the
+run's module shapes, and merged W <- W + B_g A_g in float32 in version order. The merge happens
+on a copy of the target modules' weights, so that the model moves from one version to the next
+as a whole or not at all; then the new weights are persisted before the version pointer moves.
+
+fedit / zeropad runs: nothing is merged into the base during the run; each round starts from the
+server's persistent global LoRA of the task's version, which the trainer truncates to this
+client's rank. At the end of the run the final global LoRA is merged, so that the client's model
+equals the server's final model either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flora.client.connection import Connection
+from flora.client.progress import Bar, Progress
+from flora.client.state import StateDir
+from flora.common.chunks import ChunkError
+from flora.common.lora import LoraAdapter
+from flora.common.merge import merged_weights, module_weights
+from flora.common.payload import PayloadError, PayloadLimits, read_adapter
+from flora.common.wire import ArtifactReceiver, part_path, resume_offset
+from flora.v1 import coordinator_pb2, run_pb2, transfer_pb2
+
+log = logging.getLogger(__name__)
+
+ADAPTER = transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER
+LORA = transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA
+_PAYLOAD_KINDS = {ADAPTER: "global_adapter", LORA: "global_lora"}
+# A download whose bytes fail verification this many times in a row is not a network hiccup.
+MAX_CORRUPT_DOWNLOADS = 3
+
+
+class SyncError(RuntimeError):
+    """The server's artifacts cannot bring the model to the required version."""
+
+
+def expected_shapes(spec: run_pb2.RunSpec) -> dict[str, tuple[int, int]]:
+    """The run's target modules and their (out_features, in_features): what payloads must hold."""
+    return {m.name: (m.out_features, m.in_features) for m in spec.target_modules}
+
+
+def restore(model: nn.Module, state: StateDir, spec: run_pb2.RunSpec) -> int:
+    """Put the saved weights of the held version into a freshly loaded base model.
+
+    Returns the version the model now holds; no download and no merge is needed for it.
+    """
+    version = state.held_version(spec.run_id)
+    if version:
+        saved = state.load_weights(version, expected_shapes(spec))
+        _copy_into(model, saved)
+        log.info("event=restored version=%d", version)
+    return version
+
+
+def _copy_into(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    live = module_weights(model, sorted(weights))
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            live[name].copy_(tensor)
+
+
+class Synchroniser:
+    """Downloads and applies one run's global artifacts for one model."""
+
+    def __init__(
+        self, conn: Connection, state: StateDir, spec: run_pb2.RunSpec, progress: Progress,
+        limits: PayloadLimits = PayloadLimits(),
+    ) -> None:
+        self._conn, self._state, self._spec, self._progress, self._limits = conn, state, spec, progress, limits
+        self._shapes = expected_shapes(spec)
+
+    # --- flora ----------------------------------------------------------------------------------
+
+    def catch_up(self, model: nn.Module, held: int, required: int) -> int:
+        """Merge the global adapters held+1 .. required into ``model`` and persist; returns required."""
+        if required < held:
+            raise SyncError(f"the model holds version {held} but the server's latest version is {required}")
+        if required == held:
+            return held
+        self.download(ADAPTER, held + 1, required)
+        weights = {name: w.detach().clone() for name, w in module_weights(model, sorted(self._shapes)).items()}
+        for version in range(held + 1, required + 1):
+            weights = self._merged(weights, self._read(ADAPTER, version), f"global adapter v{version}")
+        _copy_into(model, weights)
+        self._state.commit(self._spec.run_id, required, weights)
+        return required
+
+    # --- fedit / zeropad --------------------------------------------------------------------------
+
+    def global_lora(self, version: int) -> LoraAdapter:
+        """The persistent global LoRA of ``version``: what a fedit/zeropad round starts from."""
+        self.download(LORA, version, version)
+        adapter = self._read(LORA, version)
+        if self._spec.global_lora_rank and adapter.rank != self._spec.global_lora_rank:
+            raise SyncError(f"global LoRA v{version} has rank {adapter.rank}, the run's is {self._spec.global_lora_rank}")
+        self._state.prune_globals(below=version)
+        return adapter
+
+    def finish_lora(self, model: nn.Module, version: int) -> int:
+        """Merge the final global LoRA into the base: the model the server exports at the end."""
+        adapter = self.global_lora(version)
+        weights = self._merged(module_weights(model, sorted(self._shapes)), adapter, f"global LoRA v{version}")
+        _copy_into(model, weights)
+        self._state.commit(self._spec.run_id, version, weights)
+        return version
+
+    @staticmethod
+    def _merged(weights: Mapping[str, Tensor], adapter: LoraAdapter, what: str) -> dict[str, Tensor]:
+        """``weights`` with ``adapter`` merged in float32, as a new dict (``weights`` untouched)."""
+        try:
+            merged = merged_weights(weights, adapter, precision=torch.float32)
+        except (KeyError, ValueError) as exc:
+            raise SyncError(f"{what} cannot be merged: {exc}") from None
+        log.info("event=merged artifact=%r rank=%d", what, adapter.rank)
+        return merged
+
+    # --- downloads ------------------------------------------------------------------------------
+
+    def download(self, kind: int, first: int, last: int) -> list[Path]:
+        """Make sure the verified artifacts of versions first..last are on disk; return their paths.
+
+        Transient failures are retried with backoff and resume at the ``.part`` file's size; a
+        download whose bytes fail verification is discarded and fetched again from the start.
+        """
+        paths = [self._state.artifact_path(kind, v) for v in range(first, last + 1)]
+        corrupt = 0
+        while not all(p.exists() for p in paths):
+            try:
+                self._conn.retrying("FetchGlobal", lambda: self._fetch_missing(kind, first, last))
+            except ChunkError as exc:  # includes WireError: the bytes are not what was announced
+                corrupt += 1
+                log.warning("event=download_rejected attempt=%d reason=%r", corrupt, str(exc))
+                for path in paths:
+                    part_path(path).unlink(missing_ok=True)
+                if corrupt >= MAX_CORRUPT_DOWNLOADS:
+                    raise SyncError(f"download of versions {first}..{last} failed verification {corrupt} times: {exc}") from None
+        return paths
+
+    def _fetch_missing(self, kind: int, first: int, last: int) -> None:
+        """One FetchGlobal attempt from the first version not yet on disk."""
+        start = next(v for v in range(first, last + 1) if not self._state.artifact_path(kind, v).exists())
+        offset = resume_offset(self._state.artifact_path(kind, start))
+        request = coordinator_pb2.FetchGlobalRequest(
+            kind=kind, from_version=start - 1 if kind == ADAPTER else start, to_version=last, offset=offset
+        )
+        log.info("event=download kind=%s from=%d to=%d offset=%d", _PAYLOAD_KINDS[kind], start, last, offset)
+        bar: Bar | None = None
+        bar_version: int | None = None
+        try:
+            with ArtifactReceiver(self._state.artifact_path, self._limits.max_bytes) as receiver:
+                for chunk in self._conn.stream_out("FetchGlobal", request):
+                    if chunk.version != bar_version:
+                        bar, bar_version = self._next_bar(bar, chunk), chunk.version
+                    receiver.feed(chunk)
+                    bar.update(len(chunk.data))
+                artifacts = receiver.finish()
+        finally:
+            if bar is not None:
+                bar.close()
+        got = [(a.kind, a.version) for a in artifacts]
+        if got != [(kind, v) for v in range(start, last + 1)]:
+            raise SyncError(f"asked for {_PAYLOAD_KINDS[kind]} versions {start}..{last}, the server sent {got}")
+
+    def _next_bar(self, bar: Bar | None, chunk: transfer_pb2.Chunk) -> Bar:
+        if bar is not None:
+            bar.close()
+        bar = self._progress.bar(f"download v{chunk.version}", chunk.total_bytes, unit="B")
+        bar.update(chunk.offset)
+        return bar
+
+    def _read(self, kind: int, version: int) -> LoraAdapter:
+        """Validate a downloaded artifact against the run's shapes and load it."""
+        path = self._state.artifact_path(kind, version)
+        try:
+            adapter, meta = read_adapter(path, self._shapes, limits=self._limits)
+        except PayloadError as exc:
+            path.unlink(missing_ok=True)  # verified bytes that are still unusable: never reuse them
+            raise SyncError(f"{_PAYLOAD_KINDS[kind]} v{version}: {exc}") from None
+        if meta.kind != _PAYLOAD_KINDS[kind] or meta.version not in (None, version):
+            path.unlink(missing_ok=True)
+            raise SyncError(f"{path.name}: metadata says {meta.kind} v{meta.version}, expected {_PAYLOAD_KINDS[kind]} v{version}")
+        return adapter
