@@ -1,5 +1,169 @@
+"""flora-demo: a real federated run on this machine in one command.
+
+Starts one ``flora-server`` and several ``flora-client`` processes of heterogeneous LoRA ranks
+on loopback, shows their progress, and ends with a table per round and the path of the merged
+checkpoint. Everything is the production code path; only the processes share one host.
+"""
+
+from __future__ import annotations
+
 import argparse
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from flora.common.aggregation import Method
+from flora.common.basemodel import BUILTIN_MODEL
+from flora.common.tables import format_table
+from flora.demo.monitor import COLUMNS, StatusReader, read_history, round_rows
+from flora.demo.processes import Child, Supervisor, wait_for_port
+from flora.demo.sample_data import write_sample_data
+from flora.demo.workspace import Workspace, builtin_data, folder_data, prepare
+
+log = logging.getLogger("flora.demo")
 
 
-def main() -> None:
-    argparse.ArgumentParser(description="not yet implemented").parse_args()
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ranks {text!r}: expected comma-separated integers such as 16,8,4") from None
+    if not ranks or any(r < 1 for r in ranks):
+        raise argparse.ArgumentTypeError(f"--ranks {text!r}: every rank must be >= 1")
+    return ranks
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flora-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=_positive, default=3, help="number of client processes (default: 3)")
+    parser.add_argument("--rounds", type=_positive, default=3, help="federated rounds (default: 3)")
+    parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
+    parser.add_argument("--method", choices=[m.value for m in Method], default="flora", help="aggregation (default: flora)")
+    parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
+    parser.add_argument("--data-dir", type=Path, help="folder with one JSON/JSONL file per client (default: built-in sample data)")
+    parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
+    parser.add_argument("--local-steps", type=_positive, default=50, help="optimiser steps per client per round (default: 50)")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="clients' peak learning rate (default: 3e-3)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
+    parser.add_argument("--write-data", type=Path, metavar="DIR", help="only write the built-in sample data for --clients clients into DIR, then exit")
+    args = parser.parse_args(argv)
+    if args.method == "fedit" and len(set(args.ranks[: args.clients])) > 1:
+        parser.error("--method fedit needs one rank for every client, e.g. --ranks 8")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a directory")
+    return args
+
+
+def _server_args(args: argparse.Namespace, workspace: Workspace, validation: list[Path], ranks: list[int]) -> list[str]:
+    flags = [
+        "--host=127.0.0.1", "--port=0", f"--state-dir={workspace.server_state}", f"--base-model={args.base_model}",
+        f"--rounds={args.rounds}", f"--min-clients={args.clients}", f"--method={args.method}",
+        f"--validation-data={','.join(map(str, validation))}", f"--local-steps={args.local_steps}",
+        f"--learning-rate={args.learning_rate}",
+        "--checkpoint-every=0", "--long-poll-s=2", "--client-timeout-s=60", "--round-deadline-s=600",
+    ]
+    if args.method != "flora":  # one global LoRA of the largest rank, alpha = 2 r like every client
+        flags += [f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}"]
+    return flags
+
+
+def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, base_model: str) -> list[str]:
+    return [
+        f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}",
+        f"--state-dir={workspace.client_state(name)}", f"--base-model={base_model}", "--progress=off",
+        "--long-poll=2", "--backoff-max=2",
+    ]
+
+
+def _watch(reader: StatusReader, clients: list[Child], server: Child, timeout: float) -> None:
+    """Print progress until every client has exited; fail fast if a process dies."""
+    start = time.monotonic()
+    while any(c.alive() for c in clients):
+        if not server.alive():
+            raise RuntimeError(f"the server exited with code {server.process.returncode}:\n{server.log_tail()}")
+        failed = [c for c in clients if not c.alive() and c.process.returncode != 0]
+        if failed:
+            raise RuntimeError(f"{failed[0].name} exited with code {failed[0].process.returncode}:\n{failed[0].log_tail()}")
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"the run did not finish within {timeout:.0f} s (see the logs in {server.log_path.parent})")
+        status = reader.poll()
+        if status is not None and (line := reader.changed_line(status)):
+            print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    workspace = prepare(args.workdir)
+    if args.data_dir is None:
+        train_files, validation = builtin_data(workspace, args.clients)
+    else:
+        train_files, validation = folder_data(args.data_dir, workspace, args.clients)
+    ranks = [args.ranks[k % len(args.ranks)] for k in range(args.clients)]
+    names = [f"client-{k}" for k in range(args.clients)]
+    token = secrets.token_urlsafe(24)
+    print(f"flora-demo: {args.clients} clients (ranks {', '.join(map(str, ranks))}), {args.rounds} rounds, "
+          f"method {args.method}, base model {args.base_model}\n  working directory: {workspace.root}", flush=True)
+    with Supervisor(workspace.logs) as supervisor:
+        server = supervisor.start("server", "flora.server.cli", _server_args(args, workspace, validation, ranks),
+                                  env={"FLORA_OPERATOR_TOKEN": token})
+        port = wait_for_port(server, timeout=120)
+        print(f"  server listening on 127.0.0.1:{port} (log: {server.log_path})", flush=True)
+        # All clients share this machine's cores: more threads than cores each would only thrash.
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.clients))}
+        clients = [
+            supervisor.start(name, "flora.client.cli", _client_args(port, name, rank, data, workspace, args.base_model), env=threads)
+            for name, rank, data in zip(names, ranks, train_files)
+        ]
+        reader = StatusReader(port, token)
+        try:
+            _watch(reader, clients, server, args.timeout)
+        finally:
+            reader.close()
+        supervisor.stop(server)
+    return _report(workspace)
+
+
+def _report(workspace: Workspace) -> int:
+    history = read_history(workspace.server_state / "history.jsonl")
+    print("\n" + format_table(round_rows(history), COLUMNS))
+    losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
+    if len(losses) >= 2:
+        verdict = "lower" if losses[-1] < losses[0] else "NOT lower"
+        print(f"\nvalidation loss of the merged model: {losses[0]:.4f} before round 1 -> {losses[-1]:.4f} after the last round ({verdict})")
+    checkpoints = [workspace.server_state / r["checkpoint"] for r in history if r.get("checkpoint")]
+    if checkpoints:
+        print(f"merged checkpoint: {checkpoints[-1]}\n  load it with AutoModelForCausalLM.from_pretrained({str(checkpoints[-1])!r})")
+    return 0 if history and history[-1]["round"] > 0 else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.write_data is not None:
+        paths, validation = write_sample_data(args.write_data, args.clients)
+        print(f"wrote {len(paths)} client files and {validation} into {args.write_data}")
+        return
+    # SIGTERM unwinds like Ctrl-C, so the supervisor stops every child on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(run(args))
+    except KeyboardInterrupt:
+        print("\nflora-demo: interrupted; all processes stopped", file=sys.stderr)
+        sys.exit(130)
+    except (RuntimeError, TimeoutError, ValueError) as err:
+        print(f"flora-demo: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
