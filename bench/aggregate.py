@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from pathlib import Path
 
 import torch
 
-from bench.report import median_seconds, write_results
+from bench.report import RESULTS, median_seconds, write_results
 from flora.common.tables import format_table
 from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096, help="d_in = d_out of each module (Llama-7B: 4096)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     args = parser.parse_args()
     if args.smoke:
         args.clients, args.dim, args.repeats = "2,5", 64, 1
@@ -131,11 +132,8 @@ def main() -> None:
     crossover = args.dim * args.dim // (2 * args.dim)
     print(f"(the stacked form is smaller while R < d_out*d_in/(d_out+d_in) = {crossover})")
 
-    from pathlib import Path
-
-    out = Path(args.out) if args.out else None
-    kwargs = {"out_dir": out} if out else {}
-    path = write_results("aggregate", {"dim": args.dim, "rows": rows, "merge_fit": {"s_per_rank": slope, "intercept_s": intercept, "r2": r2}}, **kwargs)
+    fit = {"s_per_rank": slope, "intercept_s": intercept, "r2": r2}
+    path = write_results("aggregate", {"dim": args.dim, "rows": rows, "merge_fit": fit}, args.out)
     plot(rows, path.with_suffix(".png"))
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
 

@@ -8,17 +8,15 @@ its batches collated and on the device before its clock starts; ``train_lora`` c
 its timed call and also runs its LR schedule and gradient clipping. Repeats are interleaved and
 alternate which side runs first; the table reports medians and the ratio.
 
-    python bench/train.py                      # built-in tiny model, synthetic data
-    python bench/train.py --base-model ../shared/models/stories260K \\
-        --data ../shared/data/dolly-10clients/local_training_0.json
-    python bench/train.py --smoke              # a few seconds, for CI
+    python -m bench.train                      # built-in tiny model, synthetic data
+    python -m bench.train --base-model ../shared/models/stories260K \\
+        --data ../shared/data/dolly-10clients/local_training_0.json --name train-stories260K
+    python -m bench.train --smoke              # a few seconds, for CI
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import time
@@ -30,12 +28,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from bench.report import RESULTS, write_results
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.devices import resolve_device
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, load_tokenizer
 from flora.common.data import Example, TokenizedExample, collate, load_examples, tokenize_examples
+from flora.common.tables import format_table
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 WORDS = "the a cat dog sat ran on under big small red blue house tree river stone quickly slowly".split()
 
 
@@ -49,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each side, interleaved")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument("--name", default="train", help="results file name, without .json (default: train)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, in seconds")
     args = parser.parse_args()
     if args.smoke:
@@ -128,11 +128,11 @@ def measure(model: nn.Module, chunks: list[TokenizedExample], args: argparse.Nam
 
 
 def report(rates: dict[str, list[float]], args: argparse.Namespace, model: nn.Module) -> dict:
+    """Print the medians and the ratio; return what goes into the JSON results."""
     medians = {name: statistics.median(values) for name, values in rates.items()}
     ratio = medians["train_lora"] / medians["plain_peft"]
-    print(f"{'loop':<12} {'median tok/s':>14} {'min':>10} {'max':>10}")
-    for name, values in rates.items():
-        print(f"{name:<12} {medians[name]:>14.0f} {min(values):>10.0f} {max(values):>10.0f}")
+    rows = [{"loop": name, "median tok/s": round(medians[name]), "min": round(min(v)), "max": round(max(v))} for name, v in rates.items()]
+    print(format_table(rows, ["loop", "median tok/s", "min", "max"]))
     print(f"ratio train_lora / plain_peft = {ratio:.3f}")
     return {
         "base_model": args.base_model,
@@ -143,9 +143,6 @@ def report(rates: dict[str, list[float]], args: argparse.Namespace, model: nn.Mo
         "repeats": args.repeats,
         "rank": args.rank,
         "device": str(resolve_device(args.device)),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_second": rates,
         "median_tokens_per_second": medians,
@@ -163,10 +160,8 @@ def main() -> None:
     examples = load_examples(args.data) if args.data else synthetic_examples(max(64, needed))
     chunks = packed_chunks(examples, tokenizer, args.seq_len, needed)
     rates = measure(model, chunks, args)
-    results = report(rates, args, model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path = write_results(args.name, report(rates, args, model), args.out)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

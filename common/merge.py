@@ -6,7 +6,8 @@ and offline tools all merge the same way, with or without a model object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -63,3 +64,21 @@ def merge_into_state_dict(
     out = dict(state_dict)
     out.update({f"{name}.weight": w for name, w in merged.items()})
     return out
+
+
+@contextlib.contextmanager
+def merged_temporarily(model: nn.Module, adapter: LoraAdapter, precision: torch.dtype = torch.float32) -> Iterator[None]:
+    """``model`` with ``adapter`` merged in for the block, its exact original weights afterwards.
+
+    How a persistent global LoRA (fedit, zeropad) is evaluated or exported without ever being
+    merged into the base that later rounds start from.
+    """
+    live = module_weights(model, adapter.module_names)
+    saved = {name: weight.detach().clone() for name, weight in live.items()}
+    merge_into_model(model, adapter, precision)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in live.items():
+                weight.copy_(saved[name])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ from flora.common.data import TokenizedExample, load_examples, tokenize_examples
 from flora.common.evaluate import evaluate_loss
 from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, lora_scaling, pad_rank, seeded_lora
-from flora.common.merge import merged_weights, module_weights
+from flora.common.merge import merged_temporarily, merged_weights, module_weights
 from flora.common.payload import PayloadLimits, PayloadMeta, read_adapter, read_weights, write_adapter, write_weights
 from flora.common.weights import client_weights
 from flora.server.config import ServerSettings
@@ -218,23 +218,11 @@ class Aggregator:
         every = self.settings.checkpoint_every
         return number >= self.settings.rounds or (every > 0 and number % every == 0)
 
-    @contextlib.contextmanager
-    def _exported(self) -> Iterator[None]:
+    def _exported(self) -> contextlib.AbstractContextManager:
         """The model as users get it: flora as is; fedit/zeropad with the global LoRA merged in."""
         if self.method is Method.FLORA:
-            yield
-            return
-        live = module_weights(self.model, list(self.shapes))
-        merged = merged_weights(self.base, self.global_lora, self.precision)
-        with torch.no_grad():
-            for name, weight in live.items():
-                weight.copy_(merged[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, weight in live.items():
-                    weight.copy_(self.base[name])
+            return contextlib.nullcontext()
+        return merged_temporarily(self.model, self.global_lora, self.precision)
 
     def _checkpoint(self, version: int) -> str:
         dest = self.layout.checkpoint(version)

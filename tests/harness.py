@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -30,10 +29,10 @@ import torch
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.payload import PayloadMeta, encode_adapter
 from flora.common.wire import update_messages
+from flora.demo.processes import LISTENING
 from flora.v1 import coordinator_pb2 as pb
 from flora.v1 import coordinator_pb2_grpc, run_pb2, transfer_pb2
 
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT_S = 120.0
 OPERATOR_TOKEN = "operator-token-0123456789"
 
@@ -80,7 +79,7 @@ def start_server(state_dir: Path, *flags: str, env: dict[str, str] | None = None
         for line in process.stdout:
             lines.append(line)
             if match := LISTENING.search(line):
-                ports.put(int(match.group(2)))
+                ports.put(int(match["port"]))
         ports.put(None)
 
     threading.Thread(target=read, daemon=True).start()

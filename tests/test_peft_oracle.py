@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from flora.common.aggregation import flora_stack
 from flora.common.basemodel import DEFAULT_TARGET_MODULES, target_module_shapes
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
-from flora.common.merge import merge_into_model, merge_into_state_dict
+from flora.common.merge import merge_into_model, merge_into_state_dict, merged_temporarily
 
 CLIENTS = [("c0", 8, 16.0, False), ("c1", 4, 4.0, False), ("c2", 2, 7.0, False)]
 
@@ -116,3 +116,18 @@ def test_merge_rejects_shape_and_name_mismatches(tiny_model):
     missing = LoraAdapter({"model.nowhere": LoraPair(torch.zeros(2, 3), torch.zeros(3, 2))})
     with pytest.raises(KeyError, match="model.nowhere"):
         merge_into_state_dict(tiny_model.state_dict(), missing)
+
+
+def test_merged_temporarily_restores_the_exact_weights_even_on_error(tiny_model):
+    shapes = target_module_shapes(tiny_model, DEFAULT_TARGET_MODULES)
+    gen = torch.Generator().manual_seed(5)
+    adapter = LoraAdapter({n: LoraPair(torch.randn(2, d_in, generator=gen), torch.randn(d_out, 2, generator=gen)) for n, (d_out, d_in) in shapes.items()}, 0.3)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    expected = merge_into_state_dict(before, adapter)
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_temporarily(tiny_model, adapter):
+            for key, value in tiny_model.state_dict().items():
+                assert torch.equal(value, expected[key]), key
+            raise RuntimeError("inside")
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key]), key

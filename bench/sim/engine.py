@@ -19,13 +19,11 @@ daemons call, so that what the simulation measures is what a deployment would do
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 
 from flora.client.trainer import TrainConfig, TrainResult, total_steps, train_lora
@@ -34,7 +32,7 @@ from flora.common.basemodel import target_module_shapes
 from flora.common.data import TokenizedExample
 from flora.common.evaluate import evaluate_loss
 from flora.common.lora import LoraAdapter, pad_rank, seeded_lora
-from flora.common.merge import merge_into_model, module_weights
+from flora.common.merge import merge_into_model, merged_temporarily
 from flora.common.weights import Weighting, client_weights
 
 CENTRALIZED = "centralized"
@@ -138,20 +136,6 @@ def select_clients(count: int, per_round: int | None, seed: int, number: int) ->
 def local_config(config: SimConfig, rank: int, seed: int, **overrides: object) -> TrainConfig:
     """The template's local hyper-parameters with this client's rank and seed (validated again)."""
     return TrainConfig(**{**config.local.model_dump(), "rank": rank, "seed": seed, **overrides})
-
-
-@contextlib.contextmanager
-def merged_temporarily(model: nn.Module, adapter: LoraAdapter) -> Iterator[None]:
-    """``model`` with ``adapter`` merged in for the block, its exact original weights afterwards."""
-    live = module_weights(model, adapter.module_names)
-    saved = {name: weight.detach().clone() for name, weight in live.items()}
-    merge_into_model(model, adapter)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, weight in live.items():
-                weight.copy_(saved[name])
 
 
 def evaluate_global(

@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end in their smoke mode, so that they cannot rot.
+
+They measure nothing here (tiny sizes, a loaded CI machine); the assertions check that each
+writes complete results in the shape its README describes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(module: str, out: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_aggregate_smoke_reports_every_k_and_a_linear_fit(tmp_path):
+    stdout = run_bench("bench.aggregate", tmp_path)
+    report = json.loads((tmp_path / "aggregate.json").read_text())
+    assert [row["K"] for row in report["rows"]] == [2, 5]
+    for row in report["rows"]:
+        assert row["stack_s"] > 0 and row["merge_s"] > 0 and row["read_GBps"] > 0
+        assert row["downlink_dense_MB"] > 0 and row["downlink_stacked_MB"] > 0
+    assert "r2" in report["merge_fit"] and report["machine"]["torch"]
+    assert (tmp_path / "aggregate.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| K" in stdout
+
+
+def test_train_smoke_compares_against_a_plain_peft_loop(tmp_path):
+    stdout = run_bench("bench.train", tmp_path)
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert set(report["median_tokens_per_second"]) == {"train_lora", "plain_peft"}
+    assert report["ratio"] > 0
+    assert "ratio train_lora / plain_peft" in stdout
