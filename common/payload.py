@@ -1,10 +1,11 @@
 """LoRA factors and merged module weights as safetensors payloads, validated before loading.
 
-Every payload that crosses the network is untrusted (DESIGN.md section 7). ``read_adapter`` and
-``read_weights`` therefore parse the safetensors header themselves, with explicit limits, and
-check the tensor names, dtypes, shapes and byte layout against what the run expects before the
+Every payload that crosses the network is untrusted (DESIGN.md section 7). ``read_adapter``,
+``check_adapter`` and ``read_weights`` therefore check the safetensors header themselves
+(``flora.common.payload_header``: limits, names, dtypes, shapes, byte layout) before the
 safetensors library sees a single byte; only then are tensors loaded, and every value is checked
-finite. Nothing here ever unpickles. Tensor names are ``<module>.lora_A`` (r, d_in) and
+finite. ``check_adapter`` validates a file without keeping it in memory, for servers that receive
+large uploads and load them only when they aggregate. Nothing here ever unpickles. Tensor names are ``<module>.lora_A`` (r, d_in) and
 ``<module>.lora_B`` (d_out, r) for adapters, ``<module>.weight`` (d_out, d_in) for merged weights.
 """
 
@@ -15,7 +16,6 @@ import math
 import secrets
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,40 +27,25 @@ from torch import Tensor
 
 from flora.common.chunks import file_sha256, fsync_file, publish, source_size
 from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.payload_header import (
+    ALLOWED_DTYPES,
+    DTYPE_NAMES,
+    Header,
+    PayloadLimits,
+    allowed_dtypes,
+    check_adapter_shapes,
+    check_names,
+    check_shape,
+    read_header,
+)
 from flora.common.payload_meta import PayloadError, PayloadMeta
 
-# safetensors dtype name -> (torch dtype, bytes per element). Integer and float64 payloads have
-# no business in a LoRA exchange, and refusing them keeps the loader's surface small.
-ALLOWED_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-}
-_DTYPE_NAMES = {dtype: name for name, (dtype, _) in ALLOWED_DTYPES.items()}
-_TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
-
-
-@dataclass(frozen=True)
-class PayloadLimits:
-    """Upper bounds checked before any payload byte is interpreted as a tensor."""
-
-    max_bytes: int = 1 << 31
-    max_header_bytes: int = 8 << 20
-    max_rank: int = 1 << 16
-
-
-@dataclass(frozen=True)
-class _TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class _Header:
-    metadata: dict[str, str]
-    tensors: dict[str, _TensorInfo]
+__all__ = [
+    "ALLOWED_DTYPES", "PayloadError", "PayloadLimits", "PayloadMeta", "check_adapter", "encode_adapter",
+    "encode_weights", "read_adapter", "read_weights", "write_adapter", "write_weights",
+]
+# Finite checks read files in pieces of this size, so validating never holds a whole payload.
+_CHECK_BLOCK = 1 << 20
 
 
 def encode_adapter(adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None = None) -> bytes:
@@ -102,17 +87,43 @@ def read_adapter(
     ``rank`` is the rank the sender declared elsewhere (e.g. in the upload header); ``scaling``
     is the caller's trusted scaling, which wins over the payload's own metadata.
     """
-    header = _read_header(source, limits)
-    meta = PayloadMeta.from_metadata(header.metadata)
-    if not meta.is_adapter:
-        raise PayloadError(f"metadata 'kind': {meta.kind!r} is not an adapter payload")
-    _check_names(header.tensors, {f"{m}.lora_{side}" for m in expected for side in "AB"})
-    found = _check_adapter_shapes(header.tensors, expected, rank, limits)
-    if meta.rank != found:
-        raise PayloadError(f"metadata 'rank': {meta.rank} does not match the tensors' rank {found}")
+    header, meta = _adapter_header(source, expected, rank, limits)
     tensors = _load(source, header)
     pairs = {m: LoraPair(tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in sorted(expected)}
     return LoraAdapter(pairs, meta.scaling if scaling is None else scaling), meta
+
+
+def check_adapter(
+    path: Path, expected: Mapping[str, tuple[int, int]], *, rank: int | None = None, limits: PayloadLimits = PayloadLimits()
+) -> PayloadMeta:
+    """Every check of ``read_adapter`` on a file, reading it in 1 MiB pieces instead of loading it.
+
+    What a server runs on an upload it will only load later, when it aggregates: memory stays at
+    one piece however large the payload, and safetensors itself must accept the file as well.
+    """
+    header, meta = _adapter_header(path, expected, rank, limits)
+    try:
+        with safe_open(path, framework="pt", device="cpu"):
+            pass
+    except SafetensorError as err:
+        raise PayloadError(f"safetensors refused the payload: {err}") from None
+    _check_file_finite(path, header)
+    return meta
+
+
+def _adapter_header(
+    source: bytes | Path, expected: Mapping[str, tuple[int, int]], rank: int | None, limits: PayloadLimits
+) -> tuple[Header, PayloadMeta]:
+    """The validated header and metadata of an adapter payload (no tensor byte read yet)."""
+    header = read_header(source, limits)
+    meta = PayloadMeta.from_metadata(header.metadata)
+    if not meta.is_adapter:
+        raise PayloadError(f"metadata 'kind': {meta.kind!r} is not an adapter payload")
+    check_names(header.tensors, {f"{m}.lora_{side}" for m in expected for side in "AB"})
+    found = check_adapter_shapes(header.tensors, expected, rank, limits)
+    if meta.rank != found:
+        raise PayloadError(f"metadata 'rank': {meta.rank} does not match the tensors' rank {found}")
+    return header, meta
 
 
 def read_weights(
@@ -122,13 +133,13 @@ def read_weights(
     limits: PayloadLimits = PayloadLimits(),
 ) -> tuple[dict[str, Tensor], PayloadMeta]:
     """Validate and load merged weights, returned by module name (without ``.weight``)."""
-    header = _read_header(source, limits)
+    header = read_header(source, limits)
     meta = PayloadMeta.from_metadata(header.metadata)
     if meta.is_adapter:
         raise PayloadError(f"metadata 'kind': {meta.kind!r} is not a merged-weights payload")
-    _check_names(header.tensors, {f"{m}.weight" for m in expected})
+    check_names(header.tensors, {f"{m}.weight" for m in expected})
     for module, (d_out, d_in) in sorted(expected.items()):
-        _check_shape(f"{module}.weight", header.tensors, (d_out, d_in), "(out_features, in_features)")
+        check_shape(f"{module}.weight", header.tensors, (d_out, d_in), "(out_features, in_features)")
     tensors = _load(source, header)
     return {m: tensors[f"{m}.weight"] for m in sorted(expected)}, meta
 
@@ -162,8 +173,8 @@ def _weight_tensors(weights: Mapping[str, Tensor], meta: PayloadMeta, dtype: tor
 def _prepare(name: str, tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Cast to a wire dtype on the CPU; refuse what a reader would refuse, before writing it."""
     out = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    if out.dtype not in _DTYPE_NAMES:
-        raise PayloadError(f"tensor {name!r}: dtype {out.dtype} is not allowed (allowed: {_allowed()})")
+    if out.dtype not in DTYPE_NAMES:
+        raise PayloadError(f"tensor {name!r}: dtype {out.dtype} is not allowed (allowed: {allowed_dtypes()})")
     _check_finite(name, out)
     return out
 
@@ -210,158 +221,10 @@ def _canonical_header(raw: bytes) -> bytes:
     return prefix + canonical + raw[end:]
 
 
-# --- header validation ------------------------------------------------------------------------
-
-
-def _read_header(source: bytes | Path, limits: PayloadLimits) -> _Header:
-    """Read just the length prefix and the header: a file's tensor bytes stay on disk."""
-    total = source_size(source)
-    if total < 8:
-        raise PayloadError(f"payload is {total} bytes; a safetensors payload has at least 8")
-    if total > limits.max_bytes:
-        raise PayloadError(f"payload is {total} bytes; the limit is {limits.max_bytes}")
-    if isinstance(source, Path):
-        with open(source, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            _check_header_length(length, total, limits)
-            raw = file.read(length)
-    else:
-        (length,) = struct.unpack("<Q", source[:8])
-        _check_header_length(length, total, limits)
-        raw = bytes(source[8 : 8 + length])
-    return _parse_header(raw, data_len=total - 8 - length)
-
-
-def _check_header_length(length: int, total: int, limits: PayloadLimits) -> None:
-    if length > limits.max_header_bytes:
-        raise PayloadError(f"header is {length} bytes; the limit is {limits.max_header_bytes}")
-    if length > total - 8:
-        raise PayloadError(f"header is {length} bytes but only {total - 8} follow the length prefix")
-
-
-def _parse_header(raw: bytes, data_len: int) -> _Header:
-    try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except UnicodeDecodeError as err:
-        raise PayloadError(f"header is not valid UTF-8: {err}") from None
-    except (ValueError, RecursionError) as err:
-        raise PayloadError(f"header is not valid JSON: {err}") from None
-    if not isinstance(parsed, dict):
-        raise PayloadError(f"header is a JSON {type(parsed).__name__}, not an object")
-    metadata = parsed.pop("__metadata__", None)
-    if not isinstance(metadata, dict):
-        raise PayloadError("header '__metadata__' is missing or not an object")
-    for key, value in metadata.items():
-        if not isinstance(value, str):
-            raise PayloadError(f"metadata {key!r}: value {value!r} is not a string")
-    tensors = {name: _tensor_info(name, entry) for name, entry in parsed.items()}
-    _check_layout(tensors, data_len)
-    return _Header(metadata, tensors)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """JSON allows repeated keys and parsers disagree on which wins; a payload may not use them."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise PayloadError(f"header repeats the key {duplicate!r}")
-    return result
-
-
-def _tensor_info(name: str, entry: object) -> _TensorInfo:
-    if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
-        raise PayloadError(f"tensor {name!r}: entry must be an object with exactly {sorted(_TENSOR_KEYS)}")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in ALLOWED_DTYPES:
-        raise PayloadError(f"tensor {name!r}: dtype {dtype!r} is not allowed (allowed: {_allowed()})")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise PayloadError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise PayloadError(f"tensor {name!r}: data_offsets {offsets!r} is not two non-negative integers")
-    start, end = offsets
-    needed = math.prod(shape) * ALLOWED_DTYPES[dtype][1]
-    if end - start != needed:
-        raise PayloadError(
-            f"tensor {name!r}: data_offsets [{start}, {end}] hold {end - start} bytes "
-            f"but shape {tuple(shape)} of {dtype} needs {needed}"
-        )
-    return _TensorInfo(dtype, tuple(shape), start, end)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_layout(tensors: Mapping[str, _TensorInfo], data_len: int) -> None:
-    """Tensors must tile the data region exactly, as safetensors itself requires."""
-    position, previous = 0, None
-    for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
-        after = f"after tensor {previous!r}" if previous else "at the start of the data region"
-        if info.start < position:
-            raise PayloadError(f"tensor {name!r}: data_offsets start at {info.start}, overlapping bytes {after}")
-        if info.start > position:
-            raise PayloadError(f"tensor {name!r}: data_offsets leave a gap of bytes [{position}, {info.start}) {after}")
-        if info.end > data_len:
-            raise PayloadError(f"tensor {name!r}: data_offsets end at {info.end}, past the {data_len}-byte data region")
-        position, previous = info.end, name
-    if position != data_len:
-        raise PayloadError(f"the data region is {data_len} bytes but the tensors cover only {position}")
-
-
-def _check_names(tensors: Mapping[str, _TensorInfo], expected: set[str]) -> None:
-    if not expected:
-        raise ValueError("expected: at least one module is required")
-    unknown = sorted(set(tensors) - expected)
-    missing = sorted(expected - set(tensors))
-    problems = []
-    if unknown:
-        problems.append(f"unexpected tensor {unknown[0]!r} ({len(unknown)} unexpected in all)")
-    if missing:
-        problems.append(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    if problems:
-        raise PayloadError("; ".join(problems))
-
-
-def _check_adapter_shapes(
-    tensors: Mapping[str, _TensorInfo],
-    expected: Mapping[str, tuple[int, int]],
-    rank: int | None,
-    limits: PayloadLimits,
-) -> int:
-    """Check every A (r, d_in) and B (d_out, r) against one rank r; return r."""
-    modules = sorted(expected)
-    for module in modules:
-        for side in "AB":
-            name = f"{module}.lora_{side}"
-            if len(tensors[name].shape) != 2:
-                raise PayloadError(f"tensor {name!r}: shape {tensors[name].shape} is not 2-D")
-    if rank is None:
-        rank, source = tensors[f"{modules[0]}.lora_A"].shape[0], f"the rank of {modules[0] + '.lora_A'!r}"
-    else:
-        source = "the declared rank"
-    if not 1 <= rank <= limits.max_rank:
-        raise PayloadError(f"rank {rank} ({source}) is outside [1, {limits.max_rank}]")
-    for module in modules:
-        d_out, d_in = expected[module]
-        _check_shape(f"{module}.lora_A", tensors, (rank, d_in), "(rank, in_features)", source)
-        _check_shape(f"{module}.lora_B", tensors, (d_out, rank), "(out_features, rank)", source)
-    return rank
-
-
-def _check_shape(
-    name: str, tensors: Mapping[str, _TensorInfo], want: tuple[int, int], labels: str, note: str = ""
-) -> None:
-    got = tensors[name].shape
-    if got != want:
-        suffix = f" ({note})" if note else ""
-        raise PayloadError(f"tensor {name!r}: shape {got} does not match {labels} = {want}{suffix}")
-
-
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _load(source: bytes | Path, header: _Header) -> dict[str, Tensor]:
+def _load(source: bytes | Path, header: Header) -> dict[str, Tensor]:
     """Load the validated tensors; a file goes through safe_open so that it is mmapped, not read."""
     try:
         if isinstance(source, Path):
@@ -381,10 +244,29 @@ def _load(source: bytes | Path, header: _Header) -> dict[str, Tensor]:
 
 
 def _check_finite(name: str, tensor: Tensor) -> None:
+    """Refuse NaN and infinities; the fast path is one min/max pass (``isfinite().sum()`` is 5-30x slower)."""
+    if tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
     bad = tensor.numel() - int(torch.isfinite(tensor).sum())
-    if bad:
-        raise PayloadError(f"tensor {name!r}: {bad} of {tensor.numel()} values are NaN or infinite")
+    raise PayloadError(f"tensor {name!r}: {bad} of {tensor.numel()} values are NaN or infinite")
 
 
-def _allowed() -> str:
-    return ", ".join(sorted(ALLOWED_DTYPES))
+def _check_file_finite(path: Path, header: Header) -> None:
+    """Check every tensor of a validated file finite, one element-aligned piece at a time."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        data_start = 8 + length
+        buffer = bytearray(_CHECK_BLOCK)
+        for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start):
+            dtype, size = ALLOWED_DTYPES[info.dtype]
+            file.seek(data_start + info.start)
+            remaining, step = info.end - info.start, _CHECK_BLOCK - _CHECK_BLOCK % size
+            while remaining:
+                want = min(step, remaining)
+                if file.readinto(memoryview(buffer)[:want]) != want:
+                    raise PayloadError(f"tensor {name!r}: the file ends before its data does")
+                _check_finite(name, torch.frombuffer(buffer, dtype=dtype, count=want // size))
+                remaining -= want

@@ -125,10 +125,24 @@ class UpdateReceiver:
 async def receive_update(
     messages: AsyncIterable[transfer_pb2.UpdateChunk], sink: BinaryIO, max_bytes: int
 ) -> transfer_pb2.UpdateHeader:
-    """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it."""
+    """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it.
+
+    Each piece is written and hashed in a worker thread while the next message is received, so
+    network and disk/hash work overlap; pieces stay in order (one in flight at a time).
+    """
     receiver = UpdateReceiver(sink, max_bytes)
-    async for message in messages:
-        await asyncio.to_thread(receiver.feed, message)
+    in_flight: asyncio.Future | None = None
+    try:
+        async for message in messages:
+            if in_flight is not None:
+                await in_flight
+            in_flight = asyncio.ensure_future(asyncio.to_thread(receiver.feed, message))
+        if in_flight is not None:
+            await in_flight
+    finally:
+        # On any error, let the piece being written finish before the caller closes the sink.
+        if in_flight is not None and not in_flight.done():
+            await asyncio.gather(in_flight, return_exceptions=True)
     return receiver.finish()
 
 

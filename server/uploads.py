@@ -16,8 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
 
 from flora.common.chunks import ChunkError, check_sha256, fsync_file
-from flora.common.lora import lora_scaling
-from flora.common.payload import PayloadError, PayloadLimits, read_adapter
+from flora.common.payload import PayloadError, PayloadLimits, check_adapter
 from flora.common.wire import WireError, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
 from flora.server.store import ClientRecord
@@ -94,10 +93,13 @@ async def receive_payload(
 def validate_payload(
     path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits
 ) -> None:
-    """Check the payload fully (blocking: run it in a thread) against the header and the model."""
-    scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
+    """Check the payload fully (blocking: run it in a thread) against the header and the model.
+
+    The file is read in pieces, not loaded: an upload costs the server a chunk of memory, not
+    its size, until the round is aggregated.
+    """
     try:
-        _, meta = read_adapter(path, shapes, rank=header.rank, scaling=scaling, limits=limits)
+        meta = check_adapter(path, shapes, rank=header.rank, limits=limits)
     except PayloadError as err:
         raise InvalidArgument(f"payload: {err}") from None
     if meta.kind != "client_update":

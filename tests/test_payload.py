@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_bytes
 
+from flora.common import payload as payload_module
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.payload import (
     PayloadError,
@@ -19,6 +20,7 @@ from flora.common.payload import (
     PayloadMeta,
     encode_adapter,
     encode_weights,
+    check_adapter,
     read_adapter,
     read_weights,
     write_adapter,
@@ -81,6 +83,9 @@ def surgery(edit, payload: bytes | None = None) -> bytes:
 def rejects(source, match: str, **kw) -> PayloadError:
     with pytest.raises(PayloadError, match=match) as info:
         read_adapter(source, EXPECTED, **kw)
+    if isinstance(source, Path):  # the streaming validator refuses exactly the same files
+        with pytest.raises(PayloadError, match=match):
+            check_adapter(source, EXPECTED, **kw)
     return info.value
 
 
@@ -415,3 +420,16 @@ def test_file_with_trailing_bytes_is_refused(tmp_path: Path):
     path = tmp_path / "p.safetensors"
     path.write_bytes(good_payload() + b"junk")
     rejects(path, "the data region is .* bytes but the tensors cover only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_adapter_reads_in_pieces_and_finds_a_nan_in_any_piece(dtype, tmp_path, monkeypatch):
+    monkeypatch.setattr(payload_module, "_CHECK_BLOCK", 100)  # forces many pieces per tensor
+    path = tmp_path / "p.safetensors"
+    tensors = {n: t.to(dtype) for n, t in adapter_tensors().items()}
+    path.write_bytes(raw_payload(tensors))
+    assert check_adapter(path, EXPECTED, rank=4) == meta_for()
+    tensors[f"{V}.lora_B"][-1, -1] = math.nan  # the very last element of the data region
+    path.write_bytes(raw_payload(tensors))
+    with pytest.raises(PayloadError, match=f"tensor '{V}.lora_B'"):
+        check_adapter(path, EXPECTED)
