@@ -3,8 +3,10 @@
 For each K, clients get ranks cycling through 4, 8, 16, 32, 64 (heterogeneous, as in the paper).
 One transformer layer's q_proj and v_proj (4096 x 4096 in Llama-7B) are measured; a 32-layer
 model costs 32 times the per-layer numbers (the layers are independent and identical in shape).
-Baseline: one pass reading the same update bytes (a reduction over every tensor), measured in
-the same run: stacking is a copy of those bytes, so its GB/s should sit near the baseline's.
+Baselines, measured in the same run: one pass reading the same update bytes (a reduction over
+every tensor), and filling freshly allocated memory of the stacked adapter's size. Stacking reads
+the updates once and writes them once into new memory, so its GB/s should sit near the slower of
+the two (on VMs that return freed memory to the host, first-touch writes dominate).
 Merging is a (d_out x R) @ (R x d_in) product, so its time should be linear in R = sum of ranks.
 
     python -m bench.aggregate            # K = 10 .. 1000 (about 4 GB of RAM at K = 1000)
@@ -40,6 +42,11 @@ def synthetic_updates(count: int, dim: int, modules: list[str], seed: int = 0) -
     return updates
 
 
+def write_fresh(nbytes: int) -> torch.Tensor:
+    """Second baseline: fill newly allocated memory of the stacked adapter's size (what stacking writes)."""
+    return torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+
+
 def read_once(updates: list[LoraAdapter]) -> float:
     """Baseline: touch every byte of every factor once."""
     total = 0.0
@@ -58,6 +65,7 @@ def measure(count: int, dim: int, modules: list[str], repeats: int) -> dict:
     total_rank = sum(u.rank for u in updates)
 
     read_s = median_seconds(lambda: read_once(updates), repeats)
+    write_s = median_seconds(lambda: write_fresh(nbytes), repeats)
     stack_s = median_seconds(lambda: flora_stack(updates, weights), repeats)
     stacked = flora_stack(updates, weights)
     merge_s = median_seconds(lambda: merged_weights(base, stacked), repeats)
@@ -70,9 +78,11 @@ def measure(count: int, dim: int, modules: list[str], repeats: int) -> dict:
         "update_MB": nbytes / 1e6,
         "read_s": read_s,
         "read_GBps": nbytes / read_s / 1e9,
+        "write_GBps": nbytes / write_s / 1e9,
         "stack_s": stack_s,
         "stack_GBps": nbytes / stack_s / 1e9,
         "stack_vs_read": read_s / stack_s,
+        "stack_vs_write": write_s / stack_s,
         "merge_s": merge_s,
         "merge_s_per_1k_rank": merge_s / total_rank * 1000,
         "layer_total_s": stack_s + merge_s,
@@ -125,7 +135,7 @@ def main() -> None:
     slope, intercept, r2 = linear_fit([r["sum_of_ranks"] for r in rows], [r["merge_s"] for r in rows])
 
     print(f"Per layer (q_proj + v_proj, {args.dim}x{args.dim}, float32); x{LAYERS_IN_7B} for a 7B model.")
-    print(format_table(rows, ["K", "sum_of_ranks", "update_MB", "read_GBps", "stack_GBps", "stack_vs_read", "merge_s", "merge_s_per_1k_rank", "model_32_layers_s"]))
+    print(format_table(rows, ["K", "sum_of_ranks", "update_MB", "read_GBps", "write_GBps", "stack_GBps", "stack_vs_read", "stack_vs_write", "merge_s", "merge_s_per_1k_rank", "model_32_layers_s"]))
     print(f"\nmerge_s = {slope * 1000:.4g} s per 1000 ranks * R + {intercept:.3g} s   (R^2 = {r2:.4f}: linear in R)")
     print("\nDownlink per round and layer: stacked adapter vs dense delta")
     print(format_table(rows, ["K", "sum_of_ranks", "downlink_stacked_MB", "downlink_dense_MB"]))

@@ -55,11 +55,20 @@ def flora_stack(
     scaling 1 and rank R = sum r_k, and any mix of ranks, alphas and rsLoRA is exact.
     """
     check_compatible(adapters, weights)
+    total = sum(adapter.rank for adapter in adapters)
     pairs = {}
     for name in adapters[0].module_names:
-        a_parts = [adapter.pairs[name].a.to(dtype) * (p * adapter.scaling) for adapter, p in zip(adapters, weights)]
-        b_parts = [adapter.pairs[name].b.to(dtype) for adapter in adapters]
-        pairs[name] = LoraPair(torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))  # (R, d_in), (d_out, R)
+        first = adapters[0].pairs[name]
+        device = first.a.device
+        a_g = torch.empty(total, first.a.shape[1], dtype=dtype, device=device)  # (R, d_in)
+        b_g = torch.empty(first.b.shape[0], total, dtype=dtype, device=device)  # (d_out, R)
+        row = 0
+        for adapter, p in zip(adapters, weights):  # written in place: one pass, no temporaries
+            a, b = adapter.pairs[name]
+            torch.mul(a.to(dtype), p * adapter.scaling, out=a_g[row : row + adapter.rank])
+            b_g[:, row : row + adapter.rank].copy_(b)
+            row += adapter.rank
+        pairs[name] = LoraPair(a_g, b_g)
     return LoraAdapter(pairs, scaling=1.0)
 
 
