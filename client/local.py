@@ -106,10 +106,17 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
         raise ConfigError(
             f"base model {source!r} differs from the server's: target-module hash {digest[:12]} != {spec.base_model_hash[:12]}"
         )
-    train, validation = (_tokenize(examples, tokenizer, settings) for examples in data)
+    train, validation = (tokenize_local(examples, tokenizer, settings) for examples in data)
     log.info("event=model_loaded source=%s modules=%d hash=%s", source, len(spec.target_modules), digest[:12])
     return LocalModel(model, source, digest, train, validation)
 
 
-def _tokenize(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
-    return tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
+def tokenize_local(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
+    """The client's examples as training tokens, warning when masking leaves some with no loss."""
+    tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
+    silent = sum(1 for example in tokenized if example.masked >= len(example))
+    if silent:
+        # With the prompt masked, an example whose prompt fills the cutoff teaches nothing.
+        log.warning("event=examples_without_loss count=%d of=%d cutoff=%d hint=%r", silent, len(tokenized),
+                    settings.cutoff, "raise --cutoff or drop --mask-prompt")
+    return tokenized

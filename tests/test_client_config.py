@@ -10,10 +10,11 @@ import pytest
 
 from flora.client import cli
 from flora.client.config import ENV_PREFIX, TRAIN_FIELDS, ClientSettings, is_loopback, split_address
-from flora.client.local import ConfigError, trained_modules
+from flora.client.local import ConfigError, tokenize_local, trained_modules
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
 from flora.client.trainer import TrainConfig
+from flora.common.data import Example
 from flora.common.settings import SettingsError, load_settings
 from flora.v1 import run_pb2
 
@@ -183,3 +184,15 @@ def test_progress_is_bars_on_a_terminal_and_log_lines_elsewhere(caplog):
     assert pipe.getvalue() == ""
     assert "event=progress_end what=train round 1 done=1 total=3 unit=step" in caplog.text and "loss=1.5" in caplog.text
     assert Progress("on", pipe).terminal and not Progress("off", terminal).terminal
+
+
+def test_examples_whose_prompt_fills_the_cutoff_are_reported(data_file, tiny_tokenizer, caplog):
+    long_prompt = Example(prompt="x" * 100, response="yes")
+    short = Example(prompt="hi", response="there")
+    with caplog.at_level(logging.WARNING, logger="flora.client.local"):
+        tokenize_local([long_prompt, short], tiny_tokenizer, settings(data_file, cutoff=32, mask_prompt=True))
+    assert "event=examples_without_loss count=1 of=2 cutoff=32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flora.client.local"):
+        tokenize_local([long_prompt, short], tiny_tokenizer, settings(data_file, cutoff=32, mask_prompt=False))
+    assert "examples_without_loss" not in caplog.text
