@@ -9,7 +9,6 @@ round. Environment variables use the ``FLORA_CLIENT_`` prefix (``FLORA_CLIENT_TO
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_model, field_validator, model_validator
 
 from flora.client.trainer import TrainConfig
+from flora.common.addresses import is_loopback
 from flora.v1 import run_pb2
 
 ENV_PREFIX = "FLORA_CLIENT_"
@@ -39,16 +39,6 @@ def split_address(address: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} of {address!r} is outside 1..65535")
     return match["host"].strip("[]"), port
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine: plaintext is acceptable only there."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _DaemonFields(BaseModel):

@@ -20,8 +20,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +29,7 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from flora.common.chunks import fsync_file, publish
+from flora.common.chunks import write_atomic
 from flora.common.payload import PayloadError, PayloadMeta, read_weights, write_weights
 from flora.v1 import run_pb2, transfer_pb2
 
@@ -70,20 +68,6 @@ class HeldVersion(BaseModel):
 
     run_id: str = Field(min_length=1)
     version: int = Field(ge=0)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a fresh temporary file created with ``mode``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            fsync_file(file)
-        publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class StateDir:

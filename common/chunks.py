@@ -7,8 +7,9 @@ refusing anything that is not exactly the next bytes of a payload of the announc
 sha256. Neither half ever holds more than one chunk, and neither knows about protobuf: that
 translation lives in ``flora.common.wire``.
 
-Files land atomically through ``publish`` (fsync, rename, fsync of the folder), so a crash
-leaves either the old file or the complete new one, never a torn one.
+Files land atomically through ``publish`` (fsync, rename, fsync of the folder), or
+``write_atomic`` for small files written at once, so a crash leaves either the old file or the
+complete new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -195,8 +197,27 @@ def publish(staged: Path, final: Path) -> None:
     directory entry, so that after a crash ``final`` is either the old file or the new one.
     """
     os.replace(staged, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+    fsync_dir(final.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of ``folder`` (a new file or subfolder name) durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a fresh temporary file created with ``mode``, then publish it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            fsync_file(file)
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

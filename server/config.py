@@ -6,13 +6,13 @@ variables and the config-file keys, so a setting is described exactly once, here
 
 from __future__ import annotations
 
-import ipaddress
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
+from flora.common.addresses import is_loopback
 from flora.common.aggregation import Method
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
 from flora.common.lora import lora_scaling
@@ -242,13 +242,3 @@ class ServerSettings(BaseModel):
     def global_lora_rank(self) -> int:
         """fedit/zeropad: rank of the persistent global LoRA; 0 for flora."""
         return 0 if self.method is Method.FLORA else self.lora_rank
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flora.common.aggregation import Method
-from flora.common.chunks import publish
+from flora.common.chunks import fsync_dir, publish
 from flora.common.lora import lora_scaling
 from flora.common.payload import PayloadLimits
 from flora.common.wire import artifact_chunks
 from flora.server.auth import Credentials, new_token, token_digest
 from flora.server.config import ServerSettings
 from flora.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange, Refusal, Unauthenticated
-from flora.server.layout import Layout, fsync_dir
+from flora.server.layout import Layout
 from flora.server.lifecycle import RoundDriver
 from flora.server.rounds import Finished, RoundMachine, RoundState, Train
 from flora.server.store import ClientRecord, RunRecord, Store, Submission

@@ -19,9 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from flora.common.chunks import fsync_file, publish
+from flora.common.chunks import fsync_dir, fsync_file, write_atomic
 from flora.common.lora import LoraAdapter, LoraPair
-from flora.server.layout import fsync_dir
 
 
 def _fsync_tree(root: Path) -> None:
@@ -118,9 +117,4 @@ def write_history(path: Path, records: Sequence[dict[str, Any]]) -> None:
     Rewriting from the database (rather than appending) is what guarantees exactly one line per
     round after any crash: the file can lag the database, never disagree with it.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record, sort_keys=True) + "\n")
-        fsync_file(file)
-    publish(tmp, path)
+    write_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode())

@@ -14,7 +14,6 @@ from strings a client sent, so no request can steer a write outside these folder
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +76,3 @@ class Layout:
         if not path.is_relative_to(self.root.resolve()):
             raise ValueError(f"stored path {stored!r} points outside the state directory")
         return path
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the entries of ``folder`` (a new file or subfolder name) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

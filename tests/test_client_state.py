@@ -7,7 +7,8 @@ import stat
 import pytest
 import torch
 
-from flora.client.state import HeldVersion, Identity, StateDir, StateError, write_atomic
+from flora.client.state import HeldVersion, Identity, StateDir, StateError
+from flora.common.chunks import write_atomic
 from flora.v1 import run_pb2, transfer_pb2
 
 SHAPES = {"m.q_proj": (4, 3), "m.v_proj": (2, 3)}
