@@ -141,6 +141,16 @@ def decide(norms: Sequence[float], weights: Sequence[float], policy: RobustPolic
     ]
 
 
+def robust_inputs(
+    adapters: Sequence[LoraAdapter], claimed: Sequence[float], policy: RobustPolicy
+) -> tuple[list[LoraAdapter], list[float], list[Decision]]:
+    """What to aggregate from a round's updates under ``policy``: the kept (clipped) adapters,
+    their final weights, and one decision per update (rejected ones included) for the history."""
+    decisions = decide([update_norm(a) for a in adapters], claimed, policy)
+    kept = [k for k, d in enumerate(decisions) if not d.rejected]
+    return [scale_update(adapters[k], decisions[k].clip_factor) for k in kept], [decisions[k].weight for k in kept], decisions
+
+
 def _clip_bound(policy: RobustPolicy, median: float) -> float | None:
     """The tighter of the fixed and the adaptive clipping bound, if any is set."""
     bounds = []
