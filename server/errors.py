@@ -42,3 +42,7 @@ class ResourceExhausted(Refusal):
 
 class Unavailable(Refusal):
     """The server is shutting down; try again later (possibly elsewhere)."""
+
+
+class NotFound(Refusal):
+    """The named thing (a client, say) does not exist."""
