@@ -69,14 +69,14 @@ def _alt_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _sign(ca: KeyPair, common_name: str, project: str, days: int, usage: x509.ObjectIdentifier,
+def _sign(ca: KeyPair, common_name: str, project: str, days: int, usages: list[x509.ObjectIdentifier],
           hosts: list[str] | None = None) -> KeyPair:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = _new_key()
     builder = (_builder(_name(common_name, project), ca_cert.subject, key.public_key(), days)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
     if hosts:
         builder = builder.add_extension(x509.SubjectAlternativeName([_alt_name(h) for h in hosts]), critical=False)
@@ -85,13 +85,17 @@ def _sign(ca: KeyPair, common_name: str, project: str, days: int, usage: x509.Ob
 
 
 def server_cert(ca: KeyPair, project: str, hosts: list[str], days: int) -> KeyPair:
-    """The server's certificate, valid for every host name or address clients may dial."""
-    return _sign(ca, hosts[0], project, days, ExtendedKeyUsageOID.SERVER_AUTH, hosts)
+    """The server's certificate, valid for every host name or address clients may dial.
+
+    It may also authenticate as a TLS client, so that probes on the server's own host (the
+    container health check) pass mutual TLS with the server's kit alone.
+    """
+    return _sign(ca, hosts[0], project, days, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], hosts)
 
 
 def client_cert(ca: KeyPair, project: str, name: str, days: int) -> KeyPair:
     """A data holder's (or the operator's) certificate for mutual TLS; its common name is ``name``."""
-    return _sign(ca, name, project, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return _sign(ca, name, project, days, [ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
 def common_name(cert_pem: bytes) -> str:

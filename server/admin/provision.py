@@ -21,7 +21,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flora.server.admin.pki import KeyPair, client_cert, make_ca, server_cert
@@ -45,15 +45,8 @@ class Project:
     name: str
     hosts: list[str]
     port: int
-    install_dir: str  # where each kit folder will be on its host ("" = where it is written)
+    install_dir: str  # where each server/client kit folder will be on its host ("" = where it is written)
     days: int
-
-
-@dataclass(frozen=True)
-class Files:
-    """Files to write: path -> (bytes, mode)."""
-
-    items: dict[Path, tuple[bytes, int]]
 
 
 def _toml(values: dict) -> str:
@@ -78,52 +71,49 @@ def _address(project: Project) -> str:
     return f"[{host}]:{project.port}" if ":" in host else f"{host}:{project.port}"
 
 
+def _add_kit(files: dict, kit: Path, ca: KeyPair, role: str, pair: KeyPair, config: dict) -> None:
+    """One kit's files: the CA certificate, ``<role>.pem``, ``<role>-key.pem``, ``<role>.toml``."""
+    files[kit / "ca.pem"] = (ca.cert_pem, PUBLIC_MODE)
+    files[kit / f"{role}.pem"] = (pair.cert_pem, PUBLIC_MODE)
+    files[kit / f"{role}-key.pem"] = (pair.key_pem, SECRET_MODE)
+    files[kit / f"{role}.toml"] = (_toml(config).encode(), SECRET_MODE)  # holds a token
+
+
+def _tls(project: Project, out: Path, kit: Path, role: str) -> dict[str, str]:
+    return {"tls_ca": _kit_path(project, out, kit, "ca.pem"), "tls_cert": _kit_path(project, out, kit, f"{role}.pem"),
+            "tls_key": _kit_path(project, out, kit, f"{role}-key.pem")}
+
+
 def _client_kit(project: Project, out: Path, ca: KeyPair, name: str, files: dict) -> Provisioned:
     kit = Path("clients") / name
     pair, token = client_cert(ca, project.name, name, project.days), new_token()
-    config = {
+    _add_kit(files, kit, ca, "client", pair, {
         "c": f"# startup kit of {name!r} in flora project {project.name!r}: flora-client --config client.toml --data FILE",
-        "server": _address(project), "name": name, "token": token,
-        "tls_ca": _kit_path(project, out, kit, "ca.pem"), "tls_cert": _kit_path(project, out, kit, "client.pem"),
-        "tls_key": _kit_path(project, out, kit, "client-key.pem"),
+        "server": _address(project), "name": name, "token": token, **_tls(project, out, kit, "client"),
         "state_dir": _kit_path(project, out, kit, "state"),
-    }
-    files[kit / "ca.pem"] = (ca.cert_pem, PUBLIC_MODE)
-    files[kit / "client.pem"] = (pair.cert_pem, PUBLIC_MODE)
-    files[kit / "client-key.pem"] = (pair.key_pem, SECRET_MODE)
-    files[kit / "client.toml"] = (_toml(config).encode(), SECRET_MODE)  # holds the token
+    })
     return Provisioned(name, token_digest(token), cert_sha256(pair.cert_pem))
 
 
-def _server_kit(project: Project, out: Path, ca: KeyPair, files: dict) -> None:
+def _server_kit(project: Project, out: Path, ca: KeyPair, files: dict, operator_token: str) -> None:
     kit = Path("server")
-    pair = server_cert(ca, project.name, project.hosts, project.days)
-    config = {
+    tls = _tls(project, out, kit, "server")
+    _add_kit(files, kit, ca, "server", server_cert(ca, project.name, project.hosts, project.days), {
         "c": f"# flora-server kit of project {project.name!r}: flora-server --config server.toml [--state-dir DIR ...]",
-        "host": "0.0.0.0", "port": project.port,
-        "tls_cert": _kit_path(project, out, kit, "server.pem"), "tls_key": _kit_path(project, out, kit, "server-key.pem"),
-        "tls_client_ca": _kit_path(project, out, kit, "ca.pem"),
-        "client_registry": _kit_path(project, out, kit, "clients.toml"),
-    }
-    files[kit / "ca.pem"] = (ca.cert_pem, PUBLIC_MODE)
-    files[kit / "server.pem"] = (pair.cert_pem, PUBLIC_MODE)
-    files[kit / "server-key.pem"] = (pair.key_pem, SECRET_MODE)
-    files[kit / "server.toml"] = (_toml(config).encode(), SECRET_MODE)
+        "host": "0.0.0.0", "port": project.port, "tls_cert": tls["tls_cert"], "tls_key": tls["tls_key"],
+        "tls_client_ca": tls["tls_ca"], "client_registry": _kit_path(project, out, kit, "clients.toml"),
+        "operator_token": operator_token,
+    })
 
 
 def _operator_kit(project: Project, out: Path, ca: KeyPair, files: dict) -> str:
-    kit = Path(OPERATOR)
-    pair, token = client_cert(ca, project.name, OPERATOR, project.days), new_token()
-    config = {
+    """The operator's kit stays where it is written (install_dir is for the kits that travel)."""
+    kit, project = Path(OPERATOR), replace(project, install_dir="")
+    token = new_token()
+    _add_kit(files, kit, ca, OPERATOR, client_cert(ca, project.name, OPERATOR, project.days), {
         "c": f"# operator kit of flora project {project.name!r}: flora-admin status --config operator.toml",
-        "server": _address(project), "token": token, "tls_ca": _kit_path(project, out, kit, "ca.pem"),
-        "tls_cert": _kit_path(project, out, kit, "operator.pem"),
-        "tls_key": _kit_path(project, out, kit, "operator-key.pem"),
-    }
-    files[kit / "ca.pem"] = (ca.cert_pem, PUBLIC_MODE)
-    files[kit / "operator.pem"] = (pair.cert_pem, PUBLIC_MODE)
-    files[kit / "operator-key.pem"] = (pair.key_pem, SECRET_MODE)
-    files[kit / "operator.toml"] = (_toml(config).encode(), SECRET_MODE)
+        "server": _address(project), "token": token, **_tls(project, out, kit, OPERATOR),
+    })
     return token
 
 
@@ -178,12 +168,9 @@ def provision(project: Project, clients: list[str], out: Path, force: bool = Fal
         Path("project.toml"): (_toml({"project": project.name, "hosts": project.hosts, "port": project.port,
                                       "install_dir": project.install_dir, "days": project.days}).encode(), PUBLIC_MODE),
     }
-    _server_kit(project, out, ca, files)
-    operator_token = _operator_kit(project, out, ca, files)
+    _server_kit(project, out, ca, files, _operator_kit(project, out, ca, files))
     entries = [_client_kit(project, out, ca, name, files) for name in clients]
     files[Path("server/clients.toml")] = (render_registry(entries).encode(), PUBLIC_MODE)
-    server_toml = files[Path("server/server.toml")][0].decode() + _toml({"operator_token": operator_token})
-    files[Path("server/server.toml")] = (server_toml.encode(), SECRET_MODE)
     return _write(out, files, force)
 
 
