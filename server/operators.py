@@ -37,7 +37,9 @@ def _removed(coordinator: Coordinator) -> dict[str, Revocation]:
 
 
 def enrich(coordinator: Coordinator, reply: pb.StatusReply) -> pb.StatusReply:
-    """Status plus what an operator needs: bytes, join and removal times, recent rounds."""
+    """Status plus what an operator needs: attempt, bytes, join and removal times, recent rounds."""
+    if reply.HasField("round") and coordinator.machine.current is not None:
+        reply.round.attempt = coordinator.machine.current.attempt
     submitted = coordinator.store.submitted_bytes()
     removed = _removed(coordinator)
     for status in reply.clients:

@@ -149,14 +149,14 @@ def test_console_text_names_round_deadline_clients_and_losses():
     status = pb.StatusReply(state="running", global_version=1)
     status.run.rounds, status.run.run_id = 3, "r1"
     status.round.CopyFrom(pb.RoundStatus(round=2, state="open", selected=["x", "y", "z"], submitted=["x"],
-                                         deadline_unix_ms=1_000_000, quorum=2))
+                                         deadline_unix_ms=1_000_000, quorum=2, attempt=2))
     status.clients.extend([
         pb.ClientStatus(client_id="x", client_name="a", state="submitted", rank=8, bytes_submitted=2_000_000),
         pb.ClientStatus(client_id="y", client_name="b", state="training", rank=4),
         pb.ClientStatus(client_id="z", client_name="c", state="left", rank=4)])
     status.recent_rounds.append(pb.RoundSummary(round=1, num_clients=3, train_loss=4.5, validation_loss=float("nan")))
     text = console.render_plain(status, now=2000.0)  # past the deadline: b is late
-    assert "round 2 open: 1/3 updates, quorum 2" in text
+    assert "round 2 (attempt 2) open: 1/3 updates, quorum 2" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "uploaded" in rows["a"] and "late" in rows["b"] and "left" in rows["c"] and "| 2 " in rows["a"]
     assert "4.5" in text

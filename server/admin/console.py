@@ -55,7 +55,7 @@ def headline(status: pb.StatusReply, now: float) -> str:
     if status.HasField("round") and status.round.round:
         rnd = status.round
         left = rnd.deadline_unix_ms / 1000 - now
-        line += (f", round {rnd.round} {rnd.state}: {len(rnd.submitted)}/{len(rnd.selected)} updates, quorum {rnd.quorum}, "
+        line += (f", round {rnd.round} (attempt {rnd.attempt}) {rnd.state}: {len(rnd.submitted)}/{len(rnd.selected)} updates, quorum {rnd.quorum}, "
                  f"deadline {_clock(rnd.deadline_unix_ms)} UTC" + (f" (in {left:.0f}s)" if left > 0 and rnd.state == "open" else ""))
     return line
 

@@ -223,20 +223,22 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum")
+    __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     selected: _containers.RepeatedScalarFieldContainer[str]
     submitted: _containers.RepeatedScalarFieldContainer[str]
     deadline_unix_ms: int
     quorum: int
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("run", "state", "global_version", "round", "clients", "recent_rounds")
