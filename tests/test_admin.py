@@ -161,3 +161,19 @@ def test_console_text_names_round_deadline_clients_and_losses():
     assert "uploaded" in rows["a"] and "late" in rows["b"] and "left" in rows["c"] and "| 2 " in rows["a"]
     assert "4.5" in text
     assert console.as_json(status)["round"]["quorum"] == 2
+
+
+def test_watch_prints_one_snapshot_per_refresh_off_a_terminal_and_draws_tables_on_one():
+    import io
+
+    from rich.console import Console
+
+    replies = iter([pb.StatusReply(state="waiting_for_clients"), pb.StatusReply(state="finished", global_version=3)])
+    out = io.StringIO()
+    console.watch(lambda: next(replies), out, interval=0, terminal=False, iterations=2)
+    text = out.getvalue()
+    assert text.count("--- ") == 2 and "(waiting_for_clients)" in text and "(finished): version 3" in text
+    drawn = io.StringIO()
+    status = pb.StatusReply(state="running", clients=[pb.ClientStatus(client_name="a", state="training", rank=8)])
+    Console(file=drawn, width=120).print(console.render_rich(status, now=0.0))
+    assert "clients" in drawn.getvalue() and "training" in drawn.getvalue()
