@@ -41,6 +41,9 @@ def pick_prompts(validation: Sequence[Path], count: int) -> list[Example]:
 @torch.inference_mode()
 def complete(model_path: str, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of each prompt, first line only, by the model at ``model_path``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo's output is a report, not a loading screen
     tokenizer, model = load_tokenizer(model_path), load_model(model_path)
     texts = []
     for prompt in prompts:
@@ -48,7 +51,7 @@ def complete(model_path: str, prompts: Sequence[str], max_new_tokens: int) -> li
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        texts.append(text.strip().splitlines()[0].strip() if text.strip() else "")
+        texts.append(text.strip().splitlines()[0].strip() if text.strip() else "(no text)")
     return texts
 
 
