@@ -21,7 +21,7 @@ def _cell(value: Any) -> str:
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """Rows (mappings from column to value) as a Markdown table; floats get 4 significant digits."""
     body = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in body)) for i, col in enumerate(columns)]
+    widths = [max([len(col), *(len(r[i]) for r in body)]) for i, col in enumerate(columns)]  # no rows: header widths
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"

@@ -18,11 +18,14 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from flora.server import operators
 from flora.server.aggregator import Aggregator
 from flora.server.auth import AuthInterceptor, Credentials
 from flora.server.config import ServerSettings
 from flora.server.coordinator import Coordinator
 from flora.server.layout import Layout
+from flora.server.metrics import Metrics, MetricsInterceptor, serve_metrics
+from flora.server.registry import Registry, RegistryError
 from flora.server.lifecycle import RoundDriver
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
@@ -62,6 +65,13 @@ def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
     return port
 
 
+def _serve_metrics(metrics: Metrics, settings: ServerSettings):
+    try:
+        return serve_metrics(metrics, settings.host, settings.metrics_port)[0]
+    except OSError as err:
+        raise StartupError(f"cannot serve metrics on {_address(settings.host, settings.metrics_port)}: {err}") from None
+
+
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
     for name in SERVICE_NAMES:
         await servicer.set(name, status)
@@ -82,8 +92,9 @@ async def _wait_for_stop(stop: asyncio.Event, driver: RoundDriver, settings: Ser
 
 async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: RoundDriver) -> None:
     limit = 2 * settings.chunk_size + (1 << 20)  # a piece plus its header, with room to spare
+    metrics = Metrics() if settings.metrics_port is not None else None
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(coordinator.credentials)],
+        interceptors=[*([MetricsInterceptor(metrics)] if metrics else []), AuthInterceptor(coordinator.credentials)],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
@@ -95,7 +106,11 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
+    exporter = refresher = None
     try:
+        if metrics is not None:
+            refresher = asyncio.create_task(metrics.keep_fresh(coordinator), name="metrics")
+            exporter = _serve_metrics(metrics, settings)
         driver.start()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s (run %s, method %s, version %d of %d rounds)", _address(settings.host, port),
@@ -108,6 +123,10 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
         driver.notify()  # long-polls answer WAIT now instead of holding the shutdown
         await server.stop(settings.shutdown_grace_s)
         await driver.stop()
+        if refresher is not None:
+            refresher.cancel()
+        if exporter is not None:
+            exporter.shutdown()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
@@ -115,6 +134,10 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
 async def serve(settings: ServerSettings) -> None:
     """Run the server until it is told to stop; raises ``StartupError`` for unusable setups."""
     raise_fd_limit()
+    try:
+        registry = Registry(settings.client_registry) if settings.client_registry is not None else None
+    except RegistryError as err:
+        raise StartupError(str(err)) from None
     layout = Layout(state_dir_path(settings))
     layout.create()
     shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died
@@ -125,8 +148,9 @@ async def serve(settings: ServerSettings) -> None:
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
         driver = RoundDriver(settings, layout, store, aggregator, machine)
-        credentials = Credentials(_secret(settings.enrollment_token), _secret(settings.operator_token))
+        credentials = Credentials(_secret(settings.enrollment_token), _secret(settings.operator_token), registry)
         coordinator = Coordinator(settings, layout, store, driver, run, credentials)
+        operators.load_revocations(coordinator)
         await _listen(settings, coordinator, driver)
     finally:
         store.close()

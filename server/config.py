@@ -56,6 +56,14 @@ class ServerSettings(BaseModel):
         None,
         description=f"token that authorises Status calls without joining (at least {MIN_TOKEN_CHARS} characters)",
     )
+    client_registry: Path | None = Field(
+        None,
+        description="clients file written by flora-admin provision: only those clients may join, each with its own token",
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="serve Prometheus metrics over HTTP on this port of host (0 picks a free port); unset = no metrics",
+    )
     # --- state and model ------------------------------------------------------------------
     state_dir: Path = Field(Path("flora-state"), description="directory holding the run's database and outputs")
     base_model: str = Field(

@@ -24,7 +24,7 @@ from flora.common.chunks import fsync_dir, publish
 from flora.common.lora import lora_scaling
 from flora.common.payload import PayloadLimits
 from flora.common.wire import artifact_chunks
-from flora.server.auth import Credentials, new_token, token_digest
+from flora.server.auth import Credentials, token_digest
 from flora.server.config import ServerSettings
 from flora.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange, Refusal, Unauthenticated
 from flora.server.layout import Layout
@@ -141,12 +141,12 @@ class Coordinator:
             client = replace(client, **self._capability_fields(caps), left=False)
             self.store.rejoin_client(client)
         else:
+            token = self.credentials.issue_token(name, token)  # the provisioned token, or a fresh one
             if name in self._names:
                 raise AlreadyExists(
                     f"client name {name!r} is taken: rejoin with the token kept in that client's state directory, "
                     "or pick another name"
                 )
-            token = new_token()
             client = ClientRecord(id=secrets.token_hex(8), name=name, token_sha256=token_digest(token), joined=now,
                                   **self._capability_fields(caps))
             self.store.add_client(client)
@@ -238,12 +238,16 @@ class Coordinator:
     def leave(self, client_id: str) -> pb.LeaveReply:
         """Withdraw the client from selection until it joins again."""
         log.info("client %s (%s) left the run", self.clients[client_id].name, client_id)
+        self.withdraw(client_id)
+        return pb.LeaveReply()
+
+    def withdraw(self, client_id: str) -> None:
+        """Never select the client again until it joins again (Leave, or removal by the operator)."""
         self.machine.left(client_id)
         self.store.set_left(client_id)
         self.clients[client_id] = replace(self.clients[client_id], left=True)
         self.driver.advance()  # the round may have been waiting only for this client
         self.driver.notify()
-        return pb.LeaveReply()
 
     # --- Status ---------------------------------------------------------------------------------------
 

@@ -52,6 +52,10 @@ class Unavailable(Refusal):
     """The server is shutting down or out of file descriptors; try again later (possibly elsewhere)."""
 
 
+class NotFound(Refusal):
+    """The named thing (a client, say) does not exist."""
+
+
 class Internal(Refusal):
     """A server fault the client cannot fix; details stay in the server's log, never in the reply."""
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
-from flora.server import errors
+from flora.server import errors, operators
 from flora.server.auth import bearer_token
 from flora.server.coordinator import Coordinator
 from flora.v1 import coordinator_pb2 as pb
@@ -30,6 +30,7 @@ STATUS_CODES: dict[type[errors.Refusal], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Internal: grpc.StatusCode.INTERNAL,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -114,4 +115,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             token = _token(context)
             if not self._coordinator.credentials.is_operator(token):
                 self._coordinator.identify(token)
-            return self._coordinator.status()
+            return operators.enrich(self._coordinator, self._coordinator.status())
+
+    async def ListClients(self, request: pb.ListClientsRequest, context: grpc.aio.ServicerContext) -> pb.ListClientsReply:
+        return operators.list_clients(self._coordinator)  # the interceptor admits the operator token only
+
+    async def RemoveClient(self, request: pb.RemoveClientRequest, context: grpc.aio.ServicerContext) -> pb.RemoveClientReply:
+        async with refusals(context, "RemoveClient"):
+            return operators.remove_client(self._coordinator, request)

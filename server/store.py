@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS exclusions (
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revocations (
+    name TEXT PRIMARY KEY, client_id TEXT NOT NULL, token_sha256 TEXT NOT NULL, cert_sha256 TEXT NOT NULL,
+    reason TEXT NOT NULL, revoked REAL NOT NULL
+);
 """
 
 
@@ -91,6 +95,18 @@ class ClientRecord:
     software_version: str
     joined: float
     left: bool = False
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A client the operator removed: its name, token and certificate are refused for good."""
+
+    name: str
+    client_id: str  # empty for a provisioned client that never joined
+    token_sha256: str
+    cert_sha256: str
+    reason: str
+    revoked: float
 
 
 @dataclass(frozen=True)
@@ -218,6 +234,17 @@ class Store:
         with self._transaction() as db:
             db.execute("UPDATE clients SET left = 1 WHERE id = ?", (client_id,))
 
+    def revoke_client(self, revocation: Revocation) -> None:
+        """Record a removal and mark the client as left, in one transaction."""
+        with self._transaction() as db:
+            db.execute(f"INSERT INTO revocations ({_columns(Revocation)}) VALUES ({_placeholders(Revocation)})",
+                       astuple(revocation))
+            db.execute("UPDATE clients SET left = 1 WHERE id = ?", (revocation.client_id,))
+
+    def revocations(self) -> list[Revocation]:
+        """Every client the operator removed, oldest first."""
+        return [Revocation(*row) for row in self._query(f"SELECT {_columns(Revocation)} FROM revocations ORDER BY revoked")]
+
     # --- rounds ---------------------------------------------------------------------------
 
     def save_attempt(self, current: Round) -> None:
@@ -296,6 +323,10 @@ class Store:
         """Per client, the last round it has an accepted update for."""
         return dict(self._query("SELECT client_id, MAX(round) FROM submissions GROUP BY client_id"))
 
+    def submitted_bytes(self) -> dict[str, int]:
+        """Per client, the bytes of every update accepted from it."""
+        return dict(self._query("SELECT client_id, SUM(size) FROM submissions GROUP BY client_id"))
+
     def update_paths(self) -> set[str]:
         """Stored paths of every accepted update (to tell orphans from records)."""
         return {row[0] for row in self._query("SELECT path FROM submissions")}
@@ -334,6 +365,11 @@ class Store:
     def artifact_paths(self) -> set[str]:
         """Stored paths of every recorded artifact (to tell orphans from records)."""
         return {row[0] for row in self._query("SELECT path FROM artifacts")}
+
+    def recent_history(self, limit: int) -> list[dict[str, Any]]:
+        """The history records of the latest ``limit`` versions, oldest first."""
+        rows = self._query("SELECT record FROM versions ORDER BY version DESC LIMIT ?", (limit,))
+        return [json.loads(row[0]) for row in reversed(rows)]
 
     def history(self) -> list[dict[str, Any]]:
         """The history records of every committed version, in order."""

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 
-@pytest.mark.parametrize("script", ["flora-server", "flora-client", "flora-demo", "flora-sim"])
+@pytest.mark.parametrize("script", ["flora-server", "flora-client", "flora-demo", "flora-sim", "flora-admin"])
 def test_console_script_help(script):
     path = shutil.which(script)
     assert path, f"{script} is not installed on PATH"

@@ -45,6 +45,11 @@ def test_demo_completes_every_round_with_every_client_and_learns(tmp_path):
         assert sorted((c["name"], c["rank"]) for c in record["clients"]) == [("client-0", 4), ("client-1", 2)]
     assert records[-1]["validation_loss"] < records[0]["validation_loss"]
     assert "| round" in result.stdout and "(lower)" in result.stdout
+    # What was learned, in words, and where the report is.
+    completions = result.stdout.split("greedy completions of held-out prompts:", 1)[1]
+    assert "base model (before)" in completions and "merged model (after)" in completions
+    assert len([line for line in completions.splitlines() if line.startswith("| ")]) >= 3  # header + 2 prompts
+    assert (workdir / "report.png").stat().st_size > 10_000 and f"run report: {workdir / 'report.png'}" in result.stdout
 
     # The checkpoint is base + every global adapter, merged in version order.
     checkpoint = workdir / "server" / records[-1]["checkpoint"]

@@ -36,6 +36,8 @@ def test_coordinator_service_has_every_call():
         "Heartbeat": (False, False),
         "Leave": (False, False),
         "Status": (False, False),
+        "ListClients": (False, False),
+        "RemoveClient": (False, False),
     }
 
 

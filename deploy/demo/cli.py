@@ -19,9 +19,11 @@ from pathlib import Path
 from flora.common.aggregation import Method
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.tables import format_table
+from flora.demo.completions import compare
 from flora.demo.monitor import COLUMNS, StatusReader, read_history, round_rows
 from flora.demo.processes import Child, Supervisor, wait_for_port
 from flora.demo.sample_data import write_sample_data
+from flora.server.admin.report import MATPLOTLIB_HINT, write_report
 from flora.demo.workspace import Workspace, builtin_data, folder_data, prepare
 
 log = logging.getLogger("flora.demo")
@@ -131,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             reader.close()
         supervisor.stop(server)
-    return _report(workspace)
+    return _report(workspace, args.base_model, validation)
 
 
-def _report(workspace: Workspace) -> int:
+def _report(workspace: Workspace, base_model: str, validation: list[Path]) -> int:
     history = read_history(workspace.server_state / "history.jsonl")
     print("\n" + format_table(round_rows(history), COLUMNS))
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
@@ -144,7 +146,24 @@ def _report(workspace: Workspace) -> int:
     checkpoints = [workspace.server_state / r["checkpoint"] for r in history if r.get("checkpoint")]
     if checkpoints:
         print(f"merged checkpoint: {checkpoints[-1]}\n  load it with AutoModelForCausalLM.from_pretrained({str(checkpoints[-1])!r})")
+        _show_completions(base_model, checkpoints[-1], validation)
+    if history and history[-1]["round"] > 0:
+        _show_report(workspace)
     return 0 if history and history[-1]["round"] > 0 else 1
+
+
+def _show_completions(base_model: str, checkpoint: Path, validation: list[Path]) -> None:
+    """Held-out prompts answered by the base model (before the run) and the merged one (after)."""
+    rows = [{"held-out prompt": c.prompt, "expected": c.expected, "base model (before)": c.base,
+             "merged model (after)": c.merged} for c in compare(base_model, checkpoint, validation)]
+    print("\ngreedy completions of held-out prompts:\n" + format_table(rows, tuple(rows[0]) if rows else ()))
+
+
+def _show_report(workspace: Workspace) -> None:
+    """Write the run report (flora-admin report) and say where it is."""
+    report = write_report(workspace.server_state, workspace.root, require_png=False)
+    picture = f"{report.png} and " if report.png else ""
+    print(f"\nrun report: {picture}{report.markdown}" + ("" if report.png else f" ({MATPLOTLIB_HINT})"))
 
 
 def main(argv: list[str] | None = None) -> None:

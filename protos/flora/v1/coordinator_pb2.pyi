@@ -177,7 +177,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "client_name", "rank", "alpha", "num_examples", "state", "last_seen_unix_ms", "last_submitted_round")
+    __slots__ = ("client_id", "client_name", "rank", "alpha", "num_examples", "state", "last_seen_unix_ms", "last_submitted_round", "bytes_submitted", "joined_unix_ms", "removed_unix_ms", "device")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,10 @@ class ClientStatus(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_SUBMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    JOINED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     client_name: str
     rank: int
@@ -194,34 +198,88 @@ class ClientStatus(_message.Message):
     state: str
     last_seen_unix_ms: int
     last_submitted_round: int
-    def __init__(self, client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., num_examples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., last_submitted_round: _Optional[int] = ...) -> None: ...
+    bytes_submitted: int
+    joined_unix_ms: int
+    removed_unix_ms: int
+    device: str
+    def __init__(self, client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., num_examples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., last_submitted_round: _Optional[int] = ..., bytes_submitted: _Optional[int] = ..., joined_unix_ms: _Optional[int] = ..., removed_unix_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    num_clients: int
+    train_loss: float
+    validation_loss: float
+    bytes_in: int
+    bytes_out: int
+    committed_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum")
+    __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     selected: _containers.RepeatedScalarFieldContainer[str]
     submitted: _containers.RepeatedScalarFieldContainer[str]
     deadline_unix_ms: int
     quorum: int
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run", "state", "global_version", "round", "clients")
+    __slots__ = ("run", "state", "global_version", "round", "clients", "recent_rounds")
     RUN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     run: _run_pb2.RunSpec
     state: str
     global_version: int
     round: RoundStatus
     clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
-    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., round: _Optional[_Union[RoundStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ...) -> None: ...
+    recent_rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
+    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., round: _Optional[_Union[RoundStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...
+
+class ListClientsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListClientsReply(_message.Message):
+    __slots__ = ("clients",)
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
+    def __init__(self, clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ...) -> None: ...
+
+class RemoveClientRequest(_message.Message):
+    __slots__ = ("client_name", "reason")
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    client_name: str
+    reason: str
+    def __init__(self, client_name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RemoveClientReply(_message.Message):
+    __slots__ = ("client_id", "already_removed", "message")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    already_removed: bool
+    message: str
+    def __init__(self, client_id: _Optional[str] = ..., already_removed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

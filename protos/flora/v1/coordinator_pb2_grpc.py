@@ -76,6 +76,16 @@ class CoordinatorStub:
                 request_serializer=flora_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=flora_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.ListClients = channel.unary_unary(
+                '/flora.v1.Coordinator/ListClients',
+                request_serializer=flora_dot_v1_dot_coordinator__pb2.ListClientsRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_coordinator__pb2.ListClientsReply.FromString,
+                _registered_method=True)
+        self.RemoveClient = channel.unary_unary(
+                '/flora.v1.Coordinator/RemoveClient',
+                request_serializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -133,7 +143,22 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Operator view of the run, its current round and its clients.
+        """Operator view of the run, its current round, its clients and its recent rounds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClients(self, request, context):
+        """Operator only: every client that joined or was provisioned, with its last sign of life.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveClient(self, request, context):
+        """Operator only: removes a client at once. Its token (and provisioned certificate) stop
+        working on its next call; the updates it already had accepted stay in their rounds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,6 +206,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=flora_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=flora_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'ListClients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClients,
+                    request_deserializer=flora_dot_v1_dot_coordinator__pb2.ListClientsRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_coordinator__pb2.ListClientsReply.SerializeToString,
+            ),
+            'RemoveClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveClient,
+                    request_deserializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +435,60 @@ class Coordinator:
             '/flora.v1.Coordinator/Status',
             flora_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             flora_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/ListClients',
+            flora_dot_v1_dot_coordinator__pb2.ListClientsRequest.SerializeToString,
+            flora_dot_v1_dot_coordinator__pb2.ListClientsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/RemoveClient',
+            flora_dot_v1_dot_coordinator__pb2.RemoveClientRequest.SerializeToString,
+            flora_dot_v1_dot_coordinator__pb2.RemoveClientReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""``flora-admin``: what an operator runs beside a flora-server: provisioning, console, reports."""

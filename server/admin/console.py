@@ -1,0 +1,123 @@
+"""``flora-admin status``: the run as an operator reads it, once or live.
+
+Built only from the server's ``Status`` reply, so what the console shows is what any script
+gets with ``--json`` (the reply as protobuf's canonical JSON). On a terminal the tables are
+drawn with rich and ``--watch`` redraws them in place; elsewhere (a log, a pipe) it prints
+plain text, one snapshot per refresh.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from google.protobuf.json_format import MessageToDict
+
+from flora.common.tables import format_table
+from flora.v1 import coordinator_pb2 as pb
+
+CLIENT_COLUMNS = ("client", "state", "rank", "examples", "last seen", "last round", "MB up")
+ROUND_COLUMNS = ("round", "clients", "train loss", "validation loss", "MB up", "MB down", "committed")
+
+
+def as_json(reply: pb.StatusReply | pb.ListClientsReply) -> dict[str, Any]:
+    """The reply as protobuf's canonical JSON mapping (field names in lowerCamelCase)."""
+    return MessageToDict(reply, always_print_fields_with_no_presence=True)
+
+
+def _clock(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%H:%M:%S") if ms > 0 else "-"
+
+
+def ago(ms: int, now: float) -> str:
+    return f"{max(0.0, now - ms / 1000):.0f}s ago" if ms > 0 else "-"
+
+
+def _loss(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def client_state(client: pb.ClientStatus, status: pb.StatusReply, now: float) -> str:
+    """The console's words: training / uploaded / late / left, as the issue's operators asked."""
+    if client.state == "submitted":
+        return "uploaded"
+    if client.state == "training" and status.round.deadline_unix_ms and now * 1000 > status.round.deadline_unix_ms:
+        return "late"
+    return client.state
+
+
+def headline(status: pb.StatusReply, now: float) -> str:
+    """One line: run, state, version, round and attempt, deadline."""
+    line = f"run {status.run.run_id} ({status.state}): version {status.global_version}/{status.run.rounds}"
+    if status.HasField("round") and status.round.round:
+        rnd = status.round
+        left = rnd.deadline_unix_ms / 1000 - now
+        line += (f", round {rnd.round} (attempt {rnd.attempt}) {rnd.state}: {len(rnd.submitted)}/{len(rnd.selected)} updates, quorum {rnd.quorum}, "
+                 f"deadline {_clock(rnd.deadline_unix_ms)} UTC" + (f" (in {left:.0f}s)" if left > 0 and rnd.state == "open" else ""))
+    return line
+
+
+def client_rows(status: pb.StatusReply, now: float) -> list[dict[str, Any]]:
+    """One row per client."""
+    return [{"client": c.client_name, "state": client_state(c, status, now), "rank": c.rank, "examples": c.num_examples,
+             "last seen": ago(c.last_seen_unix_ms, now), "last round": c.last_submitted_round or "-",
+             "MB up": round(c.bytes_submitted / 1e6, 3)} for c in status.clients]
+
+
+def round_rows(status: pb.StatusReply) -> list[dict[str, Any]]:
+    """One row per recent round."""
+    return [{"round": r.round, "clients": r.num_clients, "train loss": _loss(r.train_loss),
+             "validation loss": _loss(r.validation_loss), "MB up": round(r.bytes_in / 1e6, 3),
+             "MB down": round(r.bytes_out / 1e6, 3), "committed": _clock(r.committed_unix_ms)} for r in status.recent_rounds]
+
+
+def render_plain(status: pb.StatusReply, now: float) -> str:
+    """The status as plain text: headline, clients table, recent rounds table."""
+    parts = [headline(status, now), "", format_table(client_rows(status, now), CLIENT_COLUMNS)]
+    if status.recent_rounds:
+        parts += ["", format_table(round_rows(status), ROUND_COLUMNS)]
+    return "\n".join(parts) + "\n"
+
+
+def render_rich(status: pb.StatusReply, now: float):
+    """The status as rich renderables (a headline and two tables)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    def table(title: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> Table:
+        result = Table(title=title, title_justify="left")
+        for column in columns:
+            result.add_column(column, justify="left" if column in ("client", "state", "committed") else "right")
+        for row in rows:
+            result.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
+        return result
+
+    items = [headline(status, now), table("clients", CLIENT_COLUMNS, client_rows(status, now))]
+    if status.recent_rounds:
+        items.append(table("recent rounds", ROUND_COLUMNS, round_rows(status)))
+    return Group(*items)
+
+
+def watch(fetch: Callable[[], pb.StatusReply], out: TextIO, interval: float, terminal: bool,
+          iterations: int | None = None) -> None:
+    """Refresh until interrupted (or ``iterations`` snapshots): live on a terminal, appended otherwise."""
+    if terminal:
+        from rich.live import Live
+
+        with Live(render_rich(fetch(), time.time()), refresh_per_second=4) as live:
+            count = 1
+            while iterations is None or count < iterations:
+                time.sleep(interval)
+                live.update(render_rich(fetch(), time.time()))
+                count += 1
+        return
+    count = 0
+    while iterations is None or count < iterations:
+        if count:
+            time.sleep(interval)
+        out.write(f"--- {datetime.now(timezone.utc):%H:%M:%S} UTC\n" + render_plain(fetch(), time.time()))
+        out.flush()
+        count += 1

@@ -1,0 +1,114 @@
+"""``flora-admin report STATE_DIR``: a run's history as a picture and a markdown summary.
+
+Read from ``history.jsonl`` only (the run's durable record), so it works on a live run, a
+finished one, or a copy of a state directory on another machine. The markdown needs nothing
+beyond the standard library; the PNG needs matplotlib, an optional extra
+(``pip install 'flora-fl[report]'``), because servers and clients never draw.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flora.common.tables import format_table
+from flora.demo.monitor import COLUMNS, read_history, round_rows
+
+PNG_NAME = "report.png"
+MARKDOWN_NAME = "report.md"
+MATPLOTLIB_HINT = "the PNG needs matplotlib: pip install 'flora-fl[report]'"
+
+
+class ReportError(ValueError):
+    """The state directory has nothing to report, or the picture cannot be drawn."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``write_report`` wrote (``png`` is None when matplotlib is missing)."""
+
+    markdown: Path
+    png: Path | None
+
+
+def has_matplotlib() -> bool:
+    """Whether the optional plotting library is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _rounds(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in history if r.get("round", 0) > 0]
+
+
+def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Path | None) -> str:
+    """The markdown summary: what ran, the per-round table, the loss change, where the model is."""
+    rounds = _rounds(history)
+    names = sorted({c["name"] for r in rounds for c in r.get("clients", [])})
+    lines = [f"# flora run report: {state_dir}", "",
+             f"{len(rounds)} rounds committed; clients: {', '.join(names) or 'none'}.", ""]
+    if png is not None:
+        lines += [f"![losses, bytes and participants per round]({png.name})", ""]
+    lines += [format_table(round_rows(history), COLUMNS), ""]
+    losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
+    if len(losses) >= 2:
+        lines += [f"Validation loss of the merged model: {losses[0]:.4f} -> {losses[-1]:.4f}.", ""]
+    checkpoints = [r["checkpoint"] for r in rounds if r.get("checkpoint")]
+    if checkpoints:
+        lines += [f"Latest merged checkpoint: `{state_dir / checkpoints[-1]}`.", ""]
+    return "\n".join(lines)
+
+
+def draw(history: Sequence[dict[str, Any]], path: Path) -> None:
+    """Three panels per round: losses, megabytes up and down, participants."""
+    if not has_matplotlib():
+        raise ReportError(MATPLOTLIB_HINT)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    rounds = _rounds(history)
+    x = [r["round"] for r in rounds]
+    figure, (losses, traffic, people) = plt.subplots(1, 3, figsize=(13, 3.8))
+    base = [r for r in history if r.get("round") == 0 and r.get("validation_loss") is not None]
+    validation = [(r["round"], r["validation_loss"]) for r in base + rounds if r.get("validation_loss") is not None]
+    if validation:
+        losses.plot(*zip(*validation), marker="o", label="validation (merged model)")
+    train = [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None]
+    if train:
+        losses.plot(*zip(*train), marker="s", label="train (clients' mean)")
+    losses.set(title="loss per round", xlabel="round", ylabel="loss")
+    losses.legend()
+    traffic.bar([v - 0.2 for v in x], [r["bytes_in"] / 1e6 for r in rounds], width=0.4, label="up (updates)")
+    traffic.bar([v + 0.2 for v in x], [r["bytes_out"] / 1e6 for r in rounds], width=0.4, label="down (globals)")
+    traffic.set(title="traffic per round", xlabel="round", ylabel="MB")
+    traffic.legend()
+    people.bar(x, [r.get("num_clients", len(r.get("clients", []))) for r in rounds])
+    people.set(title="participants per round", xlabel="round", ylabel="clients")
+    for axis in (losses, traffic, people):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(state_dir: Path, out_dir: Path | None = None, require_png: bool = True) -> Report:
+    """Write report.png and report.md for a state directory (into it, unless ``out_dir``)."""
+    history = read_history(state_dir / "history.jsonl")
+    if not _rounds(history):
+        raise ReportError(f"{state_dir / 'history.jsonl'} has no committed round yet: nothing to report")
+    out_dir = out_dir or state_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png: Path | None = out_dir / PNG_NAME
+    if has_matplotlib():
+        draw(history, png)
+    elif require_png:
+        raise ReportError(MATPLOTLIB_HINT)
+    else:
+        png = None
+    markdown = out_dir / MARKDOWN_NAME
+    markdown.write_text(summary_markdown(history, state_dir, png), encoding="utf-8")
+    return Report(markdown, png)
