@@ -238,8 +238,8 @@ class Coordinator:
     def leave(self, client_id: str) -> pb.LeaveReply:
         """Withdraw the client from selection until it joins again."""
         log.info("client %s (%s) left the run", self.clients[client_id].name, client_id)
+        self.store.set_left(client_id)  # stored first: a full disk leaves memory as the database has it
         self.machine.left(client_id)
-        self.store.set_left(client_id)
         self.clients[client_id] = replace(self.clients[client_id], left=True)
         self.driver.advance()  # the round may have been waiting only for this client
         self.driver.notify()
