@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ class Aggregator:
             self.restore_previous(number - 1, previous)
             for path in (self.layout.global_artifact(number), self.layout.merged(number)):
                 path.unlink(missing_ok=True)  # never recorded: no orphan of a failed round stays
+            shutil.rmtree(self.layout.checkpoint(number), ignore_errors=True)
             raise
         return RoundOutput(artifacts, [d.weight for d in decisions], error, combined.rank, loss, checkpoint, seconds,
                            decisions)
@@ -172,7 +174,7 @@ class Aggregator:
         for submission in submissions:
             try:
                 merged_weights(live, self._load_update(submission), self.precision)
-            except ValueError as error:  # PayloadError is a ValueError
+            except (ValueError, FileNotFoundError) as error:  # PayloadError is a ValueError
                 reasons[submission.client_id] = f"{type(error).__name__}: {error}"
         return reasons
 

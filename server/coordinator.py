@@ -243,8 +243,8 @@ class Coordinator:
 
     def withdraw(self, client_id: str) -> None:
         """Never select the client again until it joins again (Leave, or removal by the operator)."""
+        self.store.set_left(client_id)  # stored first: a full disk leaves memory as the database has it
         self.machine.left(client_id)
-        self.store.set_left(client_id)
         self.clients[client_id] = replace(self.clients[client_id], left=True)
         self.driver.advance()  # the round may have been waiting only for this client
         self.driver.notify()
