@@ -105,7 +105,8 @@ def plan_downlink(
         raise ValueError(f"the carried remainder has module {unknown[0]!r}, which the aggregate lacks")
     update, rest, modules = {}, {}, {}
     for name in sorted(stack):
-        parts = [stack[name]] + ([remainder[name]] if name in remainder else [])
+        device = stack[name].a.device
+        parts = [stack[name]] + ([_on(remainder[name], device)] if name in remainder else [])
         sent, left, report = _module_downlink(parts, policy)
         update[name], modules[name] = sent, report
         if left is not None:
@@ -124,7 +125,7 @@ def _module_downlink(parts: list[ModuleUpdate], policy: DownlinkPolicy) -> tuple
         return _dense(module_delta(pair, pair.a.dtype), policy)
     canon = canonical_pair(pair, out_dtype=torch.float64)
     s = singular_values(canon)
-    k = _kept_rank(s, policy)
+    k = kept_rank(s, policy)
     if k * (d_out + d_in) >= d_out * d_in:
         return _dense(canon.b @ canon.a, policy)
     sent = LoraPair(canon.a[:k].to(policy.dtype), canon.b[:, :k].to(policy.dtype))
@@ -134,7 +135,12 @@ def _module_downlink(parts: list[ModuleUpdate], policy: DownlinkPolicy) -> tuple
     return sent, left, report
 
 
-def _kept_rank(s: Tensor, policy: DownlinkPolicy) -> int:
+def _on(part: ModuleUpdate, device: torch.device) -> ModuleUpdate:
+    """A remainder read from disk, moved to where the round's stack is (e.g. the merge GPU)."""
+    return LoraPair(part.a.to(device), part.b.to(device)) if is_factors(part) else part.to(device)
+
+
+def kept_rank(s: Tensor, policy: DownlinkPolicy) -> int:
     """The smallest k whose leading singular values keep ``policy.energy``, capped by max_rank."""
     k = s.numel()
     if policy.energy < 1.0:

@@ -6,7 +6,9 @@ Every payload that crosses the network is untrusted (DESIGN.md section 7). ``rea
 safetensors library sees a single byte; only then are tensors loaded, and every value is checked
 finite. ``check_adapter`` validates a file without keeping it in memory, for servers that receive
 large uploads and load them only when they aggregate. Nothing here ever unpickles. Tensor names are ``<module>.lora_A`` (r, d_in) and
-``<module>.lora_B`` (d_out, r) for adapters, ``<module>.weight`` (d_out, d_in) for merged weights.
+``<module>.lora_B`` (d_out, r) for adapters, ``<module>.weight`` (d_out, d_in) for merged weights,
+and for a downlink update (``flora.update.v1``) per module either ``lora_A``/``lora_B`` of that
+module's own rank or ``<module>.delta`` (d_out, d_in).
 """
 
 from __future__ import annotations

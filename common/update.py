@@ -9,7 +9,7 @@ module to module, because each module's canonical rank is that of its own aggreg
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -75,7 +75,7 @@ def update_numel(update: GlobalUpdate) -> int:
     return sum(module_numel(part) for part in update.values())
 
 
-def cumulative_factors(updates: Sequence[GlobalUpdate]) -> dict[str, LoraPair]:
+def cumulative_factors(updates: Iterable[GlobalUpdate]) -> dict[str, LoraPair]:
     """Canonical factors of the sum of several updates, module by module (e.g. every round so far).
 
     Folded one update at a time, so the stack being factored never exceeds min(d_out, d_in) plus

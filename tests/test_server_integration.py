@@ -24,7 +24,8 @@ from flora.common.aggregation import fedit_average, flora_stack, zeropad_average
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.merge import merged_weights, module_weights
-from flora.common.payload import PayloadMeta, read_adapter, read_weights
+from flora.common.payload import PayloadMeta, read_adapter, read_update, read_weights
+from flora.common.update import is_factors, module_delta, module_numel
 from flora.common.weights import client_weights
 from flora.common.lora import pad_rank, seeded_lora
 from flora.v1 import coordinator_pb2 as pb
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.slow
 ENROLMENT = "enrolment-token-0123456789"
 ADAPTER, LORA, MERGED = (transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA,
                          transfer_pb2.ARTIFACT_KIND_MERGED_MODULES)
+UPDATE = transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE
 
 
 def code_of(call, *args, **kwargs) -> grpc.StatusCode:
@@ -332,23 +334,38 @@ def round_one(flora_run):
     return run
 
 
-def test_the_global_adapter_is_the_stack_of_the_updates(round_one):
+def test_the_global_update_is_the_canonical_aggregate_and_reveals_no_update(round_one):
     run = round_one
-    chunks = run.alice.fetch(ADAPTER, 0, 1)
-    assert {c.kind for c in chunks} == {ADAPTER}
+    chunks = run.alice.fetch(UPDATE, 0, 1)
+    assert {c.kind for c in chunks} == {UPDATE}
     payload = artifacts(chunks)[1]
-    served, meta = read_adapter(payload, run.shapes)
+    served, meta = read_update(payload, run.shapes)
     expected = run.expected_global(1)
-    assert (meta.kind, served.rank, served.scaling) == ("global_adapter", 6, 1.0)
-    for name in run.shapes:
-        torch.testing.assert_close(served.pairs[name].a, expected.pairs[name].a, rtol=0, atol=1e-7)
-        torch.testing.assert_close(served.pairs[name].b, expected.pairs[name].b, rtol=0, atol=1e-7)
-    resumed = run.alice.fetch(ADAPTER, 0, 1, offset=1000)
+    assert (meta.kind, meta.version) == ("global_update", 1)
+    for name, (d_out, d_in) in run.shapes.items():
+        part = served[name]
+        torch.testing.assert_close(module_delta(part), expected.delta(name), rtol=0, atol=1e-6)
+        assert module_numel(part) == min(6 * (d_out + d_in), d_out * d_in)  # rank 6 = 4 + 2, the smaller form
+        if is_factors(part):
+            for adapter in run.adapters[1].values():
+                a_k, b_k = adapter.pairs[name]
+                for start in range(part.a.shape[0] - adapter.rank + 1):
+                    assert not torch.allclose(part.b[:, start : start + adapter.rank], b_k, rtol=1e-3, atol=1e-6)
+                    assert not torch.allclose(part.a[start : start + adapter.rank], a_k, rtol=1e-3, atol=1e-6)
+    stack_bytes = 4 * 6 * sum(d_out + d_in for d_out, d_in in run.shapes.values())
+    assert len(payload) <= stack_bytes + 4096  # never larger than the stack (4096: the header's allowance)
+    resumed = run.alice.fetch(UPDATE, 0, 1, offset=1000)
     assert resumed[0].offset == 1000 and b"".join(c.data for c in resumed) == payload[1000:]
-    assert run.alice.fetch(ADAPTER, 1, 1) == []
-    assert code_of(run.alice.fetch, ADAPTER, 0, 5) == grpc.StatusCode.OUT_OF_RANGE
-    assert code_of(run.alice.fetch, ADAPTER, 0, 1, offset=len(payload) + 1) == grpc.StatusCode.OUT_OF_RANGE
+    assert run.alice.fetch(UPDATE, 1, 1) == []
+    assert code_of(run.alice.fetch, UPDATE, 0, 5) == grpc.StatusCode.OUT_OF_RANGE
+    assert code_of(run.alice.fetch, UPDATE, 0, 1, offset=len(payload) + 1) == grpc.StatusCode.OUT_OF_RANGE
     assert code_of(run.alice.fetch, LORA, 0, 1) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(run.alice.fetch, ADAPTER, 0, 1) == grpc.StatusCode.FAILED_PRECONDITION  # the stack is never served
+    # The stacked factors exist nowhere but in the accepted updates.
+    assert not any("global_adapter" in p.read_bytes()[:4096].decode("latin-1")
+                   for p in run.state_dir.rglob("*.safetensors") if "updates" not in p.parts)
+    # One version behind, the update is smaller than the merged modules: it is what is sent.
+    assert {c.kind for c in run.alice.fetch(UPDATE, 0, 1, allow_merged=True)} == {UPDATE}
 
 
 def test_the_merged_checkpoint_is_base_plus_the_global_update(round_one):
