@@ -89,6 +89,26 @@ def test_an_interrupted_download_resumes_at_the_part_files_size(client, fake, sp
     assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
 
 
+def test_a_client_restarted_mid_download_resumes_the_global_update(client, fake, spec, adapters, tmp_path):
+    sync, state = client
+    fake.faults["FetchGlobal"] = [Fault(grpc.StatusCode.INTERNAL, after_bytes=8192)]  # not retried: the daemon dies
+    with pytest.raises(grpc.RpcError):
+        sync.catch_up(load_model(BUILTIN_MODEL), 0, 2)
+    assert [p.name for p in state.globals_dir.iterdir()] == ["update-v1.safetensors.part"]
+    state.close()
+    restarted = StateDir(state.root)  # a new process on the same state directory
+    try:
+        fresh = Synchroniser(sync._conn, restarted, spec, Progress("off"))
+        model = load_model(BUILTIN_MODEL)
+        assert fresh.catch_up(model, 0, 2) == 2
+    finally:
+        restarted.close()
+    assert [(r.from_version, r.offset) for r in fake.requests["FetchGlobal"]] == [(0, 0), (0, 8192)]
+    want = expected_weights(load_model(BUILTIN_MODEL), spec, adapters, [1, 2])
+    got = module_weights(model, sorted(want))
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
+
+
 def test_corrupt_downloads_are_discarded_then_refused(client, fake, adapters):
     sync, state = client
     fake.tamper = True

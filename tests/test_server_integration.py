@@ -230,7 +230,7 @@ def rule_name(client: ScriptedClient) -> str:
 @pytest.fixture(scope="module")
 def flora_run(tmp_path_factory):
     flags = ("--min-clients", "2", "--rounds", "2", "--operator-token", OPERATOR_TOKEN, "--checkpoint-every", "1",
-             "--max-update-bytes", "200000", "--long-poll-s", "0.5", "--local-steps", "5")
+             "--max-update-bytes", "200000", "--long-poll-s", "0.5", "--local-steps", "5", "--catchup-versions", "1")
     with running_server(tmp_path_factory.mktemp("flora") / "state", *flags) as server:
         yield Run(server)
 
@@ -400,6 +400,12 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     run.complete_round(2)
     assert run.alice.next_task().finished.final_version == 2
     assert code_of(run.alice.fetch, MERGED, 0, 1) == grpc.StatusCode.FAILED_PRECONDITION  # only the latest
+    # Catch-up without replay: two versions behind is more than --catchup-versions 1.
+    merged = run.alice.fetch(UPDATE, 0, 2, allow_merged=True)
+    assert {(c.kind, c.version) for c in merged} == {(MERGED, 2)}
+    assert artifacts(merged)[2] == artifacts(run.alice.fetch(MERGED, 0, 2))[2]
+    assert {(c.kind, c.version) for c in run.alice.fetch(UPDATE, 1, 2, allow_merged=True)} == {(UPDATE, 2)}
+    assert {c.kind for c in run.alice.fetch(UPDATE, 0, 2)} == {UPDATE}  # a client that cannot take merged modules
     status = run.operator.status()
     assert status.state == "finished" and status.global_version == 2
     history = [json.loads(line) for line in (run.state_dir / "history.jsonl").read_text().splitlines()]
@@ -408,6 +414,13 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     assert first["num_clients"] == 2 and first["examples"] == 40 and first["global_rank"] == 6
     assert first["aggregation_error"] < 1e-5 and first["train_loss"] == pytest.approx(1.5)
     assert first["bytes_in"] > 0 and first["checkpoint"] == "checkpoints/v000001"
+    downlink = first["downlink"]
+    assert downlink["bytes"] == (run.state_dir / "downlink" / "v000001.safetensors").stat().st_size
+    assert (downlink["factor_modules"], downlink["dense_modules"], downlink["rank_min"], downlink["rank_max"]) == (8, 0, 6, 6)
+    assert downlink["retained_energy"] == pytest.approx(1.0) and downlink["remainder_norm"] == 0.0
+    assert "factorize" in first["seconds"]
+    peft_config = json.loads((run.state_dir / "checkpoints" / "v000002" / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 12  # 6 + 6 after two rounds, and never beyond min(d_out, d_in)
     assert sorted(c["name"] for c in first["clients"]) == ["alice", "bob"]
     assert (run.state_dir / "checkpoints" / "v000002" / "model.safetensors").exists()
 
