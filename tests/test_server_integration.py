@@ -420,7 +420,7 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     assert downlink["retained_energy"] == pytest.approx(1.0) and downlink["remainder_norm"] == 0.0
     assert "factorize" in first["seconds"]
     peft_config = json.loads((run.state_dir / "checkpoints" / "v000002" / "adapter" / "adapter_config.json").read_text())
-    assert peft_config["r"] == 12  # 6 + 6 after two rounds, and never beyond min(d_out, d_in)
+    assert peft_config["r"] == 6 + 14  # round 2 adds carol (4 + 2 + 8); never beyond min(d_out, d_in) = 64
     assert sorted(c["name"] for c in first["clients"]) == ["alice", "bob"]
     assert (run.state_dir / "checkpoints" / "v000002" / "model.safetensors").exists()
 
