@@ -36,7 +36,7 @@ from flora.v1 import run_pb2, transfer_pb2
 log = logging.getLogger(__name__)
 
 _KIND_NAMES = {
-    transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER: "adapter",
+    transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE: "update",
     transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA: "lora",
     transfer_pb2.ARTIFACT_KIND_MERGED_MODULES: "merged",
 }

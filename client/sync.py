@@ -1,10 +1,13 @@
 """Bringing the local model to the version a round requires, from verified downloads only.
 
-flora runs: the global adapters of versions held+1 .. required are downloaded (each resumed from
+flora runs: the downlink updates of versions held+1 .. required are downloaded (each resumed from
 its ``.part`` after an interruption), their sha256 verified by the receiver, validated against the
-run's module shapes, and merged W <- W + B_g A_g in float32 in version order. The merge happens
-on a copy of the target modules' weights, so that the model moves from one version to the next
-as a whole or not at all; then the new weights are persisted before the version pointer moves.
+run's module shapes, and merged in float32 in version order (W <- W + b a for a module sent as
+canonical factors, W <- W + D for one sent dense). When the client is far behind, or the server's
+merged modules are smaller than the updates it lacks, the server answers with those merged
+modules instead and the client takes them as they are (catch-up without replay). Either way the
+new weights are built on a copy of the target modules' weights, so that the model moves from one
+version to the next as a whole or not at all, and persisted before the version pointer moves.
 
 fedit / zeropad runs: nothing is merged into the base during the run; each round starts from the
 server's persistent global LoRA of the task's version, which the trainer truncates to this
@@ -15,27 +18,32 @@ equals the server's final model either way.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 import torch
 from torch import Tensor, nn
 
-from flora.client.connection import Connection
+from flora.client.connection import Connection, rpc_code, rpc_details
 from flora.client.progress import Bar, Progress
 from flora.client.state import StateDir
 from flora.common.chunks import ChunkError
 from flora.common.lora import LoraAdapter
-from flora.common.merge import merged_weights, module_weights
-from flora.common.payload import PayloadError, PayloadLimits, read_adapter
+from flora.common.merge import merged_update, merged_weights, module_weights
+from flora.common.payload import PayloadError, PayloadLimits, PayloadMeta, read_adapter, read_update, read_weights
+from flora.common.update import GlobalUpdate, ModuleUpdate, is_factors
 from flora.common.wire import ArtifactReceiver, part_path, resume_offset
 from flora.v1 import coordinator_pb2, run_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-ADAPTER = transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER
+UPDATE = transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE
 LORA = transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA
-_PAYLOAD_KINDS = {ADAPTER: "global_adapter", LORA: "global_lora"}
+MERGED = transfer_pb2.ARTIFACT_KIND_MERGED_MODULES
+_PAYLOAD_KINDS = {UPDATE: "global_update", LORA: "global_lora", MERGED: "merged_modules"}
 # A download whose bytes fail verification this many times in a row is not a network hiccup.
 MAX_CORRUPT_DOWNLOADS = 3
 
@@ -69,6 +77,14 @@ def _copy_into(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
             live[name].copy_(tensor)
 
 
+def _checked(what: str, merge: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Run a merge; a payload that does not fit the model becomes a SyncError naming it."""
+    try:
+        return merge()
+    except (KeyError, ValueError) as exc:
+        raise SyncError(f"{what} cannot be merged: {exc}") from None
+
+
 class Synchroniser:
     """Downloads and applies one run's global artifacts for one model."""
 
@@ -82,18 +98,41 @@ class Synchroniser:
     # --- flora ----------------------------------------------------------------------------------
 
     def catch_up(self, model: nn.Module, held: int, required: int) -> int:
-        """Merge the global adapters held+1 .. required into ``model`` and persist; returns required."""
+        """Bring ``model`` from version ``held`` to ``required`` and persist; returns required."""
         if required < held:
             raise SyncError(f"the model holds version {held} but the server's latest version is {required}")
         if required == held:
             return held
-        self.download(ADAPTER, held + 1, required)
-        weights = {name: w.detach().clone() for name, w in module_weights(model, sorted(self._shapes)).items()}
-        for version in range(held + 1, required + 1):
-            weights = self._merged(weights, self._read(ADAPTER, version), f"global adapter v{version}")
+        merged = self._state.artifact_path(MERGED, required)
+        updates = [self._state.artifact_path(UPDATE, v) for v in range(held + 1, required + 1)]
+        self._verified(lambda: merged.exists() or all(p.exists() for p in updates), [merged, *updates],
+                       lambda: self._fetch_catch_up(held, required), f"versions {held + 1}..{required}")
+        if merged.exists():
+            weights = self._read_merged(required)
+            log.info("event=caught_up version=%d from=%d via=merged_modules", required, held)
+        else:
+            weights = {name: w.detach().clone() for name, w in module_weights(model, sorted(self._shapes)).items()}
+            for version in range(held + 1, required + 1):
+                weights = self._merged_update(weights, self._read_update(version), version)
         _copy_into(model, weights)
         self._state.commit(self._spec.run_id, required, weights)
         return required
+
+    def _fetch_catch_up(self, held: int, required: int) -> None:
+        """One FetchGlobal attempt: resume merged modules already begun, else the updates not on disk."""
+        merged = self._state.artifact_path(MERGED, required)
+        if part_path(merged).exists():
+            try:
+                self._fetch(MERGED, required, required, resume_offset(merged))
+            except grpc.RpcError as exc:
+                if rpc_code(exc) != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # No longer the latest version: its merged modules are gone; replay the updates.
+                log.info("event=download_restart reason=%r", rpc_details(exc))
+                part_path(merged).unlink(missing_ok=True)
+            return
+        start = next(v for v in range(held + 1, required + 1) if not self._state.artifact_path(UPDATE, v).exists())
+        self._fetch(UPDATE, start, required, resume_offset(self._state.artifact_path(UPDATE, start)), allow_merged=True)
 
     # --- fedit / zeropad --------------------------------------------------------------------------
 
@@ -117,41 +156,46 @@ class Synchroniser:
     @staticmethod
     def _merged(weights: Mapping[str, Tensor], adapter: LoraAdapter, what: str) -> dict[str, Tensor]:
         """``weights`` with ``adapter`` merged in float32, as a new dict (``weights`` untouched)."""
-        try:
-            merged = merged_weights(weights, adapter, precision=torch.float32)
-        except (KeyError, ValueError) as exc:
-            raise SyncError(f"{what} cannot be merged: {exc}") from None
+        merged = _checked(what, lambda: merged_weights(weights, adapter, precision=torch.float32))
         log.info("event=merged artifact=%r rank=%d", what, adapter.rank)
         return merged
 
     # --- downloads ------------------------------------------------------------------------------
 
     def download(self, kind: int, first: int, last: int) -> list[Path]:
-        """Make sure the verified artifacts of versions first..last are on disk; return their paths.
+        """Make sure the verified artifacts of versions first..last are on disk; return their paths."""
+        paths = [self._state.artifact_path(kind, v) for v in range(first, last + 1)]
+
+        def attempt() -> None:
+            start = next(v for v in range(first, last + 1) if not self._state.artifact_path(kind, v).exists())
+            self._fetch(kind, start, last, resume_offset(self._state.artifact_path(kind, start)))
+
+        self._verified(lambda: all(p.exists() for p in paths), paths, attempt, f"versions {first}..{last}")
+        return paths
+
+    def _verified(self, done: Callable[[], bool], paths: list[Path], attempt: Callable[[], None], what: str) -> None:
+        """Run FetchGlobal ``attempt``s until ``done()``.
 
         Transient failures are retried with backoff and resume at the ``.part`` file's size; a
         download whose bytes fail verification is discarded and fetched again from the start.
         """
-        paths = [self._state.artifact_path(kind, v) for v in range(first, last + 1)]
         corrupt = 0
-        while not all(p.exists() for p in paths):
+        while not done():
             try:
-                self._conn.retrying("FetchGlobal", lambda: self._fetch_missing(kind, first, last))
+                self._conn.retrying("FetchGlobal", attempt)
             except ChunkError as exc:  # includes WireError: the bytes are not what was announced
                 corrupt += 1
                 log.warning("event=download_rejected attempt=%d reason=%r", corrupt, str(exc))
                 for path in paths:
                     part_path(path).unlink(missing_ok=True)
                 if corrupt >= MAX_CORRUPT_DOWNLOADS:
-                    raise SyncError(f"download of versions {first}..{last} failed verification {corrupt} times: {exc}") from None
-        return paths
+                    raise SyncError(f"download of {what} failed verification {corrupt} times: {exc}") from None
 
-    def _fetch_missing(self, kind: int, first: int, last: int) -> None:
-        """One FetchGlobal attempt from the first version not yet on disk."""
-        start = next(v for v in range(first, last + 1) if not self._state.artifact_path(kind, v).exists())
-        offset = resume_offset(self._state.artifact_path(kind, start))
+    def _fetch(self, kind: int, start: int, last: int, offset: int, allow_merged: bool = False) -> None:
+        """One FetchGlobal call for versions start..last of ``kind`` (or, when allowed, the merged modules)."""
         request = coordinator_pb2.FetchGlobalRequest(
-            kind=kind, from_version=start - 1 if kind == ADAPTER else start, to_version=last, offset=offset
+            kind=kind, from_version=start - 1 if kind == UPDATE else start, to_version=last, offset=offset,
+            allow_merged=allow_merged,
         )
         log.info("event=download kind=%s from=%d to=%d offset=%d", _PAYLOAD_KINDS[kind], start, last, offset)
         bar: Bar | None = None
@@ -168,7 +212,8 @@ class Synchroniser:
             if bar is not None:
                 bar.close()
         got = [(a.kind, a.version) for a in artifacts]
-        if got != [(kind, v) for v in range(start, last + 1)]:
+        expected = [(kind, v) for v in range(start, last + 1)]
+        if got != expected and not (allow_merged and got == [(MERGED, last)]):
             raise SyncError(f"asked for {_PAYLOAD_KINDS[kind]} versions {start}..{last}, the server sent {got}")
 
     def _next_bar(self, bar: Bar | None, chunk: transfer_pb2.Chunk) -> Bar:
@@ -179,14 +224,35 @@ class Synchroniser:
         return bar
 
     def _read(self, kind: int, version: int) -> LoraAdapter:
-        """Validate a downloaded artifact against the run's shapes and load it."""
+        """Validate a downloaded global LoRA against the run's shapes and load it."""
+        return self._validated(kind, version, lambda path: read_adapter(path, self._shapes, limits=self._limits))
+
+    def _read_update(self, version: int) -> dict[str, ModuleUpdate]:
+        """Validate a downloaded downlink update against the run's shapes and load it."""
+        return self._validated(UPDATE, version, lambda path: read_update(path, self._shapes, limits=self._limits))
+
+    def _read_merged(self, version: int) -> dict[str, Tensor]:
+        """Validate downloaded merged modules against the run's shapes and load them."""
+        return self._validated(MERGED, version, lambda path: read_weights(path, self._shapes, limits=self._limits))
+
+    def _validated(self, kind: int, version: int, read: Callable[[Path], tuple[T, PayloadMeta]]) -> T:
+        """``read`` a verified download; a payload that is still unusable is deleted, never reused."""
         path = self._state.artifact_path(kind, version)
         try:
-            adapter, meta = read_adapter(path, self._shapes, limits=self._limits)
+            loaded, meta = read(path)
         except PayloadError as exc:
-            path.unlink(missing_ok=True)  # verified bytes that are still unusable: never reuse them
+            path.unlink(missing_ok=True)
             raise SyncError(f"{_PAYLOAD_KINDS[kind]} v{version}: {exc}") from None
         if meta.kind != _PAYLOAD_KINDS[kind] or meta.version not in (None, version):
             path.unlink(missing_ok=True)
             raise SyncError(f"{path.name}: metadata says {meta.kind} v{meta.version}, expected {_PAYLOAD_KINDS[kind]} v{version}")
-        return adapter
+        return loaded
+
+    @staticmethod
+    def _merged_update(weights: Mapping[str, Tensor], update: GlobalUpdate, version: int) -> dict[str, Tensor]:
+        """``weights`` with a downlink update merged in float32, as a new dict."""
+        merged = _checked(f"global update v{version}", lambda: merged_update(weights, update, precision=torch.float32))
+        ranks = [part.a.shape[0] for part in update.values() if is_factors(part)]
+        log.info("event=merged artifact='global update v%d' factor_modules=%d dense_modules=%d max_rank=%s",
+                 version, len(ranks), len(update) - len(ranks), max(ranks, default="-"))
+        return merged

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from flora.common.lora import LoraAdapter
+from flora.common.update import GlobalUpdate, is_factors, module_shape
 
 
 def merged_weights(
@@ -26,19 +27,48 @@ def merged_weights(
     """
     merged = {}
     for name in adapter.module_names:
-        if name not in weights:
-            raise KeyError(f"module {name!r} of the adapter is not among the weights being merged")
-        weight = weights[name]
+        weight = _weight(weights, name)
         a, b = (t.to(device=weight.device, dtype=precision) for t in adapter.pairs[name])
-        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-            raise ValueError(
-                f"module {name!r}: adapter delta is {(b.shape[0], a.shape[1])} but the weight is {tuple(weight.shape)}"
-            )
-        new = torch.addmm(weight.to(precision), b, a, alpha=adapter.scaling)
-        if not torch.isfinite(new).all():
-            raise ValueError(f"module {name!r}: merging the adapter gives non-finite weights")
-        merged[name] = new.to(weight.dtype)
+        _check_shape(name, (b.shape[0], a.shape[1]), weight)
+        merged[name] = _finite(name, torch.addmm(weight.to(precision), b, a, alpha=adapter.scaling), weight.dtype)
     return merged
+
+
+def merged_update(
+    weights: Mapping[str, Tensor], update: GlobalUpdate, precision: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """New weights W + b a (factors) or W + D (dense) for every module of a downlink ``update``.
+
+    The same rules as ``merged_weights``: arithmetic in ``precision``, all modules or none.
+    """
+    merged = {}
+    for name in sorted(update):
+        weight, part = _weight(weights, name), update[name]
+        _check_shape(name, module_shape(part), weight)
+        if is_factors(part):
+            a, b = (t.to(device=weight.device, dtype=precision) for t in part)
+            new = torch.addmm(weight.to(precision), b, a)
+        else:
+            new = weight.to(precision) + part.to(device=weight.device, dtype=precision)
+        merged[name] = _finite(name, new, weight.dtype)
+    return merged
+
+
+def _weight(weights: Mapping[str, Tensor], name: str) -> Tensor:
+    if name not in weights:
+        raise KeyError(f"module {name!r} of the adapter is not among the weights being merged")
+    return weights[name]
+
+
+def _check_shape(name: str, delta_shape: tuple[int, int], weight: Tensor) -> None:
+    if tuple(delta_shape) != tuple(weight.shape):
+        raise ValueError(f"module {name!r}: adapter delta is {tuple(delta_shape)} but the weight is {tuple(weight.shape)}")
+
+
+def _finite(name: str, new: Tensor, dtype: torch.dtype) -> Tensor:
+    if not torch.isfinite(new).all():
+        raise ValueError(f"module {name!r}: merging the adapter gives non-finite weights")
+    return new.to(dtype)
 
 
 def module_weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:

@@ -6,7 +6,9 @@ Every payload that crosses the network is untrusted (DESIGN.md section 7). ``rea
 safetensors library sees a single byte; only then are tensors loaded, and every value is checked
 finite. ``check_adapter`` validates a file without keeping it in memory, for servers that receive
 large uploads and load them only when they aggregate. Nothing here ever unpickles. Tensor names are ``<module>.lora_A`` (r, d_in) and
-``<module>.lora_B`` (d_out, r) for adapters, ``<module>.weight`` (d_out, d_in) for merged weights.
+``<module>.lora_B`` (d_out, r) for adapters, ``<module>.weight`` (d_out, d_in) for merged weights,
+and for a downlink update (``flora.update.v1``) per module either ``lora_A``/``lora_B`` of that
+module's own rank or ``<module>.delta`` (d_out, d_in).
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ from flora.common.payload_header import (
     check_adapter_shapes,
     check_names,
     check_shape,
+    check_update_shapes,
     read_header,
 )
-from flora.common.payload_meta import PayloadError, PayloadMeta
+from flora.common.payload_meta import WEIGHTS_KINDS, PayloadError, PayloadMeta
+from flora.common.update import GlobalUpdate, ModuleUpdate, is_factors
 
 __all__ = [
     "ALLOWED_DTYPES", "PayloadError", "PayloadLimits", "PayloadMeta", "artifact_limits", "check_adapter", "encode_adapter",
-    "encode_weights", "read_adapter", "read_weights", "write_adapter", "write_weights",
+    "encode_update", "encode_weights", "read_adapter", "read_update", "read_weights", "write_adapter", "write_update",
+    "write_weights",
 ]
 # Finite checks read files in pieces of this size, so validating never holds a whole payload.
 _CHECK_BLOCK = 1 << 20
@@ -136,13 +141,43 @@ def read_weights(
     """Validate and load merged weights, returned by module name (without ``.weight``)."""
     header = read_header(source, limits)
     meta = PayloadMeta.from_metadata(header.metadata)
-    if meta.is_adapter:
+    if meta.kind not in WEIGHTS_KINDS:
         raise PayloadError(f"metadata 'kind': {meta.kind!r} is not a merged-weights payload")
     check_names(header.tensors, {f"{m}.weight" for m in expected})
     for module, (d_out, d_in) in sorted(expected.items()):
         check_shape(f"{module}.weight", header.tensors, (d_out, d_in), "(out_features, in_features)")
     tensors = _load(source, header)
     return {m: tensors[f"{m}.weight"] for m in sorted(expected)}, meta
+
+
+def encode_update(update: GlobalUpdate, meta: PayloadMeta) -> bytes:
+    """Serialize a downlink update (or remainder) in memory, each tensor in its own dtype."""
+    return _canonical_bytes(save_bytes(_update_tensors(update, meta), metadata=meta.to_metadata()))
+
+
+def write_update(path: Path, update: GlobalUpdate, meta: PayloadMeta) -> tuple[int, str]:
+    """Write a downlink update (or remainder) atomically and return its (size, hex sha256)."""
+    tensors = _update_tensors(update, meta)
+    return _write_atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta.to_metadata()))
+
+
+def read_update(
+    source: bytes | Path, expected: Mapping[str, tuple[int, int]], *, limits: PayloadLimits = PayloadLimits()
+) -> tuple[dict[str, ModuleUpdate], PayloadMeta]:
+    """Validate and load a downlink update: per module ``lora_A``/``lora_B`` of its own rank, or ``delta``."""
+    header = read_header(source, limits)
+    meta = PayloadMeta.from_metadata(header.metadata)
+    if not meta.is_update:
+        raise PayloadError(f"metadata 'kind': {meta.kind!r} is not a downlink update payload")
+    forms = check_update_shapes(header.tensors, expected, limits)
+    tensors = _load(source, header)
+    update: dict[str, ModuleUpdate] = {}
+    for module in sorted(expected):
+        if forms[module] == "dense":
+            update[module] = tensors[f"{module}.delta"]
+        else:
+            update[module] = LoraPair(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"])
+    return update, meta
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -163,8 +198,24 @@ def _adapter_tensors(adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype
     return tensors
 
 
+def _update_tensors(update: GlobalUpdate, meta: PayloadMeta) -> dict[str, Tensor]:
+    if not meta.is_update:
+        raise PayloadError(f"metadata 'kind': {meta.kind!r} cannot describe a downlink update")
+    if not update:
+        raise PayloadError("a downlink update needs at least one module")
+    tensors = {}
+    for module in sorted(update):
+        part = update[module]
+        if is_factors(part):
+            tensors[f"{module}.lora_A"] = _prepare(f"{module}.lora_A", part.a, None)
+            tensors[f"{module}.lora_B"] = _prepare(f"{module}.lora_B", part.b, None)
+        else:
+            tensors[f"{module}.delta"] = _prepare(f"{module}.delta", part, None)
+    return tensors
+
+
 def _weight_tensors(weights: Mapping[str, Tensor], meta: PayloadMeta, dtype: torch.dtype | None) -> dict[str, Tensor]:
-    if meta.is_adapter:
+    if meta.kind not in WEIGHTS_KINDS:
         raise PayloadError(f"metadata 'kind': {meta.kind!r} cannot describe merged weights")
     if not weights:
         raise PayloadError("merged weights need at least one module")

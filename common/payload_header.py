@@ -201,6 +201,42 @@ def check_adapter_shapes(
     return rank
 
 
+def check_update_shapes(
+    tensors: Mapping[str, TensorInfo], expected: Mapping[str, tuple[int, int]], limits: PayloadLimits
+) -> dict[str, str]:
+    """Check a downlink update: per module either ``delta`` (d_out, d_in) or ``lora_A`` (r, d_in) and
+    ``lora_B`` (d_out, r) with 1 <= r <= min(d_out, d_in, max_rank); return each module's form."""
+    allowed = {f"{m}.{suffix}" for m in expected for suffix in ("lora_A", "lora_B", "delta")}
+    if unknown := sorted(set(tensors) - allowed):
+        raise PayloadError(f"unexpected tensor {unknown[0]!r} ({len(unknown)} unexpected in all)")
+    forms = {}
+    for module in sorted(expected):
+        d_out, d_in = expected[module]
+        factors = [f"{module}.lora_{side}" in tensors for side in "AB"]
+        if f"{module}.delta" in tensors:
+            if any(factors):
+                raise PayloadError(f"module {module!r}: both a dense delta and factors; a module has one form")
+            check_shape(f"{module}.delta", tensors, (d_out, d_in), "(out_features, in_features)")
+            forms[module] = "dense"
+            continue
+        if not all(factors):
+            missing = f"{module}.lora_{'AB'[factors.index(False)]}"
+            raise PayloadError(f"missing tensor {missing!r} (module {module!r} needs lora_A and lora_B, or delta)")
+        a_shape = tensors[f"{module}.lora_A"].shape
+        if len(a_shape) != 2:
+            raise PayloadError(f"tensor {module + '.lora_A'!r}: shape {a_shape} is not 2-D")
+        rank = a_shape[0]
+        if not 1 <= rank <= min(d_out, d_in, limits.max_rank):
+            raise PayloadError(
+                f"tensor {module + '.lora_A'!r}: rank {rank} is outside [1, {min(d_out, d_in, limits.max_rank)}] "
+                "(a canonical factor rank never exceeds min(out_features, in_features))"
+            )
+        check_shape(f"{module}.lora_A", tensors, (rank, d_in), "(rank, in_features)")
+        check_shape(f"{module}.lora_B", tensors, (d_out, rank), "(out_features, rank)", "the rank of lora_A")
+        forms[module] = "factors"
+    return forms
+
+
 def check_shape(
     name: str, tensors: Mapping[str, TensorInfo], want: tuple[int, int], labels: str, note: str = ""
 ) -> None:

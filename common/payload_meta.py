@@ -17,13 +17,17 @@ from flora.common.lora import lora_scaling
 
 ADAPTER_FORMAT = "flora.lora.v1"
 WEIGHTS_FORMAT = "flora.weights.v1"
+UPDATE_FORMAT = "flora.update.v1"
+# "global_adapter" (the stacked adapter) is what servers before the canonical downlink stored.
 ADAPTER_KINDS = ("client_update", "global_adapter", "global_lora")
 WEIGHTS_KINDS = ("merged_modules",)
+# A round's downlink (per module canonical factors or a dense delta) and the lossy remainder.
+UPDATE_KINDS = ("global_update", "downlink_remainder")
 SCALING_RULES = ("standard", "rslora")
-KINDS = ADAPTER_KINDS + WEIGHTS_KINDS
+KINDS = ADAPTER_KINDS + WEIGHTS_KINDS + UPDATE_KINDS
 
 _ADAPTER_KEYS = frozenset({"format", "kind", "rank", "alpha", "scaling_rule", "scaling", "round", "version"})
-_WEIGHTS_KEYS = frozenset({"format", "kind", "round", "version"})
+_WEIGHTS_KEYS = frozenset({"format", "kind", "round", "version"})  # also those of update payloads
 _COUNT = re.compile(r"[0-9]{1,19}")
 
 
@@ -73,9 +77,14 @@ class PayloadMeta:
         return self.kind in ADAPTER_KINDS
 
     @property
+    def is_update(self) -> bool:
+        """True for a downlink update or remainder (per-module factors or dense deltas)."""
+        return self.kind in UPDATE_KINDS
+
+    @property
     def format(self) -> str:
         """The format tag, which follows from the kind."""
-        return ADAPTER_FORMAT if self.is_adapter else WEIGHTS_FORMAT
+        return _format_of(self.kind)
 
     @property
     def scaling(self) -> float | None:
@@ -98,7 +107,7 @@ class PayloadMeta:
         """Parse a payload's metadata strictly; every error names the key at fault."""
         kind = _check_choice("kind", _required(metadata, "kind"), KINDS)
         allowed = _ADAPTER_KEYS if kind in ADAPTER_KINDS else _WEIGHTS_KEYS
-        fmt = ADAPTER_FORMAT if kind in ADAPTER_KINDS else WEIGHTS_FORMAT
+        fmt = _format_of(kind)
         if unknown := sorted(set(metadata) - allowed):
             raise PayloadError(f"metadata {unknown[0]!r} is not a {fmt} key for kind {kind!r}")
         if (found := _required(metadata, "format")) != fmt:
@@ -121,6 +130,12 @@ class PayloadMeta:
                     f"alpha {meta.alpha} and the {meta.scaling_rule} rule ({meta.scaling})"
                 )
         return meta
+
+
+def _format_of(kind: str) -> str:
+    if kind in ADAPTER_KINDS:
+        return ADAPTER_FORMAT
+    return UPDATE_FORMAT if kind in UPDATE_KINDS else WEIGHTS_FORMAT
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:

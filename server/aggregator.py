@@ -4,7 +4,10 @@ Everything here is blocking torch or file work; the coordinator calls it through
 ``asyncio.to_thread`` so that the event loop keeps serving while a round is aggregated. Nothing
 here touches the database: methods return what they wrote, and the caller commits it.
 
-flora: the model holds base + every committed global adapter (merged each round).
+flora: the model holds base + every committed downlink update (merged each round). The round's
+stack is factored into its downlink (``flora.common.downlink``: canonical factors or dense per
+module, optionally compressed); the server merges exactly the downlink it serves, and a lossy
+downlink's remainder is kept (in memory and in the state directory) for the next round.
 fedit / zeropad: the model holds the base; the persistent global LoRA is kept beside it and is
 merged only into exports and evaluations (DESIGN.md section 2).
 """
@@ -28,12 +31,24 @@ from flora.common.data import TokenizedExample, load_examples, tokenize_examples
 from flora.common.evaluate import evaluate_loss
 from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, lora_scaling, pad_rank, seeded_lora
-from flora.common.merge import merged_temporarily, merged_weights, module_weights
-from flora.common.payload import PayloadLimits, PayloadMeta, artifact_limits, read_adapter, read_weights, write_adapter, write_weights
+from flora.common.downlink import plan_downlink
+from flora.common.merge import merged_temporarily, merged_update, merged_weights, module_weights
+from flora.common.payload import (
+    PayloadLimits,
+    PayloadMeta,
+    artifact_limits,
+    read_adapter,
+    read_update,
+    read_weights,
+    write_adapter,
+    write_update,
+    write_weights,
+)
 from flora.common.robust import Decision, robust_inputs, weights_norm
+from flora.common.update import ModuleUpdate, cumulative_factors
 from flora.common.weights import client_weights
 from flora.server.config import ServerSettings
-from flora.server.export import concatenate, save_checkpoint
+from flora.server.export import save_checkpoint
 from flora.server.layout import Layout
 from flora.server.store import Artifact, Submission
 from flora.server.uploads import is_rslora
@@ -61,6 +76,7 @@ class RoundOutput:
     weights: list[float]
     aggregation_error: float
     global_rank: int
+    downlink: dict[str, Any] | None  # flora: forms, ranks, bytes, retained energy, remainder norm
     validation_loss: float | None
     checkpoint: str | None
     seconds: dict[str, float]
@@ -86,6 +102,7 @@ class Aggregator:
         self.base_norm = weights_norm(live)  # of the base weights: the same limit after every restart
         self.base = {} if self.method is Method.FLORA else {n: w.detach().clone() for n, w in live.items()}
         self.global_lora: LoraAdapter | None = None
+        self.remainder: dict[str, ModuleUpdate] = {}  # flora: what earlier downlinks did not send
         self.validation = self._validation_data()
         log.info("model %s on %s: %d target modules, fingerprint %s",
                  settings.base_model, self.device, len(self.shapes), self.fingerprint[:12])
@@ -122,6 +139,9 @@ class Aggregator:
         """Bring the in-memory state to committed ``version`` after a restart."""
         if self.method is Method.FLORA:
             self._load_merged(self.layout.absolute(artifacts["merged"].path))
+            self.remainder = {}
+            if "remainder" in artifacts:
+                self.remainder, _ = read_update(self.layout.absolute(artifacts["remainder"].path), self.shapes)
         else:
             path = self.layout.absolute(artifacts["global"].path)
             self.global_lora, _ = read_adapter(
@@ -146,22 +166,23 @@ class Aggregator:
         combined = aggregate(self.method, adapters, weights, self.precision)
         if self.method is Method.ZEROPAD:
             combined = pad_rank(combined, self.settings.lora_rank)
-        combined = combined.to(torch.float32)  # what is served is what everyone merges
+        combined = combined.to(torch.float32)
         error = aggregation_error(combined, adapters, weights)
         seconds["aggregate"] = time.perf_counter() - clock
-        previous = self.global_lora
+        previous = self.global_lora, self.remainder
         try:
-            artifacts = self._apply(number, combined, seconds)
+            artifacts, downlink = self._apply(number, combined, seconds)
             checkpoint = _timed(seconds, "checkpoint", self._checkpoint, number) if self._checkpoint_due(number) else None
             loss = _timed(seconds, "evaluate", self.evaluate)
         except BaseException:
-            self.restore_previous(number - 1, previous)
-            for path in (self.layout.global_artifact(number), self.layout.merged(number)):
+            self.restore_previous(number - 1, *previous)
+            for path in (self.layout.global_artifact(number), self.layout.downlink(number),
+                         self.layout.remainder(number), self.layout.merged(number)):
                 path.unlink(missing_ok=True)  # never recorded: no orphan of a failed round stays
             shutil.rmtree(self.layout.checkpoint(number), ignore_errors=True)
             raise
-        return RoundOutput(artifacts, [d.weight for d in decisions], error, combined.rank, loss, checkpoint, seconds,
-                           decisions)
+        return RoundOutput(artifacts, [d.weight for d in decisions], error, combined.rank, downlink, loss, checkpoint,
+                           seconds, decisions)
 
     def faulty(self, submissions: Sequence[Submission]) -> dict[str, str]:
         """The updates that fail on their own (unreadable, or non-finite merged alone), with why.
@@ -178,27 +199,38 @@ class Aggregator:
                 reasons[submission.client_id] = f"{type(error).__name__}: {error}"
         return reasons
 
-    def _apply(self, number: int, combined: LoraAdapter, seconds: dict[str, float]) -> list[Artifact]:
-        """Write the new global artifact and move the model state to version ``number``."""
-        clock = time.perf_counter()
-        if self.method is Method.FLORA:
-            artifacts = [self._write_global_adapter(combined, number)]
-            live = module_weights(self.model, list(self.shapes))
-            updated = merged_weights(live, combined, self.precision)  # all modules or none
-            with torch.no_grad():
-                for name, weight in live.items():
-                    weight.copy_(updated[name])
-            artifacts.append(self._write_merged(number))
-        else:
+    def _apply(
+        self, number: int, combined: LoraAdapter, seconds: dict[str, float]
+    ) -> tuple[list[Artifact], dict[str, Any] | None]:
+        """Write the new global artifact(s) and move the model state to version ``number``."""
+        if self.method is not Method.FLORA:
+            clock = time.perf_counter()
             artifacts = [self._write_global_lora(combined, number)]
             self.global_lora = combined
+            seconds["merge"] = time.perf_counter() - clock
+            return artifacts, None
+        downlink = _timed(seconds, "factorize", plan_downlink, combined.pairs, self.remainder, self.settings.downlink_policy)
+        clock = time.perf_counter()
+        artifacts = [self._write_update("global", "global_update", downlink.update, number)]
+        if downlink.remainder:
+            artifacts.append(self._write_update("remainder", "downlink_remainder", downlink.remainder, number))
+        live = module_weights(self.model, list(self.shapes))
+        updated = merged_update(live, downlink.update, self.precision)  # exactly what is served; all or none
+        with torch.no_grad():
+            for name, weight in live.items():
+                weight.copy_(updated[name])
+        self.remainder = downlink.remainder
+        artifacts.append(self._write_merged(number))
         seconds["merge"] = time.perf_counter() - clock
-        return artifacts
+        return artifacts, {"bytes": artifacts[0].size, **downlink.summary()}
 
-    def restore_previous(self, version: int, previous_lora: LoraAdapter | None) -> None:
-        """Undo a failed round: reload the merged weights of ``version`` (flora) or the old LoRA."""
+    def restore_previous(
+        self, version: int, previous_lora: LoraAdapter | None, previous_remainder: dict[str, ModuleUpdate]
+    ) -> None:
+        """Undo a failed round: reload the merged weights of ``version`` and the remainder (flora) or the old LoRA."""
         if self.method is Method.FLORA:
             self._load_merged(self.layout.merged(version))
+            self.remainder = previous_remainder
         else:
             self.global_lora = previous_lora
 
@@ -223,12 +255,11 @@ class Aggregator:
         size, sha = size_sha
         return Artifact(kind, version, self.layout.relative(path), sha, size)
 
-    def _write_global_adapter(self, adapter: LoraAdapter, version: int) -> Artifact:
-        # Scaling 1 (every client's scaling is folded into A): alpha = rank under the standard rule.
-        meta = PayloadMeta("global_adapter", rank=adapter.rank, alpha=float(adapter.rank), scaling_rule="standard",
-                           round=version, version=version)
-        path = self.layout.global_artifact(version)
-        return self._artifact("global", version, path, write_adapter(path, adapter, meta, torch.float32))
+    def _write_update(self, kind: str, payload_kind: str, update: dict[str, ModuleUpdate], version: int) -> Artifact:
+        """The downlink ("global") or the carried remainder ("remainder") of a flora version."""
+        path = self.layout.downlink(version) if kind == "global" else self.layout.remainder(version)
+        meta = PayloadMeta(payload_kind, round=version, version=version)
+        return self._artifact(kind, version, path, write_update(path, update, meta))
 
     def _write_global_lora(self, adapter: LoraAdapter, version: int) -> Artifact:
         rule = "rslora" if self.settings.rslora else "standard"
@@ -263,14 +294,16 @@ class Aggregator:
         return self.layout.relative(dest)
 
     def _peft_adapter(self, version: int) -> dict:
-        """The cumulative update as a PEFT adapter: exact for every method (see export.concatenate)."""
+        """The cumulative update as a PEFT adapter, exact for every method.
+
+        flora: the canonical factors of the sum of every downlink so far (what the model holds),
+        so its rank per module is bounded by min(d_out, d_in) however many rounds ran.
+        """
         common = {"target_modules": self.settings.target_modules, "base_model": self.settings.base_model}
         if self.method is not Method.FLORA:
             return {"adapter": self.global_lora, "alpha": self.settings.lora_alpha, "rslora": self.settings.rslora, **common}
-        adapters = [read_adapter(path, self.shapes, limits=artifact_limits(path.stat().st_size, self.shapes))[0]
-                    for path in (self.layout.global_artifact(v) for v in range(1, version + 1))]
-        total = concatenate(adapters)
-        return {"adapter": total, "alpha": float(total.rank), "rslora": False, **common}
+        updates = (read_update(self.layout.downlink(v), self.shapes)[0] for v in range(1, version + 1))
+        return {"adapter": cumulative_factors(updates), **common}
 
     def evaluate(self) -> float | None:
         """Loss of the exported model on the validation data, when the run has any."""

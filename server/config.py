@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, fi
 from flora.common.addresses import is_loopback
 from flora.common.aggregation import Method
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
+from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
 from flora.common.robust import RobustPolicy
 from flora.common.weights import Weighting
@@ -85,6 +86,23 @@ class ServerSettings(BaseModel):
     precision: Literal["float32", "float64"] = Field(
         "float32",
         description="arithmetic precision of aggregation and merging",
+    )
+    # --- downlink (flora) -------------------------------------------------------------------
+    downlink_energy: float = Field(
+        1.0, ge=0.5, le=1.0,
+        description="share of each module's aggregate energy sent per round (1 = exact; below 1 the rest is carried)",
+    )
+    downlink_max_rank: int = Field(
+        0, ge=0, le=65536,
+        description="largest factor rank sent per module per round (0 = no cap; what is cut is carried)",
+    )
+    downlink_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the downlink's tensors (half precision halves it; the rounding is carried)",
+    )
+    catchup_versions: int = Field(
+        4, ge=1, le=100_000,
+        description="a client more than this many versions behind downloads the merged modules instead of replaying",
     )
     # --- rounds ---------------------------------------------------------------------------
     rounds: int = Field(5, ge=1, le=100_000, description="number of rounds in the run")
@@ -287,6 +305,13 @@ class ServerSettings(BaseModel):
         if self.method is Method.FLORA:
             return 0.0
         return lora_scaling(self.lora_rank, self.lora_alpha, self.rslora)
+
+    @property
+    def downlink_policy(self) -> DownlinkPolicy:
+        """The per-round downlink as the pure maths take it."""
+        return DownlinkPolicy(
+            energy=self.downlink_energy, max_rank=self.downlink_max_rank or None, dtype=WIRE_DTYPES[self.downlink_dtype]
+        )
 
     @property
     def global_lora_rank(self) -> int:

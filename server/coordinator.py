@@ -49,6 +49,7 @@ CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 METHODS = {Method.FLORA: run_pb2.AGGREGATION_METHOD_FLORA, Method.FEDIT: run_pb2.AGGREGATION_METHOD_FEDIT,
            Method.ZEROPAD: run_pb2.AGGREGATION_METHOD_ZEROPAD}
 _RETRY_AFTER_MS = 1000
+_UPDATE, _MERGED = transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, transfer_pb2.ARTIFACT_KIND_MERGED_MODULES
 
 
 @dataclass(frozen=True)
@@ -294,26 +295,24 @@ class Coordinator:
         self.machine.seen(client_id, time.time())
         latest, flora = self.machine.version, self.run.method == Method.FLORA.value
         kind, first, last = request.kind, request.from_version, request.to_version
-        if kind not in (transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA,
-                        transfer_pb2.ARTIFACT_KIND_MERGED_MODULES):
+        if kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER:
+            raise FailedPrecondition(
+                "ARTIFACT_KIND_GLOBAL_ADAPTER (the stacked adapter) is no longer served: this server sends "
+                "ARTIFACT_KIND_GLOBAL_UPDATE (payload flora.update.v1); upgrade the client to flora-fl >= 0.2"
+            )
+        if kind not in (_UPDATE, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA, _MERGED):
             raise InvalidArgument(f"kind {kind} is not an artifact kind a client can fetch")
         if last > latest:
             raise OutOfRange(f"to_version {last} is beyond the latest version {latest}")
         if (kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA) == flora:
-            wanted = "ARTIFACT_KIND_GLOBAL_ADAPTER or ARTIFACT_KIND_MERGED_MODULES" if flora else "ARTIFACT_KIND_GLOBAL_LORA"
+            wanted = "ARTIFACT_KIND_GLOBAL_UPDATE or ARTIFACT_KIND_MERGED_MODULES" if flora else "ARTIFACT_KIND_GLOBAL_LORA"
             raise FailedPrecondition(f"this run aggregates with {self.run.method}: fetch {wanted}")
-        if kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER:
-            wanted_versions, store_kind = range(first + 1, last + 1), "global"
-        elif kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA:
-            wanted_versions, store_kind = [last], "global"
-        else:
-            if last != latest:
-                raise FailedPrecondition(f"merged weights are served for the latest version {latest} only, not {last}")
-            wanted_versions, store_kind = [last], "merged"
-        plan = []
-        for version in wanted_versions:
-            artifact = self.store.artifact(store_kind, version)
-            plan.append(Planned(kind, version, self.layout.absolute(artifact.path), artifact.sha256, artifact.size))
+        if kind == _MERGED and last != latest:
+            raise FailedPrecondition(f"merged weights are served for the latest version {latest} only, not {last}")
+        wanted_versions = range(first + 1, last + 1) if kind == _UPDATE else [last]
+        plan = [self._planned(kind, version) for version in wanted_versions]
+        if kind == _UPDATE and request.allow_merged and not request.offset and last == latest and self._replay_costs_more(plan):
+            plan = [self._planned(_MERGED, last)]
         if plan and request.offset:
             if request.offset > plan[0].size:
                 raise OutOfRange(
@@ -321,6 +320,17 @@ class Coordinator:
                 )
             plan[0] = replace(plan[0], offset=request.offset)
         return plan
+
+    def _planned(self, kind: int, version: int) -> Planned:
+        artifact = self.store.artifact("merged" if kind == _MERGED else "global", version)
+        return Planned(kind, version, self.layout.absolute(artifact.path), artifact.sha256, artifact.size)
+
+    def _replay_costs_more(self, updates: list[Planned]) -> bool:
+        """Catch-up without replay: too many versions behind, or the merged modules are smaller."""
+        if len(updates) > self.settings.catchup_versions:
+            return True
+        merged = self.store.artifact("merged", self.machine.version)
+        return bool(updates) and merged is not None and merged.size < sum(item.size for item in updates)
 
     async def fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> AsyncIterator[transfer_pb2.Chunk]:
         """The FetchGlobal stream: each planned artifact in chunks, read off the event loop."""

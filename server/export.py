@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,48 +68,46 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, dest: Path, tmp: Path, ada
 
 
 def save_peft_adapter(
-    folder: Path, adapter: LoraAdapter, *, alpha: float, rslora: bool, target_modules: Sequence[str], base_model: str
+    folder: Path,
+    adapter: LoraAdapter | Mapping[str, LoraPair],
+    *,
+    target_modules: Sequence[str],
+    base_model: str,
+    alpha: float | None = None,
+    rslora: bool = False,
 ) -> None:
     """A PEFT LoRA adapter folder (``PeftModel.from_pretrained`` loads it) holding ``adapter``.
 
-    ``alpha`` and ``rslora`` must reproduce ``adapter.scaling`` under PEFT's rule (alpha / r or
-    alpha / sqrt(r)); the factors are written as they are.
+    A ``LoraAdapter`` (one rank): ``alpha`` and ``rslora`` must reproduce its scaling under
+    PEFT's rule (alpha / r or alpha / sqrt(r)). A mapping of factor pairs (scaling 1, a rank per
+    module, e.g. canonical factors): each module gets its own rank and alpha = rank through PEFT's
+    ``rank_pattern`` and ``alpha_pattern``. The factors are written as they are.
     """
     from peft import LoraConfig  # imported here: peft takes seconds to import and only exports need it
 
+    if isinstance(adapter, LoraAdapter):
+        if alpha is None:
+            raise ValueError("save_peft_adapter: a LoraAdapter needs the alpha that gives its scaling")
+        pairs, options = adapter.pairs, {"r": adapter.rank, "lora_alpha": alpha, "use_rslora": rslora}
+    else:
+        pairs = adapter
+        ranks = {name: pair.a.shape[0] for name, pair in pairs.items()}
+        top = max(ranks.values())
+        # Exact names as patterns (escaped: PEFT matches them as regular expressions).
+        pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != top}
+        options = {"r": top, "lora_alpha": float(top), "rank_pattern": pattern,
+                   "alpha_pattern": {key: float(rank) for key, rank in pattern.items()}}
     folder.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
-        r=adapter.rank,
-        lora_alpha=alpha,
-        use_rslora=rslora,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        base_model_name_or_path=base_model,
-        task_type="CAUSAL_LM",
+        target_modules=list(target_modules), lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
+        task_type="CAUSAL_LM", **options,
     )
     config.save_pretrained(str(folder))
     tensors = {}
-    for name, (a, b) in adapter.pairs.items():
+    for name, (a, b) in pairs.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
     save_file(tensors, folder / "adapter_model.safetensors")
-
-
-def concatenate(adapters: Sequence[LoraAdapter]) -> LoraAdapter:
-    """One adapter equal to the sum of scaling-1 adapters: A's stacked by rows, B's by columns.
-
-    The global adapters of successive flora versions all have scaling 1, so their
-    concatenation is exactly the cumulative update B_1 A_1 + ... + B_t A_t (DESIGN.md section 2).
-    """
-    if any(adapter.scaling != 1.0 for adapter in adapters):
-        raise ValueError("only scaling-1 adapters concatenate into their sum")
-    names = adapters[0].module_names
-    pairs = {
-        name: LoraPair(torch.cat([a.pairs[name].a for a in adapters], 0), torch.cat([a.pairs[name].b for a in adapters], 1))
-        for name in names
-    }
-    return LoraAdapter(pairs, 1.0)
 
 
 def write_history(path: Path, records: Sequence[dict[str, Any]]) -> None:

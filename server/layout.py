@@ -5,11 +5,18 @@ from strings a client sent, so no request can steer a write outside these folder
 
     state.db                         SQLite: run, clients, rounds, submissions, versions
     updates/r000003/<id>.<sha>.safetensors   accepted client updates of round 3
-    globals/v000003.safetensors      global adapter (flora) or global LoRA (fedit, zeropad) of version 3
+    downlink/v000003.safetensors     flora: the downlink of version 3 (per module canonical factors or a
+                                     dense delta of the round's aggregate; what clients merge)
+    remainders/v000003.safetensors   flora with a lossy downlink: what version 3 did not send, carried
+                                     into round 4's aggregate (never served)
+    globals/v000003.safetensors      fedit, zeropad: the global LoRA of version 3
     merged/v000003.safetensors       merged target-module weights of the latest version (flora)
     checkpoints/v000003/             Hugging Face checkpoint of version 3 (+ adapter/ for PEFT)
     history.jsonl                    one JSON line per round
     tmp/                             uploads in flight and staging; emptied at start
+
+A round's stacked factors are never written as such and never served: the accepted updates under
+``updates/`` are the stack's only record, so no client can read another client's update.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _SAFE_ID = re.compile(r"[0-9a-f]{1,64}")
+# Folders of files that the database refers to (anything else in them is an orphan).
+ARTIFACT_FOLDERS = ("updates", "downlink", "remainders", "globals", "merged")
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class Layout:
 
     def create(self) -> None:
         """Make every folder (idempotent)."""
-        for folder in (self.root, self.tmp, self.root / "updates", self.root / "globals", self.root / "merged", self.checkpoints):
+        for folder in (self.root, self.tmp, *(self.root / name for name in ARTIFACT_FOLDERS), self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
 
     def update(self, round_number: int, client_id: str, sha256: str) -> Path:
@@ -55,8 +64,17 @@ class Layout:
         return self.root / "updates" / f"r{round_number:06d}" / f"{client_id}.{sha256}.safetensors"
 
     def global_artifact(self, version: int) -> Path:
-        """The global adapter (flora) or global LoRA (fedit, zeropad) of a version."""
+        """The global LoRA (fedit, zeropad) of a version; a flora state directory of the stacked
+        format (before the canonical downlink) kept its stacked global adapters here too."""
         return self.root / "globals" / f"v{version:06d}.safetensors"
+
+    def downlink(self, version: int) -> Path:
+        """The downlink update of a flora version: what clients download and merge."""
+        return self.root / "downlink" / f"v{version:06d}.safetensors"
+
+    def remainder(self, version: int) -> Path:
+        """What a lossy downlink of a flora version left out, carried into the next round."""
+        return self.root / "remainders" / f"v{version:06d}.safetensors"
 
     def merged(self, version: int) -> Path:
         """Merged target-module weights of a version."""

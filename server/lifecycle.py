@@ -292,6 +292,7 @@ class RoundDriver:
             "validation_loss": _finite(output.validation_loss),
             "aggregation_error": _finite(output.aggregation_error),
             "global_rank": output.global_rank,
+            "downlink": output.downlink,
             "bytes_in": sum(s.size for s in submissions),
             "bytes_out": self.bytes_out,
             "committed_unix": now,

@@ -19,9 +19,10 @@ from pathlib import Path
 from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
 from flora.server.export import write_history
-from flora.server.layout import Layout
+from flora.server.layout import ARTIFACT_FOLDERS, Layout
 from flora.server.rounds import RoundMachine, RoundPolicy
 from flora.server.store import RunRecord, Store
+from flora.server.upgrade import UpgradeError, convert_stacked_downlinks
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,14 @@ def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator:
         log.info("created run %s in %s", run.run_id, layout.root)
         return run
     check_same_run(run, settings, aggregator.fingerprint)
+    if run.method == "flora":
+        try:
+            convert_stacked_downlinks(layout, store, aggregator.shapes)
+        except UpgradeError as exc:
+            raise StartupError(str(exc)) from None
     remove_orphans(layout, store, run.version)
     write_history(layout.history, store.history())  # it may lag the database after a crash
-    artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged")}
+    artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged", "remainder")}
     aggregator.restore(run.version, {k: a for k, a in artifacts.items() if a is not None})
     log.info("resuming run %s at version %d", run.run_id, run.version)
     return run
@@ -85,7 +91,7 @@ def check_same_run(run: RunRecord, settings: ServerSettings, model_hash: str) ->
 def remove_orphans(layout: Layout, store: Store, version: int) -> None:
     """Delete files no committed row refers to (left by a crash between a write and its commit)."""
     kept = {layout.absolute(p) for p in store.update_paths() | store.artifact_paths()}
-    for folder in ("updates", "globals", "merged"):
+    for folder in ARTIFACT_FOLDERS:
         for path in sorted((layout.root / folder).rglob("*")):
             if path.is_file() and path not in kept:
                 log.info("removing %s: not referred to by the database", layout.relative(path))

@@ -348,6 +348,11 @@ class Store:
             db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?", (RoundState.DONE.value, number, attempt))
             db.execute("UPDATE run SET version = ? WHERE id = 1", (number,))
 
+    def replace_artifacts(self, artifacts: Sequence[Artifact]) -> None:
+        """Point existing artifact rows at new files, all in one transaction (state upgrades)."""
+        with self._transaction() as db:
+            self._insert_artifacts(db, artifacts)
+
     @staticmethod
     def _insert_artifacts(db: sqlite3.Connection, artifacts: Sequence[Artifact]) -> None:
         db.executemany(f"INSERT OR REPLACE INTO artifacts VALUES ({_placeholders(Artifact)})", [astuple(a) for a in artifacts])

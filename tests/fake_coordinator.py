@@ -23,7 +23,8 @@ import torch
 
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, fingerprint, load_model, target_module_shapes
 from flora.common.lora import LoraAdapter, LoraPair
-from flora.common.payload import PayloadMeta, encode_adapter
+from flora.common.downlink import plan_downlink
+from flora.common.payload import PayloadMeta, encode_update, encode_weights
 from flora.common.wire import UpdateReceiver, artifact_chunks
 from flora.v1 import coordinator_pb2, coordinator_pb2_grpc, run_pb2, transfer_pb2
 
@@ -52,10 +53,15 @@ def random_adapter(spec: run_pb2.RunSpec, rank: int, scaling: float, seed: int) 
     )
 
 
-def global_adapter_payload(adapter: LoraAdapter, version: int) -> bytes:
-    """A stacked global adapter of ``version`` as the server would serve it (scaling 1)."""
-    return encode_adapter(adapter, PayloadMeta("global_adapter", rank=adapter.rank, alpha=float(adapter.rank),
-                                               scaling_rule="standard", version=version))
+def global_update_payload(adapter: LoraAdapter, version: int) -> bytes:
+    """The downlink of ``version`` as the server would serve it, for an aggregate equal to ``adapter``."""
+    stack = {name: LoraPair(pair.a * adapter.scaling, pair.b) for name, pair in adapter.pairs.items()}
+    return encode_update(plan_downlink(stack).update, PayloadMeta("global_update", round=version, version=version))
+
+
+def merged_payload(weights: dict[str, torch.Tensor], version: int) -> bytes:
+    """The server's merged modules of ``version``."""
+    return encode_weights(weights, PayloadMeta("merged_modules", version=version))
 
 
 @dataclass
@@ -77,6 +83,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
     round_closed: bool = False
     tamper: bool = False  # flip one byte of every artifact streamed (after hashing it)
     hold_s: float = 0.0  # how long NextTask holds each call before answering (a long-poll)
+    merged_instead: bool = False  # answer an allow_merged update request with the merged modules
     requests: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     metadata: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     uploads: list[tuple[transfer_pb2.UpdateHeader, bytes]] = field(default_factory=list)
@@ -114,20 +121,24 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
         with self.lock:
             if self.tasks:
                 return self.tasks.pop(0)
-        latest = max((v for (k, v) in self.artifacts if k == transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER), default=0)
+        latest = max((v for (k, v) in self.artifacts if k == transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE), default=0)
         return coordinator_pb2.Task(finished=coordinator_pb2.FinishedTask(final_version=latest))
 
     def FetchGlobal(self, request, context):
         fault = self._enter("FetchGlobal", request, context)
-        if request.kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER:
+        kind = request.kind
+        if kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE:
             versions = range(request.from_version + 1, request.to_version + 1)
         else:
             versions = [request.to_version]
+        merged = (transfer_pb2.ARTIFACT_KIND_MERGED_MODULES, request.to_version)
+        if kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE and request.allow_merged and self.merged_instead and merged in self.artifacts:
+            kind, versions = merged[0], [merged[1]]
         sent, offset = 0, request.offset
         for version in versions:
-            payload = self.artifacts[(request.kind, version)]
+            payload = self.artifacts[(kind, version)]
             digest = hashlib.sha256(payload).hexdigest()
-            for chunk in artifact_chunks(request.kind, version, payload, digest, CHUNK, offset):
+            for chunk in artifact_chunks(kind, version, payload, digest, CHUNK, offset):
                 if fault is not None and sent >= fault.after_bytes:
                     context.abort(fault.code, "injected cut")
                 sent += len(chunk.data)

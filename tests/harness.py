@@ -229,8 +229,11 @@ class ScriptedClient:
     def submit_messages(self, messages) -> pb.SubmitReply:
         return self.stub.SubmitUpdate(messages, metadata=self.metadata(), timeout=60)
 
-    def fetch(self, kind: int, from_version: int, to_version: int, offset: int = 0) -> list[transfer_pb2.Chunk]:
-        request = pb.FetchGlobalRequest(kind=kind, from_version=from_version, to_version=to_version, offset=offset)
+    def fetch(
+        self, kind: int, from_version: int, to_version: int, offset: int = 0, allow_merged: bool = False
+    ) -> list[transfer_pb2.Chunk]:
+        request = pb.FetchGlobalRequest(kind=kind, from_version=from_version, to_version=to_version, offset=offset,
+                                        allow_merged=allow_merged)
         return list(self.stub.FetchGlobal(request, metadata=self.metadata(), timeout=60))
 
     def close(self) -> None:

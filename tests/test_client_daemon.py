@@ -9,10 +9,10 @@ import grpc
 import pytest
 import torch
 
-from fake_coordinator import TOKEN, FakeCoordinator, Fault, global_adapter_payload, random_adapter, serving, tiny_spec
+from fake_coordinator import TOKEN, FakeCoordinator, Fault, global_update_payload, random_adapter, serving, tiny_spec
 from flora.client.config import ClientSettings
 from flora.client.daemon import Daemon
-from flora.client.sync import ADAPTER, LORA, expected_shapes
+from flora.client.sync import UPDATE, LORA, expected_shapes
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.merge import merged_weights, module_weights
 from flora.common.payload import PayloadMeta, encode_adapter, read_adapter
@@ -57,7 +57,7 @@ def run_daemon(tmp_path, fake, data_files, stop=None, **values):
 
 def test_a_flora_round_uploads_factors_of_the_declared_rank_and_names(tmp_path, spec, data_files):
     adapter = random_adapter(spec, 5, 1.0, seed=1)
-    fake = FakeCoordinator(spec, tasks=[train_task(2, 1)], artifacts={(ADAPTER, 1): global_adapter_payload(adapter, 1)})
+    fake = FakeCoordinator(spec, tasks=[train_task(2, 1)], artifacts={(UPDATE, 1): global_update_payload(adapter, 1)})
     status, daemon = run_daemon(tmp_path, fake, data_files)
     assert status == 0
     (header, payload), = fake.uploads
@@ -78,7 +78,7 @@ def test_a_flora_round_uploads_factors_of_the_declared_rank_and_names(tmp_path, 
 
 def test_a_restarted_client_rejoins_with_its_identity_and_keeps_its_version(tmp_path, spec, data_files):
     adapter = random_adapter(spec, 3, 1.0, seed=2)
-    artifacts = {(ADAPTER, 1): global_adapter_payload(adapter, 1)}
+    artifacts = {(UPDATE, 1): global_update_payload(adapter, 1)}
     run_daemon(tmp_path, FakeCoordinator(spec, artifacts=artifacts), data_files)
     again = FakeCoordinator(spec, artifacts=artifacts)
     status, daemon = run_daemon(tmp_path, again, data_files)

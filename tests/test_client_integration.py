@@ -103,7 +103,7 @@ def test_a_late_joiner_catches_up_through_every_version(tmp_path, server_factory
     view.close()
     late = start(tmp_path, server.address, "late", 6)
     finish([*early, late])
-    assert "event=download kind=global_adapter from=1 " in late.log()  # it started from the base model
+    assert "event=download kind=global_update from=1 " in late.log()  # it started from the base model
     assert_clients_hold_the_servers_model(tmp_path, server.address, [*early, late], 3)
 
 

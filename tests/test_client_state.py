@@ -92,16 +92,17 @@ def test_reset_run_forgets_everything_of_the_run(state):
     state.save_identity(Identity(run_id="r1", client_id="c1", token="t", server="s:1", name="a"))
     state.save_run(run_pb2.RunSpec(run_id="r1"))
     state.commit("r1", 1, weights(1.0))
-    state.artifact_path(transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, 2).write_bytes(b"x")
+    state.artifact_path(transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, 2).write_bytes(b"x")
     state.reset_run()
     assert state.load_identity() is None and state.load_run() is None and state.held_version("r1") == 0
     assert not list(state.model_dir.iterdir()) and not list(state.globals_dir.iterdir())
 
 
 def test_prune_globals_keeps_newer_downloads(state):
-    kind = transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER
+    kind = transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE
     for version in (1, 2, 3):
         state.artifact_path(kind, version).write_bytes(b"x")
-    (state.globals_dir / "adapter-v3.safetensors.part").write_bytes(b"y")
+    (state.globals_dir / "update-v3.safetensors.part").write_bytes(b"y")
+    (state.globals_dir / "adapter-v2.safetensors").write_bytes(b"z")  # a download of the stacked format
     state.prune_globals(below=3)
-    assert sorted(p.name for p in state.globals_dir.iterdir()) == ["adapter-v3.safetensors", "adapter-v3.safetensors.part"]
+    assert sorted(p.name for p in state.globals_dir.iterdir()) == ["update-v3.safetensors", "update-v3.safetensors.part"]

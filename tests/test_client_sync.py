@@ -8,15 +8,15 @@ import grpc
 import pytest
 import torch
 
-from fake_coordinator import FakeCoordinator, Fault, global_adapter_payload, random_adapter, serving, tiny_spec
+from fake_coordinator import FakeCoordinator, Fault, global_update_payload, merged_payload, random_adapter, serving, tiny_spec
 from flora.client.config import ClientSettings
 from flora.client.connection import Connection
 from flora.client.progress import Progress
 from flora.client.state import StateDir
-from flora.client.sync import ADAPTER, LORA, SyncError, Synchroniser, expected_shapes, restore
+from flora.client.sync import LORA, MERGED, UPDATE, SyncError, Synchroniser, expected_shapes, restore
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.merge import merged_weights, module_weights
-from flora.common.payload import PayloadMeta, encode_adapter
+from flora.common.payload import PayloadMeta, encode_adapter, encode_update
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def adapters(spec):
 
 @pytest.fixture()
 def fake(spec, adapters):
-    return FakeCoordinator(spec, artifacts={(ADAPTER, v): global_adapter_payload(a, v) for v, a in adapters.items()})
+    return FakeCoordinator(spec, artifacts={(UPDATE, v): global_update_payload(a, v) for v, a in adapters.items()})
 
 
 @pytest.fixture()
@@ -89,6 +89,26 @@ def test_an_interrupted_download_resumes_at_the_part_files_size(client, fake, sp
     assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
 
 
+def test_a_client_restarted_mid_download_resumes_the_global_update(client, fake, spec, adapters, tmp_path):
+    sync, state = client
+    fake.faults["FetchGlobal"] = [Fault(grpc.StatusCode.INTERNAL, after_bytes=8192)]  # not retried: the daemon dies
+    with pytest.raises(grpc.RpcError):
+        sync.catch_up(load_model(BUILTIN_MODEL), 0, 2)
+    assert [p.name for p in state.globals_dir.iterdir()] == ["update-v1.safetensors.part"]
+    state.close()
+    restarted = StateDir(state.root)  # a new process on the same state directory
+    try:
+        fresh = Synchroniser(sync._conn, restarted, spec, Progress("off"))
+        model = load_model(BUILTIN_MODEL)
+        assert fresh.catch_up(model, 0, 2) == 2
+    finally:
+        restarted.close()
+    assert [(r.from_version, r.offset) for r in fake.requests["FetchGlobal"]] == [(0, 0), (0, 8192)]
+    want = expected_weights(load_model(BUILTIN_MODEL), spec, adapters, [1, 2])
+    got = module_weights(model, sorted(want))
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
+
+
 def test_corrupt_downloads_are_discarded_then_refused(client, fake, adapters):
     sync, state = client
     fake.tamper = True
@@ -107,12 +127,25 @@ def test_payload_of_the_wrong_shape_is_refused_before_merging(client, fake, spec
     name = spec.target_modules[0].name
     pairs = dict(wrong.pairs)
     pairs[name] = type(pairs[name])(pairs[name].a[:, :-1], pairs[name].b)
-    fake.artifacts[(ADAPTER, 1)] = encode_adapter(
-        type(wrong)(pairs, 1.0), PayloadMeta("global_adapter", rank=2, alpha=2.0, scaling_rule="standard", version=1)
-    )
+    fake.artifacts[(UPDATE, 1)] = encode_update(pairs, PayloadMeta("global_update", version=1))
     with pytest.raises(SyncError, match="shape"):
         sync.catch_up(load_model(BUILTIN_MODEL), 0, 1)
     assert state.held_version(spec.run_id) == 0
+
+
+def test_far_behind_the_client_takes_the_merged_modules_instead_of_replaying(client, fake, spec, adapters):
+    sync, state = client
+    want = expected_weights(load_model(BUILTIN_MODEL), spec, adapters, [1, 2, 3])
+    fake.artifacts[(MERGED, 3)] = merged_payload(want, 3)
+    fake.merged_instead = True
+    fake.faults["FetchGlobal"] = [Fault(grpc.StatusCode.UNAVAILABLE, after_bytes=8192)]  # cut mid-download
+    model = load_model(BUILTIN_MODEL)
+    assert sync.catch_up(model, 0, 3) == 3
+    got = module_weights(model, sorted(want))
+    assert all(torch.equal(got[n], want[n]) for n in want)  # the server's weights, bit for bit
+    requests = [(r.kind, r.from_version, r.to_version, r.offset, r.allow_merged) for r in fake.requests["FetchGlobal"]]
+    assert requests == [(UPDATE, 0, 3, 0, True), (MERGED, 3, 3, 8192, False)]  # the merged download resumed
+    assert state.held_version(spec.run_id) == 3 and not list(state.globals_dir.iterdir())
 
 
 def test_a_server_behind_the_client_is_an_error(client):

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import shared_path
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, target_module_shapes
-from flora.common.merge import merge_into_model
-from flora.common.payload import read_adapter
+from flora.common.merge import merged_update, module_weights
+from flora.common.payload import read_update
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +51,19 @@ def test_demo_completes_every_round_with_every_client_and_learns(tmp_path):
     assert len([line for line in completions.splitlines() if line.startswith("| ")]) >= 3  # header + 2 prompts
     assert (workdir / "report.png").stat().st_size > 10_000 and f"run report: {workdir / 'report.png'}" in result.stdout
 
-    # The checkpoint is base + every global adapter, merged in version order.
+    # The checkpoint is base + every global update, merged in version order.
     checkpoint = workdir / "server" / records[-1]["checkpoint"]
     assert str(checkpoint) in result.stdout
     exported = AutoModelForCausalLM.from_pretrained(checkpoint)
     expected = load_model(BUILTIN_MODEL)
     shapes = target_module_shapes(expected, DEFAULT_TARGET_MODULES)
+    weights = {n: w.detach().clone() for n, w in module_weights(expected, sorted(shapes)).items()}
     for version in (1, 2):
-        adapter, _ = read_adapter(workdir / "server" / "globals" / f"v{version:06d}.safetensors", shapes)
-        merge_into_model(expected, adapter)
+        update, _ = read_update(workdir / "server" / "downlink" / f"v{version:06d}.safetensors", shapes)
+        weights = merged_update(weights, update)
     for name, value in expected.state_dict().items():
-        torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+        module = name.removesuffix(".weight")
+        torch.testing.assert_close(exported.state_dict()[name], weights.get(module, value), rtol=0, atol=1e-6, msg=name)
 
 
 def demo_processes(workdir: Path) -> list[psutil.Process]:

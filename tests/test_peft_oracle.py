@@ -131,3 +131,25 @@ def test_merged_temporarily_restores_the_exact_weights_even_on_error(tiny_model)
             raise RuntimeError("inside")
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_exported_factors_of_their_own_rank_per_module_load_in_peft_exactly(tmp_path, tiny_model):
+    from peft import PeftModel
+
+    from flora.common.basemodel import BUILTIN_MODEL, load_model
+    from flora.common.merge import merged_update, module_weights
+    from flora.server.export import save_peft_adapter
+
+    shapes = target_module_shapes(tiny_model, DEFAULT_TARGET_MODULES)
+    gen = torch.Generator().manual_seed(3)
+    factors = {name: LoraPair(torch.randn(1 + k, d_in, generator=gen) * 0.02, torch.randn(d_out, 1 + k, generator=gen) * 0.02)
+               for k, (name, (d_out, d_in)) in enumerate(sorted(shapes.items()))}  # ranks 1, 2, ..., all different
+    save_peft_adapter(tmp_path / "adapter", factors, target_modules=list(DEFAULT_TARGET_MODULES), base_model=BUILTIN_MODEL)
+    peft_model = PeftModel.from_pretrained(load_model(BUILTIN_MODEL), tmp_path / "adapter").eval()
+    expected = load_model(BUILTIN_MODEL)
+    merged = merged_update(module_weights(expected, sorted(shapes)), factors)
+    with torch.no_grad():
+        for name, weight in module_weights(expected, sorted(shapes)).items():
+            weight.copy_(merged[name])
+        tokens = torch.arange(1, 30).unsqueeze(0)
+        torch.testing.assert_close(peft_model(tokens).logits, expected(tokens).logits, rtol=1e-4, atol=1e-5)

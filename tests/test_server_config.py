@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+import torch
 
 from flora.common.settings import SettingsError, load_settings
 from flora.server.cli import build_parser, main
@@ -22,6 +23,12 @@ def test_defaults_are_valid_and_safe():
     assert (settings.host, settings.port, settings.method.value, settings.min_clients) == ("127.0.0.1", 50051, "flora", 2)
     assert settings.enrollment_token is None and settings.tls_cert is None
     assert settings.required_scaling == 0.0 and settings.global_lora_rank == 0
+
+
+def test_downlink_settings_become_the_policy():
+    policy = settings_from(["--downlink-energy", "0.95", "--downlink-max-rank", "16", "--downlink-dtype", "bfloat16"]).downlink_policy
+    assert (policy.energy, policy.max_rank, policy.dtype, policy.lossy) == (0.95, 16, torch.bfloat16, True)
+    assert not settings_from([]).downlink_policy.lossy  # exact by default
 
 
 def test_required_flags_exist_with_their_names():
@@ -64,6 +71,11 @@ def test_toml_numbers_are_accepted_for_clients_per_round(tmp_path):
         (["--method", "fedavg"], "method", "flora"),
         (["--enrollment-token", "short"], "enrollment_token", "at least 16"),
         (["--target-modules", "q_proj,../x"], "target_modules", "dotted module name"),
+        (["--downlink-energy", "0.4"], "downlink_energy", "greater than or equal to 0.5"),
+        (["--downlink-energy", "1.5"], "downlink_energy", "less than or equal to 1"),
+        (["--downlink-max-rank", "-1"], "downlink_max_rank", "greater than or equal to 0"),
+        (["--downlink-dtype", "float64"], "downlink_dtype", "float32"),
+        (["--catchup-versions", "0"], "catchup_versions", "greater than or equal to 1"),
     ],
 )
 def test_invalid_settings_name_the_field_and_the_limit(argv, field, message):

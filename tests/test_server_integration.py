@@ -24,7 +24,8 @@ from flora.common.aggregation import fedit_average, flora_stack, zeropad_average
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.merge import merged_weights, module_weights
-from flora.common.payload import PayloadMeta, read_adapter, read_weights
+from flora.common.payload import PayloadMeta, read_adapter, read_update, read_weights
+from flora.common.update import is_factors, module_delta, module_numel
 from flora.common.weights import client_weights
 from flora.common.lora import pad_rank, seeded_lora
 from flora.v1 import coordinator_pb2 as pb
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.slow
 ENROLMENT = "enrolment-token-0123456789"
 ADAPTER, LORA, MERGED = (transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA,
                          transfer_pb2.ARTIFACT_KIND_MERGED_MODULES)
+UPDATE = transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE
 
 
 def code_of(call, *args, **kwargs) -> grpc.StatusCode:
@@ -228,7 +230,7 @@ def rule_name(client: ScriptedClient) -> str:
 @pytest.fixture(scope="module")
 def flora_run(tmp_path_factory):
     flags = ("--min-clients", "2", "--rounds", "2", "--operator-token", OPERATOR_TOKEN, "--checkpoint-every", "1",
-             "--max-update-bytes", "200000", "--long-poll-s", "0.5", "--local-steps", "5")
+             "--max-update-bytes", "200000", "--long-poll-s", "0.5", "--local-steps", "5", "--catchup-versions", "1")
     with running_server(tmp_path_factory.mktemp("flora") / "state", *flags) as server:
         yield Run(server)
 
@@ -332,23 +334,38 @@ def round_one(flora_run):
     return run
 
 
-def test_the_global_adapter_is_the_stack_of_the_updates(round_one):
+def test_the_global_update_is_the_canonical_aggregate_and_reveals_no_update(round_one):
     run = round_one
-    chunks = run.alice.fetch(ADAPTER, 0, 1)
-    assert {c.kind for c in chunks} == {ADAPTER}
+    chunks = run.alice.fetch(UPDATE, 0, 1)
+    assert {c.kind for c in chunks} == {UPDATE}
     payload = artifacts(chunks)[1]
-    served, meta = read_adapter(payload, run.shapes)
+    served, meta = read_update(payload, run.shapes)
     expected = run.expected_global(1)
-    assert (meta.kind, served.rank, served.scaling) == ("global_adapter", 6, 1.0)
-    for name in run.shapes:
-        torch.testing.assert_close(served.pairs[name].a, expected.pairs[name].a, rtol=0, atol=1e-7)
-        torch.testing.assert_close(served.pairs[name].b, expected.pairs[name].b, rtol=0, atol=1e-7)
-    resumed = run.alice.fetch(ADAPTER, 0, 1, offset=1000)
+    assert (meta.kind, meta.version) == ("global_update", 1)
+    for name, (d_out, d_in) in run.shapes.items():
+        part = served[name]
+        torch.testing.assert_close(module_delta(part), expected.delta(name), rtol=0, atol=1e-6)
+        assert module_numel(part) == min(6 * (d_out + d_in), d_out * d_in)  # rank 6 = 4 + 2, the smaller form
+        if is_factors(part):
+            for adapter in run.adapters[1].values():
+                a_k, b_k = adapter.pairs[name]
+                for start in range(part.a.shape[0] - adapter.rank + 1):
+                    assert not torch.allclose(part.b[:, start : start + adapter.rank], b_k, rtol=1e-3, atol=1e-6)
+                    assert not torch.allclose(part.a[start : start + adapter.rank], a_k, rtol=1e-3, atol=1e-6)
+    stack_bytes = 4 * 6 * sum(d_out + d_in for d_out, d_in in run.shapes.values())
+    assert len(payload) <= stack_bytes + 4096  # never larger than the stack (4096: the header's allowance)
+    resumed = run.alice.fetch(UPDATE, 0, 1, offset=1000)
     assert resumed[0].offset == 1000 and b"".join(c.data for c in resumed) == payload[1000:]
-    assert run.alice.fetch(ADAPTER, 1, 1) == []
-    assert code_of(run.alice.fetch, ADAPTER, 0, 5) == grpc.StatusCode.OUT_OF_RANGE
-    assert code_of(run.alice.fetch, ADAPTER, 0, 1, offset=len(payload) + 1) == grpc.StatusCode.OUT_OF_RANGE
+    assert run.alice.fetch(UPDATE, 1, 1) == []
+    assert code_of(run.alice.fetch, UPDATE, 0, 5) == grpc.StatusCode.OUT_OF_RANGE
+    assert code_of(run.alice.fetch, UPDATE, 0, 1, offset=len(payload) + 1) == grpc.StatusCode.OUT_OF_RANGE
     assert code_of(run.alice.fetch, LORA, 0, 1) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(run.alice.fetch, ADAPTER, 0, 1) == grpc.StatusCode.FAILED_PRECONDITION  # the stack is never served
+    # The stacked factors exist nowhere but in the accepted updates.
+    assert not any("global_adapter" in p.read_bytes()[:4096].decode("latin-1")
+                   for p in run.state_dir.rglob("*.safetensors") if "updates" not in p.parts)
+    # One version behind, the update is smaller than the merged modules: it is what is sent.
+    assert {c.kind for c in run.alice.fetch(UPDATE, 0, 1, allow_merged=True)} == {UPDATE}
 
 
 def test_the_merged_checkpoint_is_base_plus_the_global_update(round_one):
@@ -383,6 +400,12 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     run.complete_round(2)
     assert run.alice.next_task().finished.final_version == 2
     assert code_of(run.alice.fetch, MERGED, 0, 1) == grpc.StatusCode.FAILED_PRECONDITION  # only the latest
+    # Catch-up without replay: two versions behind is more than --catchup-versions 1.
+    merged = run.alice.fetch(UPDATE, 0, 2, allow_merged=True)
+    assert {(c.kind, c.version) for c in merged} == {(MERGED, 2)}
+    assert artifacts(merged)[2] == artifacts(run.alice.fetch(MERGED, 0, 2))[2]
+    assert {(c.kind, c.version) for c in run.alice.fetch(UPDATE, 1, 2, allow_merged=True)} == {(UPDATE, 2)}
+    assert {c.kind for c in run.alice.fetch(UPDATE, 0, 2)} == {UPDATE}  # a client that cannot take merged modules
     status = run.operator.status()
     assert status.state == "finished" and status.global_version == 2
     history = [json.loads(line) for line in (run.state_dir / "history.jsonl").read_text().splitlines()]
@@ -391,6 +414,13 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     assert first["num_clients"] == 2 and first["examples"] == 40 and first["global_rank"] == 6
     assert first["aggregation_error"] < 1e-5 and first["train_loss"] == pytest.approx(1.5)
     assert first["bytes_in"] > 0 and first["checkpoint"] == "checkpoints/v000001"
+    downlink = first["downlink"]
+    assert downlink["bytes"] == (run.state_dir / "downlink" / "v000001.safetensors").stat().st_size
+    assert (downlink["factor_modules"], downlink["dense_modules"], downlink["rank_min"], downlink["rank_max"]) == (8, 0, 6, 6)
+    assert downlink["retained_energy"] == pytest.approx(1.0) and downlink["remainder_norm"] == 0.0
+    assert "factorize" in first["seconds"]
+    peft_config = json.loads((run.state_dir / "checkpoints" / "v000002" / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 6 + 14  # round 2 adds carol (4 + 2 + 8); never beyond min(d_out, d_in) = 64
     assert sorted(c["name"] for c in first["clients"]) == ["alice", "bob"]
     assert (run.state_dir / "checkpoints" / "v000002" / "model.safetensors").exists()
 

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from harness import OPERATOR_TOKEN, ScriptedClient, make_update, start_server
+import torch
+
+from flora.common.basemodel import BUILTIN_MODEL, load_model
+from flora.common.lora import LoraAdapter
+from flora.common.merge import merged_update, module_weights
+from flora.common.payload import read_update, read_weights
+from flora.common.update import is_factors, module_delta
+from flora.v1 import transfer_pb2
+from harness import OPERATOR_TOKEN, ScriptedClient, artifacts, make_update, start_server, target_shapes
+
+MERGED = transfer_pb2.ARTIFACT_KIND_MERGED_MODULES
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +31,9 @@ FLAGS = ("--min-clients", "2", "--rounds", "2", "--operator-token", OPERATOR_TOK
 class Session:
     """Servers started on one state directory, one after the other, with the same clients."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, *extra: str):
         self.state_dir = state_dir
+        self.extra = extra
         self.servers = []
         self.start()
         base_hash = self.operator.status().run.base_model_hash
@@ -36,7 +47,7 @@ class Session:
         return self.servers[-1]
 
     def start(self) -> None:
-        self.servers.append(start_server(self.state_dir, *FLAGS))
+        self.servers.append(start_server(self.state_dir, *FLAGS, *self.extra))
         self.operator = ScriptedClient(self.server.address, "operator", token=OPERATOR_TOKEN)
 
     def restart_after_kill(self) -> None:
@@ -49,15 +60,18 @@ class Session:
                                  client.token, client.client_id, client.spec)
             client.__dict__.update(new.__dict__)
 
+    def adapter(self, client: ScriptedClient, number: int) -> LoraAdapter:
+        return client.adapter(seed=10 * number + len(client.name))
+
     def payload(self, client: ScriptedClient, number: int) -> bytes:
-        return make_update(client.adapter(seed=10 * number + len(client.name)), client.alpha, number)
+        return make_update(self.adapter(client, number), client.alpha, number)
 
     def history(self) -> list[dict]:
         path = self.state_dir / "history.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def global_sha(self, version: int) -> str:
-        return hashlib.sha256((self.state_dir / "globals" / f"v{version:06d}.safetensors").read_bytes()).hexdigest()
+        return hashlib.sha256((self.state_dir / "downlink" / f"v{version:06d}.safetensors").read_bytes()).hexdigest()
 
     def kill_all(self) -> None:
         for server in self.servers:
@@ -125,6 +139,44 @@ def test_an_interrupted_aggregation_is_redone_exactly_once(session, tmp_path):
     assert session.global_sha(1) == digest  # the same updates aggregate to the same bytes
     assert status.global_version == 1
     assert [h["round"] for h in session.history()] == [1]
+
+
+def test_a_lossy_downlink_carries_its_remainder_across_a_restart(tmp_path):
+    session = Session(tmp_path / "state", "--downlink-max-rank", "2", "--downlink-dtype", "bfloat16")
+    try:
+        shapes = target_shapes(session.alice.spec)
+        exact = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
+        for number in (1, 2):
+            assert session.alice.wait_for_train().round == number
+            for client, p in ((session.alice, 0.25), (session.bob, 0.75)):  # weights from 10 and 30 examples
+                assert client.submit(session.payload(client, number), number).accepted
+                adapter = session.adapter(client, number)
+                for name in shapes:
+                    exact[name] += p * adapter.delta(name, torch.float64)  # the adapter carries its scaling
+            session.operator.wait_for_version(number)
+            if number == 1:
+                assert (session.state_dir / "remainders" / "v000001.safetensors").exists()
+                session.restart_after_kill()  # the remainder must survive it
+        record = session.history()[-1]["downlink"]
+        assert record["rank_max"] <= 2 and record["retained_energy"] < 1.0 and record["remainder_norm"] > 0.0
+        assert record["bytes"] == (session.state_dir / "downlink" / "v000002.safetensors").stat().st_size
+        base = module_weights(load_model(BUILTIN_MODEL), sorted(shapes))
+        weights, sent = dict(base), {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
+        for version in (1, 2):
+            update, _ = read_update(session.state_dir / "downlink" / f"v{version:06d}.safetensors", shapes)
+            assert all(t.dtype == torch.bfloat16 for part in update.values() for t in (part if is_factors(part) else [part]))
+            weights = merged_update(weights, update)  # what a client does
+            for name in shapes:
+                sent[name] += module_delta(update[name], torch.float64)
+        server, _ = read_weights(artifacts(session.alice.fetch(MERGED, 2, 2))[2], shapes)
+        remainder, _ = read_update(session.state_dir / "remainders" / "v000002.safetensors", shapes)
+        for name in shapes:
+            torch.testing.assert_close(weights[name], server[name], rtol=0, atol=1e-6)  # server == clients
+            carried = module_delta(remainder[name], torch.float64) if name in remainder else 0.0
+            error = torch.linalg.matrix_norm(sent[name] + carried - exact[name]) / torch.linalg.matrix_norm(exact[name])
+            assert error < 1e-5  # nothing lost: sent + final remainder = the exact total
+    finally:
+        session.kill_all()
 
 
 def rewind_to_before_commit(state_dir: Path, saved_merged0: Path) -> None:

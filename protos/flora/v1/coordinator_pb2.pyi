@@ -119,16 +119,18 @@ class Task(_message.Message):
     def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., wait: _Optional[_Union[WaitTask, _Mapping]] = ..., finished: _Optional[_Union[FinishedTask, _Mapping]] = ...) -> None: ...
 
 class FetchGlobalRequest(_message.Message):
-    __slots__ = ("kind", "from_version", "to_version", "offset")
+    __slots__ = ("kind", "from_version", "to_version", "offset", "allow_merged")
     KIND_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MERGED_FIELD_NUMBER: _ClassVar[int]
     kind: _transfer_pb2.ArtifactKind
     from_version: int
     to_version: int
     offset: int
-    def __init__(self, kind: _Optional[_Union[_transfer_pb2.ArtifactKind, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    allow_merged: bool
+    def __init__(self, kind: _Optional[_Union[_transfer_pb2.ArtifactKind, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., offset: _Optional[int] = ..., allow_merged: _Optional[bool] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("accepted", "duplicate", "round", "message")
