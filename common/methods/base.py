@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from flora.common.aggregation import check_compatible, flora_stack, ideal_delta
+from flora.common.canonical import canonical_pair
 from flora.common.lora import LoraAdapter, LoraPair, seeded_lora
 
 
@@ -128,17 +129,6 @@ def exact_change(
     return flora_stack(terms, factors, dtype)
 
 
-def _canonical(pair: LoraPair, dtype: torch.dtype = torch.float64) -> LoraPair:
-    """Balanced SVD factors (a' = sqrt(S) V^T, b' = U sqrt(S), S descending) of b @ a.
-
-    Stand-in for the downlink branch's ``flora.common.canonical.canonical_pair`` (same contract),
-    here as a dense SVD of the product, which the tiny models of the benchmarks afford.
-    """
-    u, s, vh = torch.linalg.svd(pair.b.to(dtype) @ pair.a.to(dtype), full_matrices=False)
-    root = s.sqrt()
-    return LoraPair(root[:, None] * vh, u * root)
-
-
 def principal(adapter: LoraAdapter, rank: int, scaling: float) -> LoraAdapter:
     """The best rank-``rank`` approximation of ``adapter``'s update, as balanced factors of ``scaling``.
 
@@ -149,7 +139,7 @@ def principal(adapter: LoraAdapter, rank: int, scaling: float) -> LoraAdapter:
     pairs = {}
     for name in adapter.module_names:
         a, b = adapter.pairs[name]
-        canon = _canonical(LoraPair(a * adapter.scaling, b))
+        canon = canonical_pair(LoraPair(a * adapter.scaling, b), out_dtype=torch.float64)
         keep = min(rank, canon.a.shape[0])
         a0 = torch.zeros(rank, a.shape[1], dtype=torch.float64)
         b0 = torch.zeros(b.shape[0], rank, dtype=torch.float64)
