@@ -22,6 +22,7 @@ leave those clients nothing to train on.
 
     python -m bench.quality --workers 2    # the table in bench/README.md (about 40 CPU-minutes)
     python -m bench.quality --smoke        # seconds: built-in model and data, tiny sizes (CI)
+    python -m bench.quality --from-runs bench/results/quality-runs.jsonl   # report an interrupted run
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="first seed; also the data split")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the built-in model and data, for CI")
+    parser.add_argument("--from-runs", type=Path, help="report the finished runs of a quality-runs.jsonl instead of running")
     args = parser.parse_args()
     try:
         args.mixed = parse_ranks(args.mixed_ranks)
@@ -176,26 +178,34 @@ def run(args, base_model: str, federation: Federation, questions: list[Question]
     return runs, mmlu
 
 
-def main() -> None:
-    """Run the plan, print and write the comparison."""
-    args = parse_args()
-    hf_logging.disable_progress_bar()
-    start, cpu_start = time.perf_counter(), _cpu_seconds()
-    with tempfile.TemporaryDirectory(prefix="flora-quality-") as tmp:
-        base_model, data, federation, questions = load_material(args, Path(tmp))
-    torch.set_num_threads(1)
-    base_mmlu = accuracy(load_model(base_model), questions) if questions else None
-    print(f"base model {base_model}, data {data}: {federation.summary()}; MMLU questions {len(questions)}")
-    plan = experiments(args, len(federation.clients))
-    runs, mmlu = run(args, base_model, federation, questions, plan)
-    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+def load_runs(path: Path) -> tuple[list[Experiment], dict[str, list[RoundRecord]], dict[str, list[float]]]:
+    """Plan, histories and MMLU accuracies of the finished runs in a quality-runs.jsonl."""
+    plan: dict[str, Experiment] = {}
+    runs: dict[str, list[RoundRecord]] = {}
+    mmlu: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        records = [RoundRecord(**r) for r in entry["history"]]
+        label = entry["label"]
+        rounds = max(r.round for r in records)
+        known = plan.get(label)
+        plan[label] = Experiment(label, records[0].method, tuple(records[-1].ranks), max(rounds, known.rounds if known else 0))
+        runs.setdefault(label, []).extend(records)
+        if entry["mmlu_accuracy"] is not None:
+            mmlu.setdefault(label, []).append(entry["mmlu_accuracy"])
+    return list(plan.values()), runs, mmlu
+
+
+def report(args, base_model: str, data: str, federation: Federation, plan, runs, mmlu, base_mmlu, questions: int, wall, cpu) -> None:
+    """Print the tables and write quality.json and a PNG per setting."""
+    seeds = max(len({r.seed for r in records}) for records in runs.values())
     loss_rows, columns = by_round(runs, "validation_loss")
-    print(f"\nValidation loss by round (mean ± std over {args.seeds} seeds; round 0 = base model)")
+    print(f"\nValidation loss by round (mean ± std over up to {seeds} seeds; round 0 = base model)")
     print(format_table(loss_rows, columns))
     print("\nAggregation error |delta - exact FedAvg of the clients' models|_F / |exact|_F by round (mean)")
     print(format_table(format_errors(runs), columns))
     rows = summary_rows(plan, runs, mmlu, [args.rounds, args.long_rounds])
-    print("\nSummary (loss: mean ± std over seeds; MMLU after the last round, mean over seeds)")
+    print(f"\nSummary (loss: mean ± std over seeds; MMLU on {questions} questions after the last round, mean over seeds; base {base_mmlu})")
     print(format_table(rows, list(rows[0])))
     pairs = comparisons(runs, [args.rounds, args.long_rounds])
     print("\nPaired differences (same seeds): mean, std, and in how many seeds the first is lower")
@@ -204,15 +214,16 @@ def main() -> None:
     payload = {
         "base_model": base_model,
         "data": data,
-        "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items() if k not in ("out", "mixed_ranks")}
+        "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()
+                     if k not in ("out", "mixed_ranks", "from_runs")}
         | {"template": "alpaca", "mask_prompt": False},
         "federation": federation.summary(),
         "experiments": {
-            e.label: {"method": e.method, "ranks": list(e.ranks), "rounds": e.rounds, "mmlu_accuracy": mmlu[e.label],
+            e.label: {"method": e.method, "ranks": list(e.ranks), "rounds": e.rounds, "mmlu_accuracy": mmlu.get(e.label, []),
                       "history": [r.to_json() for r in runs[e.label]]}
             for e in plan
         },
-        "mmlu": {"questions": len(questions), "base_accuracy": base_mmlu},
+        "mmlu": {"questions": questions, "base_accuracy": base_mmlu},
         "summary": rows,
         "paired": pairs,
         "validation_loss_by_round": loss_rows,
@@ -223,9 +234,28 @@ def main() -> None:
     path = write_results("quality", payload, args.out)
     for setting in ("equal", "mixed"):
         chosen = {label: records for label, records in runs.items() if label.endswith(f"-{setting}")}
-        title = f"held-out loss, {setting} ranks: {Path(base_model).name}, {len(federation.clients)} clients, {args.seeds} seeds"
+        title = f"held-out loss, {setting} ranks: {Path(base_model).name}, {len(federation.clients)} clients, {seeds} seeds"
         plot_validation_loss(chosen, path.with_name(f"quality-{setting}.png"), title, first_round=1)
     print(f"wrote {path} and {path.with_name('quality-equal.png')}, {path.with_name('quality-mixed.png')}")
+
+
+def main() -> None:
+    """Run the plan (or read finished runs back with --from-runs), print and write the comparison."""
+    args = parse_args()
+    hf_logging.disable_progress_bar()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    with tempfile.TemporaryDirectory(prefix="flora-quality-") as tmp:
+        base_model, data, federation, questions = load_material(args, Path(tmp))
+    torch.set_num_threads(1)
+    base_mmlu = accuracy(load_model(base_model), questions) if questions else None
+    print(f"base model {base_model}, data {data}: {federation.summary()}; MMLU on {len(questions)} questions: base {base_mmlu}")
+    if args.from_runs is not None:
+        plan, runs, mmlu = load_runs(args.from_runs)
+    else:
+        plan = experiments(args, len(federation.clients))
+        runs, mmlu = run(args, base_model, federation, questions, plan)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    report(args, base_model, data, federation, plan, runs, mmlu, base_mmlu, len(questions), wall, cpu)
 
 
 def _cpu_seconds() -> float:
