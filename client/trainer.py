@@ -294,13 +294,15 @@ def train_lora(
     *,
     val_data: Sequence[TokenizedExample] | None = None,
     init: LoraAdapter | None = None,
+    train_a: bool = True,
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` for one round and return its factors; the model is left unchanged.
 
-    The LoRA is fresh (A random from ``config.seed``, B zero) or, for fedit/zeropad rounds, starts
-    from ``init``. ``on_step(step, total_steps, loss)`` reports progress after each optimiser
+    The LoRA is fresh (A random from ``config.seed``, B zero) or, for methods that warm-start, starts
+    from ``init``; with ``train_a=False`` A stays as initialised and only B learns (FFA-LoRA).
+    ``on_step(step, total_steps, loss)`` reports progress after each optimiser
     step; ``should_stop()`` is asked before each step and cancels with :class:`TrainingCancelled`.
     """
     if not train_data:
@@ -313,7 +315,10 @@ def train_lora(
                 _fresh_init(layers, generator)
             else:
                 _load_init(layers, init, config.rank, config.scaling)
-        params = [p for layer in layers.values() for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+        params = []
+        for layer in layers.values():
+            layer.lora_A[ADAPTER].weight.requires_grad_(train_a)
+            params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight] if train_a else [layer.lora_B[ADAPTER].weight]
         model.train()
         start = time.perf_counter()
         train_loss, steps, tokens = _train_loop(model, params, train_data, config, device, generator, on_step, should_stop)

@@ -14,7 +14,7 @@ from flora.common.aggregation import flora_stack
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.merge import merged_weights, module_weights
 from flora.common.weights import client_weights
-from flora.sim import engine
+from flora.client import round_start
 from flora.sim.cli import main
 from flora.sim.engine import CENTRALIZED, SimConfig, run_method, select_clients
 from flora.sim.federation import DataOptions, load_federation, sample_files
@@ -40,7 +40,7 @@ def run(federation, method: str, ranks=MIXED, rounds: int = 1, local: TrainConfi
 def test_flora_round_merges_exactly_the_stack_of_the_clients_adapters(federation) -> None:
     base, model = load_model(BUILTIN_MODEL), load_model(BUILTIN_MODEL)
     outcome = run(federation, "flora", model=model)[1]
-    assert [u.rank for u in outcome.updates] == list(MIXED) and outcome.aggregate.rank == sum(MIXED)
+    assert [u.rank for u in outcome.updates] == list(MIXED) and outcome.delta.rank == sum(MIXED) and outcome.kept is None
     assert outcome.weights == client_weights([len(c.train) for c in federation.clients])
     stacked = flora_stack(outcome.updates, outcome.weights)
     expected = merged_weights(module_weights(base, stacked.module_names), stacked)
@@ -62,11 +62,11 @@ def test_zeropad_clients_start_from_the_leading_rows_of_the_global_lora(federati
     # A learning rate this small leaves each client's factors within 1e-5 of where it started.
     still = LOCAL.model_copy(update={"learning_rate": 1e-6, "max_steps": 2})
     outcomes = run(federation, "zeropad", rounds=2, local=still)
-    assert all(o.aggregate.rank == max(MIXED) for o in outcomes)
+    assert all(o.kept.rank == max(MIXED) for o in outcomes)
     for previous, current in zip(outcomes, outcomes[1:]):
         for update in current.updates:
             for name, (a, b) in update.pairs.items():
-                start = previous.aggregate.pairs[name]
+                start = previous.kept.pairs[name]
                 assert torch.allclose(a, start.a[: update.rank], atol=1e-5)
                 assert torch.allclose(b, start.b[:, : update.rank], atol=1e-5)
     # Round 2 started from the padded average, not from each client's own round-1 factors.
@@ -82,13 +82,13 @@ def test_validation_loss_decreases_over_rounds(federation) -> None:
 
 def test_centralized_trains_one_lora_on_the_union_for_the_clients_steps(federation, monkeypatch) -> None:
     calls = []
-    real = engine.train_lora
+    real = round_start.train_lora
 
     def spy(model, data, config, **kwargs):
         calls.append((len(data), config))
         return real(model, data, config, **kwargs)
 
-    monkeypatch.setattr(engine, "train_lora", spy)
+    monkeypatch.setattr(round_start, "train_lora", spy)
     epochs = LOCAL.model_copy(update={"max_steps": 0, "epochs": 1})
     outcome = run(federation, CENTRALIZED, local=epochs)[1]
     ((examples, config),) = calls
@@ -122,6 +122,7 @@ def test_partial_participation_is_seeded_and_shared_by_methods(federation) -> No
         ({"method": "flora", "ranks": (4, 0)}, "ranks"),
         ({"method": "flora", "ranks": (4, 2), "clients_per_round": 3}, "clients_per_round"),
         ({"method": "fedavg", "ranks": (4,)}, "not one of"),
+        ({"method": "ffa", "ranks": (4, 2), "local": TrainConfig(alpha=1.0, device="cpu")}, "one LoRA scaling"),
     ],
 )
 def test_sim_config_rejects_impossible_runs(kwargs, message) -> None:
@@ -174,3 +175,59 @@ def test_installed_console_script_exits_2_on_bad_ranks(tmp_path) -> None:
     result = subprocess.run([script, "--ranks", "a,b", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "'a' is not a whole number >= 1" in result.stderr
+
+
+# --- the methods of flora.common.methods, as flora-sim runs them ------------------------------
+
+NEW_METHODS = ["flora-warm", "fedex", "ffa", "flexlora"]
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_every_method_runs_mixed_ranks_and_exact_ones_stay_exact(federation, method) -> None:
+    outcomes = run(federation, method, rounds=2)
+    assert [u.rank for u in outcomes[2].updates] == list(MIXED)
+    assert outcomes[2].record.validation_loss < outcomes[0].record.validation_loss
+    if engine_method(method).exact:
+        assert all(o.record.aggregation_error < 1e-6 for o in outcomes[1:])
+
+
+def engine_method(name: str):
+    from flora.common.methods import get_method
+
+    return get_method(name)
+
+
+@pytest.mark.parametrize("method", ["flora-warm", "fedex", "ffa"])
+def test_warm_started_clients_start_round_two_on_the_global_model(federation, method, tiny_model) -> None:
+    """With a learning rate of ~0 a client's validation loss after training is the global model's."""
+    from flora.client.round_start import train_round
+
+    outcomes = run(federation, method, rounds=1, model=tiny_model)
+    global_loss = outcomes[1].record.validation_loss
+    start = engine_method(method).start(outcomes[1].kept, 4, 2.0)  # alpha = 2 * rank: scaling 2
+    still = LOCAL.model_copy(update={"learning_rate": 1e-12, "max_steps": 1, "rank": 4})
+    result = train_round(tiny_model, federation.clients[0].train, still, start, val_data=federation.validation)
+    assert start.init is not None and abs(result.validation_loss - global_loss) < 1e-5
+
+
+def test_ffa_clients_never_change_the_shared_a(federation) -> None:
+    outcomes = run(federation, "ffa", rounds=2)
+    for previous, current in zip(outcomes, outcomes[1:]):
+        for update in current.updates:
+            for name, pair in update.pairs.items():
+                assert torch.equal(pair.a, previous.kept.pairs[name].a[: update.rank])
+
+
+def test_cli_seeds_report_mean_and_spread(tmp_path, capsys) -> None:
+    main([*TINY, "--ranks", "2,1", "--method", "flora-warm", "--seeds", "2", "--out", str(tmp_path)])
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["round"]) for r in lines] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert lines[1]["validation_loss"] != lines[3]["validation_loss"]
+    out = capsys.readouterr().out
+    assert "mean ± std over 2 seeds" in out and " ± " in out.split("mean ± std")[1]
+
+
+def test_cli_rejects_a_seed_count_out_of_range(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--seeds", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--seeds must be between 1 and 100" in capsys.readouterr().err

@@ -4,16 +4,21 @@
     flora-sim --method flora,zeropad,centralized --ranks 64,32,16,16,8,8,4,4,4,4 --rounds 5
     flora-sim --base-model ../shared/models/stories260K --data-dir ../shared/data/dolly-10clients \\
         --ranks 8 --method flora,fedit --examples-per-client 200 --cutoff 192
+    flora-sim --method flora-warm,fedex,zeropad --seeds 3          # mean and spread over 3 seeds
+    flora-sim --backend ray --ray-address auto                     # a round's clients as Ray tasks
 
-Methods: flora (fresh LoRA per client and round, stacked and merged), fedit and zeropad (a
-persistent global LoRA the clients start from, averaged; fedit needs equal ranks, zeropad's global
-rank is the largest), centralized (one LoRA of the largest rank on the union of the clients' data,
-as many steps per round as the round's clients together, merged each round). Every client uses
-alpha = 2 * rank (scaling 2), so fedit and zeropad see one common scaling. With --data-dir every
-.json/.jsonl file there is one client, in natural order (client_2 before client_10).
+Methods (flora.common.methods):
+{methods}
+  centralized: one LoRA of the largest rank on the union of the clients' data, as many steps
+    per round as the round's clients together, merged each round (the reference).
+Every client uses alpha = 2 * rank (scaling 2), so the averaging methods see one common scaling.
+With --data-dir every .json/.jsonl file there is one client, in natural order (client_2 before
+client_10). --seeds N runs seeds --seed .. --seed+N-1 (the data split stays that of --seed, so
+every seed is scored on the same validation set) and reports mean ± sample standard deviation.
 
-Writes ``history.jsonl`` (a line per method and round) and ``validation_loss.png`` into --out and
-prints the loss and aggregation-error tables. Exit status 2 for bad arguments or unreadable data.
+Writes ``history.jsonl`` (a line per method, seed and round) and ``validation_loss.png`` (mean
+line, band from lowest to highest seed) into --out and prints the loss and aggregation-error
+tables. Exit status 2 for bad arguments or unreadable data.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from flora.client.trainer import TrainConfig
 from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.devices import resolve_device
 from flora.common.weights import Weighting
+from flora.common.methods import METHODS as AGGREGATION_METHODS
+from flora.sim.backends import BACKENDS, Backend, make_backend
 from flora.sim.engine import METHODS, RoundRecord, SimConfig, run_method
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation, sample_files
 from flora.common.tables import format_table
@@ -39,9 +46,15 @@ DEFAULT_GENERATED_CLIENTS = 4  # with a single --ranks value and no --data-dir
 GENERATED_PER_CLIENT = 120
 
 
+def _method_lines() -> str:
+    return "\n".join(f"  {m.name}: {m.summary}" for m in AGGREGATION_METHODS.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every option has a default that runs on the built-in model in seconds."""
-    p = argparse.ArgumentParser(prog="flora-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="flora-sim", description=__doc__.format(methods=_method_lines()), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in name (%(default)s)")
     p.add_argument("--data-dir", type=Path, help="one JSON/JSONL file per client (default: generated sample data)")
     p.add_argument(
@@ -64,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="alpaca", help="prompt template name or format string (%(default)s)")
     p.add_argument("--mask-prompt", action="store_true", help="no loss on prompt tokens (training and validation)")
     p.add_argument("--seed", type=int, default=0, help="seeds data splits, client selection and every LoRA (%(default)s)")
+    p.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed on; report mean and spread (%(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="local", help="where a round's clients train: in turn here, or as Ray tasks (%(default)s)")
+    p.add_argument("--ray-address", help="with --backend ray: a cluster address (ray://host:10001, auto); default a local Ray")
     p.add_argument("--eval-file", type=Path, help="validation data (default: carved from the clients' data)")
     p.add_argument("--validation-fraction", type=float, default=0.1, help="of each client's examples, without --eval-file (%(default)s)")
     p.add_argument("--weighting", choices=[Weighting.EXAMPLES.value, Weighting.UNIFORM.value], default=Weighting.EXAMPLES.value,
@@ -120,9 +136,12 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
         learning_rate=args.learning_rate,
         device=args.device,
     )
+    if not 1 <= args.seeds <= 100:
+        raise ValueError(f"--seeds must be between 1 and 100, got {args.seeds}")
     return [
-        SimConfig(method, ranks, args.rounds, local, Weighting(args.weighting), args.clients_per_round, args.seed)
+        SimConfig(method, ranks, args.rounds, local, Weighting(args.weighting), args.clients_per_round, seed)
         for method in parse_methods(args.method)
+        for seed in range(args.seed, args.seed + args.seeds)
     ]
 
 
@@ -138,21 +157,21 @@ def load_data(args: argparse.Namespace, tokenizer, count: int) -> Federation:
         return load_federation(files, tokenizer, options, args.eval_file)
 
 
-def run_all(args: argparse.Namespace, federation: Federation, configs: list[SimConfig]) -> Runs:
-    """Run every method on a fresh copy of the base model, streaming history.jsonl as rounds finish."""
+def run_all(args: argparse.Namespace, federation: Federation, configs: list[SimConfig], backend: Backend) -> Runs:
+    """Run every method and seed on a fresh copy of the base model, streaming history.jsonl as rounds finish."""
     runs: dict[str, list[RoundRecord]] = {}
     device = resolve_device(args.device)
     with open(args.out / "history.jsonl", "w") as history:
         for config in configs:
             model = load_model(args.base_model, device=device)
             records = runs.setdefault(config.method, [])
-            for outcome in run_method(model, federation.clients, federation.validation, config):
+            for outcome in run_method(model, federation.clients, federation.validation, config, backend):
                 record = outcome.record
                 records.append(record)
                 write_record(history, record)
                 error = "-" if record.aggregation_error is None else f"{record.aggregation_error:.2e}"
-                print(f"{record.method:<11} round {record.round}: validation loss {record.validation_loss:.4f}  "
-                      f"aggregation error {error}  ({record.seconds:.1f} s)", flush=True)
+                print(f"{record.method:<11} seed {record.seed} round {record.round}: validation loss "
+                      f"{record.validation_loss:.4f}  aggregation error {error}  ({record.seconds:.1f} s)", flush=True)
     return runs
 
 
@@ -169,15 +188,17 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(args.device)
         tokenizer = load_tokenizer(args.base_model)
         federation = load_data(args, tokenizer, len(ranks))
+        backend = make_backend(args.backend, args.ray_address)
     except (ValueError, OSError) as exc:  # pydantic's ValidationError and DataFormatError are ValueErrors
         parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = federation.summary()
     print(f"{summary['clients']} clients (ranks {list(ranks)}), {sum(summary['train_examples'])} training and "
           f"{summary['validation_examples']} validation examples; fully masked: {summary['fully_masked_train_examples']}")
-    runs = run_all(args, federation, configs)
+    runs = run_all(args, federation, configs, backend)
     plot_validation_loss(runs, args.out / "validation_loss.png", f"flora-sim: ranks {','.join(map(str, ranks))}")
-    print("\nValidation loss of the global model by round (round 0 = base)")
+    seeds = "" if args.seeds == 1 else f", mean ± std over {args.seeds} seeds"
+    print(f"\nValidation loss of the global model by round (round 0 = base{seeds})")
     print(format_table(*by_round(runs, "validation_loss")))
     print("\nAggregation error |aggregate - sum p_k s_k B_k A_k|_F / |sum p_k s_k B_k A_k|_F")
     print(format_table(format_errors(runs), ["round", *runs]))

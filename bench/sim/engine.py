@@ -1,20 +1,16 @@
-"""One simulated federated run: K clients and the server's aggregation in one process, in turn.
+"""One simulated federated run: K clients and the server's aggregation in one process.
 
-The round logic is the real system's (DESIGN.md section 2) built from the very functions the
-daemons call, so that what the simulation measures is what a deployment would do:
-``train_lora`` for local training, ``client_weights`` for p_k, ``aggregate`` and
-``aggregation_error`` for the server's step, ``merge_into_model`` for flora's merge, and
-``seeded_lora`` / ``pad_rank`` for the persistent fedit/zeropad LoRA, as the server builds it.
+The round logic is the real system's (DESIGN.md section 2), asked of the method's module in
+``flora.common.methods`` exactly as the server and the client daemon ask it: ``start`` says how
+each client begins its round (``train_round`` applies it), ``merge`` gives the delta merged into
+the global model and the LoRA kept for the next round. ``client_weights`` gives p_k and
+``round_error`` measures each round against the exact FedAvg of the clients' trained models.
 
-- flora: every selected client trains a FRESH LoRA of its own rank on the current global model;
-  the stacked adapter is merged into it. All clients hold the same global model, and
-  ``train_lora`` leaves the model unchanged, so one model object serves every client.
-- fedit / zeropad: a global LoRA of the run's global rank, seeded once; each client starts from
-  it (``train_lora`` takes its leading r_k rows/columns) and the aggregate replaces it. The base
-  is never changed; evaluation merges the global LoRA in temporarily.
-- centralized: one LoRA of the largest client rank trained on the union of all clients' data,
-  for as many steps per round as the round's clients take together, merged each round: a
-  one-client flora, the reference a federation tries to match.
+The model object always holds the fully merged global model (the base plus everything merged,
+including a persistent global LoRA), and ``train_round`` leaves it unchanged, so one model
+serves every client. ``centralized`` is one flora client of the largest rank trained on the
+union of all clients' data, for as many steps per round as the round's clients take together:
+the reference a federation tries to match.
 """
 
 from __future__ import annotations
@@ -26,17 +22,19 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from flora.client.trainer import TrainConfig, TrainResult, total_steps, train_lora
-from flora.common.aggregation import Method, aggregate, aggregation_error
+from flora.client.trainer import TrainConfig, TrainResult, total_steps
 from flora.common.basemodel import target_module_shapes
 from flora.common.data import TokenizedExample
 from flora.common.evaluate import evaluate_loss
-from flora.common.lora import LoraAdapter, pad_rank, seeded_lora
-from flora.common.merge import merge_into_model, merged_temporarily
+from flora.common.lora import LoraAdapter
+from flora.common.merge import merge_into_model
+from flora.common.methods import METHODS as AGGREGATION_METHODS
+from flora.common.methods import AggregationMethod, ClientStart, get_method, round_error
 from flora.common.weights import Weighting, client_weights
+from flora.sim.backends import Backend, Job, LocalBackend
 
 CENTRALIZED = "centralized"
-METHODS = (Method.FLORA.value, Method.FEDIT.value, Method.ZEROPAD.value, CENTRALIZED)
+METHODS = (*AGGREGATION_METHODS, CENTRALIZED)
 
 
 def derive_seed(*parts: object) -> int:
@@ -70,29 +68,18 @@ class SimConfig:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not self.ranks or any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be one integer >= 1 per client, got {list(self.ranks)}")
-        if self.method == Method.FEDIT.value and len(set(self.ranks)) != 1:
-            raise ValueError(f"fedit averages A and B separately, so every client needs the same rank; got {list(self.ranks)}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
-        scalings = {local_config(self, rank, 0).scaling for rank in set(self.ranks)}  # validates every rank
-        if self.method in (Method.FEDIT.value, Method.ZEROPAD.value):
-            if len(scalings) != 1:
-                raise ValueError(
-                    f"{self.method} needs one LoRA scaling for every client; ranks {list(self.ranks)} give {sorted(scalings)}"
-                )
+        scalings = [local_config(self, rank, 0).scaling for rank in self.ranks]  # validates every rank
+        self.aggregation.validate(list(self.ranks), scalings)
         per_round = self.clients_per_round
         if per_round is not None and not 1 <= per_round <= len(self.ranks):
             raise ValueError(f"clients_per_round must be between 1 and the {len(self.ranks)} clients, got {per_round}")
 
     @property
-    def global_rank(self) -> int | None:
-        """Rank of the persistent global LoRA (fedit, zeropad) or of the centralized LoRA; None for flora."""
-        return None if self.method == Method.FLORA.value else max(self.ranks)
-
-    @property
-    def merges(self) -> bool:
-        """Whether each round's aggregate is merged into the model (else it replaces the global LoRA)."""
-        return self.method in (Method.FLORA.value, CENTRALIZED)
+    def aggregation(self) -> AggregationMethod:
+        """The method asked every round (centralized: flora with one client)."""
+        return get_method("flora" if self.method == CENTRALIZED else self.method)
 
 
 @dataclass(frozen=True)
@@ -103,11 +90,12 @@ class RoundRecord:
     round: int
     clients: list[int]  # the round's clients (centralized: those whose steps it takes, on all data)
     ranks: list[int]  # the rank each of them trained
-    global_rank: int | None  # rank of the round's aggregate (flora: the sum of the ranks)
+    global_rank: int | None  # rank of the LoRA kept for the next round; None when nothing is kept
     validation_loss: float | None  # of the global model after the round
     train_loss: float | None  # plain mean over the round's clients of their mean step loss
-    aggregation_error: float | None  # |aggregate - sum p_k s_k B_k A_k|_F / |sum p_k s_k B_k A_k|_F
+    aggregation_error: float | None  # |delta - sum p_k (s_k B_k A_k - removed_k)|_F / |sum p_k (...)|_F
     seconds: float  # wall time of the round: training, aggregation, merge, evaluation
+    seed: int = 0
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict."""
@@ -121,9 +109,9 @@ class RoundOutcome:
     record: RoundRecord
     updates: list[LoraAdapter]  # the clients' adapters, in ``record.clients`` order
     weights: list[float]  # their p_k
-    # What the server built from them (after zeropad's padding); at round 0 the seeded global
-    # LoRA of fedit/zeropad, None for flora and centralized.
-    aggregate: LoraAdapter | None
+    starts: list[ClientStart]  # how each of them started the round
+    delta: LoraAdapter | None  # what was merged into the global model (None at round 0)
+    kept: LoraAdapter | None  # the global LoRA the next round starts from (round 0: the method's initial one)
 
 
 def select_clients(count: int, per_round: int | None, seed: int, number: int) -> list[int]:
@@ -138,89 +126,76 @@ def local_config(config: SimConfig, rank: int, seed: int, **overrides: object) -
     return TrainConfig(**{**config.local.model_dump(), "rank": rank, "seed": seed, **overrides})
 
 
-def evaluate_global(
-    model: nn.Module, global_lora: LoraAdapter | None, validation: Sequence[TokenizedExample], batch_size: int
-) -> float | None:
-    """Validation loss of the global model: ``model``, with the global LoRA merged when there is one."""
-    if not validation:
-        return None
-    if global_lora is None:
-        return evaluate_loss(model, validation, batch_size=batch_size)
-    with merged_temporarily(model, global_lora):
-        return evaluate_loss(model, validation, batch_size=batch_size)
-
-
-def _train_clients(
-    model: nn.Module,
-    clients: Sequence[ClientData],
-    selected: list[int],
-    number: int,
-    config: SimConfig,
-    global_lora: LoraAdapter | None,
-) -> list[TrainResult]:
-    """Local training of round ``number``: each selected client in turn, or the centralized learner."""
+def _jobs(
+    clients: Sequence[ClientData], selected: list[int], number: int, config: SimConfig, kept: LoraAdapter | None
+) -> list[Job]:
+    """Round ``number``'s local training: each selected client as its method starts it, or the centralized learner."""
+    method = config.aggregation
     if config.method != CENTRALIZED:
-        return [
-            train_lora(
-                model, clients[k].train, local_config(config, config.ranks[k], derive_seed(config.seed, "client", k, number)),
-                init=global_lora,
-            )
-            for k in selected
-        ]
+        jobs = []
+        for k in selected:
+            local = local_config(config, config.ranks[k], derive_seed(config.seed, "client", k, number))
+            jobs.append(Job(clients[k].train, local, method.start(kept, local.rank, local.scaling)))
+        return jobs
     # As many optimiser steps as the round's clients take together (steps or epochs alike).
     steps = sum(total_steps(len(clients[k].train), local_config(config, config.ranks[k], 0)) for k in selected)
     union = [example for client in clients for example in client.train]
-    central = local_config(config, config.global_rank, derive_seed(config.seed, CENTRALIZED, number), max_steps=steps)
-    return [train_lora(model, union, central)]
+    central = local_config(config, max(config.ranks), derive_seed(config.seed, CENTRALIZED, number), max_steps=steps)
+    return [Job(union, central, method.start(kept, central.rank, central.scaling))]
 
 
-def _combine(config: SimConfig, updates: list[LoraAdapter], weights: list[float]) -> LoraAdapter:
-    """The server's aggregate; zeropad's is padded back to the global rank, as the server does."""
-    method = Method.FLORA if config.method == CENTRALIZED else Method(config.method)
-    combined = aggregate(method, updates, weights)
-    if method is Method.ZEROPAD:
-        combined = pad_rank(combined, config.global_rank)
-    return combined
+def _initial(model: nn.Module, config: SimConfig) -> LoraAdapter | None:
+    """The method's version-0 global LoRA, at the largest rank and the run's common scaling."""
+    shapes = target_module_shapes(model, config.local.target_modules)
+    rank = max(config.ranks)
+    return config.aggregation.initial(shapes, rank, local_config(config, rank, 0).scaling, derive_seed(config.seed, "global-lora"))
+
+
+def _evaluate(model: nn.Module, validation: Sequence[TokenizedExample], config: SimConfig) -> float | None:
+    return evaluate_loss(model, validation, batch_size=config.eval_batch_size) if validation else None
 
 
 def run_method(
-    model: nn.Module, clients: Sequence[ClientData], validation: Sequence[TokenizedExample], config: SimConfig
+    model: nn.Module,
+    clients: Sequence[ClientData],
+    validation: Sequence[TokenizedExample],
+    config: SimConfig,
+    backend: Backend | None = None,
 ) -> Iterator[RoundOutcome]:
     """Run ``config.rounds`` rounds and yield each one's outcome, starting with round 0 (no training).
 
-    flora and centralized merge into ``model`` in place (pass a fresh copy of the base); fedit and
-    zeropad leave it as it was. Everything is seeded from ``config.seed``: client k gets the same
-    seed in round t under every method, so methods differ by their method alone.
+    ``model`` becomes the global model and is changed in place (pass a fresh copy of the base).
+    Everything is seeded from ``config.seed``: client k gets the same seed in round t under every
+    method, so methods differ by their method alone. ``backend`` (default: in turn, here) runs
+    each round's local training.
     """
     if len(clients) != len(config.ranks):
         raise ValueError(f"{len(config.ranks)} ranks given for {len(clients)} clients")
-    global_lora = None
-    if config.method in (Method.FEDIT.value, Method.ZEROPAD.value):
-        shapes = target_module_shapes(model, config.local.target_modules)
-        scaling = local_config(config, config.global_rank, 0).scaling  # one scaling, shared by every client
-        global_lora = seeded_lora(shapes, config.global_rank, scaling, derive_seed(config.seed, "global-lora"))
+    backend = backend or LocalBackend()
+    method = config.aggregation
     start = time.perf_counter()
-    loss = evaluate_global(model, global_lora, validation, config.eval_batch_size)
-    rank = None if global_lora is None else global_lora.rank
-    yield RoundOutcome(
-        RoundRecord(config.method, 0, [], [], rank, loss, None, None, time.perf_counter() - start), [], [], global_lora
+    kept = _initial(model, config)
+    if kept is not None:
+        merge_into_model(model, kept)  # the global model is the base plus the global LoRA
+    record = RoundRecord(
+        config.method, 0, [], [], None if kept is None else kept.rank, _evaluate(model, validation, config),
+        None, None, time.perf_counter() - start, config.seed,
     )
+    yield RoundOutcome(record, [], [], [], None, kept)
     for number in range(1, config.rounds + 1):
         start = time.perf_counter()
         selected = select_clients(len(clients), config.clients_per_round, config.seed, number)
-        results = _train_clients(model, clients, selected, number, config, global_lora)
+        jobs = _jobs(clients, selected, number, config, kept)
+        results: list[TrainResult] = backend.train(model, jobs)
         updates = [result.adapter for result in results]
         weights = client_weights([result.num_examples for result in results], config.weighting)
-        combined = _combine(config, updates, weights)
-        error = aggregation_error(combined, updates, weights)
-        if config.merges:
-            merge_into_model(model, combined)
-        else:
-            global_lora = combined
-        loss = evaluate_global(model, global_lora, validation, config.eval_batch_size)
-        train_loss = sum(result.train_loss for result in results) / len(results)
-        ranks = [update.rank for update in updates]
+        merged = method.merge(kept, updates, weights)
+        error = round_error(merged.delta, updates, weights, [job.start.removed for job in jobs])
+        merge_into_model(model, merged.delta)
+        kept = merged.kept
         record = RoundRecord(
-            config.method, number, selected, ranks, combined.rank, loss, train_loss, error, time.perf_counter() - start
+            config.method, number, selected, [u.rank for u in updates], None if kept is None else kept.rank,
+            _evaluate(model, validation, config), sum(r.train_loss for r in results) / len(results), error,
+            time.perf_counter() - start, config.seed,
         )
-        yield RoundOutcome(record, updates, weights, combined)
+        yield RoundOutcome(record, updates, weights, [job.start for job in jobs], merged.delta, kept)

@@ -1,0 +1,71 @@
+"""The quality benchmark's verdicts: a summary row per run and paired comparisons over seeds.
+
+Seeds are shared by methods (client k gets the same data order and LoRA seed in round t under
+every method), so differences are compared per seed: the mean and standard deviation of the
+paired difference, and in how many seeds one method is lower. A margin means something only
+when it is larger than that spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flora.common.methods import METHODS
+from flora.sim.output import Runs, round_spreads
+
+
+def _losses_at(records, number: int) -> dict[int, float]:
+    """{seed: validation loss after round ``number``}."""
+    return {r.seed: r.validation_loss for r in records if r.round == number and r.validation_loss is not None}
+
+
+def _setting(label: str) -> str:
+    return label.rsplit("-", 1)[1]
+
+
+def _method(label: str) -> str:
+    return label.rsplit("-", 1)[0]
+
+
+def summary_rows(plan: Sequence[Any], runs: Runs, mmlu: Mapping[str, list[float]], checkpoints: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per run: setting, method, exactness, loss after each checkpoint round, MMLU accuracy."""
+    rows = []
+    for experiment in plan:
+        spreads = round_spreads(runs[experiment.label], "validation_loss")
+        method = METHODS.get(experiment.method)
+        row = {"setting": _setting(experiment.label), "method": experiment.method,
+               "exact": "-" if method is None else ("yes" if method.exact else "no")}
+        for number in sorted(set(checkpoints)):
+            row[f"loss @{number}"] = str(spreads[number]) if number in spreads else "-"
+        accs = mmlu.get(experiment.label) or []
+        row["MMLU acc"] = f"{statistics.fmean(accs):.3f}" if accs else "-"
+        rows.append(row)
+    return rows
+
+
+def comparisons(runs: Runs, checkpoints: Sequence[int]) -> list[dict[str, Any]]:
+    """Per setting and checkpoint round: the exact method of lowest mean loss against every other run."""
+    rows = []
+    for setting in sorted({_setting(label) for label in runs}):
+        labels = [label for label in runs if _setting(label) == setting]
+        for number in sorted(set(checkpoints)):
+            losses = {label: _losses_at(runs[label], number) for label in labels}
+            losses = {label: v for label, v in losses.items() if v}
+            exact = [label for label in losses if _method(label) in METHODS and METHODS[_method(label)].exact]
+            if not exact:
+                continue
+            best = min(exact, key=lambda label: statistics.fmean(losses[label].values()))
+            for other in losses:
+                seeds = sorted(set(losses[best]) & set(losses[other]))
+                if other == best or not seeds:
+                    continue
+                diffs = [losses[best][s] - losses[other][s] for s in seeds]
+                rows.append({
+                    "setting": setting, "round": number, "best exact": _method(best), "vs": _method(other),
+                    "mean diff": f"{statistics.fmean(diffs):+.4f}",
+                    "std diff": f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-",
+                    "lower in": f"{sum(d < 0 for d in diffs)}/{len(diffs)} seeds",
+                })
+    return rows

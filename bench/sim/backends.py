@@ -1,0 +1,80 @@
+"""Where a simulated round's clients train: in turn in this process, or as Ray tasks.
+
+A backend takes the global model and one ``Job`` per client and returns their ``TrainResult``s
+in order. Both run the very same ``train_round``, so a study moved to a Ray cluster (``--backend
+ray --ray-address ...``) follows the code path measured here. Ray is an optional extra
+(``pip install 'flora-fl[ray]'``); nothing imports it until a Ray backend is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from flora.client.round_start import train_round
+from flora.client.trainer import TrainConfig, TrainResult
+from flora.common.data import TokenizedExample
+from flora.common.methods import ClientStart
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One client's local training in a round."""
+
+    data: Sequence[TokenizedExample]
+    config: TrainConfig
+    start: ClientStart
+
+
+class Backend(Protocol):
+    def train(self, model: nn.Module, jobs: Sequence[Job]) -> list[TrainResult]:
+        """Run every job on (a copy of) ``model``; ``model`` itself is left unchanged."""
+
+
+class LocalBackend:
+    """Clients one after another on the caller's model (deterministic on CPU)."""
+
+    def train(self, model: nn.Module, jobs: Sequence[Job]) -> list[TrainResult]:
+        return [train_round(model, job.data, job.config, job.start) for job in jobs]
+
+
+def _train_job(model: nn.Module, job: Job) -> TrainResult:
+    return train_round(model, job.data, job.config, job.start)
+
+
+class RayBackend:
+    """Each client of a round as one Ray task on its own copy of the global model.
+
+    ``address`` None starts (or joins) a local Ray; otherwise it names a cluster
+    ("ray://head:10001" or "auto"). The model goes into the object store once per round.
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: float = 1.0) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--backend ray needs Ray: pip install 'flora-fl[ray]'") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self._task = ray.remote(num_cpus=num_cpus)(_train_job)
+
+    def train(self, model: nn.Module, jobs: Sequence[Job]) -> list[TrainResult]:
+        shared = self._ray.put(model)
+        return self._ray.get([self._task.remote(shared, job) for job in jobs])
+
+
+def make_backend(name: str, address: str | None = None) -> Backend:
+    """The backend called ``name`` (one of BACKENDS)."""
+    if name == "local":
+        if address is not None:
+            raise ValueError("--ray-address applies to --backend ray")
+        return LocalBackend()
+    if name == "ray":
+        return RayBackend(address)
+    raise ValueError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,33 @@
+"""Starting a round as the method says: remove what it names from the model, train from its init.
+
+Shared by the client daemon and ``flora-sim`` so that a simulated client starts its round exactly
+as a deployed one does. The model is left exactly as it was (``merged_temporarily`` restores
+the original weights bit for bit), so one copy of the global model serves every round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from flora.client.trainer import TrainConfig, TrainResult, train_lora
+from flora.common.data import TokenizedExample
+from flora.common.merge import merged_temporarily
+from flora.common.methods import ClientStart, negated
+
+
+def train_round(
+    model: nn.Module, data: Sequence[TokenizedExample], config: TrainConfig, start: ClientStart, **kwargs: Any
+) -> TrainResult:
+    """One round of local training on ``model`` (the global model) from the method's ``start``.
+
+    The round's base weights are the global model minus ``start.removed``; the LoRA starts from
+    ``start.init`` (fresh when None) and trains A only when ``start.train_a``. ``kwargs`` go to
+    ``train_lora`` (validation data, progress and cancellation callbacks).
+    """
+    removal = merged_temporarily(model, negated(start.removed)) if start.removed is not None else contextlib.nullcontext()
+    with removal:
+        return train_lora(model, data, config, init=start.init, train_a=start.train_a, **kwargs)

@@ -1,0 +1,173 @@
+"""The one interface every aggregation method implements, and the algebra they share.
+
+Every method is described by the same four answers (STYLE.md: "how a client starts its round,
+what the server merges, what it keeps and what it sends"):
+
+- ``initial``: the global LoRA kept at version 0 (None for methods that start fresh);
+- ``start``: how client k starts a round from what is kept: the LoRA its training begins from,
+  and the update it removes from the global model to get its round's base weights;
+- ``merge``: from the clients' trained LoRAs, the update ``delta`` added to the global model
+  (on the server and on every client alike) and the global LoRA kept for the next round;
+- ``trains_a``: whether clients train and upload A (FFA-LoRA freezes it: B only goes up).
+
+The global model M is always fully merged. Client k trains on ``M - removed_k`` starting from
+``init_k``; when ``removed_k == init_k`` its model at step 0 is exactly M (the warm-started exact
+methods), and the exact FedAvg of the clients' trained models is
+
+    M + sum_k p_k (s_k B_k A_k - removed_k),
+
+which is what an exact method merges. ``round_error`` measures every method against it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from flora.common.aggregation import check_compatible, flora_stack, ideal_delta
+from flora.common.canonical import canonical_pair
+from flora.common.lora import LoraAdapter, LoraPair, seeded_lora
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """How one client starts its round."""
+
+    init: LoraAdapter | None  # the LoRA training starts from, at the client's rank and scaling; None: fresh (B = 0)
+    removed: LoraAdapter | None  # subtracted from the global model to give the round's base weights; None: nothing
+    train_a: bool = True  # False: A stays as initialised and only B is trained and uploaded
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What the server does with one round's updates."""
+
+    delta: LoraAdapter  # added to the global model by the server and by every client
+    kept: LoraAdapter | None  # the global LoRA the next round's clients start from
+
+
+class AggregationMethod(ABC):
+    """One aggregation method: a stateless object of pure functions over ``LoraAdapter``s."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]  # the merged delta is the exact FedAvg of the clients' trained models
+    trains_a: ClassVar[bool] = True
+    summary: ClassVar[str]  # one line for --help and the docs
+
+    def validate(self, ranks: Sequence[int], scalings: Sequence[float]) -> None:
+        """Refuse a run this method cannot aggregate (before any work starts); default: any mix."""
+        if not ranks or len(ranks) != len(scalings):
+            raise ValueError(f"{self.name}: need one scaling per client rank, got {len(ranks)} ranks, {len(scalings)} scalings")
+
+    def initial(self, shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> LoraAdapter | None:
+        """The global LoRA kept at version 0; by default none (round 1 starts every client fresh)."""
+        return None
+
+    @abstractmethod
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """How a client of ``rank`` and ``scaling`` starts a round from the kept global LoRA."""
+
+    @abstractmethod
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """The round's delta and the next kept LoRA from the clients' trained LoRAs and weights p_k."""
+
+
+class PersistentLora(AggregationMethod):
+    """Methods whose kept global LoRA starts as PEFT's seeded init (A random, B zero) at the largest rank."""
+
+    def validate(self, ranks: Sequence[int], scalings: Sequence[float]) -> None:
+        """Averaging factors needs one scaling: averaging A of s=1 with A of s=2 means nothing."""
+        super().validate(ranks, scalings)
+        if any(not math.isclose(s, scalings[0], rel_tol=1e-6) for s in scalings):
+            raise ValueError(f"{self.name} needs one LoRA scaling for every client; ranks {list(ranks)} give {sorted(set(scalings))}")
+
+    def initial(self, shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> LoraAdapter:
+        """Seeded, so that every client and the server build the same version-0 LoRA from the seed alone."""
+        return seeded_lora(shapes, rank, scaling, seed)
+
+
+# --- the shared algebra ---------------------------------------------------------------------
+
+
+def negated(adapter: LoraAdapter) -> LoraAdapter:
+    """The same factors with the opposite update (-s B A): what removes ``adapter`` from a model."""
+    return LoraAdapter(adapter.pairs, -adapter.scaling)
+
+
+def leading(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    """The leading ``rank`` rows of A and columns of B (zero-padding's nested prefix)."""
+    if rank > adapter.rank:
+        raise ValueError(f"client rank {rank} is larger than the global LoRA's rank {adapter.rank}")
+    return LoraAdapter({n: LoraPair(p.a[:rank], p.b[:, :rank]) for n, p in adapter.pairs.items()}, adapter.scaling)
+
+
+def difference(new: LoraAdapter, old: LoraAdapter | None, dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """Factors of s' B' A' - s B A, stacked (exact): how replacing a global LoRA changes the model."""
+    if old is None:
+        return new
+    return flora_stack([new, old], [1.0, -1.0], dtype)
+
+
+def exact_change(
+    updates: Sequence[LoraAdapter], weights: Sequence[float], removed: Sequence[LoraAdapter | None],
+    dtype: torch.dtype = torch.float32,
+) -> LoraAdapter:
+    """Stacked factors of sum_k p_k (s_k B_k A_k - removed_k): the exact FedAvg of the round's models."""
+    terms, factors = list(updates), list(weights)
+    for p, gone in zip(weights, removed):
+        if gone is not None:
+            terms.append(gone)
+            factors.append(-p)
+    return flora_stack(terms, factors, dtype)
+
+
+def principal(adapter: LoraAdapter, rank: int, scaling: float) -> LoraAdapter:
+    """The best rank-``rank`` approximation of ``adapter``'s update, as balanced factors of ``scaling``.
+
+    s B A equals the top-``rank`` singular part of the adapter's update in every module; B and A
+    carry sqrt(S / s) each (PiSSA's split), so neither factor starts out dwarfing the other.
+    Directions beyond the update's own rank start at zero.
+    """
+    pairs = {}
+    for name in adapter.module_names:
+        a, b = adapter.pairs[name]
+        canon = canonical_pair(LoraPair(a * adapter.scaling, b), out_dtype=torch.float64)
+        keep = min(rank, canon.a.shape[0])
+        a0 = torch.zeros(rank, a.shape[1], dtype=torch.float64)
+        b0 = torch.zeros(b.shape[0], rank, dtype=torch.float64)
+        a0[:keep], b0[:, :keep] = canon.a[:keep], canon.b[:, :keep]
+        root = math.sqrt(abs(scaling))
+        pairs[name] = LoraPair((a0 / root).to(torch.float32), (b0 / root).to(torch.float32))
+    return LoraAdapter(pairs, scaling)
+
+
+def round_error(
+    delta: LoraAdapter, updates: Sequence[LoraAdapter], weights: Sequence[float], removed: Sequence[LoraAdapter | None]
+) -> float:
+    """|delta - sum_k p_k (s_k B_k A_k - removed_k)|_F / |sum_k p_k (s_k B_k A_k - removed_k)|_F.
+
+    How far a round's merged update is from the exact FedAvg of the clients' trained models, in
+    float64 over every module: round-off for exact methods, the cross terms for fedit and zeropad.
+    (flexlora merges exactly; its loss is at the start, where a client's truncated init is not
+    the global model.) Zero when both are zero.
+    """
+    check_compatible(updates, weights)
+    diff_sq = ideal_sq = 0.0
+    for name in updates[0].module_names:
+        ideal = ideal_delta(updates, weights, name, torch.float64)
+        for p, gone in zip(weights, removed):
+            if gone is not None:
+                ideal = ideal - p * gone.delta(name, torch.float64)
+        diff_sq += torch.linalg.matrix_norm(delta.delta(name, torch.float64) - ideal).item() ** 2
+        ideal_sq += torch.linalg.matrix_norm(ideal).item() ** 2
+    if ideal_sq == 0.0:
+        return 0.0 if diff_sq == 0.0 else math.inf
+    return math.sqrt(diff_sq / ideal_sq)

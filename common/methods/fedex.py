@@ -1,0 +1,39 @@
+"""``fedex``: FedEx-LoRA (Singhal et al., arXiv 2410.09432): FedIT's warm start, made exact.
+
+- client start: the leading r_k part of the persistent global LoRA, on the global model minus
+  exactly that part (so its model at step 0 is the global model, whatever its rank);
+- server merges: the exact FedAvg of the clients' models; the global LoRA becomes the (padded)
+  average of A and of B, and the residual sum_k p_k s_k B_k A_k - s B_avg A_avg (plus, with
+  mixed ranks, the tail no client trained) is folded into the base weights;
+- kept: the averaged LoRA; sent: it and the residual (the delta carries both). One scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flora.common.aggregation import zeropad_average
+from flora.common.lora import LoraAdapter, pad_rank
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, exact_change, leading
+
+
+class FedEx(PersistentLora):
+    name = "fedex"
+    exact = True
+    summary = "FedEx-LoRA: persistent averaged LoRA plus the exact residual folded into the base (exact)"
+
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """The nested prefix of the global LoRA, removed from the weights it is trained on."""
+        init = leading(kept, rank)
+        return ClientStart(init=init, removed=init)
+
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """Merge the exact change; keep the average of the factors as the next warm start."""
+        new = pad_rank(zeropad_average(updates, weights, dtype), kept.rank)
+        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
+        return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=new)

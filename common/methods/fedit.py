@@ -1,0 +1,41 @@
+"""``fedit``: FedIT (Zhang et al., 2023), a correct baseline: one persistent LoRA, A and B averaged.
+
+- client start: the global LoRA itself, on the base weights (the global model minus that LoRA);
+- server merges: the global LoRA replaced by (sum p_k A_k, sum p_k B_k); equal ranks and
+  scalings required; inexact by the cross terms of the product of averages;
+- kept: the averaged LoRA; sent: it (the clients replace theirs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flora.common.aggregation import fedit_average
+from flora.common.lora import LoraAdapter
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, difference
+
+
+class FedIt(PersistentLora):
+    name = "fedit"
+    exact = False
+    summary = "FedIT: persistent global LoRA, A and B averaged separately (equal ranks; inexact)"
+
+    def validate(self, ranks: Sequence[int], scalings: Sequence[float]) -> None:
+        """Averaging factors of different shapes is undefined; zeropad is the mixed-rank variant."""
+        super().validate(ranks, scalings)
+        if len(set(ranks)) != 1:
+            raise ValueError(f"fedit averages A and B separately, so every client needs the same rank; got {list(ranks)}")
+
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """Train the global LoRA further, on the weights it sits on."""
+        return ClientStart(init=kept, removed=kept)
+
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """Replace the global LoRA by the averages of A and of B."""
+        new = fedit_average(updates, weights, dtype)
+        return RoundResult(delta=difference(new, kept, dtype), kept=new)

@@ -1,0 +1,55 @@
+"""``ffa``: FFA-LoRA (Sun et al., arXiv 2403.12313): A frozen at a shared seed, only B trained.
+
+With one A for everybody the average of the products is the product of the averages, so
+averaging B is exact, and the uplink carries B alone (half the factors). Mixed ranks use nested
+leading rows of the one shared A (rank r_max): client k trains B_k against A[:r_k].
+
+- client start: the leading r_k part of the global LoRA (A frozen), on the global model minus
+  exactly that part;
+- server merges: the exact change; the global LoRA becomes (A, sum_k p_k pad(B_k));
+- kept: that LoRA; sent: its B (A never changes) and the delta. One scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import math
+
+import torch
+
+from flora.common.aggregation import check_compatible
+from flora.common.lora import LoraAdapter, LoraPair, pad_pair
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, exact_change, leading
+
+
+class Ffa(PersistentLora):
+    name = "ffa"
+    exact = True
+    trains_a = False
+    summary = "FFA-LoRA: A frozen at a shared seed, only B trained and averaged (exact, half the uplink)"
+
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """The nested prefix of the global LoRA, A frozen, removed from the weights it trains on."""
+        init = leading(kept, rank)
+        return ClientStart(init=init, removed=init, train_a=False)
+
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """Average the B's against the shared A; a client's own A is never read (it is not uploaded)."""
+        check_compatible(updates, weights)
+        for k, update in enumerate(updates):
+            if not math.isclose(update.scaling, kept.scaling, rel_tol=1e-6):
+                raise ValueError(f"ffa: update {k} has scaling {update.scaling:g}, the run's is {kept.scaling:g}")
+        wire = [  # what the server has: the shared A's leading rows and the uploaded B
+            LoraAdapter({n: LoraPair(kept.pairs[n].a[: u.rank], u.pairs[n].b) for n in u.pairs}, kept.scaling)
+            for u in updates
+        ]
+        pairs = {}
+        for name, (a, _) in kept.pairs.items():
+            b = sum(p * pad_pair(LoraPair(w.pairs[name].a, w.pairs[name].b.to(dtype)), kept.rank).b for p, w in zip(weights, wire))
+            pairs[name] = LoraPair(a.to(dtype), b)
+        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
+        return RoundResult(delta=exact_change(wire, weights, removed, dtype), kept=LoraAdapter(pairs, kept.scaling))

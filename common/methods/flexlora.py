@@ -1,0 +1,39 @@
+"""``flexlora``: FlexLoRA (Bai et al., arXiv 2402.11505), a mixed-rank baseline (inexact).
+
+- client start: the best rank-r_k approximation of the global update (truncated SVD), on the
+  base weights (the global model minus the whole global update), fresh in round 1;
+- server merges: the global update replaced by the average of the products,
+  sum_k p_k s_k B_k A_k (kept as its stack), which is exact: what makes the method inexact is
+  the start, where a client's model is the base plus a truncation of the global update;
+- kept: that stack; sent: it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flora.common.aggregation import flora_stack
+from flora.common.lora import LoraAdapter
+from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, difference, principal
+
+
+class FlexLora(AggregationMethod):
+    name = "flexlora"
+    exact = False
+    summary = "FlexLoRA: average of products, clients start from its truncated SVD on the base (inexact)"
+
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """The global update cut to this client's rank, on the weights without any of it."""
+        if kept is None:
+            return ClientStart(init=None, removed=None)
+        return ClientStart(init=principal(kept, rank, scaling), removed=kept)
+
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """Replace the global update by the average of the clients' products."""
+        new = flora_stack(updates, weights, dtype)
+        return RoundResult(delta=difference(new, kept, dtype), kept=new)

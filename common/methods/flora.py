@@ -1,0 +1,33 @@
+"""``flora``: FLoRA stacking (Wang et al., NeurIPS 2024), exact for any mix of ranks.
+
+- client start: a fresh LoRA of its own rank (A random, B zero) on the global model;
+- server merges: the stack of the clients' LoRAs, sum_k p_k s_k B_k A_k exactly;
+- kept: nothing; sent: the stacked (or canonical) delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flora.common.aggregation import flora_stack
+from flora.common.lora import LoraAdapter
+from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult
+
+
+class Flora(AggregationMethod):
+    name = "flora"
+    exact = True
+    summary = "FLoRA stacking: fresh LoRA per client and round, stacked and merged (exact)"
+
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """A fresh LoRA: the model already holds every earlier round."""
+        return ClientStart(init=None, removed=None)
+
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """Stack along the rank axis: B_g A_g = sum_k p_k s_k B_k A_k."""
+        return RoundResult(delta=flora_stack(updates, weights, dtype), kept=None)

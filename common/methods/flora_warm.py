@@ -1,0 +1,44 @@
+"""``flora-warm``: FLoRA stacking with warm starts from the aggregate's principal directions.
+
+FLoRA restarts every client at B = 0, so each round's first steps re-find a subspace. Here, as
+PiSSA and FRLoRA initialise from principal directions, client k starts round t + 1 from the
+top-r_k singular part of round t's stacked aggregate and trains on the global model minus that
+part, so its model at step 0 is unchanged:
+
+- client start: init = removed = best rank-r_k approximation of the kept aggregate
+  (balanced factors, sqrt of the singular values on each side); round 1 is fresh;
+- server merges: the exact change sum_k p_k (s_k B_k A_k - init_k), stacked;
+- kept: the round's stack sum_k p_k s_k B_k A_k; sent: the delta and the kept stack (canonical
+  form). Exact for any mix of ranks and scalings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flora.common.aggregation import flora_stack
+from flora.common.lora import LoraAdapter
+from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, exact_change, principal
+
+
+class FloraWarm(AggregationMethod):
+    name = "flora-warm"
+    exact = True
+    summary = "warm-started stacking: clients start from the top-r_k directions of the last aggregate (exact)"
+
+    def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """The aggregate's top-r_k part, removed from the weights so that the model is unchanged."""
+        if kept is None:
+            return ClientStart(init=None, removed=None)
+        init = principal(kept, rank, scaling)
+        return ClientStart(init=init, removed=init)
+
+    def merge(
+        self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+    ) -> RoundResult:
+        """The exact change of the round; its clients' stack is the next warm start."""
+        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
+        return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=flora_stack(updates, weights, dtype))

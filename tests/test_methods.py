@@ -1,0 +1,196 @@
+"""Aggregation methods behind one interface, checked against dense oracles.
+
+The oracle of a round: client k's trained model is M - removed_k + s_k B_k A_k (dense, formed
+here by explicit products), and the exact FedAvg is sum_k p_k of those. Exact methods must merge
+exactly that; the baselines must reproduce the averaging they are defined by.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flora.common.aggregation import fedit_average, zeropad_average
+from flora.common.lora import LoraAdapter, LoraPair, pad_rank
+from flora.common.methods import METHODS, get_method, round_error
+from flora.common.methods.base import principal
+
+SHAPES = {"layer.0.q": (12, 10), "layer.0.v": (6, 10)}
+MIXED = (5, 3, 1)
+WEIGHTS = [0.5, 0.3, 0.2]
+SCALING = 2.0
+EXACT = [name for name, m in METHODS.items() if m.exact]
+
+
+def dense(adapter: LoraAdapter | None, name: str) -> torch.Tensor:
+    d_out, d_in = SHAPES[name]
+    if adapter is None:
+        return torch.zeros(d_out, d_in, dtype=torch.float64)
+    a, b = adapter.pairs[name]
+    return adapter.scaling * (b.double() @ a.double())
+
+
+def trained(start, rank: int, seed: int) -> LoraAdapter:
+    """A stand-in for local training: the start moved by a random step (A kept when frozen)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, (d_out, d_in) in SHAPES.items():
+        a = torch.randn(rank, d_in, generator=g) if start.init is None else start.init.pairs[name].a.clone()
+        b = torch.zeros(d_out, rank) if start.init is None else start.init.pairs[name].b.clone()
+        if start.train_a:
+            a = a + 0.3 * torch.randn(rank, d_in, generator=g)
+        pairs[name] = LoraPair(a, b + 0.3 * torch.randn(d_out, rank, generator=g))
+    return LoraAdapter(pairs, SCALING)
+
+
+def play(name: str, ranks=MIXED, rounds: int = 3):
+    """Run ``rounds`` rounds on a dense global model; yield (model before, starts, updates, result)."""
+    method = get_method(name)
+    method.validate(list(ranks), [SCALING] * len(ranks))
+    model = {n: torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) for n, shape in SHAPES.items()}
+    kept = method.initial(SHAPES, max(ranks), SCALING, seed=11)
+    if kept is not None:
+        model = {n: model[n] + dense(kept, n) for n in model}  # M = W + global LoRA
+    for t in range(rounds):
+        starts = [method.start(kept, r, SCALING) for r in ranks]
+        updates = [trained(s, r, seed=100 * t + k) for k, (s, r) in enumerate(zip(starts, ranks))]
+        result = method.merge(kept, updates, WEIGHTS)
+        yield model, kept, starts, updates, result
+        model = {n: model[n] + dense(result.delta, n) for n in model}
+        kept = result.kept
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_methods_merge_the_fedavg_of_the_clients_models_over_rounds(name) -> None:
+    for model, _, starts, updates, result in play(name):
+        for n in SHAPES:
+            clients = [model[n] - dense(s.removed, n) + dense(u, n) for s, u in zip(starts, updates)]
+            fedavg = sum(p * c for p, c in zip(WEIGHTS, clients))
+            merged = model[n] + dense(result.delta, n)
+            assert torch.allclose(merged, fedavg, rtol=0, atol=1e-5 * fedavg.abs().max()), n
+        assert round_error(result.delta, updates, WEIGHTS, [s.removed for s in starts]) < 1e-6
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_methods_start_every_client_on_the_global_model(name) -> None:
+    for _, _, starts, _, _ in play(name, rounds=2):
+        for s in starts:
+            for n in SHAPES:
+                assert torch.allclose(dense(s.init, n), dense(s.removed, n), atol=1e-6)
+
+
+def test_flora_warm_starts_from_the_best_rank_r_approximation_of_the_aggregate() -> None:
+    rounds = list(play("flora-warm", rounds=2))
+    _, kept, starts, _, _ = rounds[1]
+    assert kept.rank == sum(MIXED)
+    for s, rank in zip(starts, MIXED):
+        assert s.init.rank == rank and s.init.scaling == SCALING
+        for n in SHAPES:
+            target = dense(kept, n)
+            sv = torch.linalg.svdvals(target)
+            error = torch.linalg.matrix_norm(target - dense(s.init, n)).item()
+            assert math.isclose(error, sv[rank:].square().sum().sqrt().item(), rel_tol=1e-4, abs_tol=1e-6)  # Eckart-Young
+            a, b = s.init.pairs[n]
+            assert torch.allclose(a.norm(dim=1), b.norm(dim=0), rtol=1e-4)  # balanced: sqrt(S / s) on each side
+
+
+def test_flora_warm_first_round_is_fresh_and_then_plain_stacking() -> None:
+    (_, kept, starts, updates, result), *_ = play("flora-warm", rounds=1)
+    assert kept is None and all(s.init is None and s.removed is None for s in starts)
+    flora = get_method("flora").merge(None, updates, WEIGHTS)
+    assert all(torch.equal(result.delta.pairs[n].a, flora.delta.pairs[n].a) for n in SHAPES)
+
+
+@pytest.mark.parametrize("name", ["fedit", "zeropad"])
+def test_baselines_replace_the_global_lora_by_the_average_of_the_factors(name) -> None:
+    ranks = (3, 3, 3) if name == "fedit" else MIXED
+    average = fedit_average if name == "fedit" else zeropad_average
+    for model, kept, starts, updates, result in play(name, ranks=ranks):
+        expected = pad_rank(average(updates, WEIGHTS), max(ranks))
+        for n in SHAPES:
+            assert torch.equal(result.kept.pairs[n].a, expected.pairs[n].a)
+            assert torch.allclose(model[n] + dense(result.delta, n), model[n] - dense(kept, n) + dense(expected, n), atol=1e-5)
+        for s, r in zip(starts, ranks):  # on the base W = M - global LoRA, from its leading part
+            assert s.init.rank == r and torch.equal(s.init.pairs["layer.0.q"].b, kept.pairs["layer.0.q"].b[:, :r])
+            assert s.removed is kept
+
+
+@pytest.mark.parametrize("name", ["fedit", "zeropad"])
+def test_averaging_baselines_merge_with_cross_terms(name) -> None:
+    ranks = (3, 3, 3) if name == "fedit" else MIXED
+    errors = [round_error(r.delta, u, WEIGHTS, [s.removed for s in st]) for _, _, st, u, r in play(name, ranks=ranks)]
+    assert errors[-1] > 1e-3
+
+
+def test_fedex_with_equal_ranks_folds_the_paper_residual_into_the_base() -> None:
+    ranks = (3, 3, 3)
+    for model, kept, _, updates, result in play("fedex", ranks=ranks):
+        avg = fedit_average(updates, WEIGHTS)
+        for n in SHAPES:
+            assert torch.equal(result.kept.pairs[n].a, avg.pairs[n].a) and torch.equal(result.kept.pairs[n].b, avg.pairs[n].b)
+            residual = sum(p * dense(u, n) for p, u in zip(WEIGHTS, updates)) - dense(avg, n)
+            base_before, base_after = model[n] - dense(kept, n), model[n] + dense(result.delta, n) - dense(avg, n)
+            assert torch.allclose(base_after - base_before, residual, atol=1e-5)
+
+
+def test_ffa_keeps_the_shared_a_and_never_reads_a_clients_a() -> None:
+    rounds = list(play("ffa"))
+    first_a = rounds[0][1].pairs["layer.0.q"].a
+    for _, kept, starts, updates, result in rounds:
+        assert torch.equal(result.kept.pairs["layer.0.q"].a, first_a)
+        assert all(not s.train_a for s in starts)
+        forged = [LoraAdapter({n: LoraPair(torch.randn_like(p.a), p.b) for n, p in u.pairs.items()}, u.scaling) for u in updates]
+        again = get_method("ffa").merge(kept, forged, WEIGHTS)
+        assert all(torch.equal(again.delta.pairs[n].a, result.delta.pairs[n].a) for n in SHAPES)
+        for n in SHAPES:
+            b = sum(p * pad_rank(u, max(MIXED)).pairs[n].b for p, u in zip(WEIGHTS, updates))
+            assert torch.allclose(result.kept.pairs[n].b, b, atol=1e-6)
+
+
+def test_flexlora_merges_exactly_but_starts_low_rank_clients_off_the_global_model() -> None:
+    for model, kept, starts, updates, result in play("flexlora", rounds=2):
+        assert round_error(result.delta, updates, WEIGHTS, [s.removed for s in starts]) < 1e-6
+    gap = [torch.linalg.matrix_norm(dense(s.removed, "layer.0.q") - dense(s.init, "layer.0.q")).item() for s in starts]
+    assert min(gap) > 1e-3  # the truncation: a client's model at step 0 is not the global model
+
+
+def test_flexlora_clients_start_from_the_truncated_average_of_products_on_the_base() -> None:
+    rounds = list(play("flexlora", rounds=2))
+    _, kept, starts, _, _ = rounds[1]
+    for s, r in zip(starts, MIXED):
+        assert s.removed is kept
+        for n in SHAPES:
+            assert torch.allclose(dense(s.init, n), dense(principal(kept, r, SCALING), n))
+
+
+def test_principal_pads_directions_beyond_the_update_rank_with_zeros() -> None:
+    one = LoraAdapter({"m": LoraPair(torch.randn(1, 4), torch.randn(3, 1))}, 1.0)
+    init = principal(one, 3, 2.0)
+    assert init.rank == 3 and torch.allclose(2.0 * init.pairs["m"].b @ init.pairs["m"].a, one.delta("m"), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "ranks", "scalings", "message"),
+    [
+        ("fedit", [4, 2], [2.0, 2.0], "same rank"),
+        ("zeropad", [4, 2], [2.0, 1.0], "one LoRA scaling"),
+        ("fedex", [4, 4], [2.0, 1.0], "one LoRA scaling"),
+        ("ffa", [4, 2], [0.5, 1.0], "one LoRA scaling"),
+        ("flora", [4], [1.0, 2.0], "one scaling per client"),
+    ],
+)
+def test_validate_refuses_runs_a_method_cannot_aggregate(name, ranks, scalings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_method(name).validate(ranks, scalings)
+
+
+def test_mixed_ranks_and_scalings_pass_for_stacking_methods() -> None:
+    for name in ("flora", "flora-warm", "flexlora"):
+        get_method(name).validate([16, 1], [1.0, 3.0])
+
+
+def test_unknown_method_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown aggregation method 'fedavg'; known: flora, flora-warm"):
+        get_method("fedavg")
