@@ -7,8 +7,9 @@ through a future or a rendezvous so that it stays cancellable: when the stop eve
 SIGTERM), a watcher thread cancels whatever is in flight and the blocked caller sees ``Stopped``
 at once instead of sitting out a 30-second long-poll.
 
-Retry policy (protos/PROTOCOL.md): UNAVAILABLE and DEADLINE_EXCEEDED are retried forever with
-exponential backoff and full jitter, each retry logged; UNAUTHENTICATED calls the re-join hook
+Retry policy (protos/PROTOCOL.md): UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (the
+server's disk is full; size limits are checked before sending, so a well-formed client never
+meets that refusal) are retried forever with exponential backoff and full jitter, each retry logged; UNAUTHENTICATED calls the re-join hook
 once and retries; every other status is the caller's to handle.
 """
 
@@ -28,7 +29,7 @@ from flora.v1 import coordinator_pb2_grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # Chunks are 1 MiB by default; the cap only bounds what a misbehaving server can make us buffer.
 MAX_MESSAGE_BYTES = 64 << 20
 _WATCH_INTERVAL_S = 0.5

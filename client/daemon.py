@@ -43,8 +43,9 @@ _JOIN_FATAL = {
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
 }
-# Upload refusals that mean this client's updates can never be accepted as configured.
-_UPLOAD_FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Upload refusals that mean this client's updates can never be accepted as configured
+# (RESOURCE_EXHAUSTED is retried by the connection: the size limit is checked before sending).
+_UPLOAD_FATAL = {grpc.StatusCode.INVALID_ARGUMENT}
 LEAVE_TIMEOUT_S = 2.0
 
 

@@ -33,6 +33,7 @@ from flora.common.payload_header import (
     Header,
     PayloadLimits,
     allowed_dtypes,
+    artifact_limits,
     check_adapter_shapes,
     check_names,
     check_shape,
@@ -41,7 +42,7 @@ from flora.common.payload_header import (
 from flora.common.payload_meta import PayloadError, PayloadMeta
 
 __all__ = [
-    "ALLOWED_DTYPES", "PayloadError", "PayloadLimits", "PayloadMeta", "check_adapter", "encode_adapter",
+    "ALLOWED_DTYPES", "PayloadError", "PayloadLimits", "PayloadMeta", "artifact_limits", "check_adapter", "encode_adapter",
     "encode_weights", "read_adapter", "read_weights", "write_adapter", "write_weights",
 ]
 # Finite checks read files in pieces of this size, so validating never holds a whole payload.

@@ -40,6 +40,17 @@ class PayloadLimits:
     max_rank: int = 1 << 16
 
 
+def artifact_limits(size: int, shapes: Mapping[str, tuple[int, int]]) -> PayloadLimits:
+    """Limits for reading back an artifact the server wrote itself, following from the run.
+
+    A stacked global adapter has rank sum r_k over the round's clients, which may pass the
+    per-client ``max_rank``; its own size bounds it instead: every unit of rank costs at least
+    2 bytes per row of A and column of B in every module.
+    """
+    per_rank = 2 * sum(d_in + d_out for d_out, d_in in shapes.values())
+    return PayloadLimits(max_bytes=max(size, 8), max_rank=max(1, size // max(per_rank, 1)))
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str

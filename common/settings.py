@@ -15,6 +15,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,6 +139,8 @@ def _describe(exc: ValidationError, origin: Mapping[str, str], env_prefix: str) 
 
 
 def _render_value(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)  # what a user types, not the Python name (Method.FLORA)
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value) or "[]"
     if isinstance(value, Path):

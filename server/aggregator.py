@@ -28,7 +28,8 @@ from flora.common.evaluate import evaluate_loss
 from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, lora_scaling, pad_rank, seeded_lora
 from flora.common.merge import merged_temporarily, merged_weights, module_weights
-from flora.common.payload import PayloadLimits, PayloadMeta, read_adapter, read_weights, write_adapter, write_weights
+from flora.common.payload import PayloadLimits, PayloadMeta, artifact_limits, read_adapter, read_weights, write_adapter, write_weights
+from flora.common.robust import Decision, decide, scale_update, update_norm, weights_norm
 from flora.common.weights import client_weights
 from flora.server.config import ServerSettings
 from flora.server.export import concatenate, save_checkpoint
@@ -62,6 +63,7 @@ class RoundOutput:
     validation_loss: float | None
     checkpoint: str | None
     seconds: dict[str, float]
+    decisions: list[Decision]  # per submission: norm, weight cap, clipping, rejection
 
 
 class Aggregator:
@@ -80,6 +82,7 @@ class Aggregator:
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         # fedit/zeropad export base + global LoRA without ever changing the base: keep it aside.
         live = module_weights(self.model, list(self.shapes))
+        self.base_norm = weights_norm(live)  # of the base weights: the same limit after every restart
         self.base = {} if self.method is Method.FLORA else {n: w.detach().clone() for n, w in live.items()}
         self.global_lora: LoraAdapter | None = None
         self.validation = self._validation_data()
@@ -94,6 +97,13 @@ class Aggregator:
         return tokenize_examples(
             examples, self.tokenizer, cutoff=settings.validation_cutoff, mask_prompt=settings.validation_mask_prompt
         )
+
+    @property
+    def max_update_norm(self) -> float:
+        """The largest |s B A|_F an upload may have: as configured, else relative to the base weights."""
+        if self.settings.max_update_norm is not None:
+            return self.settings.max_update_norm
+        return self.settings.max_update_norm_ratio * self.base_norm
 
     # --- version 0 and restart ---------------------------------------------------------------
 
@@ -127,8 +137,12 @@ class Aggregator:
         can simply be aggregated again.
         """
         clock = time.perf_counter()
-        adapters = [self._load_update(s).to(device=self.device) for s in submissions]
-        weights = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
+        loaded = [self._load_update(s).to(device=self.device) for s in submissions]
+        claimed = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
+        decisions = decide([update_norm(a) for a in loaded], claimed, self.settings.robust_policy)
+        kept = [k for k, d in enumerate(decisions) if not d.rejected]
+        adapters = [scale_update(loaded[k], decisions[k].clip_factor) for k in kept]
+        weights = [decisions[k].weight for k in kept]
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
         combined = aggregate(self.method, adapters, weights, self.precision)
@@ -144,8 +158,26 @@ class Aggregator:
             loss = _timed(seconds, "evaluate", self.evaluate)
         except BaseException:
             self.restore_previous(number - 1, previous)
+            for path in (self.layout.global_artifact(number), self.layout.merged(number)):
+                path.unlink(missing_ok=True)  # never recorded: no orphan of a failed round stays
             raise
-        return RoundOutput(artifacts, weights, error, combined.rank, loss, checkpoint, seconds)
+        return RoundOutput(artifacts, [d.weight for d in decisions], error, combined.rank, loss, checkpoint, seconds,
+                           decisions)
+
+    def faulty(self, submissions: Sequence[Submission]) -> dict[str, str]:
+        """The updates that fail on their own (unreadable, or non-finite merged alone), with why.
+
+        What a failed aggregation is blamed on: each update is re-read and merged into a copy of
+        the current weights by itself; the model is not changed.
+        """
+        live = module_weights(self.model, list(self.shapes))
+        reasons = {}
+        for submission in submissions:
+            try:
+                merged_weights(live, self._load_update(submission), self.precision)
+            except ValueError as error:  # PayloadError is a ValueError
+                reasons[submission.client_id] = f"{type(error).__name__}: {error}"
+        return reasons
 
     def _apply(self, number: int, combined: LoraAdapter, seconds: dict[str, float]) -> list[Artifact]:
         """Write the new global artifact and move the model state to version ``number``."""
@@ -236,7 +268,8 @@ class Aggregator:
         common = {"target_modules": self.settings.target_modules, "base_model": self.settings.base_model}
         if self.method is not Method.FLORA:
             return {"adapter": self.global_lora, "alpha": self.settings.lora_alpha, "rslora": self.settings.rslora, **common}
-        adapters = [read_adapter(self.layout.global_artifact(v), self.shapes)[0] for v in range(1, version + 1)]
+        adapters = [read_adapter(path, self.shapes, limits=artifact_limits(path.stat().st_size, self.shapes))[0]
+                    for path in (self.layout.global_artifact(v) for v in range(1, version + 1))]
         total = concatenate(adapters)
         return {"adapter": total, "alpha": float(total.rank), "rslora": False, **common}
 

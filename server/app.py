@@ -25,7 +25,7 @@ from flora.server.coordinator import Coordinator
 from flora.server.layout import Layout
 from flora.server.lifecycle import RoundDriver
 from flora.server.servicer import CoordinatorServicer
-from flora.server.startup import StartupError, open_run, restore_machine, state_dir_path
+from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
 from flora.server.store import Store
 from flora.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -114,6 +114,7 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
 
 async def serve(settings: ServerSettings) -> None:
     """Run the server until it is told to stop; raises ``StartupError`` for unusable setups."""
+    raise_fd_limit()
     layout = Layout(state_dir_path(settings))
     layout.create()
     shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died

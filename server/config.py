@@ -16,11 +16,13 @@ from flora.common.addresses import is_loopback
 from flora.common.aggregation import Method
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
 from flora.common.lora import lora_scaling
+from flora.common.robust import RobustPolicy
 from flora.common.weights import Weighting
 from flora.server.rounds import Selection
 
 ENV_PREFIX = "FLORA_"
 MiB = 1 << 20
+MIN_TOKEN_CHARS = 16
 
 
 class ServerWeighting(str, Enum):
@@ -47,12 +49,12 @@ class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port")
     enrollment_token: SecretStr | None = Field(
-        None, min_length=16,
-        description="token a new client must present to join; unset = open enrolment",
+        None,
+        description=f"token a new client must present to join (at least {MIN_TOKEN_CHARS} characters); unset = open enrolment",
     )
     operator_token: SecretStr | None = Field(
-        None, min_length=16,
-        description="token that authorises Status calls without joining",
+        None,
+        description=f"token that authorises Status calls without joining (at least {MIN_TOKEN_CHARS} characters)",
     )
     # --- state and model ------------------------------------------------------------------
     state_dir: Path = Field(Path("flora-state"), description="directory holding the run's database and outputs")
@@ -131,6 +133,32 @@ class ServerSettings(BaseModel):
         MiB, ge=4096, le=16 * MiB,
         description="bytes per streamed chunk (clients upload in pieces no larger)",
     )
+    # --- robustness (DESIGN.md section 6; protos/PROTOCOL.md, "Limits") -----------------
+    max_update_norm: float | None = Field(
+        None, gt=0.0,
+        description="largest |s B A|_F (Frobenius norm over all target modules) an upload may have; "
+                    "unset = max_update_norm_ratio x the norm of the base model's target-module weights",
+    )
+    max_update_norm_ratio: float = Field(
+        100.0, gt=0.0, le=1e12,
+        description="when max_update_norm is unset: the bound as a multiple of the base target-module weights' norm",
+    )
+    max_weight_share: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="largest share of a round's weights one client gets (with 3 or more clients); 1 = no cap",
+    )
+    clip_norm: float | None = Field(
+        None, gt=0.0,
+        description="clip each update's |s B A|_F to this bound before aggregating; unset = no fixed bound",
+    )
+    clip_median_multiple: float | None = Field(
+        None, ge=1.0, le=1e6,
+        description="clip each update's norm to this multiple of the round's median norm; unset = no adaptive bound",
+    )
+    reject_median_multiple: float | None = Field(
+        None, ge=1.0, le=1e6,
+        description="leave out updates whose norm exceeds this multiple of the round's median (3+ clients); unset = keep all",
+    )
     checkpoint_every: int = Field(
         5, ge=0, le=100_000,
         description="save a merged Hugging Face checkpoint every N rounds (0 = only at the end; the last round always)",
@@ -184,6 +212,13 @@ class ServerSettings(BaseModel):
                 raise ValueError(f"target module suffix {suffix!r} is not a dotted module name")
         return sorted(set(value))
 
+    @field_validator("enrollment_token", "operator_token")
+    @classmethod
+    def _token_length(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"{info.field_name} must be at least {MIN_TOKEN_CHARS} characters long")
+        return value
+
     @field_validator("tls_key")
     @classmethod
     def _key_with_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
@@ -230,6 +265,13 @@ class ServerSettings(BaseModel):
     def selection(self) -> Selection:
         """The parsed clients_per_round."""
         return Selection.parse(self.clients_per_round)
+
+    @property
+    def robust_policy(self) -> RobustPolicy:
+        """The aggregation-time robustness rules."""
+        return RobustPolicy(max_weight_share=self.max_weight_share if self.max_weight_share < 1 else None,
+                            clip_norm=self.clip_norm, clip_median_multiple=self.clip_median_multiple,
+                            reject_median_multiple=self.reject_median_multiple)
 
     @property
     def required_scaling(self) -> float:

@@ -34,6 +34,7 @@ from flora.server.store import ClientRecord, RunRecord, Store, Submission
 from flora.server.uploads import (
     SCALING_RULE_NAMES,
     check_header,
+    check_num_examples,
     finite_or_none,
     first_message,
     is_rslora,
@@ -136,6 +137,7 @@ class Coordinator:
             client = self.clients[returning]
             if client.name != name:
                 raise InvalidArgument(f"the token presented belongs to client {client.name!r}, not {name!r}")
+            self._check_unchanged_while_selected(client, caps)
             client = replace(client, **self._capability_fields(caps), left=False)
             self.store.rejoin_client(client)
         else:
@@ -162,9 +164,24 @@ class Coordinator:
         return {"rank": caps.rank, "alpha": caps.alpha, "scaling_rule": caps.scaling_rule, "num_examples": caps.num_examples,
                 "device": caps.device[:64], "software_version": caps.software_version[:64]}
 
+    def _check_unchanged_while_selected(self, client: ClientRecord, caps: pb.Capabilities) -> None:
+        """A client selected in the open round keeps the LoRA shape it was selected with until the round ends."""
+        current = self.machine.current
+        if current is None or current.state is not RoundState.OPEN or client.id not in current.selected:
+            return
+        changed = [f"{key} {old!r} -> {new!r}" for key, old, new in (
+            ("rank", client.rank, caps.rank), ("alpha", client.alpha, caps.alpha),
+            ("scaling_rule", client.scaling_rule, caps.scaling_rule)) if old != new]
+        if changed:
+            raise FailedPrecondition(
+                f"this client is selected in the open round {current.number} with its joined capabilities; "
+                f"{', '.join(changed)} may change only once round {current.number} has closed"
+            )
+
     def _check_capabilities(self, caps: pb.Capabilities) -> None:
         if not 1 <= caps.rank <= self.settings.max_rank:
             raise InvalidArgument(f"capabilities.rank {caps.rank} is outside [1, {self.settings.max_rank}]")
+        check_num_examples(caps.num_examples, "capabilities.num_examples")
         if not (math.isfinite(caps.alpha) and caps.alpha > 0):
             raise InvalidArgument(f"capabilities.alpha {caps.alpha} must be a finite number > 0")
         if caps.scaling_rule not in SCALING_RULE_NAMES:
@@ -307,7 +324,7 @@ class Coordinator:
         with self.active(client_id):
             for item in plan:
                 chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
-                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
                     self.driver.bytes_out += len(chunk.data)
                     yield chunk
 
@@ -323,7 +340,8 @@ class Coordinator:
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                await asyncio.to_thread(validate_payload, tmp, header, self.shapes, self._limits)
+                await asyncio.to_thread(validate_payload, tmp, header, self.shapes, self._limits,
+                                        self.driver.aggregator.max_update_norm)
                 await asyncio.to_thread(_publish_update, tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -354,18 +372,32 @@ class Coordinator:
                               message=f"this update was already accepted for round {header.round}")
 
     def _record(self, client_id: str, header: transfer_pb2.UpdateHeader, final: Path) -> None:
+        """Store the accepted update, then (only once stored) move the round machine."""
         now = time.time()
-        self.store.add_submission(Submission(
-            round=header.round, client_id=client_id, sha256=header.sha256, path=self.layout.relative(final),
-            size=header.total_bytes, rank=header.rank, alpha=header.alpha, scaling_rule=header.scaling_rule,
-            num_examples=header.num_examples, base_version=header.base_version, train_loss=finite_or_none(header.train_loss),
-            validation_loss=finite_or_none(header.validation_loss) if header.HasField("validation_loss") else None,
-            steps=header.steps, train_seconds=max(0.0, finite_or_none(header.train_seconds) or 0.0), received=now))
+        try:
+            self.store.add_submission(Submission(
+                round=header.round, client_id=client_id, sha256=header.sha256, path=self.layout.relative(final),
+                size=header.total_bytes, rank=header.rank, alpha=header.alpha, scaling_rule=header.scaling_rule,
+                num_examples=header.num_examples, base_version=header.base_version,
+                train_loss=finite_or_none(header.train_loss),
+                validation_loss=finite_or_none(header.validation_loss) if header.HasField("validation_loss") else None,
+                steps=header.steps, train_seconds=max(0.0, finite_or_none(header.train_seconds) or 0.0), received=now))
+        except BaseException:
+            final.unlink(missing_ok=True)  # not recorded (a full disk, say): leave no file behind
+            raise
         self._last_submitted[client_id] = header.round
         log.info("round %d: update from %s (%s) accepted: rank %d, %d examples, %d bytes", header.round,
                  self.clients[client_id].name, client_id, header.rank, header.num_examples, header.total_bytes)
         self.driver.apply(self.machine.accept(client_id, header.round, header.sha256, now))
         self.driver.notify()
+
+
+def _next_or_superseded(chunks: Iterator[transfer_pb2.Chunk], version: int) -> transfer_pb2.Chunk | None:
+    """The next chunk; merged weights replaced by a newer version before the read began are refused."""
+    try:
+        return next(chunks, None)
+    except FileNotFoundError:
+        raise FailedPrecondition(f"the merged weights of version {version} were superseded; fetch the latest") from None
 
 
 def _publish_update(tmp: Path, final: Path) -> None:

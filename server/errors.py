@@ -7,6 +7,14 @@ the client's logs: they name the field at fault and the value or limit it broke.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
+# errno values that mean the disk (or a quota on it) is full, and that the process or the system
+# is out of file descriptors: both pass once an operator (or time) frees some.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_NO_FILES = frozenset({errno.EMFILE, errno.ENFILE})
+
 
 class Refusal(Exception):
     """A request the server declines; the subclass says which kind of refusal it is."""
@@ -37,8 +45,37 @@ class DataLoss(Refusal):
 
 
 class ResourceExhausted(Refusal):
-    """The request exceeds a size limit."""
+    """The request exceeds a size limit, or the server's disk is full (retry later)."""
 
 
 class Unavailable(Refusal):
-    """The server is shutting down; try again later (possibly elsewhere)."""
+    """The server is shutting down or out of file descriptors; try again later (possibly elsewhere)."""
+
+
+class Internal(Refusal):
+    """A server fault the client cannot fix; details stay in the server's log, never in the reply."""
+
+
+def resource_refusal(error: BaseException) -> Refusal | None:
+    """The refusal for a server that ran out of disk space or file descriptors, else None.
+
+    One place decides what a full disk (``OSError`` ENOSPC/EDQUOT, SQLite's "database or disk is
+    full") and fd exhaustion (EMFILE/ENFILE, SQLite's "unable to open database file") look like
+    to a client: a status it retries with backoff and a message that says what ran out.
+    """
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return ResourceExhausted("the server's disk is full; nothing of this request was recorded: retry later")
+    if isinstance(error, OSError) and error.errno in _NO_FILES:
+        return Unavailable("the server has run out of file descriptors; nothing of this request was recorded: retry later")
+    if isinstance(error, sqlite3.OperationalError):
+        text = str(error).lower()
+        if "full" in text:
+            return ResourceExhausted("the server's database disk is full; nothing of this request was recorded: retry later")
+        if "unable to open" in text or "locked" in text or "disk i/o" in text:
+            return Unavailable(f"the server's database is unavailable ({text[:60]}); retry later")
+    return None
+
+
+def is_resource_failure(error: BaseException) -> bool:
+    """Whether a failure is the server running out of a resource (and so worth retrying later)."""
+    return resource_refusal(error) is not None

@@ -22,6 +22,7 @@ from typing import Any
 from flora.server.aggregator import Aggregator, RoundOutput
 from flora.server.config import ServerSettings
 from flora.server.export import write_history
+from flora.server.errors import is_resource_failure
 from flora.server.layout import Layout
 from flora.server.rounds import Abandoned, Closed, Event, Opened, RoundMachine, RoundState
 from flora.server.store import Store, Submission
@@ -59,6 +60,8 @@ class RoundDriver:
         self._ticker: asyncio.Task | None = None
         self._aggregation: asyncio.Task | None = None
         self._retrying = False
+        self._retry_delay = 0.0  # the last resource-failure backoff of this round (0: none yet)
+        self._failures = 0  # consecutive failed ticks (for the ticker's backoff)
         self._reasons: dict[int, str] = {}
 
     # --- notifications --------------------------------------------------------------------
@@ -76,28 +79,52 @@ class RoundDriver:
     # --- decisions ------------------------------------------------------------------------
 
     def advance(self) -> None:
-        """Apply every transition due now (deadlines, openings)."""
+        """Apply every transition due now (deadlines, openings); never raises.
+
+        A decision that cannot be persisted (a full disk, say) is logged and memory is put back
+        to what the database holds, so the two never disagree; the next tick tries again.
+        """
         self.apply(self.machine.advance(time.time()))
 
     def apply(self, events: Sequence[Event]) -> None:
-        """Persist the machine's decisions, start aggregations, wake waiters."""
-        for event in events:
-            if isinstance(event, Opened):
-                self.store.save_attempt(event.round)
-                log.info("round %d attempt %d opened: %d selected (%s), quorum %d, deadline in %.0fs",
-                         event.round.number, event.round.attempt, len(event.round.selected),
-                         ",".join(sorted(event.round.selected)), event.round.quorum, self.settings.round_deadline_s)
-            elif isinstance(event, Abandoned):
-                self.store.set_attempt_state(event.number, event.attempt, RoundState.ABANDONED)
-                log.warning("round %d attempt %d abandoned at its deadline: %d of quorum %d accepted",
-                            event.number, event.attempt, event.accepted, event.quorum)
-            elif isinstance(event, Closed):
-                self.store.set_attempt_state(event.number, event.attempt, RoundState.AGGREGATING)
-                self._reasons[event.number] = event.reason
-                log.info("round %d closed (%s): aggregating %d updates", event.number, event.reason, len(event.participants))
-                self._start_aggregation(event.number, event.attempt)
-        if events:
-            self.notify()
+        """Persist the machine's decisions, start aggregations, wake waiters; never raises."""
+        try:
+            for event in events:
+                self._persist(event)
+            self._failures = 0
+        except Exception as error:  # noqa: BLE001 - the ticker and every handler call this
+            self._resync(error)
+        finally:
+            if events:
+                self.notify()
+
+    def _persist(self, event: Event) -> None:
+        if isinstance(event, Opened):
+            self.store.save_attempt(event.round)
+            log.info("round %d attempt %d opened: %d selected (%s), quorum %d, deadline in %.0fs",
+                     event.round.number, event.round.attempt, len(event.round.selected),
+                     ",".join(sorted(event.round.selected)), event.round.quorum, self.settings.round_deadline_s)
+        elif isinstance(event, Abandoned):
+            self.store.set_attempt_state(event.number, event.attempt, RoundState.ABANDONED)
+            log.warning("round %d attempt %d abandoned: %s (%d of quorum %d accepted)",
+                        event.number, event.attempt, event.reason, event.accepted, event.quorum)
+        elif isinstance(event, Closed):
+            self.store.set_attempt_state(event.number, event.attempt, RoundState.AGGREGATING)
+            self._reasons[event.number] = event.reason
+            log.info("round %d closed (%s): aggregating %d updates", event.number, event.reason, len(event.participants))
+            self._start_aggregation(event.number, event.attempt)
+
+    def _resync(self, error: Exception) -> None:
+        """After a failed write: log it, and reload the current round from the database."""
+        self._failures += 1
+        current = self.machine.current
+        log.error("round %s: a state change could not be saved (%s: %s); kept the stored state, retrying "
+                  "(failure %d in a row)", current.number if current else "-", type(error).__name__, error, self._failures)
+        if current is not None and (self._aggregation is None or self._aggregation.done()):
+            try:
+                self.machine.current = self.store.load_round(current.number)
+            except Exception:  # noqa: BLE001 - reading failed too: keep memory, the next tick retries
+                log.exception("round %d: reloading the stored round failed", current.number)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -125,9 +152,10 @@ class RoundDriver:
         self.notify()
 
     async def _tick(self) -> None:
+        """Look at deadlines every TICK_S; after failed writes, back off (logged by ``advance``)."""
         while True:
             self.advance()
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(min(TICK_S * 2 ** min(self._failures, 8), _RETRY_MAX_S) if self._failures else TICK_S)
 
     # --- aggregation ----------------------------------------------------------------------
 
@@ -135,15 +163,38 @@ class RoundDriver:
         self._aggregation = asyncio.create_task(self._aggregate(number, attempt), name=f"aggregate-round-{number}")
 
     async def _aggregate(self, number: int, attempt: int) -> None:
-        submissions = self.store.submissions(number)
-        output = await self._aggregate_with_retries(number, submissions)
+        """Aggregate the round and commit it; a failure never loops (protos/PROTOCOL.md, "Rounds").
+
+        Running out of disk or descriptors is waited out with backoff. Any other failure is
+        blamed on the updates that fail on their own, which are excluded (recorded, their files
+        deleted) before the rest is aggregated; if none is to blame, all are, and the round is
+        abandoned and reopens. Each pass removes an update or ends, so this terminates.
+        """
+        while True:
+            submissions = None
+            try:
+                submissions = self.store.submissions(number)
+                output = await asyncio.to_thread(self.aggregator.aggregate, number, submissions)
+                break
+            except Exception as error:  # noqa: BLE001 - every failure is either waited out or excluded
+                if is_resource_failure(error):
+                    await self._wait_to_retry(number, "aggregating", error)
+                elif submissions is None:
+                    log.exception("round %d: reading its updates failed; restart the server to aggregate it", number)
+                    return
+                elif not await self._exclude_faulty(number, attempt, submissions, error):
+                    return
         now = time.time()
-        try:
-            record = self._record(number, attempt, submissions, output, now)
-            self.store.commit_version(number, attempt, output.artifacts, record, now)
-        except Exception:
-            log.exception("round %d: committing the aggregate failed; restart the server to aggregate it again", number)
-            return
+        record = self._record(number, attempt, submissions, output, now)
+        while True:
+            try:
+                self.store.commit_version(number, attempt, output.artifacts, record, now)
+                break
+            except Exception as error:  # noqa: BLE001
+                if not is_resource_failure(error):
+                    log.exception("round %d: committing the aggregate failed; restart the server to aggregate it again", number)
+                    return
+                await self._wait_to_retry(number, "committing", error)
         # Derived files before anyone can see the new version: its history line is then on disk.
         # Nothing moves meanwhile: the machine still holds the round as aggregating.
         try:
@@ -152,23 +203,48 @@ class RoundDriver:
             log.exception("round %d: writing history.jsonl failed; it is rewritten at the next commit or start", number)
         self._advance_to(number, len(submissions), output, now)
 
-    async def _aggregate_with_retries(self, number: int, submissions: Sequence[Submission]) -> RoundOutput:
-        """Aggregate in a worker thread; a failure (a full disk, say) is retried with backoff."""
-        delay = 1.0
-        while True:
-            try:
-                return await asyncio.to_thread(self.aggregator.aggregate, number, submissions)
-            except Exception:
-                log.exception("round %d: aggregation failed; retrying in %.0fs", number, delay)
-            self._retrying = True
-            try:
-                await asyncio.sleep(delay)
-            finally:
-                self._retrying = False
-            delay = min(2 * delay, _RETRY_MAX_S)
+    async def _wait_to_retry(self, number: int, what: str, error: Exception) -> None:
+        """Sleep out a resource failure with backoff (1 s doubling to 60 s), each one logged."""
+        self._retry_delay = min(2 * self._retry_delay, _RETRY_MAX_S) if self._retry_delay else 1.0
+        log.error("round %d: %s failed (%s: %s); retrying in %.0fs", number, what, type(error).__name__, error,
+                  self._retry_delay)
+        self._retrying = True
+        try:
+            await asyncio.sleep(self._retry_delay)
+        finally:
+            self._retrying = False
+
+    async def _exclude_faulty(
+        self, number: int, attempt: int, submissions: Sequence[Submission], error: Exception
+    ) -> bool:
+        """Take the updates at fault out of the round; False when none is left (round abandoned)."""
+        log.error("round %d: aggregation failed (%s: %s); checking each update alone", number, type(error).__name__, error)
+        reasons = await asyncio.to_thread(self.aggregator.faulty, submissions)
+        if not reasons:
+            detail = f"the round failed to aggregate ({type(error).__name__}: {str(error)[:200]}) and no single update is at fault"
+            reasons = {s.client_id: detail for s in submissions}
+        abandon = len(reasons) >= len(submissions)
+        try:
+            removed = self.store.exclude_submissions(number, attempt, reasons, abandon, time.time())
+        except Exception as failure:  # noqa: BLE001
+            if not is_resource_failure(failure):
+                raise
+            await self._wait_to_retry(number, "excluding updates", failure)
+            return True  # nothing changed: the next pass finds the same updates at fault
+        for submission in removed:
+            self.layout.absolute(submission.path).unlink(missing_ok=True)
+            log.warning("round %d: the update of client %s is excluded: %s", number, submission.client_id,
+                        reasons[submission.client_id])
+        if self.machine.exclude(number, reasons):
+            return True
+        log.warning("round %d attempt %d abandoned: every update was excluded; the round reopens", number, attempt)
+        self.notify()
+        self.advance()
+        return False
 
     def _advance_to(self, number: int, clients: int, output: RoundOutput, now: float) -> None:
         """The committed round's version becomes the one clients see; the next round may open."""
+        self._retry_delay = 0.0
         self.machine.aggregated(number)
         self.bytes_out = 0
         log.info("round %d committed: version %d, %d clients, global rank %d, aggregation error %.3g%s",
@@ -181,10 +257,11 @@ class RoundDriver:
         self.notify()
 
     def _after_commit(self, number: int) -> None:
-        """Derived files: the history, and merged weights two versions old (no longer served)."""
+        """Derived files: the history; and merged weights of older versions go (no longer recorded)."""
         write_history(self.layout.history, self.store.history())
-        if number >= 2:
-            self.layout.merged(number - 2).unlink(missing_ok=True)
+        for path in self.layout.merged(number).parent.glob("v*.safetensors"):
+            if path != self.layout.merged(number):
+                path.unlink(missing_ok=True)  # a download already reading one keeps its open file
 
     def _record(
         self, number: int, attempt: int, submissions: Sequence[Submission], output: RoundOutput, now: float
@@ -194,9 +271,13 @@ class RoundDriver:
         clients = [
             {"client_id": s.client_id, "name": names.get(s.client_id, ""), "rank": s.rank, "alpha": s.alpha,
              "num_examples": s.num_examples, "weight": w, "train_loss": s.train_loss, "validation_loss": s.validation_loss,
-             "steps": s.steps, "train_seconds": s.train_seconds, "bytes": s.size}
-            for s, w in zip(submissions, output.weights)
+             "steps": s.steps, "train_seconds": s.train_seconds, "bytes": s.size,
+             "norm": d.norm, "claimed_weight": d.raw_weight, "weight_capped": d.capped, "clip_factor": d.clip_factor,
+             "rejected": d.rejected}
+            for s, w, d in zip(submissions, output.weights, output.decisions)
         ]
+        excluded = [{"client_id": c, "name": names.get(c, ""), "sha256": sha, "reason": why}
+                    for c, sha, why in self.store.exclusions(number)]
         return {
             "round": number,
             "version": number,
@@ -204,6 +285,7 @@ class RoundDriver:
             "closed": self._reasons.pop(number, ""),
             "clients": clients,
             "num_clients": len(clients),
+            "excluded": excluded,
             "examples": sum(s.num_examples for s in submissions),
             "train_loss": _weighted_mean([s.train_loss for s in submissions], output.weights),
             "client_validation_loss": _weighted_mean([s.validation_loss for s in submissions], output.weights),

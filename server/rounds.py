@@ -129,6 +129,7 @@ class Abandoned:
     attempt: int
     accepted: int
     quorum: int
+    reason: str = "missed its quorum at the deadline"
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,22 @@ class RoundMachine:
         if current.selected <= current.accepted.keys():
             return [self._close("every selected client has submitted")]
         return []
+
+    def exclude(self, number: int, clients: Iterable[str]) -> bool:
+        """Take updates that broke the round's aggregation out of it (already persisted).
+
+        Returns True when some remain, to aggregate without the excluded ones; False when none
+        does, and the round is abandoned: a new attempt opens once enough clients are available.
+        """
+        current = self.current
+        if current is None or current.number != number or current.state is not RoundState.AGGREGATING:
+            raise RuntimeError(f"round {number} is not being aggregated")
+        for client in clients:
+            current.accepted.pop(client, None)
+        if current.accepted:
+            return True
+        current.state = RoundState.ABANDONED
+        return False
 
     def aggregated(self, number: int) -> None:
         """The round's aggregate is committed: its version is the latest, the next round waits."""

@@ -29,17 +29,40 @@ STATUS_CODES: dict[type[errors.Refusal], grpc.StatusCode] = {
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
+
+
+def as_refusal(call: str, error: Exception) -> errors.Refusal:
+    """Any failure inside a handler as the refusal a client gets; no exception text gets out.
+
+    Running out of disk or file descriptors is logged as one clear line (the operator's cue);
+    anything else unexpected is logged with its traceback and answered INTERNAL.
+    """
+    if isinstance(error, errors.Refusal):
+        return error
+    if (refusal := errors.resource_refusal(error)) is not None:
+        log.error("%s failed: %s (%s: %s)", call, refusal, type(error).__name__, error)
+        return refusal
+    log.exception("%s failed unexpectedly", call)
+    return errors.Internal(f"{call}: internal server error; the server's log has the details")
 
 
 @contextlib.asynccontextmanager
 async def refusals(context: grpc.aio.ServicerContext, call: str) -> AsyncIterator[None]:
-    """End the call with the status code of any domain refusal raised inside."""
+    """End the call with the status code of the refusal (or the failure) raised inside.
+
+    ``context.abort`` itself raises to end the call; it is let through untouched.
+    """
     try:
         yield
-    except errors.Refusal as refusal:
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the one place every failure becomes a status
+        refusal = as_refusal(call, error)
         code = STATUS_CODES[type(refusal)]
-        log.info("%s refused with %s: %s", call, code.name, refusal)
+        if isinstance(error, errors.Refusal):
+            log.info("%s refused with %s: %s", call, code.name, refusal)
         await context.abort(code, str(refusal))
 
 
@@ -54,7 +77,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._coordinator = coordinator
 
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunReply:
-        return self._coordinator.get_run()
+        async with refusals(context, "GetRun"):
+            return self._coordinator.get_run()
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         async with refusals(context, "Join"):

@@ -10,6 +10,7 @@ are removed: nothing that the database does not refer to is kept.
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import time
 import uuid
@@ -25,6 +26,11 @@ from flora.server.store import RunRecord, Store
 log = logging.getLogger(__name__)
 
 # Settings that define a run: changing one between restarts would mix incompatible rounds.
+# Descriptors the process needs besides its clients (database, WAL, model files, gRPC, logging).
+FD_RESERVE = 64
+# Descriptors a client may hold at once: its connection, plus an upload's temporary file.
+FDS_PER_CLIENT = 2
+
 RUN_DEFINING = ("base_model", "method", "target_modules", "model_dtype", "lora_rank", "lora_alpha", "rslora")
 
 
@@ -98,6 +104,26 @@ def restore_machine(settings: ServerSettings, store: Store, version: int) -> Rou
     )
     current = None if version >= settings.rounds else store.load_round(version + 1)
     return RoundMachine(policy, version, current)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; log the clients it leaves room for.
+
+    Every connected client costs a socket and an upload a file besides, so the common default
+    soft limit of 1,024 would refuse a large run's uploads with EMFILE long before the hard
+    limit does. Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as err:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, wanted, err)
+    capacity = max(0, (soft - FD_RESERVE) // FDS_PER_CLIENT)
+    log.info("open-file limit %d: room for about %d clients uploading at once (ulimit -n raises it)", soft, capacity)
+    return soft
 
 
 def state_dir_path(settings: ServerSettings) -> Path:

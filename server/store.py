@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
     kind TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
     size INTEGER NOT NULL, PRIMARY KEY (kind, version)
 );
+CREATE TABLE IF NOT EXISTS exclusions (
+    round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, reason TEXT NOT NULL,
+    excluded REAL NOT NULL, PRIMARY KEY (round, client_id, sha256)
+);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
 );
@@ -262,6 +266,31 @@ class Store:
             f"SELECT {_columns(Submission)} FROM submissions WHERE round = ? AND client_id = ?", (number, client_id)
         )
         return Submission(*rows[0]) if rows else None
+
+    def exclude_submissions(
+        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float
+    ) -> list[Submission]:
+        """Take updates that made the round's aggregation fail out of it, keeping why (one transaction).
+
+        With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
+        restart reopens the round instead of aggregating it again. Returns the removed rows,
+        whose files the caller deletes once this has committed.
+        """
+        removed = [s for s in self.submissions(number) if s.client_id in reasons]
+        with self._transaction() as db:
+            for sub in removed:
+                db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
+                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?)",
+                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now))
+            if abandon:
+                db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
+                           (RoundState.ABANDONED.value, number, attempt))
+        return removed
+
+    def exclusions(self, number: int) -> list[tuple[str, str, str]]:
+        """(client id, sha256, reason) of every update taken out of a round's aggregation."""
+        return self._query("SELECT client_id, sha256, reason FROM exclusions WHERE round = ? ORDER BY excluded, client_id",
+                           (number,))
 
     def last_submitted_rounds(self) -> dict[str, int]:
         """Per client, the last round it has an accepted update for."""

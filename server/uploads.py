@@ -15,14 +15,27 @@ import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
 
+from safetensors import safe_open
+
 from flora.common.chunks import ChunkError, check_sha256, fsync_file
+from flora.common.lora import lora_scaling
 from flora.common.payload import PayloadError, PayloadLimits, check_adapter
+from flora.common.robust import delta_norm_sq
 from flora.common.wire import WireError, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
 from flora.server.store import ClientRecord
 from flora.v1 import run_pb2, transfer_pb2
 
 SCALING_RULE_NAMES = {run_pb2.SCALING_RULE_STANDARD: "standard", run_pb2.SCALING_RULE_RSLORA: "rslora"}
+# num_examples weights an update (Join and upload header): far beyond any data set, and well inside
+# SQLite's signed 64-bit INTEGER, so no claimed count can overflow what stores it.
+MAX_NUM_EXAMPLES = 10**12
+
+
+def check_num_examples(value: int, field: str) -> None:
+    """Refuse a count of examples that cannot weight an update (0, or beyond MAX_NUM_EXAMPLES)."""
+    if not 1 <= value <= MAX_NUM_EXAMPLES:
+        raise InvalidArgument(f"{field} {value} is outside [1, {MAX_NUM_EXAMPLES}] (it weights the update)")
 
 
 def is_rslora(rule: int) -> bool:
@@ -51,8 +64,7 @@ def check_header(header: transfer_pb2.UpdateHeader, client: ClientRecord, max_by
         got = SCALING_RULE_NAMES.get(header.scaling_rule, header.scaling_rule)
         joined = SCALING_RULE_NAMES[client.scaling_rule]
         raise InvalidArgument(f"header scaling_rule {got} differs from the rule {joined} declared at Join")
-    if header.num_examples < 1:
-        raise InvalidArgument("header num_examples must be >= 1 (it weights the update)")
+    check_num_examples(header.num_examples, "header num_examples")
     try:
         check_sha256(header.sha256, "header sha256")
     except ChunkError as err:
@@ -91,12 +103,14 @@ async def receive_payload(
 
 
 def validate_payload(
-    path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits
-) -> None:
+    path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits,
+    max_norm: float,
+) -> float:
     """Check the payload fully (blocking: run it in a thread) against the header and the model.
 
     The file is read in pieces, not loaded: an upload costs the server a chunk of memory, not
-    its size, until the round is aggregated.
+    its size, until the round is aggregated. Returns the update's norm |s B A|_F, refused above
+    ``max_norm``: finite factors can still have a product that overflows a merge.
     """
     try:
         meta = check_adapter(path, shapes, rank=header.rank, limits=limits)
@@ -110,6 +124,21 @@ def validate_payload(
         raise InvalidArgument(f"payload: metadata 'scaling_rule' {meta.scaling_rule} differs from the header's")
     if meta.round != header.round:
         raise InvalidArgument(f"payload: metadata 'round' {meta.round} differs from the header's round {header.round}")
+    norm = file_update_norm(path, shapes, lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule)))
+    if not norm <= max_norm:
+        raise InvalidArgument(
+            f"payload: the update's norm |s B A|_F = {norm:.6g} exceeds max_update_norm {max_norm:.6g}"
+        )
+    return norm
+
+
+def file_update_norm(path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float) -> float:
+    """|s B A|_F over all modules of a validated update file, one module in memory at a time."""
+    total = 0.0
+    with safe_open(path, framework="pt", device="cpu") as file:
+        for module in sorted(shapes):
+            total += delta_norm_sq(file.get_tensor(f"{module}.lora_A"), file.get_tensor(f"{module}.lora_B"), scaling)
+    return math.sqrt(total)
 
 
 def finite_or_none(value: float | None) -> float | None:

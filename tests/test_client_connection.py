@@ -50,9 +50,10 @@ def connect(tmp_path, fake):
 
 def test_transient_codes_are_retried_others_are_not(connect, fake):
     conn = connect()
-    fake.faults["Heartbeat"] = [Fault(grpc.StatusCode.UNAVAILABLE), Fault(grpc.StatusCode.DEADLINE_EXCEEDED)]
+    fake.faults["Heartbeat"] = [Fault(grpc.StatusCode.UNAVAILABLE), Fault(grpc.StatusCode.DEADLINE_EXCEEDED),
+                                Fault(grpc.StatusCode.RESOURCE_EXHAUSTED)]  # the last: the server's disk is full
     conn.call("Heartbeat", coordinator_pb2.HeartbeatRequest(round=1))
-    assert len(fake.requests["Heartbeat"]) == 3
+    assert len(fake.requests["Heartbeat"]) == 4
     fake.faults["Heartbeat"] = [Fault(grpc.StatusCode.PERMISSION_DENIED)]
     with pytest.raises(grpc.RpcError) as err:
         conn.call("Heartbeat", coordinator_pb2.HeartbeatRequest(round=1))

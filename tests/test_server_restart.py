@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -108,14 +109,16 @@ def test_sigkill_after_aggregation_never_redoes_the_round(session):
         assert db.execute("SELECT round, state FROM rounds ORDER BY round, attempt").fetchall() == [(1, "done"), (2, "done")]
 
 
-def test_an_interrupted_aggregation_is_redone_exactly_once(session):
+def test_an_interrupted_aggregation_is_redone_exactly_once(session, tmp_path):
     session.alice.wait_for_train()
+    merged0 = tmp_path / "merged-v0"  # removed once version 1 commits; a crash before the commit keeps it
+    shutil.copyfile(session.state_dir / "merged" / "v000000.safetensors", merged0)
     for client in (session.alice, session.bob):
         assert client.submit(session.payload(client, 1), 1).accepted
     session.operator.wait_for_version(1)
     digest = session.global_sha(1)
     session.server.kill()
-    rewind_to_before_commit(session.state_dir)
+    rewind_to_before_commit(session.state_dir, merged0)
     session.start()
     status = session.operator.wait_for_version(1)
     assert "aggregating it again" in session.server.output()
@@ -124,9 +127,10 @@ def test_an_interrupted_aggregation_is_redone_exactly_once(session):
     assert [h["round"] for h in session.history()] == [1]
 
 
-def rewind_to_before_commit(state_dir: Path) -> None:
+def rewind_to_before_commit(state_dir: Path, saved_merged0: Path) -> None:
     """Put the database where a crash during round 1's aggregation leaves it (its files stay)."""
     merged0 = state_dir / "merged" / "v000000.safetensors"
+    shutil.copyfile(saved_merged0, merged0)
     with sqlite3.connect(state_dir / "state.db") as db:
         db.execute("DELETE FROM versions WHERE version = 1")
         db.execute("DELETE FROM artifacts WHERE version = 1")

@@ -1,0 +1,151 @@
+"""Defences of an aggregate against a lying or broken client: norms, weight caps, clipping, outliers.
+
+Pure functions over numbers and tensors, no I/O (DESIGN.md section 6, "Robustness"). The server
+measures every update's size as the Frobenius norm of its weight change s B A, computed from the
+r x r Gram matrices so that it costs O(r^2 (d_in + d_out)) and cannot overflow; bounds that norm
+at upload; caps any one client's share of the weights (the header's ``num_examples`` is a claim
+nothing verifies); and may clip or reject updates by norm before stacking. Clipping multiplies a
+client's A by a factor <= 1, so the stacked aggregate stays exactly sum_k p_k c_k s_k B_k A_k.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flora.common.lora import LoraAdapter, LoraPair
+
+# Weight capping needs at least this many clients: with two, a cap of 1/2 forces uniform weights.
+MIN_CLIENTS_TO_CAP = 3
+# Below this the uncapped weights' total is round-off (or subnormal): share the rest evenly instead.
+_TINY = 1e-200
+
+
+def delta_norm_sq(a: Tensor, b: Tensor, scaling: float) -> float:
+    """|s B A|_F^2 = s^2 tr((B^T B)(A A^T)), in float64 (exact in exact arithmetic, no d_out x d_in product).
+
+    float64 holds the square of any float32 product: a value of 3.4e38 squared and summed over
+    a million terms is about 1e83, far below float64's 1.8e308.
+    """
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    gram_b = b64.T @ b64  # (r, r)
+    gram_a = a64 @ a64.T  # (r, r)
+    trace = float((gram_b * gram_a).sum())  # tr(X Y) = sum(X * Y^T); both Grams are symmetric
+    return max(trace, 0.0) * scaling * scaling
+
+
+def update_norm(adapter: LoraAdapter) -> float:
+    """The Frobenius norm of the whole weight change of an adapter, over all its modules."""
+    return math.sqrt(sum(delta_norm_sq(a, b, adapter.scaling) for a, b in adapter.pairs.values()))
+
+
+def weights_norm(weights: Mapping[str, Tensor]) -> float:
+    """The Frobenius norm of a set of weight matrices taken together, in float64."""
+    return math.sqrt(sum(float(torch.linalg.matrix_norm(w.detach().to(torch.float64)) ** 2) for w in weights.values()))
+
+
+def scale_update(adapter: LoraAdapter, factor: float) -> LoraAdapter:
+    """The adapter with A multiplied by ``factor``: its weight change scales by ``factor`` exactly."""
+    if factor == 1.0:
+        return adapter
+    return LoraAdapter({n: LoraPair(a * factor, b) for n, (a, b) in adapter.pairs.items()}, adapter.scaling)
+
+
+def cap_shares(weights: Sequence[float], cap: float) -> list[float]:
+    """Weights summing to 1 with none above ``cap``, by water-filling.
+
+    Every weight above the cap is set to it and the rest of the mass is shared among the others
+    in proportion to their weights; repeated until no weight passes the cap (at most K passes),
+    so a capped weight never exceeds the cap after renormalisation. Needs ``cap * K >= 1``.
+    """
+    count = len(weights)
+    if count == 0 or not 0 < cap <= 1:
+        raise ValueError(f"cap_shares: cap must be in (0, 1] and weights non-empty, got cap {cap} and {count} weights")
+    if cap * count < 1 - 1e-12:
+        raise ValueError(f"cap_shares: a cap of {cap} cannot hold {count} weights summing to 1")
+    total = math.fsum(weights)
+    result = [w / total for w in weights]
+    capped: set[int] = set()
+    for _ in range(count):
+        over = {k for k, w in enumerate(result) if k not in capped and w > cap}
+        if not over:
+            break
+        capped |= over
+        free = [k for k in range(count) if k not in capped]
+        left = 1.0 - cap * len(capped)
+        free_total = math.fsum(result[k] for k in free)
+        for k in capped:
+            result[k] = cap
+        for k in free:
+            result[k] = left * result[k] / free_total if free_total > _TINY else left / len(free)
+    return result
+
+
+@dataclass(frozen=True)
+class RobustPolicy:
+    """The run's robustness settings (from the server settings); None disables a rule."""
+
+    max_weight_share: float | None = 0.5
+    clip_norm: float | None = None  # fixed bound on |s B A|_F
+    clip_median_multiple: float | None = None  # adaptive bound: this multiple of the round's median norm
+    reject_median_multiple: float | None = None  # reject updates whose norm exceeds this multiple of the median
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the robustness rules did to one client's update, for the aggregate and the history."""
+
+    norm: float
+    raw_weight: float
+    weight: float  # final p_k (0 when rejected)
+    clip_factor: float  # multiplies A_k; 1.0 when not clipped
+    rejected: bool = False
+    capped: bool = False
+
+
+def decide(norms: Sequence[float], weights: Sequence[float], policy: RobustPolicy) -> list[Decision]:
+    """Apply outlier rejection, the weight-share cap and clipping to one round's updates.
+
+    Rejection and the adaptive bounds compare each norm with the median of the round's norms
+    (robust to a minority of liars); the cap applies with at least MIN_CLIENTS_TO_CAP updates
+    left. If every update would be rejected, none is.
+    """
+    count = len(norms)
+    median = statistics.median(norms) if norms else 0.0
+    rejected = [False] * count
+    if policy.reject_median_multiple is not None and count >= MIN_CLIENTS_TO_CAP and median > 0:
+        rejected = [n > policy.reject_median_multiple * median for n in norms]
+    kept = [k for k in range(count) if not rejected[k]]
+    kept_weights = [weights[k] for k in kept]
+    total = math.fsum(kept_weights)
+    shares = [w / total for w in kept_weights] if total > 0 else [1.0 / len(kept)] * len(kept)
+    cap = policy.max_weight_share
+    capped_shares = shares
+    if cap is not None and len(kept) >= MIN_CLIENTS_TO_CAP and cap * len(kept) >= 1:
+        capped_shares = cap_shares(shares, cap)
+    final = [0.0] * count
+    capped = [False] * count
+    for k, before, after in zip(kept, shares, capped_shares):
+        final[k] = after
+        capped[k] = after < before - 1e-12
+    bound = _clip_bound(policy, median)
+    return [
+        Decision(norm=norms[k], raw_weight=weights[k], weight=final[k], rejected=rejected[k], capped=capped[k],
+                 clip_factor=min(1.0, bound / norms[k]) if bound is not None and norms[k] > bound else 1.0)
+        for k in range(count)
+    ]
+
+
+def _clip_bound(policy: RobustPolicy, median: float) -> float | None:
+    """The tighter of the fixed and the adaptive clipping bound, if any is set."""
+    bounds = []
+    if policy.clip_norm is not None:
+        bounds.append(policy.clip_norm)
+    if policy.clip_median_multiple is not None and median > 0:
+        bounds.append(policy.clip_median_multiple * median)
+    return min(bounds) if bounds else None
