@@ -16,7 +16,7 @@ same run is the smallest N: the target is that the server's latencies do not gro
 
     python -m bench.load                                # N = 50,200,500,1000, 2 rounds (~10 min)
     python -m bench.load --clients 1000 --profile out/  # with a py-spy profile of the server
-    python -m bench.load --smoke                        # N = 8, 2 workers, 2 rounds (seconds)
+    python -m bench.load --smoke                        # N = 6, 1 worker, 2 rounds (seconds)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ HEALTH_TIMEOUT_S = 10.0
 SAMPLE_EVERY_S = 0.25
 COLUMNS = ["clients", "errors", "health_p99_ms", "health_max_ms", "Join_p50_s", "Join_p99_s", "delivery_p50_s",
            "delivery_p99_s", "FetchGlobal_p50_s", "FetchGlobal_p99_s", "SubmitUpdate_p50_s", "SubmitUpdate_p99_s",
-           "Heartbeat_p99_s", "Heartbeat_max_s", "round_s", "rss_max_MiB", "fds_max"]
+           "Heartbeat_p99_s", "Heartbeat_max_s", "round_s", "rss_max_MiB", "fds_max", "server_cpu_s", "clients_cpu_s"]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -74,6 +74,7 @@ class Watch:
         self.health_errors: Counter = Counter()
         self.rss: list[int] = []
         self.fds: list[int] = []
+        self.cpu_s = 0.0  # the server's CPU seconds so far
         self._threads = [threading.Thread(target=self._probe, daemon=True), threading.Thread(target=self._sample, daemon=True)]
 
     def __enter__(self) -> Watch:
@@ -106,6 +107,8 @@ class Watch:
             with contextlib.suppress(psutil.Error):
                 self.rss.append(self._process.memory_info().rss)
                 self.fds.append(self._process.num_fds())
+                times = self._process.cpu_times()
+                self.cpu_s = times.user + times.system
             self._stop.wait(SAMPLE_EVERY_S)
 
 
@@ -185,6 +188,7 @@ def summarize(clients: int, tallies: list[dict], watch: Watch, seconds: list[flo
            "health_p50_ms": _ms(percentile(watch.health, 0.5)), "health_p99_ms": _ms(percentile(watch.health, 0.99)),
            "health_max_ms": _ms(max(watch.health, default=None)), "health_checks": len(watch.health),
            "delivery_p50_s": percentile(delivery, 0.5), "delivery_p99_s": percentile(delivery, 0.99),
+           "server_cpu_s": watch.cpu_s, "clients_cpu_s": sum(t["cpu_s"] for t in tallies),
            "rss_max_MiB": max(watch.rss, default=0) / (1 << 20), "fds_max": max(watch.fds, default=0)}
     for call in CALLS:
         row[f"{call}_count"] = len(latencies[call])
@@ -225,17 +229,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="client processes")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per N")
     parser.add_argument("--rank", type=int, default=1, help="LoRA rank of every client's update")
-    parser.add_argument("--train-s", type=float, default=4.0, help="seconds each client 'trains' per round")
-    parser.add_argument("--heartbeat-s", type=float, default=1.0, help="seconds between heartbeats while training")
+    parser.add_argument("--train-s", type=float, default=10.0, help="seconds each client 'trains' per round")
+    parser.add_argument("--heartbeat-s", type=float, default=5.0, help="seconds between heartbeats while training (the client's default)")
     parser.add_argument("--arrival-s", type=float, default=5.0, help="seconds over which the clients arrive")
     parser.add_argument("--long-poll-s", type=float, default=20.0, help="the server's long_poll_s")
     parser.add_argument("--round-deadline-s", type=float, default=600.0, help="the server's round_deadline_s")
     parser.add_argument("--profile", type=Path, default=None, help="folder for py-spy profiles of the server")
-    parser.add_argument("--smoke", action="store_true", help="8 clients, 2 workers, 2 rounds (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="6 clients, 1 worker, 2 rounds (seconds)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = parser.parse_args()
     if args.smoke:
-        args.clients, args.workers, args.train_s, args.heartbeat_s, args.arrival_s = "8", 2, 0.5, 0.2, 0.5
+        args.clients, args.workers, args.train_s, args.heartbeat_s, args.arrival_s = "6", 1, 0.5, 0.2, 0.5
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     return args

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import resource
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -87,8 +88,10 @@ class LoadClient:
     def __init__(self, name: str, plan: Plan, tally: Tally, payloads: Payloads, spec: run_pb2.RunSpec) -> None:
         self.name, self.plan, self.tally, self.payloads, self.spec = name, plan, tally, payloads, spec
         limit = 2 * spec.chunk_size + (1 << 20)
-        self.channel = grpc.aio.insecure_channel(plan.address, options=[("grpc.max_receive_message_length", limit),
-                                                                        ("grpc.max_send_message_length", limit)])
+        self.channel = grpc.aio.insecure_channel(plan.address, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.use_local_subchannel_pool", 1),  # a TCP connection of its own, not one shared by the process
+        ])
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.token = ""
         self.version = 0
@@ -202,4 +205,6 @@ async def _run_clients(plan: Plan, names: list[str], stagger_s: float) -> Tally:
 def run_worker(plan: Plan, names: list[str], stagger_s: float) -> dict:
     """Process entry point: run ``names`` as clients until they finish or the plan's deadline."""
     torch.set_num_threads(1)
-    return asyncio.run(_run_clients(plan, names, stagger_s)).as_dict()
+    tally = asyncio.run(_run_clients(plan, names, stagger_s)).as_dict()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {**tally, "cpu_s": usage.ru_utime + usage.ru_stime}

@@ -207,8 +207,10 @@ class Coordinator:
         """Long-poll: TRAIN, FINISHED, or WAIT once nothing changed for the allowed time."""
         loop = asyncio.get_running_loop()
         until = loop.time() + min(request.max_wait_ms / 1000, self.settings.long_poll_s)
+        reconnecting = not self.machine.is_connected(client_id, time.time())
         with self.active(client_id):
-            self.driver.advance()  # this call may be what connects enough clients to open a round
+            if reconnecting:  # this call may be what connects enough clients to open a round
+                self.driver.advance()  # (otherwise nothing changed: the ticker sees deadlines)
             while True:
                 changed = self.driver.changed
                 task = self.machine.task_for(client_id, time.time())
@@ -223,8 +225,10 @@ class Coordinator:
                 if remaining <= 0 or self.stopping:
                     reason = "the server is shutting down" if self.stopping else task.reason
                     return pb.Task(wait=pb.WaitTask(retry_after_ms=_RETRY_AFTER_MS, reason=reason))
-                with contextlib.suppress(asyncio.TimeoutError):  # a builtin alias only from 3.11
-                    await asyncio.wait_for(changed.wait(), remaining)
+                # asyncio.timeout, not wait_for: no task per wait, which counts with 1,000 long-polls.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
 
     def heartbeat(self, client_id: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         """Record activity; tell the client whether the round it works on is still open for it."""
@@ -388,8 +392,9 @@ class Coordinator:
         self._last_submitted[client_id] = header.round
         log.info("round %d: update from %s (%s) accepted: rank %d, %d examples, %d bytes", header.round,
                  self.clients[client_id].name, client_id, header.rank, header.num_examples, header.total_bytes)
+        # No wake-up of its own: no waiting client's task changes with one upload (apply wakes
+        # them all when it closes the round); one per upload cost O(clients^2) a round.
         self.driver.apply(self.machine.accept(client_id, header.round, header.sha256, now))
-        self.driver.notify()
 
 
 def _next_or_superseded(chunks: Iterator[transfer_pb2.Chunk], version: int) -> transfer_pb2.Chunk | None:
