@@ -35,8 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import Queue, get_context
 from pathlib import Path
 
 import grpc
@@ -152,9 +151,31 @@ def round_seconds(history: Path, started: float) -> list[float]:
     return [b - a for a, b in zip([started, *commits], commits)]
 
 
+def _worker(plan: Plan, names: list[str], stagger_s: float, results: Queue) -> None:
+    results.put(run_worker(plan, names, stagger_s))
+
+
+def run_workers(plan: Plan, shares: list[list[str]], stagger_s: float, timeout_s: float) -> list[dict]:
+    """One spawned process per share of the clients; their tallies, or an error after ``timeout_s``."""
+    ctx = get_context("spawn")
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(plan, share, stagger_s, results), daemon=True) for share in shares]
+    for worker in workers:
+        worker.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        return [results.get(timeout=max(1.0, deadline - time.monotonic())) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(10)
+
+
 def one_size(work: Path, clients: int, args: argparse.Namespace) -> dict:
     """Run N clients through the rounds against a fresh server; every measurement of that N."""
-    budget = args.rounds * (args.train_s + args.long_poll_s) + 60 + clients * 0.2
+    budget = 60 + args.rounds * (args.train_s + args.long_poll_s) + clients * 0.4  # generous: slow is measured, not fatal
     with server(work, clients, args) as (pid, address):
         started = time.time()
         plan = Plan(address, args.rank, args.long_poll_s, args.train_s, args.heartbeat_s, args.round_deadline_s,
@@ -163,10 +184,8 @@ def one_size(work: Path, clients: int, args: argparse.Namespace) -> dict:
         shares = [names[w::args.workers] for w in range(args.workers)]
         stagger = args.arrival_s / max(1, len(shares[0]))
         profile = (args.profile / f"server-{clients}.txt") if args.profile else None
-        with Watch(address, pid, started + budget + 60) as watch, profiled(pid, profile), \
-                ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_worker, plan, share, stagger) for share in shares if share]
-            tallies = [f.result(timeout=budget + 120) for f in futures]
+        with Watch(address, pid, started + budget + 60) as watch, profiled(pid, profile):
+            tallies = run_workers(plan, [s for s in shares if s], stagger, budget + 120)
         seconds = round_seconds(work / "state" / "history.jsonl", started)
     return summarize(clients, tallies, watch, seconds, time.time() - started)
 

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flora.server.aggregator import Aggregator
+from flora.server.allocator import tune_malloc
 from flora.server.auth import AuthInterceptor, Credentials
 from flora.server.config import ServerSettings
 from flora.server.coordinator import Coordinator
@@ -115,6 +116,7 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
 async def serve(settings: ServerSettings) -> None:
     """Run the server until it is told to stop; raises ``StartupError`` for unusable setups."""
     raise_fd_limit()
+    tune_malloc()  # upload pieces go back to the OS: memory stays a few chunks per stream
     layout = Layout(state_dir_path(settings))
     layout.create()
     shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died

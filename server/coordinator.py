@@ -39,7 +39,7 @@ from flora.server.uploads import (
     first_message,
     is_rslora,
     receive_payload,
-    validate_payload,
+    validate_durably,
 )
 from flora.v1 import coordinator_pb2 as pb, run_pb2, transfer_pb2
 
@@ -344,8 +344,7 @@ class Coordinator:
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                await asyncio.to_thread(validate_payload, tmp, header, self.shapes, self._limits,
-                                        self.driver.aggregator.max_update_norm)
+                await validate_durably(tmp, header, self.shapes, self._limits, self.driver.aggregator.max_update_norm)
                 await asyncio.to_thread(_publish_update, tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
