@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, lora_scaling, pad_rank, seeded_lora
 from flora.common.merge import merged_temporarily, merged_weights, module_weights
 from flora.common.payload import PayloadLimits, PayloadMeta, artifact_limits, read_adapter, read_weights, write_adapter, write_weights
-from flora.common.robust import Decision, decide, scale_update, update_norm, weights_norm
+from flora.common.robust import Decision, robust_inputs, weights_norm
 from flora.common.weights import client_weights
 from flora.server.config import ServerSettings
 from flora.server.export import concatenate, save_checkpoint
@@ -139,10 +140,7 @@ class Aggregator:
         clock = time.perf_counter()
         loaded = [self._load_update(s).to(device=self.device) for s in submissions]
         claimed = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
-        decisions = decide([update_norm(a) for a in loaded], claimed, self.settings.robust_policy)
-        kept = [k for k, d in enumerate(decisions) if not d.rejected]
-        adapters = [scale_update(loaded[k], decisions[k].clip_factor) for k in kept]
-        weights = [decisions[k].weight for k in kept]
+        adapters, weights, decisions = robust_inputs(loaded, claimed, self.settings.robust_policy)
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
         combined = aggregate(self.method, adapters, weights, self.precision)
@@ -160,6 +158,7 @@ class Aggregator:
             self.restore_previous(number - 1, previous)
             for path in (self.layout.global_artifact(number), self.layout.merged(number)):
                 path.unlink(missing_ok=True)  # never recorded: no orphan of a failed round stays
+            shutil.rmtree(self.layout.checkpoint(number), ignore_errors=True)
             raise
         return RoundOutput(artifacts, [d.weight for d in decisions], error, combined.rank, loss, checkpoint, seconds,
                            decisions)
@@ -175,7 +174,7 @@ class Aggregator:
         for submission in submissions:
             try:
                 merged_weights(live, self._load_update(submission), self.precision)
-            except ValueError as error:  # PayloadError is a ValueError
+            except (ValueError, FileNotFoundError) as error:  # PayloadError is a ValueError
                 reasons[submission.client_id] = f"{type(error).__name__}: {error}"
         return reasons
 

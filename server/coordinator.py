@@ -242,8 +242,8 @@ class Coordinator:
     def leave(self, client_id: str) -> pb.LeaveReply:
         """Withdraw the client from selection until it joins again."""
         log.info("client %s (%s) left the run", self.clients[client_id].name, client_id)
+        self.store.set_left(client_id)  # stored first: a full disk leaves memory as the database has it
         self.machine.left(client_id)
-        self.store.set_left(client_id)
         self.clients[client_id] = replace(self.clients[client_id], left=True)
         self.driver.advance()  # the round may have been waiting only for this client
         self.driver.notify()
@@ -341,6 +341,7 @@ class Coordinator:
             check_header(header, self.clients[client_id], self.settings.max_update_bytes)
             if self._recorded(client_id, header) or not self._allowed(client_id, header):
                 return self._duplicate(header)
+            self._check_not_excluded(client_id, header)
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
@@ -358,6 +359,13 @@ class Coordinator:
                 return self._duplicate(header)
             self._record(client_id, header, final)
             return pb.SubmitReply(accepted=True, round=header.round, message=f"update accepted for round {header.round}")
+
+    def _check_not_excluded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> None:
+        """An update a failed aggregation excluded is not taken again (it would fail again)."""
+        for client, sha256, reason in self.store.exclusions(header.round):
+            if (client, sha256) == (client_id, header.sha256):
+                raise FailedPrecondition(f"round {header.round}: this update (sha256 {sha256[:12]}) was excluded "
+                                         f"from the round's aggregation: {reason[:300]}")
 
     def _allowed(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
         return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())

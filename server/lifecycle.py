@@ -155,7 +155,7 @@ class RoundDriver:
         """Look at deadlines every TICK_S; after failed writes, back off (logged by ``advance``)."""
         while True:
             self.advance()
-            await asyncio.sleep(min(TICK_S * 2 ** min(self._failures, 8), _RETRY_MAX_S) if self._failures else TICK_S)
+            await asyncio.sleep(TICK_S * 2 ** min(self._failures, 4))  # at most 4 s late once writes work again
 
     # --- aggregation ----------------------------------------------------------------------
 

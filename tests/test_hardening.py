@@ -34,19 +34,23 @@ def history(state_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (state_dir / "history.jsonl").read_text().splitlines()]
 
 
-def huge(client: ScriptedClient, value: float = 1e23) -> bytes:
+def huge(client: ScriptedClient, round_number: int = 1, value: float = 1e23) -> bytes:
     """Finite factors whose product overflows float32: every entry of s B A is about 1e47."""
     shapes = target_shapes(client.spec)
     pairs = {n: LoraPair(torch.full((client.rank, i), value), torch.full((o, client.rank), value)) for n, (o, i) in shapes.items()}
-    return make_update(LoraAdapter(pairs, client.alpha / client.rank), client.alpha, 1)
+    return make_update(LoraAdapter(pairs, client.alpha / client.rank), client.alpha, round_number)
+
+
+def base_hash(server) -> str:
+    return ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().run.base_model_hash
+
+
+COMMON = ("--operator-token", OPERATOR_TOKEN, "--long-poll-s", "0.5")
 
 
 def test_bad_integers_norms_and_rejoins_are_refused_precisely(tmp_path):
-    flags = ("--min-clients", "2", "--rounds", "2", "--operator-token", OPERATOR_TOKEN, "--long-poll-s", "0.5",
-             "--checkpoint-every", "0")
-    with running_server(tmp_path / "state", *flags) as server:
-        state = Path(server.state_dir)
-        base = ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().run.base_model_hash
+    with running_server(tmp_path / "state", "--min-clients", "2", "--rounds", "2", "--checkpoint-every", "0", *COMMON) as server:
+        state, base = Path(server.state_dir), base_hash(server)
         for count in (0, 2**63, 2**64 - 1):  # defects 2 and 3
             error = refusal(ScriptedClient(server.address, f"n{count % 1000}", num_examples=count).join, base)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -82,11 +86,8 @@ def test_bad_integers_norms_and_rejoins_are_refused_precisely(tmp_path):
 
 def test_an_update_that_breaks_aggregation_is_excluded_and_the_run_goes_on(tmp_path):
     """Defect 1(b): the update passes a loose norm bound, its merge overflows; it must not stall the run."""
-    flags = ("--min-clients", "3", "--rounds", "1", "--operator-token", OPERATOR_TOKEN, "--long-poll-s", "0.5",
-             "--max-update-norm", "1e60")
-    with running_server(tmp_path / "state", *flags) as server:
-        state = Path(server.state_dir)
-        base = ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().run.base_model_hash
+    with running_server(tmp_path / "state", "--min-clients", "3", "--rounds", "2", "--max-update-norm", "1e60", *COMMON) as server:
+        state, base = Path(server.state_dir), base_hash(server)
         clients = [ScriptedClient(server.address, name) for name in ("mallory", "alice", "bob")]
         for client in clients:
             client.join(base)
@@ -100,6 +101,19 @@ def test_an_update_that_breaks_aggregation_is_excluded_and_the_run_goes_on(tmp_p
         assert sorted(c["name"] for c in record["clients"]) == ["alice", "bob"]
         assert [e["name"] for e in record["excluded"]] == ["mallory"]
         assert "non-finite" in record["excluded"][0]["reason"]
-        assert files(state, "globals") == ["v000001.safetensors"]
         assert not any(clients[0].client_id in name for name in files(state, "updates"))  # its file is gone
         assert "checking each update alone" in server.output() and "retrying" not in server.output()
+
+        # Round 2: every update is bad, so all are excluded and the round reopens.
+        for client in clients:
+            assert client.wait_for_train().round == 2
+            assert client.submit(huge(client, 2), 2).accepted
+        assert clients[0].wait_for_train().round == 2  # a new attempt, after the abandonment
+        error = refusal(clients[0].submit, huge(clients[0], 2), 2)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "excluded" in error.details()
+        for seed, client in enumerate(clients):
+            assert client.submit(make_update(client.adapter(seed), client.alpha, 2), 2).accepted
+        clients[0].wait_for_version(2)
+        record = history(state)[-1]
+        assert len(record["clients"]) == 3 and len(record["excluded"]) == 3 and record["attempts"] == 2
+        assert files(state, "globals") == ["v000001.safetensors", "v000002.safetensors"]

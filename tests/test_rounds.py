@@ -259,3 +259,20 @@ def test_invariants_hold_for_any_sequence(steps):
             assert set(current.accepted) <= current.selected
             assert 1 <= current.quorum <= len(current.selected)
             assert current.number == machine.version + 1
+
+
+def test_excluding_every_update_abandons_the_round_and_it_reopens():
+    policy = RoundPolicy(rounds=2, min_clients=2, selection=Selection("all"), quorum=1.0, deadline_s=60,
+                         client_timeout_s=30, seed=0)
+    machine = RoundMachine(policy)
+    for client in ("a", "b"):
+        machine.joined(client, 0.0)
+    machine.advance(0.0)
+    machine.accept("a", 1, "1" * 64, 1.0)
+    machine.accept("b", 1, "2" * 64, 1.0)
+    assert machine.current.state is RoundState.AGGREGATING
+    assert machine.exclude(1, ["a"]) is True and set(machine.current.accepted) == {"b"}
+    assert machine.exclude(1, ["b"]) is False
+    assert machine.current.state is RoundState.ABANDONED and not machine.current.accepted
+    events = machine.advance(2.0)
+    assert isinstance(events[0], Opened) and events[0].round.attempt == 2 and machine.current.number == 1

@@ -103,3 +103,24 @@ def test_invalid_settings_exit_with_status_2(capsys):
         main(["--port", "70000"])
     assert exit_.value.code == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_help_shows_the_values_a_user_types_and_the_token_minimum():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    assert "(default: flora)" in text and "(default: examples)" in text
+    assert "Method." not in text and "ServerWeighting." not in text
+    assert "at least 16 characters" in text
+
+
+def test_a_short_token_is_refused_in_characters():
+    with pytest.raises(SettingsError) as error:
+        settings_from(["--operator-token", "short"])
+    assert "operator_token must be at least 16 characters" in str(error.value) and "items" not in str(error.value)
+
+
+def test_robustness_settings_have_limits():
+    assert settings_from([]).robust_policy.max_weight_share == 0.5
+    assert settings_from(["--max-weight-share", "1"]).robust_policy.max_weight_share is None
+    for flags in (["--max-weight-share", "0"], ["--clip-median-multiple", "0.5"], ["--max-update-norm", "-1"]):
+        with pytest.raises(SettingsError):
+            settings_from(flags)

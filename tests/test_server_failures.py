@@ -101,7 +101,7 @@ def test_the_ticker_survives_failing_writes_and_enforces_deadlines_after(tmp_pat
         assert not driver._ticker.done()
         assert driver.machine.current.state is RoundState.OPEN  # the abandonment was not saved: not made
         store.full = False
-        for _ in range(200):  # within the ticker's backoff (capped at 64 ticks = 16 s)
+        for _ in range(100):  # within the ticker's backoff (at most 16 ticks = 4 s)
             if store.load_round(1).attempt >= 2:
                 break
             await asyncio.sleep(0.1)

@@ -1,0 +1,31 @@
+"""Injected into a test server process (PYTHONPATH): a disk that is full while a flag file exists.
+
+While the file named by FLORA_TEST_DISK_FULL exists, every fsync of a file the server writes
+fails with ENOSPC and every database transaction with SQLite's "database or disk is full", as
+they do on a full disk; removing the file is freeing space. Used by tests/test_disk_full.py only.
+"""
+
+import errno
+import os
+import sqlite3
+
+_FLAG = os.environ.get("FLORA_TEST_DISK_FULL")
+
+if _FLAG:
+    import flora.common.chunks as _chunks
+    import flora.server.store as _store
+
+    _fsync, _transaction = _chunks.fsync_file, _store.Store._transaction
+
+    def _full_fsync(file):
+        if os.path.exists(_FLAG):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        _fsync(file)
+
+    def _full_transaction(self):
+        if os.path.exists(_FLAG):
+            raise sqlite3.OperationalError("database or disk is full")
+        return _transaction(self)
+
+    _chunks.fsync_file = _full_fsync
+    _store.Store._transaction = _full_transaction
