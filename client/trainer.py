@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="training device: auto, cpu, cuda or cuda:N"
     )
     dtype: Literal["bf16", "fp16", "none"] = Field("bf16", description="autocast precision on CUDA (ignored on CPU)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory for about a third more compute"
+    )
 
     @property
     def lora_alpha(self) -> float:
@@ -211,6 +214,25 @@ def attached_lora(model: nn.Module, config: TrainConfig, device: torch.device) -
 # --- the loop -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Activation checkpointing for the block, then off again (the model is left as it was).
+
+    Non-reentrant checkpointing: gradients reach the LoRA factors inside each layer although the
+    frozen embeddings' output does not require grad (no ``enable_input_require_grads`` hook).
+    """
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+
+
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return _AMP_DTYPES[config.dtype] if device.type == "cuda" else None
 
@@ -321,7 +343,9 @@ def train_lora(
             params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight] if train_a else [layer.lora_B[ADAPTER].weight]
         model.train()
         start = time.perf_counter()
-        train_loss, steps, tokens = _train_loop(model, params, train_data, config, device, generator, on_step, should_stop)
+        with _checkpointing(model, config.gradient_checkpointing):
+            train_loss, steps, tokens = _train_loop(model, params, train_data, config, device, generator, on_step,
+                                                    should_stop)
         seconds = time.perf_counter() - start
         validation_loss = None
         if val_data:

@@ -190,6 +190,15 @@ def fsync_file(file: BinaryIO) -> None:
     os.fsync(file.fileno())
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a closed, fully written file by name (its data and size reach the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish(staged: Path, final: Path) -> None:
     """Rename a fully written, fsynced file over ``final`` and make the rename itself durable.
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flora.server import operators
 from flora.server.aggregator import Aggregator
+from flora.server.allocator import tune_malloc
 from flora.server.auth import AuthInterceptor, Credentials
 from flora.server.config import ServerSettings
 from flora.server.coordinator import Coordinator
@@ -134,6 +135,7 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
 async def serve(settings: ServerSettings) -> None:
     """Run the server until it is told to stop; raises ``StartupError`` for unusable setups."""
     raise_fd_limit()
+    tune_malloc()  # upload pieces go back to the OS: memory stays a few chunks per stream
     try:
         registry = Registry(settings.client_registry) if settings.client_registry is not None else None
     except RegistryError as err:

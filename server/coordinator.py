@@ -39,7 +39,7 @@ from flora.server.uploads import (
     first_message,
     is_rslora,
     receive_payload,
-    validate_payload,
+    validate_durably,
 )
 from flora.v1 import coordinator_pb2 as pb, run_pb2, transfer_pb2
 
@@ -208,8 +208,10 @@ class Coordinator:
         """Long-poll: TRAIN, FINISHED, or WAIT once nothing changed for the allowed time."""
         loop = asyncio.get_running_loop()
         until = loop.time() + min(request.max_wait_ms / 1000, self.settings.long_poll_s)
+        reconnecting = not self.machine.is_connected(client_id, time.time())
         with self.active(client_id):
-            self.driver.advance()  # this call may be what connects enough clients to open a round
+            if reconnecting:  # this call may be what connects enough clients to open a round
+                self.driver.advance()  # (otherwise nothing changed: the ticker sees deadlines)
             while True:
                 changed = self.driver.changed
                 task = self.machine.task_for(client_id, time.time())
@@ -224,8 +226,10 @@ class Coordinator:
                 if remaining <= 0 or self.stopping:
                     reason = "the server is shutting down" if self.stopping else task.reason
                     return pb.Task(wait=pb.WaitTask(retry_after_ms=_RETRY_AFTER_MS, reason=reason))
-                with contextlib.suppress(asyncio.TimeoutError):  # a builtin alias only from 3.11
-                    await asyncio.wait_for(changed.wait(), remaining)
+                # asyncio.timeout, not wait_for: no task per wait, which counts with 1,000 long-polls.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
 
     def heartbeat(self, client_id: str, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         """Record activity; tell the client whether the round it works on is still open for it."""
@@ -355,8 +359,7 @@ class Coordinator:
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                await asyncio.to_thread(validate_payload, tmp, header, self.shapes, self._limits,
-                                        self.driver.aggregator.max_update_norm)
+                await validate_durably(tmp, header, self.shapes, self._limits, self.driver.aggregator.max_update_norm)
                 await asyncio.to_thread(_publish_update, tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -410,8 +413,9 @@ class Coordinator:
         self._last_submitted[client_id] = header.round
         log.info("round %d: update from %s (%s) accepted: rank %d, %d examples, %d bytes", header.round,
                  self.clients[client_id].name, client_id, header.rank, header.num_examples, header.total_bytes)
+        # No wake-up of its own: no waiting client's task changes with one upload (apply wakes
+        # them all when it closes the round); one per upload cost O(clients^2) a round.
         self.driver.apply(self.machine.accept(client_id, header.round, header.sha256, now))
-        self.driver.notify()
 
 
 def _next_or_superseded(chunks: Iterator[transfer_pb2.Chunk], version: int) -> transfer_pb2.Chunk | None:

@@ -103,6 +103,25 @@ def test_callers_model_is_left_exactly_as_it_was(tiny_model, data) -> None:
     assert_unchanged(tiny_model, before)
 
 
+def test_gradient_checkpointing_trains_the_same_factors_and_is_switched_off_after(tiny_model, data) -> None:
+    plain = train_lora(tiny_model, data, config(seed=3, max_steps=3)).adapter
+    checkpointed = train_lora(tiny_model, data, config(seed=3, max_steps=3, gradient_checkpointing=True)).adapter
+    for name, (a, b) in plain.pairs.items():
+        torch.testing.assert_close(checkpointed.pairs[name].a, a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(checkpointed.pairs[name].b, b, rtol=1e-4, atol=1e-6)
+    assert not tiny_model.is_activation_checkpointing
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error(data) -> None:
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="gradient_checkpointing: Plain does not support it"):
+        train_lora(Plain(), data, config(target_modules=("q_proj",), gradient_checkpointing=True))
+
+
 def test_counts_in_epoch_mode(tiny_model, data) -> None:
     progress = []
     cfg = config(max_steps=0, epochs=2, batch_size=4, grad_accum=2)  # 3 micro-batches an epoch
