@@ -160,7 +160,7 @@ class LoadClient:
 
     async def _fetch(self, to_version: int) -> None:
         """Every global adapter from our version to ``to_version``, each verified by its sha256."""
-        request = pb.FetchGlobalRequest(kind=transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, from_version=self.version,
+        request = pb.FetchGlobalRequest(kind=transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, from_version=self.version,
                                         to_version=to_version)
         receiver: tuple[int, ChunkReceiver] | None = None
         async for chunk in self.stub.FetchGlobal(request, metadata=self._metadata(), timeout=TRANSFER_TIMEOUT_S):

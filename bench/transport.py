@@ -154,7 +154,7 @@ class BenchClient:
 
     def download(self, version: int, folder: Path) -> tuple[float, int]:
         """FetchGlobal of one global adapter into a verified file: (seconds, bytes)."""
-        request = pb.FetchGlobalRequest(kind=transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER,
+        request = pb.FetchGlobalRequest(kind=transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE,
                                         from_version=version - 1, to_version=version)
         start = time.perf_counter()
         with ArtifactReceiver(lambda _kind, v: folder / f"v{v}.safetensors", 1 << 40) as receiver:

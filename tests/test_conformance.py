@@ -84,15 +84,18 @@ def test_a_client_from_the_documents_alone_completes_a_round(tmp_path, tiny_mode
             if task.WhichOneof("kind") == "finished":
                 break
         assert task.finished.final_version == 1
-        request = pb.FetchGlobalRequest(kind=transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER, from_version=0, to_version=1)
+        request = pb.FetchGlobalRequest(kind=transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, from_version=0, to_version=1)
         chunks = list(stub.FetchGlobal(request, metadata=auth, timeout=60))
         data = b"".join(c.data for c in chunks)
         assert [c.offset for c in chunks][0] == 0 and len(data) == chunks[0].total_bytes
         assert hashlib.sha256(data).hexdigest() == chunks[0].sha256
         (length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8:8 + length])["__metadata__"]
-        assert metadata["kind"] == "global_adapter" and metadata["scaling"] == "1.0"
-        global_adapter = load_safetensors(data)
-        for name, (a, b) in factors.items():
-            got = global_adapter[f"{name}.lora_B"].double() @ global_adapter[f"{name}.lora_A"].double()
+        assert metadata["format"] == "flora.update.v1" and metadata["kind"] == "global_update"
+        update = load_safetensors(data)
+        for name, (a, b) in factors.items():  # per module: canonical factors, or a dense delta when smaller
+            if f"{name}.delta" in update:
+                got = update[f"{name}.delta"].double()
+            else:
+                got = update[f"{name}.lora_B"].double() @ update[f"{name}.lora_A"].double()
             torch.testing.assert_close(got, (ALPHA / RANK) * b.double() @ a.double(), rtol=1e-5, atol=1e-7)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.merge import module_weights
-from flora.common.payload import artifact_limits, read_adapter
+from flora.common.payload import artifact_limits, read_update
+from flora.common.update import module_delta
 from harness import OPERATOR_TOKEN, ScriptedClient, make_update, start_server, target_shapes
 
 pytestmark = pytest.mark.slow
@@ -109,10 +110,10 @@ def test_random_sigkills_lose_nothing_and_redo_nothing(tmp_path):
     base = {n: w.detach().double() for n, w in module_weights(model, sorted(_shapes(model))).items()}
     shapes = _shapes(model)
     for version in range(1, ROUNDS + 1):
-        path = state / "globals" / f"v{version:06d}.safetensors"
-        adapter, _ = read_adapter(path, shapes, limits=artifact_limits(path.stat().st_size, shapes))
+        path = state / "downlink" / f"v{version:06d}.safetensors"
+        update, _ = read_update(path, shapes, limits=artifact_limits(path.stat().st_size, shapes))
         for name in base:
-            base[name] += adapter.delta(name, torch.float64)
+            base[name] += module_delta(update[name], torch.float64)
     checkpoint = load_file(state / "checkpoints" / f"v{ROUNDS:06d}" / "model.safetensors")
     for name, expected in base.items():
         torch.testing.assert_close(checkpoint[f"{name}.weight"].double(), expected, rtol=1e-5, atol=1e-5)

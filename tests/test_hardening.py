@@ -116,4 +116,4 @@ def test_an_update_that_breaks_aggregation_is_excluded_and_the_run_goes_on(tmp_p
         clients[0].wait_for_version(2)
         record = history(state)[-1]
         assert len(record["clients"]) == 3 and len(record["excluded"]) == 3 and record["attempts"] == 2
-        assert files(state, "globals") == ["v000001.safetensors", "v000002.safetensors"]
+        assert files(state, "downlink") == ["v000001.safetensors", "v000002.safetensors"]
