@@ -211,11 +211,7 @@ def publish(staged: Path, final: Path) -> None:
 
 def fsync_dir(folder: Path) -> None:
     """Make the entries of ``folder`` (a new file or subfolder name) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(folder)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
