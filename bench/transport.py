@@ -120,7 +120,11 @@ class BenchClient:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
     def join(self, rank: int) -> None:
-        """Join, or rejoin with a new rank: an upload's header must match the rank of the last Join."""
+        """Join, or rejoin with a new rank: an upload's header must match the rank of the last Join.
+
+        A client selected in the open round may not change its rank: ``measure`` rejoins only
+        while the holder is away, so that no round is open.
+        """
         caps = pb.Capabilities(rank=rank, alpha=float(rank), scaling_rule=run_pb2.SCALING_RULE_STANDARD,
                                device="cpu", num_examples=1, software_version="bench")
         request = pb.JoinRequest(client_name=self.name, capabilities=caps, base_model_hash=self.spec.base_model_hash)
@@ -185,7 +189,8 @@ def measure(bench: Bench, mib: float) -> dict:
     ``raw.prime`` before each timed transfer: see the module docstring.
     """
     rank, raw, payload = rank_for(mib, bench.shapes), bench.raw, bench.work / "payload.safetensors"
-    bench.client.join(rank)
+    bench.client.join(rank)  # no round is open: the holder is away (below)
+    bench.holder.join(1)  # two clients connected: the round opens
     task = bench.client.wait_train()
     size, sha = write_update(payload, bench.shapes, rank, task.round)
     header = transfer_pb2.UpdateHeader(
@@ -200,7 +205,6 @@ def measure(bench: Bench, mib: float) -> dict:
     received = None if probe.received_at is None else probe.received_at - start
     sample.update(up_s=end - start, up_transfer_s=received, up_memory=probe.result())
     bench.holder.leave()  # every other selected client has submitted: the round closes now
-    bench.holder.join(1)  # and is back for the next round
     bench.client.wait_version(task.round)
     sample["raw_mem_s"] = raw.send(payload, False)
     raw.prime(payload)
@@ -226,8 +230,6 @@ def run(work: Path, sizes: list[float], repeats: int, chunk_size: int) -> Iterat
             if (top := rank_for(max(sizes), shapes)) > MAX_SERVER_RANK:
                 raise ValueError(f"{max(sizes):g} MiB needs rank {top}, above the server's limit {MAX_SERVER_RANK}")
             bench = Bench(work, pid, client, holder, raw, shapes)
-            client.join(rank_for(plan[0], shapes))
-            holder.join(1)
             for index, mib in enumerate(plan):
                 yield {**measure(bench, mib), "warmup": index == 0}
         finally:
