@@ -76,7 +76,7 @@ def resource_refusal(error: BaseException) -> Refusal | None:
         if "full" in text:
             return ResourceExhausted("the server's database disk is full; nothing of this request was recorded: retry later")
         if "unable to open" in text or "locked" in text or "disk i/o" in text:
-            return Unavailable(f"the server's database is unavailable ({text[:60]}); retry later")
+            return Unavailable("the server's database is unavailable (its log has the cause); retry later")
     return None
 
 
