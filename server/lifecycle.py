@@ -26,6 +26,7 @@ from flora.server.errors import is_resource_failure
 from flora.server.layout import Layout
 from flora.server.rounds import Abandoned, Closed, Event, Opened, RoundMachine, RoundState
 from flora.server.store import Store, Submission
+from flora.server.wakeups import Signal
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class RoundDriver:
         self.machine = machine
         self.bytes_out = 0  # FetchGlobal bytes sent since the last commit, for the history
         self.finished_at: float | None = time.time() if machine.finished else None
-        self._changed = asyncio.Event()
+        self._changed = Signal()
         self._ticker: asyncio.Task | None = None
         self._aggregation: asyncio.Task | None = None
         self._retrying = False
@@ -67,13 +68,13 @@ class RoundDriver:
     # --- notifications --------------------------------------------------------------------
 
     @property
-    def changed(self) -> asyncio.Event:
-        """An event set at the next state change (a fresh one after each change)."""
+    def changed(self) -> Signal:
+        """A signal set at the next state change (a fresh one after each change)."""
         return self._changed
 
     def notify(self) -> None:
-        """Wake everyone waiting for a state change."""
-        event, self._changed = self._changed, asyncio.Event()
+        """Wake everyone waiting for a state change (in batches: see server/wakeups.py)."""
+        event, self._changed = self._changed, Signal()
         event.set()
 
     # --- decisions ------------------------------------------------------------------------
