@@ -26,6 +26,7 @@ from flora.server.errors import AlreadyExists, FailedPrecondition
 
 # Float noise must not turn 0.7 * 10 clients into a quorum of 8.
 _EPSILON = 1e-9
+REASON_COUNT_S = 1.0  # how old the count of available clients in a WAIT reason may be
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class RoundMachine:
         self.version = version
         self.current = current
         self.clients: dict[str, Presence] = {}
+        self._counted: tuple[float, int] = (-math.inf, 0)  # (now, available) last told in a WAIT reason
         if current is None and not self.finished:
             self.current = Round(version + 1)
 
@@ -262,8 +264,11 @@ class RoundMachine:
             return f"round {current.number} is in progress without this client"
         if current.state is RoundState.AGGREGATING:
             return f"round {current.number} is being aggregated"
-        return (f"waiting for clients to open round {current.number}: {self._available(now)} of "
-                f"{self.policy.min_clients} available")
+        # Counted at most once per REASON_COUNT_S: every long-poll of a filling run asks (O(clients^2)).
+        at, available = self._counted
+        if not 0 <= now - at < REASON_COUNT_S:
+            self._counted = (now, available := self._available(now))
+        return f"waiting for clients to open round {current.number}: {available} of {self.policy.min_clients} available"
 
     # --- transitions ------------------------------------------------------------------------
 

@@ -298,3 +298,11 @@ def test_the_round_closes_at_the_last_selected_submission_and_not_before():
         assert machine.accept(client, 1, SHA_A, 1.0) == []
     (closed,) = machine.accept(clients[-1], 1, SHA_A, 1.0)
     assert isinstance(closed, Closed) and closed.reason == "every selected client has submitted"
+
+
+def test_the_available_count_of_a_wait_reason_is_at_most_a_second_old():
+    machine = machine_with(["a"], min_clients=3)
+    assert machine.task_for("a", 0.0).reason.endswith("1 of 3 available")
+    machine.joined("b", 0.5)
+    assert machine.task_for("a", 0.5).reason.endswith("1 of 3 available")  # counted at 0.0 still
+    assert machine.task_for("a", 1.0).reason.endswith("2 of 3 available")
