@@ -6,7 +6,7 @@ clients (default 50) upload a P MiB update each (default 32) at the same instant
 (``bench.loopback.ServerProbe``). The same run is made with glibc's default allocator behaviour
 (``FLORA_MALLOC_TUNING=off``) and with the server's own tuning (``server/allocator.py``), each with
 grpc's own receive window (64 KiB, grown by its bandwidth-delay probe) and with a fixed one
-(``--stream-window-bytes``), so the baseline is measured in the same run. Bound to compare with: K x a few chunks (1 MiB each) plus a
+(the server's default ``stream_window_bytes``), so the baseline is measured in the same run. Bound to compare with: K x a few chunks (1 MiB each) plus a
 fixed amount; the bytes in flight are K x P.
 
     python -m bench.uploadmem                 # 50 clients x 32 MiB, four settings (a few minutes)
@@ -32,13 +32,13 @@ from flora.demo.processes import Supervisor, wait_for_port
 from flora.v1 import run_pb2, transfer_pb2
 
 MiB = 1 << 20
-WINDOW = 4 * MiB  # the fixed stream window measured against grpc's own
 OFF = {"FLORA_MALLOC_TUNING": "off"}
+GRPC_WINDOW = ["--stream-window-bytes", "0"]
 SETTINGS = {  # allocator, receive window -> (server environment, server flags)
-    ("glibc defaults", "grpc's own"): (OFF, []),
-    ("server tuning", "grpc's own"): ({}, []),
-    ("glibc defaults", "fixed 4 MiB"): (OFF, ["--stream-window-bytes", str(WINDOW)]),
-    ("server tuning", "fixed 4 MiB"): ({}, ["--stream-window-bytes", str(WINDOW)]),
+    ("glibc defaults", "grpc's own"): (OFF, GRPC_WINDOW),
+    ("server tuning", "grpc's own"): ({}, GRPC_WINDOW),
+    ("glibc defaults", "fixed 1 MiB (default)"): (OFF, []),
+    ("server tuning", "fixed 1 MiB (default)"): ({}, []),
 }
 COLUMNS = ["allocator", "window", "clients", "payload_MiB", "in_flight_MiB", "rss_before_MiB", "rss_peak_MiB", "growth_MiB",
            "growth_per_client_MiB", "growth_per_client_chunks", "seconds"]
