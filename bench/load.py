@@ -70,6 +70,7 @@ class Watch:
         self._address, self._process, self._until = address, psutil.Process(pid), until
         self._stop = threading.Event()
         self.health: list[float] = []
+        self.health_at: list[float] = []  # time.time() each check started
         self.health_errors: Counter = Counter()
         self.rss: list[int] = []
         self.fds: list[int] = []
@@ -93,10 +94,11 @@ class Watch:
         with grpc.insecure_channel(self._address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while self._running():
-                start = time.perf_counter()
+                start, at = time.perf_counter(), time.time()
                 try:
                     stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_S)
                     self.health.append(time.perf_counter() - start)
+                    self.health_at.append(at)
                 except grpc.RpcError as err:
                     self.health_errors[err.code().name] += 1
                 self._stop.wait(HEALTH_EVERY_S)
@@ -125,11 +127,14 @@ def server(work: Path, clients: int, args: argparse.Namespace) -> Iterator[tuple
 
 @contextlib.contextmanager
 def profiled(pid: int, path: Path | None) -> Iterator[None]:
-    """py-spy record of the server (GIL holders only, raw stacks) while the block runs, if asked."""
+    """py-spy record of the server (every thread, idle or not, raw stacks) while the block runs, if asked.
+
+    The event loop's thread outside ``select`` is the loop busy or blocked (SQLite's fsync holds no GIL).
+    """
     if path is None or shutil.which("py-spy") is None:
         yield
         return
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "--gil",
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "--threads", "--idle",
                             "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
@@ -187,10 +192,13 @@ def one_size(work: Path, clients: int, args: argparse.Namespace) -> dict:
         with Watch(address, pid, started + budget + 60) as watch, profiled(pid, profile):
             tallies = run_workers(plan, [s for s in shares if s], stagger, budget + 120)
         seconds = round_seconds(work / "state" / "history.jsonl", started)
-    return summarize(clients, tallies, watch, seconds, time.time() - started)
+    if args.profile:  # the server's log beside its profile: what it was doing at the slowest checks
+        shutil.copy(work / "logs" / "server.log", args.profile / f"server-{clients}.log")
+    return summarize(clients, tallies, watch, seconds, time.time() - started, started)
 
 
-def summarize(clients: int, tallies: list[dict], watch: Watch, seconds: list[float], wall: float) -> dict:
+def summarize(clients: int, tallies: list[dict], watch: Watch, seconds: list[float], wall: float,
+              started: float) -> dict:
     latencies = {c: [x for t in tallies for x in t["latencies"].get(c, [])] for c in CALLS}
     codes = Counter()
     for tally in tallies:
@@ -201,11 +209,14 @@ def summarize(clients: int, tallies: list[dict], watch: Watch, seconds: list[flo
     for code, count in watch.health_errors.items():
         codes[f"Health:{code}"] += count
     delivery = [x for t in tallies for x in t["delivery"]]
-    row = {"clients": clients, "errors": sum(codes.values()), "errors_by_code": dict(codes),
+    row = {"clients": clients, "errors": sum(codes.values()), "errors_by_code": dict(codes), "started_unix": started,
            "finished": sum(t["finished"] for t in tallies), "wall_s": wall, "rounds_committed": len(seconds),
            "round_s": statistics.median(seconds) if seconds else None, "round_seconds": seconds,
            "health_p50_ms": _ms(percentile(watch.health, 0.5)), "health_p99_ms": _ms(percentile(watch.health, 0.99)),
            "health_max_ms": _ms(max(watch.health, default=None)), "health_checks": len(watch.health),
+           "health_slowest": [(round(at - started, 2), round(s * 1000)) for s, at in
+                              sorted(zip(watch.health, watch.health_at), reverse=True)[:10]],
+           "health_max_ms_by_second": _by_second(watch.health, watch.health_at, started),
            "delivery_p50_s": percentile(delivery, 0.5), "delivery_p99_s": percentile(delivery, 0.99),
            "server_cpu_s": watch.cpu_s, "clients_cpu_s": sum(t["cpu_s"] for t in tallies),
            "rss_max_MiB": max(watch.rss, default=0) / (1 << 20), "fds_max": max(watch.fds, default=0)}
@@ -215,6 +226,15 @@ def summarize(clients: int, tallies: list[dict], watch: Watch, seconds: list[flo
         row[f"{call}_p99_s"] = percentile(latencies[call], 0.99)
         row[f"{call}_max_s"] = max(latencies[call], default=None)
     return row
+
+
+def _by_second(latencies: list[float], at: list[float], started: float) -> list[int]:
+    """The slowest health check (ms) started in each second since ``started``: the stall timeline."""
+    worst: dict[int, float] = {}
+    for latency, when in zip(latencies, at):
+        second = int(when - started)
+        worst[second] = max(worst.get(second, 0.0), latency)
+    return [round(worst.get(second, 0.0) * 1000) for second in range(max(worst, default=-1) + 1)]
 
 
 def _ms(seconds: float | None) -> float | None:

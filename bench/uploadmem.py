@@ -4,11 +4,12 @@ DESIGN.md section 8: memory for a transfer is bounded by a few chunks, not the p
 clients (default 50) upload a P MiB update each (default 32) at the same instant to one real
 ``flora-server``; the server's RSS is sampled every ~5 ms and its exact peak read from the kernel
 (``bench.loopback.ServerProbe``). The same run is made with glibc's default allocator behaviour
-(``FLORA_MALLOC_TUNING=off``) and with the server's own tuning (``server/allocator.py``), so the
-baseline is measured in the same run. Bound to compare with: K x a few chunks (1 MiB each) plus a
+(``FLORA_MALLOC_TUNING=off``) and with the server's own tuning (``server/allocator.py``), each with
+grpc's own receive window (64 KiB, grown by its bandwidth-delay probe) and with a fixed one
+(the server's default ``stream_window_bytes``), so the baseline is measured in the same run. Bound to compare with: K x a few chunks (1 MiB each) plus a
 fixed amount; the bytes in flight are K x P.
 
-    python -m bench.uploadmem                 # 50 clients x 32 MiB, both settings (about 2 minutes)
+    python -m bench.uploadmem                 # 50 clients x 32 MiB, four settings (a few minutes)
     python -m bench.uploadmem --smoke         # 3 clients x 2 MiB (seconds)
 """
 
@@ -31,25 +32,33 @@ from flora.demo.processes import Supervisor, wait_for_port
 from flora.v1 import run_pb2, transfer_pb2
 
 MiB = 1 << 20
-SETTINGS = {"glibc defaults": {"FLORA_MALLOC_TUNING": "off"}, "server tuning (default)": {}}
-COLUMNS = ["allocator", "clients", "payload_MiB", "in_flight_MiB", "rss_before_MiB", "rss_peak_MiB", "growth_MiB",
+OFF = {"FLORA_MALLOC_TUNING": "off"}
+GRPC_WINDOW = ["--stream-window-bytes", "0"]
+SETTINGS = {  # allocator, receive window -> (server environment, server flags)
+    ("glibc defaults", "grpc's own"): (OFF, GRPC_WINDOW),
+    ("server tuning", "grpc's own"): ({}, GRPC_WINDOW),
+    ("glibc defaults", "fixed 1 MiB (default)"): (OFF, []),
+    ("server tuning", "fixed 1 MiB (default)"): ({}, []),
+}
+COLUMNS = ["allocator", "window", "clients", "payload_MiB", "in_flight_MiB", "rss_before_MiB", "rss_peak_MiB", "growth_MiB",
            "growth_per_client_MiB", "growth_per_client_chunks", "seconds"]
 
 
 @contextlib.contextmanager
-def server(work: Path, clients: int, mib: float, env: dict[str, str]) -> Iterator[tuple[int, str]]:
+def server(work: Path, clients: int, mib: float, env: dict[str, str], extra: list[str]) -> Iterator[tuple[int, str]]:
     """A fresh server whose first round waits for every uploader and one holder."""
     flags = ["--port", "0", "--state-dir", str(work / "state"), "--min-clients", str(clients + 1), "--rounds", "2",
              "--max-rank", "65536", "--max-update-bytes", str(int(mib * MiB * 1.2) + MiB), "--long-poll-s", "1",
-             "--checkpoint-every", "0", "--round-deadline-s", "3600", "--merge-device", "cpu"]
+             "--checkpoint-every", "0", "--round-deadline-s", "3600", "--merge-device", "cpu",
+             "--max-update-norm", "1e30", *extra]  # random factors of a large rank: not a norm a run would allow
     with Supervisor(work / "logs") as supervisor:
         child = supervisor.start("server", "flora.server.cli", flags, env={"HF_HUB_OFFLINE": "1", **env})
         yield child.process.pid, f"127.0.0.1:{wait_for_port(child, 300)}"
 
 
-def measure(work: Path, clients: int, mib: float, env: dict[str, str]) -> dict:
+def measure(work: Path, clients: int, mib: float, env: dict[str, str], extra: list[str]) -> dict:
     """K simultaneous uploads of one P MiB update each; RSS before and at the peak."""
-    with server(work, clients, mib, env) as (pid, address):
+    with server(work, clients, mib, env, extra) as (pid, address):
         uploaders = [BenchClient(address, f"up-{i}", DEFAULT_CHUNK_SIZE) for i in range(clients)]
         holder = BenchClient(address, "holder", DEFAULT_CHUNK_SIZE)  # keeps the round open meanwhile
         try:
@@ -111,10 +120,11 @@ def main() -> None:
     args = parse_args()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     rows = []
-    for label, env in SETTINGS.items():
+    for (allocator, window), (env, extra) in SETTINGS.items():
         with tempfile.TemporaryDirectory(prefix="flora-uploadmem-") as tmp:
-            rows.append({"allocator": label, **measure(Path(tmp), args.clients, args.mib, env)})
-        print(f"  {label}: RSS grew {rows[-1]['growth_MiB']:.0f} MiB", flush=True)
+            rows.append({"allocator": allocator, "window": window, **measure(Path(tmp), args.clients, args.mib, env, extra)})
+        print(f"  {allocator}, window {window}: RSS grew {rows[-1]['growth_MiB']:.0f} MiB in {rows[-1]['seconds']:.0f} s",
+              flush=True)
     print(format_table(rows, COLUMNS))
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     path = write_results("uploadmem", {"settings": {"clients": args.clients, "mib": args.mib}, "rows": rows},

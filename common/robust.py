@@ -28,15 +28,22 @@ _TINY = 1e-200
 
 
 def delta_norm_sq(a: Tensor, b: Tensor, scaling: float) -> float:
-    """|s B A|_F^2 = s^2 tr((B^T B)(A A^T)), in float64 (exact in exact arithmetic, no d_out x d_in product).
+    """|s B A|_F^2 = s^2 tr((B^T B)(A A^T)), in float64 (exact in exact arithmetic).
 
-    float64 holds the square of any float32 product: a value of 3.4e38 squared and summed over
-    a million terms is about 1e83, far below float64's 1.8e308.
+    Through the two r x r Grams while r^2 <= d_out x d_in (the usual thin LoRA: no d_out x d_in
+    product), else through the product itself: a rank above the module's width (bench/transport.py
+    uploads rank 37,449 on 64-wide modules) would otherwise need two r x r float64 matrices, 11 GB
+    each. float64 holds the square of any float32 product: a value of 3.4e38 squared and summed
+    over a million terms is about 1e83, far below float64's 1.8e308.
     """
     # numpy's products, not torch's: on a busy machine torch's threaded matmul of these thin
     # matrices was measured 80x slower than numpy's, and this runs on every upload.
     a64 = a.detach().to(device="cpu", dtype=torch.float64).numpy()
     b64 = b.detach().to(device="cpu", dtype=torch.float64).numpy()
+    (rank, d_in), d_out = a64.shape, b64.shape[0]
+    if rank * rank > d_out * d_in:
+        product = b64 @ a64  # (d_out, d_in)
+        return float(np.sum(product * product)) * scaling * scaling
     gram_b = b64.T @ b64  # (r, r)
     gram_a = a64 @ a64.T  # (r, r)
     trace = float(np.sum(gram_b * gram_a))  # tr(X Y) = sum(X * Y^T); both Grams are symmetric

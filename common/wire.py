@@ -10,8 +10,9 @@ Both large transfers of the protocol (DESIGN.md section 3) are built from ``flor
   ``UpdateReceiver`` / ``receive_update`` enforce header-first-and-once and verify the bytes.
 
 The receivers are plain state machines fed one message at a time; the async helpers only drive
-them from a ``grpc.aio`` stream, running each step in a worker thread because writing, hashing
-(which releases the GIL) and fsync are blocking work that must stay off the event loop.
+them from a ``grpc.aio`` stream, running each large step in a worker thread because writing,
+hashing (which releases the GIL) and fsync are blocking work that must stay off the event loop
+(a small piece costs less than the hop to a thread: see ``INLINE_BYTES``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from flora.common.chunks import (
 from flora.v1 import transfer_pb2
 
 PathFor = Callable[[int, int], Path]
+# Upload pieces up to this size are written and hashed on the event loop (tens of microseconds);
+# larger ones in a worker thread, overlapping the next message's arrival.
+INLINE_BYTES = 64 << 10
 
 
 class WireError(ChunkError):
@@ -127,8 +131,9 @@ async def receive_update(
 ) -> transfer_pb2.UpdateHeader:
     """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it.
 
-    Each piece is written and hashed in a worker thread while the next message is received, so
-    network and disk/hash work overlap; pieces stay in order (one in flight at a time).
+    Each piece over ``INLINE_BYTES`` is written and hashed in a worker thread while the next message
+    is received, so network and disk/hash work overlap; pieces stay in order (one in flight at a
+    time).
     """
     receiver = UpdateReceiver(sink, max_bytes)
     in_flight: asyncio.Future | None = None
@@ -136,7 +141,11 @@ async def receive_update(
         async for message in messages:
             if in_flight is not None:
                 await in_flight
-            in_flight = asyncio.ensure_future(asyncio.to_thread(receiver.feed, message))
+                in_flight = None
+            if _piece_bytes(message) <= INLINE_BYTES:
+                receiver.feed(message)  # the header, or a small piece: a thread hop would cost more
+            else:
+                in_flight = asyncio.ensure_future(asyncio.to_thread(receiver.feed, message))
         if in_flight is not None:
             await in_flight
     finally:
@@ -144,6 +153,10 @@ async def receive_update(
         if in_flight is not None and not in_flight.done():
             await asyncio.gather(in_flight, return_exceptions=True)
     return receiver.finish()
+
+
+def _piece_bytes(message: transfer_pb2.UpdateChunk) -> int:
+    return len(message.piece.data) if message.WhichOneof("content") == "piece" else 0
 
 
 def part_path(path: Path) -> Path:

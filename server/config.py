@@ -159,6 +159,12 @@ class ServerSettings(BaseModel):
         MiB, ge=4096, le=16 * MiB,
         description="bytes per streamed chunk (clients upload in pieces no larger)",
     )
+    stream_window_bytes: int = Field(
+        MiB, ge=0, le=1 << 30,
+        description="HTTP/2 receive window of each upload stream: bytes a client may send ahead of what the server "
+                    "has read; 0 = grpc's own (grown by its bandwidth probe to 16 MiB and more). A fixed window "
+                    "bounds the server's memory to a few chunks per concurrent upload (bench/uploadmem.py)",
+    )
     # --- robustness (DESIGN.md section 6; protos/PROTOCOL.md, "Limits") -----------------
     max_update_norm: float | None = Field(
         None, gt=0.0,

@@ -26,6 +26,7 @@ from flora.server.errors import is_resource_failure
 from flora.server.layout import Layout
 from flora.server.rounds import Abandoned, Closed, Event, Opened, RoundMachine, RoundState
 from flora.server.store import Store, Submission
+from flora.server.wakeups import Signal
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class RoundDriver:
         self.machine = machine
         self.bytes_out = 0  # FetchGlobal bytes sent since the last commit, for the history
         self.finished_at: float | None = time.time() if machine.finished else None
-        self._changed = asyncio.Event()
+        self._changed = Signal()
         self._ticker: asyncio.Task | None = None
         self._aggregation: asyncio.Task | None = None
         self._retrying = False
@@ -67,13 +68,13 @@ class RoundDriver:
     # --- notifications --------------------------------------------------------------------
 
     @property
-    def changed(self) -> asyncio.Event:
-        """An event set at the next state change (a fresh one after each change)."""
+    def changed(self) -> Signal:
+        """A signal set at the next state change (a fresh one after each change)."""
         return self._changed
 
     def notify(self) -> None:
-        """Wake everyone waiting for a state change."""
-        event, self._changed = self._changed, asyncio.Event()
+        """Wake everyone waiting for a state change (in batches: see server/wakeups.py)."""
+        event, self._changed = self._changed, Signal()
         event.set()
 
     # --- decisions ------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class RoundDriver:
         while True:
             submissions = None
             try:
-                submissions = self.store.submissions(number)
+                submissions = await asyncio.to_thread(self.store.submissions, number)
                 output = await asyncio.to_thread(self.aggregator.aggregate, number, submissions)
                 break
             except Exception as error:  # noqa: BLE001 - every failure is either waited out or excluded
@@ -185,10 +186,10 @@ class RoundDriver:
                 elif not await self._exclude_faulty(number, attempt, submissions, error):
                     return
         now = time.time()
-        record = self._record(number, attempt, submissions, output, now)
+        closed, bytes_out = self._reasons.pop(number, ""), self.bytes_out
         while True:
-            try:
-                self.store.commit_version(number, attempt, output.artifacts, record, now)
+            try:  # in a thread: a record of every client and a durable commit are blocking work
+                await asyncio.to_thread(self._commit, number, attempt, submissions, output, now, (closed, bytes_out))
                 break
             except Exception as error:  # noqa: BLE001
                 if not is_resource_failure(error):
@@ -263,10 +264,18 @@ class RoundDriver:
             if path != self.layout.merged(number):
                 path.unlink(missing_ok=True)  # a download already reading one keeps its open file
 
+    def _commit(self, number: int, attempt: int, submissions: Sequence[Submission], output: RoundOutput, now: float,
+                context: tuple[str, int]) -> None:
+        """Build the round's history record and commit the round with it (blocking: run it in a thread)."""
+        record = self._record(number, attempt, submissions, output, now, context)
+        self.store.commit_version(number, attempt, output.artifacts, record, now)
+
     def _record(
-        self, number: int, attempt: int, submissions: Sequence[Submission], output: RoundOutput, now: float
+        self, number: int, attempt: int, submissions: Sequence[Submission], output: RoundOutput, now: float,
+        context: tuple[str, int],
     ) -> dict[str, Any]:
-        """The round's line in history.jsonl."""
+        """The round's line in history.jsonl; ``context`` is (why the round closed, bytes served)."""
+        closed, bytes_out = context
         names = {c.id: c.name for c in self.store.clients()}
         clients = [
             {"client_id": s.client_id, "name": names.get(s.client_id, ""), "rank": s.rank, "alpha": s.alpha,
@@ -282,7 +291,7 @@ class RoundDriver:
             "round": number,
             "version": number,
             "attempts": attempt,
-            "closed": self._reasons.pop(number, ""),
+            "closed": closed,
             "clients": clients,
             "num_clients": len(clients),
             "excluded": excluded,
@@ -294,7 +303,7 @@ class RoundDriver:
             "global_rank": output.global_rank,
             "downlink": output.downlink,
             "bytes_in": sum(s.size for s in submissions),
-            "bytes_out": self.bytes_out,
+            "bytes_out": bytes_out,
             "committed_unix": now,
             "seconds": {k: round(v, 4) for k, v in output.seconds.items()},
             "checkpoint": output.checkpoint,

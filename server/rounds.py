@@ -26,6 +26,7 @@ from flora.server.errors import AlreadyExists, FailedPrecondition
 
 # Float noise must not turn 0.7 * 10 clients into a quorum of 8.
 _EPSILON = 1e-9
+REASON_COUNT_S = 1.0  # how old the count of available clients in a WAIT reason may be
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class RoundMachine:
         self.version = version
         self.current = current
         self.clients: dict[str, Presence] = {}
+        self._counted: tuple[float, int] = (-math.inf, 0)  # (now, available) last told in a WAIT reason
         if current is None and not self.finished:
             self.current = Round(version + 1)
 
@@ -227,6 +229,18 @@ class RoundMachine:
         """Every connected client, sorted."""
         return sorted(c for c in self.clients if self.is_connected(c, now))
 
+    def _available(self, now: float) -> int:
+        """Clients a new attempt can count on: connected, or holding an accepted update (O(clients))."""
+        current = self.current
+        return sum(1 for c in self.clients if c in current.accepted or self.is_connected(c, now)) + sum(
+            1 for c in current.accepted if c not in self.clients)
+
+    def _may_open(self, now: float) -> bool:
+        """Whether enough clients are available to open an attempt; O(1) while too few have ever joined."""
+        if len(self.clients) + len(self.current.accepted) < self.policy.min_clients:
+            return False  # every Join of a filling run asks: don't count them all each time
+        return self._available(now) >= self.policy.min_clients
+
     # --- tasks ------------------------------------------------------------------------------
 
     def task_for(self, client: str, now: float) -> Task:
@@ -250,7 +264,10 @@ class RoundMachine:
             return f"round {current.number} is in progress without this client"
         if current.state is RoundState.AGGREGATING:
             return f"round {current.number} is being aggregated"
-        available = len(set(self.connected(now)) | set(current.accepted))
+        # Counted at most once per REASON_COUNT_S: every long-poll of a filling run asks (O(clients^2)).
+        at, available = self._counted
+        if not 0 <= now - at < REASON_COUNT_S:
+            self._counted = (now, available := self._available(now))
         return f"waiting for clients to open round {current.number}: {available} of {self.policy.min_clients} available"
 
     # --- transitions ------------------------------------------------------------------------
@@ -262,9 +279,9 @@ class RoundMachine:
             return []
         events: list[Event] = []
         if current.state is RoundState.OPEN:
-            pending = current.selected - current.accepted.keys()
-            if not pending:
+            if self._all_submitted():
                 return [self._close("every selected client has submitted")]  # e.g. restored after a crash
+            pending = current.selected - current.accepted.keys()
             # Waiting is pointless once every missing client has left: decide now, as at the deadline.
             everyone_left = all(self.clients.get(c, Presence()).left for c in pending)
             if everyone_left or now >= current.deadline:
@@ -274,10 +291,9 @@ class RoundMachine:
                 current.state = RoundState.ABANDONED
                 events.append(Abandoned(current.number, current.attempt, len(current.accepted), current.quorum))
         if current.state in (RoundState.WAITING, RoundState.ABANDONED):
-            available = set(self.connected(now)) | set(current.accepted)
-            if len(available) >= self.policy.min_clients:
+            if self._may_open(now):
                 events.append(self._open(now))
-                if current.selected <= current.accepted.keys():
+                if self._all_submitted():
                     events.append(self._close("every selected client has submitted"))
         return events
 
@@ -336,9 +352,17 @@ class RoundMachine:
         if number != current.number or current.state is not RoundState.OPEN:
             raise FailedPrecondition(f"round {number} is not open for updates")
         current.accepted[client] = sha256
-        if current.selected <= current.accepted.keys():
+        if self._all_submitted():
             return [self._close("every selected client has submitted")]
         return []
+
+    def _all_submitted(self) -> bool:
+        """Every selected client has an accepted update; O(1) until the counts say it may be so.
+
+        Each accepted upload asks this: a subset test each time would cost O(clients^2) a round.
+        """
+        current = self.current
+        return len(current.accepted) >= len(current.selected) and current.selected <= current.accepted.keys()
 
     def exclude(self, number: int, clients: Iterable[str]) -> bool:
         """Take updates that broke the round's aggregation out of it (already persisted).

@@ -6,6 +6,7 @@ method, and ``refusals`` maps every domain ``Refusal`` to its gRPC status, in th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
@@ -77,13 +78,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
 
+    async def _durable(self) -> None:
+        """What a reply acknowledges is on disk first: the store's quick commits, fsynced off the loop."""
+        await asyncio.to_thread(self._coordinator.store.sync)
+
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunReply:
         async with refusals(context, "GetRun"):
             return self._coordinator.get_run()
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         async with refusals(context, "Join"):
-            return self._coordinator.join(request, _token(context))
+            reply = self._coordinator.join(request, _token(context))
+            await self._durable()
+            return reply
 
     async def NextTask(self, request: pb.NextTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         async with refusals(context, "NextTask"):
@@ -100,7 +107,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request_iterator: AsyncIterable[transfer_pb2.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReply:
         async with refusals(context, "SubmitUpdate"):
-            return await self._coordinator.submit(self._coordinator.identify(_token(context)), aiter(request_iterator))
+            reply = await self._coordinator.submit(self._coordinator.identify(_token(context)), aiter(request_iterator))
+            await self._durable()
+            return reply
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         async with refusals(context, "Heartbeat"):

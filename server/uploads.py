@@ -90,17 +90,19 @@ async def receive_payload(
     Not yet fsynced: ``validate_durably`` overlaps the fsync with the validation's read passes.
     """
     path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
+    # Creating, closing and removing a file wait on the folder (other uploads' renames): off the loop.
+    sink = await asyncio.to_thread(open, path, "wb")
     try:
-        with open(path, "wb") as sink:
-            try:
-                await receive_update(_replay(header, rest), sink, max_bytes)
-            except WireError as err:
-                raise InvalidArgument(f"upload stream: {err}") from None
-            except ChunkError as err:
-                raise DataLoss(f"upload stream: {err}") from None
-            await asyncio.to_thread(sink.flush)
+        try:
+            await receive_update(_replay(header, rest), sink, max_bytes)
+        except WireError as err:
+            raise InvalidArgument(f"upload stream: {err}") from None
+        except ChunkError as err:
+            raise DataLoss(f"upload stream: {err}") from None
+        finally:
+            await asyncio.to_thread(sink.close)  # flushes: the bytes are in the OS's cache
     except BaseException:
-        path.unlink(missing_ok=True)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
         raise
     return path
 

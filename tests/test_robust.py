@@ -34,6 +34,14 @@ def test_gram_norm_equals_the_dense_norm(rank):
     assert update_norm(adapter) == pytest.approx(_dense_norm(adapter), rel=1e-12)
 
 
+@pytest.mark.parametrize("rank", [3, 40])  # thinner than the 8 x 6 module (Grams), and wider (the product)
+def test_update_norm_equals_the_norm_of_the_weight_change_at_any_rank(rank):
+    gen = torch.Generator().manual_seed(rank)
+    a, b = torch.randn(rank, 6, generator=gen), torch.randn(8, rank, generator=gen)
+    expected = float(torch.linalg.matrix_norm(0.5 * (b.double() @ a.double())))
+    assert math.sqrt(delta_norm_sq(a, b, 0.5)) == pytest.approx(expected, rel=1e-9)
+
+
 def test_gram_norm_does_not_overflow_where_float32_products_do():
     a = torch.full((4, 16), 1e23)
     b = torch.full((16, 4), 1e23)

@@ -276,3 +276,33 @@ def test_excluding_every_update_abandons_the_round_and_it_reopens():
     assert machine.current.state is RoundState.ABANDONED and not machine.current.accepted
     events = machine.advance(2.0)
     assert isinstance(events[0], Opened) and events[0].round.attempt == 2 and machine.current.number == 1
+
+
+def test_waiting_counts_connected_clients_and_restored_accepted_updates():
+    machine = machine_with(["a", "b"], min_clients=4)
+    machine.known("c")  # restored, never called: not connected
+    machine.restore_accepted([("d", SHA_A)])  # an accepted update of a client not in memory yet
+    assert machine.advance(1.0) == []
+    assert machine.task_for("a", 1.0) == Wait("waiting for clients to open round 1: 3 of 4 available")
+    machine.joined("e", 2.0)
+    (opened,) = machine.advance(2.0)
+    assert opened.round.selected == {"a", "b", "d", "e"}
+
+
+def test_the_round_closes_at_the_last_selected_submission_and_not_before():
+    clients = [f"c{i}" for i in range(5)]
+    machine = machine_with(clients, min_clients=5)
+    machine.advance(0.0)
+    machine.restore_accepted([("gone", SHA_B)])  # more accepted entries than selected, one not selected
+    for client in clients[:-1]:
+        assert machine.accept(client, 1, SHA_A, 1.0) == []
+    (closed,) = machine.accept(clients[-1], 1, SHA_A, 1.0)
+    assert isinstance(closed, Closed) and closed.reason == "every selected client has submitted"
+
+
+def test_the_available_count_of_a_wait_reason_is_at_most_a_second_old():
+    machine = machine_with(["a"], min_clients=3)
+    assert machine.task_for("a", 0.0).reason.endswith("1 of 3 available")
+    machine.joined("b", 0.5)
+    assert machine.task_for("a", 0.5).reason.endswith("1 of 3 available")  # counted at 0.0 still
+    assert machine.task_for("a", 1.0).reason.endswith("2 of 3 available")

@@ -105,3 +105,35 @@ def test_layout_names_come_from_ids_and_hashes_only(tmp_path):
             layout.update(3, bad_id, "c" * 64)
     with pytest.raises(ValueError, match="outside"):
         layout.absolute("../../etc/passwd")
+
+
+def test_reads_answered_from_memory_follow_every_write(store):
+    assert store.artifact("global", 1) is None and store.exclusions(1) == []  # read (and kept) before the writes
+    store.add_client(client("c1", "alice"))
+    store.add_submission(submission(1, "c1"))
+    store.save_attempt(Round(1, 1, RoundState.AGGREGATING, frozenset({"c1"}), 50.0, 1))
+    store.exclude_submissions(1, 1, {"c1": "NaN in lora_A"}, abandon=True, now=3.0)
+    assert store.exclusions(1) == [("c1", "a" * 64, "NaN in lora_A")]
+    artifact = Artifact("global", 1, "globals/v000001.safetensors", "1" * 64, 5)
+    store.commit_version(1, 1, [artifact], {"round": 1}, 4.0)
+    assert store.artifact("global", 1) == artifact
+    store.exclusions(1).clear()  # a caller changing its copy changes nothing stored
+    assert len(store.exclusions(1)) == 1
+
+
+def test_quick_commits_are_visible_at_once_and_leave_the_connection_fully_synchronous(tmp_path, store):
+    store.add_client(client("c1", "alice"))
+    store.add_submission(submission(1, "c1"))
+    assert [c.id for c in store.clients()] == ["c1"] and store.submission(1, "c1") is not None
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL for every other write
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_submission(submission(1, "c1"))  # a failed quick commit restores FULL too
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+    store.sync()
+    reopened = Store(tmp_path / "state.db")
+    try:
+        assert reopened.submission(1, "c1") == submission(1, "c1")
+    finally:
+        reopened.close()
+    store.close()
+    store.sync()  # no WAL after the last close: nothing left to sync

@@ -205,6 +205,12 @@ def test_upload_round_trips_through_real_messages(data, chunk_size):
     assert sink.getvalue() == data
 
 
+def test_upload_with_pieces_on_both_sides_of_the_inline_size_arrives_in_order():
+    data = bytes(range(256)) * 772  # 197,632 bytes: two pieces of 96 KiB (in a thread), a 1 KiB tail (inline)
+    messages = update_messages(make_header(data), data, 96 << 10)
+    assert upload(list(messages), max_bytes=1 << 20) == data
+
+
 def test_upload_from_a_file(tmp_path):
     path = tmp_path / "u.safetensors"
     path.write_bytes(PAYLOADS[3])

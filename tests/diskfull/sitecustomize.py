@@ -22,10 +22,10 @@ if _FLAG:
             raise OSError(errno.ENOSPC, "No space left on device")
         _fsync(file)
 
-    def _full_transaction(self):
+    def _full_transaction(self, *args, **kwargs):
         if os.path.exists(_FLAG):
             raise sqlite3.OperationalError("database or disk is full")
-        return _transaction(self)
+        return _transaction(self, *args, **kwargs)
 
     _chunks.fsync_file = _full_fsync
     _store.Store._transaction = _full_transaction
