@@ -28,7 +28,7 @@ _TINY = 1e-200
 
 
 def delta_norm_sq(a: Tensor, b: Tensor, scaling: float) -> float:
-    """|s B A|_F^2 = s^2 tr((B^T B)(A A^T)), in float64 (exact in exact arithmetic, no d_out x d_in product).
+    """|s B A|_F^2 = s^2 tr((B^T B)(A A^T)), in float64; the dense d_out x d_in product only where r^2 is larger.
 
     float64 holds the square of any float32 product: a value of 3.4e38 squared and summed over
     a million terms is about 1e83, far below float64's 1.8e308.
@@ -37,6 +37,12 @@ def delta_norm_sq(a: Tensor, b: Tensor, scaling: float) -> float:
     # matrices was measured 80x slower than numpy's, and this runs on every upload.
     a64 = a.detach().to(device="cpu", dtype=torch.float64).numpy()
     b64 = b.detach().to(device="cpu", dtype=torch.float64).numpy()
+    rank, d_in = a64.shape
+    if rank * rank > d_in * b64.shape[0]:
+        # Rank above the module's size: the (r, r) Grams would outgrow the dense product (at r = 37k
+        # on a 128-wide module, 11 GB each), so form B A itself, (d_out, d_in).
+        delta = b64 @ a64
+        return float(np.sum(delta * delta)) * scaling * scaling
     gram_b = b64.T @ b64  # (r, r)
     gram_a = a64 @ a64.T  # (r, r)
     trace = float(np.sum(gram_b * gram_a))  # tr(X Y) = sum(X * Y^T); both Grams are symmetric
