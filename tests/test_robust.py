@@ -42,6 +42,21 @@ def test_update_norm_equals_the_norm_of_the_weight_change_at_any_rank(rank):
     assert math.sqrt(delta_norm_sq(a, b, 0.5)) == pytest.approx(expected, rel=1e-9)
 
 
+def test_norm_of_a_rank_far_above_the_module_size_needs_no_rank_squared_memory():
+    import tracemalloc
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2000, 8, generator=gen), torch.randn(8, 2000, generator=gen)
+    tracemalloc.start()
+    try:
+        norm_sq = delta_norm_sq(a, b, 0.5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert norm_sq == pytest.approx(float(torch.linalg.matrix_norm(0.5 * b.double() @ a.double())) ** 2, rel=1e-12)
+    assert peak < 4 << 20  # the two (2000, 2000) float64 Grams alone would be 64 MB
+
+
 def test_gram_norm_does_not_overflow_where_float32_products_do():
     a = torch.full((4, 16), 1e23)
     b = torch.full((16, 4), 1e23)
