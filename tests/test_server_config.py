@@ -20,7 +20,7 @@ def settings_from(argv: list[str], environ: dict[str, str] | None = None, config
 
 def test_defaults_are_valid_and_safe():
     settings = settings_from([])
-    assert (settings.host, settings.port, settings.method.value, settings.min_clients) == ("127.0.0.1", 50051, "flora", 2)
+    assert (settings.host, settings.port, settings.method, settings.min_clients) == ("127.0.0.1", 50051, "flora", 2)
     assert settings.enrollment_token is None and settings.tls_cert is None
     assert settings.required_scaling == 0.0 and settings.global_lora_rank == 0
 
@@ -36,7 +36,7 @@ def test_required_flags_exist_with_their_names():
                               "--rounds", "7", "--min-clients", "3", "--method", "zeropad"])
     chosen = (settings.port, str(settings.state_dir), settings.base_model, settings.rounds, settings.min_clients)
     assert chosen == (0, "/tmp/s", "m", 7, 3)
-    assert settings.method.value == "zeropad" and settings.global_lora_rank == 8 and settings.required_scaling == 2.0
+    assert settings.method == "zeropad" and settings.global_lora_rank == 8 and settings.required_scaling == 2.0
 
 
 def test_file_environment_and_flags_layer(tmp_path):
