@@ -134,7 +134,7 @@ class ServerSettings(BaseModel):
     )
     # --- aggregation ----------------------------------------------------------------------
     method: str = Field(
-        "flora", description=f"aggregation method, one of {', '.join(METHODS)} (README, 'Aggregation methods')",
+        "flora-warm", description=f"aggregation method, one of {', '.join(METHODS)} (README, 'Aggregation methods')",
     )
     weighting: ServerWeighting = Field(
         ServerWeighting.EXAMPLES,

@@ -20,7 +20,7 @@ def settings_from(argv: list[str], environ: dict[str, str] | None = None, config
 
 def test_defaults_are_valid_and_safe():
     settings = settings_from([])
-    assert (settings.host, settings.port, settings.method, settings.min_clients) == ("127.0.0.1", 50051, "flora", 2)
+    assert (settings.host, settings.port, settings.method, settings.min_clients) == ("127.0.0.1", 50051, "flora-warm", 2)
     assert settings.enrollment_token is None and settings.tls_cert is None
     assert settings.required_scaling == 0.0 and settings.global_lora_rank == 0
 
@@ -104,7 +104,7 @@ def test_print_config_round_trips_and_hides_secrets(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "operator-0123456789abcdef" not in text
     values = tomllib.loads(text)
-    assert values["rounds"] == 9 and values["method"] == "flora" and "operator_token" not in values
+    assert values["rounds"] == 9 and values["method"] == "flora-warm" and "operator_token" not in values
     config = tmp_path / "echo.toml"
     config.write_text(text)
     assert settings_from([], config=config) == settings_from(["--rounds", "9"])

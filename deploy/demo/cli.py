@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=_positive, default=3, help="number of client processes (default: 3)")
     parser.add_argument("--rounds", type=_positive, default=3, help="federated rounds (default: 3)")
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
-    parser.add_argument("--method", choices=list(METHODS), default="flora", help="aggregation method (default: flora)")
+    parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
     parser.add_argument("--data-dir", type=Path, help="folder with one JSON/JSONL file per client (default: built-in sample data)")
     parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
