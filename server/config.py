@@ -126,7 +126,7 @@ class ServerSettings(BaseModel):
     )
     seed: int = Field(
         0, ge=0, le=2**63 - 1,
-        description="seed of client selection and of the fedit/zeropad initial global LoRA",
+        description="seed of client selection and of the initial global LoRA (fedit, zeropad, fedex, ffa)",
     )
     exit_after_finish_s: float | None = Field(
         None, ge=0.0,
