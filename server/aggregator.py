@@ -158,7 +158,7 @@ class Aggregator:
         clock = time.perf_counter()
         result = self.method.merge(self.kept, adapters, weights, self.precision)
         delta = _unit_scaling(result.delta).to(torch.float32)
-        removed = [self.method.start(self.kept, u.rank, u.scaling).removed for u in adapters]  # as each client started
+        removed = self.method.removals(self.kept, adapters)  # as each client started
         error = round_error(delta, adapters, weights, removed)
         seconds["aggregate"] = time.perf_counter() - clock
         previous = self.kept, self.remainder

@@ -89,6 +89,16 @@ class AggregationMethod(ABC):
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """How a client of ``rank`` and ``scaling`` starts a round from the kept global LoRA."""
 
+    def removals(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[LoraAdapter | None]:
+        """What each update's client removed from the global model at its start: one ``start``
+        per distinct rank and scaling, not per client (a warm start costs an SVD per module)."""
+        starts: dict[tuple[int, float], LoraAdapter | None] = {}
+        for update in updates:
+            key = (update.rank, update.scaling)
+            if key not in starts:
+                starts[key] = self.start(kept, *key).removed
+        return [starts[(u.rank, u.scaling)] for u in updates]
+
     @abstractmethod
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],

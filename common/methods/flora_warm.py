@@ -41,6 +41,6 @@ class FloraWarm(AggregationMethod):
         dtype: torch.dtype = torch.float32,
     ) -> RoundResult:
         """The exact change of the round; its clients' stack is the next warm start."""
-        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
+        removed = self.removals(kept, updates)
         kept_next = canonical_adapter(flora_stack(updates, weights, dtype), max(u.rank for u in updates))
         return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=kept_next)
