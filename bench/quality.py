@@ -76,7 +76,7 @@ def experiments(args: argparse.Namespace, clients: int) -> list[Experiment]:
     equal = (args.equal_rank,) * clients
     plan = []
     for setting, ranks in (("equal", equal), ("mixed", args.mixed)):
-        for method in [*args.methods, CENTRALIZED]:
+        for method in [*args.methods, *([CENTRALIZED] if args.centralized else [])]:
             if setting == "mixed" and method in ("fedit", CENTRALIZED):
                 continue
             if setting == "equal" and method == "zeropad":
@@ -95,6 +95,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-runs", default="fedex-equal,fedit-equal,flora-warm-mixed,fedex-mixed,zeropad-mixed",
                         help="runs (method-setting) that go on to --long-rounds ('' for none)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the centralized reference (--no-centralized: when an earlier run has it)")
     parser.add_argument("--local-steps", type=int, default=10, help="optimiser steps per client and round")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-2)

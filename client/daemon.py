@@ -23,21 +23,22 @@ import flora
 from flora.client.config import ClientSettings
 from flora.client.connection import Connection, Stopped, rpc_code, rpc_details
 from flora.client.heartbeat import Heartbeat
-from flora.client.local import ConfigError, LocalModel, load_data, load_local_model, trained_modules
+from flora.client.local import ConfigError, LocalModel, load_data, load_local_model, run_method, trained_modules
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
+from flora.client.round_start import train_round
 from flora.client.sync import SyncError, Synchroniser, restore
-from flora.client.trainer import TrainConfig, TrainingCancelled, TrainResult, total_steps, train_lora
+from flora.client.trainer import TrainConfig, TrainingCancelled, TrainResult, total_steps
 from flora.common.devices import resolve_device
 from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.payload import PayloadMeta, write_adapter
 from flora.common.wire import update_messages
 from flora.v1 import coordinator_pb2, run_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
 
-FLORA = run_pb2.AGGREGATION_METHOD_FLORA
 # Refusals of Join that no retry can fix: the operator has to change something.
 _JOIN_FATAL = {
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
@@ -78,6 +79,7 @@ class Daemon:
         self.conn = Connection(settings, self.stop)
         self.conn.on_unauthenticated = self._rejoin
         self.spec: run_pb2.RunSpec | None = None
+        self.method: AggregationMethod | None = None
         self.local: LocalModel | None = None
         self.sync: Synchroniser | None = None
         self.train_names: list[str] = []
@@ -132,6 +134,7 @@ class Daemon:
             if reply.run == run:
                 break
         self.spec = reply.run
+        self.method = run_method(self.spec)
         self.version = restore(self.local.model, self.state, self.spec)
         self.sync = Synchroniser(self.conn, self.state, self.spec, self.progress)
         self.train_names = trained_modules(self.settings, self.spec)
@@ -215,28 +218,27 @@ class Daemon:
         """Sync, train and upload one round; a round that closes meanwhile is dropped, not fatal."""
         log.info("event=round_start round=%d required_version=%d held_version=%d", task.round, task.required_version, self.version)
         with Heartbeat(self.conn, task.round, self.settings.heartbeat_interval) as heartbeat:
+            config = self._train_config(task)
             try:
-                init = self._prepare(task)
+                start = self._prepare(task, config)
             except SyncError as exc:
                 log.error("event=sync_failed round=%d detail=%r action=reset_to_base", task.round, str(exc))
                 self._reset_to_base()
                 self.conn.pause("sync", exc)
                 return
             heartbeat.activity = coordinator_pb2.CLIENT_ACTIVITY_TRAINING
-            config = self._train_config(task)
-            result = self._train(task, config, init, heartbeat)
+            result = self._train(task, config, start, heartbeat)
             if result is None:
                 return
             heartbeat.activity = coordinator_pb2.CLIENT_ACTIVITY_UPLOADING
             self._upload(task, config, result)
 
-    def _prepare(self, task: coordinator_pb2.TrainTask) -> LoraAdapter | None:
-        """flora: merge up to the required version and train a fresh LoRA (None); fedit/zeropad:
-        the global LoRA the round starts from."""
-        if self.spec.method != FLORA:
-            return self.sync.global_lora(task.global_lora_version)
+    def _prepare(self, task: coordinator_pb2.TrainTask, config: TrainConfig) -> ClientStart:
+        """Merge up to the required version, then start the round as the run's method says: from
+        the server's global LoRA when the task names one (protos/PROTOCOL.md, "Methods"), else fresh."""
         self.version = self.sync.catch_up(self.local.model, self.version, task.required_version)
-        return None
+        kept = self.sync.global_lora(task.global_lora_version) if task.start_from_global_lora else None
+        return self.method.start(kept, config.rank, config.scaling)
 
     def _reset_to_base(self) -> None:
         """Forget the held version: reload the base weights and move the pointer back to 0."""
@@ -252,7 +254,7 @@ class Daemon:
         return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round)
 
     def _train(
-        self, task: coordinator_pb2.TrainTask, config: TrainConfig, init: LoraAdapter | None, heartbeat: Heartbeat
+        self, task: coordinator_pb2.TrainTask, config: TrainConfig, start: ClientStart, heartbeat: Heartbeat
     ) -> TrainResult | None:
         """Train the round; None when the round closed (or the daemon stops) meanwhile."""
         def on_step(step: int, total: int, loss: float) -> None:
@@ -266,9 +268,9 @@ class Daemon:
         log.info("event=train_start round=%d rank=%d steps=%d examples=%d", task.round, config.rank, steps, len(self.local.train))
         with self.progress.bar(f"train round {task.round}", steps, unit="step") as bar:
             try:
-                result = train_lora(
-                    self.local.model, self.local.train, config, val_data=self.local.validation or None,
-                    init=init, on_step=on_step, should_stop=should_stop,
+                result = train_round(
+                    self.local.model, self.local.train, config, start, val_data=self.local.validation or None,
+                    on_step=on_step, should_stop=should_stop,
                 )
             except TrainingCancelled as exc:
                 if self.stop.is_set():
@@ -343,9 +345,6 @@ class Daemon:
 
     def _finish(self, final_version: int) -> int:
         """Bring the model to the run's final version, so that it equals the server's final model."""
-        if self.spec.method == FLORA:
-            self.version = self.sync.catch_up(self.local.model, self.version, final_version)
-        elif final_version > self.version:
-            self.version = self.sync.finish_lora(self.local.model, final_version)
+        self.version = self.sync.catch_up(self.local.model, self.version, final_version)
         log.info("event=finished version=%d state_dir=%s", self.version, self.settings.state_dir)
         return 0

@@ -18,6 +18,8 @@ from flora.client.config import ClientSettings
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.devices import resolve_device
 from flora.common.data import DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
+from flora.common.methods import AggregationMethod
+from flora.common.methods.wire import from_wire
 from flora.v1 import run_pb2
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,15 @@ def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str
 
     An entry selects a module by its full name or by a dotted suffix, as PEFT does. The upload
     still covers every module of the run: a module left out contributes a zero update, which
-    stacking keeps exact. Averaging methods have no such neutral element, so they refuse it.
+    fresh stacking keeps exact. Averaging and warm-started methods have no such neutral element
+    (a zero would undo the module's warm start), so they refuse it.
     """
     names = [m.name for m in spec.target_modules]
     if settings.target_modules is None:
         return names
-    if spec.method != run_pb2.AGGREGATION_METHOD_FLORA:
-        raise ConfigError("target_modules: an override is only possible in flora runs (fedit/zeropad average every module)")
+    method = run_method(spec)
+    if not method.partial_modules:
+        raise ConfigError(f"target_modules: an override is not possible in {method.name} runs (every client trains every module)")
     chosen = []
     for entry in settings.target_modules:
         matches = [n for n in names if n == entry or n.endswith("." + entry)]
@@ -57,6 +61,14 @@ def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str
             raise ConfigError(f"target_modules: {entry!r} matches none of the run's target modules {names}")
         chosen.extend(matches)
     return sorted(set(chosen))
+
+
+def run_method(spec: run_pb2.RunSpec) -> AggregationMethod:
+    """The run's aggregation method, or a ConfigError when this client does not know it."""
+    try:
+        return from_wire(spec.method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass

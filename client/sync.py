@@ -1,6 +1,6 @@
 """Bringing the local model to the version a round requires, from verified downloads only.
 
-flora runs: the downlink updates of versions held+1 .. required are downloaded (each resumed from
+Every run: the downlink updates of versions held+1 .. required are downloaded (each resumed from
 its ``.part`` after an interruption), their sha256 verified by the receiver, validated against the
 run's module shapes, and merged in float32 in version order (W <- W + b a for a module sent as
 canonical factors, W <- W + D for one sent dense). When the client is far behind, or the server's
@@ -9,10 +9,10 @@ modules instead and the client takes them as they are (catch-up without replay).
 new weights are built on a copy of the target modules' weights, so that the model moves from one
 version to the next as a whole or not at all, and persisted before the version pointer moves.
 
-fedit / zeropad runs: nothing is merged into the base during the run; each round starts from the
-server's persistent global LoRA of the task's version, which the trainer truncates to this
-client's rank. At the end of the run the final global LoRA is merged, so that the client's model
-equals the server's final model either way.
+Methods that warm-start (fedex, flora-warm, ffa, fedit, ...) also download the global LoRA the
+server keeps at the task's version; what the client trains from it is the method's ``start``
+(``flora.common.methods``), the same pure function the server computes each client's start with.
+Nothing of it is merged: the model moves by global updates only, as the server's does.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from flora.client.progress import Bar, Progress
 from flora.client.state import StateDir
 from flora.common.chunks import ChunkError
 from flora.common.lora import LoraAdapter
-from flora.common.merge import merged_update, merged_weights, module_weights
+from flora.common.merge import merged_update, module_weights
 from flora.common.payload import PayloadError, PayloadLimits, PayloadMeta, read_adapter, read_update, read_weights
 from flora.common.update import GlobalUpdate, ModuleUpdate, is_factors
 from flora.common.wire import ArtifactReceiver, part_path, resume_offset
@@ -134,31 +134,16 @@ class Synchroniser:
         start = next(v for v in range(held + 1, required + 1) if not self._state.artifact_path(UPDATE, v).exists())
         self._fetch(UPDATE, start, required, resume_offset(self._state.artifact_path(UPDATE, start)), allow_merged=True)
 
-    # --- fedit / zeropad --------------------------------------------------------------------------
+    # --- warm starts ------------------------------------------------------------------------------
 
     def global_lora(self, version: int) -> LoraAdapter:
-        """The persistent global LoRA of ``version``: what a fedit/zeropad round starts from."""
+        """The global LoRA the server keeps at ``version``: what a warm-started round starts from."""
         self.download(LORA, version, version)
         adapter = self._read(LORA, version)
         if self._spec.global_lora_rank and adapter.rank != self._spec.global_lora_rank:
             raise SyncError(f"global LoRA v{version} has rank {adapter.rank}, the run's is {self._spec.global_lora_rank}")
         self._state.prune_globals(below=version)
         return adapter
-
-    def finish_lora(self, model: nn.Module, version: int) -> int:
-        """Merge the final global LoRA into the base: the model the server exports at the end."""
-        adapter = self.global_lora(version)
-        weights = self._merged(module_weights(model, sorted(self._shapes)), adapter, f"global LoRA v{version}")
-        _copy_into(model, weights)
-        self._state.commit(self._spec.run_id, version, weights)
-        return version
-
-    @staticmethod
-    def _merged(weights: Mapping[str, Tensor], adapter: LoraAdapter, what: str) -> dict[str, Tensor]:
-        """``weights`` with ``adapter`` merged in float32, as a new dict (``weights`` untouched)."""
-        merged = _checked(what, lambda: merged_weights(weights, adapter, precision=torch.float32))
-        log.info("event=merged artifact=%r rank=%d", what, adapter.rank)
-        return merged
 
     # --- downloads ------------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Aggregation of client LoRA updates: FLoRA stacking and the fedit / zeropad baselines.
+"""The algebra of aggregating client LoRA updates: FLoRA stacking and the fedit / zeropad averages.
+
+The methods built on it (what a run merges and keeps) are in ``flora.common.methods``.
 
 Pure functions from tensors to tensors (DESIGN.md section 2). Every client update is a
 ``LoraAdapter`` carrying its own scaling s_k, and the weights p_k come from
@@ -10,20 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 from torch import Tensor
 
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair
-
-
-class Method(str, Enum):
-    """Aggregation methods a run can use."""
-
-    FLORA = "flora"
-    FEDIT = "fedit"
-    ZEROPAD = "zeropad"
 
 
 def check_compatible(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> None:
@@ -123,16 +116,6 @@ def zeropad_average(
     """
     check_compatible(adapters, weights)
     return _average(adapters, weights, max(a.rank for a in adapters), _common_scaling(adapters, "zeropad"), dtype)
-
-
-_AGGREGATORS = {Method.FLORA: flora_stack, Method.FEDIT: fedit_average, Method.ZEROPAD: zeropad_average}
-
-
-def aggregate(
-    method: Method | str, adapters: Sequence[LoraAdapter], weights: Sequence[float], dtype: torch.dtype = torch.float32
-) -> LoraAdapter:
-    """Combine one round's client updates with the given method."""
-    return _AGGREGATORS[Method(method)](adapters, weights, dtype)
 
 
 def ideal_delta(adapters: Sequence[LoraAdapter], weights: Sequence[float], name: str, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -99,7 +99,7 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
 def seeded_lora(shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> LoraAdapter:
     """A fresh LoRA as PEFT initialises one (A Kaiming-uniform, B zero), drawn from ``seed`` alone.
 
-    The fedit/zeropad global LoRA of version 0: every client starts round 1 from these same
+    The global LoRA of version 0 (fedit, zeropad, fedex, ffa): every client starts round 1 from these same
     factors, wherever it runs, because they depend on nothing but the seed.
     """
     generator = torch.Generator().manual_seed(seed)

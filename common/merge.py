@@ -100,8 +100,8 @@ def merge_into_state_dict(
 def merged_temporarily(model: nn.Module, adapter: LoraAdapter, precision: torch.dtype = torch.float32) -> Iterator[None]:
     """``model`` with ``adapter`` merged in for the block, its exact original weights afterwards.
 
-    How a persistent global LoRA (fedit, zeropad) is evaluated or exported without ever being
-    merged into the base that later rounds start from.
+    How a client trains its round on the global model minus what its method removes
+    (``flora.client.round_start``) without its copy of the global model ever drifting.
     """
     live = module_weights(model, adapter.module_names)
     saved = {name: weight.detach().clone() for name, weight in live.items()}

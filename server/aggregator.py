@@ -4,17 +4,17 @@ Everything here is blocking torch or file work; the coordinator calls it through
 ``asyncio.to_thread`` so that the event loop keeps serving while a round is aggregated. Nothing
 here touches the database: methods return what they wrote, and the caller commits it.
 
-flora: the model holds base + every committed downlink update (merged each round). The round's
-stack is factored into its downlink (``flora.common.downlink``: canonical factors or dense per
-module, optionally compressed); the server merges exactly the downlink it serves, and a lossy
-downlink's remainder is kept (in memory and in the state directory) for the next round.
-fedit / zeropad: the model holds the base; the persistent global LoRA is kept beside it and is
-merged only into exports and evaluations (DESIGN.md section 2).
+Every method (``flora.common.methods``) works the same way here: the model holds base + every
+committed downlink update. The method's ``merge`` gives the round's delta, which is factored into
+its downlink (``flora.common.downlink``: canonical factors or dense per module, optionally
+compressed); the server merges exactly the downlink it serves, and a lossy downlink's remainder is
+kept (in memory and in the state directory) for the next round. The global LoRA a method keeps
+for the next round's starts is written as the version's GLOBAL_LORA and read back from that file,
+so the server computes every client's start from exactly the bytes the clients download.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -25,14 +25,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from flora.common.aggregation import Method, aggregate, aggregation_error
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer, target_module_shapes
 from flora.common.data import TokenizedExample, load_examples, tokenize_examples
 from flora.common.evaluate import evaluate_loss
 from flora.common.devices import resolve_device
-from flora.common.lora import LoraAdapter, lora_scaling, pad_rank, seeded_lora
+from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.downlink import plan_downlink
-from flora.common.merge import merged_temporarily, merged_update, merged_weights, module_weights
+from flora.common.merge import merged_update, merged_weights, module_weights
+from flora.common.methods import round_error
 from flora.common.payload import (
     PayloadLimits,
     PayloadMeta,
@@ -76,7 +76,7 @@ class RoundOutput:
     weights: list[float]
     aggregation_error: float
     global_rank: int
-    downlink: dict[str, Any] | None  # flora: forms, ranks, bytes, retained energy, remainder norm
+    downlink: dict[str, Any]  # forms, ranks, bytes, retained energy, remainder norm
     validation_loss: float | None
     checkpoint: str | None
     seconds: dict[str, float]
@@ -89,7 +89,7 @@ class Aggregator:
     def __init__(self, settings: ServerSettings, layout: Layout) -> None:
         self.settings = settings
         self.layout = layout
-        self.method = Method(settings.method)
+        self.method = settings.aggregation
         self.device = resolve_device(settings.merge_device)
         self.precision = DTYPES[settings.precision]
         self.model = load_model(settings.base_model, DTYPES[settings.model_dtype], self.device)
@@ -97,12 +97,9 @@ class Aggregator:
         self.shapes = target_module_shapes(self.model, settings.target_modules)
         self.fingerprint = fingerprint(self.model, self.shapes)
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
-        # fedit/zeropad export base + global LoRA without ever changing the base: keep it aside.
-        live = module_weights(self.model, list(self.shapes))
-        self.base_norm = weights_norm(live)  # of the base weights: the same limit after every restart
-        self.base = {} if self.method is Method.FLORA else {n: w.detach().clone() for n, w in live.items()}
-        self.global_lora: LoraAdapter | None = None
-        self.remainder: dict[str, ModuleUpdate] = {}  # flora: what earlier downlinks did not send
+        self.base_norm = weights_norm(module_weights(self.model, list(self.shapes)))  # the same limit after every restart
+        self.kept: LoraAdapter | None = None  # the method's global LoRA at the current version, as served
+        self.remainder: dict[str, ModuleUpdate] = {}  # what earlier lossy downlinks did not send
         self.validation = self._validation_data()
         log.info("model %s on %s: %d target modules, fingerprint %s",
                  settings.base_model, self.device, len(self.shapes), self.fingerprint[:12])
@@ -126,27 +123,23 @@ class Aggregator:
     # --- version 0 and restart ---------------------------------------------------------------
 
     def initial(self) -> tuple[list[Artifact], float | None]:
-        """Write version 0's artifacts (flora: base weights; others: the seeded global LoRA)."""
-        if self.method is Method.FLORA:
-            artifacts = [self._write_merged(0)]
-        else:
-            scaling = self.settings.required_scaling
-            self.global_lora = seeded_lora(self.shapes, self.settings.lora_rank, scaling, self.settings.seed)
-            artifacts = [self._write_global_lora(self.global_lora, 0)]
+        """Write version 0's artifacts: the base weights, and the method's seeded global LoRA if any.
+
+        A version-0 global LoRA has B = 0 (PEFT's init), so version 0 is the base model itself.
+        """
+        artifacts = [self._write_merged(0)]
+        kept = self.method.initial(self.shapes, self.settings.lora_rank, self.settings.required_scaling, self.settings.seed)
+        if kept is not None:
+            artifacts.append(self._write_kept(kept, 0))
         return artifacts, self.evaluate()
 
     def restore(self, version: int, artifacts: dict[str, Artifact]) -> None:
         """Bring the in-memory state to committed ``version`` after a restart."""
-        if self.method is Method.FLORA:
-            self._load_merged(self.layout.absolute(artifacts["merged"].path))
-            self.remainder = {}
-            if "remainder" in artifacts:
-                self.remainder, _ = read_update(self.layout.absolute(artifacts["remainder"].path), self.shapes)
-        else:
-            path = self.layout.absolute(artifacts["global"].path)
-            self.global_lora, _ = read_adapter(
-                path, self.shapes, rank=self.settings.lora_rank, scaling=self.settings.required_scaling
-            )
+        self._load_merged(self.layout.absolute(artifacts["merged"].path))
+        self.remainder = {}
+        if "remainder" in artifacts:
+            self.remainder, _ = read_update(self.layout.absolute(artifacts["remainder"].path), self.shapes)
+        self.kept = self._read_kept(self.layout.absolute(artifacts["lora"].path)) if "lora" in artifacts else None
         log.info("restored the model state of version %d", version)
 
     # --- one round ----------------------------------------------------------------------------
@@ -163,15 +156,14 @@ class Aggregator:
         adapters, weights, decisions = robust_inputs(loaded, claimed, self.settings.robust_policy)
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
-        combined = aggregate(self.method, adapters, weights, self.precision)
-        if self.method is Method.ZEROPAD:
-            combined = pad_rank(combined, self.settings.lora_rank)
-        combined = combined.to(torch.float32)
-        error = aggregation_error(combined, adapters, weights)
+        result = self.method.merge(self.kept, adapters, weights, self.precision)
+        delta = _unit_scaling(result.delta).to(torch.float32)
+        removed = self.method.removals(self.kept, adapters)  # as each client started
+        error = round_error(delta, adapters, weights, removed)
         seconds["aggregate"] = time.perf_counter() - clock
-        previous = self.global_lora, self.remainder
+        previous = self.kept, self.remainder
         try:
-            artifacts, downlink = self._apply(number, combined, seconds)
+            artifacts, downlink = self._apply(number, delta, result.kept, seconds)
             checkpoint = _timed(seconds, "checkpoint", self._checkpoint, number) if self._checkpoint_due(number) else None
             loss = _timed(seconds, "evaluate", self.evaluate)
         except BaseException:
@@ -181,7 +173,7 @@ class Aggregator:
                 path.unlink(missing_ok=True)  # never recorded: no orphan of a failed round stays
             shutil.rmtree(self.layout.checkpoint(number), ignore_errors=True)
             raise
-        return RoundOutput(artifacts, [d.weight for d in decisions], error, combined.rank, downlink, loss, checkpoint,
+        return RoundOutput(artifacts, [d.weight for d in decisions], error, delta.rank, downlink, loss, checkpoint,
                            seconds, decisions)
 
     def faulty(self, submissions: Sequence[Submission]) -> dict[str, str]:
@@ -200,16 +192,10 @@ class Aggregator:
         return reasons
 
     def _apply(
-        self, number: int, combined: LoraAdapter, seconds: dict[str, float]
-    ) -> tuple[list[Artifact], dict[str, Any] | None]:
-        """Write the new global artifact(s) and move the model state to version ``number``."""
-        if self.method is not Method.FLORA:
-            clock = time.perf_counter()
-            artifacts = [self._write_global_lora(combined, number)]
-            self.global_lora = combined
-            seconds["merge"] = time.perf_counter() - clock
-            return artifacts, None
-        downlink = _timed(seconds, "factorize", plan_downlink, combined.pairs, self.remainder, self.settings.downlink_policy)
+        self, number: int, delta: LoraAdapter, kept: LoraAdapter | None, seconds: dict[str, float]
+    ) -> tuple[list[Artifact], dict[str, Any]]:
+        """Write version ``number``'s artifacts and move the model state to it."""
+        downlink = _timed(seconds, "factorize", plan_downlink, delta.pairs, self.remainder, self.settings.downlink_policy)
         clock = time.perf_counter()
         artifacts = [self._write_update("global", "global_update", downlink.update, number)]
         if downlink.remainder:
@@ -221,18 +207,20 @@ class Aggregator:
                 weight.copy_(updated[name])
         self.remainder = downlink.remainder
         artifacts.append(self._write_merged(number))
+        if kept is not None:
+            artifacts.append(self._write_kept(kept, number))
+        else:
+            self.kept = None
         seconds["merge"] = time.perf_counter() - clock
         return artifacts, {"bytes": artifacts[0].size, **downlink.summary()}
 
     def restore_previous(
-        self, version: int, previous_lora: LoraAdapter | None, previous_remainder: dict[str, ModuleUpdate]
+        self, version: int, previous_kept: LoraAdapter | None, previous_remainder: dict[str, ModuleUpdate]
     ) -> None:
-        """Undo a failed round: reload the merged weights of ``version`` and the remainder (flora) or the old LoRA."""
-        if self.method is Method.FLORA:
-            self._load_merged(self.layout.merged(version))
-            self.remainder = previous_remainder
-        else:
-            self.global_lora = previous_lora
+        """Undo a failed round: reload the merged weights of ``version``, its global LoRA and remainder."""
+        self._load_merged(self.layout.merged(version))
+        self.remainder = previous_remainder
+        self.kept = previous_kept
 
     def _load_merged(self, path: Path) -> None:
         """Set the model's target modules to merged weights written by ``_write_merged``."""
@@ -256,17 +244,27 @@ class Aggregator:
         return Artifact(kind, version, self.layout.relative(path), sha, size)
 
     def _write_update(self, kind: str, payload_kind: str, update: dict[str, ModuleUpdate], version: int) -> Artifact:
-        """The downlink ("global") or the carried remainder ("remainder") of a flora version."""
+        """The downlink ("global") or the carried remainder ("remainder") of a version."""
         path = self.layout.downlink(version) if kind == "global" else self.layout.remainder(version)
         meta = PayloadMeta(payload_kind, round=version, version=version)
         return self._artifact(kind, version, path, write_update(path, update, meta))
 
-    def _write_global_lora(self, adapter: LoraAdapter, version: int) -> Artifact:
-        rule = "rslora" if self.settings.rslora else "standard"
-        meta = PayloadMeta("global_lora", rank=adapter.rank, alpha=self.settings.lora_alpha, scaling_rule=rule,
-                           round=version, version=version)
+    def _write_kept(self, adapter: LoraAdapter, version: int) -> Artifact:
+        """Write the method's global LoRA of ``version`` (GLOBAL_LORA) and keep it as clients will read it."""
+        if self.method.one_scaling:  # the run's rank, alpha and rule (what Join checks clients against)
+            alpha, rule = self.settings.lora_alpha, "rslora" if self.settings.rslora else "standard"
+        else:  # a stacking method's canonical factors: scaling 1
+            alpha, rule = adapter.scaling * adapter.rank, "standard"
+        meta = PayloadMeta("global_lora", rank=adapter.rank, alpha=alpha, scaling_rule=rule, round=version, version=version)
         path = self.layout.global_artifact(version)
-        return self._artifact("global", version, path, write_adapter(path, adapter, meta, torch.float32))
+        artifact = self._artifact("lora", version, path, write_adapter(path, adapter, meta, torch.float32))
+        self.kept = self._read_kept(path)
+        return artifact
+
+    def _read_kept(self, path: Path) -> LoraAdapter:
+        """A stored global LoRA, read as a client reads its download, on the merge device."""
+        adapter, _ = read_adapter(path, self.shapes)
+        return adapter.to(device=self.device)
 
     def _write_merged(self, version: int) -> Artifact:
         path = self.layout.merged(version)
@@ -280,34 +278,30 @@ class Aggregator:
         every = self.settings.checkpoint_every
         return number >= self.settings.rounds or (every > 0 and number % every == 0)
 
-    def _exported(self) -> contextlib.AbstractContextManager:
-        """The model as users get it: flora as is; fedit/zeropad with the global LoRA merged in."""
-        if self.method is Method.FLORA:
-            return contextlib.nullcontext()
-        return merged_temporarily(self.model, self.global_lora, self.precision)
-
     def _checkpoint(self, version: int) -> str:
         dest = self.layout.checkpoint(version)
-        with self._exported():
-            save_checkpoint(self.model, self.tokenizer, dest, self.layout.tmp, self._peft_adapter(version))
+        save_checkpoint(self.model, self.tokenizer, dest, self.layout.tmp, self._peft_adapter(version))
         log.info("round %d: saved the merged checkpoint %s", version, dest)
         return self.layout.relative(dest)
 
     def _peft_adapter(self, version: int) -> dict:
-        """The cumulative update as a PEFT adapter, exact for every method.
-
-        flora: the canonical factors of the sum of every downlink so far (what the model holds),
-        so its rank per module is bounded by min(d_out, d_in) however many rounds ran.
+        """The cumulative update as a PEFT adapter, exact for every method: the canonical factors
+        of the sum of every downlink so far (what the model holds), so its rank per module is
+        bounded by min(d_out, d_in) however many rounds ran.
         """
-        common = {"target_modules": self.settings.target_modules, "base_model": self.settings.base_model}
-        if self.method is not Method.FLORA:
-            return {"adapter": self.global_lora, "alpha": self.settings.lora_alpha, "rslora": self.settings.rslora, **common}
         updates = (read_update(self.layout.downlink(v), self.shapes)[0] for v in range(1, version + 1))
-        return {"adapter": cumulative_factors(updates), **common}
+        return {"adapter": cumulative_factors(updates), "target_modules": self.settings.target_modules,
+                "base_model": self.settings.base_model}
 
     def evaluate(self) -> float | None:
-        """Loss of the exported model on the validation data, when the run has any."""
+        """Loss of the global model on the validation data, when the run has any."""
         if self.validation is None:
             return None
-        with self._exported():
-            return evaluate_loss(self.model, self.validation, batch_size=self.settings.validation_batch_size, device=self.device)
+        return evaluate_loss(self.model, self.validation, batch_size=self.settings.validation_batch_size, device=self.device)
+
+
+def _unit_scaling(adapter: LoraAdapter) -> LoraAdapter:
+    """The same update with its scaling folded into A (the downlink's factors have scaling 1)."""
+    if adapter.scaling == 1.0:
+        return adapter
+    return LoraAdapter({n: LoraPair(p.a * adapter.scaling, p.b) for n, p in adapter.pairs.items()}, 1.0)

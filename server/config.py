@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from flora.common.addresses import is_loopback
-from flora.common.aggregation import Method
+from flora.common.methods import METHODS, AggregationMethod, get_method
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
@@ -126,14 +126,16 @@ class ServerSettings(BaseModel):
     )
     seed: int = Field(
         0, ge=0, le=2**63 - 1,
-        description="seed of client selection and of the fedit/zeropad initial global LoRA",
+        description="seed of client selection and of the initial global LoRA (fedit, zeropad, fedex, ffa)",
     )
     exit_after_finish_s: float | None = Field(
         None, ge=0.0,
         description="after the last round, keep serving this long, then exit; unset = serve until stopped",
     )
     # --- aggregation ----------------------------------------------------------------------
-    method: Method = Field(Method.FLORA, description="aggregation: flora (exact stacking), fedit or zeropad")
+    method: str = Field(
+        "flora-warm", description=f"aggregation method, one of {', '.join(METHODS)} (README, 'Aggregation methods')",
+    )
     weighting: ServerWeighting = Field(
         ServerWeighting.EXAMPLES,
         description="client weights: examples (n_k / sum n) or uniform",
@@ -141,15 +143,15 @@ class ServerSettings(BaseModel):
     max_rank: int = Field(256, ge=1, le=65536, description="largest LoRA rank a client may declare")
     lora_rank: int = Field(
         8, ge=1, le=4096,
-        description="fedit/zeropad: rank of the persistent global LoRA (at most max_rank)",
+        description="fedit/zeropad/fedex/ffa: rank of the persistent global LoRA (at most max_rank)",
     )
     lora_alpha: float = Field(
         16.0, gt=0.0, le=1e6,
-        description="fedit/zeropad: alpha of the global LoRA (every client must use the same scaling)",
+        description="fedit/zeropad/fedex/ffa: alpha of the global LoRA (every client must use the same scaling)",
     )
     rslora: bool = Field(
         False,
-        description="fedit/zeropad: global LoRA scaling alpha / sqrt(rank) instead of alpha / rank",
+        description="fedit/zeropad/fedex/ffa: global LoRA scaling alpha / sqrt(rank) instead of alpha / rank",
     )
     max_update_bytes: int = Field(
         512 * MiB, ge=4096, le=1 << 40,
@@ -285,6 +287,11 @@ class ServerSettings(BaseModel):
             )
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return get_method(value).name  # raises ValueError listing the known methods
+
     @field_validator("lora_rank")
     @classmethod
     def _rank_within_max(cls, value: int, info: ValidationInfo) -> int:
@@ -306,9 +313,15 @@ class ServerSettings(BaseModel):
                             reject_median_multiple=self.reject_median_multiple)
 
     @property
+    def aggregation(self) -> AggregationMethod:
+        """The run's method: what the server merges and keeps, what clients start from."""
+        return get_method(self.method)
+
+    @property
     def required_scaling(self) -> float:
-        """fedit/zeropad: the one scaling every client must train with; 0 for flora."""
-        if self.method is Method.FLORA:
+        """Methods with one scaling (fedit, zeropad, fedex, ffa): the scaling every client must
+        train with; 0 for the others."""
+        if not self.aggregation.one_scaling:
             return 0.0
         return lora_scaling(self.lora_rank, self.lora_alpha, self.rslora)
 
@@ -321,5 +334,5 @@ class ServerSettings(BaseModel):
 
     @property
     def global_lora_rank(self) -> int:
-        """fedit/zeropad: rank of the persistent global LoRA; 0 for flora."""
-        return 0 if self.method is Method.FLORA else self.lora_rank
+        """Methods with one scaling: rank of the persistent global LoRA; 0 for the others."""
+        return self.lora_rank if self.aggregation.one_scaling else 0

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flora.common.aggregation import Method
 from flora.common.chunks import fsync_dir, publish
 from flora.common.lora import lora_scaling
+from flora.common.methods.wire import to_wire
 from flora.common.payload import PayloadLimits
 from flora.common.wire import artifact_chunks
 from flora.server.auth import Credentials, token_digest
@@ -46,10 +46,10 @@ from flora.v1 import coordinator_pb2 as pb, run_pb2, transfer_pb2
 log = logging.getLogger(__name__)
 
 CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-METHODS = {Method.FLORA: run_pb2.AGGREGATION_METHOD_FLORA, Method.FEDIT: run_pb2.AGGREGATION_METHOD_FEDIT,
-           Method.ZEROPAD: run_pb2.AGGREGATION_METHOD_ZEROPAD}
 _RETRY_AFTER_MS = 1000
 _UPDATE, _MERGED = transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, transfer_pb2.ARTIFACT_KIND_MERGED_MODULES
+_LORA = transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA
+_STORED_KINDS = {_UPDATE: "global", _MERGED: "merged", _LORA: "lora"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[i
     return run_pb2.RunSpec(
         run_id=run.run_id, base_model=run.base_model, base_model_hash=run.base_model_hash,
         target_modules=[run_pb2.TargetModule(name=n, out_features=o, in_features=i) for n, (o, i) in sorted(shapes.items())],
-        method=METHODS[Method(run.method)], rounds=settings.rounds, max_update_bytes=settings.max_update_bytes,
+        method=to_wire(run.method), rounds=settings.rounds, max_update_bytes=settings.max_update_bytes,
         chunk_size=settings.chunk_size, required_scaling=settings.required_scaling, global_lora_rank=settings.global_lora_rank,
         hints=run_pb2.TrainingHints(max_steps=settings.local_steps, local_epochs=settings.local_epochs,
                                     learning_rate=settings.learning_rate, batch_size=settings.batch_size),
@@ -187,20 +187,10 @@ class Coordinator:
             raise InvalidArgument(f"capabilities.alpha {caps.alpha} must be a finite number > 0")
         if caps.scaling_rule not in SCALING_RULE_NAMES:
             raise InvalidArgument("capabilities.scaling_rule must be SCALING_RULE_STANDARD or SCALING_RULE_RSLORA")
-        method = Method(self.run.method)
-        if method is Method.FLORA:
-            return
-        global_rank = self.settings.global_lora_rank
-        if method is Method.FEDIT and caps.rank != global_rank:
-            raise FailedPrecondition(f"fedit run: capabilities.rank {caps.rank} must equal the global LoRA rank {global_rank}")
-        if method is Method.ZEROPAD and caps.rank > global_rank:
-            raise FailedPrecondition(f"zeropad run: capabilities.rank {caps.rank} exceeds the global LoRA rank {global_rank}")
         scaling = lora_scaling(caps.rank, caps.alpha, is_rslora(caps.scaling_rule))
-        if not math.isclose(scaling, self.settings.required_scaling, rel_tol=1e-5):
-            raise FailedPrecondition(
-                f"{method.value} run: the client's LoRA scaling {scaling:g} differs from the required scaling "
-                f"{self.settings.required_scaling:g}"
-            )
+        reason = self.settings.aggregation.admits(caps.rank, scaling, self.settings.global_lora_rank, self.settings.required_scaling)
+        if reason is not None:
+            raise FailedPrecondition(f"{self.run.method} run: capabilities (rank {caps.rank}, alpha {caps.alpha:g}): {reason}")
 
     # --- NextTask, Heartbeat, Leave ---------------------------------------------------------------
 
@@ -216,10 +206,11 @@ class Coordinator:
                 changed = self.driver.changed
                 task = self.machine.task_for(client_id, time.time())
                 if isinstance(task, Train):
-                    lora_version = 0 if self.run.method == Method.FLORA.value else task.required_version
+                    warm = self.driver.aggregator.kept is not None  # the method keeps a global LoRA at this version
                     return pb.Task(train=pb.TrainTask(
                         round=task.number, deadline_unix_ms=int(task.deadline * 1000), required_version=task.required_version,
-                        hints=self.spec.hints, global_lora_version=lora_version))
+                        hints=self.spec.hints, global_lora_version=task.required_version if warm else 0,
+                        start_from_global_lora=warm))
                 if isinstance(task, Finished):
                     return pb.Task(finished=pb.FinishedTask(final_version=task.version))
                 remaining = until - loop.time()
@@ -297,20 +288,20 @@ class Coordinator:
     def plan_fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> list[Planned]:
         """The artifacts a FetchGlobal request asks for, checked before a byte is streamed."""
         self.machine.seen(client_id, time.time())
-        latest, flora = self.machine.version, self.run.method == Method.FLORA.value
+        latest = self.machine.version
         kind, first, last = request.kind, request.from_version, request.to_version
         if kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_ADAPTER:
             raise FailedPrecondition(
                 "ARTIFACT_KIND_GLOBAL_ADAPTER (the stacked adapter) is no longer served: this server sends "
                 "ARTIFACT_KIND_GLOBAL_UPDATE (payload flora.update.v1); upgrade the client to flora-fl >= 0.2"
             )
-        if kind not in (_UPDATE, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA, _MERGED):
+        if kind not in _STORED_KINDS:
             raise InvalidArgument(f"kind {kind} is not an artifact kind a client can fetch")
         if last > latest:
             raise OutOfRange(f"to_version {last} is beyond the latest version {latest}")
-        if (kind == transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA) == flora:
-            wanted = "ARTIFACT_KIND_GLOBAL_UPDATE or ARTIFACT_KIND_MERGED_MODULES" if flora else "ARTIFACT_KIND_GLOBAL_LORA"
-            raise FailedPrecondition(f"this run aggregates with {self.run.method}: fetch {wanted}")
+        if kind == _LORA and self.store.artifact("lora", last) is None:
+            raise FailedPrecondition(f"this {self.run.method} run keeps no global LoRA at version {last}: "
+                                     "its clients start that round fresh (TrainTask.start_from_global_lora is false)")
         if kind == _MERGED and last != latest:
             raise FailedPrecondition(f"merged weights are served for the latest version {latest} only, not {last}")
         wanted_versions = range(first + 1, last + 1) if kind == _UPDATE else [last]
@@ -326,7 +317,7 @@ class Coordinator:
         return plan
 
     def _planned(self, kind: int, version: int) -> Planned:
-        artifact = self.store.artifact("merged" if kind == _MERGED else "global", version)
+        artifact = self.store.artifact(_STORED_KINDS[kind], version)
         return Planned(kind, version, self.layout.absolute(artifact.path), artifact.sha256, artifact.size)
 
     def _replay_costs_more(self, updates: list[Planned]) -> bool:

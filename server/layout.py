@@ -5,12 +5,13 @@ from strings a client sent, so no request can steer a write outside these folder
 
     state.db                         SQLite: run, clients, rounds, submissions, versions
     updates/r000003/<id>.<sha>.safetensors   accepted client updates of round 3
-    downlink/v000003.safetensors     flora: the downlink of version 3 (per module canonical factors or a
-                                     dense delta of the round's aggregate; what clients merge)
-    remainders/v000003.safetensors   flora with a lossy downlink: what version 3 did not send, carried
-                                     into round 4's aggregate (never served)
-    globals/v000003.safetensors      fedit, zeropad: the global LoRA of version 3
-    merged/v000003.safetensors       merged target-module weights of the latest version (flora)
+    downlink/v000003.safetensors     the downlink of version 3 (per module canonical factors or a
+                                     dense delta of the round's update; what clients merge)
+    remainders/v000003.safetensors   with a lossy downlink: what version 3 did not send, carried
+                                     into round 4's update (never served)
+    globals/v000003.safetensors      the global LoRA the method keeps at version 3 (fedex, ffa,
+                                     flora-warm, ...: what round 4's clients start from)
+    merged/v000003.safetensors       merged target-module weights of the latest version
     checkpoints/v000003/             Hugging Face checkpoint of version 3 (+ adapter/ for PEFT)
     history.jsonl                    one JSON line per round
     tmp/                             uploads in flight and staging; emptied at start
@@ -64,16 +65,16 @@ class Layout:
         return self.root / "updates" / f"r{round_number:06d}" / f"{client_id}.{sha256}.safetensors"
 
     def global_artifact(self, version: int) -> Path:
-        """The global LoRA (fedit, zeropad) of a version; a flora state directory of the stacked
-        format (before the canonical downlink) kept its stacked global adapters here too."""
+        """The global LoRA a method keeps at a version (artifact kind "lora"); a flora state directory
+        of the stacked format (before the canonical downlink) kept its stacked global adapters here."""
         return self.root / "globals" / f"v{version:06d}.safetensors"
 
     def downlink(self, version: int) -> Path:
-        """The downlink update of a flora version: what clients download and merge."""
+        """The downlink update of a version: what clients download and merge."""
         return self.root / "downlink" / f"v{version:06d}.safetensors"
 
     def remainder(self, version: int) -> Path:
-        """What a lossy downlink of a flora version left out, carried into the next round."""
+        """What a lossy downlink of a version left out, carried into the next round."""
         return self.root / "remainders" / f"v{version:06d}.safetensors"
 
     def merged(self, version: int) -> Path:

@@ -1,8 +1,8 @@
 """Opening a state directory: create the run, or resume the stored one exactly where it stopped.
 
 A fresh directory gets a new run with its version-0 artifacts. An existing one must hold the
-same run (same base model, method, target modules and, for fedit/zeropad, the same global LoRA
-shape) or the server refuses to start; the model is brought back to the committed version, the
+same run (same base model, method, target modules and, for the methods with one scaling, the
+same global LoRA shape) or the server refuses to start; the model is brought back to the committed version, the
 current round is rebuilt as stored (deadline included), and leftovers of an interrupted write
 are removed: nothing that the database does not refer to is kept.
 """
@@ -52,7 +52,7 @@ def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator:
         artifacts, loss = aggregator.initial()
         run = RunRecord(
             run_id=uuid.uuid4().hex, base_model=settings.base_model, base_model_hash=aggregator.fingerprint,
-            method=settings.method.value, target_modules=sorted(aggregator.shapes), settings=defining_settings(settings),
+            method=settings.method, target_modules=sorted(aggregator.shapes), settings=defining_settings(settings),
             version=0, created=time.time(),
         )
         record = None if loss is None else {"round": 0, "version": 0, "validation_loss": loss, "committed_unix": run.created}
@@ -60,14 +60,19 @@ def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator:
         log.info("created run %s in %s", run.run_id, layout.root)
         return run
     check_same_run(run, settings, aggregator.fingerprint)
-    if run.method == "flora":
+    if store.artifact("merged", run.version) is None:
+        raise StartupError(
+            f"the state directory holds a {run.method} run of an earlier release, which kept the global LoRA "
+            "outside the model: finish it with that release, or start this one with a new state_dir"
+        )
+    if run.method == "flora":  # only flora runs of earlier releases stored stacked downlinks
         try:
             convert_stacked_downlinks(layout, store, aggregator.shapes)
         except UpgradeError as exc:
             raise StartupError(str(exc)) from None
     remove_orphans(layout, store, run.version)
     write_history(layout.history, store.history())  # it may lag the database after a crash
-    artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged", "remainder")}
+    artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged", "remainder", "lora")}
     aggregator.restore(run.version, {k: a for k, a in artifacts.items() if a is not None})
     log.info("resuming run %s at version %d", run.run_id, run.version)
     return run

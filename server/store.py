@@ -143,7 +143,7 @@ class Submission:
 class Artifact:
     """A file the server serves: a global adapter/LoRA or merged weights of one version."""
 
-    kind: str  # "global" or "merged"
+    kind: str  # "global" (the downlink), "merged", "remainder" or "lora" (the method's global LoRA)
     version: int
     path: str
     sha256: str

@@ -156,7 +156,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
         header = receiver.finish()
         with self.lock:
             self.uploads.append((header, sink.getvalue()))
-        return transfer_pb2.SubmitReply(accepted=True, round=header.round, message="accepted")
+        return coordinator_pb2.SubmitReply(accepted=True, round=header.round, message="accepted")
 
     def Heartbeat(self, request, context):
         self._enter("Heartbeat", request, context)

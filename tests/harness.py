@@ -69,7 +69,8 @@ class ServerProcess:
 
 def start_server(state_dir: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Start a server on a free port and wait until it listens (its output is kept)."""
-    command = [sys.executable, "-m", "flora.server.cli", "--port", "0", "--state-dir", str(state_dir), *flags]
+    # flora unless the test names a method: these tests pin stacking's own behaviour (round ranks, no GLOBAL_LORA).
+    command = [sys.executable, "-m", "flora.server.cli", "--port", "0", "--state-dir", str(state_dir), "--method", "flora", *flags]
     environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []

@@ -19,9 +19,11 @@ from flora.common.payload import PayloadMeta, encode_adapter, read_adapter
 from flora.v1 import coordinator_pb2, run_pb2
 
 
-def train_task(round_number: int, required: int, lora_version: int = 0) -> coordinator_pb2.Task:
+def train_task(round_number: int, required: int, lora_version: int | None = None) -> coordinator_pb2.Task:
+    """A TRAIN task; with ``lora_version`` the round starts from the global LoRA of that version."""
     return coordinator_pb2.Task(train=coordinator_pb2.TrainTask(
-        round=round_number, required_version=required, deadline_unix_ms=2**62, global_lora_version=lora_version,
+        round=round_number, required_version=required, deadline_unix_ms=2**62, global_lora_version=lora_version or 0,
+        start_from_global_lora=lora_version is not None,
     ))
 
 
@@ -129,22 +131,23 @@ def test_a_module_subset_uploads_zero_factors_for_the_rest(tmp_path, spec, data_
         assert bool(torch.count_nonzero(pair.a)) == trained
 
 
-def test_fedit_starts_from_the_global_lora_and_merges_only_at_the_end(tmp_path, data_files):
-    spec = tiny_spec(run_pb2.AGGREGATION_METHOD_FEDIT, global_lora_rank=4, required_scaling=2.0)
-    lora = {v: random_adapter(spec, 4, 2.0, seed=v) for v in (0, 1)}
-    artifacts = {(LORA, v): encode_adapter(a, PayloadMeta("global_lora", rank=4, alpha=8.0, scaling_rule="standard", version=v))
-                 for v, a in lora.items()}
-    fake = FakeCoordinator(spec, tasks=[train_task(1, 0, lora_version=0),
+def test_fedex_starts_from_the_global_lora_on_the_model_without_it_and_merges_global_updates(tmp_path, data_files):
+    spec = tiny_spec(run_pb2.AGGREGATION_METHOD_FEDEX, global_lora_rank=8, required_scaling=2.0)
+    lora = random_adapter(spec, 8, 2.0, seed=3)  # the global LoRA of version 1 (rank 8; this client trains 4)
+    update = random_adapter(spec, 2, 1.0, seed=4)  # version 1's global update
+    meta = PayloadMeta("global_lora", rank=8, alpha=16.0, scaling_rule="standard", version=1)
+    fake = FakeCoordinator(spec, tasks=[train_task(2, 1, lora_version=1),
                                         coordinator_pb2.Task(finished=coordinator_pb2.FinishedTask(final_version=1))],
-                           artifacts=artifacts)
-    status, daemon = run_daemon(tmp_path, fake, data_files)
+                           artifacts={(LORA, 1): encode_adapter(lora, meta), (UPDATE, 1): global_update_payload(update, 1)})
+    status, daemon = run_daemon(tmp_path, fake, data_files)  # rank 4, default alpha 2r: scaling 2
     assert status == 0
     (header, payload), = fake.uploads
     uploaded, _ = read_adapter(payload, expected_shapes(spec), rank=4)
-    assert header.base_version == 0
-    # Started from the global LoRA: A moved only a little from it (a fresh LoRA would be far).
+    assert header.base_version == 1
+    # Started from the global LoRA's leading rank-4 part: A moved only a little from it.
     name = spec.target_modules[0].name
-    assert torch.allclose(uploaded.pairs[name].a, lora[0].pairs[name].a, atol=0.05)
-    want = merged_weights(module_weights(load_model(BUILTIN_MODEL), sorted(lora[1].pairs)), lora[1])
+    assert torch.allclose(uploaded.pairs[name].a, lora.pairs[name].a[:4], atol=0.05)
+    # The model is version 1 exactly (base + the global update): the start's removal was undone.
+    want = merged_weights(module_weights(load_model(BUILTIN_MODEL), sorted(update.pairs)), update)
     got = module_weights(daemon.local.model, sorted(want))
     assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)

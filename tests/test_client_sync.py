@@ -154,7 +154,7 @@ def test_a_server_behind_the_client_is_an_error(client):
         sync.catch_up(load_model(BUILTIN_MODEL), 3, 2)
 
 
-def test_fedit_round_starts_from_the_global_lora_without_merging(client, fake, spec):
+def test_a_warm_start_downloads_the_global_lora_and_merges_nothing(client, fake, spec):
     sync, state = client
     lora = random_adapter(spec, 4, 2.0, seed=4)
     fake.artifacts[(LORA, 2)] = encode_adapter(lora, PayloadMeta("global_lora", rank=4, alpha=8.0, scaling_rule="standard", version=2))
@@ -163,9 +163,4 @@ def test_fedit_round_starts_from_the_global_lora_without_merging(client, fake, s
     assert all(torch.equal(got.pairs[n].a, lora.pairs[n].a) for n in lora.pairs)
     request = fake.requests["FetchGlobal"][0]
     assert (request.kind, request.to_version) == (LORA, 2)
-    model = load_model(BUILTIN_MODEL)
-    want = merged_weights(module_weights(load_model(BUILTIN_MODEL), sorted(lora.pairs)), lora)
-    assert sync.finish_lora(model, 2) == 2
-    got_weights = module_weights(model, sorted(want))
-    assert all(torch.allclose(got_weights[n], want[n], atol=1e-6) for n in want)
-    assert state.held_version(spec.run_id) == 2
+    assert state.held_version(spec.run_id) == 0  # the model moves by global updates only

@@ -83,12 +83,13 @@ def test_exact_methods_start_every_client_on_the_global_model(name) -> None:
 
 def test_flora_warm_starts_from_the_best_rank_r_approximation_of_the_aggregate() -> None:
     rounds = list(play("flora-warm", rounds=2))
+    _, _, _, first_updates, _ = rounds[0]
     _, kept, starts, _, _ = rounds[1]
-    assert kept.rank == sum(MIXED)
+    assert kept.rank == max(MIXED) and kept.scaling == 1.0  # canonical factors, cut to the largest client rank
     for s, rank in zip(starts, MIXED):
         assert s.init.rank == rank and s.init.scaling == SCALING
         for n in SHAPES:
-            target = dense(kept, n)
+            target = sum(p * dense(u, n) for p, u in zip(WEIGHTS, first_updates))  # round 1's aggregate
             sv = torch.linalg.svdvals(target)
             error = torch.linalg.matrix_norm(target - dense(s.init, n)).item()
             assert math.isclose(error, sv[rank:].square().sum().sqrt().item(), rel_tol=1e-4, abs_tol=1e-6)  # Eckart-Young
@@ -163,6 +164,21 @@ def test_flexlora_clients_start_from_the_truncated_average_of_products_on_the_ba
         assert s.removed is kept
         for n in SHAPES:
             assert torch.allclose(dense(s.init, n), dense(principal(kept, r, SCALING), n))
+
+
+@pytest.mark.parametrize("name", ["flora-warm", "flexlora"])
+def test_stacking_methods_keep_canonical_factors_of_the_aggregate_not_the_stack(name) -> None:
+    """What is kept is served to every client: it must depend on the sum alone, never on who sent what."""
+    method = get_method(name)
+    one, two = (trained(method.start(None, r, SCALING), r, seed) for r, seed in ((3, 1), (2, 2)))
+    split = LoraAdapter({n: LoraPair(p.a * 0.5, p.b) for n, p in one.pairs.items()}, SCALING)  # half of `one`...
+    kept = method.merge(None, [one, two], [0.5, 0.5]).kept
+    again = method.merge(None, [split, split, two], [0.5, 0.5, 0.5]).kept  # ... twice: the same sum, other clients
+    for n in SHAPES:
+        assert torch.allclose(kept.pairs[n].a, again.pairs[n].a, atol=1e-5)
+        assert torch.allclose(kept.pairs[n].b, again.pairs[n].b, atol=1e-5)
+        stacked_a = torch.cat([0.5 * SCALING * one.pairs[n].a, 0.5 * SCALING * two.pairs[n].a])
+        assert kept.pairs[n].a.shape[0] < stacked_a.shape[0] or not torch.allclose(kept.pairs[n].a, stacked_a)
 
 
 def test_principal_pads_directions_beyond_the_update_rank_with_zeros() -> None:

@@ -20,7 +20,7 @@ def settings_from(argv: list[str], environ: dict[str, str] | None = None, config
 
 def test_defaults_are_valid_and_safe():
     settings = settings_from([])
-    assert (settings.host, settings.port, settings.method.value, settings.min_clients) == ("127.0.0.1", 50051, "flora", 2)
+    assert (settings.host, settings.port, settings.method, settings.min_clients) == ("127.0.0.1", 50051, "flora-warm", 2)
     assert settings.enrollment_token is None and settings.tls_cert is None
     assert settings.required_scaling == 0.0 and settings.global_lora_rank == 0
 
@@ -36,7 +36,7 @@ def test_required_flags_exist_with_their_names():
                               "--rounds", "7", "--min-clients", "3", "--method", "zeropad"])
     chosen = (settings.port, str(settings.state_dir), settings.base_model, settings.rounds, settings.min_clients)
     assert chosen == (0, "/tmp/s", "m", 7, 3)
-    assert settings.method.value == "zeropad" and settings.global_lora_rank == 8 and settings.required_scaling == 2.0
+    assert settings.method == "zeropad" and settings.global_lora_rank == 8 and settings.required_scaling == 2.0
 
 
 def test_file_environment_and_flags_layer(tmp_path):
@@ -104,7 +104,7 @@ def test_print_config_round_trips_and_hides_secrets(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "operator-0123456789abcdef" not in text
     values = tomllib.loads(text)
-    assert values["rounds"] == 9 and values["method"] == "flora" and "operator_token" not in values
+    assert values["rounds"] == 9 and values["method"] == "flora-warm" and "operator_token" not in values
     config = tmp_path / "echo.toml"
     config.write_text(text)
     assert settings_from([], config=config) == settings_from(["--rounds", "9"])

@@ -15,12 +15,12 @@ import torch
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.lora import LoraAdapter
 from flora.common.merge import merged_update, module_weights
-from flora.common.payload import read_update, read_weights
+from flora.common.payload import read_adapter, read_update, read_weights
 from flora.common.update import is_factors, module_delta
 from flora.v1 import transfer_pb2
 from harness import OPERATOR_TOKEN, ScriptedClient, artifacts, make_update, start_server, target_shapes
 
-MERGED = transfer_pb2.ARTIFACT_KIND_MERGED_MODULES
+MERGED, LORA = transfer_pb2.ARTIFACT_KIND_MERGED_MODULES, transfer_pb2.ARTIFACT_KIND_GLOBAL_LORA
 
 pytestmark = pytest.mark.slow
 
@@ -191,3 +191,31 @@ def rewind_to_before_commit(state_dir: Path, saved_merged0: Path) -> None:
         db.execute("DELETE FROM rounds WHERE round = 2")
         db.execute("UPDATE rounds SET state = 'aggregating' WHERE round = 1")
         db.execute("UPDATE run SET version = 0")
+
+
+def test_fedex_keeps_its_global_lora_across_a_sigkill(tmp_path):
+    session = Session(tmp_path / "state", "--method", "fedex", "--lora-rank", "4", "--lora-alpha", "8")  # scaling 2
+    try:
+        shapes = target_shapes(session.alice.spec)
+        assert session.alice.wait_for_train().start_from_global_lora
+        for client in (session.alice, session.bob):
+            assert client.submit(session.payload(client, 1), 1).accepted
+        session.operator.wait_for_version(1)
+        before = artifacts(session.alice.fetch(LORA, 1, 1))[1]
+        session.restart_after_kill()
+        task = session.alice.wait_for_train()
+        assert (task.round, task.start_from_global_lora, task.global_lora_version) == (2, True, 1)
+        served = artifacts(session.alice.fetch(LORA, 1, 1))[1]
+        assert served == before  # the restarted server serves the same G1
+        g1, _ = read_adapter(served, shapes)
+        for client in (session.alice, session.bob):
+            assert client.submit(session.payload(client, 2), 2).accepted
+        session.operator.wait_for_version(2)
+        update, _ = read_update(session.state_dir / "downlink" / "v000002.safetensors", shapes)
+        for name in shapes:  # round 2 merges sum_k p_k (s B_k A_k - s B_G1[:, :r_k] A_G1[:r_k]): G1 survived the kill
+            want = sum(p * (session.adapter(c, 2).delta(name, torch.float64)
+                            - 2.0 * g1.pairs[name].b[:, :c.rank].double() @ g1.pairs[name].a[:c.rank].double())
+                       for c, p in ((session.alice, 0.25), (session.bob, 0.75)))
+            torch.testing.assert_close(module_delta(update[name], torch.float64), want, rtol=0, atol=1e-5)
+    finally:
+        session.kill_all()

@@ -1,6 +1,6 @@
 """``flora-sim``: K clients and the server's aggregation in one process, one method after another.
 
-    flora-sim                                            # built-in model and data, ranks 16,8,4, flora
+    flora-sim                                            # built-in model and data, ranks 16,8,4, flora-warm
     flora-sim --method flora,zeropad,centralized --ranks 64,32,16,16,8,8,4,4,4,4 --rounds 5
     flora-sim --base-model ../shared/models/stories260K --data-dir ../shared/data/dolly-10clients \\
         --ranks 8 --method flora,fedit --examples-per-client 200 --cutoff 192
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"subsample each client to this many examples (generated data: {GENERATED_PER_CLIENT})",
     )
     p.add_argument("--ranks", default="16,8,4", help="LoRA rank per client, comma-separated; one value: all clients (%(default)s)")
-    p.add_argument("--method", default="flora", help=f"comma-separated, each run in turn: {', '.join(METHODS)} (%(default)s)")
+    p.add_argument("--method", default="flora-warm", help=f"comma-separated, each run in turn: {', '.join(METHODS)} (%(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (%(default)s)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--local-steps", type=int, help=f"optimiser steps per client and round ({DEFAULT_LOCAL_STEPS} unless --local-epochs)")

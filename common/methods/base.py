@@ -8,7 +8,12 @@ what the server merges, what it keeps and what it sends"):
   and the update it removes from the global model to get its round's base weights;
 - ``merge``: from the clients' trained LoRAs, the update ``delta`` added to the global model
   (on the server and on every client alike) and the global LoRA kept for the next round;
-- ``trains_a``: whether clients train and upload A (FFA-LoRA freezes it: B only goes up).
+- ``trains_a``: whether clients train and upload A (FFA-LoRA freezes it: B only goes up);
+- ``admits``: whether a client of a given rank and scaling can take part (checked at Join).
+
+What is kept is what the server sends clients to start from (``ARTIFACT_KIND_GLOBAL_LORA``), so it
+never holds a client's own factors: averaging methods keep averages, stacking methods keep the
+canonical factors of the aggregate (``canonical_adapter``), which depend on the sum alone.
 
 The global model M is always fully merged. Client k trains on ``M - removed_k`` starting from
 ``init_k``; when ``removed_k == init_k`` its model at step 0 is exactly M (the warm-started exact
@@ -31,7 +36,7 @@ import torch
 
 from flora.common.aggregation import check_compatible, flora_stack, ideal_delta
 from flora.common.canonical import canonical_pair
-from flora.common.lora import LoraAdapter, LoraPair, seeded_lora
+from flora.common.lora import LoraAdapter, LoraPair, pad_pair, seeded_lora
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,24 @@ class AggregationMethod(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool]  # the merged delta is the exact FedAvg of the clients' trained models
     trains_a: ClassVar[bool] = True
+    one_scaling: ClassVar[bool] = False  # a global LoRA of the run's rank and scaling: clients must match it
+    partial_modules: ClassVar[bool] = False  # a client may leave modules out (a zero update: exact only for fresh stacking)
     summary: ClassVar[str]  # one line for --help and the docs
 
+    def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:
+        """Why a client of ``rank`` and ``scaling`` cannot take part in a run whose global LoRA has
+        ``global_rank`` and ``required_scaling``; None when it can (default: any rank and scaling)."""
+        return None
+
     def validate(self, ranks: Sequence[int], scalings: Sequence[float]) -> None:
-        """Refuse a run this method cannot aggregate (before any work starts); default: any mix."""
+        """Refuse a run this method cannot aggregate (before any work starts): ``admits`` for every
+        client, with the largest rank and the first client's scaling as the global LoRA's."""
         if not ranks or len(ranks) != len(scalings):
             raise ValueError(f"{self.name}: need one scaling per client rank, got {len(ranks)} ranks, {len(scalings)} scalings")
+        for rank, scaling in zip(ranks, scalings):
+            reason = self.admits(rank, scaling, max(ranks), scalings[0])
+            if reason is not None:
+                raise ValueError(f"{self.name}: {reason} (ranks {list(ranks)}, scalings {sorted(set(scalings))})")
 
     def initial(self, shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> LoraAdapter | None:
         """The global LoRA kept at version 0; by default none (round 1 starts every client fresh)."""
@@ -71,6 +88,16 @@ class AggregationMethod(ABC):
     @abstractmethod
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """How a client of ``rank`` and ``scaling`` starts a round from the kept global LoRA."""
+
+    def removals(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[LoraAdapter | None]:
+        """What each update's client removed from the global model at its start: one ``start``
+        per distinct rank and scaling, not per client (a warm start costs an SVD per module)."""
+        starts: dict[tuple[int, float], LoraAdapter | None] = {}
+        for update in updates:
+            key = (update.rank, update.scaling)
+            if key not in starts:
+                starts[key] = self.start(kept, *key).removed
+        return [starts[(u.rank, u.scaling)] for u in updates]
 
     @abstractmethod
     def merge(
@@ -83,11 +110,16 @@ class AggregationMethod(ABC):
 class PersistentLora(AggregationMethod):
     """Methods whose kept global LoRA starts as PEFT's seeded init (A random, B zero) at the largest rank."""
 
-    def validate(self, ranks: Sequence[int], scalings: Sequence[float]) -> None:
-        """Averaging factors needs one scaling: averaging A of s=1 with A of s=2 means nothing."""
-        super().validate(ranks, scalings)
-        if any(not math.isclose(s, scalings[0], rel_tol=1e-6) for s in scalings):
-            raise ValueError(f"{self.name} needs one LoRA scaling for every client; ranks {list(ranks)} give {sorted(set(scalings))}")
+    one_scaling = True
+
+    def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:
+        """Averaging factors needs one scaling (averaging A of s=1 with A of s=2 means nothing), and
+        a client trains a leading part of the global LoRA, so its rank is at most the global rank."""
+        if not math.isclose(scaling, required_scaling, rel_tol=1e-6):
+            return f"needs one LoRA scaling for every client: scaling {scaling:g} differs from the run's {required_scaling:g}"
+        if rank > global_rank:
+            return f"rank {rank} exceeds the global LoRA rank {global_rank}"
+        return None
 
     def initial(self, shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float, seed: int) -> LoraAdapter:
         """Seeded, so that every client and the server build the same version-0 LoRA from the seed alone."""
@@ -127,6 +159,27 @@ def exact_change(
             terms.append(gone)
             factors.append(-p)
     return flora_stack(terms, factors, dtype)
+
+
+def canonical_adapter(adapter: LoraAdapter, rank: int | None = None) -> LoraAdapter:
+    """The canonical factors of ``adapter``'s update (scaling 1), cut to ``rank`` directions if given.
+
+    What a stacking method keeps and sends: a function of the product alone, so it reveals the
+    aggregate and none of the stacked clients. Modules whose canonical rank is lower are padded
+    with zero directions to one rank (a ``LoraAdapter`` has one); ``principal`` drops them again.
+    """
+    pairs = {}
+    for name in adapter.module_names:
+        a, b = adapter.pairs[name]
+        pairs[name] = canonical_pair(LoraPair(a * adapter.scaling, b), out_dtype=torch.float32)
+    width = max(p.a.shape[0] for p in pairs.values()) if rank is None else rank
+    return LoraAdapter({n: _fit(p, width) for n, p in pairs.items()}, 1.0)
+
+
+def _fit(pair: LoraPair, rank: int) -> LoraPair:
+    """The leading ``rank`` directions of a canonical pair, zero-padded when it has fewer."""
+    a, b = pair.a[:rank], pair.b[:, :rank]
+    return pad_pair(LoraPair(a, b), rank) if a.shape[0] < rank else LoraPair(a, b)
 
 
 def principal(adapter: LoraAdapter, rank: int, scaling: float) -> LoraAdapter:

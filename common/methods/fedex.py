@@ -35,5 +35,5 @@ class FedEx(PersistentLora):
     ) -> RoundResult:
         """Merge the exact change; keep the average of the factors as the next warm start."""
         new = pad_rank(zeropad_average(updates, weights, dtype), kept.rank)
-        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
+        removed = self.removals(kept, updates)
         return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=new)

@@ -22,11 +22,11 @@ class FedIt(PersistentLora):
     exact = False
     summary = "FedIT: persistent global LoRA, A and B averaged separately (equal ranks; inexact)"
 
-    def validate(self, ranks: Sequence[int], scalings: Sequence[float]) -> None:
+    def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:
         """Averaging factors of different shapes is undefined; zeropad is the mixed-rank variant."""
-        super().validate(ranks, scalings)
-        if len(set(ranks)) != 1:
-            raise ValueError(f"fedit averages A and B separately, so every client needs the same rank; got {list(ranks)}")
+        if rank != global_rank:
+            return f"averages A and B separately, so every client needs the same rank: rank {rank} is not the global LoRA rank {global_rank}"
+        return super().admits(rank, scaling, global_rank, required_scaling)
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """Train the global LoRA further, on the weights it sits on."""

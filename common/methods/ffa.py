@@ -51,5 +51,5 @@ class Ffa(PersistentLora):
         for name, (a, _) in kept.pairs.items():
             b = sum(p * pad_pair(LoraPair(w.pairs[name].a, w.pairs[name].b.to(dtype)), kept.rank).b for p, w in zip(weights, wire))
             pairs[name] = LoraPair(a.to(dtype), b)
-        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
+        removed = self.removals(kept, updates)
         return RoundResult(delta=exact_change(wire, weights, removed, dtype), kept=LoraAdapter(pairs, kept.scaling))

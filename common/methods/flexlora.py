@@ -5,7 +5,8 @@
 - server merges: the global update replaced by the average of the products,
   sum_k p_k s_k B_k A_k (kept as its stack), which is exact: what makes the method inexact is
   the start, where a client's model is the base plus a truncation of the global update;
-- kept: that stack; sent: it.
+- kept: that average as canonical factors (the stack itself would hand out every client's
+  factors); sent: them and the delta.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter
-from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, difference, principal
+from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, canonical_adapter, difference, principal
 
 
 class FlexLora(AggregationMethod):
@@ -35,5 +36,5 @@ class FlexLora(AggregationMethod):
         dtype: torch.dtype = torch.float32,
     ) -> RoundResult:
         """Replace the global update by the average of the clients' products."""
-        new = flora_stack(updates, weights, dtype)
+        new = canonical_adapter(flora_stack(updates, weights, dtype))
         return RoundResult(delta=difference(new, kept, dtype), kept=new)

@@ -19,6 +19,7 @@ from flora.common.methods.base import AggregationMethod, ClientStart, RoundResul
 class Flora(AggregationMethod):
     name = "flora"
     exact = True
+    partial_modules = True  # a module left out is a zero update, which the stack keeps exactly
     summary = "FLoRA stacking: fresh LoRA per client and round, stacked and merged (exact)"
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:

@@ -8,8 +8,9 @@ part, so its model at step 0 is unchanged:
 - client start: init = removed = best rank-r_k approximation of the kept aggregate
   (balanced factors, sqrt of the singular values on each side); round 1 is fresh;
 - server merges: the exact change sum_k p_k (s_k B_k A_k - init_k), stacked;
-- kept: the round's stack sum_k p_k s_k B_k A_k; sent: the delta and the kept stack (canonical
-  form). Exact for any mix of ranks and scalings.
+- kept: the round's aggregate sum_k p_k s_k B_k A_k as canonical factors cut to the largest
+  client rank (all that any start reads; a client of a larger rank gets zero directions beyond);
+  sent: the delta and the kept factors. Exact for any mix of ranks and scalings.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter
-from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, exact_change, principal
+from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, canonical_adapter, exact_change, principal
 
 
 class FloraWarm(AggregationMethod):
@@ -40,5 +41,6 @@ class FloraWarm(AggregationMethod):
         dtype: torch.dtype = torch.float32,
     ) -> RoundResult:
         """The exact change of the round; its clients' stack is the next warm start."""
-        removed = [self.start(kept, u.rank, u.scaling).removed for u in updates]
-        return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=flora_stack(updates, weights, dtype))
+        removed = self.removals(kept, updates)
+        kept_next = canonical_adapter(flora_stack(updates, weights, dtype), max(u.rank for u in updates))
+        return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=kept_next)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from flora.common.aggregation import Method
+from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.tables import format_table
 from flora.demo.completions import compare
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=_positive, default=3, help="number of client processes (default: 3)")
     parser.add_argument("--rounds", type=_positive, default=3, help="federated rounds (default: 3)")
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
-    parser.add_argument("--method", choices=[m.value for m in Method], default="flora", help="aggregation (default: flora)")
+    parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
     parser.add_argument("--data-dir", type=Path, help="folder with one JSON/JSONL file per client (default: built-in sample data)")
     parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
@@ -60,8 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
     parser.add_argument("--write-data", type=Path, metavar="DIR", help="only write the built-in sample data for --clients clients into DIR, then exit")
     args = parser.parse_args(argv)
-    if args.method == "fedit" and len(set(args.ranks[: args.clients])) > 1:
-        parser.error("--method fedit needs one rank for every client, e.g. --ranks 8")
+    ranks = [args.ranks[k % len(args.ranks)] for k in range(args.clients)]
+    try:  # every demo client uses alpha = 2 r (scaling 2)
+        get_method(args.method).validate(ranks, [2.0] * len(ranks))
+    except ValueError as exc:
+        parser.error(f"--method {args.method} with --ranks {','.join(map(str, ranks))}: {exc}")
+    args.client_ranks = ranks
     if args.data_dir is not None and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     return args
@@ -74,9 +78,9 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
         f"--validation-data={','.join(map(str, validation))}", f"--local-steps={args.local_steps}",
         f"--learning-rate={args.learning_rate}",
         "--checkpoint-every=0", "--long-poll-s=2", "--client-timeout-s=60", "--round-deadline-s=600",
+        # The global LoRA of the methods that keep one: the largest rank, alpha = 2 r like every client.
+        f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}",
     ]
-    if args.method != "flora":  # one global LoRA of the largest rank, alpha = 2 r like every client
-        flags += [f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}"]
     return flags
 
 
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         train_files, validation = builtin_data(workspace, args.clients)
     else:
         train_files, validation = folder_data(args.data_dir, workspace, args.clients)
-    ranks = [args.ranks[k % len(args.ranks)] for k in range(args.clients)]
+    ranks = args.client_ranks
     names = [f"client-{k}" for k in range(args.clients)]
     token = secrets.token_urlsafe(24)
     print(f"flora-demo: {args.clients} clients (ranks {', '.join(map(str, ranks))}), {args.rounds} rounds, "

@@ -26,15 +26,15 @@ from flora.v1 import run_pb2 as flora_dot_v1_dot_run__pb2
 from flora.v1 import transfer_pb2 as flora_dot_v1_dot_transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lora/v1/coordinator.proto\x12\x08\x66lora.v1\x1a\x12\x66lora/v1/run.proto\x1a\x17\x66lora/v1/transfer.proto\"\x98\x01\n\x0c\x43\x61pabilities\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12+\n\x0cscaling_rule\x18\x03 \x01(\x0e\x32\x15.flora.v1.ScalingRule\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x18\n\x10software_version\x18\x06 \x01(\t\"\x0f\n\rGetRunRequest\"E\n\x0bGetRunReply\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.flora.v1.RunSpec\x12\x16\n\x0eglobal_version\x18\x02 \x01(\x04\"i\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x16.flora.v1.Capabilities\x12\x17\n\x0f\x62\x61se_model_hash\x18\x03 \x01(\t\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_token\x18\x02 \x01(\t\x12\x1e\n\x03run\x18\x03 \x01(\x0b\x32\x11.flora.v1.RunSpec\x12\x16\n\x0eglobal_version\x18\x04 \x01(\x04\"=\n\x0fNextTaskRequest\x12\x15\n\rlocal_version\x18\x01 \x01(\x04\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\"\x93\x01\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\x12\x18\n\x10required_version\x18\x03 \x01(\x04\x12&\n\x05hints\x18\x04 \x01(\x0b\x32\x17.flora.v1.TrainingHints\x12\x1b\n\x13global_lora_version\x18\x05 \x01(\x04\"2\n\x08WaitTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"%\n\x0c\x46inishedTask\x12\x15\n\rfinal_version\x18\x01 \x01(\x04\"\x84\x01\n\x04Task\x12$\n\x05train\x18\x01 \x01(\x0b\x32\x13.flora.v1.TrainTaskH\x00\x12\"\n\x04wait\x18\x02 \x01(\x0b\x32\x12.flora.v1.WaitTaskH\x00\x12*\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x16.flora.v1.FinishedTaskH\x00\x42\x06\n\x04kind\"\x8a\x01\n\x12\x46\x65tchGlobalRequest\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.flora.v1.ArtifactKind\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x04\x12\x12\n\nto_version\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x14\n\x0c\x61llow_merged\x18\x05 \x01(\x08\"R\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"_\n\x10HeartbeatRequest\x12*\n\x08\x61\x63tivity\x18\x01 \x01(\x0e\x32\x18.flora.v1.ClientActivity\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08progress\x18\x03 \x01(\x02\"R\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\x04\x12\x16\n\x0eglobal_version\x18\x02 \x01(\x04\x12\x14\n\x0cround_closed\x18\x03 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x8b\x02\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11last_seen_unix_ms\x18\x07 \x01(\x03\x12\x1c\n\x14last_submitted_round\x18\x08 \x01(\x04\x12\x17\n\x0f\x62ytes_submitted\x18\t \x01(\x04\x12\x16\n\x0ejoined_unix_ms\x18\n \x01(\x03\x12\x17\n\x0fremoved_unix_ms\x18\x0b \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\"\x9f\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_clients\x18\x02 \x01(\r\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x04 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x19\n\x11\x63ommitted_unix_ms\x18\x07 \x01(\x03\"\x8b\x01\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x03(\t\x12\x11\n\tsubmitted\x18\x04 \x03(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12\x0e\n\x06quorum\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\xd2\x01\n\x0bStatusReply\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.flora.v1.RunSpec\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x04\x12$\n\x05round\x18\x04 \x01(\x0b\x32\x15.flora.v1.RoundStatus\x12\'\n\x07\x63lients\x18\x05 \x03(\x0b\x32\x16.flora.v1.ClientStatus\x12-\n\rrecent_rounds\x18\x06 \x03(\x0b\x32\x16.flora.v1.RoundSummary\"\x14\n\x12ListClientsRequest\";\n\x10ListClientsReply\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.flora.v1.ClientStatus\":\n\x13RemoveClientRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"P\n\x11RemoveClientReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_removed\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t*\xa5\x01\n\x0e\x43lientActivity\x12\x1f\n\x1b\x43LIENT_ACTIVITY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43LIENT_ACTIVITY_IDLE\x10\x01\x12\x1b\n\x17\x43LIENT_ACTIVITY_SYNCING\x10\x02\x12\x1c\n\x18\x43LIENT_ACTIVITY_TRAINING\x10\x03\x12\x1d\n\x19\x43LIENT_ACTIVITY_UPLOADING\x10\x04\x32\xfb\x04\n\x0b\x43oordinator\x12\x38\n\x06GetRun\x12\x17.flora.v1.GetRunRequest\x1a\x15.flora.v1.GetRunReply\x12\x32\n\x04Join\x12\x15.flora.v1.JoinRequest\x1a\x13.flora.v1.JoinReply\x12\x35\n\x08NextTask\x12\x19.flora.v1.NextTaskRequest\x1a\x0e.flora.v1.Task\x12>\n\x0b\x46\x65tchGlobal\x12\x1c.flora.v1.FetchGlobalRequest\x1a\x0f.flora.v1.Chunk0\x01\x12>\n\x0cSubmitUpdate\x12\x15.flora.v1.UpdateChunk\x1a\x15.flora.v1.SubmitReply(\x01\x12\x41\n\tHeartbeat\x12\x1a.flora.v1.HeartbeatRequest\x1a\x18.flora.v1.HeartbeatReply\x12\x35\n\x05Leave\x12\x16.flora.v1.LeaveRequest\x1a\x14.flora.v1.LeaveReply\x12\x38\n\x06Status\x12\x17.flora.v1.StatusRequest\x1a\x15.flora.v1.StatusReply\x12G\n\x0bListClients\x12\x1c.flora.v1.ListClientsRequest\x1a\x1a.flora.v1.ListClientsReply\x12J\n\x0cRemoveClient\x12\x1d.flora.v1.RemoveClientRequest\x1a\x1b.flora.v1.RemoveClientReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lora/v1/coordinator.proto\x12\x08\x66lora.v1\x1a\x12\x66lora/v1/run.proto\x1a\x17\x66lora/v1/transfer.proto\"\x98\x01\n\x0c\x43\x61pabilities\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12+\n\x0cscaling_rule\x18\x03 \x01(\x0e\x32\x15.flora.v1.ScalingRule\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x18\n\x10software_version\x18\x06 \x01(\t\"\x0f\n\rGetRunRequest\"E\n\x0bGetRunReply\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.flora.v1.RunSpec\x12\x16\n\x0eglobal_version\x18\x02 \x01(\x04\"i\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x16.flora.v1.Capabilities\x12\x17\n\x0f\x62\x61se_model_hash\x18\x03 \x01(\t\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_token\x18\x02 \x01(\t\x12\x1e\n\x03run\x18\x03 \x01(\x0b\x32\x11.flora.v1.RunSpec\x12\x16\n\x0eglobal_version\x18\x04 \x01(\x04\"=\n\x0fNextTaskRequest\x12\x15\n\rlocal_version\x18\x01 \x01(\x04\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\"\xb3\x01\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\x12\x18\n\x10required_version\x18\x03 \x01(\x04\x12&\n\x05hints\x18\x04 \x01(\x0b\x32\x17.flora.v1.TrainingHints\x12\x1b\n\x13global_lora_version\x18\x05 \x01(\x04\x12\x1e\n\x16start_from_global_lora\x18\x06 \x01(\x08\"2\n\x08WaitTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"%\n\x0c\x46inishedTask\x12\x15\n\rfinal_version\x18\x01 \x01(\x04\"\x84\x01\n\x04Task\x12$\n\x05train\x18\x01 \x01(\x0b\x32\x13.flora.v1.TrainTaskH\x00\x12\"\n\x04wait\x18\x02 \x01(\x0b\x32\x12.flora.v1.WaitTaskH\x00\x12*\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x16.flora.v1.FinishedTaskH\x00\x42\x06\n\x04kind\"\x8a\x01\n\x12\x46\x65tchGlobalRequest\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.flora.v1.ArtifactKind\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x04\x12\x12\n\nto_version\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x14\n\x0c\x61llow_merged\x18\x05 \x01(\x08\"R\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"_\n\x10HeartbeatRequest\x12*\n\x08\x61\x63tivity\x18\x01 \x01(\x0e\x32\x18.flora.v1.ClientActivity\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08progress\x18\x03 \x01(\x02\"R\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\x04\x12\x16\n\x0eglobal_version\x18\x02 \x01(\x04\x12\x14\n\x0cround_closed\x18\x03 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x8b\x02\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11last_seen_unix_ms\x18\x07 \x01(\x03\x12\x1c\n\x14last_submitted_round\x18\x08 \x01(\x04\x12\x17\n\x0f\x62ytes_submitted\x18\t \x01(\x04\x12\x16\n\x0ejoined_unix_ms\x18\n \x01(\x03\x12\x17\n\x0fremoved_unix_ms\x18\x0b \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\"\x9f\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_clients\x18\x02 \x01(\r\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x04 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x19\n\x11\x63ommitted_unix_ms\x18\x07 \x01(\x03\"\x8b\x01\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x03(\t\x12\x11\n\tsubmitted\x18\x04 \x03(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12\x0e\n\x06quorum\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\xd2\x01\n\x0bStatusReply\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.flora.v1.RunSpec\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x04\x12$\n\x05round\x18\x04 \x01(\x0b\x32\x15.flora.v1.RoundStatus\x12\'\n\x07\x63lients\x18\x05 \x03(\x0b\x32\x16.flora.v1.ClientStatus\x12-\n\rrecent_rounds\x18\x06 \x03(\x0b\x32\x16.flora.v1.RoundSummary\"\x14\n\x12ListClientsRequest\";\n\x10ListClientsReply\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.flora.v1.ClientStatus\":\n\x13RemoveClientRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"P\n\x11RemoveClientReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_removed\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t*\xa5\x01\n\x0e\x43lientActivity\x12\x1f\n\x1b\x43LIENT_ACTIVITY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43LIENT_ACTIVITY_IDLE\x10\x01\x12\x1b\n\x17\x43LIENT_ACTIVITY_SYNCING\x10\x02\x12\x1c\n\x18\x43LIENT_ACTIVITY_TRAINING\x10\x03\x12\x1d\n\x19\x43LIENT_ACTIVITY_UPLOADING\x10\x04\x32\xfb\x04\n\x0b\x43oordinator\x12\x38\n\x06GetRun\x12\x17.flora.v1.GetRunRequest\x1a\x15.flora.v1.GetRunReply\x12\x32\n\x04Join\x12\x15.flora.v1.JoinRequest\x1a\x13.flora.v1.JoinReply\x12\x35\n\x08NextTask\x12\x19.flora.v1.NextTaskRequest\x1a\x0e.flora.v1.Task\x12>\n\x0b\x46\x65tchGlobal\x12\x1c.flora.v1.FetchGlobalRequest\x1a\x0f.flora.v1.Chunk0\x01\x12>\n\x0cSubmitUpdate\x12\x15.flora.v1.UpdateChunk\x1a\x15.flora.v1.SubmitReply(\x01\x12\x41\n\tHeartbeat\x12\x1a.flora.v1.HeartbeatRequest\x1a\x18.flora.v1.HeartbeatReply\x12\x35\n\x05Leave\x12\x16.flora.v1.LeaveRequest\x1a\x14.flora.v1.LeaveReply\x12\x38\n\x06Status\x12\x17.flora.v1.StatusRequest\x1a\x15.flora.v1.StatusReply\x12G\n\x0bListClients\x12\x1c.flora.v1.ListClientsRequest\x1a\x1a.flora.v1.ListClientsReply\x12J\n\x0cRemoveClient\x12\x1d.flora.v1.RemoveClientRequest\x1a\x1b.flora.v1.RemoveClientReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flora.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLIENTACTIVITY']._serialized_start=2466
-  _globals['_CLIENTACTIVITY']._serialized_end=2631
+  _globals['_CLIENTACTIVITY']._serialized_start=2498
+  _globals['_CLIENTACTIVITY']._serialized_end=2663
   _globals['_CAPABILITIES']._serialized_start=86
   _globals['_CAPABILITIES']._serialized_end=238
   _globals['_GETRUNREQUEST']._serialized_start=240
@@ -48,43 +48,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEXTTASKREQUEST']._serialized_start=545
   _globals['_NEXTTASKREQUEST']._serialized_end=606
   _globals['_TRAINTASK']._serialized_start=609
-  _globals['_TRAINTASK']._serialized_end=756
-  _globals['_WAITTASK']._serialized_start=758
-  _globals['_WAITTASK']._serialized_end=808
-  _globals['_FINISHEDTASK']._serialized_start=810
-  _globals['_FINISHEDTASK']._serialized_end=847
-  _globals['_TASK']._serialized_start=850
-  _globals['_TASK']._serialized_end=982
-  _globals['_FETCHGLOBALREQUEST']._serialized_start=985
-  _globals['_FETCHGLOBALREQUEST']._serialized_end=1123
-  _globals['_SUBMITREPLY']._serialized_start=1125
-  _globals['_SUBMITREPLY']._serialized_end=1207
-  _globals['_HEARTBEATREQUEST']._serialized_start=1209
-  _globals['_HEARTBEATREQUEST']._serialized_end=1304
-  _globals['_HEARTBEATREPLY']._serialized_start=1306
-  _globals['_HEARTBEATREPLY']._serialized_end=1388
-  _globals['_LEAVEREQUEST']._serialized_start=1390
-  _globals['_LEAVEREQUEST']._serialized_end=1420
-  _globals['_LEAVEREPLY']._serialized_start=1422
-  _globals['_LEAVEREPLY']._serialized_end=1434
-  _globals['_STATUSREQUEST']._serialized_start=1436
-  _globals['_STATUSREQUEST']._serialized_end=1451
-  _globals['_CLIENTSTATUS']._serialized_start=1454
-  _globals['_CLIENTSTATUS']._serialized_end=1721
-  _globals['_ROUNDSUMMARY']._serialized_start=1724
-  _globals['_ROUNDSUMMARY']._serialized_end=1883
-  _globals['_ROUNDSTATUS']._serialized_start=1886
-  _globals['_ROUNDSTATUS']._serialized_end=2025
-  _globals['_STATUSREPLY']._serialized_start=2028
-  _globals['_STATUSREPLY']._serialized_end=2238
-  _globals['_LISTCLIENTSREQUEST']._serialized_start=2240
-  _globals['_LISTCLIENTSREQUEST']._serialized_end=2260
-  _globals['_LISTCLIENTSREPLY']._serialized_start=2262
-  _globals['_LISTCLIENTSREPLY']._serialized_end=2321
-  _globals['_REMOVECLIENTREQUEST']._serialized_start=2323
-  _globals['_REMOVECLIENTREQUEST']._serialized_end=2381
-  _globals['_REMOVECLIENTREPLY']._serialized_start=2383
-  _globals['_REMOVECLIENTREPLY']._serialized_end=2463
-  _globals['_COORDINATOR']._serialized_start=2634
-  _globals['_COORDINATOR']._serialized_end=3269
+  _globals['_TRAINTASK']._serialized_end=788
+  _globals['_WAITTASK']._serialized_start=790
+  _globals['_WAITTASK']._serialized_end=840
+  _globals['_FINISHEDTASK']._serialized_start=842
+  _globals['_FINISHEDTASK']._serialized_end=879
+  _globals['_TASK']._serialized_start=882
+  _globals['_TASK']._serialized_end=1014
+  _globals['_FETCHGLOBALREQUEST']._serialized_start=1017
+  _globals['_FETCHGLOBALREQUEST']._serialized_end=1155
+  _globals['_SUBMITREPLY']._serialized_start=1157
+  _globals['_SUBMITREPLY']._serialized_end=1239
+  _globals['_HEARTBEATREQUEST']._serialized_start=1241
+  _globals['_HEARTBEATREQUEST']._serialized_end=1336
+  _globals['_HEARTBEATREPLY']._serialized_start=1338
+  _globals['_HEARTBEATREPLY']._serialized_end=1420
+  _globals['_LEAVEREQUEST']._serialized_start=1422
+  _globals['_LEAVEREQUEST']._serialized_end=1452
+  _globals['_LEAVEREPLY']._serialized_start=1454
+  _globals['_LEAVEREPLY']._serialized_end=1466
+  _globals['_STATUSREQUEST']._serialized_start=1468
+  _globals['_STATUSREQUEST']._serialized_end=1483
+  _globals['_CLIENTSTATUS']._serialized_start=1486
+  _globals['_CLIENTSTATUS']._serialized_end=1753
+  _globals['_ROUNDSUMMARY']._serialized_start=1756
+  _globals['_ROUNDSUMMARY']._serialized_end=1915
+  _globals['_ROUNDSTATUS']._serialized_start=1918
+  _globals['_ROUNDSTATUS']._serialized_end=2057
+  _globals['_STATUSREPLY']._serialized_start=2060
+  _globals['_STATUSREPLY']._serialized_end=2270
+  _globals['_LISTCLIENTSREQUEST']._serialized_start=2272
+  _globals['_LISTCLIENTSREQUEST']._serialized_end=2292
+  _globals['_LISTCLIENTSREPLY']._serialized_start=2294
+  _globals['_LISTCLIENTSREPLY']._serialized_end=2353
+  _globals['_REMOVECLIENTREQUEST']._serialized_start=2355
+  _globals['_REMOVECLIENTREQUEST']._serialized_end=2413
+  _globals['_REMOVECLIENTREPLY']._serialized_start=2415
+  _globals['_REMOVECLIENTREPLY']._serialized_end=2495
+  _globals['_COORDINATOR']._serialized_start=2666
+  _globals['_COORDINATOR']._serialized_end=3301
 # @@protoc_insertion_point(module_scope)

@@ -81,18 +81,20 @@ class NextTaskRequest(_message.Message):
     def __init__(self, local_version: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("round", "deadline_unix_ms", "required_version", "hints", "global_lora_version")
+    __slots__ = ("round", "deadline_unix_ms", "required_version", "hints", "global_lora_version", "start_from_global_lora")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_LORA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_FROM_GLOBAL_LORA_FIELD_NUMBER: _ClassVar[int]
     round: int
     deadline_unix_ms: int
     required_version: int
     hints: _run_pb2.TrainingHints
     global_lora_version: int
-    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., required_version: _Optional[int] = ..., hints: _Optional[_Union[_run_pb2.TrainingHints, _Mapping]] = ..., global_lora_version: _Optional[int] = ...) -> None: ...
+    start_from_global_lora: bool
+    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., required_version: _Optional[int] = ..., hints: _Optional[_Union[_run_pb2.TrainingHints, _Mapping]] = ..., global_lora_version: _Optional[int] = ..., start_from_global_lora: _Optional[bool] = ...) -> None: ...
 
 class WaitTask(_message.Message):
     __slots__ = ("retry_after_ms", "reason")

@@ -13,6 +13,10 @@ class AggregationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGGREGATION_METHOD_FLORA: _ClassVar[AggregationMethod]
     AGGREGATION_METHOD_FEDIT: _ClassVar[AggregationMethod]
     AGGREGATION_METHOD_ZEROPAD: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_FEDEX: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_FLORA_WARM: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_FFA: _ClassVar[AggregationMethod]
+    AGGREGATION_METHOD_FLEXLORA: _ClassVar[AggregationMethod]
 
 class ScalingRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +27,10 @@ AGGREGATION_METHOD_UNSPECIFIED: AggregationMethod
 AGGREGATION_METHOD_FLORA: AggregationMethod
 AGGREGATION_METHOD_FEDIT: AggregationMethod
 AGGREGATION_METHOD_ZEROPAD: AggregationMethod
+AGGREGATION_METHOD_FEDEX: AggregationMethod
+AGGREGATION_METHOD_FLORA_WARM: AggregationMethod
+AGGREGATION_METHOD_FFA: AggregationMethod
+AGGREGATION_METHOD_FLEXLORA: AggregationMethod
 SCALING_RULE_UNSPECIFIED: ScalingRule
 SCALING_RULE_STANDARD: ScalingRule
 SCALING_RULE_RSLORA: ScalingRule
