@@ -10,6 +10,10 @@ seeds, so runs differ by their method (and seed) alone. Two settings:
   that rank on the union, as many steps per round as all clients together);
 - mixed ranks (--mixed-ranks, 16,8,4,4,2,2,1,1,1,1): every method that takes mixed ranks.
 
+--downlinks runs every method again with each compressed downlink (``flora.sim.downlink``: the
+server's energy threshold / rank cap / dtype with the remainder carried), labelled
+``method@policy-setting`` (``flora@e0.95-equal``), same seeds, and pairs each with its exact run.
+
 Every method runs --rounds rounds for each of --seeds seeds; the --long-runs go on to --long-rounds
 (their first --rounds rounds are the short run: each round's learning-rate schedule restarts, so
 a round's result does not depend on how many follow). After the last round of each run, MMLU
@@ -40,13 +44,14 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from bench.mmlu import Question, accuracy, load_questions
-from bench.quality_report import comparisons, summary_rows
+from bench.quality_report import comparisons, downlink_comparisons, summary_rows
 from bench.report import RESULTS, write_results
 from flora.client.trainer import TrainConfig
 from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.methods import METHODS
 from flora.common.tables import format_table
 from flora.sim.cli import parse_methods, parse_ranks
+from flora.sim.downlink import parse_policy, policy_label
 from flora.sim.engine import CENTRALIZED, RoundRecord, SimConfig, run_method
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation, sample_files
 from flora.sim.output import by_round, format_errors, plot_validation_loss
@@ -67,6 +72,7 @@ class Experiment:
     method: str
     ranks: tuple[int, ...]
     rounds: int
+    downlink: str = "exact"  # a flora.sim.downlink policy label
 
 
 def experiments(args: argparse.Namespace, clients: int) -> list[Experiment]:
@@ -82,7 +88,10 @@ def experiments(args: argparse.Namespace, clients: int) -> list[Experiment]:
             if setting == "equal" and method == "zeropad":
                 continue  # with equal ranks nothing is padded: zeropad is fedit, round for round
             label = f"{method}-{setting}"
-            plan.append(Experiment(label, method, ranks, args.long_rounds if label in args.long_runs else args.rounds))
+            rounds = args.long_rounds if label in args.long_runs else args.rounds
+            plan.append(Experiment(label, method, ranks, rounds))
+            if method != CENTRALIZED:
+                plan += [Experiment(f"{method}@{d}-{setting}", method, ranks, rounds, d) for d in args.downlinks]
     return plan
 
 
@@ -108,6 +117,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mmlu-questions", type=int, default=100, help="spread over the 1444 (0: skip MMLU)")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel, one torch thread each")
     parser.add_argument("--seed", type=int, default=0, help="first seed; also the data split")
+    parser.add_argument("--downlinks", default="", help="compressed downlinks to run every method with too, e.g. e0.99,e0.95,r4+bfloat16")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the built-in model and data, for CI")
     parser.add_argument("--from-runs", type=Path, help="report the finished runs of a quality-runs.jsonl instead of running")
@@ -116,6 +126,7 @@ def parse_args() -> argparse.Namespace:
         args.mixed = parse_ranks(args.mixed_ranks)
         args.methods = parse_methods(args.methods)
         args.long_runs = {label.strip() for label in args.long_runs.split(",") if label.strip()}
+        args.downlinks = [policy_label(parse_policy(d)) for d in args.downlinks.split(",") if d.strip()]
     except ValueError as exc:
         parser.error(str(exc))
     if args.smoke:
@@ -151,7 +162,8 @@ def _run_one(
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     local = TrainConfig(max_steps=args.local_steps, batch_size=args.batch_size, learning_rate=args.learning_rate, device="cpu")
-    config = SimConfig(experiment.method, experiment.ranks, experiment.rounds, local, seed=seed)
+    config = SimConfig(experiment.method, experiment.ranks, experiment.rounds, local, seed=seed,
+                       downlink=parse_policy(experiment.downlink))
     model = load_model(base_model)
     records = []
     for outcome in run_method(model, federation.clients, federation.validation, config):
@@ -191,7 +203,9 @@ def load_runs(path: Path) -> tuple[list[Experiment], dict[str, list[RoundRecord]
         label = entry["label"]
         rounds = max(r.round for r in records)
         known = plan.get(label)
-        plan[label] = Experiment(label, records[0].method, tuple(records[-1].ranks), max(rounds, known.rounds if known else 0))
+        downlink = label.rsplit("-", 1)[0].partition("@")[2] or "exact"
+        plan[label] = Experiment(label, records[0].method, tuple(records[-1].ranks), max(rounds, known.rounds if known else 0),
+                                 downlink)
         runs.setdefault(label, []).extend(records)
         if entry["mmlu_accuracy"] is not None:
             mmlu.setdefault(label, []).append(entry["mmlu_accuracy"])
@@ -212,6 +226,10 @@ def report(args, base_model: str, data: str, federation: Federation, plan, runs,
     pairs = comparisons(runs, [args.rounds, args.long_rounds])
     print("\nPaired differences (same seeds): mean, std, and in how many seeds the first is lower")
     print(format_table(pairs, list(pairs[0])) if pairs else "(none)")
+    compressed = downlink_comparisons(runs, [args.rounds, args.long_rounds])
+    if compressed:
+        print("\nCompressed downlink against exact (same method and seeds): loss difference, downlink share")
+        print(format_table(compressed, list(compressed[0])))
     print(f"\nwall time {wall:.0f} s, CPU time {cpu / 60:.1f} min")
     payload = {
         "base_model": base_model,
@@ -221,13 +239,15 @@ def report(args, base_model: str, data: str, federation: Federation, plan, runs,
         | {"template": "alpaca", "mask_prompt": False},
         "federation": federation.summary(),
         "experiments": {
-            e.label: {"method": e.method, "ranks": list(e.ranks), "rounds": e.rounds, "mmlu_accuracy": mmlu.get(e.label, []),
+            e.label: {"method": e.method, "downlink": e.downlink, "ranks": list(e.ranks), "rounds": e.rounds,
+                      "mmlu_accuracy": mmlu.get(e.label, []),
                       "history": [r.to_json() for r in runs[e.label]]}
             for e in plan
         },
         "mmlu": {"questions": questions, "base_accuracy": base_mmlu},
         "summary": rows,
         "paired": pairs,
+        "downlink_paired": compressed,
         "validation_loss_by_round": loss_rows,
         "wall_seconds": wall,
         "cpu_seconds": cpu,

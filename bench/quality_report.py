@@ -35,8 +35,9 @@ def summary_rows(plan: Sequence[Any], runs: Runs, mmlu: Mapping[str, list[float]
     for experiment in plan:
         spreads = round_spreads(runs[experiment.label], "validation_loss")
         method = METHODS.get(experiment.method)
-        row = {"setting": _setting(experiment.label), "method": experiment.method,
-               "exact": "-" if method is None else ("yes" if method.exact else "no")}
+        exact = "-" if method is None else ("yes" if method.exact else "no")
+        row = {"setting": _setting(experiment.label), "method": _method(experiment.label),
+               "exact": "carried" if "@" in experiment.label and exact == "yes" else exact}
         for number in sorted(set(checkpoints)):
             row[f"loss @{number}"] = str(spreads[number]) if number in spreads else "-"
         accs = mmlu.get(experiment.label) or []
@@ -49,7 +50,7 @@ def comparisons(runs: Runs, checkpoints: Sequence[int]) -> list[dict[str, Any]]:
     """Per setting and checkpoint round: the exact method of lowest mean loss against every other run."""
     rows = []
     for setting in sorted({_setting(label) for label in runs}):
-        labels = [label for label in runs if _setting(label) == setting]
+        labels = [label for label in runs if _setting(label) == setting and "@" not in label]  # compressed: downlink_comparisons
         for number in sorted(set(checkpoints)):
             losses = {label: _losses_at(runs[label], number) for label in labels}
             losses = {label: v for label, v in losses.items() if v}
@@ -68,4 +69,35 @@ def comparisons(runs: Runs, checkpoints: Sequence[int]) -> list[dict[str, Any]]:
                     "std diff": f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-",
                     "lower in": f"{sum(d < 0 for d in diffs)}/{len(diffs)} seeds",
                 })
+    return rows
+
+
+def downlink_comparisons(runs: Runs, checkpoints: Sequence[int]) -> list[dict[str, Any]]:
+    """Each compressed-downlink run (``method@policy-setting``) against its exact run, seed by seed.
+
+    The loss difference (compressed - exact; positive: compression cost quality), the retained
+    energy of the rounds' downlinks and the values sent as a share of the dense deltas', over
+    the rounds up to the checkpoint.
+    """
+    rows = []
+    for label in sorted((label for label in runs if "@" in label), key=lambda label: (_setting(label), label)):
+        exact = f"{_method(label).partition('@')[0]}-{_setting(label)}"
+        if exact not in runs:
+            continue
+        for number in sorted(set(checkpoints)):
+            mine, theirs = _losses_at(runs[label], number), _losses_at(runs[exact], number)
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                continue
+            diffs = [mine[s] - theirs[s] for s in seeds]
+            sent = [r.downlink for r in runs[label] if r.downlink is not None and 0 < r.round <= number]
+            rows.append({
+                "setting": _setting(label), "round": number, "run": _method(label), "vs": _method(exact),
+                "mean diff": f"{statistics.fmean(diffs):+.4f}",
+                "std diff": f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-",
+                "higher in": f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds",
+                "retained energy": f"{statistics.fmean(d['retained_energy'] for d in sent):.4f}" if sent else "-",
+                "sent / dense": f"{sum(d['values'] for d in sent) / sum(d['dense_values'] for d in sent):.3f}" if sent else "-",
+                "rank max": max((d["rank_max"] for d in sent if d["rank_max"] is not None), default="-"),
+            })
     return rows

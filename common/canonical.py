@@ -21,7 +21,9 @@ O((d_out + d_in) R^2 + R^3) per module rather than O(d_out d_in min(d_out, d_in)
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -54,7 +56,8 @@ def canonical_pair(
     a, b = pair
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise ValueError(f"canonical_pair: a {tuple(a.shape)} and b {tuple(b.shape)} are not (R, d_in) and (d_out, R)")
-    u, s, vh = _thin_svd(a.to(dtype), b.to(dtype))
+    with _one_thread():
+        u, s, vh = _thin_svd(a.to(dtype), b.to(dtype))
     keep = int((s > s[0] * rank_tolerance(s.numel(), dtype, out_dtype)).sum()) if s.numel() else 0
     if keep == 0:
         d_out, d_in = b.shape[0], a.shape[1]
@@ -82,6 +85,22 @@ def rank_tolerance(size: int, dtype: torch.dtype, out_dtype: torch.dtype) -> flo
 def singular_values(pair: LoraPair) -> Tensor:
     """The singular values S of a canonical pair: |row i of a'| * |column i of b'| (= S_i)."""
     return torch.linalg.vector_norm(pair.a.double(), dim=1) * torch.linalg.vector_norm(pair.b.double(), dim=0)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run LAPACK's QR and SVD on one thread, as fast as two on a quiet machine and never stalled.
+
+    Measured at 4096 x 744 (bench/aggregate.py, 2 cores shared with other work): the threaded
+    SVD of a 744 x 744 core took 4.5 s against 0.36 s on one thread (its many small synchronised
+    steps wait on a busy second core), and the whole factorization 3.9 s against 1.1 s.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _thin_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:

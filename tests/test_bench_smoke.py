@@ -32,7 +32,12 @@ def test_aggregate_smoke_reports_every_k_and_a_linear_fit(tmp_path):
     assert [row["K"] for row in report["rows"]] == [2, 5]
     for row in report["rows"]:
         assert row["stack_s"] > 0 and row["merge_s"] > 0 and row["read_GBps"] > 0
-        assert row["downlink_dense_MB"] > 0 and row["downlink_stacked_MB"] > 0
+        assert row["factorize_s"] > 0 and row["downlink_sent_MB"] > 0
+    assert [row["K"] for row in report["downlink"]] == [2, 5, 40]  # the last one by byte counts only
+    for row in report["downlink"]:
+        exact = row["downlink_exact_MB"]
+        assert exact == min(row["downlink_canonical_MB"], row["downlink_dense_MB"]) <= row["downlink_stacked_MB"]
+        assert row["downlink_e0.95_MB"] <= row["downlink_e0.99_MB"] <= exact
     assert "r2" in report["merge_fit"] and report["machine"]["torch"]
     assert (tmp_path / "aggregate.png").read_bytes()[:4] == b"\x89PNG"
     assert "| K" in stdout

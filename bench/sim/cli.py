@@ -6,6 +6,7 @@
         --ranks 8 --method flora,fedit --examples-per-client 200 --cutoff 192
     flora-sim --method flora-warm,fedex,zeropad --seeds 3          # mean and spread over 3 seeds
     flora-sim --backend ray --ray-address auto                     # a round's clients as Ray tasks
+    flora-sim --downlink-energy 0.95 --downlink-dtype bfloat16     # a compressed downlink, as the server's
 
 Methods (flora.common.methods):
 {methods}
@@ -15,6 +16,8 @@ Every client uses alpha = 2 * rank (scaling 2), so the averaging methods see one
 With --data-dir every .json/.jsonl file there is one client, in natural order (client_2 before
 client_10). --seeds N runs seeds --seed .. --seed+N-1 (the data split stays that of --seed, so
 every seed is scored on the same validation set) and reports mean ± sample standard deviation.
+--downlink-energy, --downlink-max-rank and --downlink-dtype send each round's delta as flora-server's
+compressed downlink does (flora.sim.downlink): every model merges what is sent, the rest is carried.
 
 Writes ``history.jsonl`` (a line per method, seed and round) and ``validation_loss.png`` (mean
 line, band from lowest to highest seed) into --out and prints the loss and aggregation-error
@@ -35,6 +38,7 @@ from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.devices import resolve_device
 from flora.common.weights import Weighting
 from flora.common.methods import METHODS as AGGREGATION_METHODS
+from flora.sim import downlink
 from flora.sim.backends import BACKENDS, Backend, make_backend
 from flora.sim.engine import METHODS, RoundRecord, SimConfig, run_method
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation, sample_files
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=[Weighting.EXAMPLES.value, Weighting.UNIFORM.value], default=Weighting.EXAMPLES.value,
                    help="client weights p_k: by examples trained, or uniform (%(default)s)")
     p.add_argument("--clients-per-round", type=int, help="a seeded random subset per round (default: all)")
+    downlink.add_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu (deterministic, the default), auto, cuda or cuda:N")
     p.add_argument("--out", type=Path, default=Path("flora-sim-out"), help="folder for history.jsonl and validation_loss.png (%(default)s)")
     return p
@@ -139,7 +144,8 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
     if not 1 <= args.seeds <= 100:
         raise ValueError(f"--seeds must be between 1 and 100, got {args.seeds}")
     return [
-        SimConfig(method, ranks, args.rounds, local, Weighting(args.weighting), args.clients_per_round, seed)
+        SimConfig(method, ranks, args.rounds, local, Weighting(args.weighting), args.clients_per_round, seed,
+                  downlink=downlink.policy_from_args(args))
         for method in parse_methods(args.method)
         for seed in range(args.seed, args.seed + args.seeds)
     ]
@@ -170,8 +176,9 @@ def run_all(args: argparse.Namespace, federation: Federation, configs: list[SimC
                 records.append(record)
                 write_record(history, record)
                 error = "-" if record.aggregation_error is None else f"{record.aggregation_error:.2e}"
+                sent = "" if record.downlink is None else f"  downlink energy {record.downlink['retained_energy']:.4f}"
                 print(f"{record.method:<11} seed {record.seed} round {record.round}: validation loss "
-                      f"{record.validation_loss:.4f}  aggregation error {error}  ({record.seconds:.1f} s)", flush=True)
+                      f"{record.validation_loss:.4f}  aggregation error {error}{sent}  ({record.seconds:.1f} s)", flush=True)
     return runs
 
 

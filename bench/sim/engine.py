@@ -8,7 +8,8 @@ the global model and the LoRA kept for the next round. ``client_weights`` gives 
 
 The model object always holds the fully merged global model (the base plus everything merged,
 including a persistent global LoRA), and ``train_round`` leaves it unchanged, so one model
-serves every client. ``centralized`` is one flora client of the largest rank trained on the
+serves every client. The delta reaches the model through ``flora.sim.downlink`` (unchanged by
+default; with ``SimConfig.downlink`` compressed as the server compresses it, remainder carried). ``centralized`` is one flora client of the largest rank trained on the
 union of all clients' data, for as many steps per round as the round's clients take together:
 the reference a federation tries to match.
 """
@@ -30,8 +31,10 @@ from flora.common.lora import LoraAdapter
 from flora.common.merge import merge_into_model
 from flora.common.methods import METHODS as AGGREGATION_METHODS
 from flora.common.methods import AggregationMethod, ClientStart, get_method, round_error
+from flora.common.downlink import DownlinkPolicy
 from flora.common.weights import Weighting, client_weights
 from flora.sim.backends import Backend, Job, LocalBackend
+from flora.sim.downlink import DownlinkChannel
 
 CENTRALIZED = "centralized"
 METHODS = (*AGGREGATION_METHODS, CENTRALIZED)
@@ -62,6 +65,7 @@ class SimConfig:
     clients_per_round: int | None = None  # None: every client, every round
     seed: int = 0
     eval_batch_size: int = 16
+    downlink: DownlinkPolicy = DownlinkPolicy()  # how each round's delta reaches the models (flora.sim.downlink)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -96,6 +100,7 @@ class RoundRecord:
     aggregation_error: float | None  # |delta - sum p_k (s_k B_k A_k - removed_k)|_F / |sum p_k (...)|_F
     seconds: float  # wall time of the round: training, aggregation, merge, evaluation
     seed: int = 0
+    downlink: dict | None = None  # a lossy downlink's figures (ranks sent, retained energy, remainder norm)
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict."""
@@ -173,6 +178,7 @@ def run_method(
         raise ValueError(f"{len(config.ranks)} ranks given for {len(clients)} clients")
     backend = backend or LocalBackend()
     method = config.aggregation
+    channel = DownlinkChannel(config.downlink)
     start = time.perf_counter()
     kept = _initial(model, config)
     if kept is not None:
@@ -191,11 +197,11 @@ def run_method(
         weights = client_weights([result.num_examples for result in results], config.weighting)
         merged = method.merge(kept, updates, weights)
         error = round_error(merged.delta, updates, weights, [job.start.removed for job in jobs])
-        merge_into_model(model, merged.delta)
+        downlink = channel.merge(model, merged.delta)
         kept = merged.kept
         record = RoundRecord(
             config.method, number, selected, [u.rank for u in updates], None if kept is None else kept.rank,
             _evaluate(model, validation, config), sum(r.train_loss for r in results) / len(results), error,
-            time.perf_counter() - start, config.seed,
+            time.perf_counter() - start, config.seed, downlink,
         )
         yield RoundOutcome(record, updates, weights, [job.start for job in jobs], merged.delta, kept)
