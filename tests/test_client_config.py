@@ -134,7 +134,7 @@ def test_target_module_override_selects_a_subset(data_file):
     with pytest.raises(ConfigError, match="'k_proj' matches none"):
         trained_modules(settings(data_file, target_modules=["k_proj"]), spec)
     spec.method = run_pb2.AGGREGATION_METHOD_FEDIT
-    with pytest.raises(ConfigError, match="only possible in flora runs"):
+    with pytest.raises(ConfigError, match="not possible in fedit runs"):
         trained_modules(settings(data_file, target_modules=["q_proj"]), spec)
 
 

@@ -119,7 +119,7 @@ def test_invalid_settings_exit_with_status_2(capsys):
 
 def test_help_shows_the_values_a_user_types_and_the_token_minimum():
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
-    assert "(default: flora)" in text and "(default: examples)" in text
+    assert "(default: flora-warm)" in text and "(default: examples)" in text
     assert "Method." not in text and "ServerWeighting." not in text
     assert "at least 16 characters" in text
 
