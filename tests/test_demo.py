@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def test_an_interrupted_demo_leaves_no_process_behind(tmp_path, sig):
                 break
         children = [p for p in demo_processes(workdir) if p.pid != demo.pid]
         assert len(children) == 3, "expected the server and two clients to be running"
+        # Keep reading what the demo prints while it shuts down: a full pipe would block its exit.
+        threading.Thread(target=demo.stdout.read, daemon=True).start()
         demo.send_signal(sig)
         assert demo.wait(timeout=60) != 0
         deadline = time.monotonic() + 30
