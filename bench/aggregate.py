@@ -10,6 +10,11 @@ merging, with two baselines measured in the same run: one pass reading the same 
 reduction over every tensor) and filling freshly allocated memory of the stacked adapter's size.
 Stacking reads the updates once and writes them once into new memory, so its GB/s should sit near
 the slower of the two. Merging is a (d_out x R) @ (R x d_in) product, linear in R = sum of ranks.
+The factorization's own baseline is Householder QR of every module (``householder_s``: the path
+before CholeskyQR, and still the path for ill-conditioned stacks); ``warm_*`` time the exact
+downlink of a flora-warm round's change, whose stack cancels (Householder), built with one
+removed term per distinct start as ``exact_change`` does (``grouped``) and with every client's
+copy (``per_client``, as before).
 
 Downlink bytes (every K of ``--clients``, 10 .. 1000): the stacked adapter (what servers sent
 before), canonical factors, the dense delta, the exact downlink the server sends (per module the
@@ -37,10 +42,11 @@ from torch import Tensor
 
 from bench.report import RESULTS, median_seconds, write_results
 from flora.common.aggregation import flora_stack
-from flora.common.canonical import canonical_pair, singular_values
+from flora.common.canonical import _householder_svd, canonical_pair, singular_values
 from flora.common.downlink import DownlinkPolicy, kept_rank, plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.merge import merged_weights
+from flora.common.methods.base import exact_change
 from flora.common.tables import format_table
 from flora.common.update import update_numel
 from flora.common.weights import client_weights
@@ -118,6 +124,31 @@ def stacked_round(count: int, dim: int, modules: list[str]) -> tuple[list[LoraAd
     return updates, weights, flora_stack(updates, weights)
 
 
+def householder_only(stacked: LoraAdapter) -> None:
+    """The factorization as it was before CholeskyQR: Householder QR of every module (the baseline)."""
+    for pair in stacked.pairs.values():
+        _householder_svd(pair.a.double(), pair.b.double())
+
+
+def warm_changes(updates: list[LoraAdapter], weights: list[float]) -> dict[str, dict[str, LoraPair]]:
+    """flora-warm's round change sum_k p_k (s B_k A_k - removed_k), stacked two ways.
+
+    Each client starts from a removed adapter shared by its rank (one start per rank) and moves
+    it slightly: the stack cancels, so its factorization takes Householder QR. ``grouped`` is
+    what ``exact_change`` builds (one term per distinct start), ``per_client`` the stack with
+    every client's removed copy (what it built before): R + sum(RANKS) wide against 2R.
+    """
+    gen = torch.Generator().manual_seed(1)
+    starts = {u.rank: LoraAdapter({m: LoraPair(torch.randn_like(p.a), torch.randn_like(p.b)) for m, p in u.pairs.items()}, u.scaling)
+              for u in updates}
+    trained = [LoraAdapter({m: LoraPair(p.a + 0.01 * torch.randn(p.a.shape, generator=gen), p.b + 0.01 * torch.randn(p.b.shape, generator=gen))
+                            for m, p in starts[u.rank].pairs.items()}, u.scaling) for u in updates]
+    removed = [starts[u.rank] for u in updates]
+    grouped = exact_change(trained, weights, removed)
+    per_client = flora_stack([*trained, *removed], [*weights, *(-p for p in weights)])
+    return {"grouped": grouped.pairs, "per_client": per_client.pairs}
+
+
 def measure_times(count: int, dim: int, modules: list[str], repeats: int, log) -> dict:
     """Time reading, stacking, factorizing and merging K updates for one layer's modules."""
     updates, weights, stacked = stacked_round(count, dim, modules)
@@ -132,6 +163,9 @@ def measure_times(count: int, dim: int, modules: list[str], repeats: int, log) -
     log(f"K={count}: merge {merge_s:.3g} s")
     factorize_s = median_seconds(lambda: plan_downlink(stacked.pairs), repeats)
     log(f"K={count}: factorize {factorize_s:.3g} s")
+    householder_s = median_seconds(lambda: householder_only(stacked), repeats) if rank < dim / 2 else None
+    warm = {key: median_seconds(lambda: plan_downlink(pairs), repeats) for key, pairs in warm_changes(updates, weights).items()}
+    log(f"K={count}: Householder only {householder_s} s, flora-warm change {warm}")
     sent_mb = update_numel(plan_downlink(stacked.pairs).update) * ELEMENT / 1e6
     analytic = analytic_sizes(rank, dim, len(modules))
     if abs(sent_mb - analytic["downlink_exact_MB"]) > 1e-9:
@@ -151,6 +185,10 @@ def measure_times(count: int, dim: int, modules: list[str], repeats: int, log) -
         "merge_s_per_1k_rank": merge_s / rank * 1000,
         "factorize_s": factorize_s,
         "factorize_vs_merge": factorize_s / merge_s,
+        "householder_s": householder_s,
+        "warm_grouped_s": warm["grouped"],
+        "warm_per_client_s": warm["per_client"],
+        "warm_grouped_vs_merge": warm["grouped"] / merge_s,
         "layer_total_s": stack_s + merge_s,
         "model_32_layers_s": (stack_s + merge_s) * LAYERS_IN_7B,
         "downlink_sent_MB": sent_mb,
@@ -238,7 +276,8 @@ def main() -> None:
                                "stack_vs_write", "merge_s", "merge_s_per_1k_rank", "model_32_layers_s"]))
     print(f"\nmerge_s = {slope * 1000:.4g} s per 1000 ranks * R + {intercept:.3g} s   (R^2 = {r2:.4f}: linear in R)")
     print("\nStack, factorize (planning the exact downlink) and merge, same run")
-    print(format_table(timed, ["K", "sum_of_ranks", "stack_s", "factorize_s", "merge_s", "factorize_vs_merge", "downlink_sent_MB"]))
+    print(format_table(timed, ["K", "sum_of_ranks", "stack_s", "factorize_s", "householder_s", "merge_s", "factorize_vs_merge",
+                               "warm_grouped_s", "warm_per_client_s", "warm_grouped_vs_merge", "downlink_sent_MB"]))
     print("\nDownlink per round, client and layer (MB, float32)")
     print(format_table(sizes, ["K", "sum_of_ranks", "downlink_stacked_MB", "downlink_canonical_MB", "downlink_dense_MB",
                                "downlink_exact_MB", *(f"downlink_e{e}_MB" for e in ENERGIES), *(f"rank_e{e}" for e in ENERGIES)]))

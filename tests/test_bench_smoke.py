@@ -33,6 +33,8 @@ def test_aggregate_smoke_reports_every_k_and_a_linear_fit(tmp_path):
     for row in report["rows"]:
         assert row["stack_s"] > 0 and row["merge_s"] > 0 and row["read_GBps"] > 0
         assert row["factorize_s"] > 0 and row["downlink_sent_MB"] > 0
+        assert row["warm_grouped_s"] > 0 and row["warm_per_client_s"] > 0
+    assert report["rows"][0]["householder_s"] > 0  # K = 2: R = 12 < d / 2, the SVD path is timed
     assert [row["K"] for row in report["downlink"]] == [2, 5, 40]  # the last one by byte counts only
     for row in report["downlink"]:
         exact = row["downlink_exact_MB"]

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flora.common.aggregation import flora_stack
+from flora.common import canonical
 from flora.common.canonical import canonical_pair, singular_values
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 
@@ -159,3 +160,44 @@ def test_no_dense_product_is_formed_for_a_thin_stack():
 def test_rejects_factors_of_mismatched_rank():
     with pytest.raises(ValueError, match="not \\(R, d_in\\) and \\(d_out, R\\)"):
         canonical_pair(LoraPair(torch.zeros(3, 4), torch.zeros(5, 2)))
+
+
+def cancelling_stack(d: int, rank: int, gap: float, seed: int) -> LoraPair:
+    """flora-warm's change: trained factors next to the nearly equal ones the client started from.
+
+    B = [B0 + gap E, B0], A = [A0; -A0 + gap F]: B A = gap (E A0 + B0 F) + gap^2 E F, so |B A| is
+    about ``gap`` times |B| |A|, and B has condition number about 1 / gap.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b0, e = (torch.randn(d, rank, generator=gen, dtype=torch.float64) for _ in range(2))
+    a0, f = (torch.randn(rank, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    return LoraPair(torch.cat([a0, -a0 + gap * f]), torch.cat([b0 + gap * e, b0], dim=1))
+
+
+def test_cholesky_and_householder_paths_agree_on_a_stack_of_independent_clients():
+    pair = stacked([8, 4, 4, 2, 1], 120, 90, seed=7)
+    fast = canonical._cholesky_svd(pair.a, pair.b)
+    assert fast is not None  # independent clients: well conditioned, the Gram path is taken
+    slow = canonical._householder_svd(pair.a, pair.b)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-12, atol=0)
+    # Same singular vectors up to sign, orthonormal in both.
+    signs = torch.sign((fast[0] * slow[0]).sum(0))
+    torch.testing.assert_close(fast[0] * signs, slow[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast[2] * signs[:, None], slow[2], rtol=0, atol=1e-10)
+
+
+def test_a_cancelling_stack_takes_householder_and_stays_exact_relative_to_its_product():
+    pair = cancelling_stack(200, 6, gap=1e-6, seed=3)
+    assert canonical._cholesky_svd(pair.a, pair.b) is None  # cond(B) ~ 1e6: its Gram would lose it
+    canon = canonical_pair(pair, out_dtype=torch.float64)
+    dense = pair.b @ pair.a
+    assert relative(canon.b @ canon.a, dense) < 1e-8  # error relative to |B A|, not to |B| |A|
+    torch.testing.assert_close(singular_values(canon), torch.linalg.svdvals(dense)[: canon.a.shape[0]], rtol=1e-7, atol=0)
+
+
+def test_the_orthogonality_check_catches_what_the_diagonal_screen_lets_through(monkeypatch):
+    pair = cancelling_stack(200, 6, gap=1e-6, seed=3)
+    monkeypatch.setattr(canonical, "CHOLESKY_MAX_DIAGONAL_RATIO", float("inf"))
+    assert canonical._cholesky_svd(pair.a, pair.b) is None  # Q off orthonormal by ~eps cond^2
+    monkeypatch.setattr(canonical, "CHOLESKY_MAX_ORTHOGONALITY_ERROR", float("inf"))
+    assert canonical._cholesky_svd(pair.a, pair.b) is not None  # the check, not the screen, refused it

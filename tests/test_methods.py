@@ -45,7 +45,7 @@ def trained(start, rank: int, seed: int) -> LoraAdapter:
     return LoraAdapter(pairs, SCALING)
 
 
-def play(name: str, ranks=MIXED, rounds: int = 3):
+def play(name: str, ranks=MIXED, rounds: int = 3, weights=WEIGHTS):
     """Run ``rounds`` rounds on a dense global model; yield (model before, starts, updates, result)."""
     method = get_method(name)
     method.validate(list(ranks), [SCALING] * len(ranks))
@@ -56,7 +56,7 @@ def play(name: str, ranks=MIXED, rounds: int = 3):
     for t in range(rounds):
         starts = [method.start(kept, r, SCALING) for r in ranks]
         updates = [trained(s, r, seed=100 * t + k) for k, (s, r) in enumerate(zip(starts, ranks))]
-        result = method.merge(kept, updates, WEIGHTS)
+        result = method.merge(kept, updates, weights)
         yield model, kept, starts, updates, result
         model = {n: model[n] + dense(result.delta, n) for n in model}
         kept = result.kept
@@ -95,6 +95,16 @@ def test_flora_warm_starts_from_the_best_rank_r_approximation_of_the_aggregate()
             assert math.isclose(error, sv[rank:].square().sum().sqrt().item(), rel_tol=1e-4, abs_tol=1e-6)  # Eckart-Young
             a, b = s.init.pairs[n]
             assert torch.allclose(a.norm(dim=1), b.norm(dim=0), rtol=1e-4)  # balanced: sqrt(S / s) on each side
+
+
+@pytest.mark.parametrize("name", ["flora-warm", "fedex"])
+def test_clients_with_the_same_start_share_one_removed_term_in_the_stack(name) -> None:
+    ranks, weights = (3, 3, 3, 1), [0.4, 0.3, 0.2, 0.1]  # two distinct starts: rank 3 (three clients) and rank 1
+    *_, (model, kept, starts, updates, result) = play(name, ranks=ranks, rounds=2, weights=weights)
+    assert result.delta.rank == sum(u.rank for u in updates) + 3 + 1  # R + one term per distinct start
+    for n in SHAPES:
+        expect = sum(p * (dense(u, n) - dense(s.removed, n)) for p, s, u in zip(weights, starts, updates))
+        assert torch.allclose(dense(result.delta, n), expect, rtol=0, atol=1e-6 * expect.abs().max()), n
 
 
 def test_flora_warm_first_round_is_fresh_and_then_plain_stacking() -> None:

@@ -152,10 +152,22 @@ def exact_change(
     updates: Sequence[LoraAdapter], weights: Sequence[float], removed: Sequence[LoraAdapter | None],
     dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
-    """Stacked factors of sum_k p_k (s_k B_k A_k - removed_k): the exact FedAvg of the round's models."""
+    """Stacked factors of sum_k p_k (s_k B_k A_k - removed_k): the exact FedAvg of the round's models.
+
+    Clients that removed the same adapter (``removals`` makes one start per rank and scaling)
+    share one stacked term weighted by the sum of their p_k, so the stack grows by the distinct
+    starts rather than by the clients: R + r wide instead of 2R with equal ranks, which the
+    downlink's factorization pays for quadratically.
+    """
     terms, factors = list(updates), list(weights)
+    slot: dict[int, int] = {}  # id of a removed adapter -> its index in terms
     for p, gone in zip(weights, removed):
-        if gone is not None:
+        if gone is None:
+            continue
+        if id(gone) in slot:
+            factors[slot[id(gone)]] -= p
+        else:
+            slot[id(gone)] = len(terms)
             terms.append(gone)
             factors.append(-p)
     return flora_stack(terms, factors, dtype)
