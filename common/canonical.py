@@ -80,6 +80,23 @@ def canonical_pair(
     )
 
 
+def product_norm(pair: LoraPair) -> float:
+    """|B A|_F in float64 from the factors: the Frobenius norm of the triangular core R_b R_a^T.
+
+    Householder QR is backward stable, so the norm is accurate relative to |B| |A| even where the
+    product cancels (the difference between a round's merged update and its exact target, which
+    is what ``round_error`` measures); Gram matrices would lose it to cancellation. The dense
+    product is taken where it is the cheaper form (R (d_out + d_in) >= d_out d_in).
+    """
+    a, b = pair.a.double(), pair.b.double()
+    if a.shape[0] * (b.shape[0] + a.shape[1]) >= b.shape[0] * a.shape[1]:
+        return float(torch.linalg.matrix_norm(b @ a))
+    with _one_thread():
+        r_b = torch.linalg.qr(b, mode="r").R  # (m1, R)
+        r_a = torch.linalg.qr(a.T, mode="r").R  # (m2, R)
+    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
+
+
 def rank_tolerance(size: int, dtype: torch.dtype, out_dtype: torch.dtype) -> float:
     """Singular values at or below this fraction of the largest are round-off, and are cut.
 

@@ -201,3 +201,21 @@ def test_the_orthogonality_check_catches_what_the_diagonal_screen_lets_through(m
     assert canonical._cholesky_svd(pair.a, pair.b) is None  # Q off orthonormal by ~eps cond^2
     monkeypatch.setattr(canonical, "CHOLESKY_MAX_ORTHOGONALITY_ERROR", float("inf"))
     assert canonical._cholesky_svd(pair.a, pair.b) is not None  # the check, not the screen, refused it
+
+
+@pytest.mark.parametrize("shape", [(300, 200, 12), (6, 50, 40)])  # thin: from the core; wide: the dense product
+def test_product_norm_is_the_frobenius_norm_of_the_product(shape):
+    d_out, d_in, rank = shape
+    gen = torch.Generator().manual_seed(1)
+    pair = LoraPair(torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen))
+    expect = torch.linalg.matrix_norm(pair.b.double() @ pair.a.double()).item()
+    assert canonical.product_norm(pair) == pytest.approx(expect, rel=1e-12)
+
+
+def test_product_norm_of_a_cancelling_stack_is_accurate_where_gram_matrices_lose_it():
+    pair = cancelling_stack(200, 6, gap=1e-7, seed=5)  # |B A| ~ 1e-7 |B| |A|
+    expect = torch.linalg.matrix_norm(pair.b @ pair.a).item()
+    assert canonical.product_norm(pair) == pytest.approx(expect, rel=1e-6)
+    a, b = pair
+    gram = ((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt().item()  # trace(B^T B A A^T)
+    assert gram != pytest.approx(expect, rel=1e-2)  # the shortcut the factor path must not take

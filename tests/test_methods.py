@@ -73,6 +73,20 @@ def test_exact_methods_merge_the_fedavg_of_the_clients_models_over_rounds(name) 
         assert round_error(result.delta, updates, WEIGHTS, [s.removed for s in starts]) < 1e-6
 
 
+@pytest.mark.parametrize("name", ["fedit", "flora-warm", "fedex"])
+def test_round_error_from_factors_equals_the_dense_definition(name) -> None:
+    ranks = (3, 3, 3) if name == "fedit" else MIXED
+    for model, _, starts, updates, result in play(name, ranks=ranks):
+        diff_sq = ideal_sq = 0.0
+        for n in SHAPES:
+            ideal = sum(p * (dense(u, n) - dense(s.removed, n)) for p, s, u in zip(WEIGHTS, starts, updates))
+            diff_sq += torch.linalg.matrix_norm(dense(result.delta, n) - ideal).item() ** 2
+            ideal_sq += torch.linalg.matrix_norm(ideal).item() ** 2
+        expect = math.sqrt(diff_sq / ideal_sq)
+        got = round_error(result.delta, updates, WEIGHTS, [s.removed for s in starts])
+        assert got == pytest.approx(expect, rel=1e-3, abs=1e-9)
+
+
 @pytest.mark.parametrize("name", EXACT)
 def test_exact_methods_start_every_client_on_the_global_model(name) -> None:
     for _, _, starts, _, _ in play(name, rounds=2):

@@ -34,9 +34,10 @@ from typing import ClassVar
 
 import torch
 
-from flora.common.aggregation import check_compatible, flora_stack, ideal_delta
-from flora.common.canonical import canonical_pair
+from flora.common.aggregation import check_compatible, flora_stack
+from flora.common.canonical import canonical_pair, product_norm
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair, seeded_lora
+from flora.common.update import concat_pairs
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,13 @@ def round_error(
     the global model.) Zero when both are zero.
     """
     check_compatible(updates, weights)
+    ideal = exact_change(updates, weights, removed, torch.float64)
     diff_sq = ideal_sq = 0.0
-    for name in updates[0].module_names:
-        ideal = ideal_delta(updates, weights, name, torch.float64)
-        for p, gone in zip(weights, removed):
-            if gone is not None:
-                ideal = ideal - p * gone.delta(name, torch.float64)
-        diff_sq += torch.linalg.matrix_norm(delta.delta(name, torch.float64) - ideal).item() ** 2
-        ideal_sq += torch.linalg.matrix_norm(ideal).item() ** 2
+    for name in updates[0].module_names:  # from the factors: rank R + rho, never d_out x d_in when thinner
+        target, sent = ideal.pairs[name], delta.pairs[name]
+        gap = concat_pairs([LoraPair(sent.a.double() * delta.scaling, sent.b), LoraPair(-target.a, target.b)], torch.float64)
+        diff_sq += product_norm(gap) ** 2
+        ideal_sq += product_norm(target) ** 2
     if ideal_sq == 0.0:
         return 0.0 if diff_sq == 0.0 else math.inf
     return math.sqrt(diff_sq / ideal_sq)
