@@ -117,6 +117,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mmlu-questions", type=int, default=100, help="spread over the 1444 (0: skip MMLU)")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel, one torch thread each")
     parser.add_argument("--seed", type=int, default=0, help="first seed; also the data split")
+    parser.add_argument("--first-seed", type=int, default=None,
+                        help="first run seed when it differs from --seed: more seeds on the same data split "
+                             "(--seed 0 --first-seed 3 --seeds 2 adds seeds 3, 4 to a 3-seed run)")
     parser.add_argument("--downlinks", default="", help="compressed downlinks to run every method with too, e.g. e0.99,e0.95,r4+bfloat16")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the built-in model and data, for CI")
@@ -175,7 +178,8 @@ def _run_one(
 
 def run(args, base_model: str, federation: Federation, questions: list[Question], plan: list[Experiment]):
     """Every experiment and seed, --workers at a time; returns {label: records} and {label: [accuracy per seed]}."""
-    seeds = range(args.seed, args.seed + args.seeds)
+    first = args.seed if args.first_seed is None else args.first_seed
+    seeds = range(first, first + args.seeds)
     jobs = [(e, s) for s in seeds for e in plan]  # seed-major: an interrupted run has whole seeds
     runs: dict[str, list[RoundRecord]] = {e.label: [] for e in plan}
     mmlu: dict[str, list[float]] = {e.label: [] for e in plan}
