@@ -51,3 +51,17 @@ def test_train_smoke_compares_against_a_plain_peft_loop(tmp_path):
     assert set(report["median_tokens_per_second"]) == {"train_lora", "plain_peft"}
     assert report["ratio"] > 0
     assert "ratio train_lora / plain_peft" in stdout
+
+
+def test_uploadmem_smoke_measures_the_baseline_and_the_default_setting(tmp_path):
+    stdout = run_bench("bench.uploadmem", tmp_path)
+    report = json.loads((tmp_path / "uploadmem.json").read_text())
+    rows = report["rows"]
+    assert [(r["allocator"], r["window"]) for r in rows] == [
+        ("glibc defaults", "grpc's own"), ("server tuning", "fixed 1 MiB (default)")  # the baseline and the default
+    ]
+    for row in rows:
+        assert row["clients"] == 3 and row["payload_MiB"] > 1.5  # every upload went through (else the bench raises)
+        assert row["rss_peak_MiB"] >= row["rss_before_MiB"] > 0 and row["seconds"] > 0
+        assert row["in_flight_MiB"] == pytest.approx(3 * row["payload_MiB"])
+    assert "growth_per_client_chunks" in stdout
