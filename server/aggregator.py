@@ -33,6 +33,7 @@ from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.downlink import plan_downlink
 from flora.common.merge import merged_update, merged_weights, module_weights
 from flora.common.methods import ClientStart, round_error
+from flora.common.methods.base import clipped_stack
 from flora.common.payload import (
     PayloadLimits,
     PayloadMeta,
@@ -168,13 +169,15 @@ class Aggregator:
         clock = time.perf_counter()
         loaded = [self._load_update(s).to(device=self.device) for s in submissions]
         claimed = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
-        adapters, weights, decisions = robust_inputs(loaded, claimed, self.settings.robust_policy)
+        inits = [self.start_of(u.rank, u.scaling).init for u in loaded]  # norms and clipping are of the change
+        adapters, weights, clips, decisions = robust_inputs(loaded, inits, claimed, self.settings.robust_policy)
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
-        result = self.method.merge(self.kept, adapters, weights, self.precision)
+        result = self.method.merge(self.kept, adapters, weights, self.precision, clips)
         delta = _unit_scaling(result.delta).to(torch.float32)
-        removed = self.method.removals(self.kept, adapters)  # as each client started
-        error = round_error(delta, adapters, weights, removed)
+        starts = [self.start_of(u.rank, u.scaling) for u in adapters]  # as each client started
+        counted = [clipped_stack([u], [1.0], [s.init], clips=[c]) for u, s, c in zip(adapters, starts, clips)]
+        error = round_error(delta, counted, weights, [s.removed for s in starts])
         seconds["aggregate"] = time.perf_counter() - clock
         previous = self.kept, self.remainder
         try:

@@ -100,3 +100,25 @@ def test_an_upload_without_lora_a_is_refused_where_the_method_trains_a(tmp_path,
                                               rf"\(2 lora_A missing in all\).* \(run method {name}\)"):
         uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), math.inf, method,
                                  method.start(kept, 2, 1.0))
+
+
+@pytest.mark.parametrize("name", ["fedex", "ffa"])
+def test_a_warm_upload_is_measured_by_its_change_from_the_start(tmp_path, name) -> None:
+    method = get_method(name)
+    gen = torch.Generator().manual_seed(5)
+    kept = LoraAdapter({n: LoraPair(torch.randn(4, i, generator=gen), 100 * torch.randn(o, 4, generator=gen))
+                        for n, (o, i) in SHAPES.items()}, 1.0)  # a large global LoRA: the start is not the change
+    start = method.start(kept, 2, 1.0)
+    moved = {n: LoraPair(p.a + (0.1 * torch.randn(p.a.shape, generator=gen) if start.train_a else 0),
+                         p.b + torch.randn(p.b.shape, generator=gen))
+             for n, p in start.init.pairs.items()}
+    meta = PayloadMeta("client_update", rank=2, alpha=2.0, scaling_rule="standard", round=3)
+    size, sha = write_adapter(tmp_path / "w.safetensors", LoraAdapter(moved, 1.0), meta, with_a=start.train_a)
+    header = transfer_pb2.UpdateHeader(round=3, rank=2, alpha=2.0, scaling_rule=run_pb2.SCALING_RULE_STANDARD,
+                                       num_examples=1, total_bytes=size, sha256=sha)
+    want = math.sqrt(sum(float((p.b.double() @ p.a.double() - start.init.delta(n, torch.float64)).square().sum())
+                         for n, p in moved.items()))
+    trained = math.sqrt(sum(float((p.b.double() @ p.a.double()).square().sum()) for p in moved.values()))
+    assert trained > 10 * want  # what the old check measured
+    norm = uploads.validate_payload(tmp_path / "w.safetensors", header, SHAPES, PayloadLimits(), 2 * want, method, start)
+    assert norm == pytest.approx(want, rel=1e-6)
