@@ -307,11 +307,12 @@ class Daemon:
         """Write the round's factors (float32 safetensors) to ``path``; return the header describing them.
 
         The upload streams from this file, so memory holds a chunk of it at a time, not all of it.
+        A method that freezes A (ffa) uploads B alone: the server holds A already.
         """
         adapter = self._complete(result.adapter, config.rank)
         rule = "rslora" if config.rslora else "standard"  # the payload's words for _scaling_rule(config)
         meta = PayloadMeta("client_update", rank=config.rank, alpha=config.lora_alpha, scaling_rule=rule, round=task.round)
-        size, digest = write_adapter(path, adapter, meta)
+        size, digest = write_adapter(path, adapter, meta, with_a=self.method.trains_a)
         if size > self.spec.max_update_bytes > 0:
             path.unlink(missing_ok=True)
             raise ConfigError(f"an update of rank {config.rank} is {size} bytes; the server accepts at most "

@@ -6,7 +6,8 @@ Every payload that crosses the network is untrusted (DESIGN.md section 7). ``rea
 safetensors library sees a single byte; only then are tensors loaded, and every value is checked
 finite. ``check_adapter`` validates a file without keeping it in memory, for servers that receive
 large uploads and load them only when they aggregate. Nothing here ever unpickles. Tensor names are ``<module>.lora_A`` (r, d_in) and
-``<module>.lora_B`` (d_out, r) for adapters, ``<module>.weight`` (d_out, d_in) for merged weights,
+``<module>.lora_B`` (d_out, r) for adapters (``lora_B`` alone for an update whose A is frozen at a
+global LoRA the reader holds: FFA-LoRA), ``<module>.weight`` (d_out, d_in) for merged weights,
 and for a downlink update (``flora.update.v1``) per module either ``lora_A``/``lora_B`` of that
 module's own rank or ``<module>.delta`` (d_out, d_in).
 """
@@ -36,6 +37,7 @@ from flora.common.payload_header import (
     PayloadLimits,
     allowed_dtypes,
     artifact_limits,
+    check_adapter_names,
     check_adapter_shapes,
     check_names,
     check_shape,
@@ -54,16 +56,21 @@ __all__ = [
 _CHECK_BLOCK = 1 << 20
 
 
-def encode_adapter(adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None = None) -> bytes:
-    """Serialize an adapter in memory, e.g. to upload it without touching the disk."""
-    return _canonical_bytes(save_bytes(_adapter_tensors(adapter, meta, dtype), metadata=meta.to_metadata()))
+def encode_adapter(
+    adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None = None, *, with_a: bool = True
+) -> bytes:
+    """Serialize an adapter in memory, e.g. to upload it without touching the disk (B alone when not ``with_a``)."""
+    return _canonical_bytes(save_bytes(_adapter_tensors(adapter, meta, dtype, with_a), metadata=meta.to_metadata()))
 
 
 def write_adapter(
-    path: Path, adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None = None
+    path: Path, adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None = None, *, with_a: bool = True
 ) -> tuple[int, str]:
-    """Write an adapter file atomically and return its (size, hex sha256) for the wire header."""
-    tensors = _adapter_tensors(adapter, meta, dtype)
+    """Write an adapter file atomically and return its (size, hex sha256) for the wire header.
+
+    Without ``with_a`` only the B factors are written: the upload of a method that freezes A.
+    """
+    tensors = _adapter_tensors(adapter, meta, dtype, with_a)
     return _write_atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta.to_metadata()))
 
 
@@ -87,27 +94,36 @@ def read_adapter(
     rank: int | None = None,
     scaling: float | None = None,
     limits: PayloadLimits = PayloadLimits(),
+    frozen_a: LoraAdapter | None = None,
 ) -> tuple[LoraAdapter, PayloadMeta]:
     """Validate and load an adapter payload for the modules ``expected`` maps to (d_out, d_in).
 
     ``rank`` is the rank the sender declared elsewhere (e.g. in the upload header); ``scaling``
-    is the caller's trusted scaling, which wins over the payload's own metadata.
+    is the caller's trusted scaling, which wins over the payload's own metadata. With
+    ``frozen_a`` the payload must hold B alone, and each A is the leading rank rows of its A.
     """
-    header, meta = _adapter_header(source, expected, rank, limits)
+    header, meta = _adapter_header(source, expected, rank, limits, frozen_a is None)
     tensors = _load(source, header)
-    pairs = {m: LoraPair(tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in sorted(expected)}
+    if frozen_a is None:
+        pairs = {m: LoraPair(tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in sorted(expected)}
+    else:
+        if meta.rank > frozen_a.rank:
+            raise PayloadError(f"metadata 'rank': {meta.rank} exceeds the frozen A's rank {frozen_a.rank}")
+        pairs = {m: LoraPair(frozen_a.pairs[m].a[: meta.rank].to("cpu"), tensors[f"{m}.lora_B"]) for m in sorted(expected)}
     return LoraAdapter(pairs, meta.scaling if scaling is None else scaling), meta
 
 
 def check_adapter(
-    path: Path, expected: Mapping[str, tuple[int, int]], *, rank: int | None = None, limits: PayloadLimits = PayloadLimits()
+    path: Path, expected: Mapping[str, tuple[int, int]], *, rank: int | None = None,
+    limits: PayloadLimits = PayloadLimits(), with_a: bool = True,
 ) -> PayloadMeta:
     """Every check of ``read_adapter`` on a file, reading it in 1 MiB pieces instead of loading it.
 
     What a server runs on an upload it will only load later, when it aggregates: memory stays at
     one piece however large the payload, and safetensors itself must accept the file as well.
+    Without ``with_a`` the file must hold B alone (the run's method freezes A).
     """
-    header, meta = _adapter_header(path, expected, rank, limits)
+    header, meta = _adapter_header(path, expected, rank, limits, with_a)
     try:
         with safe_open(path, framework="pt", device="cpu"):
             pass
@@ -118,15 +134,15 @@ def check_adapter(
 
 
 def _adapter_header(
-    source: bytes | Path, expected: Mapping[str, tuple[int, int]], rank: int | None, limits: PayloadLimits
+    source: bytes | Path, expected: Mapping[str, tuple[int, int]], rank: int | None, limits: PayloadLimits, with_a: bool
 ) -> tuple[Header, PayloadMeta]:
     """The validated header and metadata of an adapter payload (no tensor byte read yet)."""
     header = read_header(source, limits)
     meta = PayloadMeta.from_metadata(header.metadata)
     if not meta.is_adapter:
         raise PayloadError(f"metadata 'kind': {meta.kind!r} is not an adapter payload")
-    check_names(header.tensors, {f"{m}.lora_{side}" for m in expected for side in "AB"})
-    found = check_adapter_shapes(header.tensors, expected, rank, limits)
+    check_adapter_names(header.tensors, expected, with_a)
+    found = check_adapter_shapes(header.tensors, expected, rank, limits, with_a)
     if meta.rank != found:
         raise PayloadError(f"metadata 'rank': {meta.rank} does not match the tensors' rank {found}")
     return header, meta
@@ -183,7 +199,9 @@ def read_update(
 # --- encoding ---------------------------------------------------------------------------------
 
 
-def _adapter_tensors(adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None) -> dict[str, Tensor]:
+def _adapter_tensors(
+    adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype | None, with_a: bool = True
+) -> dict[str, Tensor]:
     if not meta.is_adapter:
         raise PayloadError(f"metadata 'kind': {meta.kind!r} cannot describe a LoRA adapter")
     if meta.rank != adapter.rank:
@@ -193,7 +211,8 @@ def _adapter_tensors(adapter: LoraAdapter, meta: PayloadMeta, dtype: torch.dtype
     tensors = {}
     for module in adapter.module_names:
         a, b = adapter.pairs[module]
-        tensors[f"{module}.lora_A"] = _prepare(f"{module}.lora_A", a, dtype)
+        if with_a:
+            tensors[f"{module}.lora_A"] = _prepare(f"{module}.lora_A", a, dtype)
         tensors[f"{module}.lora_B"] = _prepare(f"{module}.lora_B", b, dtype)
     return tensors
 

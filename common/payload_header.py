@@ -175,28 +175,51 @@ def check_names(tensors: Mapping[str, TensorInfo], expected: set[str]) -> None:
         raise PayloadError("; ".join(problems))
 
 
+def check_adapter_names(tensors: Mapping[str, TensorInfo], expected: Mapping[str, tuple[int, int]], with_a: bool) -> None:
+    """Exactly ``<module>.lora_B``, and ``<module>.lora_A`` unless A is frozen (``with_a`` False).
+
+    The factor set follows from the run's method (FFA-LoRA uploads B alone): a factor of the
+    wrong set is named with that rule, before the general unexpected/missing check.
+    """
+    a_names = sorted(f"{m}.lora_A" for m in expected)
+    if not with_a and (present := [n for n in a_names if n in tensors]):
+        raise PayloadError(
+            f"unexpected tensor {present[0]!r} ({len(present)} lora_A in all): this run's updates hold lora_B only "
+            "(A stays frozen at the global LoRA's leading rows)"
+        )
+    if with_a and (absent := [n for n in a_names if n not in tensors]) and any(f"{m}.lora_B" in tensors for m in expected):
+        raise PayloadError(
+            f"missing tensor {absent[0]!r} ({len(absent)} lora_A missing in all): this run's updates hold lora_A and lora_B"
+        )
+    check_names(tensors, {f"{m}.lora_{side}" for m in expected for side in ("AB" if with_a else "B")})
+
+
 def check_adapter_shapes(
     tensors: Mapping[str, TensorInfo],
     expected: Mapping[str, tuple[int, int]],
     rank: int | None,
     limits: PayloadLimits,
+    with_a: bool = True,
 ) -> int:
-    """Check every A (r, d_in) and B (d_out, r) against one rank r; return r."""
+    """Check every A (r, d_in) and B (d_out, r) against one rank r; return r (B alone without A)."""
     modules = sorted(expected)
+    sides = "AB" if with_a else "B"
     for module in modules:
-        for side in "AB":
+        for side in sides:
             name = f"{module}.lora_{side}"
             if len(tensors[name].shape) != 2:
                 raise PayloadError(f"tensor {name!r}: shape {tensors[name].shape} is not 2-D")
     if rank is None:
-        rank, source = tensors[f"{modules[0]}.lora_A"].shape[0], f"the rank of {modules[0] + '.lora_A'!r}"
+        first = f"{modules[0]}.lora_{sides[0]}"
+        rank, source = tensors[first].shape[0 if with_a else 1], f"the rank of {first!r}"
     else:
         source = "the declared rank"
     if not 1 <= rank <= limits.max_rank:
         raise PayloadError(f"rank {rank} ({source}) is outside [1, {limits.max_rank}]")
     for module in modules:
         d_out, d_in = expected[module]
-        check_shape(f"{module}.lora_A", tensors, (rank, d_in), "(rank, in_features)", source)
+        if with_a:
+            check_shape(f"{module}.lora_A", tensors, (rank, d_in), "(rank, in_features)", source)
         check_shape(f"{module}.lora_B", tensors, (d_out, rank), "(out_features, rank)", source)
     return rank
 

@@ -1,11 +1,14 @@
 """Defences of an aggregate against a lying or broken client: norms, weight caps, clipping, outliers.
 
 Pure functions over numbers and tensors, no I/O (DESIGN.md section 6, "Robustness"). The server
-measures every update's size as the Frobenius norm of its weight change s B A, computed from the
-r x r Gram matrices so that it costs O(r^2 (d_in + d_out)) and cannot overflow; bounds that norm
-at upload; caps any one client's share of the weights (the header's ``num_examples`` is a claim
-nothing verifies); and may clip or reject updates by norm before stacking. Clipping multiplies a
-client's A by a factor <= 1, so the stacked aggregate stays exactly sum_k p_k c_k s_k B_k A_k.
+measures every update's size as the Frobenius norm of what the client changed, s B A - s0 B0 A0
+with (B0, A0) the LoRA it started from (nothing for a fresh start; a warm start's init, which the
+exact methods also removed from the model), computed from Gram matrices so that it costs
+O(r^2 (d_in + d_out)) and cannot overflow; bounds that norm at upload; caps any one client's share
+of the weights (the header's ``num_examples`` is a claim nothing verifies); and may clip or reject
+updates by norm. A clip factor c_k <= 1 goes to the method's ``merge``, which scales the client's
+change by it (``flora.common.methods.base``): the merged update counts init_k + c_k (s_k B_k A_k -
+init_k) for client k, exactly sum_k p_k c_k s_k B_k A_k for fresh-start flora.
 """
 
 from __future__ import annotations
@@ -55,16 +58,61 @@ def update_norm(adapter: LoraAdapter) -> float:
     return math.sqrt(sum(delta_norm_sq(a, b, adapter.scaling) for a, b in adapter.pairs.values()))
 
 
+def change_norm_sq(a: Tensor, b: Tensor, scaling: float, start: LoraPair | None, start_scaling: float) -> float:
+    """|s B A - s0 B0 A0|_F^2 of one module, in float64: the stacked factors [B, B0] [s A; -s0 A0]
+    through ``delta_norm_sq`` (no d_out x d_in product for thin LoRAs)."""
+    if start is None:
+        return delta_norm_sq(a, b, scaling)
+    a0, b0 = (t.detach().to(device="cpu", dtype=torch.float64) for t in start)
+    a64, b64 = (t.detach().to(device="cpu", dtype=torch.float64) for t in (a, b))
+    return delta_norm_sq(torch.cat([a64 * scaling, a0 * -start_scaling]), torch.cat([b64, b0], dim=1), 1.0)
+
+
+def change_norm(update: LoraAdapter, start: LoraAdapter | None) -> float:
+    """|s B A - s0 B0 A0|_F over all modules: the norm of what a client changed from its start."""
+    if start is None:
+        return update_norm(update)
+    return math.sqrt(sum(change_norm_sq(a, b, update.scaling, start.pairs[n], start.scaling)
+                         for n, (a, b) in update.pairs.items()))
+
+
+def factor_step(update: LoraAdapter, init: LoraAdapter, clip: float) -> float:
+    """The t in [0, 1] whose factors init + t (update - init) change the product from init's by
+    ``clip`` times update's change, in Frobenius norm: how a method that averages factors clips.
+
+    With dA = A - A0, dB = B - B0 (one scaling s), the change at t is t L + t^2 Q, L = s (dB A0 +
+    B0 dA), Q = s dB dA, so its squared norm t^2 |L|^2 + 2 t^3 <L, Q> + t^4 |Q|^2 is a polynomial
+    whose three coefficients come from r x r products; it is 0 at t = 0 and continuous, so
+    bisection finds t (to float64 resolution) without forming a d_out x d_in matrix.
+    """
+    ll = lq = qq = 0.0
+    for name, (a, b) in update.pairs.items():
+        a0, b0 = (t.detach().to(device="cpu", dtype=torch.float64).numpy() for t in init.pairs[name])
+        a64, b64 = (t.detach().to(device="cpu", dtype=torch.float64).numpy() for t in (a, b))
+        da, db = (a64 - a0) * update.scaling, b64 - b0
+        a_l, b_l = np.vstack([a0 * update.scaling, da]), np.hstack([db, b0])
+        ll += _inner(a_l, b_l, a_l, b_l)
+        lq += _inner(a_l, b_l, da, db)
+        qq += _inner(da, db, da, db)
+
+    def norm_sq(t: float) -> float:
+        return t * t * (ll + t * (2.0 * lq + t * qq))
+
+    target, low, high = clip * clip * norm_sq(1.0), 0.0, 1.0
+    for _ in range(64):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if norm_sq(middle) < target else (low, middle)
+    return high
+
+
+def _inner(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> float:
+    """<B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T)), through r1 x r2 matrices."""
+    return float(np.sum((b1.T @ b2) * (a1 @ a2.T)))
+
+
 def weights_norm(weights: Mapping[str, Tensor]) -> float:
     """The Frobenius norm of a set of weight matrices taken together, in float64."""
     return math.sqrt(sum(float(torch.linalg.matrix_norm(w.detach().to(torch.float64)) ** 2) for w in weights.values()))
-
-
-def scale_update(adapter: LoraAdapter, factor: float) -> LoraAdapter:
-    """The adapter with A multiplied by ``factor``: its weight change scales by ``factor`` exactly."""
-    if factor == 1.0:
-        return adapter
-    return LoraAdapter({n: LoraPair(a * factor, b) for n, (a, b) in adapter.pairs.items()}, adapter.scaling)
 
 
 def cap_shares(weights: Sequence[float], cap: float) -> list[float]:
@@ -102,7 +150,7 @@ class RobustPolicy:
     """The run's robustness settings (from the server settings); None disables a rule."""
 
     max_weight_share: float | None = 0.5
-    clip_norm: float | None = None  # fixed bound on |s B A|_F
+    clip_norm: float | None = None  # fixed bound on the change's norm |s B A - s0 B0 A0|_F
     clip_median_multiple: float | None = None  # adaptive bound: this multiple of the round's median norm
     reject_median_multiple: float | None = None  # reject updates whose norm exceeds this multiple of the median
 
@@ -114,7 +162,7 @@ class Decision:
     norm: float
     raw_weight: float
     weight: float  # final p_k (0 when rejected)
-    clip_factor: float  # multiplies A_k; 1.0 when not clipped
+    clip_factor: float  # scales the client's change from its start; 1.0 when not clipped
     rejected: bool = False
     capped: bool = False
 
@@ -153,13 +201,16 @@ def decide(norms: Sequence[float], weights: Sequence[float], policy: RobustPolic
 
 
 def robust_inputs(
-    adapters: Sequence[LoraAdapter], claimed: Sequence[float], policy: RobustPolicy
-) -> tuple[list[LoraAdapter], list[float], list[Decision]]:
-    """What to aggregate from a round's updates under ``policy``: the kept (clipped) adapters,
-    their final weights, and one decision per update (rejected ones included) for the history."""
-    decisions = decide([update_norm(a) for a in adapters], claimed, policy)
+    adapters: Sequence[LoraAdapter], inits: Sequence[LoraAdapter | None], claimed: Sequence[float], policy: RobustPolicy
+) -> tuple[list[LoraAdapter], list[float], list[float], list[Decision]]:
+    """What to aggregate from a round's updates under ``policy``, each measured against the LoRA
+    its client started from (``inits``, None: fresh): the kept adapters, their final weights and
+    clip factors (for the method's ``merge``), and one decision per update (rejected ones
+    included) for the history."""
+    decisions = decide([change_norm(a, init) for a, init in zip(adapters, inits)], claimed, policy)
     kept = [k for k, d in enumerate(decisions) if not d.rejected]
-    return [scale_update(adapters[k], decisions[k].clip_factor) for k in kept], [decisions[k].weight for k in kept], decisions
+    return ([adapters[k] for k in kept], [decisions[k].weight for k in kept], [decisions[k].clip_factor for k in kept],
+            decisions)
 
 
 def _clip_bound(policy: RobustPolicy, median: float) -> float | None:

@@ -32,7 +32,8 @@ from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.downlink import plan_downlink
 from flora.common.merge import merged_update, merged_weights, module_weights
-from flora.common.methods import round_error
+from flora.common.methods import ClientStart, round_error
+from flora.common.methods.base import clipped_stack
 from flora.common.payload import (
     PayloadLimits,
     PayloadMeta,
@@ -99,6 +100,7 @@ class Aggregator:
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.base_norm = weights_norm(module_weights(self.model, list(self.shapes)))  # the same limit after every restart
         self.kept: LoraAdapter | None = None  # the method's global LoRA at the current version, as served
+        self._starts: tuple[LoraAdapter | None, dict[tuple[int, float], ClientStart]] = (None, {})
         self.remainder: dict[str, ModuleUpdate] = {}  # what earlier lossy downlinks did not send
         self.validation = self._validation_data()
         log.info("model %s on %s: %d target modules, fingerprint %s",
@@ -119,6 +121,20 @@ class Aggregator:
         if self.settings.max_update_norm is not None:
             return self.settings.max_update_norm
         return self.settings.max_update_norm_ratio * self.base_norm
+
+    def start_of(self, rank: int, scaling: float) -> ClientStart:
+        """How a client of ``rank`` and ``scaling`` starts from the current kept LoRA: what the
+        server checks its upload against. One ``method.start`` per kept LoRA and rank, not per
+        upload (a warm start costs an SVD per module); safe from the upload threads, which only
+        ever replace the cache."""
+        kept, starts = self._starts
+        if kept is not self.kept:
+            kept, starts = self.kept, {}
+            self._starts = kept, starts
+        key = (rank, scaling)
+        if key not in starts:
+            starts[key] = self.method.start(kept, rank, scaling)
+        return starts[key]
 
     # --- version 0 and restart ---------------------------------------------------------------
 
@@ -153,13 +169,15 @@ class Aggregator:
         clock = time.perf_counter()
         loaded = [self._load_update(s).to(device=self.device) for s in submissions]
         claimed = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
-        adapters, weights, decisions = robust_inputs(loaded, claimed, self.settings.robust_policy)
+        inits = [self.start_of(u.rank, u.scaling).init for u in loaded]  # norms and clipping are of the change
+        adapters, weights, clips, decisions = robust_inputs(loaded, inits, claimed, self.settings.robust_policy)
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
-        result = self.method.merge(self.kept, adapters, weights, self.precision)
+        result = self.method.merge(self.kept, adapters, weights, self.precision, clips)
         delta = _unit_scaling(result.delta).to(torch.float32)
-        removed = self.method.removals(self.kept, adapters)  # as each client started
-        error = round_error(delta, adapters, weights, removed)
+        starts = [self.start_of(u.rank, u.scaling) for u in adapters]  # as each client started
+        counted = [clipped_stack([u], [1.0], [s.init], clips=[c]) for u, s, c in zip(adapters, starts, clips)]
+        error = round_error(delta, counted, weights, [s.removed for s in starts])
         seconds["aggregate"] = time.perf_counter() - clock
         previous = self.kept, self.remainder
         try:
@@ -230,10 +248,13 @@ class Aggregator:
                 live.copy_(weights[name])
 
     def _load_update(self, submission: Submission) -> LoraAdapter:
-        """An accepted update, revalidated from disk, with the scaling its header declared."""
+        """An accepted update, revalidated from disk, with the scaling its header declared; when
+        the method freezes A the file holds B alone and A is the client's start's (kept A[:r])."""
         scaling = lora_scaling(submission.rank, submission.alpha, is_rslora(submission.scaling_rule))
+        start = self.start_of(submission.rank, scaling)
         adapter, _ = read_adapter(
-            self.layout.absolute(submission.path), self.shapes, rank=submission.rank, scaling=scaling, limits=self.limits
+            self.layout.absolute(submission.path), self.shapes, rank=submission.rank, scaling=scaling, limits=self.limits,
+            frozen_a=None if start.train_a else start.init,
         )
         return adapter
 

@@ -170,7 +170,7 @@ class ServerSettings(BaseModel):
     # --- robustness (DESIGN.md section 6; protos/PROTOCOL.md, "Limits") -----------------
     max_update_norm: float | None = Field(
         None, gt=0.0,
-        description="largest |s B A|_F (Frobenius norm over all target modules) an upload may have; "
+        description="largest norm an upload's change from its start |s B A - init|_F (over all target modules) may have; "
                     "unset = max_update_norm_ratio x the norm of the base model's target-module weights",
     )
     max_update_norm_ratio: float = Field(
@@ -183,7 +183,7 @@ class ServerSettings(BaseModel):
     )
     clip_norm: float | None = Field(
         None, gt=0.0,
-        description="clip each update's |s B A|_F to this bound before aggregating; unset = no fixed bound",
+        description="clip each update's change |s B A - init|_F to this bound before aggregating; unset = no fixed bound",
     )
     clip_median_multiple: float | None = Field(
         None, ge=1.0, le=1e6,

@@ -350,7 +350,11 @@ class Coordinator:
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                await validate_durably(tmp, header, self.shapes, self._limits, self.driver.aggregator.max_update_norm)
+                aggregator = self.driver.aggregator
+                scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
+                start = await asyncio.to_thread(aggregator.start_of, header.rank, scaling)  # a warm start: an SVD
+                await validate_durably(tmp, header, self.shapes, self._limits, aggregator.max_update_norm, aggregator.method,
+                                       start)
                 await asyncio.to_thread(_publish_update, tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -19,8 +19,9 @@ from safetensors import safe_open
 
 from flora.common.chunks import ChunkError, check_sha256, fsync_path
 from flora.common.lora import lora_scaling
+from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.payload import PayloadError, PayloadLimits, check_adapter
-from flora.common.robust import delta_norm_sq
+from flora.common.robust import change_norm_sq
 from flora.common.wire import WireError, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
 from flora.server.store import ClientRecord
@@ -109,7 +110,7 @@ async def receive_payload(
 
 async def validate_durably(
     path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits,
-    max_norm: float,
+    max_norm: float, method: AggregationMethod, start: ClientStart,
 ) -> float:
     """``validate_payload`` in one worker thread while another fsyncs the file: the OS writes the
     bytes back while validation reads them from its cache, so the two costs overlap instead of
@@ -117,7 +118,7 @@ async def validate_durably(
     """
     synced, checked = await asyncio.gather(
         asyncio.to_thread(fsync_path, path),
-        asyncio.to_thread(validate_payload, path, header, shapes, limits, max_norm),
+        asyncio.to_thread(validate_payload, path, header, shapes, limits, max_norm, method, start),
         return_exceptions=True,
     )
     for outcome in (checked, synced):
@@ -128,18 +129,21 @@ async def validate_durably(
 
 def validate_payload(
     path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits,
-    max_norm: float,
+    max_norm: float, method: AggregationMethod, start: ClientStart,
 ) -> float:
     """Check the payload fully (blocking: run it in a thread) against the header and the model.
 
     The file is read in pieces, not loaded: an upload costs the server a chunk of memory, not
-    its size, until the round is aggregated. Returns the update's norm |s B A|_F, refused above
+    its size, until the round is aggregated. The tensors are the run's ``method``'s: A and B,
+    or B alone when A is frozen (then A is ``start.init``'s, the leading rows of the global
+    LoRA the server keeps). Returns the norm of the update's change from the client's start,
+    |s B A - s0 B0 A0|_F (``start.init``; |s B A|_F from a fresh start), refused above
     ``max_norm``: finite factors can still have a product that overflows a merge.
     """
     try:
-        meta = check_adapter(path, shapes, rank=header.rank, limits=limits)
+        meta = check_adapter(path, shapes, rank=header.rank, limits=limits, with_a=start.train_a)
     except PayloadError as err:
-        raise InvalidArgument(f"payload: {err}") from None
+        raise InvalidArgument(f"payload: {err} (run method {method.name})") from None
     if meta.kind != "client_update":
         raise InvalidArgument(f"payload: metadata 'kind' is {meta.kind!r}, expected 'client_update'")
     if not math.isclose(meta.alpha, header.alpha, rel_tol=1e-6):
@@ -148,20 +152,26 @@ def validate_payload(
         raise InvalidArgument(f"payload: metadata 'scaling_rule' {meta.scaling_rule} differs from the header's")
     if meta.round != header.round:
         raise InvalidArgument(f"payload: metadata 'round' {meta.round} differs from the header's round {header.round}")
-    norm = file_update_norm(path, shapes, lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule)))
+    norm = file_change_norm(path, shapes, lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule)), start)
     if not norm <= max_norm:
         raise InvalidArgument(
-            f"payload: the update's norm |s B A|_F = {norm:.6g} exceeds max_update_norm {max_norm:.6g}"
+            f"payload: the update's norm (of its change from the round's start) |s B A - s0 B0 A0|_F = {norm:.6g} "
+            f"exceeds max_update_norm {max_norm:.6g}"
         )
     return norm
 
 
-def file_update_norm(path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float) -> float:
-    """|s B A|_F over all modules of a validated update file, one module in memory at a time."""
+def file_change_norm(path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart) -> float:
+    """|s B A - s0 B0 A0|_F over all modules of a validated update file, one module in memory at a
+    time, against the client's ``start.init`` (none: |s B A|_F); A is the init's when the method
+    freezes it (the file holds B alone)."""
+    init = start.init
     total = 0.0
     with safe_open(path, framework="pt", device="cpu") as file:
         for module in sorted(shapes):
-            total += delta_norm_sq(file.get_tensor(f"{module}.lora_A"), file.get_tensor(f"{module}.lora_B"), scaling)
+            a = file.get_tensor(f"{module}.lora_A") if start.train_a else init.pairs[module].a
+            origin, origin_scaling = (None, 1.0) if init is None else (init.pairs[module], init.scaling)
+            total += change_norm_sq(a, file.get_tensor(f"{module}.lora_B"), scaling, origin, origin_scaling)
     return math.sqrt(total)
 
 

@@ -15,7 +15,8 @@ import torch
 from flora.common.aggregation import fedit_average, zeropad_average
 from flora.common.lora import LoraAdapter, LoraPair, pad_rank
 from flora.common.methods import METHODS, get_method, round_error
-from flora.common.methods.base import principal
+from flora.common.methods.base import clipped_factors, clipped_stack, principal, toward
+from flora.common.robust import RobustPolicy, robust_inputs
 
 SHAPES = {"layer.0.q": (12, 10), "layer.0.v": (6, 10)}
 MIXED = (5, 3, 1)
@@ -234,3 +235,70 @@ def test_mixed_ranks_and_scalings_pass_for_stacking_methods() -> None:
 def test_unknown_method_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown aggregation method 'fedavg'; known: flora, flora-warm"):
         get_method("fedavg")
+
+
+# --- clipping the change, not the trained LoRA ---------------------------------------------------
+
+CLIP_POLICY = RobustPolicy(max_weight_share=None, clip_median_multiple=2.0)
+
+
+def clipped_round(name: str, ranks=MIXED):
+    """Round 2 of ``play`` (a non-trivial global LoRA) with client 0's change from its start made
+    about 10x the others'; the robust rules' clip factors and the method's merge with them."""
+    method = get_method(name)
+    _, kept, starts, updates, _ = list(play(name, ranks, rounds=2))[1]
+    updates = [toward(starts[0].init, updates[0], 10.0)] + updates[1:]
+    inits = method.inits(kept, updates)
+    adapters, weights, clips, decisions = robust_inputs(updates, inits, WEIGHTS, CLIP_POLICY)
+    return method, kept, starts, updates, clips, decisions, method.merge(kept, adapters, weights, clips=clips)
+
+
+@pytest.mark.parametrize("name", ["flora-warm", "fedex", "ffa", "flexlora"])
+def test_clipping_bounds_a_warm_clients_change_exactly(name) -> None:
+    method, kept, starts, updates, clips, decisions, result = clipped_round(name)
+    norms = [d.norm for d in decisions]
+    for u, s, norm in zip(updates, starts, norms):  # the norm is the change's, not the trained LoRA's
+        change = math.sqrt(sum(float((dense(u, n) - dense(s.init, n)).square().sum()) for n in SHAPES))
+        assert norm == pytest.approx(change, rel=1e-6)
+    bound = 2.0 * sorted(norms)[1]
+    assert clips[0] == pytest.approx(bound / norms[0]) and clips[0] < 0.2 and clips[1:] == [1.0, 1.0]
+    # The liar's part of the merged delta: what it adds over the same round with the liar at its start.
+    idle = method.merge(kept, [starts[0].init] + updates[1:], WEIGHTS).delta
+    part = {n: dense(result.delta, n) - dense(idle, n) for n in SHAPES}
+    assert math.sqrt(sum(float(p.square().sum()) for p in part.values())) == pytest.approx(WEIGHTS[0] * bound, rel=1e-5)
+    for n in SHAPES:  # exactly c_0 times its change, nothing else of it
+        want = WEIGHTS[0] * clips[0] * (dense(updates[0], n) - dense(starts[0].init, n))
+        assert torch.allclose(part[n], want, rtol=0, atol=1e-5 * want.abs().max())
+    if method.exact:  # and the rest of the round stays the exact FedAvg of the (clipped) models
+        counted = [clipped_stack([u], [1.0], [s.init], clips=[c]) for u, s, c in zip(updates, starts, clips)]
+        assert round_error(result.delta, counted, WEIGHTS, [s.removed for s in starts]) < 1e-6
+
+
+def test_ffa_clipping_moves_b_toward_its_start_and_keeps_the_shared_a() -> None:
+    _, kept, starts, updates, clips, _, result = clipped_round("ffa")
+    for n in SHAPES:
+        assert torch.equal(result.kept.pairs[n].a, kept.pairs[n].a)
+        b0 = starts[0].init.pairs[n].b
+        liar_b = b0 + clips[0] * (updates[0].pairs[n].b - b0)
+        want = sum(p * pad_rank(LoraAdapter({n: LoraPair(u.pairs[n].a, b)}, SCALING), kept.rank).pairs[n].b
+                   for p, u, b in zip(WEIGHTS, updates, [liar_b] + [u.pairs[n].b for u in updates[1:]]))
+        assert torch.allclose(result.kept.pairs[n].b, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, ranks", [("fedit", (3, 3, 3)), ("zeropad", MIXED)])
+def test_clipping_an_averaging_method_moves_the_clients_factors_to_the_bound(name, ranks) -> None:
+    method, kept, starts, updates, clips, decisions, result = clipped_round(name, ranks)
+    bound = 2.0 * sorted(d.norm for d in decisions)[1]
+    assert clips[0] == pytest.approx(bound / decisions[0].norm) and clips[0] < 0.2 and clips[1:] == [1.0, 1.0]
+    # The averaged factors are the clipped client's moved toward its start, on the line between the two,
+    moved = clipped_factors(updates, [s.init for s in starts], clips)
+    for n in SHAPES:
+        for side in (0, 1):  # A, then B: moved - start = t (trained - start), one t in (0, 1)
+            origin = starts[0].init.pairs[n][side]
+            went, full = moved[0].pairs[n][side] - origin, updates[0].pairs[n][side] - origin
+            t = float((went * full).sum() / full.square().sum())
+            assert 0 < t < 1 and torch.allclose(went, t * full, atol=1e-6)
+        assert torch.allclose(dense(result.delta, n), dense(method.merge(kept, moved, WEIGHTS).delta, n), atol=1e-6)
+    # ... just so far that its own product's change from the start has the bound's norm.
+    liar = math.sqrt(sum(float((dense(moved[0], n) - dense(starts[0].init, n)).square().sum()) for n in SHAPES))
+    assert liar == pytest.approx(bound, rel=1e-5)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from client_harness import ServerView
@@ -31,11 +32,15 @@ pytestmark = pytest.mark.slow
 SCALING = 2.0  # every client trains with the default alpha = 2 r
 
 
+def history_of(state_dir: Path) -> list[dict]:
+    """The committed rounds' lines of the server's history (round 0, the base, left out)."""
+    return [r for r in (json.loads(line) for line in (state_dir / "history.jsonl").read_text().splitlines()) if r["round"] > 0]
+
+
 def rounds_of(state_dir: Path, shapes: dict[str, tuple[int, int]]) -> list[list[tuple[float, dict[str, Tensor], dict]]]:
     """Per committed round: (weight p_k, s_k B_k A_k per module in float64, the adapter) of every update."""
-    history = [json.loads(line) for line in (state_dir / "history.jsonl").read_text().splitlines()]
     rounds = []
-    for record in (r for r in history if r["round"] > 0):
+    for record in history_of(state_dir):
         updates = []
         for client in sorted(record["clients"], key=lambda c: c["client_id"]):
             (path,) = (state_dir / "updates" / f"r{record['round']:06d}").glob(f"{client['client_id']}.*")
@@ -115,3 +120,39 @@ def test_flora_warm_with_mixed_ranks_starts_from_the_aggregate_and_stays_exact(t
         name = max(shapes, key=lambda n: top(aggregate[n], update.rank).norm())
         start_part = top(aggregate[name], update.rank)
         assert (dense[name] - start_part).norm() < 0.5 * start_part.norm(), name
+
+
+def test_ffa_with_mixed_ranks_uploads_b_alone_and_stays_exact(tmp_path, server_factory):  # noqa: F811
+    server = server_factory(*RUN_FLAGS, "--rounds", "2", "--min-clients", "2", "--method", "ffa",
+                            "--lora-rank", "4", "--lora-alpha", "8", "--seed", "3")
+    ranks = {"f4": 4, "f2": 2}
+    clients = [start(tmp_path, server.address, name, rank) for name, rank in ranks.items()]
+    finish(clients)
+    shapes = assert_clients_hold_the_servers_model(tmp_path, server.address, clients, 2)
+    # The oracle: A is G0's forever; client k trains B_k against A[:r_k] from B_G[:, :r_k] on the
+    # model minus that part, so each round merges sum_k p_k s (B_k - B_G[:, :r_k]) A[:r_k] and
+    # the next B_G is sum_k p_k pad(B_k). The uploaded files are read as plain safetensors.
+    layout = Layout(server.state_dir)
+    g0, _ = read_adapter(layout.global_artifact(0), shapes)
+    a = {n: g0.pairs[n].a.double() for n in shapes}
+    b_g = {n: g0.pairs[n].b.double() for n in shapes}
+    model = base_weights(shapes)
+    for record in history_of(server.state_dir):
+        new_b = {n: torch.zeros_like(b_g[n]) for n in shapes}
+        for client in record["clients"]:
+            (path,) = (server.state_dir / "updates" / f"r{record['round']:06d}").glob(f"{client['client_id']}.*")
+            with safe_open(path, framework="pt") as file:
+                assert sorted(file.keys()) == sorted(f"{n}.lora_B" for n in shapes)  # no lora_A went up
+                b = {n: file.get_tensor(f"{n}.lora_B").double() for n in shapes}
+            assert client["bytes"] == path.stat().st_size
+            r, p = client["rank"], client["weight"]
+            for name in shapes:
+                model[name] = model[name] + p * SCALING * ((b[name] - b_g[name][:, :r]) @ a[name][:r])
+                new_b[name][:, :r] += p * b[name]
+        b_g = new_b
+    served_g2, _ = read_adapter(layout.global_artifact(2), shapes)
+    for name in shapes:
+        assert torch.equal(served_g2.pairs[name].a, g0.pairs[name].a)  # A never moves
+        assert torch.allclose(served_g2.pairs[name].b.double(), b_g[name], atol=1e-6)
+    assert any(b_g[n].abs().max() > 0 for n in shapes)  # B trained: the check above is not 0 == 0
+    assert_server_model_is(tmp_path, server.address, clients[0].identity().token, model)

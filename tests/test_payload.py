@@ -433,3 +433,47 @@ def test_check_adapter_reads_in_pieces_and_finds_a_nan_in_any_piece(dtype, tmp_p
     path.write_bytes(raw_payload(tensors))
     with pytest.raises(PayloadError, match=f"tensor '{V}.lora_B'"):
         check_adapter(path, EXPECTED)
+
+
+# --- B-only updates (a method that freezes A: ffa) ----------------------------------------------
+
+
+def test_a_b_only_update_round_trips_with_the_readers_frozen_a(tmp_path):
+    adapter, frozen = make_adapter(4), make_adapter(6, seed=1)  # the reader's A has the global rank 6
+    data = encode_adapter(adapter, meta_for(4), with_a=False)
+    header, _ = split(data)
+    assert sorted(n for n in header if n != "__metadata__") == sorted(f"{m}.lora_B" for m in EXPECTED)
+    assert len(data) < 0.6 * len(good_payload(4))  # B alone: the A factors' bytes are not sent
+    path = tmp_path / "b.safetensors"
+    write_adapter(path, adapter, meta_for(4), with_a=False)
+    assert path.read_bytes() == data
+    assert check_adapter(path, EXPECTED, rank=4, with_a=False) == meta_for(4)
+    loaded, _ = read_adapter(path, EXPECTED, rank=4, frozen_a=frozen)
+    for m in EXPECTED:
+        assert torch.equal(loaded.pairs[m].b, adapter.pairs[m].b)
+        assert torch.equal(loaded.pairs[m].a, frozen.pairs[m].a[:4])
+
+
+def test_lora_a_in_a_b_only_update_is_refused_by_name(tmp_path):
+    path = tmp_path / "ab.safetensors"
+    path.write_bytes(good_payload(4))
+    with pytest.raises(PayloadError, match=rf"unexpected tensor '{Q}.lora_A' \(3 lora_A in all\): this run's updates hold lora_B only"):
+        check_adapter(path, EXPECTED, rank=4, with_a=False)
+    with pytest.raises(PayloadError, match="hold lora_B only"):
+        read_adapter(path, EXPECTED, rank=4, frozen_a=make_adapter(4))
+
+
+def test_an_update_without_lora_a_is_refused_by_name_where_a_is_trained(tmp_path):
+    path = tmp_path / "b.safetensors"
+    path.write_bytes(encode_adapter(make_adapter(4), meta_for(4), with_a=False))
+    rejects(path, rf"missing tensor '{Q}.lora_A' \(3 lora_A missing in all\): this run's updates hold lora_A and lora_B")
+
+
+def test_a_b_only_update_checks_b_against_the_rank():
+    tensors = {n: t for n, t in adapter_tensors(4).items() if n.endswith("lora_B")}
+    tensors[f"{V}.lora_B"] = torch.zeros(64, 3)
+    with pytest.raises(PayloadError, match=rf"'{V}.lora_B': shape \(64, 3\) does not match \(out_features, rank\) = \(64, 4\)"):
+        read_adapter(raw_payload(tensors), EXPECTED, rank=4, frozen_a=make_adapter(4))
+    tensors[f"{V}.lora_B"] = torch.zeros(64, 4)
+    with pytest.raises(PayloadError, match="exceeds the frozen A's rank 2"):
+        read_adapter(raw_payload(tensors), EXPECTED, rank=4, frozen_a=make_adapter(2))

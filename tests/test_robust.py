@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter, LoraPair
-from flora.common.robust import RobustPolicy, cap_shares, decide, delta_norm_sq, scale_update, update_norm
+from flora.common.methods import get_method
+from flora.common.robust import RobustPolicy, cap_shares, change_norm, decide, delta_norm_sq, update_norm
 
 
 def _adapter(seed: int, rank: int, scaling: float = 2.0, scale: float = 1.0) -> LoraAdapter:
@@ -67,12 +68,24 @@ def test_gram_norm_does_not_overflow_where_float32_products_do():
 
 def test_clipping_scales_the_stacked_delta_exactly():
     adapters = [_adapter(1, 2), _adapter(2, 5)]
-    clipped = [scale_update(adapters[0], 0.25), adapters[1]]
-    stacked = flora_stack(clipped, [0.5, 0.5], torch.float64)
+    stacked = get_method("flora").merge(None, adapters, [0.5, 0.5], torch.float64, clips=[0.25, 1.0]).delta
     for name in adapters[0].pairs:
         want = 0.5 * 0.25 * adapters[0].delta(name, torch.float64) + 0.5 * adapters[1].delta(name, torch.float64)
         assert torch.allclose(stacked.delta(name, torch.float64), want, rtol=1e-12, atol=1e-12)
-    assert update_norm(clipped[0]) == pytest.approx(0.25 * update_norm(adapters[0]), rel=1e-12)
+    unclipped = get_method("flora").merge(None, adapters, [0.5, 0.5], torch.float64).delta
+    for name in adapters[0].pairs:  # fresh-start flora without clips: the plain stack, as before
+        plain = flora_stack(adapters, [0.5, 0.5], torch.float64)
+        assert torch.equal(unclipped.delta(name, torch.float64), plain.delta(name, torch.float64))
+
+
+@pytest.mark.parametrize("rank, start_rank", [(3, 3), (2, 5), (20, 4)])  # Grams, and a product past the module size
+def test_change_norm_is_the_norm_of_the_dense_change(rank, start_rank):
+    update, start = _adapter(3, rank, scaling=2.0), _adapter(4, start_rank, scaling=0.5)
+    want = math.sqrt(sum(float(torch.linalg.matrix_norm(update.delta(n, torch.float64) - start.delta(n, torch.float64))) ** 2
+                         for n in update.pairs))
+    assert change_norm(update, start) == pytest.approx(want, rel=1e-9)
+    assert change_norm(update, None) == pytest.approx(_dense_norm(update), rel=1e-12)
+    assert change_norm(update, update) < 1e-7 * _dense_norm(update)  # Grams in float64: sqrt(eps) of |u|, cancelled
 
 
 @settings(max_examples=300, deadline=None)

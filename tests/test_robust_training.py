@@ -2,7 +2,7 @@
 
 Three clients train honestly; the fourth uploads its update scaled up 1,000x (or replaced by random
 noise of that size). The aggregate is built exactly as the server builds it
-(``robust_inputs`` then ``flora_stack``) and merged into the model; its validation loss is compared
+(``robust_inputs`` then flora's ``merge`` with the clip factors) and merged into the model; its validation loss is compared
 with the honest run's (the attacker replaced by an honest update).
 """
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from flora.client.trainer import TrainConfig, train_lora
-from flora.common.aggregation import flora_stack
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.data import Example, tokenize_examples
 from flora.common.evaluate import evaluate_loss
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.merge import merged_temporarily
+from flora.common.methods import get_method
 from flora.common.robust import RobustPolicy, robust_inputs, update_norm
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,8 @@ def round_updates(tiny_tokenizer):
 
 
 def _loss(model, validation, updates, policy) -> float:
-    adapters, weights, _ = robust_inputs(updates, [0.25] * 4, policy)
-    with merged_temporarily(model, flora_stack(adapters, weights)):
+    adapters, weights, clips, _ = robust_inputs(updates, [None] * 4, [0.25] * 4, policy)  # fresh starts
+    with merged_temporarily(model, get_method("flora").merge(None, adapters, weights, clips=clips).delta):
         return evaluate_loss(model, validation, batch_size=8, device=torch.device("cpu"))
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.methods import ClientStart, get_method
 from flora.common.payload import PayloadLimits, PayloadMeta, write_adapter
 from flora.server import uploads
 from flora.server.errors import InvalidArgument
@@ -16,6 +17,7 @@ from flora.server.uploads import validate_durably
 from flora.v1 import run_pb2, transfer_pb2
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (8, 6), "model.layers.0.self_attn.v_proj": (4, 6)}
+FLORA = (get_method("flora"), ClientStart(init=None, removed=None))  # a fresh start: A and B uploaded
 
 
 def update(path, round_number: int = 3, scale: float = 1.0) -> transfer_pb2.UpdateHeader:
@@ -32,7 +34,7 @@ def test_a_valid_update_is_fsynced_and_its_norm_returned(tmp_path, monkeypatch) 
     synced = []
     monkeypatch.setattr(uploads, "fsync_path", lambda path: synced.append(path))
     header = update(tmp_path / "u.safetensors")
-    norm = asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), math.inf))
+    norm = asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), math.inf, *FLORA))
     assert norm > 0 and synced == [tmp_path / "u.safetensors"]
 
 
@@ -43,13 +45,80 @@ def test_a_refusal_wins_over_an_fsync_error_and_both_are_waited_for(tmp_path, mo
     monkeypatch.setattr(uploads, "fsync_path", failing_fsync)
     header = update(tmp_path / "u.safetensors", round_number=4)  # metadata round 4, header round 3
     with pytest.raises(InvalidArgument, match="metadata 'round' 4 differs"):
-        asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), math.inf))
+        asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), math.inf, *FLORA))
     header = update(tmp_path / "v.safetensors")
     with pytest.raises(OSError, match="No space left"):
-        asyncio.run(validate_durably(tmp_path / "v.safetensors", header, SHAPES, PayloadLimits(), math.inf))
+        asyncio.run(validate_durably(tmp_path / "v.safetensors", header, SHAPES, PayloadLimits(), math.inf, *FLORA))
 
 
 def test_the_norm_bound_still_refuses(tmp_path) -> None:
     header = update(tmp_path / "u.safetensors", scale=100.0)
     with pytest.raises(InvalidArgument, match="exceeds max_update_norm"):
-        asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), 1.0))
+        asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), 1.0, *FLORA))
+
+
+def ffa_start(rank: int = 2) -> tuple:
+    """An ffa run's method and a client's start: the leading rows of the seeded global LoRA (rank 4)."""
+    ffa = get_method("ffa")
+    kept = ffa.initial(SHAPES, 4, 1.0, seed=7)
+    return ffa, ffa.start(kept, rank, 1.0)
+
+
+def b_only_update(path, scale: float = 1.0) -> tuple[transfer_pb2.UpdateHeader, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    pairs = {n: LoraPair(torch.full((2, i), 1e30), torch.randn(o, 2, generator=gen) * scale) for n, (o, i) in SHAPES.items()}
+    meta = PayloadMeta("client_update", rank=2, alpha=2.0, scaling_rule="standard", round=3)
+    size, sha = write_adapter(path, LoraAdapter(pairs, 1.0), meta, with_a=False)  # the huge A is not written
+    header = transfer_pb2.UpdateHeader(round=3, rank=2, alpha=2.0, scaling_rule=run_pb2.SCALING_RULE_STANDARD,
+                                       num_examples=1, total_bytes=size, sha256=sha)
+    return header, {n: p.b for n, p in pairs.items()}
+
+
+def test_an_ffa_upload_holds_b_alone_and_its_norm_uses_the_servers_a(tmp_path) -> None:
+    method, start = ffa_start()
+    header, bs = b_only_update(tmp_path / "b.safetensors")
+    norm = uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), math.inf, method, start)
+    want = math.sqrt(sum(float((bs[n].double() @ start.init.pairs[n].a.double()).square().sum()) for n in SHAPES))
+    assert norm == pytest.approx(want, rel=1e-9)
+    with pytest.raises(InvalidArgument, match=r"exceeds max_update_norm"):
+        uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), 0.5 * want, method, start)
+
+
+def test_an_ffa_upload_with_lora_a_is_refused_naming_the_tensor_and_the_method(tmp_path) -> None:
+    header = update(tmp_path / "ab.safetensors")
+    with pytest.raises(InvalidArgument, match=r"payload: unexpected tensor 'model.layers.0.self_attn.q_proj.lora_A' "
+                                              r"\(2 lora_A in all\): this run's updates hold lora_B only .*\(run method ffa\)"):
+        uploads.validate_payload(tmp_path / "ab.safetensors", header, SHAPES, PayloadLimits(), math.inf, *ffa_start())
+
+
+@pytest.mark.parametrize("name", ["flora", "fedex"])
+def test_an_upload_without_lora_a_is_refused_where_the_method_trains_a(tmp_path, name) -> None:
+    header, _ = b_only_update(tmp_path / "b.safetensors")
+    method = get_method(name)
+    kept = method.initial(SHAPES, 2, 1.0, seed=7)
+    with pytest.raises(InvalidArgument, match=rf"payload: missing tensor 'model.layers.0.self_attn.q_proj.lora_A' "
+                                              rf"\(2 lora_A missing in all\).* \(run method {name}\)"):
+        uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), math.inf, method,
+                                 method.start(kept, 2, 1.0))
+
+
+@pytest.mark.parametrize("name", ["fedex", "ffa"])
+def test_a_warm_upload_is_measured_by_its_change_from_the_start(tmp_path, name) -> None:
+    method = get_method(name)
+    gen = torch.Generator().manual_seed(5)
+    kept = LoraAdapter({n: LoraPair(torch.randn(4, i, generator=gen), 100 * torch.randn(o, 4, generator=gen))
+                        for n, (o, i) in SHAPES.items()}, 1.0)  # a large global LoRA: the start is not the change
+    start = method.start(kept, 2, 1.0)
+    moved = {n: LoraPair(p.a + (0.1 * torch.randn(p.a.shape, generator=gen) if start.train_a else 0),
+                         p.b + torch.randn(p.b.shape, generator=gen))
+             for n, p in start.init.pairs.items()}
+    meta = PayloadMeta("client_update", rank=2, alpha=2.0, scaling_rule="standard", round=3)
+    size, sha = write_adapter(tmp_path / "w.safetensors", LoraAdapter(moved, 1.0), meta, with_a=start.train_a)
+    header = transfer_pb2.UpdateHeader(round=3, rank=2, alpha=2.0, scaling_rule=run_pb2.SCALING_RULE_STANDARD,
+                                       num_examples=1, total_bytes=size, sha256=sha)
+    want = math.sqrt(sum(float((p.b.double() @ p.a.double() - start.init.delta(n, torch.float64)).square().sum())
+                         for n, p in moved.items()))
+    trained = math.sqrt(sum(float((p.b.double() @ p.a.double()).square().sum()) for p in moved.values()))
+    assert trained > 10 * want  # what the old check measured
+    norm = uploads.validate_payload(tmp_path / "w.safetensors", header, SHAPES, PayloadLimits(), 2 * want, method, start)
+    assert norm == pytest.approx(want, rel=1e-6)

@@ -7,7 +7,8 @@ what the server merges, what it keeps and what it sends"):
 - ``start``: how client k starts a round from what is kept: the LoRA its training begins from,
   and the update it removes from the global model to get its round's base weights;
 - ``merge``: from the clients' trained LoRAs, the update ``delta`` added to the global model
-  (on the server and on every client alike) and the global LoRA kept for the next round;
+  (on the server and on every client alike) and the global LoRA kept for the next round; with
+  clip factors c_k, each client's change from its start counts c_k times (below);
 - ``trains_a``: whether clients train and upload A (FFA-LoRA freezes it: B only goes up);
 - ``admits``: whether a client of a given rank and scaling can take part (checked at Join).
 
@@ -22,6 +23,15 @@ methods), and the exact FedAvg of the clients' trained models is
     M + sum_k p_k (s_k B_k A_k - removed_k),
 
 which is what an exact method merges. ``round_error`` measures every method against it.
+
+Clipping (``flora.common.robust``) bounds what a client changed: its trained LoRA minus the LoRA
+it started from, s_k B_k A_k - init_k (= s_k B_k A_k - removed_k wherever init_k = removed_k).
+A method given clip factors c_k merges as if client k had trained init_k + c_k (s_k B_k A_k -
+init_k): exactly so in the product for the stacking methods and ffa (where the shared A makes it
+B_init + c_k (B_k - B_init)). fedit and zeropad average factors, so there the client's factors
+move toward its start (``clipped_factors``) just so far that the change of its own product is
+c_k times its change in norm; the direction of that change is not exactly kept (both factors
+move, so the second-order part s dB dA shrinks faster than the first-order one).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import torch
 from flora.common.aggregation import check_compatible, flora_stack
 from flora.common.canonical import canonical_pair, product_norm
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair, seeded_lora
+from flora.common.robust import factor_step
 from flora.common.update import concat_pairs
 
 
@@ -90,22 +101,31 @@ class AggregationMethod(ABC):
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """How a client of ``rank`` and ``scaling`` starts a round from the kept global LoRA."""
 
-    def removals(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[LoraAdapter | None]:
-        """What each update's client removed from the global model at its start: one ``start``
-        per distinct rank and scaling, not per client (a warm start costs an SVD per module)."""
-        starts: dict[tuple[int, float], LoraAdapter | None] = {}
+    def starts(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[ClientStart]:
+        """How each update's client started: one ``start`` per distinct rank and scaling, not per
+        client (a warm start costs an SVD per module)."""
+        starts: dict[tuple[int, float], ClientStart] = {}
         for update in updates:
             key = (update.rank, update.scaling)
             if key not in starts:
-                starts[key] = self.start(kept, *key).removed
+                starts[key] = self.start(kept, *key)
         return [starts[(u.rank, u.scaling)] for u in updates]
+
+    def removals(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[LoraAdapter | None]:
+        """What each update's client removed from the global model at its start."""
+        return [start.removed for start in self.starts(kept, updates)]
+
+    def inits(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[LoraAdapter | None]:
+        """The LoRA each update's client started training from (None: fresh, B = 0)."""
+        return [start.init for start in self.starts(kept, updates)]
 
     @abstractmethod
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """The round's delta and the next kept LoRA from the clients' trained LoRAs and weights p_k."""
+        """The round's delta and the next kept LoRA from the clients' trained LoRAs and weights p_k;
+        ``clips`` (default all 1) scales each client's change from its start (module docstring)."""
 
 
 class PersistentLora(AggregationMethod):
@@ -151,27 +171,72 @@ def difference(new: LoraAdapter, old: LoraAdapter | None, dtype: torch.dtype = t
 
 def exact_change(
     updates: Sequence[LoraAdapter], weights: Sequence[float], removed: Sequence[LoraAdapter | None],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
 ) -> LoraAdapter:
-    """Stacked factors of sum_k p_k (s_k B_k A_k - removed_k): the exact FedAvg of the round's models.
+    """Stacked factors of sum_k p_k c_k (s_k B_k A_k - removed_k): the exact FedAvg of the round's
+    models, each client's change scaled by its clip factor c_k (default 1).
 
     Clients that removed the same adapter (``removals`` makes one start per rank and scaling)
-    share one stacked term weighted by the sum of their p_k, so the stack grows by the distinct
-    starts rather than by the clients: R + r wide instead of 2R with equal ranks, which the
-    downlink's factorization pays for quadratically.
+    share one stacked term weighted by the sum of their p_k c_k, so the stack grows by the
+    distinct starts rather than by the clients: R + r wide instead of 2R with equal ranks, which
+    the downlink's factorization pays for quadratically.
     """
-    terms, factors = list(updates), list(weights)
+    scaled = [p * c for p, c in zip(weights, clips or [1.0] * len(weights))]
+    terms, factors = list(updates), list(scaled)
     slot: dict[int, int] = {}  # id of a removed adapter -> its index in terms
-    for p, gone in zip(weights, removed):
+    for q, gone in zip(scaled, removed):
         if gone is None:
             continue
         if id(gone) in slot:
-            factors[slot[id(gone)]] -= p
+            factors[slot[id(gone)]] -= q
         else:
             slot[id(gone)] = len(terms)
             terms.append(gone)
-            factors.append(-p)
+            factors.append(-q)
     return flora_stack(terms, factors, dtype)
+
+
+def clipped_stack(
+    updates: Sequence[LoraAdapter], weights: Sequence[float], inits: Sequence[LoraAdapter | None],
+    dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
+) -> LoraAdapter:
+    """Stacked factors of sum_k p_k (init_k + c_k (s_k B_k A_k - init_k)): the average of the
+    clients' products, each client's change from its start scaled by c_k (default 1)."""
+    clips = clips or [1.0] * len(weights)
+    terms, factors = list(updates), [p * c for p, c in zip(weights, clips)]
+    for p, c, init in zip(weights, clips, inits):
+        if init is not None and c != 1.0:
+            terms.append(init)
+            factors.append(p * (1.0 - c))
+    return flora_stack(terms, factors, dtype)
+
+
+def toward(init: LoraAdapter | None, update: LoraAdapter, clip: float) -> LoraAdapter:
+    """Factors init + c (update - init), row by row (same rank and scaling): a clipped client's
+    factors for the methods that average factors; exact in the product when A is shared (ffa).
+    From a fresh start (None) A alone is scaled, which scales the product by c exactly."""
+    if clip == 1.0:
+        return update
+    pairs = {}
+    for name, (a, b) in update.pairs.items():
+        if init is None:
+            pairs[name] = LoraPair(clip * a, b)
+        else:
+            a0, b0 = init.pairs[name]
+            pairs[name] = LoraPair(a0 + clip * (a - a0), b0 + clip * (b - b0))
+    return LoraAdapter(pairs, update.scaling)
+
+
+def clipped_factors(
+    updates: Sequence[LoraAdapter], inits: Sequence[LoraAdapter | None], clips: Sequence[float] | None
+) -> list[LoraAdapter]:
+    """Each clipped update's factors moved toward its start (``toward``) just so far that its
+    product's change from the start is c_k times its own (``factor_step``): for the methods that
+    average factors. All as given without clips."""
+    if clips is None:
+        return list(updates)
+    return [u if c == 1.0 else toward(init, u, c if init is None else factor_step(u, init, c))
+            for u, init, c in zip(updates, inits, clips)]
 
 
 def canonical_adapter(adapter: LoraAdapter, rank: int | None = None) -> LoraAdapter:

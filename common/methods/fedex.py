@@ -16,7 +16,7 @@ import torch
 
 from flora.common.aggregation import zeropad_average
 from flora.common.lora import LoraAdapter, pad_rank
-from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, exact_change, leading
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, clipped_factors, exact_change, leading
 
 
 class FedEx(PersistentLora):
@@ -31,9 +31,9 @@ class FedEx(PersistentLora):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """Merge the exact change; keep the average of the factors as the next warm start."""
-        new = pad_rank(zeropad_average(updates, weights, dtype), kept.rank)
-        removed = self.removals(kept, updates)
-        return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=new)
+        """Merge the exact change; keep the average of the (clipped) factors as the next warm start."""
+        removed = self.removals(kept, updates)  # = each client's init
+        new = pad_rank(zeropad_average(clipped_factors(updates, removed, clips), weights, dtype), kept.rank)
+        return RoundResult(delta=exact_change(updates, weights, removed, dtype, clips), kept=new)

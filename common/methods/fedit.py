@@ -14,7 +14,7 @@ import torch
 
 from flora.common.aggregation import fedit_average
 from flora.common.lora import LoraAdapter
-from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, difference
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, clipped_factors, difference
 
 
 class FedIt(PersistentLora):
@@ -34,8 +34,8 @@ class FedIt(PersistentLora):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """Replace the global LoRA by the averages of A and of B."""
-        new = fedit_average(updates, weights, dtype)
+        """Replace the global LoRA by the averages of A and of B (clipped factors moved toward the start)."""
+        new = fedit_average(clipped_factors(updates, self.inits(kept, updates), clips), weights, dtype)
         return RoundResult(delta=difference(new, kept, dtype), kept=new)

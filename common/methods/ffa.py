@@ -20,7 +20,7 @@ import torch
 
 from flora.common.aggregation import check_compatible
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair
-from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, exact_change, leading
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, exact_change, leading, toward
 
 
 class Ffa(PersistentLora):
@@ -36,20 +36,24 @@ class Ffa(PersistentLora):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """Average the B's against the shared A; a client's own A is never read (it is not uploaded)."""
+        """Average the B's against the shared A; a client's own A is never read (it is not uploaded).
+
+        A clip factor c_k moves B_k toward its start, B_init + c_k (B_k - B_init): with A shared,
+        exactly c_k times the client's change.
+        """
         check_compatible(updates, weights)
         for k, update in enumerate(updates):
             if not math.isclose(update.scaling, kept.scaling, rel_tol=1e-6):
                 raise ValueError(f"ffa: update {k} has scaling {update.scaling:g}, the run's is {kept.scaling:g}")
-        wire = [  # what the server has: the shared A's leading rows and the uploaded B
-            LoraAdapter({n: LoraPair(kept.pairs[n].a[: u.rank], u.pairs[n].b) for n in u.pairs}, kept.scaling)
-            for u in updates
+        removed = self.removals(kept, updates)  # = each client's init: the leading part of kept
+        wire = [  # what the server has: the shared A's leading rows and the uploaded B, clipped
+            toward(start, LoraAdapter({n: LoraPair(kept.pairs[n].a[: u.rank], u.pairs[n].b) for n in u.pairs}, kept.scaling), c)
+            for u, start, c in zip(updates, removed, clips or [1.0] * len(updates))
         ]
         pairs = {}
         for name, (a, _) in kept.pairs.items():
             b = sum(p * pad_pair(LoraPair(w.pairs[name].a, w.pairs[name].b.to(dtype)), kept.rank).b for p, w in zip(weights, wire))
             pairs[name] = LoraPair(a.to(dtype), b)
-        removed = self.removals(kept, updates)
         return RoundResult(delta=exact_change(wire, weights, removed, dtype), kept=LoraAdapter(pairs, kept.scaling))

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter
-from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, canonical_adapter, difference, principal
+from flora.common.methods.base import (
+    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, difference, principal,
+)
 
 
 class FlexLora(AggregationMethod):
@@ -33,8 +34,10 @@ class FlexLora(AggregationMethod):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """Replace the global update by the average of the clients' products."""
-        new = canonical_adapter(flora_stack(updates, weights, dtype))
+        """Replace the global update by the average of the clients' (clipped) products."""
+        clipped = clips is not None and any(c != 1.0 for c in clips)  # only then the starts matter: an SVD each
+        inits = self.inits(kept, updates) if clipped else [None] * len(updates)
+        new = canonical_adapter(clipped_stack(updates, weights, inits, dtype, clips))
         return RoundResult(delta=difference(new, kept, dtype), kept=new)

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter
-from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult
+from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, clipped_stack
 
 
 class Flora(AggregationMethod):
@@ -28,7 +27,7 @@ class Flora(AggregationMethod):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """Stack along the rank axis: B_g A_g = sum_k p_k s_k B_k A_k."""
-        return RoundResult(delta=flora_stack(updates, weights, dtype), kept=None)
+        """Stack along the rank axis: B_g A_g = sum_k p_k c_k s_k B_k A_k (a fresh start: the change is the LoRA)."""
+        return RoundResult(delta=clipped_stack(updates, weights, [None] * len(updates), dtype, clips), kept=None)

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter
-from flora.common.methods.base import AggregationMethod, ClientStart, RoundResult, canonical_adapter, exact_change, principal
+from flora.common.methods.base import (
+    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, exact_change, principal,
+)
 
 
 class FloraWarm(AggregationMethod):
@@ -38,9 +39,9 @@ class FloraWarm(AggregationMethod):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """The exact change of the round; its clients' stack is the next warm start."""
-        removed = self.removals(kept, updates)
-        kept_next = canonical_adapter(flora_stack(updates, weights, dtype), max(u.rank for u in updates))
-        return RoundResult(delta=exact_change(updates, weights, removed, dtype), kept=kept_next)
+        """The exact change of the round; its clients' (clipped) stack is the next warm start."""
+        removed = self.removals(kept, updates)  # = each client's init
+        kept_next = canonical_adapter(clipped_stack(updates, weights, removed, dtype, clips), max(u.rank for u in updates))
+        return RoundResult(delta=exact_change(updates, weights, removed, dtype, clips), kept=kept_next)

@@ -14,7 +14,7 @@ import torch
 
 from flora.common.aggregation import zeropad_average
 from flora.common.lora import LoraAdapter, pad_rank
-from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, difference, leading
+from flora.common.methods.base import ClientStart, PersistentLora, RoundResult, clipped_factors, difference, leading
 
 
 class ZeroPad(PersistentLora):
@@ -28,8 +28,8 @@ class ZeroPad(PersistentLora):
 
     def merge(
         self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter], weights: Sequence[float],
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, clips: Sequence[float] | None = None,
     ) -> RoundResult:
-        """Pad, average, and keep the result at the global rank."""
-        new = pad_rank(zeropad_average(updates, weights, dtype), kept.rank)
+        """Pad, average (clipped factors moved toward their start), and keep the result at the global rank."""
+        new = pad_rank(zeropad_average(clipped_factors(updates, self.inits(kept, updates), clips), weights, dtype), kept.rank)
         return RoundResult(delta=difference(new, kept, dtype), kept=new)

@@ -122,7 +122,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitUpdate(self, request_iterator, context):
-        """Uploads one round's LoRA factors: a header, then the payload in pieces. Idempotent.
+        """Uploads one round's LoRA factors: a header, then the payload in pieces. Idempotent. The
+        payload holds lora_A and lora_B per module, or lora_B alone in an ffa run (PROTOCOL.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
