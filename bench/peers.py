@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -144,37 +145,64 @@ def _wait_http(port: int, process: subprocess.Popen, what: str, log: Path) -> No
     raise TimeoutError(f"{what} did not listen on port {port} within 120 s")
 
 
-def run_flower(work: Path, sizes: list[float], repeats: int) -> dict:
-    """Start a SuperLink and a SuperNode on loopback, run the probe app; its samples with memory added."""
+@dataclass
+class Runtime:
+    """A started SuperLink and its SuperNodes: the environment ``flwr`` runs in, and the processes."""
+
+    bin_dir: Path
+    env: dict[str, str]
+    work: Path
+    link: subprocess.Popen
+    nodes: list[subprocess.Popen]
+
+    def run(self, app: Path, config: str, out: Path, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+        """Submit ``app`` with ``flwr run`` and wait for its ServerApp to write ``out`` (JSON); return it."""
+        started = time.monotonic()
+        subprocess.run([str(self.bin_dir / "flwr"), "run", str(app), "bench", "--run-config", config], env=self.env,
+                       cwd=self.work, check=True, capture_output=True, timeout=120)
+        while not out.exists():
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"the Flower run wrote no results within {timeout_s:.0f} s; logs in {self.work}")
+            if any(p.poll() is not None for p in [self.link, *self.nodes]):
+                raise RuntimeError("a Flower process exited during the run; see its log in " + str(self.work))
+            time.sleep(0.5)
+        time.sleep(0.2)  # the file is written in one call; let it close
+        return json.loads(out.read_text())
+
+
+@contextlib.contextmanager
+def flower_runtime(work: Path, node_configs: list[str | None]) -> Iterator[Runtime]:
+    """A SuperLink and one SuperNode per entry of ``node_configs`` (its ``--node-config``) on loopback."""
     bin_dir = flower_env()
     home = work / "flwr-home"
     home.mkdir(parents=True)
-    link_port, node_port = free_port(), free_port()
+    link_port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n[superlink.bench]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("VIRTUAL_ENV", None)
-    out = work / "flower.json"
     link_cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--port", str(link_port),
                 "--disable-runtime-dependency-installation"]
-    node_cmd = [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--port", str(node_port)]
-    config = f'sizes-mib="{",".join(f"{s:g}" for s in sizes)}" repeats={repeats} out="{out}"'
-    with _started(link_cmd, work / "superlink.log", env) as link:
+    with contextlib.ExitStack() as stack:
+        link = stack.enter_context(_started(link_cmd, work / "superlink.log", env))
         _wait_http(link_port, link, "flower-superlink", work / "superlink.log")
-        with _started(node_cmd, work / "supernode.log", env) as node, RssSampler(link.pid) as sampler:
-            _wait_http(node_port, node, "flower-supernode", work / "supernode.log")
-            started = time.monotonic()
-            subprocess.run([str(bin_dir / "flwr"), "run", str(APP), "bench", "--run-config", config], env=env,
-                           cwd=work, check=True, capture_output=True, timeout=120)
-            while not out.exists():
-                if time.monotonic() - started > RUN_TIMEOUT_S:
-                    raise TimeoutError(f"the Flower run wrote no results within {RUN_TIMEOUT_S:.0f} s")
-                if node.poll() is not None or link.poll() is not None:
-                    raise RuntimeError("a Flower process exited during the run; see its log in " + str(work))
-                time.sleep(0.5)
-            time.sleep(0.2)  # the file is written in one call; let it close
-    result = json.loads(out.read_text())
+        nodes = []
+        for i, node_config in enumerate(node_configs):
+            port, log = free_port(), work / f"supernode-{i}.log"
+            node_cmd = [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                        "--port", str(port), *(["--node-config", node_config] if node_config else [])]
+            nodes.append(stack.enter_context(_started(node_cmd, log, env)))
+            _wait_http(port, nodes[-1], "flower-supernode", log)
+        yield Runtime(bin_dir, env, work, link, nodes)
+
+
+def run_flower(work: Path, sizes: list[float], repeats: int) -> dict:
+    """Start a SuperLink and a SuperNode on loopback, run the probe app; its samples with memory added."""
+    out = work / "flower.json"
+    config = f'sizes-mib="{",".join(f"{s:g}" for s in sizes)}" repeats={repeats} out="{out}"'
+    work.mkdir(parents=True)
+    with flower_runtime(work, [None]) as runtime, RssSampler(runtime.link.pid) as sampler:
+        result = runtime.run(APP, config, out)
     for sample in result["samples"] + result["empty"]:
         sample["up_memory"] = sampler.window(*sample["up_window"])
         sample["down_memory"] = sampler.window(*sample["down_window"])
