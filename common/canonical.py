@@ -20,10 +20,13 @@ O((d_out + d_in) R^2 + R^3) per module rather than O(d_out d_in min(d_out, d_in)
 
 Two ways to the triangular factors R_b, R_a, chosen per module:
 
-- Cholesky of the Gram matrices B^T B and A A^T (CholeskyQR, never forming Q: U = B R_b^-1 U_c):
-  about 8 d R^2 flops, all matrix products, which is what a stack of independent clients gets.
-  Its Q loses orthogonality as eps cond(B)^2, so it is taken only when the factors are well
-  conditioned, and its result is checked;
+- Cholesky of the Gram matrices B^T B and A A^T (CholeskyQR, never forming Q): about 8 d R^2
+  flops, all matrix products, which is what a stack of independent clients gets. Its Q loses
+  orthogonality as eps cond(B)^2, so it is taken only when the factors are well conditioned, and
+  its result is checked. The core's singular vectors then come from a symmetric eigensolver on
+  C^T C (C = R_b R_a^T), about 3x faster than an SVD of C, whenever C's spectrum is narrow enough
+  for the squared one to keep full accuracy; U = B R_a^T V_c S^-1 then needs no triangular solve
+  on the B side. A wide spectrum takes the SVD of C;
 - Householder QR otherwise (about 12 d R^2 flops, slower per flop): backward stable for any
   stack, rank-deficient or cancelling (flora-warm's change: each client's trained factors next to
   the nearly equal ones it started from).
@@ -154,11 +157,11 @@ CHOLESKY_MAX_ORTHOGONALITY_ERROR = 1e-9
 def _cholesky_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """The thin SVD through Cholesky factors of the Gram matrices; None where it would not be exact.
 
-    With R_b^T R_b = B^T B and R_a^T R_a = A A^T, Q_b = B R_b^-1 and Q_a = A^T R_a^-1, so
-    U = B (R_b^-1 U_c) and V^T = (R_a^-1 V_c)^T A: two Gram products and two thin products, all
-    BLAS-3 (threaded), plus O(R^3) work on the core. Only for a thin stack (R <= d_out, d_in);
-    a rank-deficient or ill-conditioned factor, or a result whose U or V is not orthonormal to
-    the budget, returns None and the caller takes Householder QR.
+    With R_b^T R_b = B^T B and R_a^T R_a = A A^T, Q_b = B R_b^-1 and Q_a = A^T R_a^-1, so B A =
+    Q_b C Q_a^T with the core C = R_b R_a^T: two Gram products and two thin products, all BLAS-3
+    (threaded), plus O(R^3) work on the core. Only for a thin stack (R <= d_out, d_in); a
+    rank-deficient or ill-conditioned factor, or a result whose U or V is not orthonormal to the
+    budget, returns None and the caller takes Householder QR.
     """
     rank = a.shape[0]
     if rank > min(a.shape[1], b.shape[0]):
@@ -166,13 +169,52 @@ def _cholesky_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     r_b, r_a = _gram_root(b), _gram_root(a.T)
     if r_b is None or r_a is None:
         return None
+    core = r_b @ r_a.T
+    return _checked(_core_eigh(a, b, core, r_a)) or _checked(_core_svd(a, b, core, r_b, r_a))
+
+
+# An eigenvalue of C^T C is resolved to about eps * lambda_max, so U's columns lose orthogonality
+# as eps * lambda_max / lambda_i: below this ratio the core's SVD is taken instead (the
+# orthogonality check would refuse most such results anyway, after the thin products).
+EIGH_MIN_EIGENVALUE_RATIO = 1e-6
+
+
+def _core_eigh(a: Tensor, b: Tensor, core: Tensor, r_a: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """U, S, V^T from the eigenvectors V_c of C^T C, or None when its spectrum is too wide.
+
+    C = U_c S V_c^T gives U_c = C V_c S^-1, so U = Q_b U_c = B R_b^-1 R_b R_a^T V_c S^-1 =
+    B (R_a^T V_c S^-1), and V^T = V_c^T Q_a^T = (R_a^-1 V_c)^T A.
+    """
     with _one_thread():
-        u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)
+        eigenvalues, v_c = torch.linalg.eigh(core.T @ core)  # ascending
+    eigenvalues, v_c = eigenvalues.flip(0), v_c.flip(1)
+    if not eigenvalues[-1] >= eigenvalues[0] * EIGH_MIN_EIGENVALUE_RATIO:  # also refuses NaN
+        return None
+    s = eigenvalues.sqrt()
+    u = b @ (r_a.T @ (v_c / s[None, :]))
+    vh = torch.linalg.solve_triangular(r_a, v_c, upper=True).T @ a
+    return u, s, vh
+
+
+def _core_svd(
+    a: Tensor, b: Tensor, core: Tensor, r_b: Tensor, r_a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, V^T from an SVD of the core: U = B (R_b^-1 U_c), V^T = (R_a^-1 V_c)^T A (any spectrum)."""
+    with _one_thread():
+        u_c, s, vh_c = torch.linalg.svd(core)
     u = b @ torch.linalg.solve_triangular(r_b, u_c, upper=True)
     vh = torch.linalg.solve_triangular(r_a, vh_c.T, upper=True).T @ a
+    return u, s, vh
+
+
+def _checked(result: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The result, unless its U or V is further from orthonormal than the budget."""
+    if result is None:
+        return None
+    u, _, vh = result
     if max(_orthogonality_error(u), _orthogonality_error(vh.T)) > CHOLESKY_MAX_ORTHOGONALITY_ERROR:
         return None
-    return u, s, vh
+    return result
 
 
 def _gram_root(x: Tensor) -> Tensor | None:

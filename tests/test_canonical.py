@@ -186,6 +186,37 @@ def test_cholesky_and_householder_paths_agree_on_a_stack_of_independent_clients(
     torch.testing.assert_close(fast[2] * signs[:, None], slow[2], rtol=0, atol=1e-10)
 
 
+def wide_spectrum_stack(d: int, rank: int, seed: int) -> LoraPair:
+    """Well-conditioned factors (cond 400 each, inside the Cholesky screen) whose product's
+    singular values span 1.6e5: B = Q_1 diag(sigma), A = diag(sigma) Q_2^T, sigma from 1 to 1/400."""
+    gen = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+    sigma = torch.logspace(0, -2.6, rank, dtype=torch.float64)
+    return LoraPair(sigma[:, None] * q2.T, q1 * sigma[None, :])
+
+
+def test_independent_clients_take_the_eigensolver_on_the_core(monkeypatch):
+    pair = stacked([8, 4, 4, 2, 1], 120, 90, seed=7)
+    monkeypatch.setattr(canonical, "_core_svd", lambda *args: pytest.fail("the core's SVD was taken"))
+    fast = canonical._cholesky_svd(pair.a, pair.b)
+    assert fast is not None
+    torch.testing.assert_close(fast[1], torch.linalg.svdvals(pair.b @ pair.a)[:19], rtol=1e-12, atol=0)
+
+
+def test_a_wide_core_spectrum_takes_the_cores_svd_and_agrees_with_householder():
+    pair = wide_spectrum_stack(150, 12, seed=2)
+    r_b, r_a = canonical._gram_root(pair.b), canonical._gram_root(pair.a.T)
+    assert r_b is not None and r_a is not None  # passes the Cholesky screen
+    assert canonical._core_eigh(pair.a, pair.b, r_b @ r_a.T, r_a) is None  # lambda ratio 4e-11
+    fast = canonical._cholesky_svd(pair.a, pair.b)
+    assert fast is not None
+    slow = canonical._householder_svd(pair.a, pair.b)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-10, atol=0)
+    signs = torch.sign((fast[0] * slow[0]).sum(0))
+    torch.testing.assert_close(fast[0] * signs, slow[0], rtol=0, atol=1e-9)
+
+
 def test_a_cancelling_stack_takes_householder_and_stays_exact_relative_to_its_product():
     pair = cancelling_stack(200, 6, gap=1e-6, seed=3)
     assert canonical._cholesky_svd(pair.a, pair.b) is None  # cond(B) ~ 1e6: its Gram would lose it
