@@ -347,14 +347,17 @@ class Coordinator:
             if self._recorded(client_id, header) or not self._allowed(client_id, header):
                 return self._duplicate(header)
             self._check_not_excluded(client_id, header)
+            aggregator = self.driver.aggregator
+            scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
+            # The client's start (a warm start: an SVD per module) needs the header alone: it is
+            # worked out in a thread while the payload arrives, not after it.
+            start = asyncio.ensure_future(asyncio.to_thread(aggregator.start_of, header.rank, scaling))
+            start.add_done_callback(_retrieved)
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                aggregator = self.driver.aggregator
-                scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
-                start = await asyncio.to_thread(aggregator.start_of, header.rank, scaling)  # a warm start: an SVD
                 await validate_durably(tmp, header, self.shapes, self._limits, aggregator.max_update_norm, aggregator.method,
-                                       start)
+                                       await start)
                 await asyncio.to_thread(_publish_update, tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -427,3 +430,10 @@ def _publish_update(tmp: Path, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         fsync_dir(final.parent.parent)
     publish(tmp, final)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark a background result as seen: an upload that fails while its start is being worked
+    out never awaits it, and asyncio would log the start's own error as never retrieved."""
+    if not future.cancelled():
+        future.exception()
