@@ -118,7 +118,7 @@ def _module_downlink(parts: list[ModuleUpdate], policy: DownlinkPolicy) -> tuple
     """(sent, carried or None, report) for one module's aggregate ``sum(parts)``."""
     if not all(is_factors(p) for p in parts):
         return _dense(sum(module_delta(p, torch.float64) for p in parts), policy)
-    pair = concat_pairs(parts, parts[0].a.dtype if len(parts) == 1 else torch.float64)
+    pair = parts[0] if len(parts) == 1 else concat_pairs(parts, torch.float64)  # one part: no copy
     d_out, d_in = pair.b.shape[0], pair.a.shape[1]
     if not policy.lossy and min(pair.a.shape[0], d_out, d_in) * (d_out + d_in) >= d_out * d_in:
         # Even the largest rank the factors could have makes them no smaller: skip the SVD.

@@ -11,7 +11,7 @@ from flora.common.downlink import DownlinkPolicy, plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.merge import merged_update
 from flora.common.payload import PayloadError, PayloadMeta, encode_update, encode_weights, read_update
-from flora.common.update import cumulative_factors, is_factors, module_delta, module_numel
+from flora.common.update import cumulative_factors, is_factors, module_delta, module_energy, module_numel
 
 # A wide module (factors win until R = 12 * 40 / 52, about 9) and a square one (until R = 16).
 SHAPES = {"m.q": (12, 40), "m.v": (32, 32)}
@@ -171,3 +171,11 @@ def test_update_payload_round_trips_and_is_validated():
         read_update(encode_update(wide, meta), SHAPES)
     with pytest.raises(PayloadError, match="missing tensor"):
         read_update(encode_update({"m.q": update["m.q"]}, meta), SHAPES)
+
+
+def test_energy_of_a_dense_delta_matches_float64_and_survives_float32_overflow():
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(300, 200, generator=gen)
+    assert module_energy(delta) == pytest.approx(float(delta.double().square().sum()), rel=1e-6)
+    huge = torch.full((4, 4), 1e20)  # each square, 1e40, is beyond float32's 3.4e38
+    assert module_energy(huge) == pytest.approx(float(huge.double().square().sum()), rel=1e-12)  # 1.6e41
