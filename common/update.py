@@ -10,7 +10,6 @@ module to module, because each module's canonical rank is that of its own aggreg
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
