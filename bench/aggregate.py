@@ -42,7 +42,7 @@ from torch import Tensor
 
 from bench.report import RESULTS, median_seconds, write_results
 from flora.common.aggregation import flora_stack
-from flora.common.canonical import _householder_svd, canonical_pair, singular_values
+from flora.common.canonical import canonical_pair, householder_svd, singular_values
 from flora.common.downlink import DownlinkPolicy, kept_rank, plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.merge import merged_weights
@@ -127,7 +127,7 @@ def stacked_round(count: int, dim: int, modules: list[str]) -> tuple[list[LoraAd
 def householder_only(stacked: LoraAdapter) -> None:
     """The factorization as it was before CholeskyQR: Householder QR of every module (the baseline)."""
     for pair in stacked.pairs.values():
-        _householder_svd(pair.a.double(), pair.b.double())
+        householder_svd(pair.a.double(), pair.b.double())
 
 
 def warm_changes(updates: list[LoraAdapter], weights: list[float]) -> dict[str, dict[str, LoraPair]]:

@@ -134,11 +134,12 @@ def _one_thread() -> Iterator[None]:
 
 def _thin_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """U (d_out, m), S (m,), V^T (m, d_in) of B A: CholeskyQR when it is accurate, else Householder."""
-    return _cholesky_svd(a, b) or _householder_svd(a, b)
+    return _cholesky_svd(a, b) or householder_svd(a, b)
 
 
-def _householder_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The thin SVD through Householder QR of B and A^T and an SVD of the core (any stack)."""
+def householder_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD through Householder QR of B and A^T and an SVD of the core: backward stable for
+    any stack, the path `_thin_svd` falls back to (and bench.aggregate's baseline)."""
     with _one_thread():
         q_b, r_b = torch.linalg.qr(b)  # (d_out, m1), (m1, R)
         q_a, r_a = torch.linalg.qr(a.T)  # (d_in, m2), (m2, R)
