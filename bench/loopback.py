@@ -34,18 +34,29 @@ def _status_bytes(pid: int, key: str) -> int:
         return 0
 
 
+def _ends_with(path: str, tail: bytes) -> bool:
+    """Whether the file at ``path`` ends with ``tail`` (bytes of space allocated ahead read as zeros)."""
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell() < len(tail):
+            return False
+        file.seek(-len(tail), os.SEEK_END)
+        return file.read(len(tail)) == tail
+
+
 class ServerProbe:
     """Watches the server during one transfer: RSS every ~5 ms, its exact peak, the upload file (~1 ms).
 
     Sampling from a thread can miss a short spike; the kernel's high-water mark (reset on entry)
     cannot, so the peak is the larger of the two. For an upload, ``received_at`` is when the
-    server's temporary file first held all ``expect`` bytes: the end of the transfer proper,
-    before fsync, validation and recording.
+    server's temporary file first ended with ``tail``, the payload's last bytes: the end of the
+    transfer proper, before fsync, validation and recording. (Not its size: the server allocates
+    the file ahead of the bytes, so it has its full size before they arrive.)
     """
 
-    def __init__(self, pid: int, upload_dir: Path | None = None, expect: int = 0) -> None:
+    def __init__(self, pid: int, upload_dir: Path | None = None, tail: bytes = b"") -> None:
         self._process, self._pid = psutil.Process(pid), pid
-        self._upload_dir, self._expect = upload_dir, expect
+        self._upload_dir, self._tail = upload_dir, tail
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.received_at: float | None = None
@@ -79,7 +90,7 @@ class ServerProbe:
     def _watch_upload(self) -> None:
         if self._upload_dir is not None and self.received_at is None:
             with contextlib.suppress(OSError):
-                if any(e.stat().st_size >= self._expect for e in os.scandir(self._upload_dir) if e.name.startswith("upload-")):
+                if any(_ends_with(e.path, self._tail) for e in os.scandir(self._upload_dir) if e.name.startswith("upload-")):
                     self.received_at = time.perf_counter()
 
     def _sample(self) -> None:

@@ -79,6 +79,13 @@ def write_update(path: Path, shapes: Shapes, rank: int, round_number: int) -> tu
     return write_adapter(path, LoraAdapter(pairs, 1.0), meta)
 
 
+def payload_tail(path: Path, length: int = 64) -> bytes:
+    """The payload's last bytes (random float32 values): what marks its arrival in the server's file."""
+    with open(path, "rb") as file:
+        file.seek(-length, os.SEEK_END)
+        return file.read()
+
+
 @contextlib.contextmanager
 def flora_server(work: Path, rounds: int, max_bytes: int, chunk_size: int) -> Iterator[tuple[int, str]]:
     """The real ``flora-server`` as a subprocess, stopped however the block ends: (pid, address).
@@ -207,7 +214,7 @@ def measure(bench: Bench, mib: float) -> dict:
     raw.prime(payload)
     sample["raw_up_s"] = raw.send(payload, True)
     raw.prime(payload)
-    with ServerProbe(bench.pid, bench.work / "state" / "tmp", size) as probe:
+    with ServerProbe(bench.pid, bench.work / "state" / "tmp", payload_tail(payload)) as probe:
         start, end = bench.client.upload(payload, header)
     received = None if probe.received_at is None else probe.received_at - start
     sample.update(up_s=end - start, up_transfer_s=received, up_memory=probe.result())

@@ -20,7 +20,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Protocol
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -125,6 +125,12 @@ def open_partial(path: Path) -> tuple[BinaryIO, Partial]:
     return file, Partial(size, digest)
 
 
+class Sink(Protocol):
+    """Where a receiver writes a payload: a binary file, or a wrapper of one that allocates ahead."""
+
+    def write(self, data: bytes, /) -> int | None: ...
+
+
 class ChunkReceiver:
     """Write an ordered chunk stream into ``sink``, accepting only the exact announced payload.
 
@@ -137,7 +143,7 @@ class ChunkReceiver:
 
     def __init__(
         self,
-        sink: BinaryIO,
+        sink: Sink,
         total_bytes: int,
         sha256: str,
         max_bytes: int,

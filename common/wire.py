@@ -27,6 +27,7 @@ from flora.common.chunks import (
     DEFAULT_CHUNK_SIZE,
     ChunkError,
     ChunkReceiver,
+    Sink,
     Source,
     check_announcement,
     check_sha256,
@@ -93,7 +94,7 @@ def update_messages(
 class UpdateReceiver:
     """Consume a SubmitUpdate stream into ``sink``: the header exactly once and first, then pieces."""
 
-    def __init__(self, sink: BinaryIO, max_bytes: int) -> None:
+    def __init__(self, sink: Sink, max_bytes: int) -> None:
         self._sink = sink
         self._max_bytes = max_bytes
         self._messages = 0
@@ -127,7 +128,7 @@ class UpdateReceiver:
 
 
 async def receive_update(
-    messages: AsyncIterable[transfer_pb2.UpdateChunk], sink: BinaryIO, max_bytes: int
+    messages: AsyncIterable[transfer_pb2.UpdateChunk], sink: Sink, max_bytes: int
 ) -> transfer_pb2.UpdateHeader:
     """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it.
 

@@ -24,6 +24,7 @@ from flora.common.payload import PayloadError, PayloadLimits, check_adapter
 from flora.common.robust import change_norm_sq
 from flora.common.wire import WireError, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
+from flora.server.preallocation import PreallocatedWriter
 from flora.server.store import ClientRecord
 from flora.v1 import run_pb2, transfer_pb2
 
@@ -92,7 +93,7 @@ async def receive_payload(
     """
     path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
     # Creating, closing and removing a file wait on the folder (other uploads' renames): off the loop.
-    sink = await asyncio.to_thread(open, path, "wb")
+    sink = PreallocatedWriter(await asyncio.to_thread(open, path, "wb"), header.total_bytes)
     try:
         try:
             await receive_update(_replay(header, rest), sink, max_bytes)

@@ -1,7 +1,8 @@
 """Injected into a test server process (PYTHONPATH): a disk that is full while a flag file exists.
 
 While the file named by FLORA_TEST_DISK_FULL exists, every fsync of a file the server writes
-fails with ENOSPC and every database transaction with SQLite's "database or disk is full", as
+and every allocation of an upload's space (posix_fallocate) fails with ENOSPC, and every database
+transaction with SQLite's "database or disk is full", as
 they do on a full disk; removing the file is freeing space. Used by tests/test_disk_full.py only.
 """
 
@@ -15,12 +16,17 @@ if _FLAG:
     import flora.common.chunks as _chunks
     import flora.server.store as _store
 
-    _fsync, _transaction = _chunks.fsync_file, _store.Store._transaction
+    _fsync, _transaction, _fallocate = _chunks.fsync_file, _store.Store._transaction, os.posix_fallocate
 
     def _full_fsync(file):
         if os.path.exists(_FLAG):
             raise OSError(errno.ENOSPC, "No space left on device")
         _fsync(file)
+
+    def _full_fallocate(fd, offset, length):
+        if os.path.exists(_FLAG):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        _fallocate(fd, offset, length)
 
     def _full_transaction(self, *args, **kwargs):
         if os.path.exists(_FLAG):
@@ -29,3 +35,4 @@ if _FLAG:
 
     _chunks.fsync_file = _full_fsync
     _store.Store._transaction = _full_transaction
+    os.posix_fallocate = _full_fallocate
