@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 from safetensors import safe_open
+from torch import Tensor
 
 from flora.common.chunks import ChunkError, check_sha256, fsync_path
-from flora.common.lora import lora_scaling
+from flora.common.lora import LoraPair, lora_scaling
 from flora.common.methods import AggregationMethod, ClientStart
+from flora.common.norm_bound import ZERO, change_norm_sq_interval
 from flora.common.payload import PayloadError, PayloadLimits, check_adapter
 from flora.common.robust import change_norm_sq
 from flora.common.wire import WireError, receive_update
@@ -138,8 +140,9 @@ def validate_payload(
     its size, until the round is aggregated. The tensors are the run's ``method``'s: A and B,
     or B alone when A is frozen (then A is ``start.init``'s, the leading rows of the global
     LoRA the server keeps). Returns the norm of the update's change from the client's start,
-    |s B A - s0 B0 A0|_F (``start.init``; |s B A|_F from a fresh start), refused above
-    ``max_norm``: finite factors can still have a product that overflows a merge.
+    |s B A - s0 B0 A0|_F (``start.init``; |s B A|_F from a fresh start; to float32 accuracy
+    where it is clear of the limit), refused above ``max_norm``: finite factors can still have a
+    product that overflows a merge.
     """
     try:
         meta = check_adapter(path, shapes, rank=header.rank, limits=limits, with_a=start.train_a)
@@ -153,7 +156,8 @@ def validate_payload(
         raise InvalidArgument(f"payload: metadata 'scaling_rule' {meta.scaling_rule} differs from the header's")
     if meta.round != header.round:
         raise InvalidArgument(f"payload: metadata 'round' {meta.round} differs from the header's round {header.round}")
-    norm = file_change_norm(path, shapes, lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule)), start)
+    scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
+    norm = bounded_change_norm(path, shapes, scaling, start, max_norm)
     if not norm <= max_norm:
         raise InvalidArgument(
             f"payload: the update's norm (of its change from the round's start) |s B A - s0 B0 A0|_F = {norm:.6g} "
@@ -162,18 +166,42 @@ def validate_payload(
     return norm
 
 
+def bounded_change_norm(
+    path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart, limit: float
+) -> float:
+    """``file_change_norm``, from float32 products where they prove the norm within ``limit``
+    (``flora.common.norm_bound``: the usual case, at a fraction of the cost); the exact float64
+    value wherever the proof fails (near or over the limit, or a float32 overflow), so every
+    refusal names the exact norm."""
+    total = ZERO
+    for a, b, origin, origin_scaling in _module_factors(path, shapes, start):
+        interval = change_norm_sq_interval(a, b, scaling, origin, origin_scaling)
+        if interval is None:
+            return file_change_norm(path, shapes, scaling, start)
+        total += interval
+    if total.high <= limit * limit:
+        return math.sqrt(total.estimate)
+    return file_change_norm(path, shapes, scaling, start)
+
+
 def file_change_norm(path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart) -> float:
-    """|s B A - s0 B0 A0|_F over all modules of a validated update file, one module in memory at a
-    time, against the client's ``start.init`` (none: |s B A|_F); A is the init's when the method
-    freezes it (the file holds B alone)."""
+    """|s B A - s0 B0 A0|_F over all modules of a validated update file, in float64, against the
+    client's ``start.init`` (none: |s B A|_F)."""
+    return math.sqrt(sum(change_norm_sq(a, b, scaling, origin, origin_scaling)
+                         for a, b, origin, origin_scaling in _module_factors(path, shapes, start)))
+
+
+def _module_factors(
+    path: Path, shapes: Mapping[str, tuple[int, int]], start: ClientStart
+) -> Iterator[tuple[Tensor, Tensor, LoraPair | None, float]]:
+    """(A, B, the start's pair or None, its scaling) per module of an update file, one module in
+    memory at a time; A is the init's when the method freezes it (the file holds B alone)."""
     init = start.init
-    total = 0.0
     with safe_open(path, framework="pt", device="cpu") as file:
         for module in sorted(shapes):
             a = file.get_tensor(f"{module}.lora_A") if start.train_a else init.pairs[module].a
             origin, origin_scaling = (None, 1.0) if init is None else (init.pairs[module], init.scaling)
-            total += change_norm_sq(a, file.get_tensor(f"{module}.lora_B"), scaling, origin, origin_scaling)
-    return math.sqrt(total)
+            yield a, file.get_tensor(f"{module}.lora_B"), origin, origin_scaling
 
 
 def finite_or_none(value: float | None) -> float | None:
