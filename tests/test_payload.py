@@ -409,6 +409,22 @@ def test_non_finite_values_are_named(bad, as_source):
     rejects(as_source(raw_payload(tensors)), f"tensor '{V}.lora_B': 1 of 256 values are NaN or infinite")
 
 
+def test_infinities_of_both_signs_are_counted(as_source):
+    tensors = adapter_tensors()
+    tensors[f"{V}.lora_B"][0, 0], tensors[f"{V}.lora_B"][1, 0] = math.inf, -math.inf  # their sum is NaN
+    rejects(as_source(raw_payload(tensors)), f"tensor '{V}.lora_B': 2 of 256 values are NaN or infinite")
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 3e38), (torch.float16, 60000.0)])
+def test_finite_values_whose_sum_overflows_are_accepted(dtype, big, tmp_path):
+    """The fast check sums the values: an overflowing sum of finite values is counted, not refused."""
+    tensors = {n: (torch.ones_like(t) * big).to(dtype) for n, t in adapter_tensors().items()}
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(raw_payload(tensors))
+    read_adapter(path, EXPECTED)
+    check_adapter(path, EXPECTED)
+
+
 def test_bfloat16_nan_detected():
     tensors = {n: t.to(torch.bfloat16) for n, t in adapter_tensors().items()}
     tensors[f"{Q}.lora_A"][0, 0] = math.nan
