@@ -100,7 +100,6 @@ class Aggregator:
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.base_norm = weights_norm(module_weights(self.model, list(self.shapes)))  # the same limit after every restart
         self.kept: LoraAdapter | None = None  # the method's global LoRA at the current version, as served
-        self._starts: tuple[LoraAdapter | None, dict[tuple[int, float], ClientStart]] = (None, {})
         self.remainder: dict[str, ModuleUpdate] = {}  # what earlier lossy downlinks did not send
         self.validation = self._validation_data()
         log.info("model %s on %s: %d target modules, fingerprint %s",
@@ -124,17 +123,9 @@ class Aggregator:
 
     def start_of(self, rank: int, scaling: float) -> ClientStart:
         """How a client of ``rank`` and ``scaling`` starts from the current kept LoRA: what the
-        server checks its upload against. One ``method.start`` per kept LoRA and rank, not per
-        upload (a warm start costs an SVD per module); safe from the upload threads, which only
-        ever replace the cache."""
-        kept, starts = self._starts
-        if kept is not self.kept:
-            kept, starts = self.kept, {}
-            self._starts = kept, starts
-        key = (rank, scaling)
-        if key not in starts:
-            starts[key] = self.method.start(kept, rank, scaling)
-        return starts[key]
+        server checks its upload against, and what the method's merge removes (one
+        ``method.start`` per kept LoRA and rank, ``AggregationMethod.cached_start``)."""
+        return self.method.cached_start(self.kept, rank, scaling)
 
     # --- version 0 and restart ---------------------------------------------------------------
 

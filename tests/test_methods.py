@@ -112,6 +112,22 @@ def test_flora_warm_starts_from_the_best_rank_r_approximation_of_the_aggregate()
             assert torch.allclose(a.norm(dim=1), b.norm(dim=0), rtol=1e-4)  # balanced: sqrt(S / s) on each side
 
 
+def test_a_start_is_computed_once_per_kept_lora_rank_and_scaling(monkeypatch) -> None:
+    """The server asks for a client's start at upload and the merge asks again: one SVD, not two."""
+    method = get_method("flora-warm")
+    *_, (_, played, _, updates, _) = play("flora-warm", rounds=2)
+    kept = LoraAdapter(dict(played.pairs), played.scaling)  # the same LoRA as a new object: nothing memoised
+    calls = []
+    real = type(method).start
+    monkeypatch.setattr(type(method), "start", lambda self, *args: calls.append(args[1:]) or real(self, *args))
+    uploads = [method.cached_start(kept, u.rank, u.scaling) for u in updates]  # as each upload arrived
+    result = method.merge(kept, updates, WEIGHTS)
+    assert sorted(calls) == sorted({(u.rank, u.scaling) for u in updates})  # once per rank, at the uploads
+    assert [method.cached_start(kept, u.rank, u.scaling) for u in updates] == uploads
+    method.cached_start(result.kept, updates[0].rank, updates[0].scaling)  # a new kept LoRA: computed afresh
+    assert len(calls) == len(set(MIXED)) + 1
+
+
 @pytest.mark.parametrize("name", ["flora-warm", "fedex"])
 def test_clients_with_the_same_start_share_one_removed_term_in_the_stack(name) -> None:
     ranks, weights = (3, 3, 3, 1), [0.4, 0.3, 0.2, 0.1]  # two distinct starts: rank 3 (three clients) and rank 1

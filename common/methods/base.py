@@ -69,7 +69,8 @@ class RoundResult:
 
 
 class AggregationMethod(ABC):
-    """One aggregation method: a stateless object of pure functions over ``LoraAdapter``s."""
+    """One aggregation method: a stateless object of pure functions over ``LoraAdapter``s (its one
+    attribute a memo of ``start``, which changes no result)."""
 
     name: ClassVar[str]
     exact: ClassVar[bool]  # the merged delta is the exact FedAvg of the clients' trained models
@@ -77,6 +78,7 @@ class AggregationMethod(ABC):
     one_scaling: ClassVar[bool] = False  # a global LoRA of the run's rank and scaling: clients must match it
     partial_modules: ClassVar[bool] = False  # a client may leave modules out (a zero update: exact only for fresh stacking)
     summary: ClassVar[str]  # one line for --help and the docs
+    _memo: tuple[LoraAdapter | None, dict[tuple[int, float], ClientStart]] | None = None  # see cached_start
 
     def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:
         """Why a client of ``rank`` and ``scaling`` cannot take part in a run whose global LoRA has
@@ -102,14 +104,24 @@ class AggregationMethod(ABC):
         """How a client of ``rank`` and ``scaling`` starts a round from the kept global LoRA."""
 
     def starts(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[ClientStart]:
-        """How each update's client started: one ``start`` per distinct rank and scaling, not per
-        client (a warm start costs an SVD per module)."""
-        starts: dict[tuple[int, float], ClientStart] = {}
-        for update in updates:
-            key = (update.rank, update.scaling)
-            if key not in starts:
-                starts[key] = self.start(kept, *key)
-        return [starts[(u.rank, u.scaling)] for u in updates]
+        """How each update's client started (``cached_start`` for each)."""
+        return [self.cached_start(kept, u.rank, u.scaling) for u in updates]
+
+    def cached_start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
+        """``start``, computed once per kept LoRA, rank and scaling, not per client or per call: a
+        warm start costs an SVD per module, and a server asks for each client's start when its
+        upload arrives and again when the round is aggregated. Only the latest kept LoRA's starts
+        are remembered (by identity: the memo holds it, so it is never another object's id).
+        Safe from several threads: they only ever replace the memo, never change one in place.
+        """
+        memo = self._memo
+        if memo is None or memo[0] is not kept:
+            memo = (kept, {})
+            self._memo = memo
+        key = (rank, scaling)
+        if key not in memo[1]:
+            memo[1][key] = self.start(kept, rank, scaling)
+        return memo[1][key]
 
     def removals(self, kept: LoraAdapter | None, updates: Sequence[LoraAdapter]) -> list[LoraAdapter | None]:
         """What each update's client removed from the global model at its start."""
