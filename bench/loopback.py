@@ -34,14 +34,17 @@ def _status_bytes(pid: int, key: str) -> int:
         return 0
 
 
+def file_tail(path: str | Path, length: int) -> bytes:
+    """The last ``length`` bytes of a file (fewer when it is shorter)."""
+    with open(path, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        file.seek(max(0, size - length))
+        return file.read()
+
+
 def _ends_with(path: str, tail: bytes) -> bool:
     """Whether the file at ``path`` ends with ``tail`` (bytes of space allocated ahead read as zeros)."""
-    with open(path, "rb") as file:
-        file.seek(0, os.SEEK_END)
-        if file.tell() < len(tail):
-            return False
-        file.seek(-len(tail), os.SEEK_END)
-        return file.read(len(tail)) == tail
+    return file_tail(path, len(tail)) == tail
 
 
 class ServerProbe:

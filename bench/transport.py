@@ -43,7 +43,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from bench.loopback import RawPeer, ServerProbe
+from bench.loopback import RawPeer, ServerProbe, file_tail
 from bench.report import write_results
 from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
@@ -59,6 +59,7 @@ MB = 1e6
 MAX_SERVER_RANK = 65536  # the upper bound of ServerSettings.max_rank
 TIMEOUT_S = 600.0
 TARGET = 0.35
+TAIL_BYTES = 64  # the payload's last bytes (random float32 values) mark its arrival in the server's file
 COLUMNS = ["size_MiB", "direction", "payload_bytes", "grpc_MBps", "grpc_transfer_MBps", "raw_MBps", "ratio",
            "ratio_transfer", "raw_mem_MBps", "rss_growth_MB", "growth_per_payload", "anon_growth_MB"]
 Shapes = dict[str, tuple[int, int]]
@@ -77,13 +78,6 @@ def write_update(path: Path, shapes: Shapes, rank: int, round_number: int) -> tu
              for n, (d_out, d_in) in sorted(shapes.items())}
     meta = PayloadMeta("client_update", rank=rank, alpha=float(rank), scaling_rule="standard", round=round_number)
     return write_adapter(path, LoraAdapter(pairs, 1.0), meta)
-
-
-def payload_tail(path: Path, length: int = 64) -> bytes:
-    """The payload's last bytes (random float32 values): what marks its arrival in the server's file."""
-    with open(path, "rb") as file:
-        file.seek(-length, os.SEEK_END)
-        return file.read()
 
 
 @contextlib.contextmanager
@@ -214,7 +208,7 @@ def measure(bench: Bench, mib: float) -> dict:
     raw.prime(payload)
     sample["raw_up_s"] = raw.send(payload, True)
     raw.prime(payload)
-    with ServerProbe(bench.pid, bench.work / "state" / "tmp", payload_tail(payload)) as probe:
+    with ServerProbe(bench.pid, bench.work / "state" / "tmp", file_tail(payload, TAIL_BYTES)) as probe:
         start, end = bench.client.upload(payload, header)
     received = None if probe.received_at is None else probe.received_at - start
     sample.update(up_s=end - start, up_transfer_s=received, up_memory=probe.result())

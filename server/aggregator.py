@@ -37,7 +37,6 @@ from flora.common.methods.base import clipped_stack
 from flora.common.payload import (
     PayloadLimits,
     PayloadMeta,
-    artifact_limits,
     read_adapter,
     read_update,
     read_weights,
