@@ -140,7 +140,7 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
 async def serve(settings: ServerSettings) -> None:
     """Run the server until it is told to stop; raises ``StartupError`` for unusable setups."""
     raise_fd_limit()
-    tune_malloc()  # upload pieces go back to the OS: memory stays a few chunks per stream
+    tune_malloc(settings.chunk_size)  # upload pieces from the heap, not fresh pages; two arenas
     # The event loop gives the GIL up at every syscall (a SQLite commit, a file's creation) and
     # then waits up to the switch interval (5 ms by default) for a worker thread validating or
     # aggregating in Python to hand it back; with 1,000 clients that is thousands of waits a round.
