@@ -82,3 +82,15 @@ def test_a_float32_overflow_gives_no_interval(shape) -> None:
 def test_a_zero_update_is_exactly_zero() -> None:
     interval = change_norm_sq_interval(torch.zeros(4, 16), torch.zeros(32, 4), 3.0)
     assert (interval.low, interval.estimate) == (0.0, 0.0) and interval.high < 1e-60
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 48), (12, 1, 100)])  # the Grams; the product, rows of 100 but k = 12
+def test_rows_too_long_for_the_rounding_bound_give_no_interval(shape, monkeypatch) -> None:
+    """n u >= 1/2 leaves gamma_n unbounded: no interval (the exact computation decides), never a
+    collapsed one that would clear any limit. A coarse unit roundoff (64 n u >= 1/2 for n >= 32)
+    makes the rows too long where the rank is not."""
+    import flora.common.norm_bound as norm_bound
+
+    monkeypatch.setattr(norm_bound, "UNIT_ROUNDOFF", 2.0**-6)
+    a, b = factors(*shape, 0)
+    assert change_norm_sq_interval(a, b, 1.0) is None
