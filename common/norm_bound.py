@@ -91,8 +91,8 @@ def _interval(left: np.ndarray, right: np.ndarray) -> Interval | None:
         g_l, g_r = _gamma(d_out + _EXTRA_ROUNDINGS), _gamma(d_in + _EXTRA_ROUNDINGS)
         tau_l, tau_r = d_out * SUBNORMAL, d_in * SUBNORMAL  # what underflow can lose per Gram entry
         # |L|_F^2 = tr(L^T L): each computed diagonal entry is within g G_ii + tau of its exact value
-        trace_l = (float(np.trace(gram_l)) + k * tau_l) / (1.0 - g_l)
-        trace_r = (float(np.trace(gram_r)) + k * tau_r) / (1.0 - g_r)
+        trace_l = _at_most(float(np.trace(gram_l)) + k * tau_l, g_l)
+        trace_r = _at_most(float(np.trace(gram_r)) + k * tau_r, g_r)
         bound = trace_l * trace_r
         error = ((g_l + g_r + g_l * g_r + _gamma64(k * k)) * bound
                  + (1.0 + g_r) * tau_l * k * trace_r + (1.0 + g_l) * tau_r * k * trace_l + k * k * tau_l * tau_r)
@@ -121,8 +121,14 @@ def _sum_sq(x: np.ndarray) -> Interval:
     total = float(np.einsum("ij,ij->i", x, x).astype(np.float64).sum())
     g, g64, underflow = _gamma(n), _gamma64(m), m * n * SUBNORMAL
     low = max((total * (1.0 - g64) - underflow) / (1.0 + g), 0.0)
-    high = (total * (1.0 + g64) + underflow) / (1.0 - g) if g < 1.0 else math.inf
+    high = _at_most(total * (1.0 + g64) + underflow, g)
     return Interval(low, total, high)
+
+
+def _at_most(computed: float, g: float) -> float:
+    """The largest exact nonnegative value a result computed within relative error ``g`` can have
+    (unbounded once g >= 1: there the division would turn the bound negative)."""
+    return computed / (1.0 - g) if g < 1.0 else math.inf
 
 
 def _gamma(n: int) -> float:

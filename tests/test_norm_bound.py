@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flora.common import norm_bound
 from flora.common.lora import LoraPair
 from flora.common.norm_bound import change_norm_sq_interval
 from flora.common.robust import change_norm_sq
@@ -89,8 +90,6 @@ def test_rows_too_long_for_the_rounding_bound_give_no_interval(shape, monkeypatc
     """n u >= 1/2 leaves gamma_n unbounded: no interval (the exact computation decides), never a
     collapsed one that would clear any limit. A coarse unit roundoff (64 n u >= 1/2 for n >= 32)
     makes the rows too long where the rank is not."""
-    import flora.common.norm_bound as norm_bound
-
     monkeypatch.setattr(norm_bound, "UNIT_ROUNDOFF", 2.0**-6)
     a, b = factors(*shape, 0)
     assert change_norm_sq_interval(a, b, 1.0) is None
