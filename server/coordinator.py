@@ -359,8 +359,11 @@ class Coordinator:
                 await validate_durably(tmp, header, self.shapes, self._limits, aggregator.max_update_norm, aggregator.method,
                                        await start)
                 await asyncio.to_thread(_publish_update, tmp, final)
-            finally:
+            except BaseException:
+                # Only on failure: a published file has no temporary name left, and looking one up
+                # on the loop waits on the folder behind every other upload's rename.
                 tmp.unlink(missing_ok=True)
+                raise
             # From here to the record there is no await: the check and the record are atomic.
             try:
                 new = self._allowed(client_id, header)

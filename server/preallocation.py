@@ -45,6 +45,11 @@ class PreallocatedWriter:
         self._written = end
         return count
 
+    def reserve(self) -> None:
+        """Allocate the first window now, in the caller's thread, rather than at the first write."""
+        if self._supported:
+            self._allocate(min(self._total, self._window))
+
     def close(self) -> None:
         self._file.close()
 

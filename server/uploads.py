@@ -93,9 +93,9 @@ async def receive_payload(
 
     Not yet fsynced: ``validate_durably`` overlaps the fsync with the validation's read passes.
     """
-    path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
-    # Creating, closing and removing a file wait on the folder (other uploads' renames): off the loop.
-    sink = PreallocatedWriter(await asyncio.to_thread(open, path, "wb"), header.total_bytes)
+    # Creating, allocating, closing and removing a file wait on the folder (other uploads' renames)
+    # and on the filesystem's journal (every upload's fsync): off the loop.
+    path, sink = await asyncio.to_thread(_create_upload_file, tmp_dir, header.total_bytes)
     try:
         try:
             await receive_update(_replay(header, rest), sink, max_bytes)
@@ -109,6 +109,20 @@ async def receive_payload(
         await asyncio.to_thread(path.unlink, missing_ok=True)
         raise
     return path
+
+
+def _create_upload_file(tmp_dir: Path, total_bytes: int) -> tuple[Path, PreallocatedWriter]:
+    """A new temporary upload file with its first window allocated: a payload of up to one window
+    (every small update) makes no allocation call on the event loop, where its pieces are written."""
+    path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
+    sink = PreallocatedWriter(open(path, "wb"), total_bytes)  # noqa: SIM115 - receive_payload closes it
+    try:
+        sink.reserve()
+    except BaseException:
+        sink.close()
+        path.unlink(missing_ok=True)
+        raise
+    return path, sink
 
 
 async def validate_durably(

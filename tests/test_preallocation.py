@@ -86,3 +86,22 @@ def test_an_empty_payload_allocates_nothing(tmp_path) -> None:
         writer.write(b"")
         assert writer.allocated == 0
     assert os.stat(tmp_path / "u").st_size == 0
+
+
+def test_reserve_allocates_the_first_window_so_a_payload_within_it_writes_without_allocating(tmp_path, monkeypatch) -> None:
+    calls = []
+    real = preallocation.os.posix_fallocate
+    monkeypatch.setattr(preallocation.os, "posix_fallocate",
+                        lambda fd, offset, length: (calls.append((offset, length)), real(fd, offset, length)))
+    with open(tmp_path / "small", "wb") as file:
+        writer = PreallocatedWriter(file, 20 * KiB, window=32 * KiB)
+        writer.reserve()  # where the server creates the file: in a worker thread
+        assert calls == [(0, 20 * KiB)]
+        for chunk in pieces(20 * KiB, 4 * KiB):
+            writer.write(chunk)  # on the event loop, for small pieces: no allocation call there
+    assert calls == [(0, 20 * KiB)]
+    with open(tmp_path / "large", "wb") as file:
+        writer = PreallocatedWriter(file, 100 * KiB, window=32 * KiB)
+        writer.reserve()
+        writer.write(b"x" * 40 * KiB)  # past the first window: the next one from where the bytes are
+    assert calls[1:] == [(0, 32 * KiB), (32 * KiB, 40 * KiB)] and writer.allocated == 72 * KiB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 
 import pytest
@@ -161,3 +162,30 @@ def test_a_warm_upload_is_measured_by_its_change_from_the_start(tmp_path, name) 
     assert trained > 10 * want  # what the old check measured
     norm = uploads.validate_payload(tmp_path / "w.safetensors", header, SHAPES, PayloadLimits(), 2 * want, method, start)
     assert norm == pytest.approx(want, rel=1e-3)  # float32 products of a change that cancels 10x: inside the limit
+
+
+async def _pieces(data: bytes):
+    for start in range(0, len(data), 64):
+        yield transfer_pb2.UpdateChunk(piece=transfer_pb2.UpdatePiece(offset=start, data=data[start:start + 64]))
+
+
+def test_a_received_payload_lands_in_a_preallocated_temporary_file(tmp_path) -> None:
+    header = update(tmp_path / "u.safetensors")
+    data = (tmp_path / "u.safetensors").read_bytes()
+    (tmp_path / "tmp").mkdir()
+    path = asyncio.run(uploads.receive_payload(header, _pieces(data), tmp_path / "tmp", 1 << 20))
+    assert path.parent == tmp_path / "tmp" and path.read_bytes() == data
+
+
+def test_a_full_disk_when_the_upload_file_is_created_leaves_no_file(tmp_path, monkeypatch) -> None:
+    header = update(tmp_path / "u.safetensors")
+    (tmp_path / "tmp").mkdir()
+
+    def full(writer: uploads.PreallocatedWriter, upto: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(uploads.PreallocatedWriter, "_allocate", full)
+    with pytest.raises(OSError) as raised:
+        asyncio.run(uploads.receive_payload(header, _pieces(b""), tmp_path / "tmp", 1 << 20))
+    assert raised.value.errno == errno.ENOSPC  # what the servicer maps to RESOURCE_EXHAUSTED
+    assert list((tmp_path / "tmp").iterdir()) == []
