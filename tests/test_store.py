@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
@@ -121,18 +122,26 @@ def test_reads_answered_from_memory_follow_every_write(store):
     assert len(store.exclusions(1)) == 1
 
 
-def test_quick_commits_are_visible_at_once_and_leave_the_connection_fully_synchronous(tmp_path, store):
+def test_durable_writes_fsync_the_wal_and_quick_commits_leave_that_to_their_caller(tmp_path, store, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    wal = str((tmp_path / "state.db-wal").resolve())
     store.add_client(client("c1", "alice"))
     store.add_submission(submission(1, "c1"))
-    assert [c.id for c in store.clients()] == ["c1"] and store.submission(1, "c1") is not None
-    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL for every other write
+    assert [c.id for c in store.clients()] == ["c1"] and store.submission(1, "c1") is not None  # visible at once
+    assert wal not in synced  # the caller syncs before it acknowledges (in a worker thread)
     with pytest.raises(sqlite3.IntegrityError):
-        store.add_submission(submission(1, "c1"))  # a failed quick commit restores FULL too
-    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+        store.add_submission(submission(1, "c1"))
+    store.save_attempt(Round(1, 1, RoundState.OPEN, frozenset({"c1"}), 50.0, 1))
+    assert synced.count(wal) == 1  # a durable write is on disk when it returns: the WAL fsynced
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL: no mode switches per commit
     store.sync()
+    assert synced.count(wal) == 2
     reopened = Store(tmp_path / "state.db")
     try:
         assert reopened.submission(1, "c1") == submission(1, "c1")
+        assert reopened.load_round(1).state == RoundState.OPEN
     finally:
         reopened.close()
     store.close()

@@ -2,7 +2,7 @@
 
 While the file named by FLORA_TEST_DISK_FULL exists, every fsync of a file the server writes
 and every allocation of an upload's space (posix_fallocate) fails with ENOSPC, and every database
-transaction with SQLite's "database or disk is full", as
+write (a transaction or a quick insert) with SQLite's "database or disk is full", as
 they do on a full disk; removing the file is freeing space. Used by tests/test_disk_full.py only.
 """
 
@@ -16,7 +16,7 @@ if _FLAG:
     import flora.common.chunks as _chunks
     import flora.server.store as _store
 
-    _fsync, _transaction, _fallocate = _chunks.fsync_file, _store.Store._transaction, os.posix_fallocate
+    _fsync, _fallocate = _chunks.fsync_file, os.posix_fallocate
 
     def _full_fsync(file):
         if os.path.exists(_FLAG):
@@ -28,11 +28,15 @@ if _FLAG:
             raise OSError(errno.ENOSPC, "No space left on device")
         _fallocate(fd, offset, length)
 
-    def _full_transaction(self, *args, **kwargs):
-        if os.path.exists(_FLAG):
-            raise sqlite3.OperationalError("database or disk is full")
-        return _transaction(self, *args, **kwargs)
+    def _full_database(write):
+        def full_or_write(self, *args, **kwargs):
+            if os.path.exists(_FLAG):
+                raise sqlite3.OperationalError("database or disk is full")
+            return write(self, *args, **kwargs)
+
+        return full_or_write
 
     _chunks.fsync_file = _full_fsync
-    _store.Store._transaction = _full_transaction
+    _store.Store._transaction = _full_database(_store.Store._transaction)
+    _store.Store._insert_quick = _full_database(_store.Store._insert_quick)
     os.posix_fallocate = _full_fallocate
