@@ -209,11 +209,10 @@ class Store:
         before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
         the event loop hands the GIL back and waits to take it again."""
         with self._lock:
-            self._cache.clear()
             try:
                 self._db.execute(sql, row)
             finally:
-                self._cache.clear()
+                self._cache.clear()  # inserted or not: the next read asks the database
 
     def sync(self) -> None:
         """Make every commit so far durable: fsync the WAL (blocking: run it in a thread).

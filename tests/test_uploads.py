@@ -12,6 +12,7 @@ import torch
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import ClientStart, get_method
 from flora.common.payload import PayloadLimits, PayloadMeta, write_adapter
+from flora.common.wire import update_messages
 from flora.server import uploads
 from flora.server.errors import InvalidArgument
 from flora.server.uploads import validate_durably
@@ -164,21 +165,23 @@ def test_a_warm_upload_is_measured_by_its_change_from_the_start(tmp_path, name) 
     assert norm == pytest.approx(want, rel=1e-3)  # float32 products of a change that cancels 10x: inside the limit
 
 
-async def _pieces(data: bytes):
-    for start in range(0, len(data), 64):
-        yield transfer_pb2.UpdateChunk(piece=transfer_pb2.UpdatePiece(offset=start, data=data[start:start + 64]))
+async def _after_header(header: transfer_pb2.UpdateHeader, data: bytes):
+    """The client's SubmitUpdate stream in 64-byte pieces, less the header ``receive_payload`` is given."""
+    for message in list(update_messages(header, data, chunk_size=64))[1:]:
+        yield message
 
 
 def test_a_received_payload_lands_in_a_preallocated_temporary_file(tmp_path) -> None:
     header = update(tmp_path / "u.safetensors")
     data = (tmp_path / "u.safetensors").read_bytes()
     (tmp_path / "tmp").mkdir()
-    path = asyncio.run(uploads.receive_payload(header, _pieces(data), tmp_path / "tmp", 1 << 20))
+    path = asyncio.run(uploads.receive_payload(header, _after_header(header, data), tmp_path / "tmp", 1 << 20))
     assert path.parent == tmp_path / "tmp" and path.read_bytes() == data
 
 
 def test_a_full_disk_when_the_upload_file_is_created_leaves_no_file(tmp_path, monkeypatch) -> None:
     header = update(tmp_path / "u.safetensors")
+    data = (tmp_path / "u.safetensors").read_bytes()
     (tmp_path / "tmp").mkdir()
 
     def full(writer: uploads.PreallocatedWriter, upto: int) -> None:
@@ -186,6 +189,6 @@ def test_a_full_disk_when_the_upload_file_is_created_leaves_no_file(tmp_path, mo
 
     monkeypatch.setattr(uploads.PreallocatedWriter, "_allocate", full)
     with pytest.raises(OSError) as raised:
-        asyncio.run(uploads.receive_payload(header, _pieces(b""), tmp_path / "tmp", 1 << 20))
+        asyncio.run(uploads.receive_payload(header, _after_header(header, data), tmp_path / "tmp", 1 << 20))
     assert raised.value.errno == errno.ENOSPC  # what the servicer maps to RESOURCE_EXHAUSTED
     assert list((tmp_path / "tmp").iterdir()) == []
