@@ -21,7 +21,7 @@ from torch import Tensor
 from flora.common.chunks import ChunkError, check_sha256, fsync_path
 from flora.common.lora import LoraPair, lora_scaling
 from flora.common.methods import AggregationMethod, ClientStart
-from flora.common.norm_bound import ZERO, change_norm_sq_interval
+from flora.common.norm_bound import ZERO, Interval, change_norm_sq_ceiling, change_norm_sq_interval
 from flora.common.payload import PayloadError, PayloadLimits, check_adapter
 from flora.common.robust import change_norm_sq
 from flora.common.wire import WireError, receive_update
@@ -128,7 +128,7 @@ def _create_upload_file(tmp_dir: Path, total_bytes: int) -> tuple[Path, Prealloc
 async def validate_durably(
     path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits,
     max_norm: float, method: AggregationMethod, start: ClientStart,
-) -> float:
+) -> None:
     """``validate_payload`` in one worker thread while another fsyncs the file: the OS writes the
     bytes back while validation reads them from its cache, so the two costs overlap instead of
     adding up. A validation refusal wins over an fsync error; either leaves the file unpublished.
@@ -141,22 +141,20 @@ async def validate_durably(
     for outcome in (checked, synced):
         if isinstance(outcome, BaseException):
             raise outcome
-    return checked
 
 
 def validate_payload(
     path: Path, header: transfer_pb2.UpdateHeader, shapes: Mapping[str, tuple[int, int]], limits: PayloadLimits,
     max_norm: float, method: AggregationMethod, start: ClientStart,
-) -> float:
+) -> None:
     """Check the payload fully (blocking: run it in a thread) against the header and the model.
 
     The file is read in pieces, not loaded: an upload costs the server a chunk of memory, not
     its size, until the round is aggregated. The tensors are the run's ``method``'s: A and B,
     or B alone when A is frozen (then A is ``start.init``'s, the leading rows of the global
-    LoRA the server keeps). Returns the norm of the update's change from the client's start,
-    |s B A - s0 B0 A0|_F (``start.init``; |s B A|_F from a fresh start; to float32 accuracy
-    where it is clear of the limit), refused above ``max_norm``: finite factors can still have a
-    product that overflows a merge.
+    LoRA the server keeps). The norm of the update's change from the client's start,
+    |s B A - s0 B0 A0|_F (``start.init``; |s B A|_F from a fresh start), must be at most
+    ``max_norm``: finite factors can still have a product that overflows a merge.
     """
     try:
         meta = check_adapter(path, shapes, rank=header.rank, limits=limits, with_a=start.train_a)
@@ -171,31 +169,44 @@ def validate_payload(
     if meta.round != header.round:
         raise InvalidArgument(f"payload: metadata 'round' {meta.round} differs from the header's round {header.round}")
     scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
-    norm = bounded_change_norm(path, shapes, scaling, start, max_norm)
-    if not norm <= max_norm:
+    check_change_norm(path, shapes, scaling, start, max_norm)
+
+
+def check_change_norm(
+    path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart, limit: float
+) -> None:
+    """Refuse an update whose change norm exceeds ``limit``, with the cheapest proof that decides
+    (``flora.common.norm_bound``): the factors' sums of squares (the usual case, far below the
+    limit), else the interval from float32 products, else the exact float64 norm, which every
+    refusal names."""
+    squared_limit = limit * limit
+    ceiling = sum(change_norm_sq_ceiling(a, b, scaling, origin, origin_scaling)
+                  for a, b, origin, origin_scaling in _module_factors(path, shapes, start))
+    if ceiling <= squared_limit:
+        return
+    interval = _products_interval(path, shapes, scaling, start)
+    if interval is not None and interval.high <= squared_limit:
+        return
+    norm = file_change_norm(path, shapes, scaling, start)
+    if not norm <= limit:
         raise InvalidArgument(
             f"payload: the update's norm (of its change from the round's start) |s B A - s0 B0 A0|_F = {norm:.6g} "
-            f"exceeds max_update_norm {max_norm:.6g}"
+            f"exceeds max_update_norm {limit:.6g}"
         )
-    return norm
 
 
-def bounded_change_norm(
-    path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart, limit: float
-) -> float:
-    """``file_change_norm``, from float32 products where they prove the norm within ``limit``
-    (``flora.common.norm_bound``: the usual case, at a fraction of the cost); the exact float64
-    value wherever the proof fails (near or over the limit, or a float32 overflow), so every
-    refusal names the exact norm."""
+def _products_interval(
+    path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart
+) -> Interval | None:
+    """The squared norm's interval over all modules from float32 products, or None where one
+    module's products overflow."""
     total = ZERO
     for a, b, origin, origin_scaling in _module_factors(path, shapes, start):
         interval = change_norm_sq_interval(a, b, scaling, origin, origin_scaling)
         if interval is None:
-            return file_change_norm(path, shapes, scaling, start)
+            return None
         total += interval
-    if total.high <= limit * limit:
-        return math.sqrt(total.estimate)
-    return file_change_norm(path, shapes, scaling, start)
+    return total
 
 
 def file_change_norm(path: Path, shapes: Mapping[str, tuple[int, int]], scaling: float, start: ClientStart) -> float:

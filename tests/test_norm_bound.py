@@ -1,4 +1,5 @@
-"""change_norm_sq_interval: float32 products whose interval always holds the exact float64 norm."""
+"""change_norm_sq_interval: float32 products whose interval always holds the exact float64 norm;
+change_norm_sq_ceiling: sums of squares whose product is never below it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from flora.common import norm_bound
 from flora.common.lora import LoraPair
-from flora.common.norm_bound import change_norm_sq_interval
+from flora.common.norm_bound import change_norm_sq_ceiling, change_norm_sq_interval
 from flora.common.robust import change_norm_sq
 
 
@@ -29,6 +30,7 @@ def assert_holds(a, b, scaling, start=None, start_scaling=1.0, max_width=None) -
     assert interval.low <= interval.estimate <= interval.high
     if max_width is not None:  # the bound is also tight enough to decide with
         assert interval.high - interval.low <= max_width * exact
+    assert change_norm_sq_ceiling(a, b, scaling, start, start_scaling) >= exact
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -93,3 +95,33 @@ def test_rows_too_long_for_the_rounding_bound_give_no_interval(shape, monkeypatc
     monkeypatch.setattr(norm_bound, "UNIT_ROUNDOFF", 2.0**-6)
     a, b = factors(*shape, 0)
     assert change_norm_sq_interval(a, b, 1.0) is None
+
+
+def test_the_ceiling_of_a_rank_one_update_is_its_norm() -> None:
+    """|b a^T|_F = |b| |a|: there the ceiling is exact up to rounding, so it cannot be loose by
+    more than the rounding allows (a ceiling off by a factor, say a missing scaling, fails)."""
+    a, b = factors(1, 64, 48, 3)
+    exact = change_norm_sq(a, b, 0.75, None, 1.0)
+    assert exact <= change_norm_sq_ceiling(a, b, 0.75) <= exact * (1 + 1e-5)
+
+
+def test_the_ceiling_counts_the_start() -> None:
+    """Against a start the ceiling is (|B|^2 + |B0|^2)(s^2 |A|^2 + s0^2 |A0|^2): a change that
+    cancels its start exactly still has the start's part in its ceiling."""
+    a, b = factors(1, 16, 8, 4)
+    ceiling = change_norm_sq_ceiling(a, b, 1.0, LoraPair(a, b), 1.0)
+    sq = float(a.double().square().sum()) * float(b.double().square().sum())
+    assert change_norm_sq(a, b, 1.0, LoraPair(a, b), 1.0) == 0.0
+    assert ceiling == pytest.approx(4 * sq, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 48), (40, 8, 6)])
+def test_a_float32_overflow_gives_an_infinite_ceiling(shape) -> None:
+    a, b = factors(*shape, 0)
+    assert change_norm_sq_ceiling(a * 1e25, b, 1.0) == float("inf")
+
+
+def test_rows_too_long_for_the_rounding_bound_give_an_infinite_ceiling(monkeypatch) -> None:
+    monkeypatch.setattr(norm_bound, "UNIT_ROUNDOFF", 2.0**-6)
+    a, b = factors(4, 64, 48, 0)
+    assert change_norm_sq_ceiling(a, b, 1.0) == float("inf")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import re
 
 import pytest
 import torch
@@ -32,12 +33,12 @@ def update(path, round_number: int = 3, scale: float = 1.0) -> transfer_pb2.Upda
                                      num_examples=1, total_bytes=size, sha256=sha)
 
 
-def test_a_valid_update_is_fsynced_and_its_norm_returned(tmp_path, monkeypatch) -> None:
+def test_a_valid_update_is_fsynced(tmp_path, monkeypatch) -> None:
     synced = []
     monkeypatch.setattr(uploads, "fsync_path", lambda path: synced.append(path))
     header = update(tmp_path / "u.safetensors")
-    norm = asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), math.inf, *FLORA))
-    assert norm > 0 and synced == [tmp_path / "u.safetensors"]
+    asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), math.inf, *FLORA))
+    assert synced == [tmp_path / "u.safetensors"]
 
 
 def test_a_refusal_wins_over_an_fsync_error_and_both_are_waited_for(tmp_path, monkeypatch) -> None:
@@ -63,17 +64,32 @@ def exact_norm(path) -> float:
     return uploads.file_change_norm(path, SHAPES, 1.0, FLORA[1])
 
 
-def test_a_norm_clear_of_the_limit_is_proved_in_float32_without_the_exact_pass(tmp_path, monkeypatch) -> None:
+def fail(what: str):
+    def failing(*args):
+        raise AssertionError(f"{what} ran although a cheaper proof decided")
+    return failing
+
+
+def test_a_norm_far_below_the_limit_is_proved_by_the_sums_of_squares_alone(tmp_path, monkeypatch) -> None:
     path = tmp_path / "u.safetensors"
     header = update(path)
     exact = exact_norm(path)
+    monkeypatch.setattr(uploads, "change_norm_sq_interval", fail("the float32 products"))
+    monkeypatch.setattr(uploads, "file_change_norm", fail("the float64 pass"))
+    uploads.validate_payload(path, header, SHAPES, PayloadLimits(), 10.0 * exact, *FLORA)
 
-    def no_exact_pass(*args):
-        raise AssertionError("the float64 pass ran although float32 proved the norm within the limit")
 
-    monkeypatch.setattr(uploads, "file_change_norm", no_exact_pass)
-    norm = uploads.validate_payload(path, header, SHAPES, PayloadLimits(), 2.0 * exact, *FLORA)
-    assert norm == pytest.approx(exact, rel=1e-5)
+def test_a_norm_clear_of_the_limit_is_proved_in_float32_without_the_exact_pass(tmp_path, monkeypatch) -> None:
+    """Rank 2: the ceiling |B| |A| is above 1.01 x the norm here, so the products decide."""
+    path = tmp_path / "u.safetensors"
+    header = update(path)
+    exact = exact_norm(path)
+    proofs = []
+    interval = uploads.change_norm_sq_interval
+    monkeypatch.setattr(uploads, "change_norm_sq_interval", lambda *args: proofs.append(1) or interval(*args))
+    monkeypatch.setattr(uploads, "file_change_norm", fail("the float64 pass"))
+    uploads.validate_payload(path, header, SHAPES, PayloadLimits(), 1.01 * exact, *FLORA)
+    assert len(proofs) == len(SHAPES)
 
 
 @pytest.mark.parametrize("margin", [1e-9, -1e-9])
@@ -85,7 +101,7 @@ def test_a_norm_at_the_limit_is_decided_by_the_exact_float64_value(tmp_path, mar
     exact = exact_norm(path)
     limit = exact * (1.0 + margin)
     if margin > 0:
-        assert uploads.validate_payload(path, header, SHAPES, PayloadLimits(), limit, *FLORA) == exact
+        uploads.validate_payload(path, header, SHAPES, PayloadLimits(), limit, *FLORA)
     else:
         with pytest.raises(InvalidArgument, match=f"= {exact:.6g} exceeds max_update_norm"):
             uploads.validate_payload(path, header, SHAPES, PayloadLimits(), limit, *FLORA)
@@ -93,9 +109,12 @@ def test_a_norm_at_the_limit_is_decided_by_the_exact_float64_value(tmp_path, mar
 
 def test_a_float32_overflow_falls_back_to_the_exact_norm(tmp_path) -> None:
     path = tmp_path / "u.safetensors"
-    header = update(path, scale=1e30)  # A ~1e30: float32 Grams overflow, float64 does not
+    header = update(path, scale=1e30)  # A ~1e30: float32 sums and Grams overflow, float64 does not
     exact = exact_norm(path)
-    assert exact > 1e29 and uploads.validate_payload(path, header, SHAPES, PayloadLimits(), math.inf, *FLORA) == exact
+    assert exact > 1e29
+    uploads.validate_payload(path, header, SHAPES, PayloadLimits(), exact * (1 + 1e-9), *FLORA)
+    with pytest.raises(InvalidArgument, match=re.escape(f"= {exact:.6g} exceeds")):
+        uploads.validate_payload(path, header, SHAPES, PayloadLimits(), exact * (1 - 1e-9), *FLORA)
 
 
 def ffa_start(rank: int = 2) -> tuple:
@@ -118,11 +137,10 @@ def b_only_update(path, scale: float = 1.0) -> tuple[transfer_pb2.UpdateHeader, 
 def test_an_ffa_upload_holds_b_alone_and_its_norm_uses_the_servers_a(tmp_path) -> None:
     method, start = ffa_start()
     header, bs = b_only_update(tmp_path / "b.safetensors")
-    norm = uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), math.inf, method, start)
     want = math.sqrt(sum(float((bs[n].double() @ start.init.pairs[n].a.double()).square().sum()) for n in SHAPES))
-    assert norm == pytest.approx(want, rel=1e-6)  # float32 products: the norm is far inside the limit
-    with pytest.raises(InvalidArgument, match=r"exceeds max_update_norm"):
-        uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), 0.5 * want, method, start)
+    uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), 1.001 * want, method, start)
+    with pytest.raises(InvalidArgument, match=re.escape(f"= {want:.6g} exceeds max_update_norm")):
+        uploads.validate_payload(tmp_path / "b.safetensors", header, SHAPES, PayloadLimits(), 0.999 * want, method, start)
 
 
 def test_an_ffa_upload_with_lora_a_is_refused_naming_the_tensor_and_the_method(tmp_path) -> None:
@@ -161,8 +179,9 @@ def test_a_warm_upload_is_measured_by_its_change_from_the_start(tmp_path, name) 
                          for n, p in moved.items()))
     trained = math.sqrt(sum(float((p.b.double() @ p.a.double()).square().sum()) for p in moved.values()))
     assert trained > 10 * want  # what the old check measured
-    norm = uploads.validate_payload(tmp_path / "w.safetensors", header, SHAPES, PayloadLimits(), 2 * want, method, start)
-    assert norm == pytest.approx(want, rel=1e-3)  # float32 products of a change that cancels 10x: inside the limit
+    uploads.validate_payload(tmp_path / "w.safetensors", header, SHAPES, PayloadLimits(), 1.001 * want, method, start)
+    with pytest.raises(InvalidArgument, match=re.escape(f"= {want:.6g} exceeds")):  # not the trained |s B A|
+        uploads.validate_payload(tmp_path / "w.safetensors", header, SHAPES, PayloadLimits(), 0.999 * want, method, start)
 
 
 async def _after_header(header: transfer_pb2.UpdateHeader, data: bytes):
