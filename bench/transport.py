@@ -45,11 +45,12 @@ import torch
 
 from bench.loopback import RawPeer, ServerProbe, file_tail
 from bench.report import write_results
+from flora.client.connection import SUBMIT_UPDATE
 from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.payload import PayloadMeta, write_adapter
 from flora.common.tables import format_table
-from flora.common.wire import ArtifactReceiver, update_messages
+from flora.common.wire import ArtifactReceiver, encoded_update_messages
 from flora.demo.processes import Supervisor, wait_for_port
 from flora.v1 import coordinator_pb2 as pb
 from flora.v1 import coordinator_pb2_grpc, run_pb2, transfer_pb2
@@ -121,6 +122,8 @@ class BenchClient:
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.submit_encoded = self.channel.stream_unary(SUBMIT_UPDATE, request_serializer=None,
+                                                        response_deserializer=pb.SubmitReply.FromString)
         self.name, self.chunk_size, self.token = name, chunk_size, ""
         self.spec = self.stub.GetRun(pb.GetRunRequest(), timeout=60).run
 
@@ -155,10 +158,10 @@ class BenchClient:
         _until(f"version {version}", reached)
 
     def upload(self, path: Path, header: transfer_pb2.UpdateHeader) -> tuple[float, float]:
-        """SubmitUpdate streamed from the file, as the real client does: (start, end) perf_counter."""
+        """SubmitUpdate streamed from the file, serialised as the real client does: (start, end) perf_counter."""
         start = time.perf_counter()
-        reply = self.stub.SubmitUpdate(update_messages(header, path, self.chunk_size), metadata=self._auth(),
-                                       timeout=TIMEOUT_S)
+        reply = self.submit_encoded(encoded_update_messages(header, path, self.chunk_size), metadata=self._auth(),
+                                    timeout=TIMEOUT_S)
         end = time.perf_counter()
         if not reply.accepted or reply.duplicate:
             raise RuntimeError(f"the upload of round {header.round} was not freshly accepted: {reply.message}")

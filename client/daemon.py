@@ -34,7 +34,7 @@ from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.payload import PayloadMeta, write_adapter
-from flora.common.wire import update_messages
+from flora.common.wire import encoded_update_messages
 from flora.v1 import coordinator_pb2, run_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class Daemon:
         payload = self.state.outbox_path(task.round)
         header = self._encode(task, config, result, payload)
         try:
-            reply = self.conn.retrying("SubmitUpdate", lambda: self.conn.stream_in("SubmitUpdate", self._pieces(header, payload)))
+            reply = self.conn.retrying("SubmitUpdate", lambda: self.conn.upload(self._messages(header, payload)))
         except grpc.RpcError as exc:
             code = rpc_code(exc)
             if code in _UPLOAD_FATAL:
@@ -327,12 +327,10 @@ class Daemon:
             header.validation_loss = result.validation_loss
         return header
 
-    def _pieces(self, header: transfer_pb2.UpdateHeader, payload: Path) -> Iterator[transfer_pb2.UpdateChunk]:
+    def _messages(self, header: transfer_pb2.UpdateHeader, payload: Path) -> Iterator[bytes]:
         """The upload stream, advancing the upload's progress bar as gRPC consumes it."""
         with self.progress.bar(f"upload round {header.round}", header.total_bytes, unit="B") as bar:
-            for message in update_messages(header, payload, self.spec.chunk_size or DEFAULT_CHUNK_SIZE):
-                yield message
-                bar.update(len(message.piece.data))
+            yield from encoded_update_messages(header, payload, self.spec.chunk_size or DEFAULT_CHUNK_SIZE, bar.update)
 
     def _complete(self, adapter: LoraAdapter, rank: int) -> LoraAdapter:
         """Every run module in the upload: those this client does not train contribute zero."""

@@ -20,6 +20,8 @@ from flora.common.wire import (
     UpdateReceiver,
     WireError,
     artifact_chunks,
+    encode_piece,
+    encoded_update_messages,
     part_path,
     receive_artifacts,
     receive_update,
@@ -223,8 +225,30 @@ def test_upload_from_a_file(tmp_path):
 
 
 def test_update_messages_checks_the_header_against_the_payload():
-    with pytest.raises(WireError, match="header total_bytes=5 but the payload is 3 bytes"):
-        next(update_messages(make_header(b"abc", total_bytes=5), b"abc", 10))
+    for messages in (update_messages, encoded_update_messages):
+        with pytest.raises(WireError, match="header total_bytes=5 but the payload is 3 bytes"):
+            next(messages(make_header(b"abc", total_bytes=5), b"abc", 10))
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(max_size=4000), chunk_size=st.integers(1, 900))
+def test_encoded_update_messages_are_the_serialised_update_messages(data, chunk_size):
+    """Byte for byte what protobuf makes of update_messages (offsets past one varint byte, empty
+    payloads, a short last piece), so a server cannot tell the two apart; ``sent`` is told each
+    piece's payload bytes."""
+    sent = []
+    encoded = list(encoded_update_messages(make_header(data), data, chunk_size, sent.append))
+    assert encoded == [m.SerializeToString() for m in update_messages(make_header(data), data, chunk_size)]
+    pieces = [min(chunk_size, len(data) - offset) for offset in range(0, len(data), chunk_size)]
+    assert sent == (pieces or [0])  # an empty payload is one empty piece
+
+
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 16383, 16384, 2**35, 2**64 - 1])
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 70000])
+def test_an_encoded_piece_is_the_serialised_piece(offset, size):
+    data = os.urandom(size)
+    message = transfer_pb2.UpdateChunk(piece=transfer_pb2.UpdatePiece(offset=offset, data=data))
+    assert encode_piece(offset, data) == message.SerializeToString()
 
 
 def upload(messages, max_bytes=1 << 20) -> bytes:
