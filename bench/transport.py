@@ -45,12 +45,11 @@ import torch
 
 from bench.loopback import RawPeer, ServerProbe, file_tail
 from bench.report import write_results
-from flora.client.connection import SUBMIT_UPDATE
 from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.payload import PayloadMeta, write_adapter
 from flora.common.tables import format_table
-from flora.common.wire import ArtifactReceiver, encoded_update_messages
+from flora.common.wire import SUBMIT_UPDATE, ArtifactReceiver, encoded_update_messages
 from flora.demo.processes import Supervisor, wait_for_port
 from flora.v1 import coordinator_pb2 as pb
 from flora.v1 import coordinator_pb2_grpc, run_pb2, transfer_pb2

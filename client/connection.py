@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 
 from flora.client.config import ClientSettings
+from flora.common.wire import SUBMIT_UPDATE
 from flora.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # Chunks are 1 MiB by default; the cap only bounds what a misbehaving server can make us buffer.
 MAX_MESSAGE_BYTES = 64 << 20
 _WATCH_INTERVAL_S = 0.5
-SUBMIT_UPDATE = f"/{coordinator_pb2.DESCRIPTOR.services_by_name['Coordinator'].full_name}/SubmitUpdate"
 
 
 class Stopped(Exception):

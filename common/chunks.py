@@ -128,7 +128,7 @@ def open_partial(path: Path) -> tuple[BinaryIO, Partial]:
 class Sink(Protocol):
     """Where a receiver writes a payload: a binary file, or a wrapper of one that allocates ahead."""
 
-    def write(self, data: bytes, /) -> int | None: ...
+    def write(self, data: bytes | memoryview, /) -> int | None: ...
 
 
 class ChunkReceiver:
@@ -159,7 +159,7 @@ class ChunkReceiver:
         if self.received > total_bytes:
             raise ChunkError(f"{self.received} bytes already received exceed total_bytes={total_bytes}")
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes | memoryview) -> None:
         """Append the chunk ``data`` that starts at byte ``offset`` of the payload."""
         if offset > self.received:
             raise ChunkError(f"chunk at offset {offset} leaves a gap: expected offset {self.received}")

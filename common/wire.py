@@ -38,8 +38,10 @@ from flora.common.chunks import (
     publish,
     source_size,
 )
-from flora.v1 import transfer_pb2
+from flora.v1 import coordinator_pb2, transfer_pb2
 
+# The upload's method path, for calls and interceptors that handle its messages' bytes themselves.
+SUBMIT_UPDATE = f"/{coordinator_pb2.DESCRIPTOR.services_by_name['Coordinator'].full_name}/SubmitUpdate"
 PathFor = Callable[[int, int], Path]
 # Upload pieces up to this size are written and hashed on the event loop (tens of microseconds);
 # larger ones in a worker thread, overlapping the next message's arrival.
@@ -116,6 +118,61 @@ def encode_piece(offset: int, data: bytes) -> bytes:
     return b"".join((_PIECE_TAG, _varint(len(fields) + len(data)), fields, data))
 
 
+class Piece(NamedTuple):
+    """An upload piece decoded without a copy: ``data`` is a view into the received message."""
+
+    offset: int
+    data: bytes | memoryview
+
+
+def decode_update_chunk(raw: bytes) -> transfer_pb2.UpdateChunk | Piece:
+    """SubmitUpdate's request deserializer: a piece laid out as protobuf writes it (``encode_piece``:
+    the piece field alone, then its offset, then its data) as a ``Piece`` viewing ``raw``; any
+    other message (the header, another field order, unknown fields) parsed by protobuf, which
+    also refuses what is malformed. Protobuf's parse copies a piece's data twice (into the message
+    and out of it as bytes) on the event loop: bench.transport 256 MiB +8% end to end without.
+    """
+    piece = _piece_view(raw)
+    return piece if piece is not None else transfer_pb2.UpdateChunk.FromString(raw)
+
+
+def _piece_view(raw: bytes) -> Piece | None:
+    """The piece ``raw`` holds in ``encode_piece``'s layout, or None for any other layout."""
+    if raw[:1] != _PIECE_TAG:
+        return None
+    length, at = _read_varint(raw, 1)
+    if length < 0 or at + length != len(raw):
+        return None
+    offset = 0
+    if raw[at : at + 1] == _OFFSET_TAG:
+        offset, at = _read_varint(raw, at + 1)
+        if offset < 0:
+            return None
+    if at == len(raw):
+        return Piece(offset, b"")
+    if raw[at : at + 1] != _DATA_TAG:
+        return None
+    length, at = _read_varint(raw, at + 1)
+    if length < 0 or at + length != len(raw):
+        return None
+    return Piece(offset, memoryview(raw)[at:])
+
+
+def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
+    """The varint at ``at`` and where it ends; (-1, at) where none ends within 10 bytes and
+    below 2^64 (then the caller leaves the message to protobuf)."""
+    value = 0
+    for shift in range(0, 70, 7):
+        if at >= len(raw):
+            break
+        byte = raw[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (value, at) if value < 1 << 64 else (-1, at)
+    return -1, at
+
+
 def _check_update_header(header: transfer_pb2.UpdateHeader, source: Source) -> None:
     check_sha256(header.sha256, "header sha256")
     if header.total_bytes != (size := source_size(source)):
@@ -153,9 +210,12 @@ class UpdateReceiver:
         self._chunks: ChunkReceiver | None = None
         self.header: transfer_pb2.UpdateHeader | None = None
 
-    def feed(self, message: transfer_pb2.UpdateChunk) -> None:
-        """Take the next message of the stream."""
+    def feed(self, message: transfer_pb2.UpdateChunk | Piece) -> None:
+        """Take the next message of the stream (a ``Piece`` as ``decode_update_chunk`` gives it)."""
         self._messages += 1
+        if isinstance(message, Piece):
+            self._piece(message.offset, message.data)
+            return
         content = message.WhichOneof("content")
         if content == "header":
             if self.header is not None:
@@ -165,11 +225,14 @@ class UpdateReceiver:
             )
             self.header = message.header
         elif content == "piece":
-            if self._chunks is None:
-                raise WireError(f"message {self._messages} is a piece before the header")
-            self._chunks.add(message.piece.offset, message.piece.data)
+            self._piece(message.piece.offset, message.piece.data)
         else:
             raise WireError(f"message {self._messages} holds neither a header nor a piece")
+
+    def _piece(self, offset: int, data: bytes | memoryview) -> None:
+        if self._chunks is None:
+            raise WireError(f"message {self._messages} is a piece before the header")
+        self._chunks.add(offset, data)
 
     def finish(self) -> transfer_pb2.UpdateHeader:
         """Verify that the whole payload arrived intact and return the header it came with."""
@@ -180,7 +243,7 @@ class UpdateReceiver:
 
 
 async def receive_update(
-    messages: AsyncIterable[transfer_pb2.UpdateChunk], sink: Sink, max_bytes: int
+    messages: AsyncIterable[transfer_pb2.UpdateChunk | Piece], sink: Sink, max_bytes: int
 ) -> transfer_pb2.UpdateHeader:
     """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it.
 
@@ -208,7 +271,9 @@ async def receive_update(
     return receiver.finish()
 
 
-def _piece_bytes(message: transfer_pb2.UpdateChunk) -> int:
+def _piece_bytes(message: transfer_pb2.UpdateChunk | Piece) -> int:
+    if isinstance(message, Piece):
+        return len(message.data)
     return len(message.piece.data) if message.WhichOneof("content") == "piece" else 0
 
 

@@ -32,6 +32,7 @@ from flora.server.lifecycle import RoundDriver
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
 from flora.server.store import Store
+from flora.server.uploads import PieceViews
 from flora.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: Ro
     if settings.stream_window_bytes:  # a fixed window: no growth past it by grpc's bandwidth-delay probe
         options += [("grpc.http2.lookahead_bytes", settings.stream_window_bytes), ("grpc.http2.bdp_probe", 0)]
     server = grpc.aio.server(
-        interceptors=[*([MetricsInterceptor(metrics)] if metrics else []), AuthInterceptor(coordinator.credentials)],
+        interceptors=[*([MetricsInterceptor(metrics)] if metrics else []), AuthInterceptor(coordinator.credentials),
+                      PieceViews()],
         options=options,
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)

@@ -23,7 +23,7 @@ from flora.common.chunks import fsync_dir, publish
 from flora.common.lora import lora_scaling
 from flora.common.methods.wire import to_wire
 from flora.common.payload import PayloadLimits
-from flora.common.wire import artifact_chunks
+from flora.common.wire import Piece, artifact_chunks
 from flora.server.auth import Credentials, token_digest
 from flora.server.config import ServerSettings
 from flora.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange, Refusal, Unauthenticated
@@ -339,7 +339,7 @@ class Coordinator:
 
     # --- SubmitUpdate --------------------------------------------------------------------------------
 
-    async def submit(self, client_id: str, messages: AsyncIterator[transfer_pb2.UpdateChunk]) -> pb.SubmitReply:
+    async def submit(self, client_id: str, messages: AsyncIterator[transfer_pb2.UpdateChunk | Piece]) -> pb.SubmitReply:
         """Receive, validate and record one update (protos/PROTOCOL.md, SubmitUpdate)."""
         with self.active(client_id):
             header = await first_message(messages)

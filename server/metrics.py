@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from flora.common.wire import SUBMIT_UPDATE
 from flora.server.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
-_SUBMIT = "/flora.v1.Coordinator/SubmitUpdate"
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, math.inf)
 _WORK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, math.inf)
 
@@ -114,7 +114,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method != _SUBMIT or handler.stream_unary is None:
+        if handler is None or handler_call_details.method != SUBMIT_UPDATE or handler.stream_unary is None:
             return handler
         behaviour, uploads = handler.stream_unary, self._metrics.uploads
 

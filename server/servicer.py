@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
+from flora.common.wire import Piece
 from flora.server import errors, operators
 from flora.server.auth import bearer_token
 from flora.server.coordinator import Coordinator
@@ -104,7 +105,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 yield chunk
 
     async def SubmitUpdate(
-        self, request_iterator: AsyncIterable[transfer_pb2.UpdateChunk], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterable[transfer_pb2.UpdateChunk | Piece], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReply:
         async with refusals(context, "SubmitUpdate"):
             reply = await self._coordinator.submit(self._coordinator.identify(_token(context)), aiter(request_iterator))

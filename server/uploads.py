@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from safetensors import safe_open
 from torch import Tensor
@@ -24,7 +27,7 @@ from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.norm_bound import ZERO, Interval, change_norm_sq_ceiling, change_norm_sq_interval
 from flora.common.payload import PayloadError, PayloadLimits, check_adapter
 from flora.common.robust import change_norm_sq
-from flora.common.wire import WireError, receive_update
+from flora.common.wire import SUBMIT_UPDATE, Piece, WireError, decode_update_chunk, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
 from flora.server.preallocation import PreallocatedWriter
 from flora.server.store import ClientRecord
@@ -47,13 +50,26 @@ def is_rslora(rule: int) -> bool:
     return rule == run_pb2.SCALING_RULE_RSLORA
 
 
-async def first_message(messages: AsyncIterator[transfer_pb2.UpdateChunk]) -> transfer_pb2.UpdateHeader:
+class PieceViews(grpc.aio.ServerInterceptor):
+    """SubmitUpdate's requests through ``decode_update_chunk``: pieces reach the upload's file as
+    views of the received bytes, not as protobuf's two copies. Innermost of the interceptors, so
+    that the others wrap a handler with this codec."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method != SUBMIT_UPDATE or handler.stream_unary is None:
+            return handler
+        return grpc.stream_unary_rpc_method_handler(
+            handler.stream_unary, request_deserializer=decode_update_chunk, response_serializer=handler.response_serializer)
+
+
+async def first_message(messages: AsyncIterator[transfer_pb2.UpdateChunk | Piece]) -> transfer_pb2.UpdateHeader:
     """The stream's header, which must be its first message."""
     try:
         first = await anext(messages)
     except StopAsyncIteration:
         raise InvalidArgument("the upload stream is empty; its first message must be the header") from None
-    if first.WhichOneof("content") != "header":
+    if isinstance(first, Piece) or first.WhichOneof("content") != "header":
         raise InvalidArgument("the first message of an upload must be the header")
     return first.header
 
@@ -78,8 +94,8 @@ def check_header(header: transfer_pb2.UpdateHeader, client: ClientRecord, max_by
 
 
 async def _replay(
-    header: transfer_pb2.UpdateHeader, rest: AsyncIterable[transfer_pb2.UpdateChunk]
-) -> AsyncIterator[transfer_pb2.UpdateChunk]:
+    header: transfer_pb2.UpdateHeader, rest: AsyncIterable[transfer_pb2.UpdateChunk | Piece]
+) -> AsyncIterator[transfer_pb2.UpdateChunk | Piece]:
     """The stream as ``receive_update`` expects it, with the already-read header put back in front."""
     yield transfer_pb2.UpdateChunk(header=header)
     async for message in rest:
@@ -87,7 +103,7 @@ async def _replay(
 
 
 async def receive_payload(
-    header: transfer_pb2.UpdateHeader, rest: AsyncIterable[transfer_pb2.UpdateChunk], tmp_dir: Path, max_bytes: int
+    header: transfer_pb2.UpdateHeader, rest: AsyncIterable[transfer_pb2.UpdateChunk | Piece], tmp_dir: Path, max_bytes: int
 ) -> Path:
     """Stream the pieces after ``header`` into a new temporary file, verified (sha256) and flushed.
 

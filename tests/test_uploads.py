@@ -6,14 +6,16 @@ import asyncio
 import errno
 import math
 import re
+from types import SimpleNamespace
 
+import grpc
 import pytest
 import torch
 
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import ClientStart, get_method
 from flora.common.payload import PayloadLimits, PayloadMeta, write_adapter
-from flora.common.wire import update_messages
+from flora.common.wire import SUBMIT_UPDATE, decode_update_chunk, update_messages
 from flora.server import uploads
 from flora.server.errors import InvalidArgument
 from flora.server.uploads import validate_durably
@@ -211,3 +213,24 @@ def test_a_full_disk_when_the_upload_file_is_created_leaves_no_file(tmp_path, mo
         asyncio.run(uploads.receive_payload(header, _after_header(header, data), tmp_path / "tmp", 1 << 20))
     assert raised.value.errno == errno.ENOSPC  # what the servicer maps to RESOURCE_EXHAUSTED
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_the_piece_views_interceptor_decodes_submit_update_alone() -> None:
+    async def behaviour(requests, context):
+        return None
+
+    def details(method: str):
+        return SimpleNamespace(method=method, invocation_metadata=())
+
+    async def intercept(method: str, handler):
+        async def continuation(_details):
+            return handler
+        return await uploads.PieceViews().intercept_service(continuation, details(method))
+
+    upload = grpc.stream_unary_rpc_method_handler(behaviour, request_deserializer=transfer_pb2.UpdateChunk.FromString,
+                                                  response_serializer=bytes)
+    swapped = asyncio.run(intercept(SUBMIT_UPDATE, upload))
+    assert swapped.request_deserializer is decode_update_chunk
+    assert (swapped.stream_unary, swapped.response_serializer) == (behaviour, bytes)
+    assert asyncio.run(intercept("/flora.v1.Coordinator/Heartbeat", upload)) is upload
+    assert asyncio.run(intercept(SUBMIT_UPDATE, None)) is None

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,9 @@ from flora.common.wire import (
     ArtifactReceiver,
     UpdateReceiver,
     WireError,
+    Piece,
     artifact_chunks,
+    decode_update_chunk,
     encode_piece,
     encoded_update_messages,
     part_path,
@@ -205,6 +208,60 @@ def test_upload_round_trips_through_real_messages(data, chunk_size):
     got = asyncio.run(receive_update(aiter_of(messages), sink, max_bytes=1 << 20))
     assert got == header and got.HasField("validation_loss") and got.alpha == 16.0
     assert sink.getvalue() == data
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(max_size=4000), chunk_size=st.integers(1, 900))
+def test_upload_round_trips_through_the_servers_decoder(data, chunk_size):
+    header = make_header(data)
+    messages = [decode_update_chunk(m) for m in encoded_update_messages(header, data, chunk_size)]
+    assert all(isinstance(m, Piece) for m in messages[1:])  # no piece went through protobuf's copies
+    sink = io.BytesIO()
+    assert asyncio.run(receive_update(aiter_of(messages), sink, max_bytes=1 << 20)) == header
+    assert sink.getvalue() == data
+
+
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 2**35, 2**64 - 1])
+@pytest.mark.parametrize("size", [0, 1, 128, 70000])
+def test_a_piece_decodes_as_a_view_of_the_received_bytes(offset, size):
+    data = os.urandom(size)
+    piece = decode_update_chunk(encode_piece(offset, data))
+    assert isinstance(piece, Piece) and piece.offset == offset and bytes(piece.data) == data
+    assert size == 0 or isinstance(piece.data, memoryview)
+
+
+def test_every_other_layout_is_left_to_protobuf():
+    """Valid messages that are not encode_piece's layout parse as protobuf parses them; malformed
+    ones fail as protobuf fails."""
+    header = transfer_pb2.UpdateChunk(header=make_header(b"abc"))
+    assert decode_update_chunk(header.SerializeToString()) == header
+    data_first = b"\x12\x07" + b"\x12\x03abc" + b"\x08\x05"  # data, then offset: valid, another order
+    extra_field = encode_piece(5, b"abc")[:1] + b"\x09" + encode_piece(5, b"abc")[2:] + b"\x18\x01"  # unknown field 3
+    for raw in (data_first, extra_field):
+        parsed = decode_update_chunk(raw)
+        assert isinstance(parsed, transfer_pb2.UpdateChunk) and (parsed.piece.offset, parsed.piece.data) == (5, b"abc")
+    for malformed in (encode_piece(5, b"abc")[:-1], encode_piece(5, b"abc") + b"\x80", b"\x12\xff\xff"):
+        with pytest.raises(DecodeError):
+            decode_update_chunk(malformed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(offset=st.integers(0, 2**64 - 1), data=st.binary(max_size=300), at=st.integers(0, 400), byte=st.integers(0, 255),
+       cut=st.integers(0, 3), tail=st.binary(max_size=3))
+def test_a_view_is_only_ever_what_protobuf_would_parse(offset, data, at, byte, cut, tail):
+    """Whatever the bytes (a piece with one byte changed, cut short or extended), a Piece comes
+    back only where protobuf parses the same piece."""
+    raw = bytearray(encode_piece(offset, data))
+    raw[at % len(raw)] = byte
+    raw = bytes(raw[: len(raw) - cut]) + tail
+    try:
+        decoded = decode_update_chunk(raw)
+    except DecodeError:
+        return
+    if isinstance(decoded, Piece):
+        parsed = transfer_pb2.UpdateChunk.FromString(raw)
+        assert parsed.WhichOneof("content") == "piece"
+        assert (parsed.piece.offset, parsed.piece.data) == (decoded.offset, bytes(decoded.data))
 
 
 def test_upload_with_pieces_on_both_sides_of_the_inline_size_arrives_in_order():
