@@ -7,7 +7,8 @@ Both large transfers of the protocol (DESIGN.md section 3) are built from ``flor
   file per version, each staged as ``<path>.part``, verified, then renamed into place, so that a
   crash never leaves a half-written final file and the ``.part`` is what a resume continues;
 - upload (``SubmitUpdate``): ``update_messages`` sends the header and then the pieces (already
-  serialised by ``encoded_update_messages``, one copy per piece fewer);
+  serialised by ``encoded_update_messages``, one copy per piece fewer); the server's
+  ``decode_update_chunk`` takes each piece as a view of the received bytes, and
   ``UpdateReceiver`` / ``receive_update`` enforce header-first-and-once and verify the bytes.
 
 The receivers are plain state machines fed one message at a time; the async helpers only drive
@@ -42,6 +43,7 @@ from flora.v1 import coordinator_pb2, transfer_pb2
 
 # The upload's method path, for calls and interceptors that handle its messages' bytes themselves.
 SUBMIT_UPDATE = f"/{coordinator_pb2.DESCRIPTOR.services_by_name['Coordinator'].full_name}/SubmitUpdate"
+
 PathFor = Callable[[int, int], Path]
 # Upload pieces up to this size are written and hashed on the event loop (tens of microseconds);
 # larger ones in a worker thread, overlapping the next message's arrival.

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from safetensors import safe_open
 from torch import Tensor
 
