@@ -6,9 +6,10 @@ Both large transfers of the protocol (DESIGN.md section 3) are built from ``flor
   ``ArtifactReceiver`` / ``receive_artifacts`` write a stream of consecutive versions into one
   file per version, each staged as ``<path>.part``, verified, then renamed into place, so that a
   crash never leaves a half-written final file and the ``.part`` is what a resume continues;
-- upload (``SubmitUpdate``): ``update_messages`` sends the header and then the pieces (already
-  serialised by ``encoded_update_messages``, one copy per piece fewer); the server's
-  ``decode_update_chunk`` takes each piece as a view of the received bytes, and
+- upload (``SubmitUpdate``): ``update_messages`` gives the header and then the pieces as
+  messages, ``encoded_update_messages`` the same bytes already serialised (what the client sends:
+  one copy per piece fewer); the server's ``decode_update_chunk`` takes each piece as a view of
+  the received bytes, and
   ``UpdateReceiver`` / ``receive_update`` enforce header-first-and-once and verify the bytes.
 
 The receivers are plain state machines fed one message at a time; the async helpers only drive

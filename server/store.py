@@ -202,7 +202,8 @@ class Store:
                 self._db.execute("COMMIT")
             finally:
                 self._cache.clear()  # committed or not: the next read asks the database
-            self.sync()
+        # The fsync outside the lock: the event loop's quick inserts need the lock, not the disk.
+        self.sync()
 
     def _insert_quick(self, sql: str, row: tuple) -> None:
         """One INSERT as its own transaction (autocommit), without its fsync: the caller ``sync``s

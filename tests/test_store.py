@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 
 import pytest
 
@@ -146,3 +147,25 @@ def test_durable_writes_fsync_the_wal_and_quick_commits_leave_that_to_their_call
         reopened.close()
     store.close()
     store.sync()  # no WAL after the last close: nothing left to sync
+
+
+def test_a_durable_write_releases_the_lock_before_its_fsync(tmp_path, store, monkeypatch):
+    """The event loop's quick inserts take the lock: they must not wait behind the disk."""
+    free_during_fsync: list[bool] = []
+    real_fsync = os.fsync
+
+    def probing_fsync(fd: int) -> None:
+        def probe() -> None:
+            took = store._lock.acquire(timeout=0)
+            if took:
+                store._lock.release()
+            free_during_fsync.append(took)
+
+        other = threading.Thread(target=probe)
+        other.start()
+        other.join()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", probing_fsync)
+    store.save_attempt(Round(1, 1, RoundState.OPEN, frozenset({"c1"}), 50.0, 1))
+    assert free_during_fsync == [True]
