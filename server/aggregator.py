@@ -31,7 +31,7 @@ from flora.common.evaluate import evaluate_loss
 from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.downlink import plan_downlink
-from flora.common.merge import merged_update, merged_weights, module_weights
+from flora.common.merge import merge_update_in_place, merged_weights, module_weights
 from flora.common.methods import ClientStart, round_error
 from flora.common.methods.base import clipped_stack
 from flora.common.payload import (
@@ -209,10 +209,7 @@ class Aggregator:
         if downlink.remainder:
             artifacts.append(self._write_update("remainder", "downlink_remainder", downlink.remainder, number))
         live = module_weights(self.model, list(self.shapes))
-        updated = merged_update(live, downlink.update, self.precision)  # exactly what is served; all or none
-        with torch.no_grad():
-            for name, weight in live.items():
-                weight.copy_(updated[name])
+        merge_update_in_place(live, downlink.update, self.precision)  # exactly what is served; all or none
         self.remainder = downlink.remainder
         artifacts.append(self._write_merged(number))
         if kept is not None:
