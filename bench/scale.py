@@ -110,17 +110,21 @@ def write_model(shape: Shape, folder: Path) -> None:
 # --- measuring inside a child process -----------------------------------------------------------
 
 class RssTrace:
-    """This process's RSS every SAMPLE_S with its perf_counter time; ``peak(start, end)`` per window."""
+    """This process's RSS every SAMPLE_S with its perf_counter time; ``peak(start, end)`` per window.
+
+    Also the anonymous part (RSS less file-backed and shared pages, psutil's ``shared`` on Linux):
+    mapped safetensors shards count in RSS while they are read, but the kernel can drop them.
+    """
 
     def __init__(self) -> None:
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self.rows: list[tuple[float, int]] = []
+        self.rows: list[tuple[float, int, int]] = []
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            self.rows.append((time.perf_counter(), self._process.memory_info().rss))
+            self.rows.append((time.perf_counter(), *_rss_and_anonymous(self._process)))
 
     def __enter__(self) -> RssTrace:
         self._thread.start()
@@ -130,9 +134,14 @@ class RssTrace:
         self._stop.set()
         self._thread.join()
 
-    def peak(self, start: float, end: float) -> int:
-        inside = [rss for t, rss in self.rows if start <= t <= end]
-        return max(inside) if inside else self._process.memory_info().rss
+    def peak(self, start: float, end: float, anonymous: bool = False) -> int:
+        inside = [anon if anonymous else rss for t, rss, anon in self.rows if start <= t <= end]
+        return max(inside) if inside else _rss_and_anonymous(self._process)[anonymous]
+
+
+def _rss_and_anonymous(process: psutil.Process) -> tuple[int, int]:
+    info = process.memory_info()
+    return info.rss, info.rss - getattr(info, "shared", 0)
 
 
 def reset_peak() -> None:
@@ -156,7 +165,8 @@ def server_round(model_dir: str, work: str, clients: int, rank: int) -> dict[str
     layout = Layout(Path(work) / "state")
     layout.create()
     layout.tmp.mkdir(exist_ok=True)
-    result: dict[str, Any] = {"rss_imports": psutil.Process().memory_info().rss}
+    result: dict[str, Any] = {}
+    result["rss_imports"], result["anonymous_imports"] = _rss_and_anonymous(psutil.Process())
     with RssTrace() as trace:
         reset_peak()
         clock = time.perf_counter()
@@ -164,6 +174,7 @@ def server_round(model_dir: str, work: str, clients: int, rank: int) -> dict[str
         aggregator.initial()
         result["model_load_s"] = time.perf_counter() - clock
         result["model_load_peak"] = _status_bytes(os.getpid(), "VmHWM")
+        result["model_load_anonymous_peak"] = trace.peak(clock, clock + result["model_load_s"], anonymous=True)
         result["rss_loaded"] = psutil.Process().memory_info().rss
         result["model_bytes"] = sum(p.numel() * p.element_size() for p in aggregator.model.parameters())
         submissions = []
@@ -244,6 +255,7 @@ def server_row(name: str, shape: Shape, r: dict[str, Any]) -> dict[str, Any]:
         "updates_MiB": r["update_bytes"] / (1 << 20), "model_load_s": r["model_load_s"], "round_s": r["round_s"],
         **{f"{phase}_s": s for phase, s in r["seconds"].items()},
         "model_load_peak_GiB": (r["model_load_peak"] - base) / GiB, "round_peak_GiB": (r["round_peak"] - base) / GiB,
+        "model_load_anonymous_peak_GiB": (r["model_load_anonymous_peak"] - r["anonymous_imports"]) / GiB,
         **{f"{phase}_peak_GiB": (v - base) / GiB for phase, v in phases.items()},
         "model_plus_updates_GiB": allowed / GiB, "over_allowed_GiB": (r["round_peak"] - base - allowed) / GiB,
         "checkpoint_GiB": r["checkpoint_bytes"] / GiB,
@@ -260,7 +272,8 @@ def client_row(name: str, shape: Shape, r: dict[str, Any], checkpointing: bool) 
 
 # What each server figure grows with: the whole model (memory, loading, export), the dense size of
 # the target modules (aggregation error, factorization, merge), the factors' size (update bytes, reads).
-SERVER_BASIS = {"params": ["model_GiB", "model_load_s", "checkpoint_s", "model_load_peak_GiB", "merge_peak_GiB",
+SERVER_BASIS = {"params": ["model_GiB", "model_load_s", "checkpoint_s", "model_load_peak_GiB",
+                           "model_load_anonymous_peak_GiB", "merge_peak_GiB",
                            "checkpoint_peak_GiB", "round_peak_GiB", "model_plus_updates_GiB", "over_allowed_GiB"],
                 "target_elements": ["aggregate_s", "merge_s"],
                 "factor_width": ["updates_MiB", "load_s", "factorize_s"]}
@@ -315,7 +328,7 @@ def parse_args() -> argparse.Namespace:
 
 
 SERVER_COLUMNS = ["shape", "params_M", "model_GiB", "updates_MiB", "model_load_s", "load_s", "aggregate_s", "factorize_s",
-                  "merge_s", "checkpoint_s", "round_s", "model_load_peak_GiB", "merge_peak_GiB", "checkpoint_peak_GiB", "round_peak_GiB",
+                  "merge_s", "checkpoint_s", "round_s", "model_load_peak_GiB", "model_load_anonymous_peak_GiB", "merge_peak_GiB", "checkpoint_peak_GiB", "round_peak_GiB",
                   "model_plus_updates_GiB", "over_allowed_GiB"]
 CLIENT_COLUMNS = ["shape", "params_M", "gradient_checkpointing", "tokens_per_s", "model_GiB", "train_peak_GiB",
                   "over_model_GiB"]
