@@ -27,10 +27,9 @@ def merged_weights(
     """
     merged = {}
     for name in adapter.module_names:
-        weight = _weight(weights, name)
-        a, b = (t.to(device=weight.device, dtype=precision) for t in adapter.pairs[name])
-        _check_shape(name, (b.shape[0], a.shape[1]), weight)
-        merged[name] = _finite(name, torch.addmm(weight.to(precision), b, a, alpha=adapter.scaling), weight.dtype)
+        weight, pair = _weight(weights, name), adapter.pairs[name]
+        _check_shape(name, module_shape(pair), weight)
+        merged[name] = _finite(name, _merged_part(weight, pair, precision, adapter.scaling), weight.dtype)
     return merged
 
 
@@ -65,11 +64,11 @@ def merge_update_in_place(
             weights[name].copy_(_merged_part(weights[name], update[name], precision) if merged is None else merged[name])
 
 
-def _merged_part(weight: Tensor, part: ModuleUpdate, precision: torch.dtype) -> Tensor:
-    """W + b a or W + D in ``precision``, on the weight's device (not yet checked or cast back)."""
+def _merged_part(weight: Tensor, part: ModuleUpdate, precision: torch.dtype, scaling: float = 1.0) -> Tensor:
+    """W + s b a or W + D in ``precision``, on the weight's device (not yet checked or cast back)."""
     if is_factors(part):
         a, b = (t.to(device=weight.device, dtype=precision) for t in part)
-        return torch.addmm(weight.to(precision), b, a)
+        return torch.addmm(weight.to(precision), b, a, alpha=scaling)
     return weight.to(precision) + part.to(device=weight.device, dtype=precision)
 
 
