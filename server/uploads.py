@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from safetensors import safe_open
 from torch import Tensor
 
 from flora.common.chunks import ChunkError, check_sha256, fsync_path
 from flora.common.lora import LoraPair, lora_scaling
 from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.norm_bound import ZERO, Interval, change_norm_sq_ceiling, change_norm_sq_interval
-from flora.common.payload import PayloadError, PayloadLimits, check_adapter
+from flora.common.payload import PayloadError, PayloadLimits, check_adapter, open_safetensors
 from flora.common.robust import change_norm_sq
 from flora.common.wire import SUBMIT_UPDATE, Piece, WireError, decode_update_chunk, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
@@ -237,7 +236,7 @@ def _module_factors(
     """(A, B, the start's pair or None, its scaling) per module of an update file, one module in
     memory at a time; A is the init's when the method freezes it (the file holds B alone)."""
     init = start.init
-    with safe_open(path, framework="pt", device="cpu") as file:
+    with open_safetensors(path) as file:
         for module in sorted(shapes):
             a = file.get_tensor(f"{module}.lora_A") if start.train_a else init.pairs[module].a
             origin, origin_scaling = (None, 1.0) if init is None else (init.pairs[module], init.scaling)

@@ -23,17 +23,27 @@ INJECTOR = Path(__file__).parent / "diskfull"
 DEADLINE_S = 6.0
 
 
+def _flags(deadline_s: float) -> tuple[str, ...]:
+    """A one-round run of two clients that closes when both have uploaded."""
+    return ("--min-clients", "2", "--rounds", "1", "--quorum", "1.0", "--round-deadline-s", str(deadline_s),
+            "--long-poll-s", "0.5", "--operator-token", OPERATOR_TOKEN, "--checkpoint-every", "0")
+
+
+def _two_joined(server) -> tuple[str, ScriptedClient, ScriptedClient]:
+    """The run's base model hash, and alice (rank 4) and bob (rank 2) joined."""
+    base = ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().run.base_model_hash
+    alice, bob = ScriptedClient(server.address, "alice"), ScriptedClient(server.address, "bob", rank=2)
+    alice.join(base)
+    bob.join(base)
+    return base, alice, bob
+
+
 def test_a_full_disk_refuses_cleanly_and_the_run_resumes_when_space_is_back(tmp_path):
     flag = tmp_path / "disk-is-full"
     env = {"PYTHONPATH": str(INJECTOR), "FLORA_TEST_DISK_FULL": str(flag)}
-    flags = ("--min-clients", "2", "--rounds", "1", "--quorum", "1.0", "--round-deadline-s", str(DEADLINE_S),
-             "--long-poll-s", "0.5", "--operator-token", OPERATOR_TOKEN, "--checkpoint-every", "0")
-    with running_server(tmp_path / "state", *flags, env=env) as server:
+    with running_server(tmp_path / "state", *_flags(DEADLINE_S), env=env) as server:
         state = Path(server.state_dir)
-        base = ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().run.base_model_hash
-        alice, bob = ScriptedClient(server.address, "alice"), ScriptedClient(server.address, "bob", rank=2)
-        alice.join(base)
-        bob.join(base)
+        base, alice, bob = _two_joined(server)
         opened = time.time()
         assert alice.wait_for_train().round == 1
 
@@ -62,3 +72,41 @@ def test_a_full_disk_refuses_cleanly_and_the_run_resumes_when_space_is_back(tmp_
         record = json.loads((state / "history.jsonl").read_text().splitlines()[-1])
         assert record["attempts"] >= 2 and sorted(c["name"] for c in record["clients"]) == ["alice", "bob"]
         ScriptedClient(server.address, "carol").join(base)  # the refused Join left nothing behind: the name is free
+
+
+def _wait_for_line(server, words: str, timeout_s: float = 60.0) -> str:
+    """The server's output once it holds ``words`` (the test fails after ``timeout_s``)."""
+    until = time.time() + timeout_s
+    while words not in (output := server.output()):
+        assert time.time() < until, f"the server never logged {words!r}:\n{output[-3000:]}"
+        time.sleep(0.2)
+    return output
+
+
+def test_a_full_disk_while_aggregating_is_waited_out_with_every_update_kept(tmp_path):
+    """Issue 28 items 1 and 4: safetensors reports ENOSPC as a SafetensorError and torch EMFILE as
+    a RuntimeError, neither an OSError: still a full disk (waited out) and out of descriptors."""
+    flag, no_files = tmp_path / "artifacts-full", tmp_path / "no-files"
+    env = {"PYTHONPATH": str(INJECTOR), "FLORA_TEST_ARTIFACTS_FULL": str(flag), "FLORA_TEST_NO_FILES": str(no_files)}
+    with running_server(tmp_path / "state", *_flags(60), env=env) as server:
+        state = Path(server.state_dir)
+        _, alice, bob = _two_joined(server)
+        assert alice.wait_for_train().round == 1
+        no_files.touch()  # out of descriptors while the upload is validated
+        with pytest.raises(grpc.RpcError) as error:
+            alice.submit(make_update(alice.adapter(1), alice.alpha, 1), 1)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "file descriptors" in error.value.details()
+        assert not [p for p in (state / "updates").rglob("*") if p.is_file()] and not list((state / "tmp").iterdir())
+        no_files.unlink()
+        flag.touch()  # the disk fills before the round's artifacts are written
+        for client, seed in ((alice, 1), (bob, 2)):
+            assert client.submit(make_update(client.adapter(seed), client.alpha, 1), 1).accepted
+        output = _wait_for_line(server, "aggregating failed (SafetensorError")
+        assert "excluded" not in output and "abandoned" not in output
+        assert len([p for p in (state / "updates").rglob("*") if p.is_file()]) == 2  # both updates kept
+
+        flag.unlink()  # space is back: the same attempt aggregates
+        assert alice.wait_for_version(1).global_version == 1
+        record = json.loads((state / "history.jsonl").read_text().splitlines()[-1])
+        assert sorted(c["name"] for c in record["clients"]) == ["alice", "bob"]
+        assert record["excluded"] == [] and record["attempts"] == 1

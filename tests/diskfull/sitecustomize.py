@@ -3,7 +3,13 @@
 While the file named by FLORA_TEST_DISK_FULL exists, every fsync of a file the server writes
 and every allocation of an upload's space (posix_fallocate) fails with ENOSPC, and every database
 write (a transaction or a quick insert) with SQLite's "database or disk is full", as
-they do on a full disk; removing the file is freeing space. Used by tests/test_disk_full.py only.
+they do on a full disk; removing the file is freeing space. While the file named by
+FLORA_TEST_ARTIFACTS_FULL exists, safetensors' ``save_file`` (the server's artifact writes) fails
+as it does on a full disk: a ``SafetensorError`` whose text names the OS error, not an OSError.
+While the file named by FLORA_TEST_NO_FILES exists, torch's ``UntypedStorage.from_file`` (which
+safetensors' ``safe_open`` maps files through) fails as it does when the process is out of file
+descriptors: a ``RuntimeError`` whose text ends "Too many open files (24)".
+Used by tests/test_disk_full.py only.
 """
 
 import errno
@@ -11,6 +17,34 @@ import os
 import sqlite3
 
 _FLAG = os.environ.get("FLORA_TEST_DISK_FULL")
+_ARTIFACTS_FLAG = os.environ.get("FLORA_TEST_ARTIFACTS_FULL")
+_NO_FILES_FLAG = os.environ.get("FLORA_TEST_NO_FILES")
+
+if _NO_FILES_FLAG:
+    import torch
+
+    _from_file = torch.UntypedStorage.from_file
+
+    def _no_files_from_file(filename, *args, **kwargs):
+        if os.path.exists(_NO_FILES_FLAG):
+            raise RuntimeError(f"unable to open file <{filename}> in read-only mode: Too many open files (24)")
+        return _from_file(filename, *args, **kwargs)
+
+    torch.UntypedStorage.from_file = staticmethod(_no_files_from_file)
+
+if _ARTIFACTS_FLAG:
+    import safetensors.torch as _safetensors_torch
+    from safetensors import SafetensorError
+
+    _save_file = _safetensors_torch.save_file
+
+    def _full_save_file(tensors, filename, metadata=None):
+        if os.path.exists(_ARTIFACTS_FLAG):
+            raise SafetensorError(
+                f"Error while serializing: I/O error: No space left on device (os error 28) at path {str(filename)!r}")
+        return _save_file(tensors, filename, metadata=metadata)
+
+    _safetensors_torch.save_file = _full_save_file
 
 if _FLAG:
     import flora.common.chunks as _chunks
