@@ -121,7 +121,7 @@ class Coordinator:
         """The run, for a client to check its base model against before it joins."""
         return pb.GetRunReply(run=self.spec, global_version=self.machine.version)
 
-    def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
+    async def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
         """Register a new client or recognise a returning one (protos/PROTOCOL.md, Identity)."""
         name, caps = request.client_name, request.capabilities
         if not CLIENT_NAME.fullmatch(name):
@@ -150,15 +150,29 @@ class Coordinator:
                 )
             client = ClientRecord(id=secrets.token_hex(8), name=name, token_sha256=token_digest(token), joined=now,
                                   **self._capability_fields(caps))
-            self.store.add_client(client)
+            await self._add_durably(client)
             self.credentials.register(client.id, client.token_sha256)
-            self._names[name] = client.id
         self.clients[client.id] = client
         log.info("client %s (%s) %s: rank %d, alpha %g, %d examples, %s", client.name, client.id,
                  "rejoined" if returning else "joined", client.rank, client.alpha, client.num_examples, client.device or "?")
         self.machine.joined(client.id, now)
         self.driver.advance()
         return pb.JoinReply(client_id=client.id, client_token=token, run=self.spec, global_version=self.machine.version)
+
+    async def _add_durably(self, client: ClientRecord) -> None:
+        """Record a new client on disk before anything else sees it; a failure leaves no trace.
+
+        The name is held meanwhile (a second Join of it is refused as taken); if the row cannot
+        be made durable it is deleted again, so the refused Join's retry finds the name free.
+        """
+        self.store.add_client(client)  # raises with nothing written
+        self._names[client.name] = client.id
+        try:
+            await asyncio.to_thread(self.store.sync)  # the fsync off the loop
+        except BaseException:
+            del self._names[client.name]
+            self.store.forget_client(client.id)
+            raise
 
     @staticmethod
     def _capability_fields(caps: pb.Capabilities) -> dict:

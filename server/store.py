@@ -27,6 +27,7 @@ once read; any write through this store empties that memory, so it never disagre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from flora.server.rounds import Round, RoundState
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -172,6 +175,7 @@ class Store:
         self._cache: dict[tuple, Any] = {}  # read results kept until the next write
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._wal = Path(f"{path}-wal")
+        self._wal_fd: int | None = None
         journal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         # Durable commits fsync the WAL themselves; a filesystem without WAL keeps SQLite's own fsyncs.
         self._db.execute("PRAGMA synchronous=NORMAL" if journal == "wal" else "PRAGMA synchronous=FULL")
@@ -186,6 +190,9 @@ class Store:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._closed = True
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -205,9 +212,9 @@ class Store:
         # The fsync outside the lock: the event loop's quick inserts need the lock, not the disk.
         self.sync()
 
-    def _insert_quick(self, sql: str, row: tuple) -> None:
-        """One INSERT as its own transaction (autocommit), without its fsync: the caller ``sync``s
-        before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
+    def _write_quick(self, sql: str, row: tuple) -> None:
+        """One INSERT (or its undo, a DELETE) as its own transaction (autocommit), without its fsync:
+        the caller ``sync``s before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
         the event loop hands the GIL back and waits to take it again."""
         with self._lock:
             try:
@@ -220,14 +227,20 @@ class Store:
 
         What ``add_client`` and ``add_submission`` leave to their caller before it replies.
         """
-        try:
-            fd = os.open(self._wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no WAL: everything is checkpointed into the database file, which SQLite synced
-        try:
+        fd = self._wal_descriptor()
+        if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
             os.fsync(fd)
-        finally:
-            os.close(fd)
+
+    def _wal_descriptor(self) -> int | None:
+        """The WAL, opened once and kept: a durable commit never needs a new descriptor (the
+        process may be out of them), and SQLite never replaces the WAL while it is connected."""
+        with self._lock:
+            if self._wal_fd is None and not self._closed:
+                try:
+                    self._wal_fd = os.open(self._wal, os.O_RDONLY)
+                except FileNotFoundError:
+                    return None
+            return self._wal_fd
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -272,8 +285,19 @@ class Store:
 
     def add_client(self, client: ClientRecord) -> None:
         """Register a new client (name and token hash are unique); durable once ``sync`` returns."""
-        self._insert_quick(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})",
+        self._write_quick(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})",
                            astuple(client))
+
+    def forget_client(self, client_id: str) -> None:
+        """Delete a client whose Join was never acknowledged (its row could not be made durable).
+
+        Never raises: it is the undo of a failed write, and the failure being reported matters
+        more; a row it cannot delete is logged (a later Join of the name finds it taken).
+        """
+        try:
+            self._write_quick("DELETE FROM clients WHERE id = ?", (client_id,))
+        except Exception:  # noqa: BLE001
+            log.exception("client %s: the row of a Join that failed could not be deleted", client_id)
 
     def rejoin_client(self, client: ClientRecord) -> None:
         """Update a returning client's capabilities and clear its ``left`` mark."""
@@ -333,7 +357,7 @@ class Store:
 
     def add_submission(self, submission: Submission) -> None:
         """Record an accepted update (its file is already in place); durable once ``sync`` returns."""
-        self._insert_quick(f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})",
+        self._write_quick(f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})",
                            astuple(submission))
 
     def submissions(self, number: int) -> list[Submission]:

@@ -84,20 +84,27 @@ def _wait_for_line(server, words: str, timeout_s: float = 60.0) -> str:
 
 
 def test_a_full_disk_while_aggregating_is_waited_out_with_every_update_kept(tmp_path):
-    """Issue 28 items 1 and 4: safetensors reports ENOSPC as a SafetensorError and torch EMFILE as
-    a RuntimeError, neither an OSError: still a full disk (waited out) and out of descriptors."""
+    """Issue 28 items 1, 4 and 5: safetensors reports ENOSPC as a SafetensorError and torch EMFILE
+    as a RuntimeError, neither an OSError: still a full disk (waited out) and out of descriptors;
+    a Join whose record cannot be made durable leaves none."""
     flag, no_files = tmp_path / "artifacts-full", tmp_path / "no-files"
     env = {"PYTHONPATH": str(INJECTOR), "FLORA_TEST_ARTIFACTS_FULL": str(flag), "FLORA_TEST_NO_FILES": str(no_files)}
     with running_server(tmp_path / "state", *_flags(60), env=env) as server:
         state = Path(server.state_dir)
-        _, alice, bob = _two_joined(server)
+        base, alice, bob = _two_joined(server)
         assert alice.wait_for_train().round == 1
         no_files.touch()  # out of descriptors while the upload is validated
         with pytest.raises(grpc.RpcError) as error:
             alice.submit(make_update(alice.adapter(1), alice.alpha, 1), 1)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "file descriptors" in error.value.details()
         assert not [p for p in (state / "updates").rglob("*") if p.is_file()] and not list((state / "tmp").iterdir())
+        carol = ScriptedClient(server.address, "carol")
+        with pytest.raises(grpc.RpcError) as error:  # item 5: its row is written, the WAL's fsync fails
+            carol.join(base)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "nothing of this request was recorded" in (
+            error.value.details())
         no_files.unlink()
+        carol.join(base)  # "nothing was recorded" was true: the name is free
         flag.touch()  # the disk fills before the round's artifacts are written
         for client, seed in ((alice, 1), (bob, 2)):
             assert client.submit(make_update(client.adapter(seed), client.alpha, 1), 1).accepted

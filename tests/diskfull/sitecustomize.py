@@ -8,7 +8,8 @@ FLORA_TEST_ARTIFACTS_FULL exists, safetensors' ``save_file`` (the server's artif
 as it does on a full disk: a ``SafetensorError`` whose text names the OS error, not an OSError.
 While the file named by FLORA_TEST_NO_FILES exists, torch's ``UntypedStorage.from_file`` (which
 safetensors' ``safe_open`` maps files through) fails as it does when the process is out of file
-descriptors: a ``RuntimeError`` whose text ends "Too many open files (24)".
+descriptors: a ``RuntimeError`` whose text ends "Too many open files (24)", and so does the
+database's WAL fsync (``Store.sync``, with EMFILE) after its write.
 Used by tests/test_disk_full.py only.
 """
 
@@ -31,6 +32,17 @@ if _NO_FILES_FLAG:
         return _from_file(filename, *args, **kwargs)
 
     torch.UntypedStorage.from_file = staticmethod(_no_files_from_file)
+
+    import flora.server.store as _store_module
+
+    _sync = _store_module.Store.sync
+
+    def _no_files_sync(self):
+        if os.path.exists(_NO_FILES_FLAG):
+            raise OSError(errno.EMFILE, "Too many open files")
+        _sync(self)
+
+    _store_module.Store.sync = _no_files_sync
 
 if _ARTIFACTS_FLAG:
     import safetensors.torch as _safetensors_torch
@@ -72,5 +84,5 @@ if _FLAG:
 
     _chunks.fsync_file = _full_fsync
     _store.Store._transaction = _full_database(_store.Store._transaction)
-    _store.Store._insert_quick = _full_database(_store.Store._insert_quick)
+    _store.Store._write_quick = _full_database(_store.Store._write_quick)
     os.posix_fallocate = _full_fallocate
