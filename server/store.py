@@ -183,16 +183,26 @@ class Store:
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and close (idempotent)."""
+        """Checkpoint the WAL into the main file and close (idempotent).
+
+        A checkpoint that fails (a full disk) loses nothing: the WAL holds every commit and the
+        next start replays it; the connection is closed all the same.
+        """
         with self._lock:
             if self._closed:
                 return
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self._checkpoint()
+            except sqlite3.Error as err:
+                log.warning("the database log was not folded into the database (%s); the next start does it", err)
             self._db.close()
             self._closed = True
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
+
+    def _checkpoint(self) -> None:
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

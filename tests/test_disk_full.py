@@ -117,3 +117,40 @@ def test_a_full_disk_while_aggregating_is_waited_out_with_every_update_kept(tmp_
         record = json.loads((state / "history.jsonl").read_text().splitlines()[-1])
         assert sorted(c["name"] for c in record["clients"]) == ["alice", "bob"]
         assert record["excluded"] == [] and record["attempts"] == 1
+
+
+def test_a_restart_on_a_full_disk_comes_up_serves_and_waits_for_space(tmp_path):
+    """Issue 28 item 2: the start rewrote history.jsonl (ENOSPC: exit 1), then closing the database
+    failed on its checkpoint (a traceback)."""
+    flag = tmp_path / "disk-is-full"
+    env = {"PYTHONPATH": str(INJECTOR), "FLORA_TEST_DISK_FULL": str(flag)}
+    state = tmp_path / "state"
+    with running_server(state, *_flags(120), env=env) as server:
+        base, alice, bob = _two_joined(server)
+        assert alice.wait_for_train().round == 1
+        assert alice.submit(make_update(alice.adapter(1), alice.alpha, 1), 1).accepted
+        assert server.stop() == 0
+
+    flag.touch()
+    with running_server(state, *_flags(120), env=env) as server:  # it comes up (or this raises)
+        operator = ScriptedClient(server.address, "op", token=OPERATOR_TOKEN)
+        status = operator.status()  # and serves what it can
+        assert status.global_version == 0 and list(status.round.submitted) == [alice.client_id]
+        with pytest.raises(grpc.RpcError) as error:
+            ScriptedClient(server.address, "carol").join(base)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "history.jsonl could not be rewritten" in server.output()
+
+        flag.unlink()  # space is back: the run goes on where it stopped
+        bob = ScriptedClient(server.address, "bob", rank=2, token=bob.token)
+        bob.join(base)
+        assert bob.wait_for_train().round == 1
+        assert bob.submit(make_update(bob.adapter(2), bob.alpha, 1), 1).accepted
+        assert operator.wait_for_version(1).global_version == 1
+
+        flag.touch()  # full again at the stop: the database's checkpoint fails, the WAL keeps all
+        assert server.stop() == 0
+        assert "Traceback" not in server.output() and "stopped cleanly" in server.output()
+    flag.unlink()
+    with running_server(state, *_flags(120), env=env) as server:
+        assert ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().global_version == 1

@@ -2,7 +2,7 @@
 
 While the file named by FLORA_TEST_DISK_FULL exists, every fsync of a file the server writes
 and every allocation of an upload's space (posix_fallocate) fails with ENOSPC, and every database
-write (a transaction or a quick insert) with SQLite's "database or disk is full", as
+write (a transaction, a quick insert or the WAL's checkpoint at close) with SQLite's "database or disk is full", as
 they do on a full disk; removing the file is freeing space. While the file named by
 FLORA_TEST_ARTIFACTS_FULL exists, safetensors' ``save_file`` (the server's artifact writes) fails
 as it does on a full disk: a ``SafetensorError`` whose text names the OS error, not an OSError.
@@ -85,4 +85,5 @@ if _FLAG:
     _chunks.fsync_file = _full_fsync
     _store.Store._transaction = _full_database(_store.Store._transaction)
     _store.Store._write_quick = _full_database(_store.Store._write_quick)
+    _store.Store._checkpoint = _full_database(_store.Store._checkpoint)
     os.posix_fallocate = _full_fallocate
