@@ -390,11 +390,13 @@ class Coordinator:
             return pb.SubmitReply(accepted=True, round=header.round, message=f"update accepted for round {header.round}")
 
     def _check_not_excluded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> None:
-        """An update a failed aggregation excluded is not taken again (it would fail again)."""
-        for client, sha256, reason in self.store.exclusions(header.round):
-            if (client, sha256) == (client_id, header.sha256):
-                raise FailedPrecondition(f"round {header.round}: this update (sha256 {sha256[:12]}) was excluded "
-                                         f"from the round's aggregation: {reason[:300]}")
+        """An update a failed aggregation excluded for failing on its own is not taken again (it
+        would fail again). One excluded with every other because none failed alone is: its
+        client retrains the reopened round with the same seed, to the same bytes."""
+        reason = self.store.blamed(header.round).get((client_id, header.sha256))
+        if reason is not None:
+            raise FailedPrecondition(f"round {header.round}: this update (sha256 {header.sha256[:12]}) was excluded "
+                                     f"from the round's aggregation: {reason[:300]}")
 
     def _allowed(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
         return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())

@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE TABLE IF NOT EXISTS exclusions (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, reason TEXT NOT NULL,
-    excluded REAL NOT NULL, PRIMARY KEY (round, client_id, sha256)
+    excluded REAL NOT NULL, blameless INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, client_id, sha256)
 );
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
@@ -181,6 +181,13 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL" if journal == "wal" else "PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a state directory was created (a no-op, and no write, once present)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(exclusions)")}
+        if "blameless" not in columns:
+            self._db.execute("ALTER TABLE exclusions ADD COLUMN blameless INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close (idempotent).
@@ -383,20 +390,21 @@ class Store:
         return Submission(*rows[0]) if rows else None
 
     def exclude_submissions(
-        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float
+        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float, blameless: bool = False
     ) -> list[Submission]:
         """Take updates that made the round's aggregation fail out of it, keeping why (one transaction).
 
         With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
-        restart reopens the round instead of aggregating it again. Returns the removed rows,
+        restart reopens the round instead of aggregating it again. ``blameless``: no update failed
+        on its own, so none is refused if it comes again (``blamed``). Returns the removed rows,
         whose files the caller deletes once this has committed.
         """
         removed = [s for s in self.submissions(number) if s.client_id in reasons]
         with self._transaction() as db:
             for sub in removed:
                 db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
-                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?)",
-                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now))
+                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?, ?)",
+                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now, int(blameless)))
             if abandon:
                 db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
                            (RoundState.ABANDONED.value, number, attempt))
@@ -406,6 +414,12 @@ class Store:
         """(client id, sha256, reason) of every update taken out of a round's aggregation."""
         return self._cached_query(
             "SELECT client_id, sha256, reason FROM exclusions WHERE round = ? ORDER BY excluded, client_id", (number,))
+
+    def blamed(self, number: int) -> dict[tuple[str, str], str]:
+        """Why each update of a round, by (client id, sha256), was excluded for failing on its own."""
+        rows = self._cached_query(
+            "SELECT client_id, sha256, reason FROM exclusions WHERE round = ? AND blameless = 0", (number,))
+        return {(client, sha256): reason for client, sha256, reason in rows}
 
     def last_submitted_rounds(self) -> dict[str, int]:
         """Per client, the last round it has an accepted update for."""

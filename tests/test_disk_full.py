@@ -154,3 +154,27 @@ def test_a_restart_on_a_full_disk_comes_up_serves_and_waits_for_space(tmp_path):
     flag.unlink()
     with running_server(state, *_flags(120), env=env) as server:
         assert ScriptedClient(server.address, "op", token=OPERATOR_TOKEN).status().global_version == 1
+
+
+def test_updates_excluded_when_none_was_at_fault_are_taken_again(tmp_path):
+    """Issue 28 item 3: the clients retrain the reopened round with the same seed, to the same
+    bytes; they were refused as excluded forever, although no update had failed on its own."""
+    flag = tmp_path / "aggregation-fault"
+    env = {"PYTHONPATH": str(INJECTOR), "FLORA_TEST_AGGREGATION_FAULT": str(flag)}
+    with running_server(tmp_path / "state", *_flags(60), env=env) as server:
+        state = Path(server.state_dir)
+        _, alice, bob = _two_joined(server)
+        assert alice.wait_for_train().round == 1
+        updates = {client.name: make_update(client.adapter(seed), client.alpha, 1) for client, seed in ((alice, 1), (bob, 2))}
+        flag.touch()
+        for client in (alice, bob):
+            assert client.submit(updates[client.name], 1).accepted
+        _wait_for_line(server, "abandoned: every update was excluded")
+        flag.unlink()
+        for client in (alice, bob):
+            assert client.wait_for_train().round == 1  # the reopened attempt
+            assert client.submit(updates[client.name], 1).accepted  # the same bytes
+        assert alice.wait_for_version(1).global_version == 1
+        record = json.loads((state / "history.jsonl").read_text().splitlines()[-1])
+        assert sorted(c["name"] for c in record["clients"]) == ["alice", "bob"] and record["attempts"] == 2
+        assert sorted(e["name"] for e in record["excluded"]) == ["alice", "bob"]  # attempt 1's, kept for the record

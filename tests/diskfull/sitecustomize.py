@@ -10,6 +10,8 @@ While the file named by FLORA_TEST_NO_FILES exists, torch's ``UntypedStorage.fro
 safetensors' ``safe_open`` maps files through) fails as it does when the process is out of file
 descriptors: a ``RuntimeError`` whose text ends "Too many open files (24)", and so does the
 database's WAL fsync (``Store.sync``, with EMFILE) after its write.
+While the file named by FLORA_TEST_AGGREGATION_FAULT exists, writing a round's artifacts fails
+with an error of the server's own (no update's fault, no resource's).
 Used by tests/test_disk_full.py only.
 """
 
@@ -20,6 +22,20 @@ import sqlite3
 _FLAG = os.environ.get("FLORA_TEST_DISK_FULL")
 _ARTIFACTS_FLAG = os.environ.get("FLORA_TEST_ARTIFACTS_FULL")
 _NO_FILES_FLAG = os.environ.get("FLORA_TEST_NO_FILES")
+
+_FAULT_FLAG = os.environ.get("FLORA_TEST_AGGREGATION_FAULT")
+
+if _FAULT_FLAG:
+    import flora.server.aggregator as _aggregator
+
+    _apply = _aggregator.Aggregator._apply
+
+    def _faulty_apply(self, *args, **kwargs):
+        if os.path.exists(_FAULT_FLAG):
+            raise RuntimeError("injected: a fault of the server's own")
+        return _apply(self, *args, **kwargs)
+
+    _aggregator.Aggregator._apply = _faulty_apply
 
 if _NO_FILES_FLAG:
     import torch
