@@ -71,6 +71,10 @@ class _DaemonFields(BaseModel):
     heartbeat_interval: float = Field(5.0, ge=0.1, le=600, description="seconds between heartbeats while syncing, training or uploading")
     backoff_initial: float = Field(0.5, ge=0.01, le=600, description="first reconnect delay after a failed call, in seconds")
     backoff_max: float = Field(30.0, ge=0.01, le=3600, description="largest reconnect delay, in seconds")
+    give_up_after: int = Field(
+        8, ge=0, le=10000, description="consecutive tries that fail for a configuration mistake (a host name that does "
+        "not resolve, a refused TLS handshake) before the client stops with exit status 2; 0: never give up"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe log level shown")
     progress: Literal["auto", "on", "off"] = Field("auto", description="progress bars: auto (when stderr is a terminal), on, off")
 
