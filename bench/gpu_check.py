@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.precision import model_bytes, shape_model
 from bench.report import RESULTS, write_results
-from bench.scale import SHAPES, Shape
+from bench.scale import SHAPES
 from bench.train import packed_chunks, synthetic_examples
-from flora.client.local_weights import HeldUpdate, MergedWeights, local_weights
+from flora.client.local_weights import HeldUpdate, local_weights
 from flora.client.round_start import train_round
 from flora.client.trainer import TrainConfig, TrainResult
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, load_tokenizer, target_module_shapes
@@ -176,47 +177,13 @@ def dequantized_reference(local: HeldUpdate, original: nn.Module) -> nn.Module:
 # --- the 1B shape ----------------------------------------------------------------------------
 
 
-def shape_model(shape: Shape, device: str) -> nn.Module:
-    """A randomly initialised Llama of ``shape`` in bfloat16 on ``device`` (float32 on the CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        tie_word_embeddings=shape.tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16 if device != "cpu" else torch.float32).eval()
-
-
-def model_bytes(model: nn.Module, linear_only: bool = False) -> int:
-    """Bytes of the model's parameters and buffers (of its linear layers alone when asked)."""
-    modules = [m for m in model.modules() if isinstance(m, nn.Linear) or is_quantized(m)] if linear_only else [model]
-    tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
-    quant = sum(_quant_state_bytes(m) for m in model.modules() if is_quantized(m))
-    return sum(t.numel() * t.element_size() for t in tensors.values()) + quant
-
-
-def _quant_state_bytes(module: nn.Module) -> int:
-    """The scales a quantized layer keeps outside its parameters (4-bit absmax, nested; int8 row scales)."""
-    weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    tensors = [getattr(weight, "SCB", None)]
-    while state is not None:
-        tensors += [state.absmax, state.code]
-        state = getattr(state, "state2", None)
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def shape_round_rows(device: str, shape_name: str, steps: int, seq_len: int) -> list[dict[str, Any]]:
     """One round at ``shape_name`` in full precision and in nf4: time, peak memory, model memory ratio."""
     shape, rows, sizes = SHAPES[shape_name], [], {}
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     chunks = packed_chunks(synthetic_examples(64 * steps), tokenizer, seq_len, 4 * steps)
     for quantization in ("none", "nf4"):
-        model = shape_model(shape, device)
+        model = shape_model(shape, device, torch.float32 if device == "cpu" else torch.bfloat16)
         names = sorted(target_module_shapes(model, DEFAULT_TARGET_MODULES))
         compute = torch.float32 if device == "cpu" else torch.bfloat16
         local = local_weights(model, names, quantization, compute, torch.device(device))
