@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_m
 
 from flora.client.trainer import TrainConfig
 from flora.common.addresses import is_loopback
+from flora.common.quantize import Quantization
 from flora.v1 import run_pb2
 
 ENV_PREFIX = "FLORA_CLIENT_"
@@ -56,6 +57,9 @@ class _DaemonFields(BaseModel):
     cutoff: int = Field(256, ge=2, le=65536, description="maximum tokens per example (prompt + response)")
     mask_prompt: bool = Field(False, description="exclude the prompt's tokens from the training loss")
     base_model: str | None = Field(None, description="local path or Hub id of the base model; default: the run's base model")
+    quantize: Quantization = Field(
+        "none", description="hold the base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, the global update beside it"
+    )
     target_modules: list[str] | None = Field(
         None, description="train only these of the run's target modules (names or suffixes); default: all of them"
     )
