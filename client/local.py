@@ -19,7 +19,7 @@ from flora.client.config import ClientSettings
 from flora.client.local_weights import LocalWeights, local_weights
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.devices import resolve_device
-from flora.common.data import DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
+from flora.common.data import Conversation, DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
 from flora.common.methods import AggregationMethod
 from flora.common.methods.wire import from_wire
 from flora.common.quantize import MissingExtra, bitsandbytes
@@ -34,11 +34,15 @@ class ConfigError(Exception):
     """A mistake in the client's configuration, data or model; reported without a traceback."""
 
 
-def load_data(settings: ClientSettings) -> tuple[list[Example], list[Example]]:
+Examples = list[Example | Conversation]
+
+
+def load_data(settings: ClientSettings) -> tuple[Examples, Examples]:
     """The training and validation examples (validation empty when no file is given)."""
+    read = {"template": settings.template, "data_format": settings.data_format, "fields": settings.field}
     try:
-        train = load_examples(settings.data, settings.template)
-        validation = load_examples(settings.validation_data, settings.template) if settings.validation_data else []
+        train = load_examples(settings.data, **read)
+        validation = load_examples(settings.validation_data, **read) if settings.validation_data else []
     except (DataFormatError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
     log.info("event=data_loaded train_examples=%d validation_examples=%d", len(train), len(validation))
@@ -135,7 +139,7 @@ def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]
         raise ConfigError(str(exc)) from None
 
 
-def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[list[Example], list[Example]]) -> LocalModel:
+def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[Examples, Examples]) -> LocalModel:
     """Load the base model the run names (or ``--base-model``), check it is the server's, tokenise."""
     source = settings.base_model or spec.base_model
     model = load_base(settings, source)
@@ -156,10 +160,13 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
     return LocalModel(weights, source, digest, train, validation)
 
 
-def tokenize_local(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
+def tokenize_local(examples: Examples, tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
     """The client's examples as training tokens, warning when masking leaves some with no loss."""
-    tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
-    silent = sum(1 for example in tokenized if example.masked >= len(example))
+    try:
+        tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
+    except ValueError as exc:  # --template chat with a tokenizer that has no chat template, or refuses a chat
+        raise ConfigError(f"data: {exc}") from None
+    silent = sum(1 for example in tokenized if example.labelled == 0)
     if silent:
         # With the prompt masked, an example whose prompt fills the cutoff teaches nothing.
         log.warning("event=examples_without_loss count=%d of=%d cutoff=%d hint=%r", silent, len(tokenized),
