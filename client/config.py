@@ -57,7 +57,7 @@ class _DaemonFields(BaseModel):
     mask_prompt: bool = Field(False, description="exclude the prompt's tokens from the training loss")
     base_model: str | None = Field(None, description="local path or Hub id of the base model; default: the run's base model")
     target_modules: list[str] | None = Field(
-        None, description="train only these of the run's target modules (names or suffixes); default: all of them"
+        None, description="train only these of the run's target modules (names or suffixes); default (or all-linear): all of them"
     )
     state_dir: Path = Field(Path("flora-client-state"), description="local state: identity, held global version, cached downloads")
     token: SecretStr | None = Field(None, description="enrolment token of the server (only for the first Join)")
