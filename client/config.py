@@ -67,7 +67,7 @@ class _DaemonFields(BaseModel):
         "none", description="hold the base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, the global update beside it"
     )
     target_modules: list[str] | None = Field(
-        None, description="train only these of the run's target modules (names or suffixes); default: all of them"
+        None, description="train only these of the run's target modules (names or suffixes); default (or all-linear): all of them"
     )
     state_dir: Path = Field(Path("flora-client-state"), description="local state: identity, held global version, cached downloads")
     token: SecretStr | None = Field(None, description="enrolment token of the server (only for the first Join)")

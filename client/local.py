@@ -17,6 +17,7 @@ from torch import nn
 
 from flora.client.config import ClientSettings
 from flora.client.local_weights import LocalWeights, local_weights
+from flora.common.architectures import ALL_LINEAR, layer_shape
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.devices import resolve_device
 from flora.common.data import Conversation, DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
@@ -59,7 +60,7 @@ def check_extras(settings: ClientSettings) -> None:
 
 
 def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str]:
-    """The run's modules this client trains: all, or those its ``target_modules`` selects.
+    """The run's modules this client trains: all (unset, or ``all-linear``), or those its ``target_modules`` selects.
 
     An entry selects a module by its full name or by a dotted suffix, as PEFT does. The upload
     still covers every module of the run: a module left out contributes a zero update, which
@@ -67,7 +68,7 @@ def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str
     (a zero would undo the module's warm start), so they refuse it.
     """
     names = [m.name for m in spec.target_modules]
-    if settings.target_modules is None:
+    if settings.target_modules is None or ALL_LINEAR in settings.target_modules:
         return names
     method = run_method(spec)
     if not method.partial_modules:
@@ -106,16 +107,15 @@ class LocalModel:
 
 
 def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
-    """Every target module of the run exists in ``model`` as a linear layer of the same shape."""
+    """Every target module of the run exists in ``model`` as a linear (or Conv1D) layer of the same (out, in) shape."""
     modules = dict(model.named_modules())
     for target in spec.target_modules:
-        module = modules.get(target.name)
-        if not isinstance(module, nn.Linear):
+        shape = layer_shape(modules[target.name]) if target.name in modules else None
+        if shape is None:
             raise ConfigError(f"base model: the run's target module {target.name!r} is not a linear layer of this model")
-        if (module.out_features, module.in_features) != (target.out_features, target.in_features):
+        if shape != (target.out_features, target.in_features):
             raise ConfigError(
-                f"base model: module {target.name!r} is {(module.out_features, module.in_features)}, "
-                f"the run's is {(target.out_features, target.in_features)}"
+                f"base model: module {target.name!r} is {shape}, the run's is {(target.out_features, target.in_features)}"
             )
 
 
