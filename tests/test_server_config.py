@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from flora.common.settings import SettingsError, load_settings
 from flora.server.cli import build_parser, main
 from flora.server.config import ENV_PREFIX, ServerSettings, is_loopback
+from harness import running_server
 
 
 def settings_from(argv: list[str], environ: dict[str, str] | None = None, config=None) -> ServerSettings:
@@ -136,3 +139,23 @@ def test_robustness_settings_have_limits():
     for flags in (["--max-weight-share", "0"], ["--clip-median-multiple", "0.5"], ["--max-update-norm", "-1"]):
         with pytest.raises(SettingsError):
             settings_from(flags)
+
+
+@pytest.mark.slow
+def test_a_second_server_on_a_port_in_use_fails_naming_it_and_exits_non_zero(tmp_path):
+    """Issue 28 item 8: gRPC's default SO_REUSEPORT let two servers share a port, splitting clients."""
+    with running_server(tmp_path / "first", "--min-clients", "1") as first:
+        second = subprocess.Popen([sys.executable, "-m", "flora.server.cli", "--port", str(first.port), "--state-dir",
+                                   str(tmp_path / "second"), "--method", "flora", "--min-clients", "1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            output = ""
+            for line in second.stdout:  # until it exits, or listens (the defect)
+                output += line
+                assert "listening on" not in line, output
+            assert second.wait(60) != 0
+        finally:
+            second.kill()
+        assert first.process.poll() is None
+    assert f"cannot listen on 127.0.0.1:{first.port}: address already in use" in output
+    assert not (tmp_path / "second" / "state.db").exists()  # refused before anything was written
