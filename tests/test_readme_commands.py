@@ -124,3 +124,11 @@ def test_the_readme_flora_sim_comparisons_run(tmp_path, capsys):
         methods = argv[argv.index("--method") + 1].split(",")
         out = capsys.readouterr().out
         assert all(method in out for method in methods), out
+
+
+def test_ci_runs_the_readme_test_command_in_a_venv_of_its_own():
+    """.ci/run is the README's test command with .ci/venv for .venv: never a developer's .venv."""
+    test_command = next(line for line in shell_lines(README.read_text()) if "python -m pytest" in line)
+    script = [line for line in (README.parent / ".ci" / "run").read_text().splitlines() if not line.startswith("#")]
+    assert [line for line in script if "python -m pytest" in line] == [test_command.replace(".venv", ".ci/venv")]
+    assert not any(".venv" in line.replace(".ci/venv", "") for line in script)  # never removes or uses yours
