@@ -99,7 +99,11 @@ def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
 def load_base(settings: ClientSettings, source: str) -> nn.Module:
     """The base model ``source`` on the training device, or a ConfigError saying what to pass."""
     try:
-        return load_model(source, device=resolve_device(settings.device))
+        device = resolve_device(settings.device)
+    except ValueError as exc:  # the device, not the model: a local copy of the model would not help
+        raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
+    try:
+        return load_model(source, device=device)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
 
