@@ -123,8 +123,26 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
             f"base model {source!r} differs from the server's: target-module hash {digest[:12]} != {spec.base_model_hash[:12]}"
         )
     train, validation = (tokenize_local(examples, tokenizer, settings) for examples in data)
+    warn_rank_above_modules(settings.rank, spec)
     log.info("event=model_loaded source=%s modules=%d hash=%s", source, len(spec.target_modules), digest[:12])
     return LocalModel(model, source, digest, train, validation)
+
+
+def warn_rank_above_modules(rank: int, spec: run_pb2.RunSpec) -> list[str]:
+    """Warn about (and return) the run's modules smaller than ``rank`` in either dimension.
+
+    A rank above min(d_out, d_in) adds nothing the module's update could express, and its factors,
+    rank (d_in + d_out) numbers, outweigh the dense update's d_out d_in. The rank is not capped
+    per module: an update has one rank for every module (protos/PROTOCOL.md, "Payloads"), and the
+    server checks each module's shapes against it; the warning says which modules and what to set.
+    """
+    small = [m for m in spec.target_modules if rank > min(m.out_features, m.in_features)]
+    if small:
+        smallest = min(min(m.out_features, m.in_features) for m in small)
+        log.warning("event=rank_above_module_size rank=%d modules=%d smallest=%d first=%s hint=%r", rank, len(small),
+                    smallest, small[0].name, f"directions past {smallest} add nothing and cost upload bytes: "
+                    f"--rank {smallest} or lower")
+    return [m.name for m in small]
 
 
 def tokenize_local(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
