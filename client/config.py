@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_m
 
 from flora.client.trainer import TrainConfig
 from flora.common.addresses import is_loopback
+from flora.common.quantize import Quantization
 from flora.common.data import DATA_FORMATS
 from flora.common.data.readers import check_sources
 from flora.v1 import run_pb2
@@ -62,8 +63,11 @@ class _DaemonFields(BaseModel):
     cutoff: int = Field(256, ge=2, le=65536, description="maximum tokens per example (prompt + response)")
     mask_prompt: bool = Field(False, description="exclude the prompt's tokens from the training loss")
     base_model: str | None = Field(None, description="local path or Hub id of the base model; default: the run's base model")
+    quantize: Quantization = Field(
+        "none", description="hold the base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, the global update beside it"
+    )
     target_modules: list[str] | None = Field(
-        None, description="train only these of the run's target modules (names or suffixes); default: all of them"
+        None, description="train only these of the run's target modules (names or suffixes); default (or all-linear): all of them"
     )
     state_dir: Path = Field(Path("flora-client-state"), description="local state: identity, held global version, cached downloads")
     token: SecretStr | None = Field(None, description="enrolment token of the server (only for the first Join)")
@@ -77,6 +81,10 @@ class _DaemonFields(BaseModel):
     heartbeat_interval: float = Field(5.0, ge=0.1, le=600, description="seconds between heartbeats while syncing, training or uploading")
     backoff_initial: float = Field(0.5, ge=0.01, le=600, description="first reconnect delay after a failed call, in seconds")
     backoff_max: float = Field(30.0, ge=0.01, le=3600, description="largest reconnect delay, in seconds")
+    give_up_after: int = Field(
+        8, ge=0, le=10000, description="consecutive tries that fail for a configuration mistake (a host name that does "
+        "not resolve, a refused TLS handshake) before the client stops with exit status 2; 0: never give up"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe log level shown")
     progress: Literal["auto", "on", "off"] = Field("auto", description="progress bars: auto (when stderr is a terminal), on, off")
 

@@ -12,17 +12,23 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from flora.client.config import ClientSettings
+from flora.client.local_weights import LocalWeights, local_weights
+from flora.common.architectures import ALL_LINEAR, layer_shape
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.devices import resolve_device
 from flora.common.data import Conversation, DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
 from flora.common.methods import AggregationMethod
 from flora.common.methods.wire import from_wire
+from flora.common.quantize import MissingExtra, bitsandbytes
 from flora.v1 import run_pb2
 
 log = logging.getLogger(__name__)
+# The quantized base's compute dtype on CUDA follows the training's autocast dtype (float32 on CPU).
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 
 
 class ConfigError(Exception):
@@ -44,8 +50,17 @@ def load_data(settings: ClientSettings) -> tuple[Examples, Examples]:
     return train, validation
 
 
+def check_extras(settings: ClientSettings) -> None:
+    """Fail before connecting when a setting needs an optional package that is not installed."""
+    if settings.quantize != "none":
+        try:
+            bitsandbytes()
+        except MissingExtra as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str]:
-    """The run's modules this client trains: all, or those its ``target_modules`` selects.
+    """The run's modules this client trains: all (unset, or ``all-linear``), or those its ``target_modules`` selects.
 
     An entry selects a module by its full name or by a dotted suffix, as PEFT does. The upload
     still covers every module of the run: a module left out contributes a zero update, which
@@ -53,7 +68,7 @@ def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str
     (a zero would undo the module's warm start), so they refuse it.
     """
     names = [m.name for m in spec.target_modules]
-    if settings.target_modules is None:
+    if settings.target_modules is None or ALL_LINEAR in settings.target_modules:
         return names
     method = run_method(spec)
     if not method.partial_modules:
@@ -79,33 +94,49 @@ def run_method(spec: run_pb2.RunSpec) -> AggregationMethod:
 class LocalModel:
     """The base model (at some global version), its tokenizer and the tokenised local data."""
 
-    model: nn.Module
+    weights: LocalWeights  # the model, merged or quantized with the update beside it
     source: str
-    digest: str  # fingerprint of the target modules' base weights, equal to the run's
+    digest: str  # fingerprint of the target modules' unquantized base weights, equal to the run's
     train: list[TokenizedExample]
     validation: list[TokenizedExample]
 
+    @property
+    def model(self) -> nn.Module:
+        """The model to train."""
+        return self.weights.model
+
 
 def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
-    """Every target module of the run exists in ``model`` as a linear layer of the same shape."""
+    """Every target module of the run exists in ``model`` as a linear (or Conv1D) layer of the same (out, in) shape."""
     modules = dict(model.named_modules())
     for target in spec.target_modules:
-        module = modules.get(target.name)
-        if not isinstance(module, nn.Linear):
+        shape = layer_shape(modules[target.name]) if target.name in modules else None
+        if shape is None:
             raise ConfigError(f"base model: the run's target module {target.name!r} is not a linear layer of this model")
-        if (module.out_features, module.in_features) != (target.out_features, target.in_features):
+        if shape != (target.out_features, target.in_features):
             raise ConfigError(
-                f"base model: module {target.name!r} is {(module.out_features, module.in_features)}, "
-                f"the run's is {(target.out_features, target.in_features)}"
+                f"base model: module {target.name!r} is {shape}, the run's is {(target.out_features, target.in_features)}"
             )
 
 
 def load_base(settings: ClientSettings, source: str) -> nn.Module:
-    """The base model ``source`` on the training device, or a ConfigError saying what to pass."""
+    """The base model ``source`` in full precision (on the training device unless it is to be
+    quantized, which happens there later), or a ConfigError saying what to pass."""
+    device = resolve_device(settings.device) if settings.quantize == "none" else "cpu"
     try:
-        return load_model(source, device=resolve_device(settings.device))
+        return load_model(source, device=device)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
+
+
+def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]) -> LocalWeights:
+    """The checked base as the client's local weights: as loaded, or quantized per ``--quantize``."""
+    device = resolve_device(settings.device)
+    compute = _COMPUTE_DTYPES[settings.dtype] if device.type == "cuda" else torch.float32
+    try:
+        return local_weights(model, names, settings.quantize, compute, device)
+    except MissingExtra as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[Examples, Examples]) -> LocalModel:
@@ -117,14 +148,16 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tokenizer of {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
     check_modules(model, spec)
-    digest = fingerprint(model, [m.name for m in spec.target_modules])
+    names = [m.name for m in spec.target_modules]
+    digest = fingerprint(model, names)  # of the unquantized weights: the server's model is never quantized
     if digest != spec.base_model_hash:
         raise ConfigError(
             f"base model {source!r} differs from the server's: target-module hash {digest[:12]} != {spec.base_model_hash[:12]}"
         )
+    weights = prepare_weights(settings, model, names)
     train, validation = (tokenize_local(examples, tokenizer, settings) for examples in data)
-    log.info("event=model_loaded source=%s modules=%d hash=%s", source, len(spec.target_modules), digest[:12])
-    return LocalModel(model, source, digest, train, validation)
+    log.info("event=model_loaded source=%s modules=%d hash=%s quantize=%s", source, len(names), digest[:12], settings.quantize)
+    return LocalModel(weights, source, digest, train, validation)
 
 
 def tokenize_local(examples: Examples, tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:

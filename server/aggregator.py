@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from flora.common.architectures import fan_in_fan_out, target_suffixes
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer, target_module_shapes
 from flora.common.data import TokenizedExample, load_examples, tokenize_examples
 from flora.common.evaluate import evaluate_loss
@@ -98,7 +99,8 @@ class Aggregator:
         self.precision = DTYPES[settings.precision]
         self.model = load_model(settings.base_model, DTYPES[settings.model_dtype], self.device)
         self.tokenizer = load_tokenizer(settings.base_model)
-        self.shapes = target_module_shapes(self.model, settings.target_modules)
+        self.target_modules = target_suffixes(self.model, settings.target_modules)  # the family's default, all-linear expanded
+        self.shapes = target_module_shapes(self.model, self.target_modules)
         self.fingerprint = fingerprint(self.model, self.shapes)
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.base_norm = weights_norm(module_weights(self.model, list(self.shapes)))  # the same limit after every restart
@@ -307,8 +309,8 @@ class Aggregator:
         bounded by min(d_out, d_in) however many rounds ran.
         """
         updates = (read_update(self.layout.downlink(v), self.shapes)[0] for v in range(1, version + 1))
-        return {"adapter": cumulative_factors(updates), "target_modules": self.settings.target_modules,
-                "base_model": self.settings.base_model}
+        return {"adapter": cumulative_factors(updates), "target_modules": self.target_modules,
+                "base_model": self.settings.base_model, "fan_in_fan_out": fan_in_fan_out(self.model, self.shapes)}
 
     def evaluate(self) -> float | None:
         """Loss of the global model on the validation data, when the run has any."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import sys
 import time
@@ -154,8 +153,7 @@ async def serve(settings: ServerSettings) -> None:
         raise StartupError(str(err)) from None
     layout = Layout(state_dir_path(settings))
     layout.create()
-    shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died
-    layout.tmp.mkdir()
+    layout.empty_tmp()
     store = Store(layout.database)
     try:
         try:

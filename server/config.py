@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, fi
 
 from flora.common.addresses import is_loopback
 from flora.common.methods import METHODS, AggregationMethod, get_method
-from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
+from flora.common.architectures import ALL_LINEAR, is_target_name
+from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS
 from flora.common.data.readers import check_sources
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
@@ -73,9 +74,9 @@ class ServerSettings(BaseModel):
         BUILTIN_MODEL, min_length=1,
         description="base model: Hugging Face Hub id, local directory or the built-in name",
     )
-    target_modules: list[str] = Field(
-        list(DEFAULT_TARGET_MODULES), min_length=1,
-        description="suffixes of the linear layers LoRA adapts",
+    target_modules: list[str] | None = Field(
+        None, min_length=1,
+        description="suffixes of the linear layers LoRA adapts, or all-linear; default: the model family's (q_proj,v_proj; c_attn for GPT-2, qkv_proj for Phi-3)",
     )
     model_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -252,10 +253,14 @@ class ServerSettings(BaseModel):
 
     @field_validator("target_modules")
     @classmethod
-    def _module_suffixes(cls, value: list[str]) -> list[str]:
+    def _module_suffixes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
         for suffix in value:
-            if not suffix or not all(part.isidentifier() or part.isdigit() for part in suffix.split(".")):
-                raise ValueError(f"target module suffix {suffix!r} is not a dotted module name")
+            if not is_target_name(suffix):
+                raise ValueError(f"target module suffix {suffix!r} is not a dotted module name (or {ALL_LINEAR})")
+        if ALL_LINEAR in value and len(set(value)) > 1:
+            raise ValueError(f"{ALL_LINEAR} stands alone: it already names every linear layer")
         return sorted(set(value))
 
     @field_validator("enrollment_token", "operator_token")
