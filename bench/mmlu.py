@@ -48,10 +48,10 @@ def load_questions(path: Path, tokenizer: Any, max_length: int, limit: int | Non
     """The questions of an MMLU-style JSON file (first ``limit`` of them), each option tokenised."""
     template = get_template("alpaca")
     questions = []
-    for index, record in enumerate(json.loads(path.read_text())[:limit]):
+    for number, record in enumerate(json.loads(path.read_text())[:limit], start=1):
         options, answer = _OPTIONS.search(record["input"]), _ANSWER.match(record["output"])
         if options is None or answer is None:
-            raise ValueError(f"{path}: record {index} does not have options A-D and 'The answer is: X. ...'")
+            raise ValueError(f"{path}: record {number} does not have options A-D and 'The answer is: X. ...'")
         prompt = template.render(record["instruction"], record["input"])
         choices = tuple(
             _tokenize(tokenizer, prompt, f"The answer is: {letter}. {text.strip()}", max_length)

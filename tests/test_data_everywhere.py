@@ -97,7 +97,7 @@ def test_demo_passes_the_data_options_to_clients_and_server(tmp_path: Path) -> N
 
 
 def test_demo_completions_prompt_a_chat_through_its_template(tmp_path: Path, tiny_model_dir: str) -> None:
-    from flora.demo.completions import compare
+    from flora.demo.completions import _question, compare
     from flora.common.data import ReadOptions
 
     validation = write_jsonl(tmp_path / "validation.jsonl", CHATS[:2])
@@ -106,3 +106,6 @@ def test_demo_completions_prompt_a_chat_through_its_template(tmp_path: Path, tin
     assert (first.prompt, first.expected) == ("Colour 0?", "red") and second.expected == "blue"
     assert first.base == first.merged  # the same model twice: greedy decoding is deterministic
     assert load_examples(validation, "chat")[0] == Conversation(tuple(Message(**m) for m in CHATS[0]["messages"]))
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
+    [instruction] = load_examples(alpaca, "chat")
+    assert _question(instruction) == "Add. / 2 and 3"  # one table line, as the Alpaca prompt's is

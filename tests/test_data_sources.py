@@ -182,10 +182,13 @@ def test_sources_that_do_not_exist_are_named(tmp_path: Path) -> None:
     assert "not one written by datasets' save_to_disk" in error_for(tmp_path / "plain_folder")
 
 
-def test_corrupt_parquet_is_named(tmp_path: Path) -> None:
+def test_corrupt_parquet_and_folders_are_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.parquet"
     path.write_bytes(b"PAR1 not really parquet")
     assert "bad.parquet: cannot be read as parquet" in error_for(path)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{not json")
+    assert "saved: cannot be read as a save_to_disk folder" in error_for(tmp_path / "saved")
 
 
 def test_without_the_datasets_extra_the_error_gives_the_pip_command(tmp_path: Path, monkeypatch) -> None:

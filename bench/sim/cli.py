@@ -158,8 +158,8 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
 def load_data(args: argparse.Namespace, tokenizer, count: int) -> Federation:
     """The clients' files (or freshly generated sample data) read into a Federation."""
     options = DataOptions(
-        args.template, args.data_format, tuple(args.field), args.cutoff, args.mask_prompt, args.examples_per_client,
-        args.validation_fraction, args.seed,
+        args.template, args.cutoff, args.mask_prompt, args.examples_per_client, args.validation_fraction, args.seed,
+        args.data_format, tuple(args.field),
     )
     if args.data_dir is not None:
         return load_federation(client_files(args.data_dir), tokenizer, options, args.eval_file)

@@ -24,13 +24,13 @@ class DataOptions:
     """How client files become training and validation sets."""
 
     template: str = "alpaca"
-    data_format: str = "auto"  # the record form, forced; auto: detected per file
-    fields: tuple[str, ...] = ()  # column mapping, FORM_KEY=YOUR_KEY each
     cutoff: int = 256
     mask_prompt: bool = False
     examples_per_client: int | None = None  # subsample each file to this many (before the validation carve)
     validation_fraction: float = 0.1  # of each client's examples, when there is no eval file
     seed: int = 0
+    data_format: str = "auto"  # the record form, forced; auto: detected per file
+    fields: tuple[str, ...] = ()  # column mapping, FORM_KEY=YOUR_KEY each
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,13 @@ def _read_packaged(path: Path, kind: str) -> list[Record]:
             dataset = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True, **options)
             return _rows(dataset)
     except Exception as exc:  # pyarrow, pandas and datasets each raise their own kinds
-        cause = exc.__cause__ or exc
-        raise DataFormatError(path, f"cannot be read as {kind}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+        raise DataFormatError(path, f"cannot be read as {kind}: {_first_line(exc.__cause__ or exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """What a third-party reader said, on one line (its type when it said nothing)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _csv_features(path: Path, datasets: Any) -> Any:
@@ -181,7 +186,10 @@ def _read_saved(folder: Path, split: str | None) -> list[Record]:
         raise DataFormatError(folder, "is a folder, but not one written by datasets' save_to_disk "
                               "(no state.json or dataset_dict.json); pass its data files instead")
     datasets = _import_datasets(folder, "save_to_disk folders")
-    loaded = datasets.load_from_disk(str(folder), keep_in_memory=True)
+    try:
+        loaded = datasets.load_from_disk(str(folder), keep_in_memory=True)
+    except Exception as exc:  # a damaged folder: missing shards, bad JSON metadata, arrow errors
+        raise DataFormatError(folder, f"cannot be read as a save_to_disk folder: {_first_line(exc)}") from None
     return _rows(_pick_split(folder, loaded, split, "FOLDER:SPLIT"))
 
 

@@ -75,7 +75,8 @@ def _question(example: Example | Conversation) -> str:
     last user turn, on one line."""
     if isinstance(example, Conversation):
         last = max(i for i, m in enumerate(example.messages) if m.role == "assistant")
-        return next((m.content for m in reversed(example.messages[:last]) if m.role == "user"), "").strip()
+        user = next((m.content for m in reversed(example.messages[:last]) if m.role == "user"), "")
+        return " / ".join(line.strip() for line in user.splitlines() if line.strip())
     prompt = example.prompt
     parts = [p.split(":\n", 1)[1].strip() for p in prompt.split("### ")[1:] if ":\n" in p]
     return " / ".join(p for p in parts if p) or prompt.strip()
