@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from pydantic import ValidationError
 
+from flora.client.config import ClientSettings
 from flora.client.local import ConfigError, check_modules, trained_modules
 from flora.common.architectures import fan_in_fan_out, target_suffixes
 from flora.common.basemodel import target_module_shapes
@@ -40,11 +41,16 @@ def test_all_linear_is_every_linear_and_conv1d_layer_but_the_output_layer():
         target_suffixes(gpt2, ["all-linear", "c_attn"])
 
 
-def test_server_setting_defaults_to_the_family_and_accepts_all_linear_alone():
+def test_settings_default_to_the_family_and_accept_all_linear_alone(tmp_path):
     assert ServerSettings().target_modules is None
     assert ServerSettings(target_modules=["all-linear"]).target_modules == ["all-linear"]
-    with pytest.raises(ValidationError, match="all-linear stands alone"):
+    with pytest.raises(ValidationError, match="stands alone, not beside \\['q_proj'\\]"):
         ServerSettings(target_modules=["all-linear", "q_proj"])
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    assert ClientSettings(name="c", data=[data], target_modules=["all-linear"]).target_modules == ["all-linear"]
+    with pytest.raises(ValidationError, match="target_modules"):
+        ClientSettings(name="c", data=[data], target_modules=["q_proj", "all-linear"])
 
 
 def test_a_restart_compares_the_resolved_modules_not_the_spelling():
