@@ -24,7 +24,7 @@ from flora.common.architectures import DEFAULT_TARGET_MODULES  # noqa: F401 - im
 
 BUILTIN_MODEL = "flora-tiny-llama"
 # Bump when the recipe below changes, so that caches built by older code are never reused.
-_BUILTIN_REVISION = "v1"
+_BUILTIN_REVISION = "v2"  # v2: the tokenizer has a chat template
 _SEED = 20240905
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -42,8 +42,10 @@ def build_tokenizer():
     """A byte-level BPE tokenizer with no merges: every byte is a token, plus four specials.
 
     Byte-level means any text round-trips with no unknown tokens, and building it needs no
-    training corpus, so it is identical everywhere.
+    training corpus, so it is identical everywhere. Its small chat template lets ``--template
+    chat`` run on the built-in model.
     """
+    from flora.common.data.chat import BUILTIN_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -63,6 +65,7 @@ def build_tokenizer():
         pad_token=PAD,
         unk_token=UNK,
         model_max_length=1024,
+        chat_template=BUILTIN_CHAT_TEMPLATE,
     )
 
 

@@ -84,6 +84,10 @@ class RoundOutput:
     decisions: list[Decision]  # per submission: norm, weight cap, clipping, rejection
 
 
+class ValidationDataError(ValueError):
+    """The server's validation data cannot be read or tokenised; the message names source and field."""
+
+
 class Aggregator:
     """The model copy, the run's target modules, and the per-round aggregation."""
 
@@ -107,13 +111,18 @@ class Aggregator:
                  settings.base_model, self.device, len(self.shapes), self.fingerprint[:12])
 
     def _validation_data(self) -> list[TokenizedExample] | None:
+        """The validation sources read as a client reads its data (same forms, same messages)."""
         settings = self.settings
         if not settings.validation_data:
             return None
-        examples = load_examples(settings.validation_data, settings.validation_template)
-        return tokenize_examples(
-            examples, self.tokenizer, cutoff=settings.validation_cutoff, mask_prompt=settings.validation_mask_prompt
-        )
+        try:
+            examples = load_examples(settings.validation_data, settings.validation_template,
+                                     data_format=settings.validation_data_format, fields=settings.validation_field)
+            return tokenize_examples(
+                examples, self.tokenizer, cutoff=settings.validation_cutoff, mask_prompt=settings.validation_mask_prompt
+            )
+        except ValueError as exc:  # DataFormatError, a bad template or --field, a tokenizer without a chat template
+            raise ValidationDataError(f"validation_data: {exc}") from None
 
     @property
     def max_update_norm(self) -> float:

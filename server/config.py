@@ -16,6 +16,8 @@ from flora.common.addresses import is_loopback
 from flora.common.methods import METHODS, AggregationMethod, get_method
 from flora.common.architectures import check_target_names
 from flora.common.basemodel import BUILTIN_MODEL
+from flora.common.data import DATA_FORMATS
+from flora.common.data.readers import check_sources
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
 from flora.common.robust import RobustPolicy
@@ -199,14 +201,19 @@ class ServerSettings(BaseModel):
         description="save a merged Hugging Face checkpoint every N rounds (0 = only at the end; the last round always)",
     )
     # --- evaluation -----------------------------------------------------------------------
-    validation_data: list[Path] = Field(
+    validation_data: list[str] = Field(
         [],
-        description="JSON/JSONL instruction data files (comma-separated) to evaluate the global model on after every round",
+        description="data to evaluate the global model on after every round, comma-separated: JSON, JSONL, CSV or "
+        "parquet files, save_to_disk folders or cached Hugging Face data sets (as flora-client's --data)",
     )
     validation_template: str = Field(
         "alpaca", min_length=1,
-        description="prompt template of validation_data: alpaca, plain or a format string",
+        description="prompt template of validation_data: chat (the tokenizer's chat template), alpaca, plain or a format string",
     )
+    validation_data_format: Literal[DATA_FORMATS] = Field(
+        "auto", description="record form of validation_data; auto: detected per file")
+    validation_field: list[str] = Field(
+        [], description="column mapping of validation_data FORM_KEY=YOUR_KEY, e.g. instruction=question (repeatable)")
     validation_cutoff: int = Field(256, ge=2, le=131072, description="tokens per validation example")
     validation_batch_size: int = Field(8, ge=1, le=4096, description="examples per evaluation batch")
     validation_mask_prompt: bool = Field(False, description="score only the response tokens of validation examples")
@@ -238,6 +245,11 @@ class ServerSettings(BaseModel):
         text = str(value).strip().lower() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
         Selection.parse(text)  # raises ValueError naming the allowed forms
         return text
+
+    @field_validator("validation_data", mode="before")
+    @classmethod
+    def _known_sources(cls, value: object) -> object:
+        return check_sources(value)
 
     @field_validator("target_modules")
     @classmethod

@@ -73,7 +73,10 @@ def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator:
         except UpgradeError as exc:
             raise StartupError(str(exc)) from None
     remove_orphans(layout, store, run.version)
-    write_history(layout.history, store.history())  # it may lag the database after a crash
+    try:
+        write_history(layout.history, store.history())  # it may lag the database after a crash
+    except OSError as err:  # a full disk: serve what can be served and wait for space
+        log.error("history.jsonl could not be rewritten (%s); it is rewritten at the next commit", err)
     artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged", "remainder", "lora")}
     aggregator.restore(run.version, {k: a for k, a in artifacts.items() if a is not None})
     log.info("resuming run %s at version %d", run.run_id, run.version)

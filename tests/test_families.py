@@ -23,13 +23,13 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from flora.client.local import check_modules
-from flora.client.sync import Synchroniser, expected_shapes
+from flora.client.local_weights import MergedWeights
+from flora.client.sync import expected_shapes
 from flora.client.round_start import train_round
 from flora.client.trainer import TrainConfig
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.data import Example, tokenize_examples
 from flora.common.lora import LoraAdapter
-from flora.common.merge import module_weights
 from flora.common.payload import PayloadMeta, encode_adapter, read_update
 from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
@@ -111,11 +111,7 @@ def play_round(number: int, aggregator: Aggregator, layout: Layout, spec, model_
                                            for adapter, (cid, rank, count) in zip(trained, CLIENTS)])
     downlink, _ = read_update(layout.downlink(number), expected_shapes(spec))
     for model in clients:
-        live = module_weights(model, sorted(downlink))
-        merged = Synchroniser._merged_update(live, downlink, number)
-        with torch.no_grad():
-            for name, weight in live.items():
-                weight.copy_(merged[name])
+        MergedWeights(model, downlink).apply([downlink])  # what Synchroniser.catch_up asks of a full-precision base
     return output, trained
 
 
