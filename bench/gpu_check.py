@@ -157,7 +157,9 @@ def nf4_round_rows(device: str, steps: int) -> list[dict[str, Any]]:
         after = local.model(input_ids=tokens).logits.float()
     finite = all(torch.isfinite(t).all() for p in result.adapter.pairs.values() for t in p)
     return [row("4-bit forward vs dequantized + update (relative)", device, dtype, error, 1e-4 if device == "cpu" else 0.05),
-            row("4-bit round: model changed afterwards (max)", device, dtype, float((after - got).abs().max()), 0.0),
+            # Bit for bit on the CPU; a GPU's kernels may reorder sums between calls, never by 1e-3.
+            row("4-bit round: model changed afterwards (relative)", device, dtype,
+                float((after - got).abs().max() / got.abs().max()), 0.0 if device == "cpu" else 1e-3),
             row("4-bit round: non-finite factors", device, dtype, 0.0 if finite else 1.0, 0.0)]
 
 
