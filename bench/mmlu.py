@@ -41,7 +41,7 @@ def _tokenize(tokenizer: Any, prompt: str, response: str, max_length: int) -> To
     prompt_ids = tokenizer(prompt)["input_ids"]
     masked = next((i for i, (x, y) in enumerate(zip(ids, prompt_ids)) if x != y), min(len(ids), len(prompt_ids)))
     cut = max(0, len(ids) - max_length)
-    return TokenizedExample(tuple(ids[cut:]), max(0, masked - cut))
+    return TokenizedExample.after_prompt(tuple(ids[cut:]), max(0, masked - cut))
 
 
 def load_questions(path: Path, tokenizer: Any, max_length: int, limit: int | None = None) -> list[Question]:

@@ -17,9 +17,10 @@ from torch import nn
 
 from flora.client.config import ClientSettings
 from flora.client.local_weights import LocalWeights, local_weights
+from flora.common.architectures import ALL_LINEAR, layer_shape
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.devices import resolve_device
-from flora.common.data import DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
+from flora.common.data import Conversation, DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
 from flora.common.methods import AggregationMethod
 from flora.common.methods.wire import from_wire
 from flora.common.quantize import MissingExtra, bitsandbytes
@@ -34,11 +35,15 @@ class ConfigError(Exception):
     """A mistake in the client's configuration, data or model; reported without a traceback."""
 
 
-def load_data(settings: ClientSettings) -> tuple[list[Example], list[Example]]:
+Examples = list[Example | Conversation]
+
+
+def load_data(settings: ClientSettings) -> tuple[Examples, Examples]:
     """The training and validation examples (validation empty when no file is given)."""
+    read = {"template": settings.template, "data_format": settings.data_format, "fields": settings.field}
     try:
-        train = load_examples(settings.data, settings.template)
-        validation = load_examples(settings.validation_data, settings.template) if settings.validation_data else []
+        train = load_examples(settings.data, **read)
+        validation = load_examples(settings.validation_data, **read) if settings.validation_data else []
     except (DataFormatError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
     log.info("event=data_loaded train_examples=%d validation_examples=%d", len(train), len(validation))
@@ -55,7 +60,7 @@ def check_extras(settings: ClientSettings) -> None:
 
 
 def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str]:
-    """The run's modules this client trains: all, or those its ``target_modules`` selects.
+    """The run's modules this client trains: all (unset, or ``all-linear``), or those its ``target_modules`` selects.
 
     An entry selects a module by its full name or by a dotted suffix, as PEFT does. The upload
     still covers every module of the run: a module left out contributes a zero update, which
@@ -63,7 +68,7 @@ def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str
     (a zero would undo the module's warm start), so they refuse it.
     """
     names = [m.name for m in spec.target_modules]
-    if settings.target_modules is None:
+    if settings.target_modules is None or ALL_LINEAR in settings.target_modules:
         return names
     method = run_method(spec)
     if not method.partial_modules:
@@ -102,16 +107,15 @@ class LocalModel:
 
 
 def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
-    """Every target module of the run exists in ``model`` as a linear layer of the same shape."""
+    """Every target module of the run exists in ``model`` as a linear (or Conv1D) layer of the same (out, in) shape."""
     modules = dict(model.named_modules())
     for target in spec.target_modules:
-        module = modules.get(target.name)
-        if not isinstance(module, nn.Linear):
+        shape = layer_shape(modules[target.name]) if target.name in modules else None
+        if shape is None:
             raise ConfigError(f"base model: the run's target module {target.name!r} is not a linear layer of this model")
-        if (module.out_features, module.in_features) != (target.out_features, target.in_features):
+        if shape != (target.out_features, target.in_features):
             raise ConfigError(
-                f"base model: module {target.name!r} is {(module.out_features, module.in_features)}, "
-                f"the run's is {(target.out_features, target.in_features)}"
+                f"base model: module {target.name!r} is {shape}, the run's is {(target.out_features, target.in_features)}"
             )
 
 
@@ -135,7 +139,7 @@ def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]
         raise ConfigError(str(exc)) from None
 
 
-def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[list[Example], list[Example]]) -> LocalModel:
+def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[Examples, Examples]) -> LocalModel:
     """Load the base model the run names (or ``--base-model``), check it is the server's, tokenise."""
     source = settings.base_model or spec.base_model
     model = load_base(settings, source)
@@ -156,10 +160,13 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
     return LocalModel(weights, source, digest, train, validation)
 
 
-def tokenize_local(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
+def tokenize_local(examples: Examples, tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
     """The client's examples as training tokens, warning when masking leaves some with no loss."""
-    tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
-    silent = sum(1 for example in tokenized if example.masked >= len(example))
+    try:
+        tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
+    except ValueError as exc:  # --template chat with a tokenizer that has no chat template, or refuses a chat
+        raise ConfigError(f"data: {exc}") from None
+    silent = sum(1 for example in tokenized if example.labelled == 0)
     if silent:
         # With the prompt masked, an example whose prompt fills the cutoff teaches nothing.
         log.warning("event=examples_without_loss count=%d of=%d cutoff=%d hint=%r", silent, len(tokenized),

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from flora.common.architectures import fan_in_fan_out, target_suffixes
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer, target_module_shapes
 from flora.common.data import TokenizedExample, load_examples, tokenize_examples
 from flora.common.evaluate import evaluate_loss
@@ -83,6 +84,10 @@ class RoundOutput:
     decisions: list[Decision]  # per submission: norm, weight cap, clipping, rejection
 
 
+class ValidationDataError(ValueError):
+    """The server's validation data cannot be read or tokenised; the message names source and field."""
+
+
 class Aggregator:
     """The model copy, the run's target modules, and the per-round aggregation."""
 
@@ -94,7 +99,8 @@ class Aggregator:
         self.precision = DTYPES[settings.precision]
         self.model = load_model(settings.base_model, DTYPES[settings.model_dtype], self.device)
         self.tokenizer = load_tokenizer(settings.base_model)
-        self.shapes = target_module_shapes(self.model, settings.target_modules)
+        self.target_modules = target_suffixes(self.model, settings.target_modules)  # the family's default, all-linear expanded
+        self.shapes = target_module_shapes(self.model, self.target_modules)
         self.fingerprint = fingerprint(self.model, self.shapes)
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.base_norm = weights_norm(module_weights(self.model, list(self.shapes)))  # the same limit after every restart
@@ -105,13 +111,18 @@ class Aggregator:
                  settings.base_model, self.device, len(self.shapes), self.fingerprint[:12])
 
     def _validation_data(self) -> list[TokenizedExample] | None:
+        """The validation sources read as a client reads its data (same forms, same messages)."""
         settings = self.settings
         if not settings.validation_data:
             return None
-        examples = load_examples(settings.validation_data, settings.validation_template)
-        return tokenize_examples(
-            examples, self.tokenizer, cutoff=settings.validation_cutoff, mask_prompt=settings.validation_mask_prompt
-        )
+        try:
+            examples = load_examples(settings.validation_data, settings.validation_template,
+                                     data_format=settings.validation_data_format, fields=settings.validation_field)
+            return tokenize_examples(
+                examples, self.tokenizer, cutoff=settings.validation_cutoff, mask_prompt=settings.validation_mask_prompt
+            )
+        except ValueError as exc:  # DataFormatError, a bad template or --field, a tokenizer without a chat template
+            raise ValidationDataError(f"validation_data: {exc}") from None
 
     @property
     def max_update_norm(self) -> float:
@@ -298,8 +309,8 @@ class Aggregator:
         bounded by min(d_out, d_in) however many rounds ran.
         """
         updates = (read_update(self.layout.downlink(v), self.shapes)[0] for v in range(1, version + 1))
-        return {"adapter": cumulative_factors(updates), "target_modules": self.settings.target_modules,
-                "base_model": self.settings.base_model}
+        return {"adapter": cumulative_factors(updates), "target_modules": self.target_modules,
+                "base_model": self.settings.base_model, "fan_in_fan_out": fan_in_fan_out(self.model, self.shapes)}
 
     def evaluate(self) -> float | None:
         """Loss of the global model on the validation data, when the run has any."""

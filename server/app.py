@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flora.server import operators
-from flora.server.aggregator import Aggregator
+from flora.server.aggregator import Aggregator, ValidationDataError
 from flora.server.allocator import tune_malloc
 from flora.server.auth import AuthInterceptor, Credentials
 from flora.server.config import ServerSettings
@@ -154,11 +153,13 @@ async def serve(settings: ServerSettings) -> None:
         raise StartupError(str(err)) from None
     layout = Layout(state_dir_path(settings))
     layout.create()
-    shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died
-    layout.tmp.mkdir()
+    layout.empty_tmp()
     store = Store(layout.database)
     try:
-        aggregator = await asyncio.to_thread(Aggregator, settings, layout)
+        try:
+            aggregator = await asyncio.to_thread(Aggregator, settings, layout)
+        except ValidationDataError as err:
+            raise StartupError(str(err)) from None
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
         driver = RoundDriver(settings, layout, store, aggregator, machine)

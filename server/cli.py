@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from flora.common.settings import SettingsError, add_settings_arguments, load_settings, render_settings
+from flora.server import handshakes
 from flora.server.config import ENV_PREFIX, ServerSettings
 
 log = logging.getLogger("flora.server")
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     if print_config:
         sys.stdout.write(render_settings(settings))
         return
+    if settings.tls_cert is not None:
+        handshakes.install()  # before grpc's import: failed handshakes logged with the peer, in words
     setup_logging(settings.log_level)
     from flora.server.app import serve  # heavy imports (torch, transformers) only when serving
     from flora.server.startup import StartupError
