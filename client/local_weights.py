@@ -199,6 +199,7 @@ def local_weights(
     return HeldUpdate(quantize_model(model, quantization, compute_dtype, device), names, compute_dtype)
 
 
-def as_local(model: nn.Module | LocalWeights, names: Iterable[str]) -> LocalWeights:
-    """A plain model as ``MergedWeights`` (what ``flora-sim`` and the tests pass); local weights as they are."""
+def as_local(model: nn.Module | LocalWeights, names: Iterable[str] = ()) -> LocalWeights:
+    """A plain model as ``MergedWeights`` of the ``names`` modules (what ``flora-sim`` and the tests
+    pass; a round start needs no names, only ``temporarily``); local weights as they are."""
     return model if isinstance(model, LocalWeights) else MergedWeights(model, names)

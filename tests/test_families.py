@@ -22,12 +22,12 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from flora.client.local import check_modules
-from flora.client.sync import Synchroniser, expected_shapes
+from flora.client.local_weights import MergedWeights
+from flora.client.sync import expected_shapes
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.data import Example, tokenize_examples
 from flora.common.lora import LoraAdapter
-from flora.common.merge import module_weights
 from flora.common.payload import PayloadMeta, encode_adapter, read_update
 from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
@@ -116,10 +116,7 @@ def test_one_round_server_client_oracle_and_peft_export_agree(tmp_path, family_d
     # The client merges the downlink it downloads into its own copy.
     client = load_model(str(model_dir))
     downlink, _ = read_update(layout.downlink(1), expected_shapes(spec))
-    merged = Synchroniser._merged_update(module_weights(client, names), downlink, 1)
-    with torch.no_grad():
-        for name, weight in module_weights(client, names).items():
-            weight.copy_(merged[name])
+    MergedWeights(client, names).apply([downlink])
     checkpoint = layout.root / output.checkpoint
     exported = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     for name in names:
