@@ -98,6 +98,9 @@ def test_the_held_update_is_the_exact_sum_in_factors_or_dense_when_smaller():
     dense = folded(total, big, torch.float32)
     assert not isinstance(dense, LoraPair) and dense.shape == (30, 40)
     assert torch.allclose(dense, want + module_delta(big), atol=1e-3)
+    sent_dense = folded(total, module_delta(big), torch.bfloat16)  # a dense part: the sum goes dense, in bf16
+    assert sent_dense.dtype == torch.bfloat16
+    assert torch.allclose(sent_dense.float(), want + module_delta(big), rtol=2**-7, atol=1e-2)
 
 
 @pytest.fixture()
