@@ -143,7 +143,9 @@ def in_child(**kwargs: Any) -> dict[str, Any]:
     return value
 
 
-def precision_rows(shapes: list[str], precisions: list[str], device: str, steps: int, batch: int, seq_len: int) -> list[dict[str, Any]]:
+def precision_rows(
+    shapes: list[str], precisions: list[str], device: str, steps: int, batch: int, seq_len: int
+) -> list[dict[str, Any]]:
     """One row per shape and precision, each ratio against bf16 of the same shape."""
     rows = []
     for shape in shapes:
