@@ -172,8 +172,9 @@ def _refused_start(tmp_path, *flags: str) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and not state.exists()  # nothing written, not even the folder
     assert time.monotonic() - started < 60  # no Hub retries
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("flora-server: ")]
-    return line
+    lines = result.stderr.splitlines()
+    (first,) = [i for i, line in enumerate(lines) if line.startswith("flora-server: ")]
+    return " ".join(line.strip() for line in lines[first:])  # a settings error's field is on the next line
 
 
 @pytest.mark.slow
@@ -183,8 +184,8 @@ def test_configuration_errors_are_one_line_naming_the_field_exit_2_and_write_not
     assert line.startswith("flora-server: base_model: folder ") and "does not exist" in line
     line = _refused_start(tmp_path, "--base-model", "nobody-here/no-such-model")
     assert line.startswith("flora-server: base_model: ") and "HF_HUB_OFFLINE" in line
-    line = _refused_start(tmp_path, "--validation-data", str(tmp_path / "missing.jsonl"))
-    assert line.startswith("flora-server: validation_data: ") and "missing.jsonl" in line
+    line = _refused_start(tmp_path, "--validation-data", str(tmp_path / "missing.jsonl"))  # refused by the settings
+    assert line.startswith("flora-server: invalid settings: validation_data: ") and "missing.jsonl: no such file" in line
     (tmp_path / "bad.jsonl").write_text('{"instruction": "hi"\n')
     line = _refused_start(tmp_path, "--validation-data", str(tmp_path / "bad.jsonl"))
     assert line.startswith("flora-server: validation_data: ") and "bad.jsonl" in line
