@@ -144,8 +144,9 @@ def nf4_round_rows(device: str, steps: int) -> list[dict[str, Any]]:
     names = sorted(target_module_shapes(original, DEFAULT_TARGET_MODULES))
     local = local_weights(copy.deepcopy(original), names, "nf4", compute, torch.device(device))
     gen = torch.Generator().manual_seed(2)
-    local.apply([{n: LoraPair(torch.randn(3, w.in_features, generator=gen) * 0.05, torch.randn(w.out_features, 3, generator=gen) * 0.05)
-                  for n, w in ((n, original.get_submodule(n)) for n in names)}])
+    shapes = {n: original.get_submodule(n).weight.shape for n in names}  # (out, in)
+    local.apply([{n: LoraPair(torch.randn(3, d_in, generator=gen) * 0.05, torch.randn(d_out, 3, generator=gen) * 0.05)
+                  for n, (d_out, d_in) in shapes.items()}])
     tokens = torch.randint(4, 200, (2, 32), generator=gen).to(device)
     with torch.no_grad():
         got = local.model(input_ids=tokens).logits.float()
@@ -157,7 +158,9 @@ def nf4_round_rows(device: str, steps: int) -> list[dict[str, Any]]:
         after = local.model(input_ids=tokens).logits.float()
     finite = all(torch.isfinite(t).all() for p in result.adapter.pairs.values() for t in p)
     return [row("4-bit forward vs dequantized + update (relative)", device, dtype, error, 1e-4 if device == "cpu" else 0.05),
-            row("4-bit round: model changed afterwards (max)", device, dtype, float((after - got).abs().max()), 0.0),
+            # Bit for bit on the CPU; a GPU's kernels may reorder sums between calls, never by 1e-3.
+            row("4-bit round: model changed afterwards (relative)", device, dtype,
+                float((after - got).abs().max() / got.abs().max()), 0.0 if device == "cpu" else 1e-3),
             row("4-bit round: non-finite factors", device, dtype, 0.0 if finite else 1.0, 0.0)]
 
 

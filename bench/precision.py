@@ -8,7 +8,9 @@ synthetic batches, in its own spawned process (so that one's peak memory cannot 
 - model MiB: the bytes the model holds (parameters, buffers and the quantization scales), all
   of it and its linear layers alone (what nf4/int8 quantize; embeddings and head stay as they are);
 - peak MiB: the process's resident high-water mark over the round on the CPU (the CUDA
-  allocator's peak on a GPU), less its resident size before the model was built;
+  allocator's peak on a GPU), less its resident size before the model was built: the model, the
+  LoRA, its optimiser state and the activations (loading, which quantizes a full-precision copy
+  layer by layer, is not in it);
 - tokens/s of ``train_round`` (the daemon's round, the quantized base with its held update).
 
 bf16 is the baseline every ratio is taken against. On the CPU bitsandbytes' 4-bit and 8-bit
@@ -97,13 +99,13 @@ def client_round(shape_name: str, precision: str, device: str, steps: int, batch
     compute = torch.float32 if precision == "float32" else torch.bfloat16
     chunks = packed_chunks(synthetic_examples(64 * steps), load_tokenizer(BUILTIN_MODEL), seq_len, batch * steps)
     before = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
-    reset_peak()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     model = shape_model(BENCH_SHAPES[shape_name], "cpu" if precision in ("int8", "nf4") else device,
                         torch.bfloat16 if precision == "bf16" else torch.float32)
     names = sorted(target_module_shapes(model, DEFAULT_TARGET_MODULES))
     local = local_weights(model, names, "none" if precision in ("float32", "bf16") else precision, compute, torch.device(device))
+    reset_peak()  # the round's peak, not the loading's (which builds the full-precision model first)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     config = TrainConfig(rank=8, max_steps=steps, batch_size=batch, device=device, learning_rate=1e-4)
     start = time.perf_counter()
     result = train_round(local, chunks, config, ClientStart(None, None))
@@ -141,7 +143,9 @@ def in_child(**kwargs: Any) -> dict[str, Any]:
     return value
 
 
-def precision_rows(shapes: list[str], precisions: list[str], device: str, steps: int, batch: int, seq_len: int) -> list[dict[str, Any]]:
+def precision_rows(
+    shapes: list[str], precisions: list[str], device: str, steps: int, batch: int, seq_len: int
+) -> list[dict[str, Any]]:
     """One row per shape and precision, each ratio against bf16 of the same shape."""
     rows = []
     for shape in shapes:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_m
 
 from flora.client.trainer import TrainConfig
 from flora.common.addresses import is_loopback
+from flora.common.architectures import check_target_names
 from flora.common.quantize import Quantization
 from flora.common.data import DATA_FORMATS
 from flora.common.data.readers import check_sources
@@ -104,6 +105,8 @@ class _DaemonFields(BaseModel):
     def _non_empty_modules(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("give at least one module, or leave unset to train all of the run's modules")
+        if value is not None:
+            check_target_names(value)
         return value
 
     @model_validator(mode="after")

@@ -122,7 +122,10 @@ def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
 def load_base(settings: ClientSettings, source: str) -> nn.Module:
     """The base model ``source`` in full precision (on the training device unless it is to be
     quantized, which happens there later), or a ConfigError saying what to pass."""
-    device = resolve_device(settings.device) if settings.quantize == "none" else "cpu"
+    try:
+        device = resolve_device(settings.device) if settings.quantize == "none" else "cpu"
+    except ValueError as exc:  # the device, not the model: a local copy of the model would not help
+        raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
     try:
         return load_model(source, device=device)
     except (OSError, ValueError) as exc:
@@ -156,8 +159,26 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
         )
     weights = prepare_weights(settings, model, names)
     train, validation = (tokenize_local(examples, tokenizer, settings) for examples in data)
+    warn_rank_above_modules(settings.rank, spec)
     log.info("event=model_loaded source=%s modules=%d hash=%s quantize=%s", source, len(names), digest[:12], settings.quantize)
     return LocalModel(weights, source, digest, train, validation)
+
+
+def warn_rank_above_modules(rank: int, spec: run_pb2.RunSpec) -> list[str]:
+    """Warn about (and return) the run's modules smaller than ``rank`` in either dimension.
+
+    A rank above min(d_out, d_in) adds nothing the module's update could express, and its factors,
+    rank (d_in + d_out) numbers, outweigh the dense update's d_out d_in. The rank is not capped
+    per module: an update has one rank for every module (protos/PROTOCOL.md, "Payloads"), and the
+    server checks each module's shapes against it; the warning says which modules and what to set.
+    """
+    small = [m for m in spec.target_modules if rank > min(m.out_features, m.in_features)]
+    if small:
+        smallest = min(min(m.out_features, m.in_features) for m in small)
+        log.warning("event=rank_above_module_size rank=%d modules=%d smallest=%d first=%s hint=%r", rank, len(small),
+                    smallest, small[0].name, f"directions past {smallest} add nothing and cost upload bytes: "
+                    f"--rank {smallest} or lower")
+    return [m.name for m in small]
 
 
 def tokenize_local(examples: Examples, tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:

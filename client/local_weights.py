@@ -170,11 +170,12 @@ def folded(held: ModuleUpdate | None, part: ModuleUpdate, dense_dtype: torch.dty
     """held + part for one module: canonical factors of the sum, or the dense sum when smaller.
 
     Canonical factors (``cumulative_factors``) keep the sum exact at rank at most min(d_out, d_in);
-    once their float32 values would outweigh a dense delta in ``dense_dtype``, the sum goes dense
-    and stays so (each later update added in float32, then cast back).
+    once their float32 values would outweigh a dense delta in ``dense_dtype``, or a part arrives
+    dense (the server sends dense only when factors would be larger), the sum goes dense and stays
+    so (each later update added in float32, then cast back).
     """
-    if held is not None and not is_factors(held):
-        return (held.to(torch.float32) + module_delta(part)).to(dense_dtype)
+    if not is_factors(part) or (held is not None and not is_factors(held)):
+        return (module_delta(held) + module_delta(part) if held is not None else module_delta(part)).to(dense_dtype)
     total = cumulative_factors({"m": p} for p in ([part] if held is None else [held, part]))["m"]
     d_out, d_in = module_shape(part)
     factor_bytes = (total.a.numel() + total.b.numel()) * total.a.element_size()
@@ -199,6 +200,7 @@ def local_weights(
     return HeldUpdate(quantize_model(model, quantization, compute_dtype, device), names, compute_dtype)
 
 
-def as_local(model: nn.Module | LocalWeights, names: Iterable[str]) -> LocalWeights:
-    """A plain model as ``MergedWeights`` (what ``flora-sim`` and the tests pass); local weights as they are."""
+def as_local(model: nn.Module | LocalWeights, names: Iterable[str] = ()) -> LocalWeights:
+    """A plain model as ``MergedWeights`` of the ``names`` modules (what ``flora-sim`` and the tests
+    pass; a round start needs no names, only ``temporarily``); local weights as they are."""
     return model if isinstance(model, LocalWeights) else MergedWeights(model, names)

@@ -29,7 +29,7 @@ def train_round(
     ``start.init`` (fresh when None) and trains A only when ``start.train_a``. ``kwargs`` go to
     ``train_lora`` (validation data, progress and cancellation callbacks).
     """
-    local = as_local(model, config.target_modules)
+    local = as_local(model)
     removal = local.temporarily(negated(start.removed)) if start.removed is not None else contextlib.nullcontext()
     with removal:
         return train_lora(local.model, data, config, init=start.init, train_a=start.train_a, **kwargs)

@@ -75,10 +75,9 @@ def target_suffixes(model: nn.Module, requested: Sequence[str] | None) -> tuple[
     """
     if requested is None:
         return FAMILY_TARGET_MODULES.get(model_type(model), DEFAULT_TARGET_MODULES)
+    check_target_names(requested)
     if ALL_LINEAR not in requested:
         return tuple(requested)
-    if len(requested) > 1:
-        raise ValueError(f"target_modules: {ALL_LINEAR!r} stands alone, not beside {[r for r in requested if r != ALL_LINEAR]}")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if layer_shape(module) is not None and module is not output}
@@ -87,6 +86,11 @@ def target_suffixes(model: nn.Module, requested: Sequence[str] | None) -> tuple[
     return tuple(sorted(names))
 
 
-def is_target_name(requested: str) -> bool:
-    """Whether a ``target_modules`` entry is well formed: ``all-linear`` or a dotted module name."""
-    return requested == ALL_LINEAR or (bool(requested) and all(p.isidentifier() or p.isdigit() for p in requested.split(".")))
+def check_target_names(requested: Sequence[str]) -> None:
+    """Refuse a malformed ``target_modules`` setting: each entry a dotted module name, or
+    ``all-linear`` alone (it already names every layer)."""
+    for entry in requested:
+        if entry != ALL_LINEAR and not (entry and all(p.isidentifier() or p.isdigit() for p in entry.split("."))):
+            raise ValueError(f"target module {entry!r} is not a dotted module name (or {ALL_LINEAR})")
+    if ALL_LINEAR in requested and len(set(requested)) > 1:
+        raise ValueError(f"{ALL_LINEAR!r} stands alone, not beside {sorted(set(requested) - {ALL_LINEAR})}")

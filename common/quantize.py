@@ -88,10 +88,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def dequantized_weight(module: nn.Module) -> Tensor:
-    """The (out_features, in_features) float32 weight a quantized layer computes with.
+    """The (out_features, in_features) float32 weight a quantized layer holds.
 
-    What the layer's forward multiplies by (up to the compute dtype's rounding): the reference
-    the tests hold a quantized client's forward to.
+    A 4-bit layer's forward multiplies by exactly this (up to the compute dtype's rounding): the
+    reference the tests hold a 4-bit client's forward to. An int8 layer (LLM.int8) also rounds
+    its input to int8 row by row, so its forward is this weight's product only to that rounding.
     """
     bnb = bitsandbytes()
     weight = module.weight

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, fi
 
 from flora.common.addresses import is_loopback
 from flora.common.methods import METHODS, AggregationMethod, get_method
-from flora.common.architectures import ALL_LINEAR, is_target_name
+from flora.common.architectures import check_target_names
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS
 from flora.common.data.readers import check_sources
@@ -256,11 +256,7 @@ class ServerSettings(BaseModel):
     def _module_suffixes(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        for suffix in value:
-            if not is_target_name(suffix):
-                raise ValueError(f"target module suffix {suffix!r} is not a dotted module name (or {ALL_LINEAR})")
-        if ALL_LINEAR in value and len(set(value)) > 1:
-            raise ValueError(f"{ALL_LINEAR} stands alone: it already names every linear layer")
+        check_target_names(value)
         return sorted(set(value))
 
     @field_validator("enrollment_token", "operator_token")

@@ -93,6 +93,7 @@ class Coordinator:
         self.clients = {c.id: c for c in store.clients()}
         self._names = {c.name: c.id for c in self.clients.values()}
         self._last_submitted = store.last_submitted_rounds()
+        self._told_finished: set[str] = set()  # clients that NextTask told FINISHED: done, not lost once gone
         self._limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.stopping = False
         for client in self.clients.values():
@@ -226,6 +227,7 @@ class Coordinator:
                         hints=self.spec.hints, global_lora_version=task.required_version if warm else 0,
                         start_from_global_lora=warm))
                 if isinstance(task, Finished):
+                    self._told_finished.add(client_id)
                     return pb.Task(finished=pb.FinishedTask(final_version=task.version))
                 remaining = until - loop.time()
                 if remaining <= 0 or self.stopping:
@@ -289,6 +291,8 @@ class Coordinator:
         current = self.machine.current
         if client.left:
             return "left"
+        if client.id in self._told_finished:
+            return "finished"
         if not self.machine.is_connected(client.id, now):
             return "lost"
         if current is not None and client.id in current.accepted:

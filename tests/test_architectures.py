@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from pydantic import ValidationError
 
+from flora.client.config import ClientSettings
 from flora.client.local import ConfigError, check_modules, trained_modules
 from flora.common.architectures import fan_in_fan_out, target_suffixes
-from flora.common.basemodel import target_module_shapes
+from flora.common.basemodel import fingerprint, target_module_shapes
 from flora.common.lora import LoraAdapter, LoraPair
-from flora.common.merge import merge_into_model, merge_into_state_dict, module_weights
+from flora.common.merge import merge_into_model, merge_into_state_dict, merged_temporarily, module_weights
 from flora.server.config import ServerSettings
 from flora.server.startup import StartupError, check_same_run, defining_settings
 from flora.server.store import RunRecord
@@ -40,11 +43,16 @@ def test_all_linear_is_every_linear_and_conv1d_layer_but_the_output_layer():
         target_suffixes(gpt2, ["all-linear", "c_attn"])
 
 
-def test_server_setting_defaults_to_the_family_and_accepts_all_linear_alone():
+def test_settings_default_to_the_family_and_accept_all_linear_alone(tmp_path):
     assert ServerSettings().target_modules is None
     assert ServerSettings(target_modules=["all-linear"]).target_modules == ["all-linear"]
-    with pytest.raises(ValidationError, match="all-linear stands alone"):
+    with pytest.raises(ValidationError, match="stands alone, not beside \\['q_proj'\\]"):
         ServerSettings(target_modules=["all-linear", "q_proj"])
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    assert ClientSettings(name="c", data=[data], target_modules=["all-linear"]).target_modules == ["all-linear"]
+    with pytest.raises(ValidationError, match="target_modules"):
+        ClientSettings(name="c", data=[data], target_modules=["q_proj", "all-linear"])
 
 
 def test_a_restart_compares_the_resolved_modules_not_the_spelling():
@@ -108,3 +116,25 @@ def test_client_checks_conv1d_targets_by_their_out_in_shape_and_all_linear_train
         target_modules = ["all-linear"]
 
     assert trained_modules(Settings(), spec) == [name]  # even where a method refuses a narrower set
+
+
+def test_a_conv1d_model_is_fingerprinted_as_protocol_md_says_out_in():
+    gpt2 = build_family("gpt2")
+    names = sorted(target_module_shapes(gpt2))
+    digest = hashlib.sha256()
+    for name in names:  # PROTOCOL.md: "<name>:(out_features, in_features)\n", then W^T's float32 bytes, row-major
+        weight = gpt2.get_submodule(name).weight.detach().T.contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}\n".encode() + weight.numpy().astype("<f4").tobytes())
+    assert fingerprint(gpt2, names) == digest.hexdigest()
+
+
+def test_merged_temporarily_on_conv1d_layers_merges_in_their_orientation_and_restores_them_exactly():
+    gpt2 = build_family("gpt2")
+    adapter = conv1d_adapter(gpt2, ["all-linear"], seed=1)
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    expected = merge_into_state_dict(before, adapter, transposed=set(adapter.pairs))
+    with merged_temporarily(gpt2, adapter):
+        for key, value in gpt2.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+    for key, value in gpt2.state_dict().items():
+        assert torch.equal(value, before[key]), key

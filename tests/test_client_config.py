@@ -12,7 +12,7 @@ import pytest
 
 from flora.client import cli
 from flora.client.config import ENV_PREFIX, TRAIN_FIELDS, ClientSettings, is_loopback, split_address
-from flora.client.local import ConfigError, tokenize_local, trained_modules
+from flora.client.local import ConfigError, load_base, tokenize_local, trained_modules, warn_rank_above_modules
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
 from flora.client.trainer import TrainConfig
@@ -138,6 +138,25 @@ def test_target_module_override_selects_a_subset(data_file):
     spec.method = run_pb2.AGGREGATION_METHOD_FEDIT
     with pytest.raises(ConfigError, match="not possible in fedit runs"):
         trained_modules(settings(data_file, target_modules=["q_proj"]), spec)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_blames_the_device_not_the_model(data_file):
+    settings = ClientSettings(name="a", data=[data_file], device="cuda")
+    with pytest.raises(ConfigError) as error:
+        load_base(settings, "flora-tiny-llama")
+    assert str(error.value).startswith("--device: device 'cuda' requested but CUDA is not available")
+    assert "--base-model" not in str(error.value) and "--device auto" in str(error.value)
+
+
+def test_a_rank_above_a_modules_size_is_warned_about_with_the_rank_to_use(caplog):
+    spec = run_pb2.RunSpec(target_modules=[run_pb2.TargetModule(name="big", out_features=64, in_features=64),
+                                           run_pb2.TargetModule(name="small", out_features=8, in_features=64)])
+    with caplog.at_level(logging.WARNING, logger="flora.client.local"):
+        assert warn_rank_above_modules(8, spec) == [] and not caplog.records
+        assert warn_rank_above_modules(16, spec) == ["small"]
+    assert "event=rank_above_module_size rank=16 modules=1 smallest=8 first=small" in caplog.text
+    assert "--rank 8 or lower" in caplog.text
 
 
 def test_cli_print_config_and_exit_codes(tmp_path, data_file, capsys, monkeypatch):

@@ -20,7 +20,7 @@ pytest.importorskip("bitsandbytes")
 from fake_coordinator import FakeCoordinator, global_update_payload, random_adapter, serving, tiny_spec  # noqa: E402
 from flora.client.config import ClientSettings  # noqa: E402
 from flora.client.connection import Connection  # noqa: E402
-from flora.client.local import ConfigError, check_extras  # noqa: E402
+from flora.client.local import ConfigError, check_extras, load_local_model  # noqa: E402
 from flora.client.local_weights import HeldUpdate, folded, local_weights  # noqa: E402
 from flora.client.progress import Progress  # noqa: E402
 from flora.client.round_start import train_round  # noqa: E402
@@ -34,6 +34,7 @@ from flora.common.methods import get_method  # noqa: E402
 from flora.common.payload import PayloadMeta, read_adapter, write_adapter  # noqa: E402
 from flora.common.quantize import dequantized_weight, is_quantized  # noqa: E402
 from flora.common.update import module_delta  # noqa: E402
+from flora.v1 import run_pb2  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -97,6 +98,9 @@ def test_the_held_update_is_the_exact_sum_in_factors_or_dense_when_smaller():
     dense = folded(total, big, torch.float32)
     assert not isinstance(dense, LoraPair) and dense.shape == (30, 40)
     assert torch.allclose(dense, want + module_delta(big), atol=1e-3)
+    sent_dense = folded(total, module_delta(big), torch.bfloat16)  # a dense part: the sum goes dense, in bf16
+    assert sent_dense.dtype == torch.bfloat16
+    assert torch.allclose(sent_dense.float(), want + module_delta(big), rtol=2**-7, atol=1e-2)
 
 
 @pytest.fixture()
@@ -174,3 +178,17 @@ def test_a_missing_bitsandbytes_is_a_config_error_naming_the_install(tmp_path, m
     with pytest.raises(ConfigError, match=r"pip install 'flora-fl\[qlora\]'"):
         check_extras(ClientSettings(name="a", data=[data], quantize="nf4"))
     check_extras(ClientSettings(name="a", data=[data]))  # no quantization: bitsandbytes not needed
+
+
+def test_the_fingerprint_is_of_the_unquantized_base_and_still_refuses_another(tmp_path, spec):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    settings = ClientSettings(name="a", data=[data], quantize="nf4", device="cpu")
+    loaded = load_local_model(settings, spec, ([Example("", "x")], []))
+    assert loaded.digest == spec.base_model_hash and isinstance(loaded.weights, HeldUpdate)
+    assert all(is_quantized(loaded.model.get_submodule(n)) for n in loaded.weights.names)
+    other = run_pb2.RunSpec()
+    other.CopyFrom(spec)
+    other.base_model_hash = "0" * 64
+    with pytest.raises(ConfigError, match="differs from the server's"):
+        load_local_model(settings, other, ([Example("", "x")], []))
