@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from flora.common.data import Conversation, Message, load_examples, tokenize_examples
-from flora.server.aggregator import Aggregator, ValidationDataError
+from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
+from flora.server.inputs import ConfigurationError
 from flora.server.layout import Layout
 from flora.sim.cli import main as sim_main
 from flora.sim.federation import DataOptions, load_federation
@@ -56,7 +57,7 @@ def test_server_validation_data_errors_name_file_record_and_field(tmp_path: Path
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "?", "answer": "!"}, {"question": "?"}])
     settings = ServerSettings(state_dir=tmp_path / "state", validation_data=[bad],
                               validation_field=["instruction=question", "output=answer"])
-    with pytest.raises(ValidationDataError, match=r"validation_data: .*bad.jsonl: record 2 \(line 2\): field 'answer': is missing"):
+    with pytest.raises(ConfigurationError, match=r"validation_data: .*bad.jsonl: record 2 \(line 2\): field 'answer': is missing"):
         Aggregator(settings, Layout(tmp_path / "state"))
 
 
