@@ -28,6 +28,7 @@ from flora.server.coordinator import Coordinator
 from flora.server.layout import Layout
 from flora.server.metrics import Metrics, MetricsInterceptor, serve_metrics
 from flora.server.registry import Registry, RegistryError
+from flora.server.round_settings import with_stored
 from flora.server.lifecycle import RoundDriver
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
@@ -158,6 +159,7 @@ async def serve(settings: ServerSettings) -> None:
     layout.tmp.mkdir()
     store = Store(layout.database)
     try:
+        settings = with_stored(settings, store)  # round settings an operator changed while the run went on
         aggregator = await asyncio.to_thread(Aggregator, settings, layout)
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
