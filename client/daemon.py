@@ -23,6 +23,7 @@ import flora
 from flora.client.config import ClientSettings
 from flora.client.connection import Connection, Stopped, rpc_code, rpc_details
 from flora.client.heartbeat import Heartbeat
+from flora.client.limits import check_update
 from flora.client.local import (
     ConfigError, LocalModel, check_extras, load_data, load_local_model, run_method, trained_modules,
 )
@@ -234,7 +235,7 @@ class Daemon:
             if result is None:
                 return
             heartbeat.activity = coordinator_pb2.CLIENT_ACTIVITY_UPLOADING
-            self._upload(task, config, result)
+            self._upload(task, config, result, start)
 
     def _prepare(self, task: coordinator_pb2.TrainTask, config: TrainConfig) -> ClientStart:
         """Merge up to the required version, then start the round as the run's method says: from
@@ -287,10 +288,13 @@ class Daemon:
         )
         return result
 
-    def _upload(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult) -> None:
-        """Upload the factors; a refusal because the round moved on drops the update."""
+    def _upload(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, start: ClientStart) -> None:
+        """Check the update against the run's limits, then upload it; a refusal because the round
+        moved on drops the update."""
+        adapter = self._complete(result.adapter, config.rank)
+        check_update(self.spec, adapter, start.init)
         payload = self.state.outbox_path(task.round)
-        header = self._encode(task, config, result, payload)
+        header = self._encode(task, config, result, adapter, payload)
         try:
             reply = self.conn.retrying("SubmitUpdate", lambda: self.conn.upload(self._messages(header, payload)))
         except grpc.RpcError as exc:
@@ -305,14 +309,13 @@ class Daemon:
                  task.round, header.total_bytes, reply.accepted, reply.duplicate, reply.message)
 
     def _encode(
-        self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, path: Path
+        self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, adapter: LoraAdapter, path: Path
     ) -> transfer_pb2.UpdateHeader:
         """Write the round's factors (float32 safetensors) to ``path``; return the header describing them.
 
         The upload streams from this file, so memory holds a chunk of it at a time, not all of it.
         A method that freezes A (ffa) uploads B alone: the server holds A already.
         """
-        adapter = self._complete(result.adapter, config.rank)
         rule = "rslora" if config.rslora else "standard"  # the payload's words for _scaling_rule(config)
         meta = PayloadMeta("client_update", rank=config.rank, alpha=config.lora_alpha, scaling_rule=rule, round=task.round)
         size, digest = write_adapter(path, adapter, meta, with_a=self.method.trains_a)

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS exclusions (
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS live_settings (
+    name TEXT PRIMARY KEY, value TEXT NOT NULL, changed REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revocations (
     name TEXT PRIMARY KEY, client_id TEXT NOT NULL, token_sha256 TEXT NOT NULL, cert_sha256 TEXT NOT NULL,
     reason TEXT NOT NULL, revoked REAL NOT NULL
@@ -338,6 +341,11 @@ class Store:
                        astuple(revocation))
             db.execute("UPDATE clients SET left = 1 WHERE id = ?", (revocation.client_id,))
 
+    def readmit_client(self, name: str) -> None:
+        """Forget a removal: the name, its token and certificate are accepted again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM revocations WHERE name = ?", (name,))
+
     def revocations(self) -> list[Revocation]:
         """Every client the operator removed, oldest first."""
         return [Revocation(*row) for row in self._query(f"SELECT {_columns(Revocation)} FROM revocations ORDER BY revoked")]
@@ -482,3 +490,20 @@ class Store:
     def history(self) -> list[dict[str, Any]]:
         """The history records of every committed version, in order."""
         return [json.loads(row[0]) for row in self._query("SELECT record FROM versions ORDER BY version")]
+
+    # --- live settings ----------------------------------------------------------------------
+
+    def save_live_settings(self, values: dict[str, str], now: float) -> None:
+        """Keep round settings an operator changed while the run went on (a restart applies them)."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO live_settings VALUES (?, ?, ?)",
+                           [(name, value, now) for name, value in values.items()])
+
+    def live_settings(self) -> dict[str, str]:
+        """The round settings an operator changed, by name (empty when none)."""
+        return dict(self._query("SELECT name, value FROM live_settings"))
+
+    def add_exclusion(self, number: int, client_id: str, sha256: str, reason: str, now: float) -> None:
+        """Record an update refused from a round for its history (a duplicate payload); durable once ``sync`` returns."""
+        self._write_quick("INSERT OR REPLACE INTO exclusions (round, client_id, sha256, reason, excluded) "
+                          "VALUES (?, ?, ?, ?, ?)", (number, client_id, sha256, reason, now))
