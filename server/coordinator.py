@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -332,12 +333,21 @@ class Coordinator:
     async def fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> AsyncIterator[transfer_pb2.Chunk]:
         """The FetchGlobal stream: each planned artifact in chunks, read off the event loop."""
         plan = self.plan_fetch(client_id, request)
-        with self.active(client_id):
-            for item in plan:
-                chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
-                while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
-                    self.driver.bytes_out += len(chunk.data)
-                    yield chunk
+        sent, number = 0, self.machine.current.number if self.machine.current is not None else self.machine.version
+        try:
+            with self.active(client_id):
+                for item in plan:
+                    chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
+                    while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
+                        self.driver.bytes_out += len(chunk.data)
+                        sent += len(chunk.data)
+                        yield chunk
+        finally:
+            if sent:  # kept in the database, so that a killed server's history still counts them
+                try:
+                    self.store.add_bytes_out(number, sent)
+                except (sqlite3.Error, OSError) as error:  # a count, not the run's state: log and go on
+                    log.warning("round %d: %d downloaded bytes not recorded (%s)", number, sent, error)
 
     # --- SubmitUpdate --------------------------------------------------------------------------------
 
