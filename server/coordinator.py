@@ -123,7 +123,7 @@ class Coordinator:
         """The run, for a client to check its base model against before it joins."""
         return pb.GetRunReply(run=self.spec, global_version=self.machine.version)
 
-    def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
+    async def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
         """Register a new client or recognise a returning one (protos/PROTOCOL.md, Identity)."""
         name, caps = request.client_name, request.capabilities
         if not CLIENT_NAME.fullmatch(name):
@@ -157,15 +157,29 @@ class Coordinator:
                 )
             client = ClientRecord(id=secrets.token_hex(8), name=name, token_sha256=token_digest(token), joined=now,
                                   **self._capability_fields(caps))
-            self.store.add_client(client)
+            await self._add_durably(client)
             self.credentials.register(client.id, client.token_sha256)
-            self._names[name] = client.id
         self.clients[client.id] = client
         log.info("client %s (%s) %s: rank %d, alpha %g, %d examples, %s", client.name, client.id,
                  "rejoined" if returning else "joined", client.rank, client.alpha, client.num_examples, client.device or "?")
         self.machine.joined(client.id, now)
         self.driver.advance()
         return pb.JoinReply(client_id=client.id, client_token=token, run=self.spec, global_version=self.machine.version)
+
+    async def _add_durably(self, client: ClientRecord) -> None:
+        """Record a new client on disk before anything else sees it; a failure leaves no trace.
+
+        The name is held meanwhile (a second Join of it is refused as taken); if the row cannot
+        be made durable it is deleted again, so the refused Join's retry finds the name free.
+        """
+        self.store.add_client(client)  # raises with nothing written
+        self._names[client.name] = client.id
+        try:
+            await asyncio.to_thread(self.store.sync)  # the fsync off the loop
+        except BaseException:
+            del self._names[client.name]
+            self.store.forget_client(client.id)
+            raise
 
     @staticmethod
     def _capability_fields(caps: pb.Capabilities) -> dict:
@@ -388,11 +402,13 @@ class Coordinator:
             return pb.SubmitReply(accepted=True, round=header.round, message=f"update accepted for round {header.round}")
 
     def _check_not_excluded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> None:
-        """An update a failed aggregation excluded is not taken again (it would fail again)."""
-        for client, sha256, reason in self.store.exclusions(header.round):
-            if (client, sha256) == (client_id, header.sha256):
-                raise FailedPrecondition(f"round {header.round}: this update (sha256 {sha256[:12]}) was excluded "
-                                         f"from the round's aggregation: {reason[:300]}")
+        """An update a failed aggregation excluded for failing on its own is not taken again (it
+        would fail again). One excluded with every other because none failed alone is: its
+        client retrains the reopened round with the same seed, to the same bytes."""
+        reason = self.store.blamed(header.round).get((client_id, header.sha256))
+        if reason is not None:
+            raise FailedPrecondition(f"round {header.round}: this update (sha256 {header.sha256[:12]}) was excluded "
+                                     f"from the round's aggregation: {reason[:300]}")
 
     def _allowed(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
         return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())

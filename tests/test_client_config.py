@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import io
 import logging
 import stat
@@ -171,7 +173,37 @@ def test_cli_bad_data_exits_2_with_the_record_named(tmp_path, capsys):
     bad.write_text('[{"instruction": "x", "output": "y"}, {"question": "z"}]')
     status = cli.main(["--name", "alice", "--data", str(bad), "--state-dir", str(tmp_path / "s"), "--progress", "off"])
     assert status == 2
-    assert "record 1" in capsys.readouterr().err
+    assert "record 2" in capsys.readouterr().err
+
+
+CHAT_RECORD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+@pytest.mark.parametrize(("records", "flags", "message"), [
+    ([{"instruction": "x", "output": "y"}, {"instruction": "z"}], [],
+     "bad.jsonl: record 2 (line 2): field 'output': is missing: the file's records are in alpaca form (as its first record)"),
+    ([CHAT_RECORD, {"messages": [{"role": "bot", "content": "?"}]}], ["--template", "chat"],
+     "bad.jsonl: record 2 (line 2): field 'messages[0].role': must be one of ['assistant', 'system', 'user'], got 'bot'"),
+    ([CHAT_RECORD], [], "bad.jsonl: its records are chats (chat form): they are rendered by the model's own chat "
+     "template, use --template chat"),
+    ([{"question": "q", "answer": "a"}, {"question": "q"}], ["--field", "instruction=question", "--field", "output=answer"],
+     "bad.jsonl: record 2 (line 2): field 'answer': is missing (read as 'output' by --field output=answer)"),
+    ([{"instruction": "x", "output": "y"}], ["--field", "instruction"], "--field 'instruction': expected FORM_KEY=YOUR_KEY"),
+    ([{"instruction": "x", "output": 3}], ["--data-format", "alpaca"], "bad.jsonl: record 1 (line 1): field 'output': must be a string, got int"),
+], ids=["missing-field", "chat-role", "chat-without-template", "field-mapping", "field-spec", "mistyped"])
+def test_cli_bad_data_exits_2_naming_file_record_and_field(tmp_path, capsys, records, flags, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    status = cli.main(["--name", "alice", "--data", str(bad), "--state-dir", str(tmp_path / "s"), "--progress", "off", *flags])
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unreadable_sources_exit_2(tmp_path, capsys):
+    assert cli.main(["--name", "alice", "--data", str(tmp_path / "absent.parquet"), "--progress", "off"]) == 2
+    assert "absent.parquet: no such file or folder" in capsys.readouterr().err
+    assert cli.main(["--name", "alice", "--data", str(tmp_path / "a.jsonl"), "--data-format", "qa", "--progress", "off"]) == 2
+    assert "data_format" in capsys.readouterr().err
 
 
 def test_cli_state_dir_of_another_client_exits_2(tmp_path, data_file, capsys):
