@@ -38,7 +38,7 @@ def test_an_unusable_folder_is_a_configuration_error_exit_2_like_a_bad_flag(tmp_
             else ["--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")])
     with pytest.raises(SystemExit) as exit_:
         main(argv)
-    named = {"workdir": "--workdir", "data-dir": "holds no .json or .jsonl client files"}[problem]
+    named = {"workdir": "--workdir", "data-dir": "client files (one per client expected)"}[problem]
     assert exit_.value.code == 2 and named in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["--clients", "0"])  # argparse's own refusal: the same status
