@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -148,9 +149,14 @@ class Coordinator:
             client = self.clients[returning]
             if client.name != name:
                 raise InvalidArgument(f"the token presented belongs to client {client.name!r}, not {name!r}")
-            self._check_unchanged_while_selected(client, caps)
+            changed = self._changed_capabilities(client, caps)
             client = replace(client, **self._capability_fields(caps), left=False)
             self.store.rejoin_client(client)
+            if changed and self.machine.withdraw(client.id):
+                self.store.save_attempt(self.machine.current)
+                log.info("client %s (%s) changed %s: out of round %d, which opened before the change; it takes part "
+                         "with the new values from the next round that selects it", client.name, client.id,
+                         ", ".join(changed), self.machine.current.number)
         else:
             token = self.credentials.issue_token(name, token)  # the provisioned token, or a fresh one
             if name in self._names:
@@ -189,19 +195,12 @@ class Coordinator:
         return {"rank": caps.rank, "alpha": caps.alpha, "scaling_rule": caps.scaling_rule, "num_examples": caps.num_examples,
                 "device": caps.device[:64], "software_version": caps.software_version[:64]}
 
-    def _check_unchanged_while_selected(self, client: ClientRecord, caps: pb.Capabilities) -> None:
-        """A client selected in the open round keeps the LoRA shape it was selected with until the round ends."""
-        current = self.machine.current
-        if current is None or current.state is not RoundState.OPEN or client.id not in current.selected:
-            return
-        changed = [f"{key} {old!r} -> {new!r}" for key, old, new in (
+    @staticmethod
+    def _changed_capabilities(client: ClientRecord, caps: pb.Capabilities) -> list[str]:
+        """What of the LoRA's shape a rejoin changes ("rank 4 -> 8"); empty when nothing."""
+        return [f"{key} {old!r} -> {new!r}" for key, old, new in (
             ("rank", client.rank, caps.rank), ("alpha", client.alpha, caps.alpha),
             ("scaling_rule", client.scaling_rule, caps.scaling_rule)) if old != new]
-        if changed:
-            raise FailedPrecondition(
-                f"this client is selected in the open round {current.number} with its joined capabilities; "
-                f"{', '.join(changed)} may change only once round {current.number} has closed"
-            )
 
     def _check_capabilities(self, caps: pb.Capabilities) -> None:
         if not 1 <= caps.rank <= self.settings.max_rank:
@@ -360,12 +359,21 @@ class Coordinator:
     async def fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> AsyncIterator[transfer_pb2.Chunk]:
         """The FetchGlobal stream: each planned artifact in chunks, read off the event loop."""
         plan = self.plan_fetch(client_id, request)
-        with self.active(client_id):
-            for item in plan:
-                chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
-                while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
-                    self.driver.bytes_out += len(chunk.data)
-                    yield chunk
+        sent, number = 0, self.machine.current.number if self.machine.current is not None else self.machine.version
+        try:
+            with self.active(client_id):
+                for item in plan:
+                    chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
+                    while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
+                        self.driver.bytes_out += len(chunk.data)
+                        sent += len(chunk.data)
+                        yield chunk
+        finally:
+            if sent:  # kept in the database, so that a killed server's history still counts them
+                try:
+                    self.store.add_bytes_out(number, sent)
+                except (sqlite3.Error, OSError) as error:  # a count, not the run's state: log and go on
+                    log.warning("round %d: %d downloaded bytes not recorded (%s)", number, sent, error)
 
     # --- SubmitUpdate --------------------------------------------------------------------------------
 

@@ -55,7 +55,8 @@ class RoundDriver:
         self.store = store
         self.aggregator = aggregator
         self.machine = machine
-        self.bytes_out = 0  # FetchGlobal bytes sent since the last commit, for the history
+        # FetchGlobal bytes sent since the last commit, for the history (persisted per download: a restart keeps them).
+        self.bytes_out = store.bytes_out(machine.current.number) if machine.current is not None else 0
         self.finished_at: float | None = time.time() if machine.finished else None
         self._changed = Signal()
         self._ticker: asyncio.Task | None = None

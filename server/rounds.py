@@ -247,6 +247,21 @@ class RoundMachine:
         """The client withdrew: never selected again until it joins again."""
         self.clients.setdefault(client, Presence()).left = True
 
+    def withdraw(self, client: str) -> bool:
+        """Take ``client`` out of the open attempt that selected it before it changed its LoRA
+        (rank, alpha, scaling rule): its change takes effect from the next attempt that selects
+        it, never in an attempt opened before the change. An update it already had accepted stays.
+        True when the attempt changed (the caller persists it; ``advance`` then closes the attempt
+        if everyone left in it has submitted, or abandons it if nobody is left).
+        """
+        current = self.current
+        if current is None or current.state is not RoundState.OPEN or client not in current.selected:
+            return False
+        if client in current.accepted:
+            return False
+        current.selected = current.selected - {client}
+        return True
+
     def is_connected(self, client: str, now: float) -> bool:
         """Not left, and either in a call now or heard from within the client timeout."""
         presence = self.clients.get(client)

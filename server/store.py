@@ -79,6 +79,9 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS live_settings (
     name TEXT PRIMARY KEY, value TEXT NOT NULL, changed REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS traffic (
+    round INTEGER PRIMARY KEY, bytes_out INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revocations (
     name TEXT PRIMARY KEY, client_id TEXT NOT NULL, token_sha256 TEXT NOT NULL, cert_sha256 TEXT NOT NULL,
     reason TEXT NOT NULL, revoked REAL NOT NULL
@@ -432,6 +435,17 @@ class Store:
     def last_submitted_rounds(self) -> dict[str, int]:
         """Per client, the last round it has an accepted update for."""
         return dict(self._query("SELECT client_id, MAX(round) FROM submissions GROUP BY client_id"))
+
+    def add_bytes_out(self, number: int, sent: int) -> None:
+        """Count ``sent`` FetchGlobal bytes toward round ``number``'s history line. Without an fsync of
+        its own: a killed process keeps it (the OS has the write), the next durable commit syncs it."""
+        self._insert_quick("INSERT INTO traffic VALUES (?, ?) ON CONFLICT(round) DO UPDATE SET "
+                           "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
+
+    def bytes_out(self, number: int) -> int:
+        """The FetchGlobal bytes counted toward round ``number`` so far (restored after a restart)."""
+        rows = self._query("SELECT bytes_out FROM traffic WHERE round = ?", (number,))
+        return rows[0][0] if rows else 0
 
     def submitted_bytes(self) -> dict[str, int]:
         """Per client, the bytes of every update accepted from it."""

@@ -118,6 +118,37 @@ def test_deadline_without_quorum_abandons_and_reselects_keeping_accepted():
     assert machine.task_for("c", 101.0) == Train(1, 200.0, 0)
 
 
+def test_a_client_that_changes_its_lora_leaves_the_open_attempt_and_takes_part_from_the_next():
+    machine = machine_with(["a", "b"])
+    machine.advance(0.0)
+    assert machine.withdraw("a")  # rejoined with another rank while selected
+    assert isinstance(machine.task_for("a", 1.0), Wait) and machine.current.selected == {"b"}
+    with pytest.raises(FailedPrecondition, match="not selected"):
+        machine.check_submission("a", 1, SHA_A, 0, 1.0)  # made before the change: refused
+    machine.accept("b", 1, SHA_B, 2.0)
+    assert machine.current.state is RoundState.AGGREGATING  # nobody else to wait for
+    machine.aggregated(1)
+    (opened,) = machine.advance(3.0)
+    assert opened.round.selected == {"a", "b"} and machine.task_for("a", 4.0) == Train(2, 103.0, 1)
+
+
+def test_a_lone_selected_client_that_changes_its_lora_reopens_the_round_with_it():
+    machine = machine_with(["a", "b"], selection=Selection("count", 1))
+    (opened,) = machine.advance(0.0)
+    (chosen,) = opened.round.selected
+    assert machine.withdraw(chosen)
+    abandoned, reopened = machine.advance(1.0)  # at once, not at the deadline; never closed empty
+    assert isinstance(abandoned, Abandoned) and isinstance(reopened, Opened) and reopened.round.attempt == 2
+
+
+def test_a_change_after_the_update_was_accepted_keeps_the_update():
+    machine = machine_with(["a", "b", "c"])
+    machine.advance(0.0)
+    machine.accept("a", 1, SHA_A, 1.0)
+    assert not machine.withdraw("a") and machine.current.accepted == {"a": SHA_A}
+    assert not machine.withdraw("z")  # not selected: nothing to do
+
+
 def test_round_closes_early_when_every_missing_client_has_left():
     machine = machine_with(["a", "b", "c"])  # quorum 0.5 of 3 -> 2
     machine.advance(0.0)

@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\nflora-demo: interrupted; all processes stopped", file=sys.stderr)
         sys.exit(130)
-    except (RuntimeError, TimeoutError, ValueError) as err:
+    except ValueError as err:  # --workdir or --data-dir unusable: a configuration error, as argparse's are
+        print(f"flora-demo: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (RuntimeError, TimeoutError) as err:  # the run itself failed
         print(f"flora-demo: {err}", file=sys.stderr)
         sys.exit(1)
 
