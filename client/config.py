@@ -73,6 +73,9 @@ class _DaemonFields(BaseModel):
     backoff_max: float = Field(30.0, ge=0.01, le=3600, description="largest reconnect delay, in seconds")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe log level shown")
     progress: Literal["auto", "on", "off"] = Field("auto", description="progress bars: auto (when stderr is a terminal), on, off")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per training process; default: this host's usable cores divided among them"
+    )
 
     @field_validator("server")
     @classmethod
