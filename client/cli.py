@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     progress = Progress(settings.progress)
     configure_logging(settings.log_level, settings.name, progress)
-    set_threads(requested=settings.threads)
+    set_threads(settings.training_processes, settings.threads)
     stop = threading.Event()
     install_signal_handlers(stop)
     try:

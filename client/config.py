@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, FilePath, SecretStr, StringConstraints, create_model, field_validator, model_validator,
+)
 
 from flora.client.trainer import TrainConfig
 from flora.common.addresses import is_loopback
@@ -76,6 +78,12 @@ class _DaemonFields(BaseModel):
     threads: int | None = Field(
         None, ge=1, le=1024, description="torch threads per training process; default: this host's usable cores divided among them"
     )
+    nproc: int = Field(
+        1, ge=1, le=64, description="data-parallel training processes (torch.distributed: gloo on CPU, one CUDA device each)"
+    )
+    devices: list[Annotated[str, StringConstraints(pattern=r"^cuda:\d+$")]] | None = Field(
+        None, min_length=1, description="CUDA devices of the data-parallel processes, comma-separated (cuda:0,cuda:1); sets nproc"
+    )
 
     @field_validator("server")
     @classmethod
@@ -98,7 +106,14 @@ class _DaemonFields(BaseModel):
             raise ValueError("tls_cert and tls_key go together (mutual TLS needs both)")
         if self.insecure and (self.tls_ca or self.tls_cert):
             raise ValueError("insecure contradicts tls_ca/tls_cert: choose plaintext or TLS")
+        if self.devices and self.nproc not in (1, len(self.devices)):
+            raise ValueError(f"nproc ({self.nproc}) contradicts devices ({len(self.devices)} given): give one of them")
         return self
+
+    @property
+    def training_processes(self) -> int:
+        """How many processes train each round: one per device of ``devices``, else ``nproc``."""
+        return len(self.devices) if self.devices else self.nproc
 
     @property
     def uses_tls(self) -> bool:

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from peft import LoraConfig, LoraModel
@@ -91,6 +91,35 @@ class TrainResult:
 
 class TrainingCancelled(Exception):
     """Raised when ``should_stop`` asked training to stop; the caller's model is already restored."""
+
+
+class Replicas(Protocol):
+    """The data-parallel group a training process belongs to (``ALONE`` when it trains by itself).
+
+    Every process of a group draws the same micro-batches (same seed) and runs its own rows of
+    each; summing the gradients over the group then gives exactly the gradient of one process
+    running all the rows, because each row's loss is already divided by the whole step's label
+    count. So a group's LoRA equals a single process's over the same global batch, to round-off.
+    """
+
+    def rows(self, count: int) -> slice:
+        """This process's rows of a micro-batch of ``count`` rows (possibly none)."""
+
+    def reduce(self, params: list[nn.Parameter], step_loss: torch.Tensor) -> None:
+        """Sum the step's gradients and loss over the group, in place, before the optimiser step."""
+
+
+class _Alone:
+    """A process training by itself: all rows are its own and there is nothing to sum."""
+
+    def rows(self, count: int) -> slice:
+        return slice(0, count)
+
+    def reduce(self, params: list[nn.Parameter], step_loss: torch.Tensor) -> None:
+        pass
+
+
+ALONE: Replicas = _Alone()
 
 
 def lr_at(step: int, num_steps: int, config: TrainConfig) -> float:
@@ -250,21 +279,27 @@ def _optimizer_step(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler,
+    replicas: Replicas,
 ) -> torch.Tensor:
-    """Forward and backward over one step's micro-batches; returns the step's token-weighted loss.
+    """Forward and backward over this process's rows of one step's micro-batches; returns their
+    share of the step's token-weighted loss.
 
-    Each micro-batch's summed loss is divided by the label count of the whole step, so the
-    accumulated gradient is that of one batch of all the step's tokens (not a mean of means).
+    Each micro-batch's summed loss is divided by the label count of the whole step (all rows, all
+    replicas), so the accumulated gradient is that of one batch of all the step's tokens (not a
+    mean of means) once the replicas' gradients are summed.
     """
     targets = [shifted_targets(batch["labels"]) for batch in batches]  # (B, T) each, on CPU
     num_labels = max(1, sum(int((t != IGNORE_INDEX).sum()) for t in targets))
     step_loss = torch.zeros((), device=device)
     for batch, target in zip(batches, targets):
+        rows = replicas.rows(len(target))
+        if rows.start >= rows.stop:
+            continue
         with autocast_context(device, amp_dtype):
             # Right padding under a causal mask: no real token attends to the padding after it,
             # so no attention mask is passed and SDPA keeps its fast causal kernel.
-            logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True), use_cache=False).logits
-        loss = summed_token_loss(logits, target.to(device, non_blocking=True)) / num_labels
+            logits = model(input_ids=batch["input_ids"][rows].to(device, non_blocking=True), use_cache=False).logits
+        loss = summed_token_loss(logits, target[rows].to(device, non_blocking=True)) / num_labels
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -279,6 +314,7 @@ def _train_loop(
     generator: torch.Generator,
     on_step: Callable[[int, int, float], None] | None,
     should_stop: Callable[[], bool] | None,
+    replicas: Replicas,
 ) -> tuple[float, int, int]:
     """Run the round's optimiser steps; returns (mean step loss, steps, non-padding tokens)."""
     steps = total_steps(len(data), config)
@@ -296,7 +332,8 @@ def _train_loop(
             group["lr"] = lr_at(step, steps, config)
         micro = [collate(next(batches)) for _ in range(min(config.grad_accum, budget - step * config.grad_accum))]
         tokens += sum(int(batch["attention_mask"].sum()) for batch in micro)
-        step_loss = _optimizer_step(model, micro, device, amp_dtype, scaler)
+        step_loss = _optimizer_step(model, micro, device, amp_dtype, scaler, replicas)
+        replicas.reduce(params, step_loss)
         if config.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -319,6 +356,7 @@ def train_lora(
     train_a: bool = True,
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    replicas: Replicas = ALONE,
 ) -> TrainResult:
     """Train a LoRA on ``model`` for one round and return its factors; the model is left unchanged.
 
@@ -326,6 +364,7 @@ def train_lora(
     from ``init``; with ``train_a=False`` A stays as initialised and only B learns (FFA-LoRA).
     ``on_step(step, total_steps, loss)`` reports progress after each optimiser
     step; ``should_stop()`` is asked before each step and cancels with :class:`TrainingCancelled`.
+    With ``replicas`` the process trains its rows of each micro-batch as one of a data-parallel group.
     """
     if not train_data:
         raise ValueError("no training examples")
@@ -345,7 +384,7 @@ def train_lora(
         start = time.perf_counter()
         with _checkpointing(model, config.gradient_checkpointing):
             train_loss, steps, tokens = _train_loop(model, params, train_data, config, device, generator, on_step,
-                                                    should_stop)
+                                                    should_stop, replicas)
         seconds = time.perf_counter() - start
         validation_loss = None
         if val_data:
