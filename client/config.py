@@ -26,7 +26,7 @@ ENV_PREFIX = "FLORA_CLIENT_"
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 # The client replaces TrainConfig's target-module suffixes with the run's module names; its own
 # ``target_modules`` setting only narrows those (see ``train_config``).
-_OWN_TRAIN_FIELDS = ("target_modules",)
+_OWN_TRAIN_FIELDS = ("target_modules", "round", "rounds")  # round and rounds come from the task and the run
 TRAIN_FIELDS = tuple(name for name in TrainConfig.model_fields if name not in _OWN_TRAIN_FIELDS)
 
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
@@ -126,15 +126,19 @@ class _DaemonFields(BaseModel):
         """This client's own training settings, before the run and the round adjust them."""
         return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FIELDS})
 
-    def train_config(self, modules: list[str], hints: run_pb2.TrainingHints, num_examples: int, seed: int) -> TrainConfig:
+    def train_config(
+        self, modules: list[str], hints: run_pb2.TrainingHints, num_examples: int, seed: int, round_number: int = 1,
+        rounds: int = 1,
+    ) -> TrainConfig:
         """The TrainConfig of one round: own settings, the server's non-zero hints over them.
 
         ``modules`` are the full module names to adapt (PEFT matches whole names exactly), and
         ``seed`` is the round's seed, so that every round starts from a different fresh LoRA.
+        ``round_number`` of the run's ``rounds`` places the round on a ``run`` schedule.
         A fractional ``local_epochs`` hint becomes the equivalent number of optimiser steps.
         """
         values = self.own_train_config().model_dump()
-        values.update(target_modules=tuple(modules), seed=seed)
+        values.update(target_modules=tuple(modules), seed=seed, round=max(1, round_number), rounds=max(1, rounds))
         if hints.batch_size:
             values["batch_size"] = hints.batch_size
         if hints.learning_rate:

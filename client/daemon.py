@@ -254,7 +254,8 @@ class Daemon:
         hints.CopyFrom(self.spec.hints)
         for field, value in task.hints.ListFields():  # the round's non-zero hints win over the run's
             setattr(hints, field.name, value)
-        return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round)
+        return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round,
+                                          round_number=task.round, rounds=self.spec.rounds)
 
     def _train(
         self, task: coordinator_pb2.TrainTask, config: TrainConfig, start: ClientStart, heartbeat: Heartbeat

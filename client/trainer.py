@@ -52,8 +52,12 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     learning_rate: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of AdamW")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    schedule: Literal["cosine", "constant", "run"] = Field(
+        "cosine", description="learning-rate decay after warmup: cosine or constant each round, or run: one cosine over the whole run"
+    )
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup")
+    round: int = Field(1, ge=1, description="the run's round being trained (the schedule 'run' needs it)")
+    rounds: int = Field(1, ge=1, description="rounds of the run (the schedule 'run' needs it)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA factors")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
     seed: int = Field(0, ge=0, description="seed of the LoRA initialisation and the data order")
@@ -123,12 +127,20 @@ ALONE: Replicas = _Alone()
 
 
 def lr_at(step: int, num_steps: int, config: TrainConfig) -> float:
-    """Learning rate at 0-based ``step``: linear warmup, then constant or cosine decay towards 0."""
+    """Learning rate at 0-based ``step`` of a round of ``num_steps``: linear warmup, then constant or
+    cosine decay towards 0.
+
+    Schedule ``run`` is one warmup and one cosine over the whole run: round r of R is the r-th of R
+    equal slices of it, so clients whose rounds have different step counts stay on the same curve,
+    and a round past the planned count (a run extended) keeps the final rate.
+    """
+    if config.schedule == "run":
+        step, num_steps = (config.round - 1) * num_steps + step, config.rounds * num_steps
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / (config.warmup_steps + 1)
     if config.schedule == "constant":
         return config.learning_rate
-    progress = (step - config.warmup_steps) / max(1, num_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / max(1, num_steps - config.warmup_steps))
     return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--local-steps", type=int, help=f"optimiser steps per client and round ({DEFAULT_LOCAL_STEPS} unless --local-epochs)")
     steps.add_argument("--local-epochs", type=int, help="passes over the local data per round instead of --local-steps")
     p.add_argument("--batch-size", type=int, default=8, help="examples per local step (%(default)s)")
-    p.add_argument("--learning-rate", type=float, default=3e-3, help="peak local learning rate, cosine decay (%(default)s)")
+    p.add_argument("--learning-rate", type=float, default=3e-3, help="peak local learning rate (%(default)s)")
+    p.add_argument("--schedule", choices=["cosine", "constant", "run"], default="cosine",
+                   help="its decay: cosine or constant each round, or one cosine over the whole run (%(default)s)")
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example (%(default)s)")
     p.add_argument("--template", default="alpaca", help="prompt template name or format string (%(default)s)")
     p.add_argument("--mask-prompt", action="store_true", help="no loss on prompt tokens (training and validation)")
@@ -142,6 +144,7 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
         epochs=args.local_epochs or 1,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        schedule=args.schedule,
         device=args.device,
     )
     if not 1 <= args.seeds <= 100:
