@@ -32,6 +32,7 @@ from flora.client.state import Identity, StateDir
 from flora.client.round_start import train_round
 from flora.client.sync import SyncError, Synchroniser, restore
 from flora.client.trainer import TrainConfig, TrainingCancelled, TrainResult, total_steps
+from flora.client.workers import WorkerFailed, WorkerGroup, worker_devices
 from flora.common.devices import resolve_device
 from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
@@ -88,6 +89,8 @@ class Daemon:
         self.sync: Synchroniser | None = None
         self.train_names: list[str] = []
         self.version = 0
+        devices = worker_devices(settings) if settings.training_processes > 1 else []
+        self.workers = WorkerGroup(settings, settings.state_dir / "workers", devices) if devices else None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -255,7 +258,8 @@ class Daemon:
         hints.CopyFrom(self.spec.hints)
         for field, value in task.hints.ListFields():  # the round's non-zero hints win over the run's
             setattr(hints, field.name, value)
-        return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round)
+        return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round,
+                                          round_number=task.round, rounds=self.spec.rounds)
 
     def _train(
         self, task: coordinator_pb2.TrainTask, config: TrainConfig, start: ClientStart, heartbeat: Heartbeat
@@ -272,14 +276,23 @@ class Daemon:
         log.info("event=train_start round=%d rank=%d steps=%d examples=%d", task.round, config.rank, steps, len(self.local.train))
         with self.progress.bar(f"train round {task.round}", steps, unit="step") as bar:
             try:
-                result = train_round(
-                    self.local.weights, self.local.train, config, start, val_data=self.local.validation or None,
-                    on_step=on_step, should_stop=should_stop,
-                )
+                if self.workers is None:
+                    result = train_round(
+                        self.local.weights, self.local.train, config, start, val_data=self.local.validation or None,
+                        on_step=on_step, should_stop=should_stop,
+                    )
+                else:
+                    weights = self.state.weights_path(self.version) if self.version else None
+                    result = self.workers.train(self.spec, self.version, weights, config, start, on_step=on_step,
+                                                should_stop=should_stop)
             except TrainingCancelled as exc:
                 if self.stop.is_set():
                     raise Stopped() from None
                 log.info("event=update_dropped round=%d reason=round_closed detail=%r", task.round, str(exc))
+                return None
+            except WorkerFailed as exc:  # the round's task is asked for again after the backoff
+                log.error("event=train_failed round=%d detail=%r action=retry", task.round, str(exc))
+                self.conn.pause("train", exc)
                 return None
         log.info(
             "event=trained round=%d rank=%d steps=%d train_loss=%.4f validation_loss=%s seconds=%.1f",
