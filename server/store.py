@@ -407,15 +407,20 @@ class Store:
 
         With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
         restart reopens the round instead of aggregating it again. ``blameless``: no update failed
-        on its own, so none is refused if it comes again (``blamed``). Returns the removed rows,
-        whose files the caller deletes once this has committed.
+        on its own, so none is refused if it comes again (``blamed``); but only once: an update
+        already excluded blamelessly in this round that fails again is blamed, so a round whose
+        aggregation fails whatever its updates cannot loop through retrained rounds forever.
+        Returns the removed rows, whose files the caller deletes once this has committed.
         """
         removed = [s for s in self.submissions(number) if s.client_id in reasons]
+        excused = set(self._query("SELECT client_id, sha256 FROM exclusions WHERE round = ? AND blameless = 1", (number,)))
         with self._transaction() as db:
             for sub in removed:
+                again = (sub.client_id, sub.sha256) in excused
+                reason = reasons[sub.client_id] + ("; it failed the same way before, so it is not taken again" if again and blameless else "")
                 db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
                 db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?, ?)",
-                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now, int(blameless)))
+                           (number, sub.client_id, sub.sha256, reason, now, int(blameless and not again)))
             if abandon:
                 db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
                            (RoundState.ABANDONED.value, number, attempt))
