@@ -177,6 +177,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.RLock()
+        self._wal_lock = threading.Lock()  # the WAL descriptor's fsync and close; never held with the disk inside _lock
         self._closed = False
         self._cache: dict[tuple, Any] = {}  # read results kept until the next write
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -210,9 +211,10 @@ class Store:
                 log.warning("the database log was not folded into the database (%s); the next start does it", err)
             self._db.close()
             self._closed = True
-            if self._wal_fd is not None:
-                os.close(self._wal_fd)
-                self._wal_fd = None
+            wal_fd, self._wal_fd = self._wal_fd, None
+        if wal_fd is not None:
+            with self._wal_lock:  # after a sync in progress, outside _lock (sync takes _wal_lock, then _lock)
+                os.close(wal_fd)
 
     def _checkpoint(self) -> None:
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -250,9 +252,10 @@ class Store:
 
         What ``add_client`` and ``add_submission`` leave to their caller before it replies.
         """
-        fd = self._wal_descriptor()
-        if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
-            os.fsync(fd)
+        with self._wal_lock:  # close() waits: the descriptor is never closed (or its number reused) under an fsync
+            fd = self._wal_descriptor()
+            if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
+                os.fsync(fd)
 
     def _wal_descriptor(self) -> int | None:
         """The WAL, opened once and kept: a durable commit never needs a new descriptor (the
