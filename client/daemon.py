@@ -23,7 +23,10 @@ import flora
 from flora.client.config import ClientSettings
 from flora.client.connection import Connection, Stopped, rpc_code, rpc_details
 from flora.client.heartbeat import Heartbeat
-from flora.client.local import ConfigError, LocalModel, load_data, load_local_model, run_method, trained_modules
+from flora.client.limits import check_update
+from flora.client.local import (
+    ConfigError, LocalModel, check_extras, load_data, load_local_model, run_method, trained_modules,
+)
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
 from flora.client.round_start import train_round
@@ -76,6 +79,7 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.progress = Progress(settings.progress)
         self.data = load_data(settings)
+        check_extras(settings)
         self.state = StateDir(settings.state_dir)
         self.conn = Connection(settings, self.stop)
         self.conn.on_unauthenticated = self._rejoin
@@ -138,7 +142,7 @@ class Daemon:
                 break
         self.spec = reply.run
         self.method = run_method(self.spec)
-        self.version = restore(self.local.model, self.state, self.spec)
+        self.version = restore(self.local.weights, self.state, self.spec)
         self.sync = Synchroniser(self.conn, self.state, self.spec, self.progress)
         self.train_names = trained_modules(self.settings, self.spec)
 
@@ -234,12 +238,12 @@ class Daemon:
             if result is None:
                 return
             heartbeat.activity = coordinator_pb2.CLIENT_ACTIVITY_UPLOADING
-            self._upload(task, config, result)
+            self._upload(task, config, result, start)
 
     def _prepare(self, task: coordinator_pb2.TrainTask, config: TrainConfig) -> ClientStart:
         """Merge up to the required version, then start the round as the run's method says: from
         the server's global LoRA when the task names one (protos/PROTOCOL.md, "Methods"), else fresh."""
-        self.version = self.sync.catch_up(self.local.model, self.version, task.required_version)
+        self.version = self.sync.catch_up(self.local.weights, self.version, task.required_version)
         kept = self.sync.global_lora(task.global_lora_version) if task.start_from_global_lora else None
         return self.method.start(kept, config.rank, config.scaling)
 
@@ -274,7 +278,7 @@ class Daemon:
             try:
                 if self.workers is None:
                     result = train_round(
-                        self.local.model, self.local.train, config, start, val_data=self.local.validation or None,
+                        self.local.weights, self.local.train, config, start, val_data=self.local.validation or None,
                         on_step=on_step, should_stop=should_stop,
                     )
                 else:
@@ -297,10 +301,13 @@ class Daemon:
         )
         return result
 
-    def _upload(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult) -> None:
-        """Upload the factors; a refusal because the round moved on drops the update."""
+    def _upload(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, start: ClientStart) -> None:
+        """Check the update against the run's limits, then upload it; a refusal because the round
+        moved on drops the update."""
+        adapter = self._complete(result.adapter, config.rank)
+        check_update(self.spec, adapter, start.init)
         payload = self.state.outbox_path(task.round)
-        header = self._encode(task, config, result, payload)
+        header = self._encode(task, config, result, adapter, payload)
         try:
             reply = self.conn.retrying("SubmitUpdate", lambda: self.conn.upload(self._messages(header, payload)))
         except grpc.RpcError as exc:
@@ -315,14 +322,13 @@ class Daemon:
                  task.round, header.total_bytes, reply.accepted, reply.duplicate, reply.message)
 
     def _encode(
-        self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, path: Path
+        self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, adapter: LoraAdapter, path: Path
     ) -> transfer_pb2.UpdateHeader:
         """Write the round's factors (float32 safetensors) to ``path``; return the header describing them.
 
         The upload streams from this file, so memory holds a chunk of it at a time, not all of it.
         A method that freezes A (ffa) uploads B alone: the server holds A already.
         """
-        adapter = self._complete(result.adapter, config.rank)
         rule = "rslora" if config.rslora else "standard"  # the payload's words for _scaling_rule(config)
         meta = PayloadMeta("client_update", rank=config.rank, alpha=config.lora_alpha, scaling_rule=rule, round=task.round)
         size, digest = write_adapter(path, adapter, meta, with_a=self.method.trains_a)
@@ -357,6 +363,6 @@ class Daemon:
 
     def _finish(self, final_version: int) -> int:
         """Bring the model to the run's final version, so that it equals the server's final model."""
-        self.version = self.sync.catch_up(self.local.model, self.version, final_version)
+        self.version = self.sync.catch_up(self.local.weights, self.version, final_version)
         log.info("event=finished version=%d state_dir=%s", self.version, self.settings.state_dir)
         return 0

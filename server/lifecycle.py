@@ -55,7 +55,8 @@ class RoundDriver:
         self.store = store
         self.aggregator = aggregator
         self.machine = machine
-        self.bytes_out = 0  # FetchGlobal bytes sent since the last commit, for the history
+        # FetchGlobal bytes sent since the last commit, for the history (persisted per download: a restart keeps them).
+        self.bytes_out = store.bytes_out(machine.current.number) if machine.current is not None else 0
         self.finished_at: float | None = time.time() if machine.finished else None
         self._changed = Signal()
         self._ticker: asyncio.Task | None = None
@@ -85,7 +86,11 @@ class RoundDriver:
         A decision that cannot be persisted (a full disk, say) is logged and memory is put back
         to what the database holds, so the two never disagree; the next tick tries again.
         """
-        self.apply(self.machine.advance(time.time()))
+        now = time.time()
+        self.apply(self.machine.advance(now))
+        if (short := self.machine.shortfall(now)) is not None:
+            log.warning("round %d waiting: %s (flora-admin settings --set min_clients=N changes the need)",
+                        short.number, short.text)
 
     def apply(self, events: Sequence[Event]) -> None:
         """Persist the machine's decisions, start aggregations, wake waiters; never raises."""
@@ -220,13 +225,15 @@ class RoundDriver:
     ) -> bool:
         """Take the updates at fault out of the round; False when none is left (round abandoned)."""
         log.error("round %d: aggregation failed (%s: %s); checking each update alone", number, type(error).__name__, error)
-        reasons = await asyncio.to_thread(self.aggregator.faulty, submissions)
-        if not reasons:
-            detail = f"the round failed to aggregate ({type(error).__name__}: {str(error)[:200]}) and no single update is at fault"
-            reasons = {s.client_id: detail for s in submissions}
-        abandon = len(reasons) >= len(submissions)
         try:
-            removed = self.store.exclude_submissions(number, attempt, reasons, abandon, time.time())
+            reasons = await asyncio.to_thread(self.aggregator.faulty, submissions)
+            blameless = not reasons  # then the same update is taken again in the next attempt
+            if blameless:
+                detail = (f"the round failed to aggregate ({type(error).__name__}: {str(error)[:200]}) "
+                          "and no single update is at fault")
+                reasons = {s.client_id: detail for s in submissions}
+            abandon = len(reasons) >= len(submissions)
+            removed = self.store.exclude_submissions(number, attempt, reasons, abandon, time.time(), blameless)
         except Exception as failure:  # noqa: BLE001
             if not is_resource_failure(failure):
                 raise

@@ -27,6 +27,7 @@ once read; any write through this store empties that memory, so it never disagre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from flora.server.rounds import Round, RoundState
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -68,10 +71,16 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE TABLE IF NOT EXISTS exclusions (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, reason TEXT NOT NULL,
-    excluded REAL NOT NULL, PRIMARY KEY (round, client_id, sha256)
+    excluded REAL NOT NULL, blameless INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, client_id, sha256)
 );
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS live_settings (
+    name TEXT PRIMARY KEY, value TEXT NOT NULL, changed REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traffic (
+    round INTEGER PRIMARY KEY, bytes_out INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS revocations (
     name TEXT PRIMARY KEY, client_id TEXT NOT NULL, token_sha256 TEXT NOT NULL, cert_sha256 TEXT NOT NULL,
@@ -172,20 +181,41 @@ class Store:
         self._cache: dict[tuple, Any] = {}  # read results kept until the next write
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._wal = Path(f"{path}-wal")
+        self._wal_fd: int | None = None
         journal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         # Durable commits fsync the WAL themselves; a filesystem without WAL keeps SQLite's own fsyncs.
         self._db.execute("PRAGMA synchronous=NORMAL" if journal == "wal" else "PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a state directory was created (a no-op, and no write, once present)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(exclusions)")}
+        if "blameless" not in columns:
+            self._db.execute("ALTER TABLE exclusions ADD COLUMN blameless INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and close (idempotent)."""
+        """Checkpoint the WAL into the main file and close (idempotent).
+
+        A checkpoint that fails (a full disk) loses nothing: the WAL holds every commit and the
+        next start replays it; the connection is closed all the same.
+        """
         with self._lock:
             if self._closed:
                 return
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self._checkpoint()
+            except sqlite3.Error as err:
+                log.warning("the database log was not folded into the database (%s); the next start does it", err)
             self._db.close()
             self._closed = True
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+
+    def _checkpoint(self) -> None:
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -205,9 +235,9 @@ class Store:
         # The fsync outside the lock: the event loop's quick inserts need the lock, not the disk.
         self.sync()
 
-    def _insert_quick(self, sql: str, row: tuple) -> None:
-        """One INSERT as its own transaction (autocommit), without its fsync: the caller ``sync``s
-        before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
+    def _write_quick(self, sql: str, row: tuple) -> None:
+        """One INSERT (or its undo, a DELETE) as its own transaction (autocommit), without its fsync:
+        the caller ``sync``s before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
         the event loop hands the GIL back and waits to take it again."""
         with self._lock:
             try:
@@ -220,14 +250,20 @@ class Store:
 
         What ``add_client`` and ``add_submission`` leave to their caller before it replies.
         """
-        try:
-            fd = os.open(self._wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no WAL: everything is checkpointed into the database file, which SQLite synced
-        try:
+        fd = self._wal_descriptor()
+        if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
             os.fsync(fd)
-        finally:
-            os.close(fd)
+
+    def _wal_descriptor(self) -> int | None:
+        """The WAL, opened once and kept: a durable commit never needs a new descriptor (the
+        process may be out of them), and SQLite never replaces the WAL while it is connected."""
+        with self._lock:
+            if self._wal_fd is None and not self._closed:
+                try:
+                    self._wal_fd = os.open(self._wal, os.O_RDONLY)
+                except FileNotFoundError:
+                    return None
+            return self._wal_fd
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -272,8 +308,19 @@ class Store:
 
     def add_client(self, client: ClientRecord) -> None:
         """Register a new client (name and token hash are unique); durable once ``sync`` returns."""
-        self._insert_quick(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})",
+        self._write_quick(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})",
                            astuple(client))
+
+    def forget_client(self, client_id: str) -> None:
+        """Delete a client whose Join was never acknowledged (its row could not be made durable).
+
+        Never raises: it is the undo of a failed write, and the failure being reported matters
+        more; a row it cannot delete is logged (a later Join of the name finds it taken).
+        """
+        try:
+            self._write_quick("DELETE FROM clients WHERE id = ?", (client_id,))
+        except Exception:  # noqa: BLE001
+            log.exception("client %s: the row of a Join that failed could not be deleted", client_id)
 
     def rejoin_client(self, client: ClientRecord) -> None:
         """Update a returning client's capabilities and clear its ``left`` mark."""
@@ -296,6 +343,11 @@ class Store:
             db.execute(f"INSERT INTO revocations ({_columns(Revocation)}) VALUES ({_placeholders(Revocation)})",
                        astuple(revocation))
             db.execute("UPDATE clients SET left = 1 WHERE id = ?", (revocation.client_id,))
+
+    def readmit_client(self, name: str) -> None:
+        """Forget a removal: the name, its token and certificate are accepted again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM revocations WHERE name = ?", (name,))
 
     def revocations(self) -> list[Revocation]:
         """Every client the operator removed, oldest first."""
@@ -333,7 +385,7 @@ class Store:
 
     def add_submission(self, submission: Submission) -> None:
         """Record an accepted update (its file is already in place); durable once ``sync`` returns."""
-        self._insert_quick(f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})",
+        self._write_quick(f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})",
                            astuple(submission))
 
     def submissions(self, number: int) -> list[Submission]:
@@ -349,20 +401,21 @@ class Store:
         return Submission(*rows[0]) if rows else None
 
     def exclude_submissions(
-        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float
+        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float, blameless: bool = False
     ) -> list[Submission]:
         """Take updates that made the round's aggregation fail out of it, keeping why (one transaction).
 
         With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
-        restart reopens the round instead of aggregating it again. Returns the removed rows,
+        restart reopens the round instead of aggregating it again. ``blameless``: no update failed
+        on its own, so none is refused if it comes again (``blamed``). Returns the removed rows,
         whose files the caller deletes once this has committed.
         """
         removed = [s for s in self.submissions(number) if s.client_id in reasons]
         with self._transaction() as db:
             for sub in removed:
                 db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
-                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?)",
-                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now))
+                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?, ?)",
+                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now, int(blameless)))
             if abandon:
                 db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
                            (RoundState.ABANDONED.value, number, attempt))
@@ -373,9 +426,26 @@ class Store:
         return self._cached_query(
             "SELECT client_id, sha256, reason FROM exclusions WHERE round = ? ORDER BY excluded, client_id", (number,))
 
+    def blamed(self, number: int) -> dict[tuple[str, str], str]:
+        """Why each update of a round, by (client id, sha256), was excluded for failing on its own."""
+        rows = self._cached_query(
+            "SELECT client_id, sha256, reason FROM exclusions WHERE round = ? AND blameless = 0", (number,))
+        return {(client, sha256): reason for client, sha256, reason in rows}
+
     def last_submitted_rounds(self) -> dict[str, int]:
         """Per client, the last round it has an accepted update for."""
         return dict(self._query("SELECT client_id, MAX(round) FROM submissions GROUP BY client_id"))
+
+    def add_bytes_out(self, number: int, sent: int) -> None:
+        """Count ``sent`` FetchGlobal bytes toward round ``number``'s history line. Without an fsync of
+        its own: a killed process keeps it (the OS has the write), the next durable commit syncs it."""
+        self._insert_quick("INSERT INTO traffic VALUES (?, ?) ON CONFLICT(round) DO UPDATE SET "
+                           "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
+
+    def bytes_out(self, number: int) -> int:
+        """The FetchGlobal bytes counted toward round ``number`` so far (restored after a restart)."""
+        rows = self._query("SELECT bytes_out FROM traffic WHERE round = ?", (number,))
+        return rows[0][0] if rows else 0
 
     def submitted_bytes(self) -> dict[str, int]:
         """Per client, the bytes of every update accepted from it."""
@@ -434,3 +504,20 @@ class Store:
     def history(self) -> list[dict[str, Any]]:
         """The history records of every committed version, in order."""
         return [json.loads(row[0]) for row in self._query("SELECT record FROM versions ORDER BY version")]
+
+    # --- live settings ----------------------------------------------------------------------
+
+    def save_live_settings(self, values: dict[str, str], now: float) -> None:
+        """Keep round settings an operator changed while the run went on (a restart applies them)."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO live_settings VALUES (?, ?, ?)",
+                           [(name, value, now) for name, value in values.items()])
+
+    def live_settings(self) -> dict[str, str]:
+        """The round settings an operator changed, by name (empty when none)."""
+        return dict(self._query("SELECT name, value FROM live_settings"))
+
+    def add_exclusion(self, number: int, client_id: str, sha256: str, reason: str, now: float) -> None:
+        """Record an update refused from a round for its history (a duplicate payload); durable once ``sync`` returns."""
+        self._write_quick("INSERT OR REPLACE INTO exclusions (round, client_id, sha256, reason, excluded) "
+                          "VALUES (?, ?, ?, ?, ?)", (number, client_id, sha256, reason, now))

@@ -106,6 +106,8 @@ def test_add_client_extends_the_project_with_the_same_ca(kits):
     (["--project", "p", "--server", "h", "--clients", "a/../b"], "must match"),
     (["--project", "p", "--clients", "a"], "--server"),
     (["--add-client", "x"], "not a provisioned project"),
+    (["--project", "p", "--server", "h", "--clients", "a", "--days", "0"], "--days 0: certificates must be valid"),
+    (["--project", "p", "--server", "h", "--clients", "a", "--port", "0"], "--port 0 is outside 1..65535"),
 ])
 def test_bad_provisioning_requests_are_refused_with_nothing_written(tmp_path, capsys, argv, message):
     out = tmp_path / "kits"
@@ -119,6 +121,20 @@ def test_a_broken_registry_is_named(tmp_path):
     path.write_text('[clients."a"]\ntoken_sha256 = "not-hex"\n')
     with pytest.raises(RegistryError, match="'a'"):
         Registry(path)
+
+
+def test_a_removal_marked_in_the_registry_survives_adding_clients_and_a_readmission_clears_it(kits):
+    path = kits / "server" / "clients.toml"
+    mode = path.stat().st_mode & 0o777
+    reason = 'said "bye"\nand left \u00e9\U0001f600'  # quotes, a newline, non-ASCII: TOML must read it back
+    assert Registry(path).mark("a", reason, 12.5)
+    assert (read_registry(path)["a"].removed, read_registry(path)["a"].removed_unix) == (reason, 12.5)
+    assert path.stat().st_mode & 0o777 == mode
+    assert admin(["provision", "--out", str(kits), "--add-client", "c"]) == 0
+    assert read_registry(path)["a"].removed == reason and read_registry(path)["c"].removed is None
+    assert not Registry(path).mark("nobody", "x")
+    assert Registry(path).mark("a", None)
+    assert read_registry(path)["a"].removed is None and "removed" not in path.read_text()
 
 
 def history_file(state: Path) -> None:
@@ -141,8 +157,41 @@ def test_report_writes_a_png_and_a_markdown_summary(tmp_path):
 
 def test_report_of_an_empty_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.db").touch()  # a server started, nothing committed yet
     assert admin(["report", str(tmp_path / "state")]) == 2
     assert "no committed round" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["kits", "missing"])
+def test_report_on_a_folder_that_is_not_a_state_dir_says_so_and_writes_nothing(tmp_path, capsys, folder):
+    (tmp_path / "kits").mkdir()
+    assert admin(["report", str(tmp_path / folder)]) == 2
+    assert f"{tmp_path / folder} is not a flora-server state directory" in capsys.readouterr().err
+    assert not (tmp_path / folder / "report.md").exists()
+
+
+def test_report_says_what_its_seconds_include_and_ticks_whole_rounds_and_clients(tmp_path):
+    history_file(tmp_path / "state")
+    report = write_report(tmp_path / "state")
+    assert "any time the server was down" in report.markdown.read_text()
+    import matplotlib.pyplot as plt
+
+    from flora.server.admin import report as module
+
+    drawn, real_subplots = [], plt.subplots
+
+    def subplots(*args, **kwargs):  # keep the figure draw() makes, to read its ticks
+        drawn.append(real_subplots(*args, **kwargs))
+        return drawn[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt, "subplots", subplots)
+        patch.setattr(plt, "close", lambda figure: None)
+        module.draw(module.read_history(tmp_path / "state" / "history.jsonl"), tmp_path / "r.png")
+    axes = drawn[0][1]
+    for axis in axes:
+        assert all(float(t).is_integer() for t in axis.get_xticks())
+    assert all(float(t).is_integer() for t in axes[2].get_yticks())
 
 
 def test_console_text_names_round_deadline_clients_and_losses():
@@ -177,3 +226,46 @@ def test_watch_prints_one_snapshot_per_refresh_off_a_terminal_and_draws_tables_o
     status = pb.StatusReply(state="running", clients=[pb.ClientStatus(client_name="a", state="training", rank=8)])
     Console(file=drawn, width=120).print(console.render_rich(status, now=0.0))
     assert "clients" in drawn.getvalue() and "training" in drawn.getvalue()
+
+
+def test_watch_keeps_watching_while_the_server_is_unreachable_and_resumes():
+    import io
+
+    import grpc
+
+    class Unreachable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "failed to connect to all addresses"
+
+    def fetch():
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    replies = iter([pb.StatusReply(state="running", global_version=1), Unreachable(), Unreachable(),
+                    pb.StatusReply(state="finished", global_version=3)])
+    out = io.StringIO()
+    console.watch(fetch, out, interval=0, terminal=False, iterations=4)
+    snapshots = out.getvalue().split("--- ")[1:]
+    assert "(running): version 1" in snapshots[0]
+    assert all("server unreachable since " in s and "UNAVAILABLE" in s for s in snapshots[1:3])
+    assert snapshots[1].split("since ")[1][:8] == snapshots[2].split("since ")[1][:8]  # since the first failure
+    assert "(finished): version 3" in snapshots[3]
+
+    class Refused(Unreachable):
+        def code(self):
+            return grpc.StatusCode.UNAUTHENTICATED
+
+    replies = iter([Refused()])
+    with pytest.raises(grpc.RpcError):  # a wrong token is not waited out
+        console.watch(fetch, io.StringIO(), interval=0, terminal=False, iterations=2)
+
+
+def test_a_waiting_round_short_of_clients_says_what_it_needs():
+    status = pb.StatusReply(state="waiting_for_clients", global_version=2)
+    status.round.CopyFrom(pb.RoundStatus(round=3, state="waiting", min_clients=3, available_clients=2))
+    assert "round 3 waiting: needs 3 connected clients, has 2" in console.render_plain(status, now=0.0)

@@ -36,6 +36,8 @@ def test_devices_name_the_processes_and_bad_ones_are_refused(tmp_path):
             worker_devices(ClientSettings(name="a", data=[data], devices=["cuda:0", "cuda:1"]))
     with pytest.raises(ValueError, match=r"nproc \(3\) contradicts devices \(2 given\)"):
         ClientSettings(name="a", data=[data], devices=["cuda:0", "cuda:1"], nproc=3)
+    with pytest.raises(ValueError, match=r"quantize \(nf4\) works with one training process, not 2"):
+        ClientSettings(name="a", data=[data], nproc=2, quantize="nf4")  # workers would load merged weights
 
 
 @pytest.fixture(scope="module")

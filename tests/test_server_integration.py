@@ -95,6 +95,12 @@ def test_join_needs_the_enrolment_token_and_rejoins_keep_the_id(gated):
     with pytest.raises(grpc.RpcError) as error:
         clash.join(base_hash, token=ENROLMENT)
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS and "token" in error.value.details()
+    # Another joined client's token under a new name: INVALID_ARGUMENT, as PROTOCOL.md says.
+    mallory = ScriptedClient(gated.address, "mallory")
+    with pytest.raises(grpc.RpcError) as error:
+        mallory.join(base_hash, token=reply.client_token)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "belongs to client 'alice', not 'mallory'" in error.value.details()
 
 
 @pytest.mark.parametrize(
@@ -408,6 +414,8 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     assert {c.kind for c in run.alice.fetch(UPDATE, 0, 2)} == {UPDATE}  # a client that cannot take merged modules
     status = run.operator.status()
     assert status.state == "finished" and status.global_version == 2
+    states = {c.client_id: c.state for c in status.clients}  # told FINISHED: done, never "lost" once it exits
+    assert states[run.alice.client_id] == "finished" and states[run.bob.client_id] != "finished"
     history = [json.loads(line) for line in (run.state_dir / "history.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2]
     first = history[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
+from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.tables import format_table
 from flora.common.threads import threads_per_process
 from flora.demo.completions import compare
@@ -53,7 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
     parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
-    parser.add_argument("--data-dir", type=Path, help="folder with one JSON/JSONL file per client (default: built-in sample data)")
+    parser.add_argument("--data-dir", type=Path, help="folder with one data file per client: JSON, JSONL, CSV or parquet (default: built-in sample data)")
+    parser.add_argument("--template", default="alpaca", help="prompt template: chat (the tokenizer's own chat template), alpaca, plain or a format string (default: alpaca)")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="record form of the data; auto: detected per file (default)")
+    parser.add_argument("--field", action="append", default=[], metavar="FORM_KEY=YOUR_KEY", help="read a form's key from another column, e.g. instruction=question (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
     parser.add_argument("--local-steps", type=_positive, default=50, help="optimiser steps per client per round (default: 50)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="clients' peak learning rate (default: 3e-3)")
@@ -81,14 +85,20 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
         # The global LoRA of the methods that keep one: the largest rank, alpha = 2 r like every client.
         f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}",
     ]
-    return flags
+    return flags + _data_flags(args, "--validation-")
 
 
-def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, base_model: str) -> list[str]:
+def _data_flags(args: argparse.Namespace, prefix: str = "--") -> list[str]:
+    """How the data is read, for the clients (``--template``...) or the server (``--validation-template``...)."""
+    return [f"{prefix}template={args.template}", f"{prefix}data-format={args.data_format}",
+            *(f"{prefix}field={spec}" for spec in args.field)]
+
+
+def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, args: argparse.Namespace) -> list[str]:
     return [
         f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}",
-        f"--state-dir={workspace.client_state(name)}", f"--base-model={base_model}", "--progress=off",
-        "--long-poll=2", "--backoff-max=2",
+        f"--state-dir={workspace.client_state(name)}", f"--base-model={args.base_model}", "--progress=off",
+        "--long-poll=2", "--backoff-max=2", *_data_flags(args),
     ]
 
 
@@ -128,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         # All clients share this machine's cores: more threads than cores each would only thrash.
         threads = f"--threads={threads_per_process(args.clients)}"
         clients = [
-            supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args.base_model), threads])
+            supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args), threads])
             for name, rank, data in zip(names, ranks, train_files)
         ]
         reader = StatusReader(port, token)
@@ -137,10 +147,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             reader.close()
         supervisor.stop(server)
-    return _report(workspace, args.base_model, validation)
+    return _report(workspace, args.base_model, validation, ReadOptions(args.template, args.data_format, tuple(args.field)))
 
 
-def _report(workspace: Workspace, base_model: str, validation: list[Path]) -> int:
+def _report(workspace: Workspace, base_model: str, validation: list[Path], options: ReadOptions) -> int:
     history = read_history(workspace.server_state / "history.jsonl")
     print("\n" + format_table(round_rows(history), COLUMNS))
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
@@ -150,16 +160,16 @@ def _report(workspace: Workspace, base_model: str, validation: list[Path]) -> in
     checkpoints = [workspace.server_state / r["checkpoint"] for r in history if r.get("checkpoint")]
     if checkpoints:
         print(f"merged checkpoint: {checkpoints[-1]}\n  load it with AutoModelForCausalLM.from_pretrained({str(checkpoints[-1])!r})")
-        _show_completions(base_model, checkpoints[-1], validation)
+        _show_completions(base_model, checkpoints[-1], validation, options)
     if history and history[-1]["round"] > 0:
         _show_report(workspace)
     return 0 if history and history[-1]["round"] > 0 else 1
 
 
-def _show_completions(base_model: str, checkpoint: Path, validation: list[Path]) -> None:
+def _show_completions(base_model: str, checkpoint: Path, validation: list[Path], options: ReadOptions) -> None:
     """Held-out prompts answered by the base model (before the run) and the merged one (after)."""
     rows = [{"held-out prompt": c.prompt, "expected": c.expected, "base model (before)": c.base,
-             "merged model (after)": c.merged} for c in compare(base_model, checkpoint, validation)]
+             "merged model (after)": c.merged} for c in compare(base_model, checkpoint, validation, options=options)]
     print("\ngreedy completions of held-out prompts:\n" + format_table(rows, tuple(rows[0]) if rows else ()))
 
 
@@ -183,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\nflora-demo: interrupted; all processes stopped", file=sys.stderr)
         sys.exit(130)
-    except (RuntimeError, TimeoutError, ValueError) as err:
+    except ValueError as err:  # --workdir or --data-dir unusable: a configuration error, as argparse's are
+        print(f"flora-demo: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (RuntimeError, TimeoutError) as err:  # the run itself failed
         print(f"flora-demo: {err}", file=sys.stderr)
         sys.exit(1)
 
