@@ -123,11 +123,11 @@ def load_base(settings: ClientSettings, source: str) -> nn.Module:
     """The base model ``source`` in full precision (on the training device unless it is to be
     quantized, which happens there later), or a ConfigError saying what to pass."""
     try:
-        device = resolve_device(settings.device) if settings.quantize == "none" else "cpu"
+        device = resolve_device(settings.device)  # checked also when quantizing, which moves the model there later
     except ValueError as exc:  # the device, not the model: a local copy of the model would not help
         raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
     try:
-        return load_model(source, device=device)
+        return load_model(source, device=device if settings.quantize == "none" else "cpu")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
 
@@ -138,7 +138,7 @@ def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]
     compute = _COMPUTE_DTYPES[settings.dtype] if device.type == "cuda" else torch.float32
     try:
         return local_weights(model, names, settings.quantize, compute, device)
-    except MissingExtra as exc:
+    except (MissingExtra, ValueError) as exc:  # not installed, or nothing this model has can be quantized
         raise ConfigError(str(exc)) from None
 
 

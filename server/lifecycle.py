@@ -86,7 +86,11 @@ class RoundDriver:
         A decision that cannot be persisted (a full disk, say) is logged and memory is put back
         to what the database holds, so the two never disagree; the next tick tries again.
         """
-        self.apply(self.machine.advance(time.time()))
+        now = time.time()
+        self.apply(self.machine.advance(now))
+        if (short := self.machine.shortfall(now)) is not None:
+            log.warning("round %d waiting: %s (flora-admin settings --set min_clients=N changes the need)",
+                        short.number, short.text)
 
     def apply(self, events: Sequence[Event]) -> None:
         """Persist the machine's decisions, start aggregations, wake waiters; never raises."""

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS exclusions (
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS live_settings (
+    name TEXT PRIMARY KEY, value TEXT NOT NULL, changed REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS traffic (
     round INTEGER PRIMARY KEY, bytes_out INTEGER NOT NULL
 );
@@ -341,6 +344,11 @@ class Store:
                        astuple(revocation))
             db.execute("UPDATE clients SET left = 1 WHERE id = ?", (revocation.client_id,))
 
+    def readmit_client(self, name: str) -> None:
+        """Forget a removal: the name, its token and certificate are accepted again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM revocations WHERE name = ?", (name,))
+
     def revocations(self) -> list[Revocation]:
         """Every client the operator removed, oldest first."""
         return [Revocation(*row) for row in self._query(f"SELECT {_columns(Revocation)} FROM revocations ORDER BY revoked")]
@@ -399,15 +407,20 @@ class Store:
 
         With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
         restart reopens the round instead of aggregating it again. ``blameless``: no update failed
-        on its own, so none is refused if it comes again (``blamed``). Returns the removed rows,
-        whose files the caller deletes once this has committed.
+        on its own, so none is refused if it comes again (``blamed``); but only once: an update
+        already excluded blamelessly in this round that fails again is blamed, so a round whose
+        aggregation fails whatever its updates cannot loop through retrained rounds forever.
+        Returns the removed rows, whose files the caller deletes once this has committed.
         """
         removed = [s for s in self.submissions(number) if s.client_id in reasons]
+        excused = set(self._query("SELECT client_id, sha256 FROM exclusions WHERE round = ? AND blameless = 1", (number,)))
         with self._transaction() as db:
             for sub in removed:
+                again = (sub.client_id, sub.sha256) in excused
+                reason = reasons[sub.client_id] + ("; it failed the same way before, so it is not taken again" if again and blameless else "")
                 db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
                 db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?, ?)",
-                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now, int(blameless)))
+                           (number, sub.client_id, sub.sha256, reason, now, int(blameless and not again)))
             if abandon:
                 db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
                            (RoundState.ABANDONED.value, number, attempt))
@@ -496,3 +509,20 @@ class Store:
     def history(self) -> list[dict[str, Any]]:
         """The history records of every committed version, in order."""
         return [json.loads(row[0]) for row in self._query("SELECT record FROM versions ORDER BY version")]
+
+    # --- live settings ----------------------------------------------------------------------
+
+    def save_live_settings(self, values: dict[str, str], now: float) -> None:
+        """Keep round settings an operator changed while the run went on (a restart applies them)."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO live_settings VALUES (?, ?, ?)",
+                           [(name, value, now) for name, value in values.items()])
+
+    def live_settings(self) -> dict[str, str]:
+        """The round settings an operator changed, by name (empty when none)."""
+        return dict(self._query("SELECT name, value FROM live_settings"))
+
+    def add_exclusion(self, number: int, client_id: str, sha256: str, reason: str, now: float) -> None:
+        """Record an update refused from a round for its history (a duplicate payload); durable once ``sync`` returns."""
+        self._write_quick("INSERT OR REPLACE INTO exclusions (round, client_id, sha256, reason, excluded) "
+                          "VALUES (?, ?, ?, ?, ?)", (number, client_id, sha256, reason, now))

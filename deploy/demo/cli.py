@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -20,6 +19,7 @@ from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.tables import format_table
+from flora.common.threads import threads_per_process
 from flora.demo.completions import compare
 from flora.demo.monitor import COLUMNS, StatusReader, read_history, round_rows
 from flora.demo.processes import Child, Supervisor, wait_for_port
@@ -136,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
         port = wait_for_port(server, timeout=120)
         print(f"  server listening on 127.0.0.1:{port} (log: {server.log_path})", flush=True)
         # All clients share this machine's cores: more threads than cores each would only thrash.
-        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.clients))}
+        threads = f"--threads={threads_per_process(args.clients)}"
         clients = [
-            supervisor.start(name, "flora.client.cli", _client_args(port, name, rank, data, workspace, args), env=threads)
+            supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args), threads])
             for name, rank, data in zip(names, ranks, train_files)
         ]
         reader = StatusReader(port, token)
