@@ -67,7 +67,8 @@ def open_server(tmp_path: Path, model_dir: Path, **settings) -> tuple[Aggregator
     aggregator = Aggregator(server_settings, layout)
     store = Store(layout.database)
     try:
-        spec = run_spec(server_settings, open_run(server_settings, layout, store, aggregator), aggregator.shapes)
+        spec = run_spec(server_settings, open_run(server_settings, layout, store, aggregator), aggregator.shapes,
+                        aggregator.max_update_norm)
     finally:
         store.close()
     return aggregator, spec, layout
