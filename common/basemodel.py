@@ -21,7 +21,7 @@ from torch import nn
 
 BUILTIN_MODEL = "flora-tiny-llama"
 # Bump when the recipe below changes, so that caches built by older code are never reused.
-_BUILTIN_REVISION = "v1"
+_BUILTIN_REVISION = "v2-pretrained"  # the shipped pre-trained weights (flora.common.builtin_weights)
 _SEED = 20240905
 
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
@@ -101,8 +101,11 @@ def _write_builtin(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        from flora.common.builtin_weights import load_builtin_weights
+
         tokenizer = build_tokenizer()
         model = build_tiny_llama(len(tokenizer))
+        load_builtin_weights(model)  # the shipped pre-training of this seeded model
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         try:
