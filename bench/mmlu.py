@@ -41,17 +41,17 @@ def _tokenize(tokenizer: Any, prompt: str, response: str, max_length: int) -> To
     prompt_ids = tokenizer(prompt)["input_ids"]
     masked = next((i for i, (x, y) in enumerate(zip(ids, prompt_ids)) if x != y), min(len(ids), len(prompt_ids)))
     cut = max(0, len(ids) - max_length)
-    return TokenizedExample(tuple(ids[cut:]), max(0, masked - cut))
+    return TokenizedExample.after_prompt(tuple(ids[cut:]), max(0, masked - cut))
 
 
 def load_questions(path: Path, tokenizer: Any, max_length: int, limit: int | None = None) -> list[Question]:
     """The questions of an MMLU-style JSON file (first ``limit`` of them), each option tokenised."""
     template = get_template("alpaca")
     questions = []
-    for index, record in enumerate(json.loads(path.read_text())[:limit]):
+    for number, record in enumerate(json.loads(path.read_text())[:limit], start=1):
         options, answer = _OPTIONS.search(record["input"]), _ANSWER.match(record["output"])
         if options is None or answer is None:
-            raise ValueError(f"{path}: record {index} does not have options A-D and 'The answer is: X. ...'")
+            raise ValueError(f"{path}: record {number} does not have options A-D and 'The answer is: X. ...'")
         prompt = template.render(record["instruction"], record["input"])
         choices = tuple(
             _tokenize(tokenizer, prompt, f"The answer is: {letter}. {text.strip()}", max_length)

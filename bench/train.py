@@ -12,6 +12,8 @@ alternate which side runs first; the table reports medians and the ratio.
     python -m bench.train --base-model ../shared/models/stories260K \\
         --data ../shared/data/dolly-10clients/local_training_0.json --name train-stories260K
     python -m bench.train --smoke              # a few seconds, for CI
+    python -m bench.train --precisions float32,bf16,int8,nf4   # memory and tokens/s per base precision
+                                               # instead (bench/precision.py: shapes tiny and small)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from bench.precision import add_arguments as add_precision_arguments
+from bench.precision import run as run_precisions
 from bench.report import RESULTS, write_results
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.devices import resolve_device
@@ -51,7 +55,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     parser.add_argument("--name", default="train", help="results file name, without .json (default: train)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, in seconds")
+    parser.add_argument("--precisions", default="", help="comma-separated of float32, bf16, int8, nf4: "
+                        "the client's memory and tokens/s with each base precision instead (bench/precision.py)")
+    add_precision_arguments(parser)
     args = parser.parse_args()
+    if args.precisions and args.name == "train":
+        args.name = "precision"  # its own results file, not the throughput comparison's
     if args.smoke:
         args.batch_size, args.seq_len, args.steps, args.repeats = 2, 32, 3, 1
     return args
@@ -154,6 +163,9 @@ def main() -> None:
     # get_peft_model calls a transformers method deprecated in 5.x; the notice is noise here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = parse_args()
+    if args.precisions:
+        print(f"wrote {run_precisions(args, args.precisions.split(','))}")
+        return
     tokenizer = load_tokenizer(args.base_model)
     model = load_model(args.base_model)
     needed = args.batch_size * args.steps

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from flora.client.config import ENV_PREFIX, ClientSettings
 from flora.client.daemon import Daemon
+from flora.client.diagnosis import ConnectionMisconfigured
 from flora.client.local import ConfigError
 from flora.client.progress import Progress, log_handler
 from flora.client.state import StateError
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers(stop)
     try:
         return Daemon(settings, stop).run()
-    except (ConfigError, StateError) as exc:
+    except (ConfigError, StateError, ConnectionMisconfigured) as exc:
         log.error("event=fatal kind=config detail=%r", str(exc))
         print(f"flora-client: {exc}", file=sys.stderr)
         return EXIT_CONFIG

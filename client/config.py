@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_m
 
 from flora.client.trainer import TrainConfig
 from flora.common.addresses import is_loopback
+from flora.common.architectures import check_target_names
+from flora.common.quantize import Quantization
+from flora.common.data import DATA_FORMATS
+from flora.common.data.readers import check_sources
 from flora.v1 import run_pb2
 
 ENV_PREFIX = "FLORA_CLIENT_"
@@ -48,16 +52,23 @@ class _DaemonFields(BaseModel):
 
     server: str = Field("localhost:50051", description="address of flora-server, HOST:PORT")
     name: str = Field(pattern=NAME_PATTERN, description="this client's unique name (letters, digits, . _ -; at most 64)")
-    data: list[FilePath] = Field(
-        min_length=1, description="training data files, comma-separated: JSON or JSONL, Alpaca, Dolly or text form (detected per file)"
+    data: list[str] = Field(
+        min_length=1, description="training data, comma-separated: JSON, JSONL, CSV or parquet files, save_to_disk "
+        "folders (FOLDER[:SPLIT]) or data sets in the local Hugging Face cache (NAME[:SPLIT])",
     )
-    validation_data: list[FilePath] = Field([], description="held-out data files whose loss is reported with each upload")
-    template: str = Field("alpaca", min_length=1, description="prompt template: alpaca, plain, or a format string with {instruction} and {input}")
+    validation_data: list[str] = Field([], description="held-out data (as --data) whose loss is reported with each upload")
+    template: str = Field("alpaca", min_length=1, description="prompt template: chat (the tokenizer's own chat "
+                          "template), alpaca, plain, or a format string with {instruction} and {input}")
+    data_format: Literal[DATA_FORMATS] = Field("auto", description="record form of the data; auto: detected per file")
+    field: list[str] = Field([], description="column mapping FORM_KEY=YOUR_KEY, e.g. instruction=question (repeatable)")
     cutoff: int = Field(256, ge=2, le=65536, description="maximum tokens per example (prompt + response)")
     mask_prompt: bool = Field(False, description="exclude the prompt's tokens from the training loss")
     base_model: str | None = Field(None, description="local path or Hub id of the base model; default: the run's base model")
+    quantize: Quantization = Field(
+        "none", description="hold the base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, the global update beside it"
+    )
     target_modules: list[str] | None = Field(
-        None, description="train only these of the run's target modules (names or suffixes); default: all of them"
+        None, description="train only these of the run's target modules (names or suffixes); default (or all-linear): all of them"
     )
     state_dir: Path = Field(Path("flora-client-state"), description="local state: identity, held global version, cached downloads")
     token: SecretStr | None = Field(None, description="enrolment token of the server (only for the first Join)")
@@ -71,6 +82,10 @@ class _DaemonFields(BaseModel):
     heartbeat_interval: float = Field(5.0, ge=0.1, le=600, description="seconds between heartbeats while syncing, training or uploading")
     backoff_initial: float = Field(0.5, ge=0.01, le=600, description="first reconnect delay after a failed call, in seconds")
     backoff_max: float = Field(30.0, ge=0.01, le=3600, description="largest reconnect delay, in seconds")
+    give_up_after: int = Field(
+        8, ge=0, le=10000, description="consecutive tries that fail for a configuration mistake (a host name that does "
+        "not resolve, a refused TLS handshake) before the client stops with exit status 2; 0: never give up"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe log level shown")
     progress: Literal["auto", "on", "off"] = Field("auto", description="progress bars: auto (when stderr is a terminal), on, off")
 
@@ -80,11 +95,18 @@ class _DaemonFields(BaseModel):
         split_address(value)
         return value
 
+    @field_validator("data", "validation_data", mode="before")
+    @classmethod
+    def _known_sources(cls, value: object) -> object:
+        return check_sources(value)
+
     @field_validator("target_modules")
     @classmethod
     def _non_empty_modules(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("give at least one module, or leave unset to train all of the run's modules")
+        if value is not None:
+            check_target_names(value)
         return value
 
     @model_validator(mode="after")

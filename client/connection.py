@@ -9,8 +9,11 @@ at once instead of sitting out a 30-second long-poll.
 
 Retry policy (protos/PROTOCOL.md): UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (the
 server's disk is full; size limits are checked before sending, so a well-formed client never
-meets that refusal) are retried forever with exponential backoff and full jitter, each retry logged; UNAUTHENTICATED calls the re-join hook
-once and retries; every other status is the caller's to handle.
+meets that refusal) are retried with exponential backoff and full jitter, each retry logged;
+UNAUTHENTICATED calls the re-join hook once and retries; every other status is the caller's to
+handle. A connection that never came up is diagnosed (flora.client.diagnosis): a server that is
+down is waited for forever, a configuration mistake (unknown host, a TLS handshake the two sides
+cannot agree on) is named on each retry and ends the client after ``give_up_after`` tries.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 
 from flora.client.config import ClientSettings
+from flora.client.diagnosis import ConnectionCheck
 from flora.common.wire import SUBMIT_UPDATE
 from flora.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -111,6 +115,7 @@ class Connection:
             SUBMIT_UPDATE, request_serializer=None, response_deserializer=coordinator_pb2.SubmitReply.FromString
         )
         self._backoff = Backoff(settings.backoff_initial, settings.backoff_max)
+        self._check = ConnectionCheck(settings)
         self._inflight: set[grpc.Future] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -187,9 +192,11 @@ class Connection:
                     continue
                 if code not in TRANSIENT:
                     raise
+                self._check.failed(rpc_details(exc))
                 self.pause(what, exc)
                 continue
             self._backoff.reset()
+            self._check.succeeded()
             return result
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:

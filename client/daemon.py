@@ -23,7 +23,9 @@ import flora
 from flora.client.config import ClientSettings
 from flora.client.connection import Connection, Stopped, rpc_code, rpc_details
 from flora.client.heartbeat import Heartbeat
-from flora.client.local import ConfigError, LocalModel, load_data, load_local_model, run_method, trained_modules
+from flora.client.local import (
+    ConfigError, LocalModel, check_extras, load_data, load_local_model, run_method, trained_modules,
+)
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
 from flora.client.round_start import train_round
@@ -75,6 +77,7 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.progress = Progress(settings.progress)
         self.data = load_data(settings)
+        check_extras(settings)
         self.state = StateDir(settings.state_dir)
         self.conn = Connection(settings, self.stop)
         self.conn.on_unauthenticated = self._rejoin
@@ -135,7 +138,7 @@ class Daemon:
                 break
         self.spec = reply.run
         self.method = run_method(self.spec)
-        self.version = restore(self.local.model, self.state, self.spec)
+        self.version = restore(self.local.weights, self.state, self.spec)
         self.sync = Synchroniser(self.conn, self.state, self.spec, self.progress)
         self.train_names = trained_modules(self.settings, self.spec)
 
@@ -236,7 +239,7 @@ class Daemon:
     def _prepare(self, task: coordinator_pb2.TrainTask, config: TrainConfig) -> ClientStart:
         """Merge up to the required version, then start the round as the run's method says: from
         the server's global LoRA when the task names one (protos/PROTOCOL.md, "Methods"), else fresh."""
-        self.version = self.sync.catch_up(self.local.model, self.version, task.required_version)
+        self.version = self.sync.catch_up(self.local.weights, self.version, task.required_version)
         kept = self.sync.global_lora(task.global_lora_version) if task.start_from_global_lora else None
         return self.method.start(kept, config.rank, config.scaling)
 
@@ -269,7 +272,7 @@ class Daemon:
         with self.progress.bar(f"train round {task.round}", steps, unit="step") as bar:
             try:
                 result = train_round(
-                    self.local.model, self.local.train, config, start, val_data=self.local.validation or None,
+                    self.local.weights, self.local.train, config, start, val_data=self.local.validation or None,
                     on_step=on_step, should_stop=should_stop,
                 )
             except TrainingCancelled as exc:
@@ -344,6 +347,6 @@ class Daemon:
 
     def _finish(self, final_version: int) -> int:
         """Bring the model to the run's final version, so that it equals the server's final model."""
-        self.version = self.sync.catch_up(self.local.model, self.version, final_version)
+        self.version = self.sync.catch_up(self.local.weights, self.version, final_version)
         log.info("event=finished version=%d state_dir=%s", self.version, self.settings.state_dir)
         return 0

@@ -12,36 +12,55 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from flora.client.config import ClientSettings
+from flora.client.local_weights import LocalWeights, local_weights
+from flora.common.architectures import ALL_LINEAR, layer_shape
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
 from flora.common.devices import resolve_device
-from flora.common.data import DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
+from flora.common.data import Conversation, DataFormatError, Example, TokenizedExample, load_examples, tokenize_examples
 from flora.common.methods import AggregationMethod
 from flora.common.methods.wire import from_wire
+from flora.common.quantize import MissingExtra, bitsandbytes
 from flora.v1 import run_pb2
 
 log = logging.getLogger(__name__)
+# The quantized base's compute dtype on CUDA follows the training's autocast dtype (float32 on CPU).
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 
 
 class ConfigError(Exception):
     """A mistake in the client's configuration, data or model; reported without a traceback."""
 
 
-def load_data(settings: ClientSettings) -> tuple[list[Example], list[Example]]:
+Examples = list[Example | Conversation]
+
+
+def load_data(settings: ClientSettings) -> tuple[Examples, Examples]:
     """The training and validation examples (validation empty when no file is given)."""
+    read = {"template": settings.template, "data_format": settings.data_format, "fields": settings.field}
     try:
-        train = load_examples(settings.data, settings.template)
-        validation = load_examples(settings.validation_data, settings.template) if settings.validation_data else []
+        train = load_examples(settings.data, **read)
+        validation = load_examples(settings.validation_data, **read) if settings.validation_data else []
     except (DataFormatError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
     log.info("event=data_loaded train_examples=%d validation_examples=%d", len(train), len(validation))
     return train, validation
 
 
+def check_extras(settings: ClientSettings) -> None:
+    """Fail before connecting when a setting needs an optional package that is not installed."""
+    if settings.quantize != "none":
+        try:
+            bitsandbytes()
+        except MissingExtra as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str]:
-    """The run's modules this client trains: all, or those its ``target_modules`` selects.
+    """The run's modules this client trains: all (unset, or ``all-linear``), or those its ``target_modules`` selects.
 
     An entry selects a module by its full name or by a dotted suffix, as PEFT does. The upload
     still covers every module of the run: a module left out contributes a zero update, which
@@ -49,7 +68,7 @@ def trained_modules(settings: ClientSettings, spec: run_pb2.RunSpec) -> list[str
     (a zero would undo the module's warm start), so they refuse it.
     """
     names = [m.name for m in spec.target_modules]
-    if settings.target_modules is None:
+    if settings.target_modules is None or ALL_LINEAR in settings.target_modules:
         return names
     method = run_method(spec)
     if not method.partial_modules:
@@ -75,36 +94,55 @@ def run_method(spec: run_pb2.RunSpec) -> AggregationMethod:
 class LocalModel:
     """The base model (at some global version), its tokenizer and the tokenised local data."""
 
-    model: nn.Module
+    weights: LocalWeights  # the model, merged or quantized with the update beside it
     source: str
-    digest: str  # fingerprint of the target modules' base weights, equal to the run's
+    digest: str  # fingerprint of the target modules' unquantized base weights, equal to the run's
     train: list[TokenizedExample]
     validation: list[TokenizedExample]
 
+    @property
+    def model(self) -> nn.Module:
+        """The model to train."""
+        return self.weights.model
+
 
 def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
-    """Every target module of the run exists in ``model`` as a linear layer of the same shape."""
+    """Every target module of the run exists in ``model`` as a linear (or Conv1D) layer of the same (out, in) shape."""
     modules = dict(model.named_modules())
     for target in spec.target_modules:
-        module = modules.get(target.name)
-        if not isinstance(module, nn.Linear):
+        shape = layer_shape(modules[target.name]) if target.name in modules else None
+        if shape is None:
             raise ConfigError(f"base model: the run's target module {target.name!r} is not a linear layer of this model")
-        if (module.out_features, module.in_features) != (target.out_features, target.in_features):
+        if shape != (target.out_features, target.in_features):
             raise ConfigError(
-                f"base model: module {target.name!r} is {(module.out_features, module.in_features)}, "
-                f"the run's is {(target.out_features, target.in_features)}"
+                f"base model: module {target.name!r} is {shape}, the run's is {(target.out_features, target.in_features)}"
             )
 
 
 def load_base(settings: ClientSettings, source: str) -> nn.Module:
-    """The base model ``source`` on the training device, or a ConfigError saying what to pass."""
+    """The base model ``source`` in full precision (on the training device unless it is to be
+    quantized, which happens there later), or a ConfigError saying what to pass."""
     try:
-        return load_model(source, device=resolve_device(settings.device))
+        device = resolve_device(settings.device) if settings.quantize == "none" else "cpu"
+    except ValueError as exc:  # the device, not the model: a local copy of the model would not help
+        raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
+    try:
+        return load_model(source, device=device)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
 
 
-def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[list[Example], list[Example]]) -> LocalModel:
+def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]) -> LocalWeights:
+    """The checked base as the client's local weights: as loaded, or quantized per ``--quantize``."""
+    device = resolve_device(settings.device)
+    compute = _COMPUTE_DTYPES[settings.dtype] if device.type == "cuda" else torch.float32
+    try:
+        return local_weights(model, names, settings.quantize, compute, device)
+    except MissingExtra as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tuple[Examples, Examples]) -> LocalModel:
     """Load the base model the run names (or ``--base-model``), check it is the server's, tokenise."""
     source = settings.base_model or spec.base_model
     model = load_base(settings, source)
@@ -113,20 +151,43 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tokenizer of {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
     check_modules(model, spec)
-    digest = fingerprint(model, [m.name for m in spec.target_modules])
+    names = [m.name for m in spec.target_modules]
+    digest = fingerprint(model, names)  # of the unquantized weights: the server's model is never quantized
     if digest != spec.base_model_hash:
         raise ConfigError(
             f"base model {source!r} differs from the server's: target-module hash {digest[:12]} != {spec.base_model_hash[:12]}"
         )
+    weights = prepare_weights(settings, model, names)
     train, validation = (tokenize_local(examples, tokenizer, settings) for examples in data)
-    log.info("event=model_loaded source=%s modules=%d hash=%s", source, len(spec.target_modules), digest[:12])
-    return LocalModel(model, source, digest, train, validation)
+    warn_rank_above_modules(settings.rank, spec)
+    log.info("event=model_loaded source=%s modules=%d hash=%s quantize=%s", source, len(names), digest[:12], settings.quantize)
+    return LocalModel(weights, source, digest, train, validation)
 
 
-def tokenize_local(examples: list[Example], tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
+def warn_rank_above_modules(rank: int, spec: run_pb2.RunSpec) -> list[str]:
+    """Warn about (and return) the run's modules smaller than ``rank`` in either dimension.
+
+    A rank above min(d_out, d_in) adds nothing the module's update could express, and its factors,
+    rank (d_in + d_out) numbers, outweigh the dense update's d_out d_in. The rank is not capped
+    per module: an update has one rank for every module (protos/PROTOCOL.md, "Payloads"), and the
+    server checks each module's shapes against it; the warning says which modules and what to set.
+    """
+    small = [m for m in spec.target_modules if rank > min(m.out_features, m.in_features)]
+    if small:
+        smallest = min(min(m.out_features, m.in_features) for m in small)
+        log.warning("event=rank_above_module_size rank=%d modules=%d smallest=%d first=%s hint=%r", rank, len(small),
+                    smallest, small[0].name, f"directions past {smallest} add nothing and cost upload bytes: "
+                    f"--rank {smallest} or lower")
+    return [m.name for m in small]
+
+
+def tokenize_local(examples: Examples, tokenizer: Any, settings: ClientSettings) -> list[TokenizedExample]:
     """The client's examples as training tokens, warning when masking leaves some with no loss."""
-    tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
-    silent = sum(1 for example in tokenized if example.masked >= len(example))
+    try:
+        tokenized = tokenize_examples(examples, tokenizer, cutoff=settings.cutoff, mask_prompt=settings.mask_prompt)
+    except ValueError as exc:  # --template chat with a tokenizer that has no chat template, or refuses a chat
+        raise ConfigError(f"data: {exc}") from None
+    silent = sum(1 for example in tokenized if example.labelled == 0)
     if silent:
         # With the prompt masked, an example whose prompt fills the cutoff teaches nothing.
         log.warning("event=examples_without_loss count=%d of=%d cutoff=%d hint=%r", silent, len(tokenized),

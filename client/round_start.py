@@ -1,8 +1,8 @@
 """Starting a round as the method says: remove what it names from the model, train from its init.
 
 Shared by the client daemon and ``flora-sim`` so that a simulated client starts its round exactly
-as a deployed one does. The model is left exactly as it was (``merged_temporarily`` restores
-the original weights bit for bit), so one copy of the global model serves every round.
+as a deployed one does. The model is left exactly as it was (``LocalWeights.temporarily`` restores
+it bit for bit), so one copy of the global model serves every round, full precision or quantized.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from typing import Any
 
 from torch import nn
 
+from flora.client.local_weights import LocalWeights, as_local
 from flora.client.trainer import TrainConfig, TrainResult, train_lora
 from flora.common.data import TokenizedExample
-from flora.common.merge import merged_temporarily
 from flora.common.methods import ClientStart, negated
 
 
 def train_round(
-    model: nn.Module, data: Sequence[TokenizedExample], config: TrainConfig, start: ClientStart, **kwargs: Any
+    model: nn.Module | LocalWeights, data: Sequence[TokenizedExample], config: TrainConfig, start: ClientStart,
+    **kwargs: Any,
 ) -> TrainResult:
     """One round of local training on ``model`` (the global model) from the method's ``start``.
 
@@ -28,6 +29,7 @@ def train_round(
     ``start.init`` (fresh when None) and trains A only when ``start.train_a``. ``kwargs`` go to
     ``train_lora`` (validation data, progress and cancellation callbacks).
     """
-    removal = merged_temporarily(model, negated(start.removed)) if start.removed is not None else contextlib.nullcontext()
+    local = as_local(model)
+    removal = local.temporarily(negated(start.removed)) if start.removed is not None else contextlib.nullcontext()
     with removal:
-        return train_lora(model, data, config, init=start.init, train_a=start.train_a, **kwargs)
+        return train_lora(local.model, data, config, init=start.init, train_a=start.train_a, **kwargs)

@@ -6,7 +6,8 @@ Layout (every file written atomically: temporary file, fsync, rename, fsync of t
     identity.json    (0600)      run_id, client_id, token, server, name
     run.json                     the RunSpec of that run, as protobuf JSON
     state.json                   run_id and the global version the saved weights hold
-    model/weights-v{t}.safetensors   the target modules' weights at version t
+    model/weights-v{t}.safetensors   the target modules' weights at version t (a quantized base:
+                                     the cumulative global update held beside it, flora.update.v1)
     globals/                     downloaded, verified artifacts; ``*.part`` = resumable downloads
     outbox/update-r{n}.safetensors   an update being uploaded (streamed from disk, then deleted)
 
@@ -23,14 +24,15 @@ import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Literal, TypeVar
 
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from flora.common.chunks import write_atomic
-from flora.common.payload import PayloadError, PayloadMeta, read_weights, write_weights
+from flora.common.payload import PayloadError, PayloadMeta, read_update, read_weights, write_update, write_weights
+from flora.common.update import ModuleUpdate
 from flora.v1 import run_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,14 @@ class Identity(BaseModel):
 
 
 class HeldVersion(BaseModel):
-    """The durable pointer: the global version of the run whose weights are saved."""
+    """The durable pointer: the global version of the run whose weights are saved, and their form
+    (``flora.client.local_weights``: merged weights, or the update held beside a quantized base)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     run_id: str = Field(min_length=1)
     version: int = Field(ge=0)
+    form: Literal["merged", "held"] = "merged"
 
 
 class StateDir:
@@ -137,10 +141,17 @@ class StateDir:
 
     # --- the held version -------------------------------------------------------------------
 
-    def held_version(self, run_id: str) -> int:
-        """The version the saved weights hold for ``run_id`` (0, the base model, when none)."""
+    def held_version(self, run_id: str, form: str = "merged") -> int:
+        """The version the saved weights hold for ``run_id`` in ``form`` (0, the base model, when none).
+
+        Saved state of the other form (the client was restarted with another ``--quantize``) is
+        of no use to this model: it starts from the base and replays the updates.
+        """
         held = self._read_json(self.root / "state.json", HeldVersion)
         if held is None or held.run_id != run_id:
+            return 0
+        if held.version and held.form != form:
+            log.warning("event=state_ignored reason=other_form saved=%s needed=%s version=%d", held.form, form, held.version)
             return 0
         if held.version and not self.weights_path(held.version).exists():
             log.warning("event=state_ignored reason=missing_weights version=%d", held.version)
@@ -153,19 +164,27 @@ class StateDir:
 
     def load_weights(self, version: int, expected: Mapping[str, tuple[int, int]]) -> dict[str, Tensor]:
         """The saved weights at ``version``, validated against the run's module shapes."""
+        return self.load_saved(version, expected, "merged")
+
+    def load_saved(self, version: int, expected: Mapping[str, tuple[int, int]], form: str) -> dict[str, ModuleUpdate]:
+        """The saved state at ``version`` in ``form``: merged weights, or a held cumulative update."""
+        read = read_weights if form == "merged" else read_update
         try:
-            weights, meta = read_weights(self.weights_path(version), expected)
+            saved, meta = read(self.weights_path(version), expected)
         except PayloadError as exc:
             raise StateError(f"{self.weights_path(version)}: {exc}") from None
         if meta.version != version:
             raise StateError(f"{self.weights_path(version)}: holds version {meta.version}, not {version}")
-        return weights
+        return saved
 
-    def commit(self, run_id: str, version: int, weights: Mapping[str, Tensor]) -> None:
-        """Make ``version`` the held version: weights first, then the pointer, then prune."""
-        if version > 0:
+    def commit(self, run_id: str, version: int, weights: Mapping[str, ModuleUpdate], form: str = "merged") -> None:
+        """Make ``version`` the held version: weights (or the held update) first, then the pointer, then prune."""
+        if version > 0 and form == "merged":
             write_weights(self.weights_path(version), weights, PayloadMeta("merged_modules", version=version))
-        write_atomic(self.root / "state.json", HeldVersion(run_id=run_id, version=version).model_dump_json().encode())
+        elif version > 0:
+            write_update(self.weights_path(version), weights, PayloadMeta("global_update", version=version))
+        pointer = HeldVersion(run_id=run_id, version=version, form=form)
+        write_atomic(self.root / "state.json", pointer.model_dump_json().encode())
         for path in self.model_dir.glob("weights-v*.safetensors"):
             if path != self.weights_path(version):
                 path.unlink(missing_ok=True)

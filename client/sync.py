@@ -7,7 +7,9 @@ canonical factors, W <- W + D for one sent dense). When the client is far behind
 merged modules are smaller than the updates it lacks, the server answers with those merged
 modules instead and the client takes them as they are (catch-up without replay). Either way the
 new weights are built on a copy of the target modules' weights, so that the model moves from one
-version to the next as a whole or not at all, and persisted before the version pointer moves.
+version to the next as a whole or not at all, and persisted before the version pointer moves. A
+quantized base holds the cumulative update beside its weights instead (``flora.client.local_weights``):
+the same updates, folded into that sum, and never merged modules.
 
 Methods that warm-start (fedex, flora-warm, ffa, fedit, ...) also download the global LoRA the
 server keeps at the task's version; what the client trains from it is the method's ``start``
@@ -18,20 +20,19 @@ Nothing of it is merged: the model moves by global updates only, as the server's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
-import torch
 from torch import Tensor, nn
 
 from flora.client.connection import Connection, rpc_code, rpc_details
+from flora.client.local_weights import LocalWeights, as_local
 from flora.client.progress import Bar, Progress
 from flora.client.state import StateDir
 from flora.common.chunks import ChunkError
 from flora.common.lora import LoraAdapter
-from flora.common.merge import merged_update, module_weights
 from flora.common.payload import PayloadError, PayloadLimits, PayloadMeta, read_adapter, read_update, read_weights
 from flora.common.update import GlobalUpdate, ModuleUpdate, is_factors
 from flora.common.wire import ArtifactReceiver, part_path, resume_offset
@@ -57,30 +58,24 @@ def expected_shapes(spec: run_pb2.RunSpec) -> dict[str, tuple[int, int]]:
     return {m.name: (m.out_features, m.in_features) for m in spec.target_modules}
 
 
-def restore(model: nn.Module, state: StateDir, spec: run_pb2.RunSpec) -> int:
-    """Put the saved weights of the held version into a freshly loaded base model.
+def restore(model: nn.Module | LocalWeights, state: StateDir, spec: run_pb2.RunSpec) -> int:
+    """Put the saved state of the held version (merged weights, or the held cumulative update of a
+    quantized base) into a freshly loaded base model.
 
     Returns the version the model now holds; no download and no merge is needed for it.
     """
-    version = state.held_version(spec.run_id)
+    local = as_local(model, expected_shapes(spec))
+    version = state.held_version(spec.run_id, local.form)
     if version:
-        saved = state.load_weights(version, expected_shapes(spec))
-        _copy_into(model, saved)
-        log.info("event=restored version=%d", version)
+        local.restore(state.load_saved(version, expected_shapes(spec), local.form))
+        log.info("event=restored version=%d form=%s", version, local.form)
     return version
 
 
-def _copy_into(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
-    live = module_weights(model, sorted(weights))
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            live[name].copy_(tensor)
-
-
-def _checked(what: str, merge: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+def _checked(what: str, merge: Callable[[], None]) -> None:
     """Run a merge; a payload that does not fit the model becomes a SyncError naming it."""
     try:
-        return merge()
+        merge()
     except (KeyError, ValueError) as exc:
         raise SyncError(f"{what} cannot be merged: {exc}") from None
 
@@ -97,31 +92,42 @@ class Synchroniser:
 
     # --- flora ----------------------------------------------------------------------------------
 
-    def catch_up(self, model: nn.Module, held: int, required: int) -> int:
-        """Bring ``model`` from version ``held`` to ``required`` and persist; returns required."""
+    def catch_up(self, model: nn.Module | LocalWeights, held: int, required: int) -> int:
+        """Bring ``model`` from version ``held`` to ``required`` and persist; returns required.
+
+        A quantized base (``takes_merged`` false) never asks for merged modules: it replays updates.
+        """
         if required < held:
             raise SyncError(f"the model holds version {held} but the server's latest version is {required}")
         if required == held:
             return held
+        local = as_local(model, self._shapes)
         merged = self._state.artifact_path(MERGED, required)
         updates = [self._state.artifact_path(UPDATE, v) for v in range(held + 1, required + 1)]
-        self._verified(lambda: merged.exists() or all(p.exists() for p in updates), [merged, *updates],
-                       lambda: self._fetch_catch_up(held, required), f"versions {held + 1}..{required}")
-        if merged.exists():
-            weights = self._read_merged(required)
+        use_merged = lambda: local.takes_merged and merged.exists()  # noqa: E731
+        self._verified(lambda: use_merged() or all(p.exists() for p in updates), [merged, *updates],
+                       lambda: self._fetch_catch_up(held, required, local.takes_merged), f"versions {held + 1}..{required}")
+        if use_merged():
+            local.replace(self._read_merged(required))
             log.info("event=caught_up version=%d from=%d via=merged_modules", required, held)
         else:
-            weights = {name: w.detach().clone() for name, w in module_weights(model, sorted(self._shapes)).items()}
-            for version in range(held + 1, required + 1):
-                weights = self._merged_update(weights, self._read_update(version), version)
-        _copy_into(model, weights)
-        self._state.commit(self._spec.run_id, required, weights)
+            _checked(f"global updates v{held + 1}..v{required}", lambda: local.apply(self._updates(held, required)))
+        self._state.commit(self._spec.run_id, required, local.export(), local.form)
         return required
 
-    def _fetch_catch_up(self, held: int, required: int) -> None:
+    def _updates(self, held: int, required: int) -> Iterator[GlobalUpdate]:
+        """The validated updates of versions held+1..required, read one at a time as they are applied."""
+        for version in range(held + 1, required + 1):
+            update = self._read_update(version)
+            ranks = [part.a.shape[0] for part in update.values() if is_factors(part)]
+            log.info("event=merged artifact='global update v%d' factor_modules=%d dense_modules=%d max_rank=%s",
+                     version, len(ranks), len(update) - len(ranks), max(ranks, default="-"))
+            yield update
+
+    def _fetch_catch_up(self, held: int, required: int, allow_merged: bool = True) -> None:
         """One FetchGlobal attempt: resume merged modules already begun, else the updates not on disk."""
         merged = self._state.artifact_path(MERGED, required)
-        if part_path(merged).exists():
+        if allow_merged and part_path(merged).exists():
             try:
                 self._fetch(MERGED, required, required, resume_offset(merged))
             except grpc.RpcError as exc:
@@ -132,7 +138,7 @@ class Synchroniser:
                 part_path(merged).unlink(missing_ok=True)
             return
         start = next(v for v in range(held + 1, required + 1) if not self._state.artifact_path(UPDATE, v).exists())
-        self._fetch(UPDATE, start, required, resume_offset(self._state.artifact_path(UPDATE, start)), allow_merged=True)
+        self._fetch(UPDATE, start, required, resume_offset(self._state.artifact_path(UPDATE, start)), allow_merged=allow_merged)
 
     # --- warm starts ------------------------------------------------------------------------------
 
@@ -232,12 +238,3 @@ class Synchroniser:
             path.unlink(missing_ok=True)
             raise SyncError(f"{path.name}: metadata says {meta.kind} v{meta.version}, expected {_PAYLOAD_KINDS[kind]} v{version}")
         return loaded
-
-    @staticmethod
-    def _merged_update(weights: Mapping[str, Tensor], update: GlobalUpdate, version: int) -> dict[str, Tensor]:
-        """``weights`` with a downlink update merged in float32, as a new dict."""
-        merged = _checked(f"global update v{version}", lambda: merged_update(weights, update, precision=torch.float32))
-        ranks = [part.a.shape[0] for part in update.values() if is_factors(part)]
-        log.info("event=merged artifact='global update v%d' factor_modules=%d dense_modules=%d max_rank=%s",
-                 version, len(ranks), len(update) - len(ranks), max(ranks, default="-"))
-        return merged

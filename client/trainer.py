@@ -24,7 +24,8 @@ from peft.tuners.lora import LoraLayer
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from flora.common.basemodel import DEFAULT_TARGET_MODULES, target_module_shapes
+from flora.common.architectures import fan_in_fan_out
+from flora.common.basemodel import target_module_shapes
 from flora.common.devices import resolve_device
 from flora.common.data import IGNORE_INDEX, TokenizedExample, collate
 from flora.common.evaluate import autocast_context, evaluate_loss, shifted_targets, summed_token_loss
@@ -44,8 +45,8 @@ class TrainConfig(BaseModel):
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank r of this client")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * rank")
     rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r) instead of alpha / r")
-    target_modules: tuple[str, ...] = Field(
-        DEFAULT_TARGET_MODULES, min_length=1, description="suffixes of the linear layers to adapt"
+    target_modules: tuple[str, ...] | None = Field(
+        None, min_length=1, description="suffixes of the linear layers to adapt, or all-linear; default: the model family's"
     )
     max_steps: int = Field(0, ge=0, description="optimiser steps per round; 0 = run `epochs` epochs")
     epochs: int = Field(1, ge=1, description="passes over the local data when max_steps is 0")
@@ -190,7 +191,8 @@ def attached_lora(model: nn.Module, config: TrainConfig, device: torch.device) -
         r=config.rank,
         lora_alpha=config.lora_alpha,
         use_rslora=config.rslora,
-        target_modules=list(config.target_modules),
+        target_modules=sorted(expected),  # full names: exactly the layers resolved above
+        fan_in_fan_out=fan_in_fan_out(model, expected),
         lora_dropout=0.0,
         bias="none",
     )

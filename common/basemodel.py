@@ -13,18 +13,20 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from flora.common.architectures import ALL_LINEAR, layer_shape, logical_weight, model_type, target_suffixes
+from flora.common.architectures import DEFAULT_TARGET_MODULES  # noqa: F401 - importable here as before
+
 BUILTIN_MODEL = "flora-tiny-llama"
 # Bump when the recipe below changes, so that caches built by older code are never reused.
-_BUILTIN_REVISION = "v2-pretrained"  # the shipped pre-trained weights (flora.common.builtin_weights)
+# v2: the tokenizer has a chat template; v3: the shipped pre-trained weights (flora.common.builtin_weights)
+_BUILTIN_REVISION = "v3"
 _SEED = 20240905
-
-DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
@@ -41,8 +43,10 @@ def build_tokenizer():
     """A byte-level BPE tokenizer with no merges: every byte is a token, plus four specials.
 
     Byte-level means any text round-trips with no unknown tokens, and building it needs no
-    training corpus, so it is identical everywhere.
+    training corpus, so it is identical everywhere. Its small chat template lets ``--template
+    chat`` run on the built-in model.
     """
+    from flora.common.data.chat import BUILTIN_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -62,6 +66,7 @@ def build_tokenizer():
         pad_token=PAD,
         unk_token=UNK,
         model_max_length=1024,
+        chat_template=BUILTIN_CHAT_TEMPLATE,
     )
 
 
@@ -155,22 +160,25 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     return model.to(device).eval()
 
 
-def target_module_shapes(model: nn.Module, target_modules: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """Map every linear layer whose name ends with a target suffix to its (out, in) shape.
+def target_module_shapes(model: nn.Module, target_modules: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Map every linear (or Conv1D) layer whose name ends with a target suffix to its (out, in) shape.
 
-    Suffixes match on whole name components, the way PEFT's ``target_modules`` does: "q_proj"
-    matches "model.layers.0.self_attn.q_proj" but not "model.layers.0.self_attn.xq_proj".
+    ``target_modules`` as the settings give it: None for the family's default, ``["all-linear"]``,
+    or suffixes (``flora.common.architectures.target_suffixes``). Suffixes match on whole name
+    components, the way PEFT's ``target_modules`` does: "q_proj" matches
+    "model.layers.0.self_attn.q_proj" but not "model.layers.0.self_attn.xq_proj".
     """
-    suffixes = tuple(target_modules)
+    suffixes = target_suffixes(model, target_modules)
     if not suffixes:
         raise ValueError("target_modules: at least one module suffix is required")
     shapes = {
-        name: (module.out_features, module.in_features)
+        name: shape
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+        if (shape := layer_shape(module)) is not None and any(name == s or name.endswith("." + s) for s in suffixes)
     }
     if not shapes:
-        raise ValueError(f"target_modules: no linear layer of the model matches any of {list(suffixes)}")
+        raise ValueError(f"target_modules: no linear layer of the {model_type(model) or 'given'} model matches any of "
+                         f"{list(suffixes)} (name its layers' suffixes, or {ALL_LINEAR})")
     return dict(sorted(shapes.items()))
 
 
@@ -181,11 +189,11 @@ def fingerprint(model: nn.Module, module_names: Iterable[str]) -> str:
     would silently diverge, so a mismatch must fail before any training. Values are hashed as
     float32 so that a server holding a bfloat16 checkpoint in bfloat16 and a client holding it
     in float32 agree (the cast is exact); weights that differ after rounding still disagree.
+    Weights are hashed as (out, in) whatever the layer stores (``architectures.logical_weight``).
     """
     digest = hashlib.sha256()
-    modules = dict(model.named_modules())
     for name in sorted(module_names):
-        weight = modules[name].weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        weight = logical_weight(model.get_submodule(name)).to(device="cpu", dtype=torch.float32).contiguous()
         digest.update(f"{name}:{tuple(weight.shape)}\n".encode())
         digest.update(weight.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

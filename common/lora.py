@@ -10,6 +10,7 @@ all this one type.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -105,7 +106,19 @@ def seeded_lora(shapes: Mapping[str, tuple[int, int]], rank: int, scaling: float
     generator = torch.Generator().manual_seed(seed)
     pairs = {}
     for name, (d_out, d_in) in sorted(shapes.items()):
-        a = torch.empty(rank, d_in)  # (r, d_in)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        pairs[name] = LoraPair(a, torch.zeros(d_out, rank))  # B: (d_out, r)
+        pairs[name] = LoraPair(fresh_a(rank, d_in, generator), torch.zeros(d_out, rank))  # B: (d_out, r)
     return LoraAdapter(pairs, scaling)
+
+
+def fresh_a(rows: int, d_in: int, generator: torch.Generator) -> Tensor:
+    """Rows of A as PEFT initialises them: Kaiming-uniform with a = sqrt(5), i.e. uniform in
+    +-1/sqrt(d_in). Beside a zero B they leave the product unchanged and still train (B's gradient
+    is not zero), which two zero factors never do."""
+    a = torch.empty(rows, d_in)  # (r, d_in)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
+def module_seed(name: str, rank: int) -> int:
+    """A seed from a module's name and a rank alone: server and clients draw the same factors."""
+    return zlib.crc32(f"{name}:{rank}".encode())

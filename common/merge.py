@@ -1,17 +1,20 @@
 """Merging a LoRA adapter into base weights: W <- W + s B A, computed in float32, cast back.
 
 The arithmetic is a pure function over {module name: weight} so that the server, the clients
-and offline tools all merge the same way, with or without a model object.
+and offline tools all merge the same way, with or without a model object. Every weight here is
+(out, in); a layer that stores its weight transposed (GPT-2's Conv1D) is handed in as a
+transposed view (``module_weights``), so W + s B A lands in it as (W^T + s B A)^T.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from flora.common.architectures import logical_weight
 from flora.common.lora import LoraAdapter
 from flora.common.update import GlobalUpdate, ModuleUpdate, is_factors, module_shape
 
@@ -123,8 +126,9 @@ def _finite(name: str, new: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def module_weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
-    """The live weight tensors of the named linear modules of ``model``."""
-    return {name: model.get_submodule(name).weight for name in names}
+    """The live weights of the named layers of ``model``, each (out, in) and sharing its storage:
+    what is copied into them is in the model (``architectures.logical_weight``)."""
+    return {name: logical_weight(model.get_submodule(name)) for name in names}
 
 
 def merge_into_model(model: nn.Module, adapter: LoraAdapter, precision: torch.dtype = torch.float32) -> None:
@@ -137,13 +141,20 @@ def merge_into_model(model: nn.Module, adapter: LoraAdapter, precision: torch.dt
 
 
 def merge_into_state_dict(
-    state_dict: Mapping[str, Tensor], adapter: LoraAdapter, precision: torch.dtype = torch.float32
+    state_dict: Mapping[str, Tensor], adapter: LoraAdapter, precision: torch.dtype = torch.float32,
+    transposed: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """A copy of a Hugging Face state dict (keys "<module>.weight") with ``adapter`` merged in."""
-    weights = {name: state_dict[f"{name}.weight"] for name in adapter.module_names if f"{name}.weight" in state_dict}
+    """A copy of a Hugging Face state dict (keys "<module>.weight") with ``adapter`` merged in.
+
+    ``transposed`` names the modules whose stored weight is (in, out) (Conv1D, ``fan_in_fan_out``).
+    """
+    def oriented(name: str, weight: Tensor) -> Tensor:
+        return weight.T if name in transposed else weight
+
+    weights = {name: oriented(name, state_dict[f"{name}.weight"]) for name in adapter.module_names if f"{name}.weight" in state_dict}
     merged = merged_weights(weights, adapter, precision)
     out = dict(state_dict)
-    out.update({f"{name}.weight": w for name, w in merged.items()})
+    out.update({f"{name}.weight": oriented(name, w).contiguous() for name, w in merged.items()})
     return out
 
 

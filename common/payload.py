@@ -17,10 +17,13 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import secrets
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from flora.common.chunks import file_sha256, fsync_file, publish, source_size
 from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.oserrors import errno_in_text
 from flora.common.payload_header import (
     ALLOWED_DTYPES,
     DTYPE_NAMES,
@@ -126,11 +130,8 @@ def check_adapter(
     Without ``with_a`` the file must hold B alone (the run's method freezes A).
     """
     header, meta = _adapter_header(path, expected, rank, limits, with_a)
-    try:
-        with safe_open(path, framework="pt", device="cpu"):
-            pass
-    except SafetensorError as err:
-        raise PayloadError(f"safetensors refused the payload: {err}") from None
+    with open_safetensors(path):
+        pass
     _check_file_finite(path, header)
     return meta
 
@@ -297,16 +298,37 @@ def _canonical_header(raw: bytes) -> bytes:
 # --- loading ----------------------------------------------------------------------------------
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` of a file (mmapped, on the CPU), failing as what went wrong.
+
+    safetensors reports every file it cannot open as "No such file or directory" (out of file
+    descriptors too) and an OS error while reading as a ``SafetensorError`` text: the first is
+    raised as the OS's own error, the second as the ``OSError`` it names. Only what is wrong
+    with the bytes is a ``PayloadError``: a full disk or an fd limit is never the payload's fault.
+    """
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            yield file
+    except FileNotFoundError:
+        os.close(os.open(path, os.O_RDONLY))  # raises the real reason the file did not open, if any
+        raise
+    except SafetensorError as err:
+        if (code := errno_in_text(str(err))) is not None:
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise PayloadError(f"safetensors refused the payload: {err}") from None
+
+
 def _load(source: bytes | Path, header: Header) -> dict[str, Tensor]:
     """Load the validated tensors; a file goes through safe_open so that it is mmapped, not read."""
-    try:
-        if isinstance(source, Path):
-            with safe_open(source, framework="pt", device="cpu") as file:
-                tensors = {name: file.get_tensor(name) for name in header.tensors}
-        else:
+    if isinstance(source, Path):
+        with open_safetensors(source) as file:
+            tensors = {name: file.get_tensor(name) for name in header.tensors}
+    else:
+        try:
             tensors = load_bytes(bytes(source))
-    except SafetensorError as err:
-        raise PayloadError(f"safetensors refused the payload: {err}") from None
+        except SafetensorError as err:
+            raise PayloadError(f"safetensors refused the payload: {err}") from None
     for name, info in header.tensors.items():
         tensor = tensors[name]
         # The header was validated separately; a file swapped in between must not slip through.

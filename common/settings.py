@@ -50,6 +50,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseMode
     """Add one flag per field of ``model`` (default None, so unset flags do not override lower layers).
 
     ``aliases`` maps a field to an extra flag spelling, e.g. {"server_address": "--server"}.
+    A list field's flag may be repeated, each value comma-separated: ``--field a=b --field c=d``.
     """
     for name, field in model.model_fields.items():
         flags = [flag_name(name)] + ([aliases[name]] if name in aliases else [])
@@ -58,7 +59,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseMode
         if _is_bool(field.annotation):
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
+            action = "append" if _is_sequence(field.annotation) else "store"
+            parser.add_argument(*flags, dest=name, action=action, default=None, metavar=name.upper(), help=help_text)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -114,7 +116,10 @@ def load_settings(
         values = {k: _from_text(model, k, v) if k in model.model_fields else v for k, v in read_config_file(config_file).items()}
         layers.append((f"config file {config_file}", values))
     layers.append(("environment", environment_values(model, env_prefix, environ)))
-    cli = {k: _from_text(model, k, v) for k, v in (flags or {}).items() if v is not None and k in model.model_fields}
+    cli = {
+        k: _from_text(model, k, ",".join(v) if isinstance(v, list) else v)  # a repeated list flag
+        for k, v in (flags or {}).items() if v is not None and k in model.model_fields
+    }
     layers.append(("command line", cli))
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from flora.common.basemodel import fingerprint, load_model, load_tokenizer, target_module_shapes
-from flora.common.data import TokenizedExample, load_examples, tokenize_examples
+from flora.common.architectures import fan_in_fan_out, target_suffixes
+from flora.common.basemodel import fingerprint, target_module_shapes
 from flora.common.evaluate import evaluate_loss
 from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
@@ -49,6 +49,7 @@ from flora.common.update import ModuleUpdate, cumulative_factors
 from flora.common.weights import client_weights
 from flora.server.config import ServerSettings
 from flora.server.export import save_checkpoint
+from flora.server.inputs import ConfigurationError, load_base, load_validation
 from flora.server.layout import Layout
 from flora.server.store import Artifact, Submission
 from flora.server.uploads import is_rslora
@@ -92,26 +93,20 @@ class Aggregator:
         self.method = settings.aggregation
         self.device = resolve_device(settings.merge_device)
         self.precision = DTYPES[settings.precision]
-        self.model = load_model(settings.base_model, DTYPES[settings.model_dtype], self.device)
-        self.tokenizer = load_tokenizer(settings.base_model)
-        self.shapes = target_module_shapes(self.model, settings.target_modules)
+        self.model, self.tokenizer = load_base(settings, DTYPES[settings.model_dtype], self.device)
+        try:
+            self.target_modules = target_suffixes(self.model, settings.target_modules)  # the family's default, all-linear expanded
+            self.shapes = target_module_shapes(self.model, self.target_modules)
+        except ValueError as err:  # it names target_modules
+            raise ConfigurationError(str(err)) from None
         self.fingerprint = fingerprint(self.model, self.shapes)
         self.limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.base_norm = weights_norm(module_weights(self.model, list(self.shapes)))  # the same limit after every restart
         self.kept: LoraAdapter | None = None  # the method's global LoRA at the current version, as served
         self.remainder: dict[str, ModuleUpdate] = {}  # what earlier lossy downlinks did not send
-        self.validation = self._validation_data()
+        self.validation = load_validation(settings, self.tokenizer)
         log.info("model %s on %s: %d target modules, fingerprint %s",
                  settings.base_model, self.device, len(self.shapes), self.fingerprint[:12])
-
-    def _validation_data(self) -> list[TokenizedExample] | None:
-        settings = self.settings
-        if not settings.validation_data:
-            return None
-        examples = load_examples(settings.validation_data, settings.validation_template)
-        return tokenize_examples(
-            examples, self.tokenizer, cutoff=settings.validation_cutoff, mask_prompt=settings.validation_mask_prompt
-        )
 
     @property
     def max_update_norm(self) -> float:
@@ -298,8 +293,8 @@ class Aggregator:
         bounded by min(d_out, d_in) however many rounds ran.
         """
         updates = (read_update(self.layout.downlink(v), self.shapes)[0] for v in range(1, version + 1))
-        return {"adapter": cumulative_factors(updates), "target_modules": self.settings.target_modules,
-                "base_model": self.settings.base_model}
+        return {"adapter": cumulative_factors(updates), "target_modules": self.target_modules,
+                "base_model": self.settings.base_model, "fan_in_fan_out": fan_in_fan_out(self.model, self.shapes)}
 
     def evaluate(self) -> float | None:
         """Loss of the global model on the validation data, when the run has any."""

@@ -10,9 +10,10 @@ commit, and close the database.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
-import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -63,10 +64,28 @@ def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
             )
             port = server.add_secure_port(address, credentials)
     except (OSError, RuntimeError) as err:
-        raise StartupError(f"cannot listen on {address}: {err}") from None
+        raise StartupError(f"cannot listen on {address}: {_bind_failure(settings) or err}") from None
     if port == 0:
-        raise StartupError(f"cannot listen on {address}")
+        raise StartupError(f"cannot listen on {address}: {_bind_failure(settings) or 'gRPC refused the address'}")
     return port
+
+
+def _bind_failure(settings: ServerSettings) -> str | None:
+    """Why the OS refuses the address ("address already in use"), which gRPC's error does not say."""
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        return f"cannot resolve host {settings.host!r} ({err.strerror or err})"
+    for family, kind, proto, _, where in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(where)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    return "address already in use (another flora-server, or another program, listens there)"
+                return err.strerror or str(err)
+    return None
 
 
 def _serve_metrics(metrics: Metrics, settings: ServerSettings):
@@ -94,21 +113,24 @@ async def _wait_for_stop(stop: asyncio.Event, driver: RoundDriver, settings: Ser
             pass
 
 
-async def _listen(settings: ServerSettings, coordinator: Coordinator, driver: RoundDriver) -> None:
+def _grpc_server(settings: ServerSettings, credentials: Credentials, metrics: Metrics | None) -> grpc.aio.Server:
+    """The gRPC server with its options and interceptors, no service yet (they need the run)."""
     limit = 2 * settings.chunk_size + (1 << 20)  # a piece plus its header, with room to spare
-    metrics = Metrics() if settings.metrics_port is not None else None
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+               ("grpc.so_reuseport", 0)]  # gRPC's default would let a second server share the port silently
     if settings.stream_window_bytes:  # a fixed window: no growth past it by grpc's bandwidth-delay probe
         options += [("grpc.http2.lookahead_bytes", settings.stream_window_bytes), ("grpc.http2.bdp_probe", 0)]
-    server = grpc.aio.server(
-        interceptors=[*([MetricsInterceptor(metrics)] if metrics else []), AuthInterceptor(coordinator.credentials),
-                      PieceViews()],
+    return grpc.aio.server(
+        interceptors=[*([MetricsInterceptor(metrics)] if metrics else []), AuthInterceptor(credentials), PieceViews()],
         options=options,
     )
+
+
+async def _listen(server: grpc.aio.Server, port: int, settings: ServerSettings, coordinator: Coordinator,
+                  driver: RoundDriver, metrics: Metrics | None) -> None:
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = _bind(server, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -152,20 +174,28 @@ async def serve(settings: ServerSettings) -> None:
         registry = Registry(settings.client_registry) if settings.client_registry is not None else None
     except RegistryError as err:
         raise StartupError(str(err)) from None
-    layout = Layout(state_dir_path(settings))
-    layout.create()
-    shutil.rmtree(layout.tmp, ignore_errors=True)  # uploads in flight when the last process died
-    layout.tmp.mkdir()
-    store = Store(layout.database)
+    credentials = Credentials(_secret(settings.enrollment_token), _secret(settings.operator_token), registry)
+    metrics = Metrics() if settings.metrics_port is not None else None
+    server = _grpc_server(settings, credentials, metrics)
+    port = _bind(server, settings)  # first: a port in use fails at once, with nothing loaded or written
     try:
+        layout = Layout(state_dir_path(settings))
+        # The model and the validation data before the state directory: their errors leave nothing behind.
         aggregator = await asyncio.to_thread(Aggregator, settings, layout)
+        layout.create()
+        layout.empty_tmp()
+        store = Store(layout.database)
+    except BaseException:
+        await server.stop(None)
+        raise
+    try:
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
         driver = RoundDriver(settings, layout, store, aggregator, machine)
-        credentials = Credentials(_secret(settings.enrollment_token), _secret(settings.operator_token), registry)
         coordinator = Coordinator(settings, layout, store, driver, run, credentials)
         operators.load_revocations(coordinator)
-        await _listen(settings, coordinator, driver)
+        await _listen(server, port, settings, coordinator, driver, metrics)
     finally:
+        await server.stop(None)  # at once if it never started (or has stopped already)
         store.close()
     log.info("stopped cleanly")

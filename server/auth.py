@@ -141,6 +141,9 @@ class Credentials:
                     "client's own token) as 'authorization: Bearer <token>'")
         if call == "Status" and self.is_operator(token):
             return None
+        if call == "Status":  # an operator's call as often as a client's: name both tokens, not "join"
+            return ("Status needs the server's operator token (operator.toml of the operator kit, or --operator-token "
+                    "of flora-server) or a joined client's own token; this one is neither")
         if token is None:
             return f"{call} needs 'authorization: Bearer <client token>' metadata; call Join first"
         return f"{call}: unknown or revoked token; join again to get a valid one"

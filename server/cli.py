@@ -3,6 +3,9 @@
     flora-server --config server.toml --port 0
     FLORA_ENROLLMENT_TOKEN=... flora-server --state-dir /var/lib/flora --rounds 10
     flora-server --config server.toml --print-config
+
+Exit status 2, with one line naming the setting, for a configuration the server cannot start
+with (settings, base model, validation data, port, state directory); nothing is written then.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import sys
 from pathlib import Path
 
 from flora.common.settings import SettingsError, add_settings_arguments, load_settings, render_settings
+from flora.server import handshakes
 from flora.server.config import ENV_PREFIX, ServerSettings
 
-log = logging.getLogger("flora.server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,15 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     if print_config:
         sys.stdout.write(render_settings(settings))
         return
+    if settings.tls_cert is not None:
+        handshakes.install()  # before grpc's import: failed handshakes logged with the peer, in words
     setup_logging(settings.log_level)
     from flora.server.app import serve  # heavy imports (torch, transformers) only when serving
+    from flora.server.inputs import ConfigurationError
     from flora.server.startup import StartupError
 
     try:
         asyncio.run(serve(settings))
-    except StartupError as err:
-        log.error("%s", err)
-        sys.exit(1)
+    except (ConfigurationError, StartupError) as err:  # a setting to change: one line, as the client's
+        print(f"flora-server: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, fi
 
 from flora.common.addresses import is_loopback
 from flora.common.methods import METHODS, AggregationMethod, get_method
-from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES
+from flora.common.architectures import check_target_names
+from flora.common.basemodel import BUILTIN_MODEL
+from flora.common.data import DATA_FORMATS
+from flora.common.data.readers import check_sources
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
 from flora.common.robust import RobustPolicy
@@ -71,9 +74,9 @@ class ServerSettings(BaseModel):
         BUILTIN_MODEL, min_length=1,
         description="base model: Hugging Face Hub id, local directory or the built-in name",
     )
-    target_modules: list[str] = Field(
-        list(DEFAULT_TARGET_MODULES), min_length=1,
-        description="suffixes of the linear layers LoRA adapts",
+    target_modules: list[str] | None = Field(
+        None, min_length=1,
+        description="suffixes of the linear layers LoRA adapts, or all-linear; default: the model family's (q_proj,v_proj; c_attn for GPT-2, qkv_proj for Phi-3)",
     )
     model_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -198,14 +201,19 @@ class ServerSettings(BaseModel):
         description="save a merged Hugging Face checkpoint every N rounds (0 = only at the end; the last round always)",
     )
     # --- evaluation -----------------------------------------------------------------------
-    validation_data: list[Path] = Field(
+    validation_data: list[str] = Field(
         [],
-        description="JSON/JSONL instruction data files (comma-separated) to evaluate the global model on after every round",
+        description="data to evaluate the global model on after every round, comma-separated: JSON, JSONL, CSV or "
+        "parquet files, save_to_disk folders or cached Hugging Face data sets (as flora-client's --data)",
     )
     validation_template: str = Field(
         "alpaca", min_length=1,
-        description="prompt template of validation_data: alpaca, plain or a format string",
+        description="prompt template of validation_data: chat (the tokenizer's chat template), alpaca, plain or a format string",
     )
+    validation_data_format: Literal[DATA_FORMATS] = Field(
+        "auto", description="record form of validation_data; auto: detected per file")
+    validation_field: list[str] = Field(
+        [], description="column mapping of validation_data FORM_KEY=YOUR_KEY, e.g. instruction=question (repeatable)")
     validation_cutoff: int = Field(256, ge=2, le=131072, description="tokens per validation example")
     validation_batch_size: int = Field(8, ge=1, le=4096, description="examples per evaluation batch")
     validation_mask_prompt: bool = Field(False, description="score only the response tokens of validation examples")
@@ -238,12 +246,17 @@ class ServerSettings(BaseModel):
         Selection.parse(text)  # raises ValueError naming the allowed forms
         return text
 
+    @field_validator("validation_data", mode="before")
+    @classmethod
+    def _known_sources(cls, value: object) -> object:
+        return check_sources(value)
+
     @field_validator("target_modules")
     @classmethod
-    def _module_suffixes(cls, value: list[str]) -> list[str]:
-        for suffix in value:
-            if not suffix or not all(part.isidentifier() or part.isdigit() for part in suffix.split(".")):
-                raise ValueError(f"target module suffix {suffix!r} is not a dotted module name")
+    def _module_suffixes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        check_target_names(value)
         return sorted(set(value))
 
     @field_validator("enrollment_token", "operator_token")

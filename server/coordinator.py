@@ -93,6 +93,7 @@ class Coordinator:
         self.clients = {c.id: c for c in store.clients()}
         self._names = {c.name: c.id for c in self.clients.values()}
         self._last_submitted = store.last_submitted_rounds()
+        self._told_finished: set[str] = set()  # clients that NextTask told FINISHED: done, not lost once gone
         self._limits = PayloadLimits(max_bytes=settings.max_update_bytes, max_rank=settings.max_rank)
         self.stopping = False
         for client in self.clients.values():
@@ -121,7 +122,7 @@ class Coordinator:
         """The run, for a client to check its base model against before it joins."""
         return pb.GetRunReply(run=self.spec, global_version=self.machine.version)
 
-    def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
+    async def join(self, request: pb.JoinRequest, token: str | None) -> pb.JoinReply:
         """Register a new client or recognise a returning one (protos/PROTOCOL.md, Identity)."""
         name, caps = request.client_name, request.capabilities
         if not CLIENT_NAME.fullmatch(name):
@@ -150,15 +151,29 @@ class Coordinator:
                 )
             client = ClientRecord(id=secrets.token_hex(8), name=name, token_sha256=token_digest(token), joined=now,
                                   **self._capability_fields(caps))
-            self.store.add_client(client)
+            await self._add_durably(client)
             self.credentials.register(client.id, client.token_sha256)
-            self._names[name] = client.id
         self.clients[client.id] = client
         log.info("client %s (%s) %s: rank %d, alpha %g, %d examples, %s", client.name, client.id,
                  "rejoined" if returning else "joined", client.rank, client.alpha, client.num_examples, client.device or "?")
         self.machine.joined(client.id, now)
         self.driver.advance()
         return pb.JoinReply(client_id=client.id, client_token=token, run=self.spec, global_version=self.machine.version)
+
+    async def _add_durably(self, client: ClientRecord) -> None:
+        """Record a new client on disk before anything else sees it; a failure leaves no trace.
+
+        The name is held meanwhile (a second Join of it is refused as taken); if the row cannot
+        be made durable it is deleted again, so the refused Join's retry finds the name free.
+        """
+        self.store.add_client(client)  # raises with nothing written
+        self._names[client.name] = client.id
+        try:
+            await asyncio.to_thread(self.store.sync)  # the fsync off the loop
+        except BaseException:
+            del self._names[client.name]
+            self.store.forget_client(client.id)
+            raise
 
     @staticmethod
     def _capability_fields(caps: pb.Capabilities) -> dict:
@@ -212,6 +227,7 @@ class Coordinator:
                         hints=self.spec.hints, global_lora_version=task.required_version if warm else 0,
                         start_from_global_lora=warm))
                 if isinstance(task, Finished):
+                    self._told_finished.add(client_id)
                     return pb.Task(finished=pb.FinishedTask(final_version=task.version))
                 remaining = until - loop.time()
                 if remaining <= 0 or self.stopping:
@@ -275,6 +291,8 @@ class Coordinator:
         current = self.machine.current
         if client.left:
             return "left"
+        if client.id in self._told_finished:
+            return "finished"
         if not self.machine.is_connected(client.id, now):
             return "lost"
         if current is not None and client.id in current.accepted:
@@ -376,11 +394,13 @@ class Coordinator:
             return pb.SubmitReply(accepted=True, round=header.round, message=f"update accepted for round {header.round}")
 
     def _check_not_excluded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> None:
-        """An update a failed aggregation excluded is not taken again (it would fail again)."""
-        for client, sha256, reason in self.store.exclusions(header.round):
-            if (client, sha256) == (client_id, header.sha256):
-                raise FailedPrecondition(f"round {header.round}: this update (sha256 {sha256[:12]}) was excluded "
-                                         f"from the round's aggregation: {reason[:300]}")
+        """An update a failed aggregation excluded for failing on its own is not taken again (it
+        would fail again). One excluded with every other because none failed alone is: its
+        client retrains the reopened round with the same seed, to the same bytes."""
+        reason = self.store.blamed(header.round).get((client_id, header.sha256))
+        if reason is not None:
+            raise FailedPrecondition(f"round {header.round}: this update (sha256 {header.sha256[:12]}) was excluded "
+                                     f"from the round's aggregation: {reason[:300]}")
 
     def _allowed(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
         return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())

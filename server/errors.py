@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import sqlite3
 
+from flora.common.oserrors import chain, os_errno
+
 # errno values that mean the disk (or a quota on it) is full, and that the process or the system
 # is out of file descriptors: both pass once an operator (or time) frees some.
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -63,20 +65,24 @@ class Internal(Refusal):
 def resource_refusal(error: BaseException) -> Refusal | None:
     """The refusal for a server that ran out of disk space or file descriptors, else None.
 
-    One place decides what a full disk (``OSError`` ENOSPC/EDQUOT, SQLite's "database or disk is
-    full") and fd exhaustion (EMFILE/ENFILE, SQLite's "unable to open database file") look like
-    to a client: a status it retries with backoff and a message that says what ran out.
+    One place decides what a full disk (ENOSPC/EDQUOT, SQLite's "database or disk is full") and
+    fd exhaustion (EMFILE/ENFILE, SQLite's "unable to open database file") look like to a client:
+    a status it retries with backoff and a message that says what ran out. The error is
+    recognised by what it is wherever it was raised (``flora.common.oserrors``): safetensors and
+    torch report an OS error as text, and a wrapper carries it as its cause.
     """
-    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+    code = os_errno(error)
+    if code in _DISK_FULL:
         return ResourceExhausted("the server's disk is full; nothing of this request was recorded: retry later")
-    if isinstance(error, OSError) and error.errno in _NO_FILES:
+    if code in _NO_FILES:
         return Unavailable("the server has run out of file descriptors; nothing of this request was recorded: retry later")
-    if isinstance(error, sqlite3.OperationalError):
-        text = str(error).lower()
-        if "full" in text:
-            return ResourceExhausted("the server's database disk is full; nothing of this request was recorded: retry later")
-        if "unable to open" in text or "locked" in text or "disk i/o" in text:
-            return Unavailable("the server's database is unavailable (its log has the cause); retry later")
+    for link in chain(error):
+        if isinstance(link, sqlite3.OperationalError):
+            text = str(link).lower()
+            if "full" in text:
+                return ResourceExhausted("the server's database disk is full; nothing of this request was recorded: retry later")
+            if "unable to open" in text or "locked" in text or "disk i/o" in text:
+                return Unavailable("the server's database is unavailable (its log has the cause); retry later")
     return None
 
 

@@ -75,13 +75,15 @@ def save_peft_adapter(
     base_model: str,
     alpha: float | None = None,
     rslora: bool = False,
+    fan_in_fan_out: bool = False,
 ) -> None:
     """A PEFT LoRA adapter folder (``PeftModel.from_pretrained`` loads it) holding ``adapter``.
 
     A ``LoraAdapter`` (one rank): ``alpha`` and ``rslora`` must reproduce its scaling under
     PEFT's rule (alpha / r or alpha / sqrt(r)). A mapping of factor pairs (scaling 1, a rank per
     module, e.g. canonical factors): each module gets its own rank and alpha = rank through PEFT's
-    ``rank_pattern`` and ``alpha_pattern``. The factors are written as they are.
+    ``rank_pattern`` and ``alpha_pattern``. The factors are written as they are: A (r, in) and
+    B (out, r) whatever the layer stores; ``fan_in_fan_out`` tells PEFT the layers store (in, out).
     """
     from peft import LoraConfig  # imported here: peft takes seconds to import and only exports need it
 
@@ -100,7 +102,7 @@ def save_peft_adapter(
     folder.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
         target_modules=list(target_modules), lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
-        task_type="CAUSAL_LM", **options,
+        task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out, **options,
     )
     config.save_pretrained(str(folder))
     tensors = {}

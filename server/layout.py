@@ -23,6 +23,7 @@ A round's stacked factors are never written as such and never served: the accept
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,15 @@ class Layout:
         """Make every folder (idempotent)."""
         for folder in (self.root, self.tmp, *(self.root / name for name in ARTIFACT_FOLDERS), self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def empty_tmp(self) -> None:
+        """Remove what uploads in flight left in tmp/ when the last process died. The folder
+        itself stays: on a full disk a new one may not be creatable, and the server must start."""
+        for path in self.tmp.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def update(self, round_number: int, client_id: str, sha256: str) -> Path:
         """Final place of an accepted update."""

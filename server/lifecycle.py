@@ -220,13 +220,15 @@ class RoundDriver:
     ) -> bool:
         """Take the updates at fault out of the round; False when none is left (round abandoned)."""
         log.error("round %d: aggregation failed (%s: %s); checking each update alone", number, type(error).__name__, error)
-        reasons = await asyncio.to_thread(self.aggregator.faulty, submissions)
-        if not reasons:
-            detail = f"the round failed to aggregate ({type(error).__name__}: {str(error)[:200]}) and no single update is at fault"
-            reasons = {s.client_id: detail for s in submissions}
-        abandon = len(reasons) >= len(submissions)
         try:
-            removed = self.store.exclude_submissions(number, attempt, reasons, abandon, time.time())
+            reasons = await asyncio.to_thread(self.aggregator.faulty, submissions)
+            blameless = not reasons  # then the same update is taken again in the next attempt
+            if blameless:
+                detail = (f"the round failed to aggregate ({type(error).__name__}: {str(error)[:200]}) "
+                          "and no single update is at fault")
+                reasons = {s.client_id: detail for s in submissions}
+            abandon = len(reasons) >= len(submissions)
+            removed = self.store.exclude_submissions(number, attempt, reasons, abandon, time.time(), blameless)
         except Exception as failure:  # noqa: BLE001
             if not is_resource_failure(failure):
                 raise

@@ -89,9 +89,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         async with refusals(context, "Join"):
-            reply = self._coordinator.join(request, _token(context))
-            await self._durable()
-            return reply
+            return await self._coordinator.join(request, _token(context))  # durable before it returns
 
     async def NextTask(self, request: pb.NextTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         async with refusals(context, "NextTask"):

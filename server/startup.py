@@ -14,6 +14,7 @@ import resource
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from flora.server.aggregator import Aggregator
@@ -39,9 +40,10 @@ class StartupError(RuntimeError):
     """The server cannot start with this configuration and state directory; the message says why."""
 
 
-def defining_settings(settings: ServerSettings) -> dict:
-    """The run-defining settings as stored with the run."""
-    dumped = settings.model_dump(mode="json")
+def defining_settings(settings: ServerSettings, target_modules: Sequence[str]) -> dict:
+    """The run-defining settings as stored with the run, with the target modules as resolved on
+    the model (an unset setting is the family's default, all-linear its layers' suffixes)."""
+    dumped = {**settings.model_dump(mode="json"), "target_modules": sorted(target_modules)}
     return {key: dumped[key] for key in RUN_DEFINING}
 
 
@@ -52,14 +54,14 @@ def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator:
         artifacts, loss = aggregator.initial()
         run = RunRecord(
             run_id=uuid.uuid4().hex, base_model=settings.base_model, base_model_hash=aggregator.fingerprint,
-            method=settings.method, target_modules=sorted(aggregator.shapes), settings=defining_settings(settings),
+            method=settings.method, target_modules=sorted(aggregator.shapes), settings=defining_settings(settings, aggregator.target_modules),
             version=0, created=time.time(),
         )
         record = None if loss is None else {"round": 0, "version": 0, "validation_loss": loss, "committed_unix": run.created}
         store.create_run(run, artifacts, record)
         log.info("created run %s in %s", run.run_id, layout.root)
         return run
-    check_same_run(run, settings, aggregator.fingerprint)
+    check_same_run(run, settings, aggregator.target_modules, aggregator.fingerprint)
     if store.artifact("merged", run.version) is None:
         raise StartupError(
             f"the state directory holds a {run.method} run of an earlier release, which kept the global LoRA "
@@ -71,16 +73,19 @@ def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator:
         except UpgradeError as exc:
             raise StartupError(str(exc)) from None
     remove_orphans(layout, store, run.version)
-    write_history(layout.history, store.history())  # it may lag the database after a crash
+    try:
+        write_history(layout.history, store.history())  # it may lag the database after a crash
+    except OSError as err:  # a full disk: serve what can be served and wait for space
+        log.error("history.jsonl could not be rewritten (%s); it is rewritten at the next commit", err)
     artifacts = {kind: store.artifact(kind, run.version) for kind in ("global", "merged", "remainder", "lora")}
     aggregator.restore(run.version, {k: a for k, a in artifacts.items() if a is not None})
     log.info("resuming run %s at version %d", run.run_id, run.version)
     return run
 
 
-def check_same_run(run: RunRecord, settings: ServerSettings, model_hash: str) -> None:
+def check_same_run(run: RunRecord, settings: ServerSettings, target_modules: Sequence[str], model_hash: str) -> None:
     """Refuse a configuration that contradicts the stored run, naming every difference."""
-    stored, wanted = run.settings, defining_settings(settings)
+    stored, wanted = run.settings, defining_settings(settings, target_modules)
     diffs = [
         f"{key}: stored {stored.get(key)!r}, configured {wanted[key]!r}" for key in RUN_DEFINING if stored.get(key) != wanted[key]
     ]

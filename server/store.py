@@ -27,6 +27,7 @@ once read; any write through this store empties that memory, so it never disagre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from flora.server.rounds import Round, RoundState
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -68,7 +71,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE TABLE IF NOT EXISTS exclusions (
     round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, reason TEXT NOT NULL,
-    excluded REAL NOT NULL, PRIMARY KEY (round, client_id, sha256)
+    excluded REAL NOT NULL, blameless INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, client_id, sha256)
 );
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
@@ -172,20 +175,41 @@ class Store:
         self._cache: dict[tuple, Any] = {}  # read results kept until the next write
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._wal = Path(f"{path}-wal")
+        self._wal_fd: int | None = None
         journal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         # Durable commits fsync the WAL themselves; a filesystem without WAL keeps SQLite's own fsyncs.
         self._db.execute("PRAGMA synchronous=NORMAL" if journal == "wal" else "PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a state directory was created (a no-op, and no write, once present)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(exclusions)")}
+        if "blameless" not in columns:
+            self._db.execute("ALTER TABLE exclusions ADD COLUMN blameless INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and close (idempotent)."""
+        """Checkpoint the WAL into the main file and close (idempotent).
+
+        A checkpoint that fails (a full disk) loses nothing: the WAL holds every commit and the
+        next start replays it; the connection is closed all the same.
+        """
         with self._lock:
             if self._closed:
                 return
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self._checkpoint()
+            except sqlite3.Error as err:
+                log.warning("the database log was not folded into the database (%s); the next start does it", err)
             self._db.close()
             self._closed = True
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+
+    def _checkpoint(self) -> None:
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -205,9 +229,9 @@ class Store:
         # The fsync outside the lock: the event loop's quick inserts need the lock, not the disk.
         self.sync()
 
-    def _insert_quick(self, sql: str, row: tuple) -> None:
-        """One INSERT as its own transaction (autocommit), without its fsync: the caller ``sync``s
-        before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
+    def _write_quick(self, sql: str, row: tuple) -> None:
+        """One INSERT (or its undo, a DELETE) as its own transaction (autocommit), without its fsync:
+        the caller ``sync``s before it acknowledges. One statement, not BEGIN, INSERT and COMMIT: each statement run on
         the event loop hands the GIL back and waits to take it again."""
         with self._lock:
             try:
@@ -220,14 +244,20 @@ class Store:
 
         What ``add_client`` and ``add_submission`` leave to their caller before it replies.
         """
-        try:
-            fd = os.open(self._wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no WAL: everything is checkpointed into the database file, which SQLite synced
-        try:
+        fd = self._wal_descriptor()
+        if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
             os.fsync(fd)
-        finally:
-            os.close(fd)
+
+    def _wal_descriptor(self) -> int | None:
+        """The WAL, opened once and kept: a durable commit never needs a new descriptor (the
+        process may be out of them), and SQLite never replaces the WAL while it is connected."""
+        with self._lock:
+            if self._wal_fd is None and not self._closed:
+                try:
+                    self._wal_fd = os.open(self._wal, os.O_RDONLY)
+                except FileNotFoundError:
+                    return None
+            return self._wal_fd
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -272,8 +302,19 @@ class Store:
 
     def add_client(self, client: ClientRecord) -> None:
         """Register a new client (name and token hash are unique); durable once ``sync`` returns."""
-        self._insert_quick(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})",
+        self._write_quick(f"INSERT INTO clients ({_columns(ClientRecord)}) VALUES ({_placeholders(ClientRecord)})",
                            astuple(client))
+
+    def forget_client(self, client_id: str) -> None:
+        """Delete a client whose Join was never acknowledged (its row could not be made durable).
+
+        Never raises: it is the undo of a failed write, and the failure being reported matters
+        more; a row it cannot delete is logged (a later Join of the name finds it taken).
+        """
+        try:
+            self._write_quick("DELETE FROM clients WHERE id = ?", (client_id,))
+        except Exception:  # noqa: BLE001
+            log.exception("client %s: the row of a Join that failed could not be deleted", client_id)
 
     def rejoin_client(self, client: ClientRecord) -> None:
         """Update a returning client's capabilities and clear its ``left`` mark."""
@@ -333,7 +374,7 @@ class Store:
 
     def add_submission(self, submission: Submission) -> None:
         """Record an accepted update (its file is already in place); durable once ``sync`` returns."""
-        self._insert_quick(f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})",
+        self._write_quick(f"INSERT INTO submissions ({_columns(Submission)}) VALUES ({_placeholders(Submission)})",
                            astuple(submission))
 
     def submissions(self, number: int) -> list[Submission]:
@@ -349,20 +390,21 @@ class Store:
         return Submission(*rows[0]) if rows else None
 
     def exclude_submissions(
-        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float
+        self, number: int, attempt: int, reasons: dict[str, str], abandon: bool, now: float, blameless: bool = False
     ) -> list[Submission]:
         """Take updates that made the round's aggregation fail out of it, keeping why (one transaction).
 
         With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
-        restart reopens the round instead of aggregating it again. Returns the removed rows,
+        restart reopens the round instead of aggregating it again. ``blameless``: no update failed
+        on its own, so none is refused if it comes again (``blamed``). Returns the removed rows,
         whose files the caller deletes once this has committed.
         """
         removed = [s for s in self.submissions(number) if s.client_id in reasons]
         with self._transaction() as db:
             for sub in removed:
                 db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
-                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?)",
-                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now))
+                db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?, ?)",
+                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now, int(blameless)))
             if abandon:
                 db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
                            (RoundState.ABANDONED.value, number, attempt))
@@ -372,6 +414,12 @@ class Store:
         """(client id, sha256, reason) of every update taken out of a round's aggregation."""
         return self._cached_query(
             "SELECT client_id, sha256, reason FROM exclusions WHERE round = ? ORDER BY excluded, client_id", (number,))
+
+    def blamed(self, number: int) -> dict[tuple[str, str], str]:
+        """Why each update of a round, by (client id, sha256), was excluded for failing on its own."""
+        rows = self._cached_query(
+            "SELECT client_id, sha256, reason FROM exclusions WHERE round = ? AND blameless = 0", (number,))
+        return {(client, sha256): reason for client, sha256, reason in rows}
 
     def last_submitted_rounds(self) -> dict[str, int]:
         """Per client, the last round it has an accepted update for."""

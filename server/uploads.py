@@ -10,6 +10,7 @@ is removed on every path that does not hand it over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
@@ -17,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from safetensors import safe_open
 from torch import Tensor
 
 from flora.common.chunks import ChunkError, check_sha256, fsync_path
 from flora.common.lora import LoraPair, lora_scaling
 from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.norm_bound import ZERO, Interval, change_norm_sq_ceiling, change_norm_sq_interval
-from flora.common.payload import PayloadError, PayloadLimits, check_adapter
+from flora.common.payload import PayloadError, PayloadLimits, check_adapter, open_safetensors
 from flora.common.robust import change_norm_sq
 from flora.common.wire import SUBMIT_UPDATE, Piece, WireError, decode_update_chunk, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
@@ -107,11 +107,16 @@ async def receive_payload(
     """Stream the pieces after ``header`` into a new temporary file, verified (sha256) and flushed.
 
     Not yet fsynced: ``validate_durably`` overlaps the fsync with the validation's read passes.
+    A call ended meanwhile (cancelled, past its deadline, an oversized message) cancels this at
+    whatever it awaits, the file's creation in a worker thread included: the file is removed
+    once that thread is done with it (``_discard``), not by an await a second cancel could cut.
     """
     # Creating, allocating, closing and removing a file wait on the folder (other uploads' renames)
     # and on the filesystem's journal (every upload's fsync): off the loop.
-    path, sink = await asyncio.to_thread(_create_upload_file, tmp_dir, header.total_bytes)
+    path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
+    creating = asyncio.ensure_future(asyncio.to_thread(_create_upload_file, path, header.total_bytes))
     try:
+        sink = await asyncio.shield(creating)  # a cancel must not lose the file being created
         try:
             await receive_update(_replay(header, rest), sink, max_bytes)
         except WireError as err:
@@ -121,15 +126,27 @@ async def receive_payload(
         finally:
             await asyncio.to_thread(sink.close)  # flushes: the bytes are in the OS's cache
     except BaseException:
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        creating.add_done_callback(lambda created: _discard(created, path))
         raise
     return path
 
 
-def _create_upload_file(tmp_dir: Path, total_bytes: int) -> tuple[Path, PreallocatedWriter]:
+def _discard(created: asyncio.Future, path: Path) -> None:
+    """Close and remove an abandoned upload's file in a worker thread, once it has been created."""
+    sink = None if created.cancelled() or created.exception() is not None else created.result()
+    asyncio.get_running_loop().run_in_executor(None, _close_and_remove, sink, path)
+
+
+def _close_and_remove(sink: PreallocatedWriter | None, path: Path) -> None:
+    if sink is not None:
+        with contextlib.suppress(OSError, ValueError):  # closed already, or its flush met a full disk
+            sink.close()
+    path.unlink(missing_ok=True)
+
+
+def _create_upload_file(path: Path, total_bytes: int) -> PreallocatedWriter:
     """A new temporary upload file with its first window allocated: a payload of up to one window
     (every small update) makes no allocation call on the event loop, where its pieces are written."""
-    path = tmp_dir / f"upload-{secrets.token_hex(8)}.part"
     sink = PreallocatedWriter(open(path, "wb"), total_bytes)  # noqa: SIM115 - receive_payload closes it
     try:
         sink.reserve()
@@ -137,7 +154,7 @@ def _create_upload_file(tmp_dir: Path, total_bytes: int) -> tuple[Path, Prealloc
         sink.close()
         path.unlink(missing_ok=True)
         raise
-    return path, sink
+    return sink
 
 
 async def validate_durably(
@@ -237,7 +254,7 @@ def _module_factors(
     """(A, B, the start's pair or None, its scaling) per module of an update file, one module in
     memory at a time; A is the init's when the method freezes it (the file holds B alone)."""
     init = start.init
-    with safe_open(path, framework="pt", device="cpu") as file:
+    with open_safetensors(path) as file:
         for module in sorted(shapes):
             a = file.get_tensor(f"{module}.lora_A") if start.train_a else init.pairs[module].a
             origin, origin_scaling = (None, 1.0) if init is None else (init.pairs[module], init.scaling)

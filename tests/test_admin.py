@@ -106,6 +106,8 @@ def test_add_client_extends_the_project_with_the_same_ca(kits):
     (["--project", "p", "--server", "h", "--clients", "a/../b"], "must match"),
     (["--project", "p", "--clients", "a"], "--server"),
     (["--add-client", "x"], "not a provisioned project"),
+    (["--project", "p", "--server", "h", "--clients", "a", "--days", "0"], "--days 0: certificates must be valid"),
+    (["--project", "p", "--server", "h", "--clients", "a", "--port", "0"], "--port 0 is outside 1..65535"),
 ])
 def test_bad_provisioning_requests_are_refused_with_nothing_written(tmp_path, capsys, argv, message):
     out = tmp_path / "kits"
@@ -141,8 +143,41 @@ def test_report_writes_a_png_and_a_markdown_summary(tmp_path):
 
 def test_report_of_an_empty_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.db").touch()  # a server started, nothing committed yet
     assert admin(["report", str(tmp_path / "state")]) == 2
     assert "no committed round" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["kits", "missing"])
+def test_report_on_a_folder_that_is_not_a_state_dir_says_so_and_writes_nothing(tmp_path, capsys, folder):
+    (tmp_path / "kits").mkdir()
+    assert admin(["report", str(tmp_path / folder)]) == 2
+    assert f"{tmp_path / folder} is not a flora-server state directory" in capsys.readouterr().err
+    assert not (tmp_path / folder / "report.md").exists()
+
+
+def test_report_says_what_its_seconds_include_and_ticks_whole_rounds_and_clients(tmp_path):
+    history_file(tmp_path / "state")
+    report = write_report(tmp_path / "state")
+    assert "any time the server was down" in report.markdown.read_text()
+    import matplotlib.pyplot as plt
+
+    from flora.server.admin import report as module
+
+    drawn, real_subplots = [], plt.subplots
+
+    def subplots(*args, **kwargs):  # keep the figure draw() makes, to read its ticks
+        drawn.append(real_subplots(*args, **kwargs))
+        return drawn[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt, "subplots", subplots)
+        patch.setattr(plt, "close", lambda figure: None)
+        module.draw(module.read_history(tmp_path / "state" / "history.jsonl"), tmp_path / "r.png")
+    axes = drawn[0][1]
+    for axis in axes:
+        assert all(float(t).is_integer() for t in axis.get_xticks())
+    assert all(float(t).is_integer() for t in axes[2].get_yticks())
 
 
 def test_console_text_names_round_deadline_clients_and_losses():

@@ -42,6 +42,13 @@ def test_operator_calls_take_the_operator_token_only(registry):
     assert credentials.refusal(CALL + "Status", "operator-0123456789") is None
 
 
+@pytest.mark.parametrize("token", ["a-wrong-operator-token-0123", None])
+def test_a_wrong_token_for_status_names_the_operator_token_not_join(registry, token):
+    """Status is the operator's call too: telling an operator to 'join again' is wrong advice."""
+    refusal = Credentials(None, "operator-0123456789", registry).refusal(CALL + "Status", token)
+    assert "operator token" in refusal and "operator.toml" in refusal and "join again" not in refusal
+
+
 def test_revocation_refuses_token_name_and_certificate_at_once(registry, tmp_path):
     credentials = Credentials("enrol-0123456789abcdef", None, registry)
     digest = token_digest("token-of-a-0123456789")

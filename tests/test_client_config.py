@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import io
 import logging
 import stat
@@ -10,7 +12,7 @@ import pytest
 
 from flora.client import cli
 from flora.client.config import ENV_PREFIX, TRAIN_FIELDS, ClientSettings, is_loopback, split_address
-from flora.client.local import ConfigError, tokenize_local, trained_modules
+from flora.client.local import ConfigError, load_base, tokenize_local, trained_modules, warn_rank_above_modules
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
 from flora.client.trainer import TrainConfig
@@ -138,6 +140,25 @@ def test_target_module_override_selects_a_subset(data_file):
         trained_modules(settings(data_file, target_modules=["q_proj"]), spec)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_blames_the_device_not_the_model(data_file):
+    settings = ClientSettings(name="a", data=[data_file], device="cuda")
+    with pytest.raises(ConfigError) as error:
+        load_base(settings, "flora-tiny-llama")
+    assert str(error.value).startswith("--device: device 'cuda' requested but CUDA is not available")
+    assert "--base-model" not in str(error.value) and "--device auto" in str(error.value)
+
+
+def test_a_rank_above_a_modules_size_is_warned_about_with_the_rank_to_use(caplog):
+    spec = run_pb2.RunSpec(target_modules=[run_pb2.TargetModule(name="big", out_features=64, in_features=64),
+                                           run_pb2.TargetModule(name="small", out_features=8, in_features=64)])
+    with caplog.at_level(logging.WARNING, logger="flora.client.local"):
+        assert warn_rank_above_modules(8, spec) == [] and not caplog.records
+        assert warn_rank_above_modules(16, spec) == ["small"]
+    assert "event=rank_above_module_size rank=16 modules=1 smallest=8 first=small" in caplog.text
+    assert "--rank 8 or lower" in caplog.text
+
+
 def test_cli_print_config_and_exit_codes(tmp_path, data_file, capsys, monkeypatch):
     monkeypatch.setenv(f"{ENV_PREFIX}TOKEN", "secret-enrolment")
     assert cli.main(["--print-config", "--name", "alice", "--data", str(data_file), "--rank", "4"]) == 0
@@ -152,7 +173,37 @@ def test_cli_bad_data_exits_2_with_the_record_named(tmp_path, capsys):
     bad.write_text('[{"instruction": "x", "output": "y"}, {"question": "z"}]')
     status = cli.main(["--name", "alice", "--data", str(bad), "--state-dir", str(tmp_path / "s"), "--progress", "off"])
     assert status == 2
-    assert "record 1" in capsys.readouterr().err
+    assert "record 2" in capsys.readouterr().err
+
+
+CHAT_RECORD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+@pytest.mark.parametrize(("records", "flags", "message"), [
+    ([{"instruction": "x", "output": "y"}, {"instruction": "z"}], [],
+     "bad.jsonl: record 2 (line 2): field 'output': is missing: the file's records are in alpaca form (as its first record)"),
+    ([CHAT_RECORD, {"messages": [{"role": "bot", "content": "?"}]}], ["--template", "chat"],
+     "bad.jsonl: record 2 (line 2): field 'messages[0].role': must be one of ['assistant', 'system', 'user'], got 'bot'"),
+    ([CHAT_RECORD], [], "bad.jsonl: its records are chats (chat form): they are rendered by the model's own chat "
+     "template, use --template chat"),
+    ([{"question": "q", "answer": "a"}, {"question": "q"}], ["--field", "instruction=question", "--field", "output=answer"],
+     "bad.jsonl: record 2 (line 2): field 'answer': is missing (read as 'output' by --field output=answer)"),
+    ([{"instruction": "x", "output": "y"}], ["--field", "instruction"], "--field 'instruction': expected FORM_KEY=YOUR_KEY"),
+    ([{"instruction": "x", "output": 3}], ["--data-format", "alpaca"], "bad.jsonl: record 1 (line 1): field 'output': must be a string, got int"),
+], ids=["missing-field", "chat-role", "chat-without-template", "field-mapping", "field-spec", "mistyped"])
+def test_cli_bad_data_exits_2_naming_file_record_and_field(tmp_path, capsys, records, flags, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    status = cli.main(["--name", "alice", "--data", str(bad), "--state-dir", str(tmp_path / "s"), "--progress", "off", *flags])
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unreadable_sources_exit_2(tmp_path, capsys):
+    assert cli.main(["--name", "alice", "--data", str(tmp_path / "absent.parquet"), "--progress", "off"]) == 2
+    assert "absent.parquet: no such file or folder" in capsys.readouterr().err
+    assert cli.main(["--name", "alice", "--data", str(tmp_path / "a.jsonl"), "--data-format", "qa", "--progress", "off"]) == 2
+    assert "data_format" in capsys.readouterr().err
 
 
 def test_cli_state_dir_of_another_client_exits_2(tmp_path, data_file, capsys):

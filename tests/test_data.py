@@ -128,39 +128,39 @@ def error_for(path: Path) -> str:
 def test_missing_field_names_record_line_and_field(tmp_path: Path) -> None:
     records = [*ALPACA, {"instruction": "no output here", "input": ""}]
     message = error_for(write_jsonl(tmp_path / "a.jsonl", records))
-    assert "record 2 (line 3)" in message and "'output'" in message and "alpaca" in message
+    assert "record 3 (line 3)" in message and "'output'" in message and "alpaca" in message
 
 
 def test_jsonl_line_numbers_count_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps(ALPACA[0]) + "\n\n" + json.dumps({"instruction": "x"}) + "\n")
-    assert "record 1 (line 3)" in error_for(path)
+    assert "record 2 (line 3)" in error_for(path)
 
 
 def test_mistyped_field_names_field_and_type(tmp_path: Path) -> None:
     records = [ALPACA[0], {"instruction": "Count.", "input": "", "output": 3}]
     message = error_for(write_json(tmp_path / "a.json", records))
-    assert "record 1" in message and "'output'" in message and "int" in message
+    assert "record 2" in message and "'output'" in message and "int" in message
 
 
 def test_null_required_field_is_rejected(tmp_path: Path) -> None:
     message = error_for(write_json(tmp_path / "a.json", [{"instruction": None, "output": "x"}]))
-    assert "record 0" in message and "'instruction'" in message and "null" in message
+    assert "record 1" in message and "'instruction'" in message and "null" in message
 
 
 def test_mixed_forms_in_one_file_are_rejected(tmp_path: Path) -> None:
     message = error_for(write_json(tmp_path / "mixed.json", [ALPACA[0], DOLLY[0]]))
-    assert "record 1" in message and "dolly" in message and "alpaca" in message
+    assert "record 2" in message and "'output'" in message and "alpaca form" in message
 
 
 def test_record_of_no_form_lists_what_each_form_needs(tmp_path: Path) -> None:
     message = error_for(write_json(tmp_path / "x.json", [{"question": "?", "answer": "!"}]))
-    assert "record 0" in message and "'output'" in message and "'response'" in message and "'text'" in message
+    assert "record 1" in message and "'output'" in message and "'response'" in message and "'text'" in message
 
 
 def test_non_object_record_is_rejected(tmp_path: Path) -> None:
     message = error_for(write_jsonl(tmp_path / "x.jsonl", [TEXT[0], ["not", "an", "object"]]))
-    assert "record 1 (line 2)" in message and "list" in message
+    assert "record 2 (line 2)" in message and "list" in message
 
 
 def test_invalid_json_names_the_line(tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_bad_templates_are_rejected(spec: str) -> None:
 def test_tokens_are_prompt_response_eos(tiny_tokenizer) -> None:
     [tokens] = tokenize_examples([Example("Hi ", "there")], tiny_tokenizer, cutoff=64)
     expected = tiny_tokenizer("Hi there")["input_ids"] + [tiny_tokenizer.eos_token_id]
-    assert list(tokens.input_ids) == expected and tokens.masked == 0
+    assert list(tokens.input_ids) == expected and tokens.trained is None and tokens.labelled == len(expected)
 
 
 def test_cutoff_truncates_and_drops_eos(tiny_tokenizer) -> None:
@@ -229,15 +229,16 @@ def test_cutoff_truncates_and_drops_eos(tiny_tokenizer) -> None:
 def test_mask_prompt_masks_exactly_the_prompt_tokens(tiny_tokenizer) -> None:
     example = Example("Question?\n", "Answer.")
     [masked] = tokenize_examples([example], tiny_tokenizer, cutoff=64, mask_prompt=True)
-    assert masked.masked == len(tiny_tokenizer(example.prompt)["input_ids"])
+    prompt = len(tiny_tokenizer(example.prompt)["input_ids"])
+    assert masked.trained == ((prompt, len(masked)),)
     labels = collate([masked])["labels"][0]
-    assert (labels[: masked.masked] == IGNORE_INDEX).all()
-    assert labels[masked.masked :].tolist() == list(masked.input_ids[masked.masked :])
-    assert tiny_tokenizer.decode(labels[masked.masked : -1].tolist()) == "Answer."
+    assert (labels[:prompt] == IGNORE_INDEX).all()
+    assert labels[prompt:].tolist() == list(masked.input_ids[prompt:])
+    assert tiny_tokenizer.decode(labels[prompt:-1].tolist()) == "Answer."
 
 
 def test_collate_right_pads_and_masks_padding() -> None:
-    batch = collate([TokenizedExample((5, 6, 7), masked=1), TokenizedExample((8,))], pad_id=2)
+    batch = collate([TokenizedExample.after_prompt((5, 6, 7), 1), TokenizedExample((8,))], pad_id=2)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
@@ -269,7 +270,7 @@ def test_real_tokenizer_without_pad_token() -> None:
     assert tokenizer.pad_token is None
     example = Example("Once upon a time", " there was a cat.")
     [tokens] = tokenize_examples([example], tokenizer, mask_prompt=True)
-    assert tokens.input_ids[-1] == tokenizer.eos_token_id and 0 < tokens.masked < len(tokens) - 1
+    assert tokens.input_ids[-1] == tokenizer.eos_token_id and 0 < tokens.trained[0][0] < len(tokens) - 1
 
 
 # --- splitting ---------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_data_folder_lists_clients_naturally_and_sets_validation_apart(tmp_path)
     assert [p.name for p in clients] == ["client_1.json", "client_2.jsonl", "client_10.json"]
     assert [p.name for p in validation] == ["validation.json"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .json or .jsonl client files"):
+    with pytest.raises(ValueError, match="holds no .json/.jsonl/.csv/.tsv/.parquet client files"):
         data_folder(tmp_path / "empty")
     with pytest.raises(ValueError, match="not a directory"):
         data_folder(tmp_path / "missing")

@@ -171,7 +171,7 @@ def test_split_server_and_client_files_load_with_kits_made_for_them(tmp_path):
     flags = vars(client_parser().parse_args([a for a in command(client)[1:] if not a.startswith("--config")]))
     flags.pop("config"), flags.pop("print_config")
     settings = load_settings(ClientSettings, config_file=tmp_path / "client.toml", env_prefix=CLIENT_ENV, flags=flags, environ=env)
-    assert settings.server == "flora.example.org:50051" and settings.data == [data] and settings.uses_tls
+    assert settings.server == "flora.example.org:50051" and settings.data == [str(data)] and settings.uses_tls
     assert settings.name == "client" and settings.tls_cert is not None
 
 

@@ -222,10 +222,31 @@ def test_stacking_methods_keep_canonical_factors_of_the_aggregate_not_the_stack(
         assert kept.pairs[n].a.shape[0] < stacked_a.shape[0] or not torch.allclose(kept.pairs[n].a, stacked_a)
 
 
-def test_principal_pads_directions_beyond_the_update_rank_with_zeros() -> None:
-    one = LoraAdapter({"m": LoraPair(torch.randn(1, 4), torch.randn(3, 1))}, 1.0)
+def test_principal_starts_directions_beyond_the_update_rank_as_a_fresh_lora() -> None:
+    """A random, B zero (PEFT's init), seeded by module and rank: the product is the update's, and
+    the extra directions train (both factors zero would have zero gradients for ever)."""
+    one = LoraAdapter({"m": LoraPair(torch.randn(1, 40), torch.randn(3, 1))}, 1.0)
     init = principal(one, 3, 2.0)
-    assert init.rank == 3 and torch.allclose(2.0 * init.pairs["m"].b @ init.pairs["m"].a, one.delta("m"), atol=1e-5)
+    a, b = init.pairs["m"]
+    assert init.rank == 3 and torch.allclose(2.0 * b @ a, one.delta("m"), atol=1e-5)
+    assert torch.count_nonzero(b[:, 1:]) == 0
+    assert (a[1:].abs() > 0).all() and a[1:].abs().max() <= 1 / math.sqrt(40)  # PEFT's bound, 1/sqrt(d_in)
+    again = principal(LoraAdapter({"m": LoraPair(one.pairs["m"].a.clone(), one.pairs["m"].b.clone())}, 1.0), 3, 2.0)
+    assert torch.equal(again.pairs["m"].a, a) and torch.equal(again.pairs["m"].b, b)  # server and client agree
+
+
+def test_a_flora_warm_client_above_the_kept_rank_trains_every_direction() -> None:
+    """Client sampling: round 1's largest rank is 1, so a rank-3 client's start has two directions
+    beyond the kept aggregate. One training step must move B in all three of them."""
+    method = get_method("flora-warm")
+    kept = method.merge(None, [trained(method.start(None, 1, SCALING), 1, seed=1)], [1.0]).kept
+    start = method.start(kept, 3, SCALING)
+    for name, (d_out, d_in) in SHAPES.items():
+        a0, b0 = (t.clone().requires_grad_() for t in start.init.pairs[name])
+        x = torch.randn(8, d_in, generator=torch.Generator().manual_seed(2))
+        loss = (SCALING * x @ a0.T @ b0.T - torch.ones(8, d_out)).square().sum()
+        loss.backward()
+        assert (b0.grad.abs().sum(0) > 0).all(), name  # every column of B has a gradient
 
 
 @pytest.mark.parametrize(

@@ -92,11 +92,11 @@ def test_merge_in_half_precision_computes_in_float32(tiny_model):
     assert merged.dtype == torch.bfloat16
     exact = (weight.float() + 0.01 * (b.to(torch.bfloat16).float() @ a.to(torch.bfloat16).float())).to(torch.bfloat16)
     # Float32 arithmetic rounded once to bf16: equal but for a rare tie of rounding order (one bf16
-    # ulp, which BLAS kernels decide differently per CPU); bf16 arithmetic misses ~20% of entries.
+    # ulp, which BLAS kernels decide differently per CPU). Arithmetic in bf16 rounds three times
+    # (product, scaling, sum) and misses a far larger share of entries; how many depends on the
+    # CPU's bf16 kernels, so only the merge's own result is bounded here.
     torch.testing.assert_close(merged.float(), exact.float(), rtol=2**-7, atol=0)
     assert (merged != exact).float().mean() < 1e-3
-    in_bf16 = weight + 0.01 * (b.to(torch.bfloat16) @ a.to(torch.bfloat16))
-    assert (in_bf16 != exact).float().mean() > 0.05  # the check above tells the two apart
 
 
 def test_merge_refuses_non_finite_results_and_leaves_the_model_untouched(tiny_model):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import tomllib
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 from flora.common.settings import SettingsError, load_settings
 from flora.server.cli import build_parser, main
 from flora.server.config import ENV_PREFIX, ServerSettings, is_loopback
+from harness import running_server
 
 
 def settings_from(argv: list[str], environ: dict[str, str] | None = None, config=None) -> ServerSettings:
@@ -136,3 +141,50 @@ def test_robustness_settings_have_limits():
     for flags in (["--max-weight-share", "0"], ["--clip-median-multiple", "0.5"], ["--max-update-norm", "-1"]):
         with pytest.raises(SettingsError):
             settings_from(flags)
+
+
+@pytest.mark.slow
+def test_a_second_server_on_a_port_in_use_fails_naming_it_and_exits_non_zero(tmp_path):
+    """Issue 28 item 8: gRPC's default SO_REUSEPORT let two servers share a port, splitting clients."""
+    with running_server(tmp_path / "first", "--min-clients", "1") as first:
+        second = subprocess.Popen([sys.executable, "-m", "flora.server.cli", "--port", str(first.port), "--state-dir",
+                                   str(tmp_path / "second"), "--method", "flora", "--min-clients", "1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            output = ""
+            for line in second.stdout:  # until it exits, or listens (the defect)
+                output += line
+                assert "listening on" not in line, output
+            assert second.wait(60) != 0
+        finally:
+            second.kill()
+        assert first.process.poll() is None
+    assert f"cannot listen on 127.0.0.1:{first.port}: address already in use" in output
+    assert not (tmp_path / "second" / "state.db").exists()  # refused before anything was written
+
+
+def _refused_start(tmp_path, *flags: str) -> str:
+    """Start flora-server with ``flags``: it must exit 2 with one line and write nothing; its stderr."""
+    state = tmp_path / "state"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "flora.server.cli", "--port", "0", "--state-dir", str(state), *flags],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and not state.exists()  # nothing written, not even the folder
+    assert time.monotonic() - started < 60  # no Hub retries
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("flora-server: ")]
+    return line
+
+
+@pytest.mark.slow
+def test_configuration_errors_are_one_line_naming_the_field_exit_2_and_write_nothing(tmp_path):
+    """Issue 28 item 15."""
+    line = _refused_start(tmp_path, "--base-model", str(tmp_path / "no-such-folder"))
+    assert line.startswith("flora-server: base_model: folder ") and "does not exist" in line
+    line = _refused_start(tmp_path, "--base-model", "nobody-here/no-such-model")
+    assert line.startswith("flora-server: base_model: ") and "HF_HUB_OFFLINE" in line
+    line = _refused_start(tmp_path, "--validation-data", str(tmp_path / "missing.jsonl"))
+    assert line.startswith("flora-server: validation_data: ") and "missing.jsonl" in line
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "hi"\n')
+    line = _refused_start(tmp_path, "--validation-data", str(tmp_path / "bad.jsonl"))
+    assert line.startswith("flora-server: validation_data: ") and "bad.jsonl" in line

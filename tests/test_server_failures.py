@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import resource
 import sqlite3
 import time
@@ -17,9 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from flora.common.lora import LoraAdapter, LoraPair
-from flora.common.payload import PayloadError, PayloadLimits, PayloadMeta, artifact_limits, read_adapter, write_adapter
+from flora.common.payload import (
+    PayloadError,
+    PayloadLimits,
+    PayloadMeta,
+    artifact_limits,
+    open_safetensors,
+    read_adapter,
+    write_adapter,
+)
 from flora.server import errors
 from flora.server.config import ServerSettings
 from flora.server.layout import Layout
@@ -30,12 +40,34 @@ from flora.server.startup import raise_fd_limit
 from flora.server.store import Store
 
 
+def _wrapped(cause: Exception) -> Exception:
+    """``KeyError`` raised from ``cause``, as a library that wraps the OS error raises it."""
+    try:
+        try:
+            raise cause
+        except Exception as inner:
+            raise KeyError("wrapper") from inner
+    except KeyError as error:
+        return error
+
+
 @pytest.mark.parametrize(("error", "kind", "words"), [
     (sqlite3.OperationalError("database or disk is full"), errors.ResourceExhausted, "disk is full"),
     (OSError(errno.ENOSPC, "No space left on device"), errors.ResourceExhausted, "disk is full"),
     (OSError(errno.EDQUOT, "Disk quota exceeded"), errors.ResourceExhausted, "disk is full"),
     (OSError(errno.EMFILE, "Too many open files"), errors.Unavailable, "file descriptors"),
     (sqlite3.OperationalError("unable to open database file"), errors.Unavailable, "database is unavailable"),
+    # Issue 28 items 1 and 4: libraries that report an OS error as text, and errors wrapping one.
+    (SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"'),
+     errors.ResourceExhausted, "disk is full"),
+    (RuntimeError("unable to open file </s/tmp/upload-1.part> in read-only mode: Too many open files (24)"),
+     errors.Unavailable, "file descriptors"),
+    (RuntimeError("[Errno 122] Disk quota exceeded"), errors.ResourceExhausted, "disk is full"),
+    (_wrapped(OSError(errno.ENFILE, "Too many open files in system")), errors.Unavailable, "file descriptors"),
+    (_wrapped(sqlite3.OperationalError("database or disk is full")), errors.ResourceExhausted, "disk is full"),
+    # A refusal's text may quote a client: it never passes a bad payload off as a full disk.
+    (PayloadError("metadata 'kind': 'No space left on device (os error 28)' is not a client update"), errors.Internal,
+     "internal server error"),
     (OverflowError("Python int too large to convert to SQLite INTEGER"), errors.Internal, "internal server error"),
     (KeyError("secret-internal-detail"), errors.Internal, "internal server error"),
 ])
@@ -142,3 +174,29 @@ def test_an_artifact_the_server_wrote_is_read_back_whatever_its_stacked_rank(tmp
     read, _ = read_adapter(path, shapes, limits=artifact_limits(size, shapes))
     assert read.rank == rank
     assert rank <= artifact_limits(size, shapes).max_rank <= 3 * rank  # a bound from the size (F16 at least)
+
+
+def test_a_payload_that_cannot_be_opened_for_want_of_descriptors_fails_as_emfile(tmp_path):
+    """Issue 28 item 4: safetensors reports any failed open as "No such file", EMFILE included."""
+    path = tmp_path / "u.safetensors"
+    write_adapter(path, LoraAdapter({"m": LoraPair(torch.ones(1, 3), torch.ones(2, 1))}, 1.0),
+                  PayloadMeta("client_update", rank=1, alpha=1.0, scaling_rule="standard", round=1))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with pytest.raises(OSError) as failure:
+            while True:
+                held.append(os.open(path, os.O_RDONLY))
+        assert failure.value.errno == errno.EMFILE
+        with pytest.raises(OSError) as failure:
+            with open_safetensors(path):
+                pass
+        assert failure.value.errno == errno.EMFILE and type(errors.resource_refusal(failure.value)) is errors.Unavailable
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with pytest.raises(FileNotFoundError):
+        with open_safetensors(tmp_path / "absent.safetensors"):
+            pass

@@ -408,6 +408,8 @@ def test_the_run_finishes_with_a_history_line_per_round(round_one):
     assert {c.kind for c in run.alice.fetch(UPDATE, 0, 2)} == {UPDATE}  # a client that cannot take merged modules
     status = run.operator.status()
     assert status.state == "finished" and status.global_version == 2
+    states = {c.client_id: c.state for c in status.clients}  # told FINISHED: done, never "lost" once it exits
+    assert states[run.alice.client_id] == "finished" and states[run.bob.client_id] != "finished"
     history = [json.loads(line) for line in (run.state_dir / "history.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2]
     first = history[0]

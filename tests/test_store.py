@@ -169,3 +169,22 @@ def test_a_durable_write_releases_the_lock_before_its_fsync(tmp_path, store, mon
     monkeypatch.setattr(os, "fsync", probing_fsync)
     store.save_attempt(Round(1, 1, RoundState.OPEN, frozenset({"c1"}), 50.0, 1))
     assert free_during_fsync == [True]
+
+
+def test_only_updates_excluded_for_their_own_fault_are_blamed_also_in_an_older_database(tmp_path):
+    """Issue 28 item 3; a state directory of an earlier release has no ``blameless`` column."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE exclusions (round INTEGER NOT NULL, client_id TEXT NOT NULL, sha256 TEXT NOT NULL, "
+                   "reason TEXT NOT NULL, excluded REAL NOT NULL, PRIMARY KEY (round, client_id, sha256))")
+        db.execute("INSERT INTO exclusions VALUES (1, 'c0', ?, 'NaN in lora_A', 1.0)", ("0" * 64,))
+    store = Store(path)
+    store.create_run(RUN, [], None)
+    for name in ("c1", "c2"):
+        store.add_client(client(name, name))
+        store.add_submission(submission(1, name, name[-1] * 64))
+    store.exclude_submissions(1, 1, {"c1": "NaN in lora_B"}, abandon=False, now=2.0)
+    store.exclude_submissions(1, 1, {"c2": "no single update is at fault"}, abandon=True, now=3.0, blameless=True)
+    assert store.blamed(1) == {("c0", "0" * 64): "NaN in lora_A", ("c1", "1" * 64): "NaN in lora_B"}
+    assert [c for c, _, _ in store.exclusions(1)] == ["c0", "c1", "c2"]  # the history lists all three
+    store.close()

@@ -271,7 +271,7 @@ def test_learning_rate_schedule() -> None:
 
 def test_train_config_defaults_and_limits() -> None:
     cfg = TrainConfig(rank=16)
-    assert cfg.lora_alpha == 32.0 and cfg.scaling == 2.0 and cfg.target_modules == ("q_proj", "v_proj")
+    assert cfg.lora_alpha == 32.0 and cfg.scaling == 2.0 and cfg.target_modules is None  # the family's default
     assert TrainConfig(rank=16, alpha=4, rslora=True).scaling == 1.0
     for bad in ({"rank": 0}, {"alpha": 0}, {"device": "gpu"}, {"dtype": "fp8"}, {"target_modules": []}, {"epochs": 0}):
         with pytest.raises(ValidationError, match=next(iter(bad))):

@@ -13,7 +13,7 @@ Methods (flora.common.methods):
   centralized: one LoRA of the largest rank on the union of the clients' data, as many steps
     per round as the round's clients together, merged each round (the reference).
 Every client uses alpha = 2 * rank (scaling 2), so the averaging methods see one common scaling.
-With --data-dir every .json/.jsonl file there is one client, in natural order (client_2 before
+With --data-dir every .json/.jsonl/.csv/.parquet file there is one client, in natural order (client_2 before
 client_10). --seeds N runs seeds --seed .. --seed+N-1 (the data split stays that of --seed, so
 every seed is scored on the same validation set) and reports mean ± sample standard deviation.
 --downlink-energy, --downlink-max-rank and --downlink-dtype send each round's delta as flora-server's
@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from flora.client.trainer import TrainConfig
 from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
+from flora.common.data import DATA_FORMATS
 from flora.common.devices import resolve_device
 from flora.common.weights import Weighting
 from flora.common.methods import METHODS as AGGREGATION_METHODS
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flora-sim", description=__doc__.format(methods=_method_lines()), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in name (%(default)s)")
-    p.add_argument("--data-dir", type=Path, help="one JSON/JSONL file per client (default: generated sample data)")
+    p.add_argument("--data-dir", type=Path, help="one data file per client: JSON, JSONL, CSV or parquet (default: generated sample data)")
     p.add_argument(
         "--clients", type=int,
         help=f"clients of generated data (default: one per rank, {DEFAULT_GENERATED_CLIENTS} for a single rank)",
@@ -78,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per local step (%(default)s)")
     p.add_argument("--learning-rate", type=float, default=3e-3, help="peak local learning rate, cosine decay (%(default)s)")
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example (%(default)s)")
-    p.add_argument("--template", default="alpaca", help="prompt template name or format string (%(default)s)")
+    p.add_argument("--template", default="alpaca", help="prompt template: chat (the tokenizer's own), a name or a format string (%(default)s)")
+    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="record form of the data files; auto: detected per file")
+    p.add_argument("--field", action="append", default=[], metavar="FORM_KEY=YOUR_KEY",
+                   help="read a form's key from another column, e.g. instruction=question (repeatable)")
     p.add_argument("--mask-prompt", action="store_true", help="no loss on prompt tokens (training and validation)")
     p.add_argument("--seed", type=int, default=0, help="seeds data splits, client selection and every LoRA (%(default)s)")
     p.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed on; report mean and spread (%(default)s)")
@@ -154,7 +158,8 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
 def load_data(args: argparse.Namespace, tokenizer, count: int) -> Federation:
     """The clients' files (or freshly generated sample data) read into a Federation."""
     options = DataOptions(
-        args.template, args.cutoff, args.mask_prompt, args.examples_per_client, args.validation_fraction, args.seed
+        args.template, args.cutoff, args.mask_prompt, args.examples_per_client, args.validation_fraction, args.seed,
+        args.data_format, tuple(args.field),
     )
     if args.data_dir is not None:
         return load_federation(client_files(args.data_dir), tokenizer, options, args.eval_file)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flora.common.data import Example, TokenizedExample, data_folder, load_examples, split_examples, tokenize_examples
+from flora.common.data import Conversation, Example, TokenizedExample, data_folder, load_examples, split_examples, tokenize_examples
 from flora.demo.sample_data import write_sample_data
 from flora.sim.engine import ClientData, derive_seed
 
@@ -29,6 +29,8 @@ class DataOptions:
     examples_per_client: int | None = None  # subsample each file to this many (before the validation carve)
     validation_fraction: float = 0.1  # of each client's examples, when there is no eval file
     seed: int = 0
+    data_format: str = "auto"  # the record form, forced; auto: detected per file
+    fields: tuple[str, ...] = ()  # column mapping, FORM_KEY=YOUR_KEY each
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def sample_files(out_dir: Path, clients: int, per_client: int, seed: int) -> lis
     return paths
 
 
-def subsample(examples: list[Example], count: int | None, seed: int) -> list[Example]:
+def subsample(examples: list[Example | Conversation], count: int | None, seed: int) -> list[Example | Conversation]:
     """A seeded subset of ``count`` examples in file order (all of them when there are fewer)."""
     if count is None or count >= len(examples):
         return examples
@@ -72,9 +74,10 @@ def subsample(examples: list[Example], count: int | None, seed: int) -> list[Exa
 def load_federation(files: list[Path], tokenizer: Any, options: DataOptions, eval_file: Path | None = None) -> Federation:
     """Read, subsample, split and tokenise every client's file (and the eval file, if given)."""
     tokenize = functools.partial(tokenize_examples, tokenizer=tokenizer, cutoff=options.cutoff, mask_prompt=options.mask_prompt)
+    load = functools.partial(load_examples, template=options.template, data_format=options.data_format, fields=options.fields)
     clients, held_out = [], []
     for k, path in enumerate(files):
-        examples = load_examples(path, options.template)
+        examples = load(path)
         examples = subsample(examples, options.examples_per_client, derive_seed(options.seed, "subsample", k))
         if eval_file is None:
             seed = derive_seed(options.seed, "validation", k)
@@ -82,6 +85,6 @@ def load_federation(files: list[Path], tokenizer: Any, options: DataOptions, eva
             held_out.extend(carved)
         clients.append(ClientData(path.stem, tokenize(examples)))
     if eval_file is not None:
-        held_out = load_examples(eval_file, options.template)
-    fully_masked = sum(1 for client in clients for example in client.train if example.masked >= len(example))
+        held_out = load(eval_file)
+    fully_masked = sum(1 for client in clients for example in client.train if example.labelled == 0)
     return Federation(clients, tokenize(held_out), fully_masked)

@@ -46,7 +46,7 @@ import torch
 
 from flora.common.aggregation import check_compatible, flora_stack
 from flora.common.canonical import canonical_pair, product_norm
-from flora.common.lora import LoraAdapter, LoraPair, pad_pair, seeded_lora
+from flora.common.lora import LoraAdapter, LoraPair, fresh_a, module_seed, pad_pair, seeded_lora
 from flora.common.robust import factor_step
 from flora.common.update import concat_pairs
 
@@ -277,18 +277,22 @@ def principal(adapter: LoraAdapter, rank: int, scaling: float) -> LoraAdapter:
 
     s B A equals the top-``rank`` singular part of the adapter's update in every module; B and A
     carry sqrt(S / s) each (PiSSA's split), so neither factor starts out dwarfing the other.
-    Directions beyond the update's own rank start at zero.
+    Directions beyond the update's own rank start as a fresh LoRA's (A random as PEFT draws it,
+    B zero), seeded by the module's name and ``rank`` so that server and clients agree: the
+    product is the same, and they train, where zero rows of A beside zero columns of B (both
+    gradients zero) never would.
     """
     pairs = {}
+    root = math.sqrt(abs(scaling))
     for name in adapter.module_names:
         a, b = adapter.pairs[name]
         canon = canonical_pair(LoraPair(a * adapter.scaling, b), out_dtype=torch.float64)
         keep = min(rank, canon.a.shape[0])
-        a0 = torch.zeros(rank, a.shape[1], dtype=torch.float64)
-        b0 = torch.zeros(b.shape[0], rank, dtype=torch.float64)
-        a0[:keep], b0[:, :keep] = canon.a[:keep], canon.b[:, :keep]
-        root = math.sqrt(abs(scaling))
-        pairs[name] = LoraPair((a0 / root).to(torch.float32), (b0 / root).to(torch.float32))
+        a0 = torch.empty(rank, a.shape[1], dtype=torch.float32)
+        b0 = torch.zeros(b.shape[0], rank, dtype=torch.float32)
+        a0[:keep], b0[:, :keep] = canon.a[:keep] / root, canon.b[:, :keep] / root
+        a0[keep:] = fresh_a(rank - keep, a.shape[1], torch.Generator().manual_seed(module_seed(name, rank)))
+        pairs[name] = LoraPair(a0, b0)
     return LoraAdapter(pairs, scaling)
 
 

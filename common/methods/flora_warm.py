@@ -6,10 +6,11 @@ top-r_k singular part of round t's stacked aggregate and trains on the global mo
 part, so its model at step 0 is unchanged:
 
 - client start: init = removed = best rank-r_k approximation of the kept aggregate
-  (balanced factors, sqrt of the singular values on each side); round 1 is fresh;
+  (balanced factors, sqrt of the singular values on each side); round 1 is fresh, and so are
+  the directions beyond the aggregate's rank (A random, B zero: they train, see ``principal``);
 - server merges: the exact change sum_k p_k (s_k B_k A_k - init_k), stacked;
 - kept: the round's aggregate sum_k p_k s_k B_k A_k as canonical factors cut to the largest
-  client rank (all that any start reads; a client of a larger rank gets zero directions beyond);
+  client rank (all that any start reads; a client of a larger rank starts fresh directions beyond);
   sent: the delta and the kept factors. Exact for any mix of ranks and scalings.
 """
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
+from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.tables import format_table
 from flora.demo.completions import compare
 from flora.demo.scoreboard import BASE, MERGED, RIGHT as RIGHT_MARK, accuracy_lines, completion_rows, score_table
@@ -33,9 +34,6 @@ log = logging.getLogger("flora.demo")
 # Tokens per example: room for an Alpaca prompt with input and its answer in the built-in model's
 # bytes. Loss (training and validation) is on the answers only: the template is not the lesson.
 CUTOFF = 320
-# The prompt template of clients, validation and completions: "plain" (instruction and input on
-# their own lines) keeps a question within the few dozen bytes a tiny model attends across.
-TEMPLATE = "plain"
 
 
 def _ranks(text: str) -> list[int]:
@@ -62,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
     parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
-    parser.add_argument("--data-dir", type=Path, help="folder with one JSON/JSONL file per client (default: built-in sample data)")
+    parser.add_argument("--data-dir", type=Path, help="folder with one data file per client: JSON, JSONL, CSV or parquet (default: built-in sample data)")
+    # plain: instruction and input on their own lines, within what the built-in tiny model attends across.
+    parser.add_argument("--template", default="plain", help="prompt template: chat (the tokenizer's own chat template), alpaca, plain or a format string (default: plain)")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="record form of the data; auto: detected per file (default)")
+    parser.add_argument("--field", action="append", default=[], metavar="FORM_KEY=YOUR_KEY", help="read a form's key from another column, e.g. instruction=question (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
     parser.add_argument("--local-steps", type=_positive, default=50, help="optimiser steps per client per round (default: 50)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="clients' peak learning rate (default: 3e-3)")
@@ -86,20 +88,24 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
         f"--rounds={args.rounds}", f"--min-clients={args.clients}", f"--method={args.method}",
         f"--validation-data={','.join(map(str, validation))}", f"--local-steps={args.local_steps}",
         f"--learning-rate={args.learning_rate}", f"--validation-cutoff={CUTOFF}", "--validation-mask-prompt",
-        f"--validation-template={TEMPLATE}",
         "--checkpoint-every=0", "--long-poll-s=2", "--client-timeout-s=60", "--round-deadline-s=600",
         # The global LoRA of the methods that keep one: the largest rank, alpha = 2 r like every client.
         f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}",
     ]
-    return flags
+    return flags + _data_flags(args, "--validation-")
 
 
-def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, base_model: str) -> list[str]:
+def _data_flags(args: argparse.Namespace, prefix: str = "--") -> list[str]:
+    """How the data is read, for the clients (``--template``...) or the server (``--validation-template``...)."""
+    return [f"{prefix}template={args.template}", f"{prefix}data-format={args.data_format}",
+            *(f"{prefix}field={spec}" for spec in args.field)]
+
+
+def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, args: argparse.Namespace) -> list[str]:
     return [
         f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}",
-        f"--state-dir={workspace.client_state(name)}", f"--base-model={base_model}", "--progress=off",
-        "--long-poll=2", "--backoff-max=2", f"--cutoff={CUTOFF}", "--mask-prompt",
-        f"--template={TEMPLATE}",
+        f"--state-dir={workspace.client_state(name)}", f"--base-model={args.base_model}", "--progress=off",
+        "--long-poll=2", "--backoff-max=2", f"--cutoff={CUTOFF}", "--mask-prompt", *_data_flags(args),
     ]
 
 
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         # All clients share this machine's cores: more threads than cores each would only thrash.
         threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.clients))}
         clients = [
-            supervisor.start(name, "flora.client.cli", _client_args(port, name, rank, data, workspace, args.base_model), env=threads)
+            supervisor.start(name, "flora.client.cli", _client_args(port, name, rank, data, workspace, args), env=threads)
             for name, rank, data in zip(names, ranks, train_files)
         ]
         reader = StatusReader(port, token)
@@ -171,7 +177,7 @@ def _show_completions(args: argparse.Namespace, workspace: Workspace, last: dict
                       validation: list[Path]) -> None:
     """Held-out prompts answered by the base model, each client's own model and the merged one."""
     items, answers = compare(args.base_model, args.method, workspace.server_state, last, checkpoint, validation,
-                             (BASE, MERGED), CUTOFF, TEMPLATE)
+                             (BASE, MERGED), CUTOFF, ReadOptions(args.template, args.data_format, tuple(args.field)))
     print(f"\ngreedy completions of held-out prompts ({RIGHT_MARK}: exactly the expected answer):\n"
           + format_table(completion_rows(items, answers), ["task", "held-out prompt", "expected", BASE, MERGED]))
     print("\nexact answers per task (\"alone\": the client's own model after its last round):\n" + score_table(items, answers))

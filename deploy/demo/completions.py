@@ -4,7 +4,7 @@ each client's own model and by the merged global model, scored by exact match pe
 Greedy decoding of a few tokens: deterministic, quick on a CPU, and enough to see a model that
 learnt a task next to one that did not. The prompts come from the validation data, which no
 client trained on; a record's task is its ``category`` (Dolly's field; the built-in data sets
-it), else its file's name.
+it), else its file's name. Chat records are completed through the tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -18,52 +18,66 @@ import torch
 from torch import nn
 
 from flora.common.basemodel import DEFAULT_TARGET_MODULES, load_model, load_tokenizer, target_module_shapes
-from flora.common.data import get_template, load_file, read_records
+from flora.common.data import Conversation, Example, ReadOptions, load_source, prompt_ids, read_source
 from flora.common.merge import module_weights
 from flora.demo.single_clients import single_client_weights
 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """One held-out prompt: its task, the rendered prompt, the question as shown, the answer."""
+    """One held-out prompt: its task, the example to continue, the question as shown, the answer."""
 
     task: str
-    prompt: str
+    example: Example | Conversation
     question: str
     expected: str
 
 
-def held_out_prompts(validation: Sequence[Path], per_task: int, template: str = "alpaca") -> list[HeldOut]:
+def held_out_prompts(validation: Sequence[Path], per_task: int, options: ReadOptions = ReadOptions()) -> list[HeldOut]:
     """The first ``per_task`` held-out examples of every task, tasks in order of appearance."""
     chosen: dict[str, list[HeldOut]] = {}
     for path in validation:
-        records = [record for _, record in read_records(path)]
-        for record, example in zip(records, load_file(path, get_template(template))):
-            task = str(record.get("category") or path.stem)
-            bucket = chosen.setdefault(task, [])
+        for record, example in zip(read_source(path), load_source(path, options)):
+            value = record.value
+            bucket = chosen.setdefault(str(value.get("category") or path.stem), [])
             if len(bucket) < per_task:
-                bucket.append(HeldOut(task, example.prompt, _question(record), example.response.strip()))
+                bucket.append(HeldOut(str(value.get("category") or path.stem), example, _question(value, example),
+                                      _expected(example).strip()))
     return [item for bucket in chosen.values() for item in bucket]
 
 
-def _question(record: Mapping) -> str:
-    """The instruction and its input, without the template's boilerplate."""
+def _expected(example: Example | Conversation) -> str:
+    if isinstance(example, Conversation):
+        return [m.content for m in example.messages if m.role == "assistant"][-1]
+    return example.response
+
+
+def _question(record: Mapping, example: Example | Conversation) -> str:
+    """The instruction and its input without the template's boilerplate, or a chat's last user turn."""
+    if isinstance(example, Conversation):
+        last = max(i for i, m in enumerate(example.messages) if m.role == "assistant")
+        user = next((m.content for m in reversed(example.messages[:last]) if m.role == "user"), "")
+        return " / ".join(line.strip() for line in user.splitlines() if line.strip())
     parts = [record.get("instruction"), record.get("input") or record.get("context")]
-    return " / ".join(str(p).strip() for p in parts if p and str(p).strip()) or str(record.get("text", ""))
+    return " / ".join(str(p).strip() for p in parts if p and str(p).strip()) or example.prompt
 
 
 @torch.inference_mode()
-def complete(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int) -> list[str]:
+def complete(model: nn.Module, tokenizer, examples: Sequence[Example | Conversation], max_new_tokens: int,
+             max_prompt_tokens: int) -> list[str]:
     """Greedy continuations of all prompts in one left-padded batch, each cut to its first line.
 
     A prompt longer than ``max_prompt_tokens`` keeps its end (where the question and the
     response marker are), as training's cutoff would leave it room for nothing else anyway.
     """
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # (N, T + new)
-    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    prompts = [prompt_ids(tokenizer, example)[-max_prompt_tokens:] for example in examples]
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in prompts])  # (N, T)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])  # (N, T)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # (N, T + new)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [text.strip().splitlines()[0].strip() if text.strip() else "" for text in texts]
 
 
@@ -75,7 +89,7 @@ def answer_budget(tokenizer, items: Sequence[HeldOut], cap: int = 48) -> int:
 
 def compare(
     base_model: str, method: str, state_dir: Path, last: Mapping, checkpoint: Path, validation: Sequence[Path],
-    labels: tuple[str, str], cutoff: int, template: str, per_task: int = 12,
+    labels: tuple[str, str], cutoff: int, options: ReadOptions, per_task: int = 12,
 ) -> tuple[list[HeldOut], dict[str, list[str]]]:
     """Held-out prompts and, per model, its greedy answers: ``labels`` (base, merged) and "<client> alone".
 
@@ -85,10 +99,10 @@ def compare(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo's output is a report, not a loading screen
-    items = held_out_prompts(validation, per_task, template)
+    items = held_out_prompts(validation, per_task, options)
     tokenizer, model = load_tokenizer(base_model), load_model(base_model)
-    budget, prompts = answer_budget(tokenizer, items), [item.prompt for item in items]
-    answer = functools.partial(complete, tokenizer=tokenizer, prompts=prompts, max_new_tokens=budget,
+    budget = answer_budget(tokenizer, items)
+    answer = functools.partial(complete, tokenizer=tokenizer, examples=[item.example for item in items], max_new_tokens=budget,
                                max_prompt_tokens=cutoff - budget)
     names = sorted(target_module_shapes(model, DEFAULT_TARGET_MODULES))
     live = module_weights(model, names)

@@ -53,11 +53,16 @@ class Supervisor:
         self.stop_all()
 
     def start(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None) -> Child:
-        """Run ``python -m module args...`` in a new process group, output to ``<log_dir>/<name>.log``."""
+        """Run ``python -P -m module args...`` in a new process group, output to ``<log_dir>/<name>.log``.
+
+        ``-P`` keeps the working folder off the child's ``sys.path``: started from a folder that
+        holds a ``flora`` directory (a clone next to the user's files), ``-m`` alone would import
+        that folder instead of the installed package.
+        """
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                [sys.executable, "-P", "-m", module, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

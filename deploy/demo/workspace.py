@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from flora.common.data import data_folder, read_records, split_examples
+from flora.common.data import data_folder, read_source, split_examples
 from flora.demo.sample_data import write_sample_data
 
 MARKER = ".flora-demo"
@@ -66,14 +66,14 @@ def folder_data(
     """Client files from ``folder``; validation from its validation.json or held-out records."""
     files, given = data_folder(folder)
     if len(files) < clients:
-        raise ValueError(f"--data-dir {folder} has {len(files)} client files (.json/.jsonl); --clients asks for {clients}")
+        raise ValueError(f"--data-dir {folder} has {len(files)} client data files; --clients asks for {clients}")
     files = files[:clients]
     if given:
         return files, given
     workspace.data.mkdir(parents=True, exist_ok=True)
     train_paths, validation_paths = [], []
     for k, path in enumerate(files):
-        records = [record for _, record in read_records(path)]
+        records = [record.value for record in read_source(path)]
         if len(records) <= held_out:
             raise ValueError(f"{path} has {len(records)} records; at least {held_out + 1} are needed to hold {held_out} out")
         train, validation = split_examples(records, held_out, seed=seed + k)

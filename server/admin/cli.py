@@ -84,8 +84,10 @@ def _provision(args: argparse.Namespace) -> int:
         missing = [f for f in ("project", "server", "clients") if not getattr(args, f)]
         if missing:
             raise ProvisionError(f"a new project needs --{', --'.join(missing)} (or --add-client to extend one)")
-        if not 1 <= args.port <= 65535 or args.days < 1:
-            raise ProvisionError("--port must be in 1..65535 and --days >= 1")
+        if not 1 <= args.port <= 65535:
+            raise ProvisionError(f"--port {args.port} is outside 1..65535")
+        if args.days < 1:
+            raise ProvisionError(f"--days {args.days}: certificates must be valid for at least 1 day")
         project = Project(args.project, args.server, args.port, args.install_dir, args.days)
         written = provision(project, args.clients, args.out, force=args.force)
     kits = sorted({p.parent for p in written if p.parent != args.out})

@@ -20,6 +20,8 @@ from flora.demo.monitor import COLUMNS, read_history, round_rows
 PNG_NAME = "report.png"
 MARKDOWN_NAME = "report.md"
 MATPLOTLIB_HINT = "the PNG needs matplotlib: pip install 'flora-fl[report]'"
+SECONDS_NOTE = ("\"seconds\" is the wall-clock time from the previous commit to this one: waiting for clients, "
+                "training, uploads, aggregation and any time the server was down, not training alone.")
 
 
 class ReportError(ValueError):
@@ -51,7 +53,7 @@ def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Pa
              f"{len(rounds)} rounds committed; clients: {', '.join(names) or 'none'}.", ""]
     if png is not None:
         lines += [f"![losses, bytes and participants per round]({png.name})", ""]
-    lines += [format_table(round_rows(history), COLUMNS), ""]
+    lines += [format_table(round_rows(history), COLUMNS), "", SECONDS_NOTE, ""]
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
     if len(losses) >= 2:
         lines += [f"Validation loss of the merged model: {losses[0]:.4f} -> {losses[-1]:.4f}.", ""]
@@ -69,6 +71,7 @@ def draw(history: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = _rounds(history)
     x = [r["round"] for r in rounds]
@@ -90,6 +93,8 @@ def draw(history: Sequence[dict[str, Any]], path: Path) -> None:
     people.set(title="participants per round", xlabel="round", ylabel="clients")
     for axis in (losses, traffic, people):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    people.yaxis.set_major_locator(MaxNLocator(integer=True))  # and so are clients
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -97,6 +102,9 @@ def draw(history: Sequence[dict[str, Any]], path: Path) -> None:
 
 def write_report(state_dir: Path, out_dir: Path | None = None, require_png: bool = True) -> Report:
     """Write report.png and report.md for a state directory (into it, unless ``out_dir``)."""
+    if not any((state_dir / name).is_file() for name in ("history.jsonl", "state.db")):
+        raise ReportError(f"{state_dir} is not a flora-server state directory (no history.jsonl, no state.db): "
+                          "give the server's --state-dir")
     history = read_history(state_dir / "history.jsonl")
     if not _rounds(history):
         raise ReportError(f"{state_dir / 'history.jsonl'} has no committed round yet: nothing to report")
