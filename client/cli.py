@@ -25,6 +25,7 @@ from flora.client.local import ConfigError
 from flora.client.progress import Progress, log_handler
 from flora.client.state import StateError
 from flora.common.settings import SettingsError, add_settings_arguments, load_settings, render_settings
+from flora.common.threads import set_threads
 
 log = logging.getLogger("flora.client")
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     progress = Progress(settings.progress)
     configure_logging(settings.log_level, settings.name, progress)
+    set_threads(settings.training_processes, settings.threads)
     stop = threading.Event()
     install_signal_handlers(stop)
     try:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, FilePath, SecretStr, StringConstraints, create_model, field_validator, model_validator,
+)
 
 from flora.client.trainer import TrainConfig
 from flora.common.addresses import is_loopback
@@ -28,7 +30,7 @@ ENV_PREFIX = "FLORA_CLIENT_"
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 # The client replaces TrainConfig's target-module suffixes with the run's module names; its own
 # ``target_modules`` setting only narrows those (see ``train_config``).
-_OWN_TRAIN_FIELDS = ("target_modules",)
+_OWN_TRAIN_FIELDS = ("target_modules", "round", "rounds")  # round and rounds come from the task and the run
 TRAIN_FIELDS = tuple(name for name in TrainConfig.model_fields if name not in _OWN_TRAIN_FIELDS)
 
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
@@ -88,6 +90,15 @@ class _DaemonFields(BaseModel):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe log level shown")
     progress: Literal["auto", "on", "off"] = Field("auto", description="progress bars: auto (when stderr is a terminal), on, off")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per training process; default: this host's usable cores divided among them"
+    )
+    nproc: int = Field(
+        1, ge=1, le=64, description="data-parallel training processes (torch.distributed: gloo on CPU, one CUDA device each)"
+    )
+    devices: list[Annotated[str, StringConstraints(pattern=r"^cuda:\d+$")]] | None = Field(
+        None, min_length=1, description="CUDA devices of the data-parallel processes, comma-separated (cuda:0,cuda:1); sets nproc"
+    )
 
     @field_validator("server")
     @classmethod
@@ -117,7 +128,17 @@ class _DaemonFields(BaseModel):
             raise ValueError("tls_cert and tls_key go together (mutual TLS needs both)")
         if self.insecure and (self.tls_ca or self.tls_cert):
             raise ValueError("insecure contradicts tls_ca/tls_cert: choose plaintext or TLS")
+        if self.devices and self.nproc not in (1, len(self.devices)):
+            raise ValueError(f"nproc ({self.nproc}) contradicts devices ({len(self.devices)} given): give one of them")
+        if self.quantize != "none" and self.training_processes > 1:  # workers load merged weights, not a held update
+            raise ValueError(f"quantize ({self.quantize}) works with one training process, not {self.training_processes}: "
+                             "drop --nproc/--devices or --quantize")
         return self
+
+    @property
+    def training_processes(self) -> int:
+        """How many processes train each round: one per device of ``devices``, else ``nproc``."""
+        return len(self.devices) if self.devices else self.nproc
 
     @property
     def uses_tls(self) -> bool:
@@ -130,15 +151,19 @@ class _DaemonFields(BaseModel):
         """This client's own training settings, before the run and the round adjust them."""
         return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FIELDS})
 
-    def train_config(self, modules: list[str], hints: run_pb2.TrainingHints, num_examples: int, seed: int) -> TrainConfig:
+    def train_config(
+        self, modules: list[str], hints: run_pb2.TrainingHints, num_examples: int, seed: int, round_number: int = 1,
+        rounds: int = 1,
+    ) -> TrainConfig:
         """The TrainConfig of one round: own settings, the server's non-zero hints over them.
 
         ``modules`` are the full module names to adapt (PEFT matches whole names exactly), and
         ``seed`` is the round's seed, so that every round starts from a different fresh LoRA.
+        ``round_number`` of the run's ``rounds`` places the round on a ``run`` schedule.
         A fractional ``local_epochs`` hint becomes the equivalent number of optimiser steps.
         """
         values = self.own_train_config().model_dump()
-        values.update(target_modules=tuple(modules), seed=seed)
+        values.update(target_modules=tuple(modules), seed=seed, round=max(1, round_number), rounds=max(1, rounds))
         if hints.batch_size:
             values["batch_size"] = hints.batch_size
         if hints.learning_rate:

@@ -23,6 +23,7 @@ import flora
 from flora.client.config import ClientSettings
 from flora.client.connection import Connection, Stopped, rpc_code, rpc_details
 from flora.client.heartbeat import Heartbeat
+from flora.client.limits import check_update
 from flora.client.local import (
     ConfigError, LocalModel, check_extras, load_data, load_local_model, run_method, trained_modules,
 )
@@ -31,6 +32,7 @@ from flora.client.state import Identity, StateDir
 from flora.client.round_start import train_round
 from flora.client.sync import SyncError, Synchroniser, restore
 from flora.client.trainer import TrainConfig, TrainingCancelled, TrainResult, total_steps
+from flora.client.workers import WorkerFailed, WorkerGroup, worker_devices
 from flora.common.devices import resolve_device
 from flora.common.chunks import DEFAULT_CHUNK_SIZE
 from flora.common.lora import LoraAdapter, LoraPair
@@ -87,6 +89,8 @@ class Daemon:
         self.sync: Synchroniser | None = None
         self.train_names: list[str] = []
         self.version = 0
+        devices = worker_devices(settings) if settings.training_processes > 1 else []
+        self.workers = WorkerGroup(settings, settings.state_dir / "workers", devices) if devices else None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -234,7 +238,7 @@ class Daemon:
             if result is None:
                 return
             heartbeat.activity = coordinator_pb2.CLIENT_ACTIVITY_UPLOADING
-            self._upload(task, config, result)
+            self._upload(task, config, result, start)
 
     def _prepare(self, task: coordinator_pb2.TrainTask, config: TrainConfig) -> ClientStart:
         """Merge up to the required version, then start the round as the run's method says: from
@@ -254,7 +258,8 @@ class Daemon:
         hints.CopyFrom(self.spec.hints)
         for field, value in task.hints.ListFields():  # the round's non-zero hints win over the run's
             setattr(hints, field.name, value)
-        return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round)
+        return self.settings.train_config(self.train_names, hints, len(self.local.train), seed=self.settings.seed + task.round,
+                                          round_number=task.round, rounds=self.spec.rounds)
 
     def _train(
         self, task: coordinator_pb2.TrainTask, config: TrainConfig, start: ClientStart, heartbeat: Heartbeat
@@ -271,14 +276,23 @@ class Daemon:
         log.info("event=train_start round=%d rank=%d steps=%d examples=%d", task.round, config.rank, steps, len(self.local.train))
         with self.progress.bar(f"train round {task.round}", steps, unit="step") as bar:
             try:
-                result = train_round(
-                    self.local.weights, self.local.train, config, start, val_data=self.local.validation or None,
-                    on_step=on_step, should_stop=should_stop,
-                )
+                if self.workers is None:
+                    result = train_round(
+                        self.local.weights, self.local.train, config, start, val_data=self.local.validation or None,
+                        on_step=on_step, should_stop=should_stop,
+                    )
+                else:
+                    weights = self.state.weights_path(self.version) if self.version else None
+                    result = self.workers.train(self.spec, self.version, weights, config, start, on_step=on_step,
+                                                should_stop=should_stop)
             except TrainingCancelled as exc:
                 if self.stop.is_set():
                     raise Stopped() from None
                 log.info("event=update_dropped round=%d reason=round_closed detail=%r", task.round, str(exc))
+                return None
+            except WorkerFailed as exc:  # the round's task is asked for again after the backoff
+                log.error("event=train_failed round=%d detail=%r action=retry", task.round, str(exc))
+                self.conn.pause("train", exc)
                 return None
         log.info(
             "event=trained round=%d rank=%d steps=%d train_loss=%.4f validation_loss=%s seconds=%.1f",
@@ -287,10 +301,13 @@ class Daemon:
         )
         return result
 
-    def _upload(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult) -> None:
-        """Upload the factors; a refusal because the round moved on drops the update."""
+    def _upload(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, start: ClientStart) -> None:
+        """Check the update against the run's limits, then upload it; a refusal because the round
+        moved on drops the update."""
+        adapter = self._complete(result.adapter, config.rank)
+        check_update(self.spec, adapter, start.init)
         payload = self.state.outbox_path(task.round)
-        header = self._encode(task, config, result, payload)
+        header = self._encode(task, config, result, adapter, payload)
         try:
             reply = self.conn.retrying("SubmitUpdate", lambda: self.conn.upload(self._messages(header, payload)))
         except grpc.RpcError as exc:
@@ -305,14 +322,13 @@ class Daemon:
                  task.round, header.total_bytes, reply.accepted, reply.duplicate, reply.message)
 
     def _encode(
-        self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, path: Path
+        self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, adapter: LoraAdapter, path: Path
     ) -> transfer_pb2.UpdateHeader:
         """Write the round's factors (float32 safetensors) to ``path``; return the header describing them.
 
         The upload streams from this file, so memory holds a chunk of it at a time, not all of it.
         A method that freezes A (ffa) uploads B alone: the server holds A already.
         """
-        adapter = self._complete(result.adapter, config.rank)
         rule = "rslora" if config.rslora else "standard"  # the payload's words for _scaling_rule(config)
         meta = PayloadMeta("client_update", rank=config.rank, alpha=config.lora_alpha, scaling_rule=rule, round=task.round)
         size, digest = write_adapter(path, adapter, meta, with_a=self.method.trains_a)

@@ -46,6 +46,11 @@ class Heartbeat:
         try:
             reply = self._conn.unary("Heartbeat", request, timeout=min(self._conn.settings.rpc_timeout, 2 * self._interval))
         except grpc.RpcError as exc:
+            if rpc_code(exc) == grpc.StatusCode.UNAUTHENTICATED and not self.round_closed.is_set():
+                # Removed by the operator (or forgotten by a new run): stop training; the main
+                # loop's next call says which, and rejoins or exits.
+                log.warning("event=round_closed round=%d reason=unauthenticated detail=%r", self._round, rpc_details(exc)[:200])
+                self.round_closed.set()
             self._failures += 1
             level = logging.WARNING if self._failures == 1 else logging.DEBUG  # once per outage, not per beat
             log.log(level, "event=heartbeat_failed round=%d code=%s detail=%r", self._round,

@@ -123,11 +123,11 @@ def load_base(settings: ClientSettings, source: str) -> nn.Module:
     """The base model ``source`` in full precision (on the training device unless it is to be
     quantized, which happens there later), or a ConfigError saying what to pass."""
     try:
-        device = resolve_device(settings.device) if settings.quantize == "none" else "cpu"
+        device = resolve_device(settings.device)  # checked also when quantizing, which moves the model there later
     except ValueError as exc:  # the device, not the model: a local copy of the model would not help
         raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
     try:
-        return load_model(source, device=device)
+        return load_model(source, device=device if settings.quantize == "none" else "cpu")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
 

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from peft import LoraConfig, LoraModel
@@ -53,8 +53,12 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     learning_rate: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of AdamW")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    schedule: Literal["cosine", "constant", "run"] = Field(
+        "cosine", description="learning-rate decay after warmup: cosine or constant each round, or run: one cosine over the whole run"
+    )
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup")
+    round: int = Field(1, ge=1, description="the run's round being trained (the schedule 'run' needs it)")
+    rounds: int = Field(1, ge=1, description="rounds of the run (the schedule 'run' needs it)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA factors")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
     seed: int = Field(0, ge=0, description="seed of the LoRA initialisation and the data order")
@@ -94,13 +98,50 @@ class TrainingCancelled(Exception):
     """Raised when ``should_stop`` asked training to stop; the caller's model is already restored."""
 
 
+class Replicas(Protocol):
+    """The data-parallel group a training process belongs to (``ALONE`` when it trains by itself).
+
+    Every process of a group draws the same micro-batches (same seed) and runs its own rows of
+    each; summing the gradients over the group then gives exactly the gradient of one process
+    running all the rows, because each row's loss is already divided by the whole step's label
+    count. So a group's LoRA equals a single process's over the same global batch, to round-off.
+    """
+
+    def rows(self, count: int) -> slice:
+        """This process's rows of a micro-batch of ``count`` rows (possibly none)."""
+
+    def reduce(self, params: list[nn.Parameter], step_loss: torch.Tensor) -> None:
+        """Sum the step's gradients and loss over the group, in place, before the optimiser step."""
+
+
+class _Alone:
+    """A process training by itself: all rows are its own and there is nothing to sum."""
+
+    def rows(self, count: int) -> slice:
+        return slice(0, count)
+
+    def reduce(self, params: list[nn.Parameter], step_loss: torch.Tensor) -> None:
+        pass
+
+
+ALONE: Replicas = _Alone()
+
+
 def lr_at(step: int, num_steps: int, config: TrainConfig) -> float:
-    """Learning rate at 0-based ``step``: linear warmup, then constant or cosine decay towards 0."""
+    """Learning rate at 0-based ``step`` of a round of ``num_steps``: linear warmup, then constant or
+    cosine decay towards 0.
+
+    Schedule ``run`` is one warmup and one cosine over the whole run: round r of R is the r-th of R
+    equal slices of it, so clients whose rounds have different step counts stay on the same curve,
+    and a round past the planned count (a run extended) keeps the final rate.
+    """
+    if config.schedule == "run":
+        step, num_steps = (config.round - 1) * num_steps + step, config.rounds * num_steps
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / (config.warmup_steps + 1)
     if config.schedule == "constant":
         return config.learning_rate
-    progress = (step - config.warmup_steps) / max(1, num_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / max(1, num_steps - config.warmup_steps))
     return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -252,21 +293,27 @@ def _optimizer_step(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler,
+    replicas: Replicas,
 ) -> torch.Tensor:
-    """Forward and backward over one step's micro-batches; returns the step's token-weighted loss.
+    """Forward and backward over this process's rows of one step's micro-batches; returns their
+    share of the step's token-weighted loss.
 
-    Each micro-batch's summed loss is divided by the label count of the whole step, so the
-    accumulated gradient is that of one batch of all the step's tokens (not a mean of means).
+    Each micro-batch's summed loss is divided by the label count of the whole step (all rows, all
+    replicas), so the accumulated gradient is that of one batch of all the step's tokens (not a
+    mean of means) once the replicas' gradients are summed.
     """
     targets = [shifted_targets(batch["labels"]) for batch in batches]  # (B, T) each, on CPU
     num_labels = max(1, sum(int((t != IGNORE_INDEX).sum()) for t in targets))
     step_loss = torch.zeros((), device=device)
     for batch, target in zip(batches, targets):
+        rows = replicas.rows(len(target))
+        if rows.start >= rows.stop:
+            continue
         with autocast_context(device, amp_dtype):
             # Right padding under a causal mask: no real token attends to the padding after it,
             # so no attention mask is passed and SDPA keeps its fast causal kernel.
-            logits = model(input_ids=batch["input_ids"].to(device, non_blocking=True), use_cache=False).logits
-        loss = summed_token_loss(logits, target.to(device, non_blocking=True)) / num_labels
+            logits = model(input_ids=batch["input_ids"][rows].to(device, non_blocking=True), use_cache=False).logits
+        loss = summed_token_loss(logits, target[rows].to(device, non_blocking=True)) / num_labels
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -281,6 +328,7 @@ def _train_loop(
     generator: torch.Generator,
     on_step: Callable[[int, int, float], None] | None,
     should_stop: Callable[[], bool] | None,
+    replicas: Replicas,
 ) -> tuple[float, int, int]:
     """Run the round's optimiser steps; returns (mean step loss, steps, non-padding tokens)."""
     steps = total_steps(len(data), config)
@@ -298,7 +346,8 @@ def _train_loop(
             group["lr"] = lr_at(step, steps, config)
         micro = [collate(next(batches)) for _ in range(min(config.grad_accum, budget - step * config.grad_accum))]
         tokens += sum(int(batch["attention_mask"].sum()) for batch in micro)
-        step_loss = _optimizer_step(model, micro, device, amp_dtype, scaler)
+        step_loss = _optimizer_step(model, micro, device, amp_dtype, scaler, replicas)
+        replicas.reduce(params, step_loss)
         if config.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -321,6 +370,7 @@ def train_lora(
     train_a: bool = True,
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    replicas: Replicas = ALONE,
 ) -> TrainResult:
     """Train a LoRA on ``model`` for one round and return its factors; the model is left unchanged.
 
@@ -328,6 +378,7 @@ def train_lora(
     from ``init``; with ``train_a=False`` A stays as initialised and only B learns (FFA-LoRA).
     ``on_step(step, total_steps, loss)`` reports progress after each optimiser
     step; ``should_stop()`` is asked before each step and cancels with :class:`TrainingCancelled`.
+    With ``replicas`` the process trains its rows of each micro-batch as one of a data-parallel group.
     """
     if not train_data:
         raise ValueError("no training examples")
@@ -347,7 +398,7 @@ def train_lora(
         start = time.perf_counter()
         with _checkpointing(model, config.gradient_checkpointing):
             train_loss, steps, tokens = _train_loop(model, params, train_data, config, device, generator, on_step,
-                                                    should_stop)
+                                                    should_stop, replicas)
         seconds = time.perf_counter() - start
         validation_loss = None
         if val_data:

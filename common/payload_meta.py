@@ -29,6 +29,9 @@ KINDS = ADAPTER_KINDS + WEIGHTS_KINDS + UPDATE_KINDS
 _ADAPTER_KEYS = frozenset({"format", "kind", "rank", "alpha", "scaling_rule", "scaling", "round", "version"})
 _WEIGHTS_KEYS = frozenset({"format", "kind", "round", "version"})  # also those of update payloads
 _COUNT = re.compile(r"[0-9]{1,19}")
+# A decimal float as Python's repr writes one (8.0, 0.125, 1e-05, 1.5e+20): an optional minus,
+# digits with an optional fraction, an optional exponent; no spaces, underscores, hex, inf or nan.
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class PayloadError(ValueError):
@@ -160,12 +163,12 @@ def _count(metadata: Mapping[str, str], key: str) -> int | None:
 
 
 def _number(metadata: Mapping[str, str], key: str) -> float | None:
+    """A finite decimal float (``_DECIMAL``): not everything Python's ``float`` reads (' 8', '8_0')."""
     if key not in metadata:
         return None
-    try:
-        value = float(metadata[key])
-    except ValueError:
-        raise PayloadError(f"metadata {key!r}: {metadata[key][:40]!r} is not a number") from None
+    if not _DECIMAL.fullmatch(metadata[key]):
+        raise PayloadError(f"metadata {key!r}: {metadata[key][:40]!r} is not a decimal number")
+    value = float(metadata[key])
     if not math.isfinite(value):
         raise PayloadError(f"metadata {key!r}: {value} is not finite")
     return value

@@ -29,6 +29,7 @@ from flora.server.coordinator import Coordinator
 from flora.server.layout import Layout
 from flora.server.metrics import Metrics, MetricsInterceptor, serve_metrics
 from flora.server.registry import Registry, RegistryError
+from flora.server.round_settings import with_stored
 from flora.server.lifecycle import RoundDriver
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
@@ -189,6 +190,8 @@ async def serve(settings: ServerSettings) -> None:
         await server.stop(None)
         raise
     try:
+        # Round settings an operator changed while the run went on (the aggregator's last round too).
+        settings = aggregator.settings = with_stored(settings, store)
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
         driver = RoundDriver(settings, layout, store, aggregator, machine)

@@ -25,7 +25,7 @@ from flora.server.registry import Provisioned, Registry, cert_sha256
 
 _SERVICE = "/flora.v1.Coordinator/"
 _HEALTH = "/grpc.health.v1.Health/"
-OPERATOR_CALLS = frozenset({"ListClients", "RemoveClient"})
+OPERATOR_CALLS = frozenset({"ListClients", "RemoveClient", "ReadmitClient", "Settings"})
 
 
 def new_token() -> str:
@@ -48,6 +48,11 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
+def removed_message(name: str, reason: str) -> str:
+    """What a removed client is told, with the operator's reason."""
+    return f"client {name!r} was removed by the operator: {reason or 'no reason given'}"
+
+
 def _same(secret: str | None, presented: str | None) -> bool:
     return secret is not None and presented is not None and hmac.compare_digest(secret.encode(), presented.encode())
 
@@ -60,9 +65,9 @@ class Credentials:
         self._operator = operator_token
         self._registry = registry
         self._clients: dict[str, str] = {}  # sha256(token) -> client id
-        self._revoked_tokens: set[str] = set()
-        self._revoked_certs: set[str] = set()
-        self.revoked_names: set[str] = set()
+        self._revoked_tokens: dict[str, str] = {}  # sha256(token) -> name
+        self._revoked_certs: dict[str, str] = {}  # sha256(certificate) -> name
+        self.revoked_names: dict[str, str] = {}  # name -> the operator's reason
 
     @property
     def open_enrollment(self) -> bool:
@@ -74,13 +79,39 @@ class Credentials:
         if digest not in self._revoked_tokens:
             self._clients[digest] = client_id
 
-    def revoke(self, name: str, token_digests: Iterable[str], cert_digests: Iterable[str]) -> None:
+    def revoke(self, name: str, token_digests: Iterable[str], cert_digests: Iterable[str], reason: str = "") -> None:
         """Refuse a client's name, tokens and certificates from now on."""
-        self.revoked_names.add(name)
+        self.revoked_names[name] = reason
         for digest in token_digests:
-            self._revoked_tokens.add(digest)
+            self._revoked_tokens[digest] = name
             self._clients.pop(digest, None)
-        self._revoked_certs.update(d for d in cert_digests if d)
+        self._revoked_certs.update((d, name) for d in cert_digests if d)
+
+    def readmit(self, name: str) -> None:
+        """Lift a removal: the name, its tokens and certificates are no longer refused (tokens of
+        joined clients become valid again once ``register``ed)."""
+        self.revoked_names.pop(name, None)
+        for revoked in (self._revoked_tokens, self._revoked_certs):
+            for digest in [d for d, owner in revoked.items() if owner == name]:
+                del revoked[digest]
+
+    def removal(self, token: str | None) -> str | None:
+        """Why a removed client's token is refused ("... removed by the operator: <reason>"), or None.
+
+        Its token is revoked in this run, or it is a provisioned token whose registry entry is
+        marked removed (by an earlier run).
+        """
+        if not token:
+            return None
+        digest = token_digest(token)
+        if (name := self._revoked_tokens.get(digest)) is not None:
+            return removed_message(name, self.revoked_names.get(name, ""))
+        if self._registry is not None:
+            self._registry.refresh()
+            entry = self._registry.by_token(digest)
+            if entry is not None and entry.removed is not None:
+                return removed_message(entry.name, entry.removed)
+        return None
 
     def client_for(self, token: str | None) -> str | None:
         """The client a token belongs to, or None."""
@@ -93,7 +124,12 @@ class Credentials:
             return None
         self._registry.refresh()
         entry = self._registry.by_token(token_digest(token))
-        return None if entry is None or entry.name in self.revoked_names else entry
+        return None if entry is None or entry.name in self.revoked_names or entry.removed is not None else entry
+
+    @property
+    def registry(self) -> Registry | None:
+        """The client registry, when the server has one."""
+        return self._registry
 
     def provisioned_names(self) -> list[str]:
         """Every client name of the registry (empty without one)."""
@@ -106,7 +142,10 @@ class Credentials:
     def issue_token(self, name: str, presented: str | None) -> str:
         """The token a newly joining client gets: its provisioned one, else a fresh one."""
         if name in self.revoked_names:
-            raise Unauthenticated(f"client {name!r} was removed by the operator and cannot join again")
+            raise Unauthenticated(removed_message(name, self.revoked_names[name]))
+        listed = self.registry_entry(name)
+        if listed is not None and listed.removed is not None:
+            raise Unauthenticated(removed_message(name, listed.removed))
         entry = self.provisioned(presented)
         if entry is not None:
             if entry.name != name:
@@ -133,6 +172,8 @@ class Credentials:
             return None if self.is_operator(token) else f"{call} needs the server's operator token"
         if self.client_for(token) is not None:
             return None
+        if (removed := self.removal(token)) is not None:
+            return f"{call}: {removed}"
         if call in ("Join", "GetRun"):
             if (self.open_enrollment or self.is_enrollment(token) or self.provisioned(token) is not None
                     or (call == "GetRun" and self.is_operator(token))):
@@ -152,8 +193,8 @@ class Credentials:
         """Why a call over a connection presenting this client certificate must be refused, or None."""
         if not self._revoked_certs or not cert_pem:
             return None
-        if cert_sha256(cert_pem) in self._revoked_certs:
-            return "this client certificate was revoked by the operator"
+        if (name := self._revoked_certs.get(cert_sha256(cert_pem))) is not None:
+            return f"this client certificate was revoked: {removed_message(name, self.revoked_names.get(name, ''))}"
         return None
 
     @property

@@ -17,7 +17,7 @@ from flora.common.methods import METHODS, AggregationMethod, get_method
 from flora.common.architectures import check_target_names
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS
-from flora.common.data.readers import check_sources
+from flora.common.data.readers import source_names
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
 from flora.common.robust import RobustPolicy
@@ -248,8 +248,10 @@ class ServerSettings(BaseModel):
 
     @field_validator("validation_data", mode="before")
     @classmethod
-    def _known_sources(cls, value: object) -> object:
-        return check_sources(value)
+    def _source_names(cls, value: object) -> object:
+        # Not checked for existence here: flora.server.inputs reads it at start (a missing file is
+        # named there), and --print-config works where the data is not yet present.
+        return source_names(value)
 
     @field_validator("target_modules")
     @classmethod

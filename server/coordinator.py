@@ -14,8 +14,9 @@ import logging
 import math
 import re
 import secrets
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from flora.server.config import ServerSettings
 from flora.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange, Refusal, Unauthenticated
 from flora.server.layout import Layout
 from flora.server.lifecycle import RoundDriver
-from flora.server.rounds import Finished, RoundMachine, RoundState, Train
+from flora.server.rounds import DuplicatePayload, Finished, RoundMachine, RoundState, Train
 from flora.server.store import ClientRecord, RunRecord, Store, Submission
 from flora.server.uploads import (
     SCALING_RULE_NAMES,
@@ -64,8 +65,9 @@ class Planned:
     offset: int = 0
 
 
-def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[int, int]]) -> run_pb2.RunSpec:
-    """The RunSpec clients receive at Join and in Status."""
+def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[int, int]],
+             max_update_norm: float) -> run_pb2.RunSpec:
+    """The RunSpec clients receive at Join and in Status, with the limits their updates must respect."""
     return run_pb2.RunSpec(
         run_id=run.run_id, base_model=run.base_model, base_model_hash=run.base_model_hash,
         target_modules=[run_pb2.TargetModule(name=n, out_features=o, in_features=i) for n, (o, i) in sorted(shapes.items())],
@@ -73,6 +75,9 @@ def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[i
         chunk_size=settings.chunk_size, required_scaling=settings.required_scaling, global_lora_rank=settings.global_lora_rank,
         hints=run_pb2.TrainingHints(max_steps=settings.local_steps, local_epochs=settings.local_epochs,
                                     learning_rate=settings.learning_rate, batch_size=settings.batch_size),
+        max_rank=settings.max_rank, max_update_norm=max_update_norm, max_weight_share=settings.max_weight_share,
+        clip_norm=settings.clip_norm or 0.0, clip_median_multiple=settings.clip_median_multiple or 0.0,
+        reject_median_multiple=settings.reject_median_multiple or 0.0,
     )
 
 
@@ -88,7 +93,7 @@ class Coordinator:
         self.machine: RoundMachine = driver.machine
         self.shapes = driver.aggregator.shapes
         self.run = run
-        self.spec = run_spec(settings, run, self.shapes)
+        self.spec = run_spec(settings, run, self.shapes, driver.aggregator.max_update_norm)
         self.credentials = credentials
         self.clients = {c.id: c for c in store.clients()}
         self._names = {c.name: c.id for c in self.clients.values()}
@@ -99,6 +104,11 @@ class Coordinator:
         for client in self.clients.values():
             credentials.register(client.id, client.token_sha256)
             self.machine.known(client.id, client.left)
+
+    def use_settings(self, settings: ServerSettings) -> None:
+        """Serve with changed round settings (``flora.server.round_settings``): the spec's rounds too."""
+        self.settings = self.driver.settings = self.driver.aggregator.settings = settings
+        self.spec = run_spec(settings, self.run, self.shapes, self.driver.aggregator.max_update_norm)
 
     def identify(self, token: str | None) -> str:
         """The client a call's token belongs to."""
@@ -139,9 +149,14 @@ class Coordinator:
             client = self.clients[returning]
             if client.name != name:
                 raise InvalidArgument(f"the token presented belongs to client {client.name!r}, not {name!r}")
-            self._check_unchanged_while_selected(client, caps)
+            changed = self._changed_capabilities(client, caps)
             client = replace(client, **self._capability_fields(caps), left=False)
             self.store.rejoin_client(client)
+            if changed and self.machine.withdraw(client.id):
+                self.store.save_attempt(self.machine.current)
+                log.info("client %s (%s) changed %s: out of round %d, which opened before the change; it takes part "
+                         "with the new values from the next round that selects it", client.name, client.id,
+                         ", ".join(changed), self.machine.current.number)
         else:
             token = self.credentials.issue_token(name, token)  # the provisioned token, or a fresh one
             if name in self._names:
@@ -180,19 +195,12 @@ class Coordinator:
         return {"rank": caps.rank, "alpha": caps.alpha, "scaling_rule": caps.scaling_rule, "num_examples": caps.num_examples,
                 "device": caps.device[:64], "software_version": caps.software_version[:64]}
 
-    def _check_unchanged_while_selected(self, client: ClientRecord, caps: pb.Capabilities) -> None:
-        """A client selected in the open round keeps the LoRA shape it was selected with until the round ends."""
-        current = self.machine.current
-        if current is None or current.state is not RoundState.OPEN or client.id not in current.selected:
-            return
-        changed = [f"{key} {old!r} -> {new!r}" for key, old, new in (
+    @staticmethod
+    def _changed_capabilities(client: ClientRecord, caps: pb.Capabilities) -> list[str]:
+        """What of the LoRA's shape a rejoin changes ("rank 4 -> 8"); empty when nothing."""
+        return [f"{key} {old!r} -> {new!r}" for key, old, new in (
             ("rank", client.rank, caps.rank), ("alpha", client.alpha, caps.alpha),
             ("scaling_rule", client.scaling_rule, caps.scaling_rule)) if old != new]
-        if changed:
-            raise FailedPrecondition(
-                f"this client is selected in the open round {current.number} with its joined capabilities; "
-                f"{', '.join(changed)} may change only once round {current.number} has closed"
-            )
 
     def _check_capabilities(self, caps: pb.Capabilities) -> None:
         if not 1 <= caps.rank <= self.settings.max_rank:
@@ -263,8 +271,9 @@ class Coordinator:
 
     # --- Status ---------------------------------------------------------------------------------------
 
-    def status(self) -> pb.StatusReply:
-        """The operator view: run, version, current round and every client."""
+    def status(self, viewer: str | None = None) -> pb.StatusReply:
+        """The run, version and current round; every client for the operator (``viewer`` None), a
+        client (``viewer``, its id) only itself and the counts: never another client's details."""
         now = time.time()
         current = self.machine.current
         if self.machine.finished:
@@ -273,12 +282,14 @@ class Coordinator:
             state = "running"
         else:
             state = "waiting_for_clients"
-        reply = pb.StatusReply(run=self.spec, state=state, global_version=self.machine.version)
+        reply = pb.StatusReply(run=self.spec, state=state, global_version=self.machine.version, num_clients=len(self.clients))
         if current is not None:
             reply.round.CopyFrom(pb.RoundStatus(
-                round=current.number, state=current.state.value, selected=sorted(current.selected),
-                submitted=sorted(current.accepted), deadline_unix_ms=int(current.deadline * 1000), quorum=current.quorum))
-        for client in self.clients.values():
+                round=current.number, state=current.state.value, selected=_visible(current.selected, viewer),
+                submitted=_visible(current.accepted, viewer), deadline_unix_ms=int(current.deadline * 1000), quorum=current.quorum,
+                min_clients=self.machine.policy.min_clients, available_clients=self.machine.available(now),
+                num_selected=len(current.selected), num_submitted=len(current.accepted)))
+        for client in self.clients.values() if viewer is None else [self.clients[viewer]]:
             presence = self.machine.clients.get(client.id)
             seen = presence.last_seen if presence and math.isfinite(presence.last_seen) else 0.0
             reply.clients.append(pb.ClientStatus(
@@ -348,12 +359,21 @@ class Coordinator:
     async def fetch(self, client_id: str, request: pb.FetchGlobalRequest) -> AsyncIterator[transfer_pb2.Chunk]:
         """The FetchGlobal stream: each planned artifact in chunks, read off the event loop."""
         plan = self.plan_fetch(client_id, request)
-        with self.active(client_id):
-            for item in plan:
-                chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
-                while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
-                    self.driver.bytes_out += len(chunk.data)
-                    yield chunk
+        sent, number = 0, self.machine.current.number if self.machine.current is not None else self.machine.version
+        try:
+            with self.active(client_id):
+                for item in plan:
+                    chunks = artifact_chunks(item.kind, item.version, item.path, item.sha256, self.settings.chunk_size, item.offset)
+                    while (chunk := await asyncio.to_thread(_next_or_superseded, chunks, item.version)) is not None:
+                        self.driver.bytes_out += len(chunk.data)
+                        sent += len(chunk.data)
+                        yield chunk
+        finally:
+            if sent:  # kept in the database, so that a killed server's history still counts them
+                try:
+                    self.store.add_bytes_out(number, sent)
+                except (sqlite3.Error, OSError) as error:  # a count, not the run's state: log and go on
+                    log.warning("round %d: %d downloaded bytes not recorded (%s)", number, sent, error)
 
     # --- SubmitUpdate --------------------------------------------------------------------------------
 
@@ -362,7 +382,7 @@ class Coordinator:
         with self.active(client_id):
             header = await first_message(messages)
             check_header(header, self.clients[client_id], self.settings.max_update_bytes)
-            if self._recorded(client_id, header) or not self._allowed(client_id, header):
+            if self._recorded(client_id, header) or not self._allowed_once(client_id, header):
                 return self._duplicate(header)
             self._check_not_excluded(client_id, header)
             aggregator = self.driver.aggregator
@@ -384,7 +404,7 @@ class Coordinator:
                 raise
             # From here to the record there is no await: the check and the record are atomic.
             try:
-                new = self._allowed(client_id, header)
+                new = self._allowed_once(client_id, header)
             except Refusal:
                 final.unlink(missing_ok=True)  # named by this upload's own sha256: never a recorded file
                 raise
@@ -402,8 +422,19 @@ class Coordinator:
             raise FailedPrecondition(f"round {header.round}: this update (sha256 {header.sha256[:12]}) was excluded "
                                      f"from the round's aggregation: {reason[:300]}")
 
-    def _allowed(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
-        return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())
+    def _allowed_once(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
+        """``check_submission``; a copy of another client's accepted payload is refused and kept for the history."""
+        try:
+            return self.machine.check_submission(client_id, header.round, header.sha256, header.base_version, time.time())
+        except DuplicatePayload as duplicate:
+            owner = self.clients.get(duplicate.owner)
+            reason = (f"duplicate payload: the same bytes (sha256 {header.sha256[:12]}) as the update accepted from "
+                      f"client {owner.name if owner else duplicate.owner!r} ({duplicate.owner}); refused, counted once")
+            self.store.add_exclusion(header.round, client_id, header.sha256, reason, time.time())
+            log.warning("round %d: update from %s (%s) refused: %s", header.round, self.clients[client_id].name,
+                        client_id, reason)
+            self.driver.apply(self.machine.decline(client_id, header.round))  # the round may close without it
+            raise
 
     def _recorded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> bool:
         """Whether this exact update is already recorded for a round that has since closed."""
@@ -437,6 +468,11 @@ class Coordinator:
         # No wake-up of its own: no waiting client's task changes with one upload (apply wakes
         # them all when it closes the round); one per upload cost O(clients^2) a round.
         self.driver.apply(self.machine.accept(client_id, header.round, header.sha256, now))
+
+
+def _visible(ids: Iterable[str], viewer: str | None) -> list[str]:
+    """Client ids as ``viewer`` may see them: all, sorted, for the operator (None); a client only its own."""
+    return sorted(ids) if viewer is None else [viewer] if viewer in ids else []
 
 
 def _next_or_superseded(chunks: Iterator[transfer_pb2.Chunk], version: int) -> transfer_pb2.Chunk | None:

@@ -55,7 +55,8 @@ class RoundDriver:
         self.store = store
         self.aggregator = aggregator
         self.machine = machine
-        self.bytes_out = 0  # FetchGlobal bytes sent since the last commit, for the history
+        # FetchGlobal bytes sent since the last commit, for the history (persisted per download: a restart keeps them).
+        self.bytes_out = store.bytes_out(machine.current.number) if machine.current is not None else 0
         self.finished_at: float | None = time.time() if machine.finished else None
         self._changed = Signal()
         self._ticker: asyncio.Task | None = None
@@ -85,7 +86,11 @@ class RoundDriver:
         A decision that cannot be persisted (a full disk, say) is logged and memory is put back
         to what the database holds, so the two never disagree; the next tick tries again.
         """
-        self.apply(self.machine.advance(time.time()))
+        now = time.time()
+        self.apply(self.machine.advance(now))
+        if (short := self.machine.shortfall(now)) is not None:
+            log.warning("round %d waiting: %s (flora-admin settings --set min_clients=N changes the need)",
+                        short.number, short.text)
 
     def apply(self, events: Sequence[Event]) -> None:
         """Persist the machine's decisions, start aggregations, wake waiters; never raises."""

@@ -1,10 +1,11 @@
 """The operator's calls: list the clients, remove one, and the details Status adds for a console.
 
-Removing a client is immediate and permanent for that name: its tokens leave the credentials
+Removing a client is immediate and lasts until the operator re-admits it: its tokens leave the credentials
 and its provisioned certificate is refused on every later call (``flora.server.auth``), it is
 withdrawn from selection like a client that left, and the removal is stored so that a restarted
-server still refuses it. Updates it already had accepted stay: a closed round never changes,
-and the open round may still close with them.
+server still refuses it, and marked in the client registry (clients.toml), so that later runs
+refuse its kit too. Updates it already had accepted stay: a closed round never changes, and the
+open round may still close with them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from flora.server.auth import token_digest
 from flora.server.coordinator import Coordinator
 from flora.server.errors import InvalidArgument, NotFound
+from flora.server.registry import RegistryError
 from flora.server.store import Revocation
 from flora.v1 import coordinator_pb2 as pb
 
@@ -67,9 +69,10 @@ def list_clients(coordinator: Coordinator) -> pb.ListClientsReply:
     removed = _removed(coordinator)
     for name in coordinator.credentials.provisioned_names():
         if name not in joined:
+            entry = coordinator.credentials.registry_entry(name)
+            when = removed[name].revoked if name in removed else entry.removed_unix if entry.removed is not None else None
             reply.clients.append(pb.ClientStatus(
-                client_name=name, state="removed" if name in removed else "provisioned",
-                removed_unix_ms=_ms(removed[name].revoked) if name in removed else 0))
+                client_name=name, state="provisioned" if when is None else "removed", removed_unix_ms=_ms(when or 0.0)))
     return reply
 
 
@@ -87,22 +90,60 @@ def remove_client(coordinator: Coordinator, request: pb.RemoveClientRequest) -> 
                                     message=f"client {name!r} was already removed")
     tokens = {t for t in (client.token_sha256 if client else "", entry.token_sha256 if entry else "") if t}
     cert = entry.cert_sha256 if entry else ""
-    reason = request.reason[:200]
+    reason = "".join(ch if ch.isprintable() else " " for ch in request.reason[:200])  # one line, in logs and clients.toml
     coordinator.store.revoke_client(Revocation(
         name=name, client_id=client.id if client else "", token_sha256=",".join(sorted(tokens)), cert_sha256=cert,
         reason=reason, revoked=time.time()))
-    coordinator.credentials.revoke(name, tokens, [cert])
+    coordinator.credentials.revoke(name, tokens, [cert], reason)
     if client is not None:
         coordinator.withdraw(client.id)
     log.warning("client %s (%s) removed by the operator%s: token%s revoked; its accepted updates stay",
                 name, client.id if client else "never joined", f" ({reason})" if reason else "",
                 " and certificate" if cert else "")
+    registry = _mark_registry(coordinator, name, reason)
     return pb.RemoveClientReply(client_id=client.id if client else "",
-                                message=f"client {name!r} removed: its token{' and certificate' if cert else ''} no longer work")
+                                message=f"client {name!r} removed: its token{' and certificate' if cert else ''} no longer "
+                                        f"work{registry}")
+
+
+def _mark_registry(coordinator: Coordinator, name: str, reason: str | None) -> str:
+    """Record a removal (or re-admission) in the client registry, so later runs keep it; what to tell the operator."""
+    registry = coordinator.credentials.registry
+    if registry is None or registry.get(name) is None:
+        return ""
+    try:
+        registry.mark(name, reason, time.time())
+    except (OSError, RegistryError) as err:
+        log.error("client %s: the client registry %s could not be updated (%s); later runs will %s", name,
+                  registry.path, err, "still refuse it" if reason is None else "admit its kit again")
+        return f"; the client registry {registry.path} could not be updated ({err}): edit it by hand"
+    return f"; the client registry {registry.path} now says so for later runs too"
+
+
+def readmit_client(coordinator: Coordinator, request: pb.ReadmitClientRequest) -> pb.ReadmitClientReply:
+    """Lift a removal, in this run and in the client registry: the client's kit may join again."""
+    name = request.client_name
+    if not name:
+        raise InvalidArgument("client_name is required")
+    entry = coordinator.credentials.registry_entry(name)
+    in_run = name in _removed(coordinator)
+    if not in_run and (entry is None or entry.removed is None):
+        known = entry is not None or any(c.name == name for c in coordinator.clients.values())
+        if not known:
+            raise NotFound(f"no client named {name[:80]!r} joined this run or is provisioned for it")
+        return pb.ReadmitClientReply(readmitted=False, message=f"client {name!r} is not removed")
+    coordinator.store.readmit_client(name)
+    coordinator.credentials.readmit(name)
+    client = next((c for c in coordinator.clients.values() if c.name == name), None)
+    if client is not None:
+        coordinator.credentials.register(client.id, client.token_sha256)
+    registry = _mark_registry(coordinator, name, None)
+    log.warning("client %s re-admitted by the operator: it may join again", name)
+    return pb.ReadmitClientReply(readmitted=True, message=f"client {name!r} re-admitted: it may join again{registry}")
 
 
 def load_revocations(coordinator: Coordinator) -> None:
     """At start: refuse every client removed before the restart."""
     for revocation in coordinator.store.revocations():
         tokens = [t for t in revocation.token_sha256.split(",") if t]
-        coordinator.credentials.revoke(revocation.name, tokens, [revocation.cert_sha256])
+        coordinator.credentials.revoke(revocation.name, tokens, [revocation.cert_sha256], revocation.reason)

@@ -12,6 +12,11 @@ events) before acting on it. The rules are those of protos/PROTOCOL.md, "Rounds"
   (or as soon as every client still missing has left, rather than waiting for the deadline);
 - otherwise the attempt is abandoned and a new attempt of the same round opens when enough
   clients are available again. Accepted updates stay valid: the base version has not moved.
+- a round that waits with too few clients says so ("needs 3 connected clients, has 2"), once
+  per change of either number, and an operator may change the policy while the run goes on.
+- one payload counts once a round: the same bytes (sha256) from a second client are refused, and
+  that client is not asked again this round (it would train the same bytes again: same seed,
+  same data); the round closes without it, as without a client that left.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ from flora.server.errors import AlreadyExists, FailedPrecondition
 # Float noise must not turn 0.7 * 10 clients into a quorum of 8.
 _EPSILON = 1e-9
 REASON_COUNT_S = 1.0  # how old the count of available clients in a WAIT reason may be
+
+
+class DuplicatePayload(AlreadyExists):
+    """An update with the same bytes as another client's accepted one: refused, so that one payload
+    never counts twice (two identities, one update), and recorded in the round's history."""
+
+    def __init__(self, message: str, owner: str) -> None:
+        super().__init__(message)
+        self.owner = owner  # the client whose accepted update holds these bytes
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,7 @@ class Round:
     deadline: float = 0.0
     quorum: int = 0
     accepted: dict[str, str] = field(default_factory=dict)  # client id -> sha256 of its update
+    declined: set[str] = field(default_factory=set)  # clients whose update copied an accepted one: not asked again
 
 
 @dataclass
@@ -143,6 +158,19 @@ class Closed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Short:
+    """Not a decision but a report: the round cannot open, it needs ``needed`` connected clients and has ``has``."""
+
+    number: int
+    needed: int
+    has: int
+
+    @property
+    def text(self) -> str:
+        return f"needs {self.needed} connected clients, has {self.has}"
+
+
 Event = Opened | Abandoned | Closed
 
 
@@ -181,6 +209,7 @@ class RoundMachine:
         self.current = current
         self.clients: dict[str, Presence] = {}
         self._counted: tuple[float, int] = (-math.inf, 0)  # (now, available) last told in a WAIT reason
+        self._short: Short | None = None  # the shortfall last reported (reported again when it changes)
         if current is None and not self.finished:
             self.current = Round(version + 1)
 
@@ -218,6 +247,21 @@ class RoundMachine:
         """The client withdrew: never selected again until it joins again."""
         self.clients.setdefault(client, Presence()).left = True
 
+    def withdraw(self, client: str) -> bool:
+        """Take ``client`` out of the open attempt that selected it before it changed its LoRA
+        (rank, alpha, scaling rule): its change takes effect from the next attempt that selects
+        it, never in an attempt opened before the change. An update it already had accepted stays.
+        True when the attempt changed (the caller persists it; ``advance`` then closes the attempt
+        if everyone left in it has submitted, or abandons it if nobody is left).
+        """
+        current = self.current
+        if current is None or current.state is not RoundState.OPEN or client not in current.selected:
+            return False
+        if client in current.accepted:
+            return False
+        current.selected = current.selected - {client}
+        return True
+
     def is_connected(self, client: str, now: float) -> bool:
         """Not left, and either in a call now or heard from within the client timeout."""
         presence = self.clients.get(client)
@@ -235,6 +279,32 @@ class RoundMachine:
         return sum(1 for c in self.clients if c in current.accepted or self.is_connected(c, now)) + sum(
             1 for c in current.accepted if c not in self.clients)
 
+    def available(self, now: float) -> int:
+        """Clients an attempt of the current round could count on now (0 once the run is finished)."""
+        return 0 if self.current is None else self._available(now)
+
+    def _recent_available(self, now: float) -> int:
+        """``_available``, counted at most once per REASON_COUNT_S: every long-poll of a filling run asks."""
+        at, available = self._counted
+        if not 0 <= now - at < REASON_COUNT_S:
+            self._counted = (now, available := self._available(now))
+        return available
+
+    def set_policy(self, policy: RoundPolicy) -> None:
+        """Change the round rules of a running run (an operator's call); the next ``advance`` applies them.
+
+        ``rounds`` may not drop below the current round (its updates would belong to no round),
+        and a finished run keeps its rules. Selection, quorum and deadline apply from the next
+        attempt; min_clients and rounds at once.
+        """
+        if self.finished:
+            raise FailedPrecondition(f"the run finished at version {self.version}: its settings no longer change anything")
+        if policy.rounds < self.current.number:
+            raise FailedPrecondition(f"rounds {policy.rounds} is below the current round {self.current.number}: "
+                                     f"rounds must be at least {self.current.number}")
+        self.policy = policy
+        self._counted = (-math.inf, 0)
+
     def _may_open(self, now: float) -> bool:
         """Whether enough clients are available to open an attempt; O(1) while too few have ever joined."""
         if len(self.clients) + len(self.current.accepted) < self.policy.min_clients:
@@ -251,6 +321,9 @@ class RoundMachine:
         presence = self.clients.get(client)
         if presence is not None and presence.left:
             return Wait("the client has left the run; join again to take part")
+        if client in current.declined:
+            return Wait(f"round {current.number}: this client's update repeated another client's accepted one; "
+                        "waiting for the round to close")
         if current.state is RoundState.OPEN and client in current.selected and client not in current.accepted:
             if now < current.deadline:
                 return Train(current.number, current.deadline, self.version)
@@ -264,11 +337,8 @@ class RoundMachine:
             return f"round {current.number} is in progress without this client"
         if current.state is RoundState.AGGREGATING:
             return f"round {current.number} is being aggregated"
-        # Counted at most once per REASON_COUNT_S: every long-poll of a filling run asks (O(clients^2)).
-        at, available = self._counted
-        if not 0 <= now - at < REASON_COUNT_S:
-            self._counted = (now, available := self._available(now))
-        return f"waiting for clients to open round {current.number}: {available} of {self.policy.min_clients} available"
+        short = Short(current.number, self.policy.min_clients, self._recent_available(now))
+        return f"waiting for clients to open round {current.number}: {short.text}"
 
     # --- transitions ------------------------------------------------------------------------
 
@@ -281,7 +351,7 @@ class RoundMachine:
         if current.state is RoundState.OPEN:
             if self._all_submitted():
                 return [self._close("every selected client has submitted")]  # e.g. restored after a crash
-            pending = current.selected - current.accepted.keys()
+            pending = current.selected - current.accepted.keys() - current.declined
             # Waiting is pointless once every missing client has left: decide now, as at the deadline.
             everyone_left = all(self.clients.get(c, Presence()).left for c in pending)
             if everyone_left or now >= current.deadline:
@@ -297,11 +367,26 @@ class RoundMachine:
                     events.append(self._close("every selected client has submitted"))
         return events
 
+    def shortfall(self, now: float) -> Short | None:
+        """Why the current round cannot open, when that is news: once per change of either number.
+
+        A report, not a decision (nothing to persist): call it after ``advance``.
+        """
+        current = self.current
+        if self.finished or current.state not in (RoundState.WAITING, RoundState.ABANDONED):
+            self._short = None
+            return None
+        short = Short(current.number, self.policy.min_clients, self._recent_available(now))
+        if short.has >= short.needed or short == self._short:
+            return None
+        self._short = short
+        return short
+
     def _open(self, now: float) -> Opened:
         current = self.current
         current.attempt += 1
         kept = set(current.accepted)
-        candidates = sorted(set(self.connected(now)) - kept)
+        candidates = sorted(set(self.connected(now)) - kept - current.declined)
         wanted = self.policy.selection.size(len(candidates) + len(kept)) - len(kept)
         rng = random.Random(f"flora-selection:{self.policy.seed}:{current.number}:{current.attempt}")
         chosen = rng.sample(candidates, max(0, min(wanted, len(candidates))))
@@ -321,7 +406,8 @@ class RoundMachine:
         """Whether an update may be recorded: True if new, False for an idempotent duplicate.
 
         Raises ``FailedPrecondition`` (wrong or closed round, not selected, past the deadline,
-        stale base version) or ``AlreadyExists`` (a different update is already accepted).
+        stale base version), ``AlreadyExists`` (a different update is already accepted) or
+        ``DuplicatePayload`` (another client's accepted update has the same sha256).
         """
         current = self.current
         if current is None or self.finished or number != current.number:
@@ -344,6 +430,11 @@ class RoundMachine:
             raise FailedPrecondition(
                 f"round {number}: update trained from version {base_version}, the round requires version {self.version}"
             )
+        if sha256 in current.accepted.values():  # a scan in C: microseconds at 1,000 clients
+            owner = next(c for c, digest in current.accepted.items() if digest == sha256)
+            raise DuplicatePayload(
+                f"round {number}: another client's accepted update has the same payload (sha256 {sha256[:12]}): "
+                "the same bytes count once a round", owner)
         return True
 
     def accept(self, client: str, number: int, sha256: str, now: float) -> list[Event]:
@@ -356,13 +447,23 @@ class RoundMachine:
             return [self._close("every selected client has submitted")]
         return []
 
+    def decline(self, client: str, number: int) -> list[Event]:
+        """``client``'s update copied another's (``DuplicatePayload``): do not ask it again this round."""
+        current = self.current
+        if current is None or number != current.number or current.state is not RoundState.OPEN:
+            return []
+        current.declined.add(client)
+        return [self._close("every selected client has submitted")] if self._all_submitted() else []
+
     def _all_submitted(self) -> bool:
-        """Every selected client has an accepted update; O(1) until the counts say it may be so.
+        """Every selected client has an accepted (or a declined) update; O(1) until the counts say it may be so.
 
         Each accepted upload asks this: a subset test each time would cost O(clients^2) a round.
         """
         current = self.current
-        return len(current.accepted) >= len(current.selected) and current.selected <= current.accepted.keys()
+        if len(current.accepted) + len(current.declined) < len(current.selected) or not current.accepted:
+            return False
+        return current.selected <= current.accepted.keys() | current.declined
 
     def exclude(self, number: int, clients: Iterable[str]) -> bool:
         """Take updates that broke the round's aggregation out of it (already persisted).

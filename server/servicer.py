@@ -14,7 +14,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 import grpc
 
 from flora.common.wire import Piece
-from flora.server import errors, operators
+from flora.server import errors, operators, round_settings
 from flora.server.auth import bearer_token
 from flora.server.coordinator import Coordinator
 from flora.v1 import coordinator_pb2 as pb
@@ -63,7 +63,7 @@ async def refusals(context: grpc.aio.ServicerContext, call: str) -> AsyncIterato
         raise
     except Exception as error:  # noqa: BLE001 - the one place every failure becomes a status
         refusal = as_refusal(call, error)
-        code = STATUS_CODES[type(refusal)]
+        code = next(code for kind, code in STATUS_CODES.items() if isinstance(refusal, kind))
         if isinstance(error, errors.Refusal):
             log.info("%s refused with %s: %s", call, code.name, refusal)
         await context.abort(code, str(refusal))
@@ -121,9 +121,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
         async with refusals(context, "Status"):
             token = _token(context)
-            if not self._coordinator.credentials.is_operator(token):
-                self._coordinator.identify(token)
-            return operators.enrich(self._coordinator, self._coordinator.status())
+            viewer = None if self._coordinator.credentials.is_operator(token) else self._coordinator.identify(token)
+            return operators.enrich(self._coordinator, self._coordinator.status(viewer))
 
     async def ListClients(self, request: pb.ListClientsRequest, context: grpc.aio.ServicerContext) -> pb.ListClientsReply:
         return operators.list_clients(self._coordinator)  # the interceptor admits the operator token only
@@ -131,3 +130,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def RemoveClient(self, request: pb.RemoveClientRequest, context: grpc.aio.ServicerContext) -> pb.RemoveClientReply:
         async with refusals(context, "RemoveClient"):
             return operators.remove_client(self._coordinator, request)
+
+    async def ReadmitClient(self, request: pb.ReadmitClientRequest, context: grpc.aio.ServicerContext) -> pb.ReadmitClientReply:
+        async with refusals(context, "ReadmitClient"):
+            return operators.readmit_client(self._coordinator, request)
+
+    async def Settings(self, request: pb.SettingsRequest, context: grpc.aio.ServicerContext) -> pb.SettingsReply:
+        async with refusals(context, "Settings"):
+            return round_settings.update_settings(self._coordinator, request)

@@ -21,7 +21,8 @@ from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
 from flora.server.export import write_history
 from flora.server.layout import ARTIFACT_FOLDERS, Layout
-from flora.server.rounds import RoundMachine, RoundPolicy
+from flora.server.round_settings import round_policy
+from flora.server.rounds import RoundMachine
 from flora.server.store import RunRecord, Store
 from flora.server.upgrade import UpgradeError, convert_stacked_downlinks
 
@@ -114,12 +115,8 @@ def remove_orphans(layout: Layout, store: Store, version: int) -> None:
 
 def restore_machine(settings: ServerSettings, store: Store, version: int) -> RoundMachine:
     """The round machine as stored: the committed version and the current round's attempt."""
-    policy = RoundPolicy(
-        rounds=settings.rounds, min_clients=settings.min_clients, selection=settings.selection, quorum=settings.quorum,
-        deadline_s=settings.round_deadline_s, client_timeout_s=settings.client_timeout_s, seed=settings.seed,
-    )
     current = None if version >= settings.rounds else store.load_round(version + 1)
-    return RoundMachine(policy, version, current)
+    return RoundMachine(round_policy(settings), version, current)
 
 
 def raise_fd_limit() -> int:

@@ -76,6 +76,12 @@ CREATE TABLE IF NOT EXISTS exclusions (
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS live_settings (
+    name TEXT PRIMARY KEY, value TEXT NOT NULL, changed REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traffic (
+    round INTEGER PRIMARY KEY, bytes_out INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revocations (
     name TEXT PRIMARY KEY, client_id TEXT NOT NULL, token_sha256 TEXT NOT NULL, cert_sha256 TEXT NOT NULL,
     reason TEXT NOT NULL, revoked REAL NOT NULL
@@ -338,6 +344,11 @@ class Store:
                        astuple(revocation))
             db.execute("UPDATE clients SET left = 1 WHERE id = ?", (revocation.client_id,))
 
+    def readmit_client(self, name: str) -> None:
+        """Forget a removal: the name, its token and certificate are accepted again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM revocations WHERE name = ?", (name,))
+
     def revocations(self) -> list[Revocation]:
         """Every client the operator removed, oldest first."""
         return [Revocation(*row) for row in self._query(f"SELECT {_columns(Revocation)} FROM revocations ORDER BY revoked")]
@@ -425,6 +436,17 @@ class Store:
         """Per client, the last round it has an accepted update for."""
         return dict(self._query("SELECT client_id, MAX(round) FROM submissions GROUP BY client_id"))
 
+    def add_bytes_out(self, number: int, sent: int) -> None:
+        """Count ``sent`` FetchGlobal bytes toward round ``number``'s history line. Without an fsync of
+        its own: a killed process keeps it (the OS has the write), the next durable commit syncs it."""
+        self._insert_quick("INSERT INTO traffic VALUES (?, ?) ON CONFLICT(round) DO UPDATE SET "
+                           "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
+
+    def bytes_out(self, number: int) -> int:
+        """The FetchGlobal bytes counted toward round ``number`` so far (restored after a restart)."""
+        rows = self._query("SELECT bytes_out FROM traffic WHERE round = ?", (number,))
+        return rows[0][0] if rows else 0
+
     def submitted_bytes(self) -> dict[str, int]:
         """Per client, the bytes of every update accepted from it."""
         return dict(self._query("SELECT client_id, SUM(size) FROM submissions GROUP BY client_id"))
@@ -482,3 +504,20 @@ class Store:
     def history(self) -> list[dict[str, Any]]:
         """The history records of every committed version, in order."""
         return [json.loads(row[0]) for row in self._query("SELECT record FROM versions ORDER BY version")]
+
+    # --- live settings ----------------------------------------------------------------------
+
+    def save_live_settings(self, values: dict[str, str], now: float) -> None:
+        """Keep round settings an operator changed while the run went on (a restart applies them)."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO live_settings VALUES (?, ?, ?)",
+                           [(name, value, now) for name, value in values.items()])
+
+    def live_settings(self) -> dict[str, str]:
+        """The round settings an operator changed, by name (empty when none)."""
+        return dict(self._query("SELECT name, value FROM live_settings"))
+
+    def add_exclusion(self, number: int, client_id: str, sha256: str, reason: str, now: float) -> None:
+        """Record an update refused from a round for its history (a duplicate payload); durable once ``sync`` returns."""
+        self._write_quick("INSERT OR REPLACE INTO exclusions (round, client_id, sha256, reason, excluded) "
+                          "VALUES (?, ?, ?, ?, ?)", (number, client_id, sha256, reason, now))

@@ -25,6 +25,7 @@ from flora.common.lora import LoraPair, lora_scaling
 from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.norm_bound import ZERO, Interval, change_norm_sq_ceiling, change_norm_sq_interval
 from flora.common.payload import PayloadError, PayloadLimits, check_adapter, open_safetensors
+from flora.common.payload_meta import PayloadMeta
 from flora.common.robust import change_norm_sq
 from flora.common.wire import SUBMIT_UPDATE, Piece, WireError, decode_update_chunk, receive_update
 from flora.server.errors import DataLoss, InvalidArgument, ResourceExhausted
@@ -190,18 +191,25 @@ def validate_payload(
     """
     try:
         meta = check_adapter(path, shapes, rank=header.rank, limits=limits, with_a=start.train_a)
+        _check_metadata(meta, header)
+        scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
+        check_change_norm(path, shapes, scaling, start, max_norm)
     except PayloadError as err:
         raise InvalidArgument(f"payload: {err} (run method {method.name})") from None
+
+
+def _check_metadata(meta: PayloadMeta, header: transfer_pb2.UpdateHeader) -> None:
+    """The payload's metadata says what its header says (a client update of that round, alpha and rule)."""
     if meta.kind != "client_update":
-        raise InvalidArgument(f"payload: metadata 'kind' is {meta.kind!r}, expected 'client_update'")
+        raise PayloadError(f"metadata 'kind' is {meta.kind!r}, expected 'client_update'")
     if not math.isclose(meta.alpha, header.alpha, rel_tol=1e-6):
-        raise InvalidArgument(f"payload: metadata 'alpha' {meta.alpha:g} differs from the header's {header.alpha:g}")
+        raise PayloadError(f"metadata 'alpha' {meta.alpha:g} differs from the header's {header.alpha:g}")
     if meta.scaling_rule != SCALING_RULE_NAMES[header.scaling_rule]:
-        raise InvalidArgument(f"payload: metadata 'scaling_rule' {meta.scaling_rule} differs from the header's")
+        raise PayloadError(f"metadata 'scaling_rule' {meta.scaling_rule} differs from the header's")
+    if meta.round is None:
+        raise PayloadError(f"metadata 'round' is missing (a client update names its round, here {header.round})")
     if meta.round != header.round:
-        raise InvalidArgument(f"payload: metadata 'round' {meta.round} differs from the header's round {header.round}")
-    scaling = lora_scaling(header.rank, header.alpha, is_rslora(header.scaling_rule))
-    check_change_norm(path, shapes, scaling, start, max_norm)
+        raise PayloadError(f"metadata 'round' {meta.round} differs from the header's round {header.round}")
 
 
 def check_change_norm(
@@ -221,8 +229,8 @@ def check_change_norm(
         return
     norm = file_change_norm(path, shapes, scaling, start)
     if not norm <= limit:
-        raise InvalidArgument(
-            f"payload: the update's norm (of its change from the round's start) |s B A - s0 B0 A0|_F = {norm:.6g} "
+        raise PayloadError(
+            f"the update's norm (of its change from the round's start) |s B A - s0 B0 A0|_F = {norm:.6g} "
             f"exceeds max_update_norm {limit:.6g}"
         )
 

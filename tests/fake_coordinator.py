@@ -70,6 +70,7 @@ class Fault:
 
     code: grpc.StatusCode
     after_bytes: int = 0
+    details: str = ""  # the message (default: "injected <CODE>")
 
 
 @dataclass
@@ -96,7 +97,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
             self.metadata[method].append(dict(context.invocation_metadata()).get("authorization"))
             fault = self.faults[method].pop(0) if self.faults[method] else None
         if fault is not None and not (method == "FetchGlobal" and fault.after_bytes):
-            context.abort(fault.code, f"injected {fault.code.name}")
+            context.abort(fault.code, fault.details or f"injected {fault.code.name}")
         return fault
 
     def _latest(self) -> int:

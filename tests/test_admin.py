@@ -123,6 +123,20 @@ def test_a_broken_registry_is_named(tmp_path):
         Registry(path)
 
 
+def test_a_removal_marked_in_the_registry_survives_adding_clients_and_a_readmission_clears_it(kits):
+    path = kits / "server" / "clients.toml"
+    mode = path.stat().st_mode & 0o777
+    reason = 'said "bye"\nand left \u00e9\U0001f600'  # quotes, a newline, non-ASCII: TOML must read it back
+    assert Registry(path).mark("a", reason, 12.5)
+    assert (read_registry(path)["a"].removed, read_registry(path)["a"].removed_unix) == (reason, 12.5)
+    assert path.stat().st_mode & 0o777 == mode
+    assert admin(["provision", "--out", str(kits), "--add-client", "c"]) == 0
+    assert read_registry(path)["a"].removed == reason and read_registry(path)["c"].removed is None
+    assert not Registry(path).mark("nobody", "x")
+    assert Registry(path).mark("a", None)
+    assert read_registry(path)["a"].removed is None and "removed" not in path.read_text()
+
+
 def history_file(state: Path) -> None:
     state.mkdir()
     records = [{"round": 0, "validation_loss": 5.0, "committed_unix": 100.0}] + [
@@ -212,3 +226,46 @@ def test_watch_prints_one_snapshot_per_refresh_off_a_terminal_and_draws_tables_o
     status = pb.StatusReply(state="running", clients=[pb.ClientStatus(client_name="a", state="training", rank=8)])
     Console(file=drawn, width=120).print(console.render_rich(status, now=0.0))
     assert "clients" in drawn.getvalue() and "training" in drawn.getvalue()
+
+
+def test_watch_keeps_watching_while_the_server_is_unreachable_and_resumes():
+    import io
+
+    import grpc
+
+    class Unreachable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "failed to connect to all addresses"
+
+    def fetch():
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    replies = iter([pb.StatusReply(state="running", global_version=1), Unreachable(), Unreachable(),
+                    pb.StatusReply(state="finished", global_version=3)])
+    out = io.StringIO()
+    console.watch(fetch, out, interval=0, terminal=False, iterations=4)
+    snapshots = out.getvalue().split("--- ")[1:]
+    assert "(running): version 1" in snapshots[0]
+    assert all("server unreachable since " in s and "UNAVAILABLE" in s for s in snapshots[1:3])
+    assert snapshots[1].split("since ")[1][:8] == snapshots[2].split("since ")[1][:8]  # since the first failure
+    assert "(finished): version 3" in snapshots[3]
+
+    class Refused(Unreachable):
+        def code(self):
+            return grpc.StatusCode.UNAUTHENTICATED
+
+    replies = iter([Refused()])
+    with pytest.raises(grpc.RpcError):  # a wrong token is not waited out
+        console.watch(fetch, io.StringIO(), interval=0, terminal=False, iterations=2)
+
+
+def test_a_waiting_round_short_of_clients_says_what_it_needs():
+    status = pb.StatusReply(state="waiting_for_clients", global_version=2)
+    status.round.CopyFrom(pb.RoundStatus(round=3, state="waiting", min_clients=3, available_clients=2))
+    assert "round 3 waiting: needs 3 connected clients, has 2" in console.render_plain(status, now=0.0)

@@ -37,12 +37,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_kit_client(kit: Path, data: Path, log: Path) -> subprocess.Popen:
-    """flora-client with nothing but its kit's client.toml and its data."""
+def start_kit_client(kit: Path, data: Path, log: Path, seed: int) -> subprocess.Popen:
+    """flora-client with nothing but its kit's client.toml, its data and its seed (the tiny model's
+    tokenizer reads the test data's digits alike: the same seed would train the same bytes)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "flora.client.cli", "--config", str(kit / "client.toml"),
-                                 "--data", str(data), *FAST_FLAGS], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "--data", str(data), "--seed", str(seed), *FAST_FLAGS],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def kit_token(kit: Path) -> str:
@@ -98,7 +100,7 @@ def test_kits_run_a_round_over_mutual_tls_and_the_operator_removes_a_client(tmp_
         removed = kit_client(kits / "clients" / "site-c", port)
         removed.join(status().run.base_model_hash, token=kit_token(kits / "clients" / "site-c"))
         clients = {name: start_kit_client(kits / "clients" / name, write_data(tmp_path / f"{name}.json", "alpaca", 12, k),
-                                          tmp_path / f"{name}.log") for k, name in enumerate(CLIENTS[:2])}
+                                          tmp_path / f"{name}.log", seed=k) for k, name in enumerate(CLIENTS[:2])}
         try:
             wait_for(lambda: status().round.state == "open", 240, "round 1 to open with all three clients")
             assert removed.client_id in status().round.selected

@@ -64,3 +64,30 @@ def test_revocation_refuses_token_name_and_certificate_at_once(registry, tmp_pat
     assert credentials.checks_certificates
     assert credentials.refusal(CALL + "NextTask", "token-of-b-0123456789") is not None  # b never joined
     assert credentials.refusal(CALL + "Join", "token-of-b-0123456789") is None
+
+
+def test_a_removed_client_is_told_so_with_the_reason_until_it_is_readmitted(registry):
+    credentials = Credentials("enrol-0123456789abcdef", None, registry)
+    digest = token_digest("token-of-a-0123456789")
+    credentials.register("id-a", digest)
+    credentials.revoke("a", [digest], [], "leaked kit")
+    for call in ("NextTask", "Join", "GetRun"):
+        assert credentials.refusal(CALL + call, "token-of-a-0123456789") == \
+            f"{call}: client 'a' was removed by the operator: leaked kit"
+    with pytest.raises(Unauthenticated, match="removed by the operator: leaked kit"):
+        credentials.issue_token("a", "enrol-0123456789abcdef")
+    credentials.readmit("a")
+    credentials.register("id-a", digest)
+    assert credentials.refusal(CALL + "NextTask", "token-of-a-0123456789") is None
+    assert credentials.issue_token("a", "token-of-a-0123456789") == "token-of-a-0123456789"
+
+
+def test_a_removal_marked_in_the_registry_refuses_the_kit_in_a_later_run(registry):
+    registry.mark("a", "left the consortium", 1.0)
+    credentials = Credentials(None, None, registry)  # a later run: nothing revoked in it
+    assert credentials.refusal(CALL + "Join", "token-of-a-0123456789") == \
+        "Join: client 'a' was removed by the operator: left the consortium"
+    with pytest.raises(Unauthenticated, match="removed by the operator: left the consortium"):
+        credentials.issue_token("a", "token-of-a-0123456789")
+    registry.mark("a", None)
+    assert credentials.refusal(CALL + "Join", "token-of-a-0123456789") is None

@@ -12,6 +12,7 @@ import torch
 from fake_coordinator import TOKEN, FakeCoordinator, Fault, global_update_payload, random_adapter, serving, tiny_spec
 from flora.client.config import ClientSettings
 from flora.client.daemon import Daemon
+from flora.client.local import ConfigError
 from flora.client.sync import UPDATE, LORA, expected_shapes
 from flora.common.basemodel import BUILTIN_MODEL, load_model
 from flora.common.merge import merged_weights, module_weights
@@ -111,6 +112,26 @@ def test_transient_failures_are_retried_and_a_forgotten_token_rejoins(tmp_path, 
     status, _ = run_daemon(tmp_path, fake, data_files)
     assert status == 0
     assert len(fake.requests["Join"]) == 2 and len(fake.requests["SubmitUpdate"]) == 2 and len(fake.uploads) == 1
+
+
+def test_an_update_above_the_runs_max_update_norm_is_not_uploaded(tmp_path, data_files):
+    fake = FakeCoordinator(tiny_spec(max_update_norm=1e-12), tasks=[train_task(1, 0)])
+    with pytest.raises(ConfigError, match=r"norm .* above the run's max_update_norm 1e-12"):
+        run_daemon(tmp_path, fake, data_files)
+    assert not fake.requests["SubmitUpdate"]
+
+
+def test_a_removed_client_stops_training_and_exits_with_the_operators_reason(tmp_path, spec, data_files):
+    removed = "NextTask: client 'alice' was removed by the operator: leaked kit"
+    fake = FakeCoordinator(spec, tasks=[train_task(1, 0)])
+    fake.faults["Heartbeat"] = [Fault(grpc.StatusCode.UNAUTHENTICATED, details=removed)]
+    # The first NextTask and Join succeed (None: no fault): the client trains; then its calls are
+    # refused, and so are its rejoins (with its own token, then with the kit's).
+    fake.faults["NextTask"] = [None, Fault(grpc.StatusCode.UNAUTHENTICATED, details=removed)]
+    fake.faults["Join"] = [None] + 2 * [Fault(grpc.StatusCode.UNAUTHENTICATED, details=removed)]
+    with pytest.raises(ConfigError, match="removed by the operator: leaked kit"):
+        run_daemon(tmp_path, fake, data_files, max_steps=400)
+    assert not fake.uploads  # the refused heartbeat stopped the training: nothing trained on was sent
 
 
 def test_stop_cancels_training_and_leaves(tmp_path, spec, data_files):

@@ -173,3 +173,24 @@ def test_chat_and_plain_examples_mix_and_evaluate(tiny_model, tiny_tokenizer) ->
     assert data[1].trained is None and data[0].labelled == len("Hello!") + 1 + len("4") + 1
     loss = evaluate_loss(tiny_model, data)
     assert loss > 0 and loss == loss  # finite, from the assistant tokens and the plain example only
+
+
+@pytest.mark.shared
+def test_sentencepiece_reply_tokens_that_carry_the_space_before_them_are_learnt() -> None:
+    """A Llama-2-style template on a real SentencePiece tokenizer: '▁there' holds the space that
+    precedes the reply, and still carries loss; the '[/INST]' before it does not."""
+    from transformers import AutoTokenizer
+
+    from conftest import shared_path
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_path("models", "stories260K"))
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    chat = Conversation((Message("user", "Once upon a time"), Message("assistant", "there was a cat."),
+                         Message("user", "And then?"), Message("assistant", "It slept.")))
+    [tokens] = tokenize_examples([chat], tokenizer, cutoff=256)
+    pieces = tokenizer.convert_ids_to_tokens(list(tokens.input_ids))
+    assert [tokenizer.decode(tokens.input_ids[a:b]) for a, b in tokens.spans()] == ["there was a cat.</s>", "It slept.</s>"]
+    assert [pieces[a] for a, _ in tokens.spans()] == ["▁there", "▁I"] and all(pieces[a - 1] == "]" for a, _ in tokens.spans())

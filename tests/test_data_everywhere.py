@@ -10,8 +10,8 @@ import pytest
 
 from flora.common.data import Conversation, Message, load_examples, tokenize_examples
 from flora.server.aggregator import Aggregator
-from flora.server.inputs import ConfigurationError
 from flora.server.config import ServerSettings
+from flora.server.inputs import ConfigurationError
 from flora.server.layout import Layout
 from flora.sim.cli import main as sim_main
 from flora.sim.federation import DataOptions, load_federation

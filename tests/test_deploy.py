@@ -132,7 +132,7 @@ def test_demo_client_settings_are_valid(name, shared):
     assert settings.name == name and settings.server == "server:50051"
     assert settings.uses_tls and settings.tls_cert is not None and settings.token is not None
     assert str(settings.state_dir) == "/state"
-    assert environment(service)["OMP_NUM_THREADS"] == "1", "one torch thread per client container by default"
+    assert settings.threads == 1, "one torch thread per client container by default"
     assert service["depends_on"]["server"]["condition"] == "service_healthy"
 
 

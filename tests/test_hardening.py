@@ -48,7 +48,7 @@ def base_hash(server) -> str:
 COMMON = ("--operator-token", OPERATOR_TOKEN, "--long-poll-s", "0.5")
 
 
-def test_bad_integers_norms_and_rejoins_are_refused_precisely(tmp_path):
+def test_bad_integers_and_norms_are_refused_precisely(tmp_path):  # rank changes: tests/test_rank_change.py
     with running_server(tmp_path / "state", "--min-clients", "2", "--rounds", "2", "--checkpoint-every", "0", *COMMON) as server:
         state, base = Path(server.state_dir), base_hash(server)
         for count in (0, 2**63, 2**64 - 1):  # defects 2 and 3
@@ -59,10 +59,6 @@ def test_bad_integers_norms_and_rejoins_are_refused_precisely(tmp_path):
         alice.join(base)
         bob.join(base)
         assert alice.wait_for_train().round == 1
-
-        error = refusal(ScriptedClient(server.address, "alice", rank=8).join, base, token=alice.token)  # defect 4
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "round 1" in error.details()
-        assert "rank 4 -> 8" in error.details()
 
         payload = make_update(alice.adapter(1), alice.alpha, 1)
         error = refusal(alice.submit, payload, 1, num_examples=2**63)  # defect 2, the header case
@@ -105,9 +101,9 @@ def test_an_update_that_breaks_aggregation_is_excluded_and_the_run_goes_on(tmp_p
         assert "checking each update alone" in server.output() and "retrying" not in server.output()
 
         # Round 2: every update is bad, so all are excluded and the round reopens.
-        for client in clients:
+        for k, client in enumerate(clients):  # each its own bytes: one payload counts once a round
             assert client.wait_for_train().round == 2
-            assert client.submit(huge(client, 2), 2).accepted
+            assert client.submit(huge(client, 2, value=1e23 * (1 + k / 8)), 2).accepted
         assert clients[0].wait_for_train().round == 2  # a new attempt, after the abandonment
         error = refusal(clients[0].submit, huge(clients[0], 2), 2)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "excluded" in error.details()

@@ -222,6 +222,10 @@ def test_encode_refuses_inconsistent_or_unsendable_input():
 
 
 def test_meta_string_round_trip():
+    for written in ("8", "8.", "8.0", ".8e1", "8E+0", "80e-1"):  # decimal floats in every form the doc allows
+        text = meta_for().to_metadata()
+        text["alpha"] = written
+        assert PayloadMeta.from_metadata(text).alpha == 8.0
     stacked = PayloadMeta("global_adapter", rank=12, alpha=12.0, scaling_rule="standard")
     for meta in (meta_for(round=1, version=0), stacked, PayloadMeta("merged_modules", version=3)):
         text = meta.to_metadata()
@@ -237,8 +241,12 @@ def test_meta_string_round_trip():
         ({"rank": "four"}, "metadata 'rank': 'four' is not a non-negative integer"),
         ({"rank": "-4"}, "metadata 'rank'"),
         ({"rank": "0"}, r"metadata 'rank': 0 is not >= 1"),
-        ({"alpha": "x"}, "metadata 'alpha': 'x' is not a number"),
-        ({"alpha": "nan"}, "metadata 'alpha': nan is not finite"),
+        ({"alpha": "x"}, "metadata 'alpha': 'x' is not a decimal number"),
+        ({"alpha": "nan"}, "metadata 'alpha': 'nan' is not a decimal number"),
+        ({"alpha": "1e999"}, "metadata 'alpha': inf is not finite"),
+        ({"alpha": "0_8.0"}, "metadata 'alpha': '0_8.0' is not a decimal number"),  # Python's float() reads these
+        ({"alpha": " 8.0"}, "metadata 'alpha': ' 8.0' is not a decimal number"),
+        ({"scaling": "2.0\n"}, r"metadata 'scaling': '2.0\\n' is not a decimal number"),
         ({"scaling": "3.0"}, "metadata 'scaling': 3.0 does not follow from rank 4"),
         ({"scaling_rule": "sqrt"}, "metadata 'scaling_rule': 'sqrt' is not one of standard, rslora"),
         ({"format": "flora.lora.v2"}, "metadata 'format': 'flora.lora.v2' is not 'flora.lora.v1'"),
@@ -250,6 +258,7 @@ def test_meta_string_round_trip():
     ],
 )
 def test_meta_rejections_name_the_key(change, match):
+    """Every malformed key is refused by name; numbers are decimal floats only (PROTOCOL.md, "Payloads")."""
     text = meta_for().to_metadata()
     for key, value in change.items():
         if value is None:

@@ -38,6 +38,8 @@ def test_coordinator_service_has_every_call():
         "Status": (False, False),
         "ListClients": (False, False),
         "RemoveClient": (False, False),
+        "ReadmitClient": (False, False),
+        "Settings": (False, False),
     }
 
 
@@ -50,3 +52,16 @@ def test_every_message_and_field_is_commented():
             is_field = "=" in stripped and stripped.endswith(";") and not stripped.startswith(("syntax", "package", "option", "//"))
             if (is_decl or is_field) and not stripped.startswith("oneof"):
                 assert lines[i - 1].strip().startswith("//"), f"{proto.name}:{i + 1} lacks a comment: {stripped}"
+
+
+def test_the_documents_describe_the_protocol_without_pointing_at_python_code():
+    """An outsider writes a client from the .proto files and PROTOCOL.md alone: no flora module is
+    named where an algorithm should be (the fingerprint), and what the code answers is written down."""
+    for proto in sorted((ROOT / "protos" / "flora" / "v1").glob("*.proto")):
+        assert "flora.common" not in proto.read_text() and ".py" not in proto.read_text(), proto.name
+    protocol = (ROOT / "protos" / "PROTOCOL.md").read_text()
+    for promise in ("a joined client's token under another name fails `INVALID_ARGUMENT`",
+                    "S_i > S_0 * eps * sqrt(n)", "\"The module's rank\" is rho",
+                    "A version beyond the latest\n  fails `OUT_OF_RANGE`", "removed by the operator:",
+                    "needs <min_clients> connected clients, has <n>"):
+        assert promise in protocol, promise

@@ -29,7 +29,7 @@ PARSE: dict[str, Callable[[list[str]], object]] = {
     "flora-sim": lambda argv: sim_parser().parse_args(argv),
     "flora-demo": demo_parse,
 }
-PLACEHOLDER = "..."  # `flora-admin health --config ...`: any value
+PLACEHOLDER = "..."  # after a flag (`--config ...`) any value; elsewhere "and the other flags"
 FILE_FLAGS = ("--data", "--validation-data", "--tls-ca", "--tls-cert", "--tls-key")
 
 
@@ -47,6 +47,18 @@ def readme_commands() -> list[list[str]]:
     lines = shell_lines(text) + re.findall(r"`(flora-[a-z]+ [^`]+)`", text)
     commands = [shlex.split(line, comments=True) for line in lines]
     return [argv for argv in commands if argv and argv[0] in PARSE and len(argv) > 1]
+
+
+def filled(argv: list[str]) -> list[str]:
+    """The command with its placeholders filled: a value after a flag, nothing for the rest."""
+    words = []
+    for word in argv:
+        if word == PLACEHOLDER:
+            if not (words and words[-1].startswith("--")):
+                continue
+            word = "x"
+        words.append(word)
+    return words
 
 
 def is_flag_mention(argv: list[str]) -> bool:
@@ -68,7 +80,7 @@ def test_every_readme_command_parses(argv, capsys):
         assert "unrecognized arguments" not in error and "invalid choice" not in error, f"{argv[1]}: not {argv[0]}'s"
         return
     try:
-        PARSE[argv[0]]([("x" if word == PLACEHOLDER else word) for word in argv[1:]])
+        PARSE[argv[0]](filled(argv)[1:])
     except SystemExit as exit_:
         assert exit_.code == 0 and "--help" in argv, f"{' '.join(argv)} exits {exit_.code}"
 
@@ -80,12 +92,30 @@ def readme_toml(name: str) -> str:
     return blocks[0]
 
 
+def write_file(path: Path) -> Path:
+    """A file the README names, with a record where it is data (the settings may check it exists)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text({".jsonl": '{"text": "x"}\n', ".json": '[{"text": "x"}]'}.get(path.suffix, ""))
+    return path
+
+
+def with_local_files(toml: str, folder: Path) -> str:
+    """The README's server.toml with each absolute file path moved under ``folder``, the file there."""
+    def local(match: re.Match) -> str:
+        path = folder / match[1].lstrip("/")
+        if path.suffix:  # a file (state_dir and other folders are made by the server)
+            write_file(path)
+        return f'"{path}"'
+    return re.sub(r'"(/[^"]+)"', local, toml)
+
+
 def test_the_readme_setup_commands_run_through_the_real_settings(tmp_path, monkeypatch, capsys):
     """Provisioning writes the kits the later commands name; each server and client command, with
     the files it names present, loads its settings (--print-config) and exits 0."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "server.toml").write_text(readme_toml("server.toml"))
-    commands = [argv for argv in readme_commands() if not is_flag_mention(argv) and "--help" not in argv]
+    (tmp_path / "server.toml").write_text(with_local_files(readme_toml("server.toml"), tmp_path))
+    commands = [filled(argv) for argv in readme_commands() if not is_flag_mention(argv) and "--help" not in argv]
     provisions = [argv for argv in commands if argv[:2] == ["flora-admin", "provision"]]
     projects = [argv for argv in provisions if "--project" in argv]
     assert projects
@@ -103,7 +133,7 @@ def test_the_readme_setup_commands_run_through_the_real_settings(tmp_path, monke
         for flag, value in zip(argv, argv[1:]):
             if flag in FILE_FLAGS:
                 for name in value.split(","):
-                    Path(name).touch()
+                    write_file(Path(name))
         try:
             code = run[argv[0]]([*argv[1:], "--print-config"])
         except SystemExit as exit_:

@@ -10,6 +10,7 @@ from flora.server.errors import AlreadyExists, FailedPrecondition
 from flora.server.rounds import (
     Abandoned,
     Closed,
+    DuplicatePayload,
     Finished,
     Opened,
     Round,
@@ -17,6 +18,7 @@ from flora.server.rounds import (
     RoundPolicy,
     RoundState,
     Selection,
+    Short,
     Train,
     Wait,
 )
@@ -114,6 +116,37 @@ def test_deadline_without_quorum_abandons_and_reselects_keeping_accepted():
     assert reopened.deadline == 200.0
     assert isinstance(machine.task_for("a", 101.0), Wait)  # its update still counts
     assert machine.task_for("c", 101.0) == Train(1, 200.0, 0)
+
+
+def test_a_client_that_changes_its_lora_leaves_the_open_attempt_and_takes_part_from_the_next():
+    machine = machine_with(["a", "b"])
+    machine.advance(0.0)
+    assert machine.withdraw("a")  # rejoined with another rank while selected
+    assert isinstance(machine.task_for("a", 1.0), Wait) and machine.current.selected == {"b"}
+    with pytest.raises(FailedPrecondition, match="not selected"):
+        machine.check_submission("a", 1, SHA_A, 0, 1.0)  # made before the change: refused
+    machine.accept("b", 1, SHA_B, 2.0)
+    assert machine.current.state is RoundState.AGGREGATING  # nobody else to wait for
+    machine.aggregated(1)
+    (opened,) = machine.advance(3.0)
+    assert opened.round.selected == {"a", "b"} and machine.task_for("a", 4.0) == Train(2, 103.0, 1)
+
+
+def test_a_lone_selected_client_that_changes_its_lora_reopens_the_round_with_it():
+    machine = machine_with(["a", "b"], selection=Selection("count", 1))
+    (opened,) = machine.advance(0.0)
+    (chosen,) = opened.round.selected
+    assert machine.withdraw(chosen)
+    abandoned, reopened = machine.advance(1.0)  # at once, not at the deadline; never closed empty
+    assert isinstance(abandoned, Abandoned) and isinstance(reopened, Opened) and reopened.round.attempt == 2
+
+
+def test_a_change_after_the_update_was_accepted_keeps_the_update():
+    machine = machine_with(["a", "b", "c"])
+    machine.advance(0.0)
+    machine.accept("a", 1, SHA_A, 1.0)
+    assert not machine.withdraw("a") and machine.current.accepted == {"a": SHA_A}
+    assert not machine.withdraw("z")  # not selected: nothing to do
 
 
 def test_round_closes_early_when_every_missing_client_has_left():
@@ -283,7 +316,7 @@ def test_waiting_counts_connected_clients_and_restored_accepted_updates():
     machine.known("c")  # restored, never called: not connected
     machine.restore_accepted([("d", SHA_A)])  # an accepted update of a client not in memory yet
     assert machine.advance(1.0) == []
-    assert machine.task_for("a", 1.0) == Wait("waiting for clients to open round 1: 3 of 4 available")
+    assert machine.task_for("a", 1.0) == Wait("waiting for clients to open round 1: needs 4 connected clients, has 3")
     machine.joined("e", 2.0)
     (opened,) = machine.advance(2.0)
     assert opened.round.selected == {"a", "b", "d", "e"}
@@ -302,7 +335,53 @@ def test_the_round_closes_at_the_last_selected_submission_and_not_before():
 
 def test_the_available_count_of_a_wait_reason_is_at_most_a_second_old():
     machine = machine_with(["a"], min_clients=3)
-    assert machine.task_for("a", 0.0).reason.endswith("1 of 3 available")
+    assert machine.task_for("a", 0.0).reason.endswith("needs 3 connected clients, has 1")
     machine.joined("b", 0.5)
-    assert machine.task_for("a", 0.5).reason.endswith("1 of 3 available")  # counted at 0.0 still
-    assert machine.task_for("a", 1.0).reason.endswith("2 of 3 available")
+    assert machine.task_for("a", 0.5).reason.endswith("needs 3 connected clients, has 1")  # counted at 0.0 still
+    assert machine.task_for("a", 1.0).reason.endswith("needs 3 connected clients, has 2")
+
+
+def test_a_round_short_of_clients_is_reported_once_per_change_and_a_new_policy_applies_at_once():
+    machine = machine_with(["a", "b"], min_clients=3)
+    assert machine.advance(0.0) == []
+    assert machine.shortfall(0.0) == Short(1, needed=3, has=2)
+    assert machine.shortfall(0.5) is None  # the same news is not told twice
+    assert Short(1, 3, 2).text == "needs 3 connected clients, has 2"
+    machine.set_policy(policy(min_clients=2))
+    (opened,) = machine.advance(1.0)
+    assert isinstance(opened, Opened) and opened.round.selected == {"a", "b"}
+    assert machine.shortfall(1.0) is None  # open: nothing is short
+    with pytest.raises(FailedPrecondition, match="rounds must be at least 1"):
+        machine.set_policy(policy(rounds=0))
+
+
+def test_a_finished_run_keeps_its_policy():
+    machine = machine_with(["a"], min_clients=1, rounds=1)
+    machine.advance(0.0)
+    machine.accept("a", 1, SHA_A, 0.0)
+    machine.aggregated(1)
+    with pytest.raises(FailedPrecondition, match="finished"):
+        machine.set_policy(policy(rounds=5))
+
+
+def test_the_same_payload_from_a_second_client_is_refused_naming_its_owner():
+    machine = machine_with(["a", "b", "c"])
+    machine.advance(0.0)
+    machine.accept("a", 1, SHA_A, 1.0)
+    with pytest.raises(DuplicatePayload, match="same payload") as duplicate:
+        machine.check_submission("b", 1, SHA_A, 0, 2.0)
+    assert isinstance(duplicate.value, AlreadyExists) and duplicate.value.owner == "a"
+    assert machine.check_submission("b", 1, SHA_B, 0, 2.0) is True
+    assert machine.check_submission("a", 1, SHA_A, 0, 2.0) is False  # its own retry stays idempotent
+
+
+def test_a_client_whose_update_copied_another_is_not_asked_again_and_the_round_closes_without_it():
+    machine = machine_with(["a", "b", "c"])
+    machine.advance(0.0)
+    machine.accept("a", 1, SHA_A, 1.0)
+    with pytest.raises(DuplicatePayload):
+        machine.check_submission("b", 1, SHA_A, 0, 2.0)
+    assert machine.decline("b", 1) == []
+    assert "repeated another client's" in machine.task_for("b", 2.0).reason  # not TRAIN again: same seed, same bytes
+    (closed,) = machine.accept("c", 1, SHA_B, 3.0)
+    assert isinstance(closed, Closed) and closed.participants == ("a", "c")

@@ -95,6 +95,12 @@ def test_join_needs_the_enrolment_token_and_rejoins_keep_the_id(gated):
     with pytest.raises(grpc.RpcError) as error:
         clash.join(base_hash, token=ENROLMENT)
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS and "token" in error.value.details()
+    # Another joined client's token under a new name: INVALID_ARGUMENT, as PROTOCOL.md says.
+    mallory = ScriptedClient(gated.address, "mallory")
+    with pytest.raises(grpc.RpcError) as error:
+        mallory.join(base_hash, token=reply.client_token)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "belongs to client 'alice', not 'mallory'" in error.value.details()
 
 
 @pytest.mark.parametrize(

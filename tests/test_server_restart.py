@@ -219,3 +219,19 @@ def test_fedex_keeps_its_global_lora_across_a_sigkill(tmp_path):
             torch.testing.assert_close(module_delta(update[name], torch.float64), want, rtol=0, atol=1e-5)
     finally:
         session.kill_all()
+
+
+def test_sigkill_mid_round_keeps_the_rounds_download_bytes_for_its_history(session):
+    """Issue 28: a round whose downloads came before a SIGKILL was recorded with 'MB down 0'."""
+    session.alice.wait_for_train()
+    for client in (session.alice, session.bob):
+        assert client.submit(session.payload(client, 1), 1).accepted
+    session.operator.wait_for_version(1)
+    assert session.alice.wait_for_train().round == 2
+    fetched = sum(len(chunk.data) for chunk in session.alice.fetch(transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, 0, 1))
+    session.restart_after_kill()
+    for client in (session.alice, session.bob):
+        assert client.wait_for_train().round == 2
+        assert client.submit(session.payload(client, 2), 2).accepted
+    session.operator.wait_for_version(2)
+    assert fetched > 0 and session.history()[-1]["bytes_out"] == fetched

@@ -25,7 +25,7 @@ SHAPES = {"model.layers.0.self_attn.q_proj": (8, 6), "model.layers.0.self_attn.v
 FLORA = (get_method("flora"), ClientStart(init=None, removed=None))  # a fresh start: A and B uploaded
 
 
-def update(path, round_number: int = 3, scale: float = 1.0) -> transfer_pb2.UpdateHeader:
+def update(path, round_number: int | None = 3, scale: float = 1.0) -> transfer_pb2.UpdateHeader:
     gen = torch.Generator().manual_seed(0)
     pairs = {n: LoraPair(torch.randn(2, i, generator=gen) * scale, torch.randn(o, 2, generator=gen))
              for n, (o, i) in SHAPES.items()}
@@ -60,6 +60,18 @@ def test_the_norm_bound_still_refuses(tmp_path) -> None:
     header = update(tmp_path / "u.safetensors", scale=100.0)
     with pytest.raises(InvalidArgument, match="exceeds max_update_norm"):
         asyncio.run(validate_durably(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), 1.0, *FLORA))
+
+
+@pytest.mark.parametrize(("round_number", "max_norm", "message"), [
+    (None, math.inf, "payload: metadata 'round' is missing (a client update names its round, here 3) (run method flora)"),
+    (4, math.inf, "payload: metadata 'round' 4 differs from the header's round 3 (run method flora)"),
+    (3, 1e-3, "exceeds max_update_norm 0.001 (run method flora)"),
+])
+def test_metadata_and_norm_refusals_name_the_run_method(tmp_path, round_number, max_norm, message) -> None:
+    header = update(tmp_path / "u.safetensors", round_number=round_number)
+    with pytest.raises(InvalidArgument) as refused:
+        uploads.validate_payload(tmp_path / "u.safetensors", header, SHAPES, PayloadLimits(), max_norm, *FLORA)
+    assert str(refused.value).startswith("payload: ") and str(refused.value).endswith(message)
 
 
 def exact_norm(path) -> float:

@@ -18,6 +18,7 @@ from flora.client.round_start import train_round
 from flora.client.trainer import TrainConfig, TrainResult
 from flora.common.data import TokenizedExample
 from flora.common.methods import ClientStart
+from flora.common.threads import set_threads
 
 BACKENDS = ("local", "ray")
 
@@ -43,7 +44,8 @@ class LocalBackend:
         return [train_round(model, job.data, job.config, job.start) for job in jobs]
 
 
-def _train_job(model: nn.Module, job: Job) -> TrainResult:
+def _train_job(model: nn.Module, job: Job, threads: int) -> TrainResult:
+    set_threads(requested=threads)
     return train_round(model, job.data, job.config, job.start)
 
 
@@ -54,7 +56,7 @@ class RayBackend:
     ("ray://head:10001" or "auto"). The model goes into the object store once per round.
     """
 
-    def __init__(self, address: str | None = None, num_cpus: float = 1.0) -> None:
+    def __init__(self, address: str | None = None, threads: int = 1) -> None:
         try:
             import ray
         except ImportError:
@@ -62,19 +64,20 @@ class RayBackend:
         self._ray = ray
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        self._task = ray.remote(num_cpus=num_cpus)(_train_job)
+        self._threads = threads
+        self._task = ray.remote(num_cpus=threads)(_train_job)  # Ray places tasks by the cores they use
 
     def train(self, model: nn.Module, jobs: Sequence[Job]) -> list[TrainResult]:
         shared = self._ray.put(model)
-        return self._ray.get([self._task.remote(shared, job) for job in jobs])
+        return self._ray.get([self._task.remote(shared, job, self._threads) for job in jobs])
 
 
-def make_backend(name: str, address: str | None = None) -> Backend:
-    """The backend called ``name`` (one of BACKENDS)."""
+def make_backend(name: str, address: str | None = None, threads: int | None = None) -> Backend:
+    """The backend called ``name`` (one of BACKENDS); ``threads`` per Ray task (default 1)."""
     if name == "local":
         if address is not None:
             raise ValueError("--ray-address applies to --backend ray")
         return LocalBackend()
     if name == "ray":
-        return RayBackend(address)
+        return RayBackend(address, threads or 1)
     raise ValueError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")

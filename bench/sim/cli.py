@@ -44,6 +44,7 @@ from flora.sim.backends import BACKENDS, Backend, make_backend
 from flora.sim.engine import METHODS, RoundRecord, SimConfig, run_method
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation, sample_files
 from flora.common.tables import format_table
+from flora.common.threads import set_threads
 from flora.sim.output import Runs, by_round, format_errors, plot_validation_loss, write_record
 
 DEFAULT_LOCAL_STEPS = 10
@@ -77,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--local-steps", type=int, help=f"optimiser steps per client and round ({DEFAULT_LOCAL_STEPS} unless --local-epochs)")
     steps.add_argument("--local-epochs", type=int, help="passes over the local data per round instead of --local-steps")
     p.add_argument("--batch-size", type=int, default=8, help="examples per local step (%(default)s)")
-    p.add_argument("--learning-rate", type=float, default=3e-3, help="peak local learning rate, cosine decay (%(default)s)")
+    p.add_argument("--learning-rate", type=float, default=3e-3, help="peak local learning rate (%(default)s)")
+    p.add_argument("--schedule", choices=["cosine", "constant", "run"], default="cosine",
+                   help="its decay: cosine or constant each round, or one cosine over the whole run (%(default)s)")
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example (%(default)s)")
     p.add_argument("--template", default="alpaca", help="prompt template: chat (the tokenizer's own), a name or a format string (%(default)s)")
     p.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="record form of the data files; auto: detected per file")
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients-per-round", type=int, help="a seeded random subset per round (default: all)")
     downlink.add_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu (deterministic, the default), auto, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch threads of each training process (default: this host's usable "
+                   "cores; with --backend ray one per task); 1 is fastest on a host others keep busy")
     p.add_argument("--out", type=Path, default=Path("flora-sim-out"), help="folder for history.jsonl and validation_loss.png (%(default)s)")
     return p
 
@@ -143,6 +148,7 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
         epochs=args.local_epochs or 1,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        schedule=args.schedule,
         device=args.device,
     )
     if not 1 <= args.seeds <= 100:
@@ -200,13 +206,15 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(args.device)
         tokenizer = load_tokenizer(args.base_model)
         federation = load_data(args, tokenizer, len(ranks))
-        backend = make_backend(args.backend, args.ray_address)
+        backend = make_backend(args.backend, args.ray_address, args.threads)
+        threads = set_threads(requested=args.threads)
     except (ValueError, OSError) as exc:  # pydantic's ValidationError and DataFormatError are ValueErrors
         parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = federation.summary()
     print(f"{summary['clients']} clients (ranks {list(ranks)}), {sum(summary['train_examples'])} training and "
-          f"{summary['validation_examples']} validation examples; fully masked: {summary['fully_masked_train_examples']}")
+          f"{summary['validation_examples']} validation examples; fully masked: {summary['fully_masked_train_examples']}; "
+          f"{threads} torch threads")
     runs = run_all(args, federation, configs, backend)
     plot_validation_loss(runs, args.out / "validation_loss.png", f"flora-sim: ranks {','.join(map(str, ranks))}")
     seeds = "" if args.seeds == 1 else f", mean ± std over {args.seeds} seeds"

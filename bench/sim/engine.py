@@ -139,13 +139,15 @@ def _jobs(
     if config.method != CENTRALIZED:
         jobs = []
         for k in selected:
-            local = local_config(config, config.ranks[k], derive_seed(config.seed, "client", k, number))
+            local = local_config(config, config.ranks[k], derive_seed(config.seed, "client", k, number), round=number,
+                                 rounds=config.rounds)
             jobs.append(Job(clients[k].train, local, method.start(kept, local.rank, local.scaling)))
         return jobs
     # As many optimiser steps as the round's clients take together (steps or epochs alike).
     steps = sum(total_steps(len(clients[k].train), local_config(config, config.ranks[k], 0)) for k in selected)
     union = [example for client in clients for example in client.train]
-    central = local_config(config, max(config.ranks), derive_seed(config.seed, CENTRALIZED, number), max_steps=steps)
+    central = local_config(config, max(config.ranks), derive_seed(config.seed, CENTRALIZED, number), max_steps=steps,
+                           round=number, rounds=config.rounds)
     return [Job(union, central, method.start(kept, central.rank, central.scaling))]
 
 

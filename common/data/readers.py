@@ -64,12 +64,16 @@ def check_source(source: str) -> str:
     raise ValueError(f"{source}: no such file or folder")
 
 
+def source_names(value: Any) -> Any:
+    """A settings list of sources with paths given as ``Path`` turned to text; anything else is left
+    for the field's own type check (a pydantic ``before`` validator)."""
+    return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value] if isinstance(value, list) else value
+
+
 def check_sources(value: Any) -> Any:
-    """A settings list of sources, paths given as ``Path`` turned to text, each checked; anything
-    else is left for the field's own type check (a pydantic ``before`` validator)."""
-    if not isinstance(value, list):
-        return value
-    return [check_source(os.fspath(v)) if isinstance(v, (str, os.PathLike)) else v for v in value]
+    """:func:`source_names`, each name checked with :func:`check_source`."""
+    value = source_names(value)
+    return [check_source(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def _could_be_hub_name(source: str) -> bool:

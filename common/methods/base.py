@@ -291,7 +291,8 @@ def principal(adapter: LoraAdapter, rank: int, scaling: float) -> LoraAdapter:
         a0 = torch.empty(rank, a.shape[1], dtype=torch.float32)
         b0 = torch.zeros(b.shape[0], rank, dtype=torch.float32)
         a0[:keep], b0[:, :keep] = canon.a[:keep] / root, canon.b[:, :keep] / root
-        a0[keep:] = fresh_a(rank - keep, a.shape[1], torch.Generator().manual_seed(module_seed(name, rank)))
+        if keep < rank:
+            a0[keep:] = fresh_a(rank - keep, a.shape[1], torch.Generator().manual_seed(module_seed(name, rank)))
         pairs[name] = LoraPair(a0, b0)
     return LoraAdapter(pairs, scaling)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -22,6 +21,7 @@ from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.tables import format_table
+from flora.common.threads import threads_per_process
 from flora.demo.completions import compare
 from flora.demo.scoreboard import BASE, MERGED, RIGHT as RIGHT_MARK, accuracy_lines, completion_rows, score_table
 from flora.demo.monitor import COLUMNS, StatusReader, read_history, round_rows
@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
         port = wait_for_port(server, timeout=120)
         print(f"  server listening on 127.0.0.1:{port} (log: {server.log_path})", flush=True)
         # All clients share this machine's cores: more threads than cores each would only thrash.
-        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.clients))}
+        threads = f"--threads={threads_per_process(args.clients)}"
         clients = [
-            supervisor.start(name, "flora.client.cli", _client_args(port, name, rank, data, workspace, args), env=threads)
+            supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args), threads])
             for name, rank, data in zip(names, ranks, train_files)
         ]
         reader = StatusReader(port, token)
@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\nflora-demo: interrupted; all processes stopped", file=sys.stderr)
         sys.exit(130)
-    except (RuntimeError, TimeoutError, ValueError) as err:
+    except ValueError as err:  # --workdir or --data-dir unusable: a configuration error, as argparse's are
+        print(f"flora-demo: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (RuntimeError, TimeoutError) as err:  # the run itself failed
         print(f"flora-demo: {err}", file=sys.stderr)
         sys.exit(1)
 

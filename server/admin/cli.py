@@ -3,7 +3,8 @@
     flora-admin provision --project NAME --server HOST[,ALT...] --clients a,b,c --out DIR
     flora-admin provision --out DIR --add-client d
     flora-admin status --config DIR/operator/operator.toml [--watch | --json]
-    flora-admin clients --config DIR/operator/operator.toml list | remove NAME
+    flora-admin clients --config DIR/operator/operator.toml list | remove NAME | readmit NAME
+    flora-admin settings --config DIR/operator/operator.toml [--set min_clients=2 ...]
     flora-admin health --config DIR/operator/operator.toml
     flora-admin report STATE_DIR
 
@@ -36,6 +37,13 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name.strip(), value.strip()
+
+
 def _operator_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text,
                             epilog=f"Every connection flag can also be {ENV_PREFIX}<FLAG> or a key of --config (operator.toml).")
@@ -45,7 +53,7 @@ def _operator_parser(sub: argparse._SubParsersAction, name: str, help_text: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Sub-commands provision, status, clients and report."""
+    """Sub-commands provision, status, clients, settings, health and report."""
     parser = argparse.ArgumentParser(prog="flora-admin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prov = sub.add_parser("provision", help="make startup kits (CA, certificates, tokens, configs)",
@@ -64,11 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the server's Status reply as JSON")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default: 2)")
-    clients = _operator_parser(sub, "clients", "list the clients, or remove one (its token and certificate stop working)")
-    clients.add_argument("action", choices=["list", "remove"], help="list, or remove NAME")
-    clients.add_argument("name", nargs="?", help="the client to remove")
+    clients = _operator_parser(sub, "clients", "list the clients, remove one (its token and certificate stop working, "
+                               "in later runs too) or re-admit a removed one")
+    clients.add_argument("action", choices=["list", "remove", "readmit"], help="list, remove NAME or readmit NAME")
+    clients.add_argument("name", nargs="?", help="the client to remove or re-admit")
     clients.add_argument("--reason", default="", help="why (kept in the server's log)")
     clients.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+    settings = _operator_parser(sub, "settings", "show the round settings of a running server, or change them (--set)")
+    settings.add_argument("--set", dest="changes", action="append", type=_assignment, default=[], metavar="NAME=VALUE",
+                          help="change a round setting: rounds, min_clients, clients_per_round, quorum or round_deadline_s "
+                               "(repeatable; kept across restarts)")
+    settings.add_argument("--json", action="store_true", help="print the server's reply as JSON")
     _operator_parser(sub, "health", "exit 0 when the server's gRPC health service reports SERVING (container health checks)")
     report = sub.add_parser("report", help="write report.png and report.md from a state directory",
                             description="Plot a run's losses, bytes and participants per round and summarise it in markdown.")
@@ -129,11 +143,15 @@ def _clients(args: argparse.Namespace) -> int:
     settings = _operator(args)
     channel, stub = operator_stub(settings)
     try:
-        if args.action == "remove":
+        if args.action in ("remove", "readmit"):
             if not args.name:
-                raise ProvisionError("clients remove needs the client's NAME")
-            reply = stub.RemoveClient(pb.RemoveClientRequest(client_name=args.name, reason=args.reason),
-                                      metadata=metadata(settings), timeout=settings.timeout)
+                raise ProvisionError(f"clients {args.action} needs the client's NAME")
+            if args.action == "remove":
+                reply = stub.RemoveClient(pb.RemoveClientRequest(client_name=args.name, reason=args.reason),
+                                          metadata=metadata(settings), timeout=settings.timeout)
+            else:
+                reply = stub.ReadmitClient(pb.ReadmitClientRequest(client_name=args.name),
+                                           metadata=metadata(settings), timeout=settings.timeout)
             print(json.dumps(console.as_json(reply), indent=2) if args.json else reply.message)
             return EXIT_OK
         reply = stub.ListClients(pb.ListClientsRequest(), metadata=metadata(settings), timeout=settings.timeout)
@@ -146,6 +164,22 @@ def _clients(args: argparse.Namespace) -> int:
              "last seen": console.ago(c.last_seen_unix_ms, time.time()), "last round": c.last_submitted_round or "-",
              "device": c.device or "-"} for c in reply.clients]
     print(format_table(rows, ("client", "id", "state", "rank", "last seen", "last round", "device")))
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> int:
+    settings = _operator(args)
+    channel, stub = operator_stub(settings)
+    try:
+        reply = stub.Settings(pb.SettingsRequest(changes=dict(args.changes)), metadata=metadata(settings),
+                              timeout=settings.timeout)
+    finally:
+        channel.close()
+    if args.json:
+        print(json.dumps(console.as_json(reply), indent=2))
+        return EXIT_OK
+    print(reply.message)
+    print(format_table([{"setting": k, "value": v} for k, v in sorted(reply.settings.items())], ("setting", "value")))
     return EXIT_OK
 
 
@@ -169,7 +203,8 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"provision": _provision, "status": _status, "clients": _clients, "health": _health, "report": _report}
+COMMANDS = {"provision": _provision, "status": _status, "clients": _clients, "settings": _settings, "health": _health,
+            "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 
 from flora.common.tables import format_table
@@ -54,8 +55,11 @@ def headline(status: pb.StatusReply, now: float) -> str:
     line = f"run {status.run.run_id} ({status.state}): version {status.global_version}/{status.run.rounds}"
     if status.HasField("round") and status.round.round:
         rnd = status.round
+        if rnd.state in ("waiting", "abandoned") and rnd.available_clients < rnd.min_clients:
+            return line + (f", round {rnd.round} {rnd.state}: needs {rnd.min_clients} connected clients, has "
+                           f"{rnd.available_clients} (flora-admin settings --set min_clients=N changes the need)")
         left = rnd.deadline_unix_ms / 1000 - now
-        line += (f", round {rnd.round} (attempt {rnd.attempt}) {rnd.state}: {len(rnd.submitted)}/{len(rnd.selected)} updates, quorum {rnd.quorum}, "
+        line += (f", round {rnd.round} (attempt {rnd.attempt}) {rnd.state}: {rnd.num_submitted or len(rnd.submitted)}/{rnd.num_selected or len(rnd.selected)} updates, quorum {rnd.quorum}, "
                  f"deadline {_clock(rnd.deadline_unix_ms)} UTC" + (f" (in {left:.0f}s)" if left > 0 and rnd.state == "open" else ""))
     return line
 
@@ -103,21 +107,58 @@ def render_rich(status: pb.StatusReply, now: float):
 
 def watch(fetch: Callable[[], pb.StatusReply], out: TextIO, interval: float, terminal: bool,
           iterations: int | None = None) -> None:
-    """Refresh until interrupted (or ``iterations`` snapshots): live on a terminal, appended otherwise."""
+    """Refresh until interrupted (or ``iterations`` snapshots): live on a terminal, appended otherwise.
+
+    A server that does not answer (restarting, briefly down) does not end the watch: it shows
+    "server unreachable since HH:MM:SS UTC" and picks up again when the server answers.
+    """
+    view = _Watched(fetch)
     if terminal:
         from rich.live import Live
 
-        with Live(render_rich(fetch(), time.time()), refresh_per_second=4) as live:
+        with Live(view.rich(), refresh_per_second=4) as live:
             count = 1
             while iterations is None or count < iterations:
                 time.sleep(interval)
-                live.update(render_rich(fetch(), time.time()))
+                live.update(view.rich())
                 count += 1
         return
     count = 0
     while iterations is None or count < iterations:
         if count:
             time.sleep(interval)
-        out.write(f"--- {datetime.now(timezone.utc):%H:%M:%S} UTC\n" + render_plain(fetch(), time.time()))
+        out.write(f"--- {datetime.now(timezone.utc):%H:%M:%S} UTC\n" + view.plain())
         out.flush()
         count += 1
+
+
+# A server restarting or briefly unreachable; any other refusal (a wrong token) ends the watch.
+_PASSING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class _Watched:
+    """The latest snapshot of a watched server, or since when it has not answered."""
+
+    def __init__(self, fetch: Callable[[], pb.StatusReply]) -> None:
+        self._fetch = fetch
+        self._down_since: float | None = None
+
+    def _poll(self) -> pb.StatusReply | str:
+        try:
+            status = self._fetch()
+        except grpc.RpcError as err:
+            if err.code() not in _PASSING:
+                raise
+            self._down_since = self._down_since or time.time()
+            return (f"server unreachable since {_clock(int(self._down_since * 1000))} UTC "
+                    f"({err.code().name}: {(err.details() or '')[:120]}); still watching\n")
+        self._down_since = None
+        return status
+
+    def plain(self) -> str:
+        polled = self._poll()
+        return polled if isinstance(polled, str) else render_plain(polled, time.time())
+
+    def rich(self):
+        polled = self._poll()
+        return polled.rstrip("\n") if isinstance(polled, str) else render_rich(polled, time.time())

@@ -227,7 +227,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt")
+    __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt", "min_clients", "available_clients", "num_selected", "num_submitted")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,10 @@ class RoundStatus(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SELECTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     selected: _containers.RepeatedScalarFieldContainer[str]
@@ -242,23 +246,29 @@ class RoundStatus(_message.Message):
     deadline_unix_ms: int
     quorum: int
     attempt: int
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    min_clients: int
+    available_clients: int
+    num_selected: int
+    num_submitted: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., attempt: _Optional[int] = ..., min_clients: _Optional[int] = ..., available_clients: _Optional[int] = ..., num_selected: _Optional[int] = ..., num_submitted: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run", "state", "global_version", "round", "clients", "recent_rounds")
+    __slots__ = ("run", "state", "global_version", "round", "clients", "recent_rounds", "num_clients")
     RUN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     run: _run_pb2.RunSpec
     state: str
     global_version: int
     round: RoundStatus
     clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
     recent_rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
-    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., round: _Optional[_Union[RoundStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...
+    num_clients: int
+    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., round: _Optional[_Union[RoundStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., num_clients: _Optional[int] = ...) -> None: ...
 
 class ListClientsRequest(_message.Message):
     __slots__ = ()
@@ -287,3 +297,45 @@ class RemoveClientReply(_message.Message):
     already_removed: bool
     message: str
     def __init__(self, client_id: _Optional[str] = ..., already_removed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReadmitClientRequest(_message.Message):
+    __slots__ = ("client_name",)
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    client_name: str
+    def __init__(self, client_name: _Optional[str] = ...) -> None: ...
+
+class ReadmitClientReply(_message.Message):
+    __slots__ = ("readmitted", "message")
+    READMITTED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    readmitted: bool
+    message: str
+    def __init__(self, readmitted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SettingsRequest(_message.Message):
+    __slots__ = ("changes",)
+    class ChangesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.ScalarMap[str, str]
+    def __init__(self, changes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SettingsReply(_message.Message):
+    __slots__ = ("settings", "message")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    settings: _containers.ScalarMap[str, str]
+    message: str
+    def __init__(self, settings: _Optional[_Mapping[str, str]] = ..., message: _Optional[str] = ...) -> None: ...

@@ -86,6 +86,16 @@ class CoordinatorStub:
                 request_serializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientRequest.SerializeToString,
                 response_deserializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientReply.FromString,
                 _registered_method=True)
+        self.ReadmitClient = channel.unary_unary(
+                '/flora.v1.Coordinator/ReadmitClient',
+                request_serializer=flora_dot_v1_dot_coordinator__pb2.ReadmitClientRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_coordinator__pb2.ReadmitClientReply.FromString,
+                _registered_method=True)
+        self.Settings = channel.unary_unary(
+                '/flora.v1.Coordinator/Settings',
+                request_serializer=flora_dot_v1_dot_coordinator__pb2.SettingsRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_coordinator__pb2.SettingsReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -144,7 +154,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Operator view of the run, its current round, its clients and its recent rounds.
+        """The run, its current round and its recent rounds; the operator sees every client, a client
+        only itself and the run's aggregate counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +171,22 @@ class CoordinatorServicer:
     def RemoveClient(self, request, context):
         """Operator only: removes a client at once. Its token (and provisioned certificate) stop
         working on its next call; the updates it already had accepted stay in their rounds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadmitClient(self, request, context):
+        """Operator only: lifts a removal (in the run and in the server's client registry), so that
+        the client's kit may join again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Settings(self, request, context):
+        """Operator only: reads the round settings a running server may change, and changes those
+        named (kept in the server's state across restarts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,6 +244,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RemoveClient,
                     request_deserializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientRequest.FromString,
                     response_serializer=flora_dot_v1_dot_coordinator__pb2.RemoveClientReply.SerializeToString,
+            ),
+            'ReadmitClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadmitClient,
+                    request_deserializer=flora_dot_v1_dot_coordinator__pb2.ReadmitClientRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_coordinator__pb2.ReadmitClientReply.SerializeToString,
+            ),
+            'Settings': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settings,
+                    request_deserializer=flora_dot_v1_dot_coordinator__pb2.SettingsRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_coordinator__pb2.SettingsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +527,60 @@ class Coordinator:
             '/flora.v1.Coordinator/RemoveClient',
             flora_dot_v1_dot_coordinator__pb2.RemoveClientRequest.SerializeToString,
             flora_dot_v1_dot_coordinator__pb2.RemoveClientReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadmitClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/ReadmitClient',
+            flora_dot_v1_dot_coordinator__pb2.ReadmitClientRequest.SerializeToString,
+            flora_dot_v1_dot_coordinator__pb2.ReadmitClientReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/Settings',
+            flora_dot_v1_dot_coordinator__pb2.SettingsRequest.SerializeToString,
+            flora_dot_v1_dot_coordinator__pb2.SettingsReply.FromString,
             options,
             channel_credentials,
             insecure,

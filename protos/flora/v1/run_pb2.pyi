@@ -58,7 +58,7 @@ class TrainingHints(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., local_epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints", "global_lora_rank")
+    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints", "global_lora_rank", "max_rank", "max_update_norm", "max_weight_share", "clip_norm", "clip_median_multiple", "reject_median_multiple")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,12 @@ class RunSpec(_message.Message):
     REQUIRED_SCALING_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_MEDIAN_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    REJECT_MEDIAN_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     base_model: str
     base_model_hash: str
@@ -81,4 +87,10 @@ class RunSpec(_message.Message):
     required_scaling: float
     hints: TrainingHints
     global_lora_rank: int
-    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ..., global_lora_rank: _Optional[int] = ...) -> None: ...
+    max_rank: int
+    max_update_norm: float
+    max_weight_share: float
+    clip_norm: float
+    clip_median_multiple: float
+    reject_median_multiple: float
+    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ..., global_lora_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_update_norm: _Optional[float] = ..., max_weight_share: _Optional[float] = ..., clip_norm: _Optional[float] = ..., clip_median_multiple: _Optional[float] = ..., reject_median_multiple: _Optional[float] = ...) -> None: ...
