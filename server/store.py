@@ -439,8 +439,8 @@ class Store:
     def add_bytes_out(self, number: int, sent: int) -> None:
         """Count ``sent`` FetchGlobal bytes toward round ``number``'s history line. Without an fsync of
         its own: a killed process keeps it (the OS has the write), the next durable commit syncs it."""
-        self._insert_quick("INSERT INTO traffic VALUES (?, ?) ON CONFLICT(round) DO UPDATE SET "
-                           "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
+        self._write_quick("INSERT INTO traffic VALUES (?, ?) ON CONFLICT(round) DO UPDATE SET "
+                          "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
 
     def bytes_out(self, number: int) -> int:
         """The FetchGlobal bytes counted toward round ``number`` so far (restored after a restart)."""
