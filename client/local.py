@@ -138,7 +138,7 @@ def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]
     compute = _COMPUTE_DTYPES[settings.dtype] if device.type == "cuda" else torch.float32
     try:
         return local_weights(model, names, settings.quantize, compute, device)
-    except MissingExtra as exc:
+    except (MissingExtra, ValueError) as exc:  # not installed, or nothing this model has can be quantized
         raise ConfigError(str(exc)) from None
 
 

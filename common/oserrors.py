@@ -27,13 +27,14 @@ _TEXT_ONLY = (SafetensorError, RuntimeError)
 
 
 def chain(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and every exception it was raised from or while handling, innermost last."""
+    """``error`` and every exception it was raised from or while handling, innermost last; ``raise ...
+    from None`` ends the chain there (its author said the earlier error is not the cause)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
 
 
 def errno_in_text(text: str) -> int | None:

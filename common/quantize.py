@@ -49,10 +49,15 @@ def quantize_model(model: nn.Module, quantization: Quantization, compute_dtype: 
     if quantization == "none":
         raise ValueError("quantize_model needs a quantization, not 'none'")
     bnb = bitsandbytes()
+    quantized = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and name not in _SKIPPED:
                 setattr(parent, name, _quantized_linear(bnb, child, quantization, compute_dtype).to(device))
+                quantized += 1
+    if not quantized:  # GPT-2's Conv1D layers, say: a "4-bit" client at full precision would be a lie
+        raise ValueError(f"quantize: {type(model).__name__} has no nn.Linear layer besides its output head to quantize "
+                         "(transposed Conv1D layers are not supported): use --quantize none")
     for param in model.parameters():
         if param.dtype.is_floating_point and param.dtype != compute_dtype:
             param.data = param.data.to(compute_dtype)

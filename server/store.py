@@ -177,6 +177,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.RLock()
+        self._wal_lock = threading.Lock()  # the WAL descriptor's fsync and close; never held with the disk inside _lock
         self._closed = False
         self._cache: dict[tuple, Any] = {}  # read results kept until the next write
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -210,9 +211,10 @@ class Store:
                 log.warning("the database log was not folded into the database (%s); the next start does it", err)
             self._db.close()
             self._closed = True
-            if self._wal_fd is not None:
-                os.close(self._wal_fd)
-                self._wal_fd = None
+            wal_fd, self._wal_fd = self._wal_fd, None
+        if wal_fd is not None:
+            with self._wal_lock:  # after a sync in progress, outside _lock (sync takes _wal_lock, then _lock)
+                os.close(wal_fd)
 
     def _checkpoint(self) -> None:
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -250,9 +252,10 @@ class Store:
 
         What ``add_client`` and ``add_submission`` leave to their caller before it replies.
         """
-        fd = self._wal_descriptor()
-        if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
-            os.fsync(fd)
+        with self._wal_lock:  # close() waits: the descriptor is never closed (or its number reused) under an fsync
+            fd = self._wal_descriptor()
+            if fd is not None:  # None: no WAL; everything is checkpointed into the database file, which SQLite synced
+                os.fsync(fd)
 
     def _wal_descriptor(self) -> int | None:
         """The WAL, opened once and kept: a durable commit never needs a new descriptor (the
@@ -407,15 +410,20 @@ class Store:
 
         With ``abandon`` the attempt is marked abandoned too (nothing aggregable is left), so a
         restart reopens the round instead of aggregating it again. ``blameless``: no update failed
-        on its own, so none is refused if it comes again (``blamed``). Returns the removed rows,
-        whose files the caller deletes once this has committed.
+        on its own, so none is refused if it comes again (``blamed``); but only once: an update
+        already excluded blamelessly in this round that fails again is blamed, so a round whose
+        aggregation fails whatever its updates cannot loop through retrained rounds forever.
+        Returns the removed rows, whose files the caller deletes once this has committed.
         """
         removed = [s for s in self.submissions(number) if s.client_id in reasons]
+        excused = set(self._query("SELECT client_id, sha256 FROM exclusions WHERE round = ? AND blameless = 1", (number,)))
         with self._transaction() as db:
             for sub in removed:
+                again = (sub.client_id, sub.sha256) in excused
+                reason = reasons[sub.client_id] + ("; it failed the same way before, so it is not taken again" if again and blameless else "")
                 db.execute("DELETE FROM submissions WHERE round = ? AND client_id = ?", (number, sub.client_id))
                 db.execute("INSERT OR REPLACE INTO exclusions VALUES (?, ?, ?, ?, ?, ?)",
-                           (number, sub.client_id, sub.sha256, reasons[sub.client_id], now, int(blameless)))
+                           (number, sub.client_id, sub.sha256, reason, now, int(blameless and not again)))
             if abandon:
                 db.execute("UPDATE rounds SET state = ? WHERE round = ? AND attempt = ?",
                            (RoundState.ABANDONED.value, number, attempt))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import socket
 import os
 import subprocess
 import sys
@@ -118,11 +119,17 @@ def test_a_mistake_is_named_and_the_client_gives_up_after_the_limit(tmp_path, pe
 def test_an_expired_client_certificate_is_named_with_its_date(tmp_path, pem):
     with serving(pem, "server", mutual=True) as port:
         found = diagnose(settings(tmp_path, pem, f"127.0.0.1:{port}", "ca", "expired-client"))
-    assert f"expired on {datetime.date.today() - datetime.timedelta(days=1):%Y-%m-%d}" in found.cause
+    # Certificates are dated in UTC: the local date may be another day.
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    assert f"expired on {today - datetime.timedelta(days=1):%Y-%m-%d}" in found.cause
     assert "new kit" in found.fix
 
 
-def test_a_host_name_that_does_not_resolve_is_a_mistake(tmp_path, pem):
+def test_a_host_name_that_does_not_resolve_is_a_mistake(tmp_path, pem, monkeypatch):
+    def no_such_name(host, *args, **kwargs):  # what a resolver answers for a name that does not exist
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)  # offline resolvers answer EAI_AGAIN instead
     config = settings(tmp_path, pem, "no-such-host.invalid:50051", "ca", give_up_after=1)
     assert "'no-such-host.invalid' does not resolve" in diagnose(config).cause
     with pytest.raises(ConnectionMisconfigured, match="--server"):

@@ -84,7 +84,7 @@ def test_forward_is_the_dequantized_base_plus_the_held_update(spec, quantization
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     # The update matters: the quantized base alone differs from it by far more than round-off.
     local.held.clear()
-    assert (logits(local.model, tokens) - want).abs().max() > 100 * (got - want).abs().max()
+    assert (logits(local.model, tokens) - want).abs().max() > 100 * 1e-4  # 100x the tolerance above
 
 
 def test_the_held_update_is_the_exact_sum_in_factors_or_dense_when_smaller():
@@ -192,3 +192,14 @@ def test_the_fingerprint_is_of_the_unquantized_base_and_still_refuses_another(tm
     other.base_model_hash = "0" * 64
     with pytest.raises(ConfigError, match="differs from the server's"):
         load_local_model(settings, other, ([Example("", "x")], []))
+
+
+def test_a_model_without_linear_layers_to_quantize_is_refused_not_run_at_full_precision():
+    """GPT-2's blocks are Conv1D layers: none would be quantized, and the client must say so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from flora.common.quantize import quantize_model
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match=r"quantize: GPT2LMHeadModel has no nn.Linear layer .*--quantize none"):
+        quantize_model(model, "nf4", torch.float32, torch.device("cpu"))

@@ -51,6 +51,17 @@ def _wrapped(cause: Exception) -> Exception:
         return error
 
 
+def _replaced(cause: Exception) -> Exception:
+    """``ValueError`` raised ``from None`` while handling ``cause``: its author says it is not the cause."""
+    try:
+        try:
+            raise cause
+        except Exception:
+            raise ValueError("a bad payload, found while the disk was full") from None
+    except ValueError as error:
+        return error
+
+
 @pytest.mark.parametrize(("error", "kind", "words"), [
     (sqlite3.OperationalError("database or disk is full"), errors.ResourceExhausted, "disk is full"),
     (OSError(errno.ENOSPC, "No space left on device"), errors.ResourceExhausted, "disk is full"),
@@ -68,6 +79,7 @@ def _wrapped(cause: Exception) -> Exception:
     # A refusal's text may quote a client: it never passes a bad payload off as a full disk.
     (PayloadError("metadata 'kind': 'No space left on device (os error 28)' is not a client update"), errors.Internal,
      "internal server error"),
+    (_replaced(OSError(errno.ENOSPC, "No space left on device")), errors.Internal, "internal server error"),
     (OverflowError("Python int too large to convert to SQLite INTEGER"), errors.Internal, "internal server error"),
     (KeyError("secret-internal-detail"), errors.Internal, "internal server error"),
 ])

@@ -188,3 +188,18 @@ def test_only_updates_excluded_for_their_own_fault_are_blamed_also_in_an_older_d
     assert store.blamed(1) == {("c0", "0" * 64): "NaN in lora_A", ("c1", "1" * 64): "NaN in lora_B"}
     assert [c for c, _, _ in store.exclusions(1)] == ["c0", "c1", "c2"]  # the history lists all three
     store.close()
+
+
+def test_a_blameless_exclusion_is_granted_once_then_the_same_update_is_blamed(tmp_path):
+    """A round whose aggregation fails whatever its updates must not retrain and fail forever."""
+    store = Store(tmp_path / "state.db")
+    store.create_run(RUN, [], None)
+    store.add_client(client("c1", "c1"))
+    for attempt in (1, 2):
+        store.add_submission(submission(1, "c1", "1" * 64))
+        store.exclude_submissions(1, attempt, {"c1": "no single update is at fault"}, abandon=True, now=float(attempt),
+                                  blameless=True)
+        blamed = store.blamed(1)
+        assert (("c1", "1" * 64) in blamed) is (attempt == 2)
+    assert "not taken again" in blamed[("c1", "1" * 64)]
+    store.close()

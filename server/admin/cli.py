@@ -7,6 +7,7 @@
     flora-admin settings --config DIR/operator/operator.toml [--set min_clients=2 ...]
     flora-admin health --config DIR/operator/operator.toml
     flora-admin report STATE_DIR
+    flora-admin dp-plan --clients N --rounds R (--noise-multiplier S | --target-epsilon E)
 
 Exit status: 0 done, 1 the server could not be reached or refused, 2 bad input (nothing written).
 """
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import grpc
 
+from flora.common.privacy.accountant import PrivacyError
 from flora.common.settings import SettingsError, add_settings_arguments, load_settings
 from flora.common.tables import format_table
-from flora.server.admin import console
+from flora.server.admin import console, dp_plan
 from flora.server.admin.connect import ENV_PREFIX, OperatorSettings, metadata, operator_stub
 from flora.server.admin.provision import Project, ProvisionError, add_clients, provision
 from flora.server.admin.report import ReportError, write_report
@@ -53,7 +55,7 @@ def _operator_parser(sub: argparse._SubParsersAction, name: str, help_text: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Sub-commands provision, status, clients, settings, health and report."""
+    """Sub-commands provision, status, clients, settings, health, report and dp-plan."""
     parser = argparse.ArgumentParser(prog="flora-admin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prov = sub.add_parser("provision", help="make startup kits (CA, certificates, tokens, configs)",
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Plot a run's losses, bytes and participants per round and summarise it in markdown.")
     report.add_argument("state_dir", type=Path, help="the server's state directory (holds history.jsonl)")
     report.add_argument("--out", type=Path, help="folder for report.png and report.md (default: STATE_DIR)")
+    plan = sub.add_parser("dp-plan", help="print the (epsilon, delta) a client-level DP run would spend, or the sigma a target needs",
+                          description="Plan a client-level DP run: epsilon per round for a noise multiplier, "
+                                      "or the noise multiplier for a target epsilon. Nothing runs.")
+    dp_plan.add_arguments(plan)
     return parser
 
 
@@ -203,8 +209,13 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dp_plan(args: argparse.Namespace) -> int:
+    print("\n".join(dp_plan.run(args)))
+    return EXIT_OK
+
+
 COMMANDS = {"provision": _provision, "status": _status, "clients": _clients, "settings": _settings, "health": _health,
-            "report": _report}
+            "report": _report, "dp-plan": _dp_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ProvisionError, ReportError, RegistryError, SettingsError) as err:
+    except (ProvisionError, ReportError, RegistryError, SettingsError, PrivacyError) as err:
         print(f"flora-admin {args.command}: {err}", file=sys.stderr)
         return EXIT_INPUT
     except grpc.RpcError as err:

@@ -1,0 +1,1 @@
+"""Differential privacy: the accountant that states what a run's releases spend."""
