@@ -24,7 +24,8 @@ from flora.common.architectures import DEFAULT_TARGET_MODULES  # noqa: F401 - im
 
 BUILTIN_MODEL = "flora-tiny-llama"
 # Bump when the recipe below changes, so that caches built by older code are never reused.
-_BUILTIN_REVISION = "v2"  # v2: the tokenizer has a chat template
+# v2: the tokenizer has a chat template; v3: the shipped pre-trained weights (flora.common.builtin_weights)
+_BUILTIN_REVISION = "v3"
 _SEED = 20240905
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -105,8 +106,11 @@ def _write_builtin(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        from flora.common.builtin_weights import load_builtin_weights
+
         tokenizer = build_tokenizer()
         model = build_tiny_llama(len(tokenizer))
+        load_builtin_weights(model)  # the shipped pre-training of this seeded model
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         try:

@@ -448,7 +448,7 @@ class Store:
         """Count ``sent`` FetchGlobal bytes toward round ``number``'s history line. Without an fsync of
         its own: a killed process keeps it (the OS has the write), the next durable commit syncs it."""
         self._write_quick("INSERT INTO traffic VALUES (?, ?) ON CONFLICT(round) DO UPDATE SET "
-                           "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
+                          "bytes_out = bytes_out + excluded.bytes_out", (number, sent))
 
     def bytes_out(self, number: int) -> int:
         """The FetchGlobal bytes counted toward round ``number`` so far (restored after a restart)."""

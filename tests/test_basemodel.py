@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flora.common import basemodel
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, fingerprint, resolve_model, target_module_shapes
 
-# sha256 of the built-in model's q_proj/v_proj weights; a change here means every deployed
-# client and server would disagree, so it must be deliberate (bump _BUILTIN_REVISION).
-BUILTIN_FINGERPRINT = "76550e745f3ff0f3a5e986aeab80a95d95d4e57aca75cb1e30d1a3f379e0d3bb"
+# sha256 of the built-in model's q_proj/v_proj weights (the shipped pre-training); a change here
+# means every deployed client and server would disagree, so it must be deliberate (bump
+# _BUILTIN_REVISION).
+BUILTIN_FINGERPRINT = "54753b59ae31fdb39634d2a68b28dc564191d8bb2c5b9dea45568cd5c2174f3a"
 
 
 def test_builtin_model_is_a_normal_hugging_face_directory(tiny_model_dir):

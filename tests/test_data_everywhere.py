@@ -98,15 +98,19 @@ def test_demo_passes_the_data_options_to_clients_and_server(tmp_path: Path) -> N
 
 
 def test_demo_completions_prompt_a_chat_through_its_template(tmp_path: Path, tiny_model_dir: str) -> None:
-    from flora.demo.completions import _question, compare
-    from flora.common.data import ReadOptions
+    from flora.common.basemodel import load_model, load_tokenizer
+    from flora.common.data import ReadOptions, prompt_ids
+    from flora.demo.completions import _question, complete, held_out_prompts
 
     validation = write_jsonl(tmp_path / "validation.jsonl", CHATS[:2])
-    [first, second] = compare(tiny_model_dir, Path(tiny_model_dir), [validation], count=2, max_new_tokens=2,
-                              options=ReadOptions(template="chat"))
-    assert (first.prompt, first.expected) == ("Colour 0?", "red") and second.expected == "blue"
-    assert first.base == first.merged  # the same model twice: greedy decoding is deterministic
+    items = held_out_prompts([validation], per_task=2, options=ReadOptions(template="chat"))
+    assert [(item.question, item.expected) for item in items] == [("Colour 0?", "red"), ("Colour 1?", "blue")]
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    assert prompt_ids(tokenizer, items[0].example) != tokenizer(items[0].question)["input_ids"]  # the chat template's
+    batch = complete(model, tokenizer, [item.example for item in items], max_new_tokens=2, max_prompt_tokens=256)
+    # Greedy decoding is deterministic, and a left-padded batch answers as each prompt alone does.
+    assert batch == [complete(model, tokenizer, [item.example], 2, 256)[0] for item in items]
     assert load_examples(validation, "chat")[0] == Conversation(tuple(Message(**m) for m in CHATS[0]["messages"]))
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
     [instruction] = load_examples(alpaca, "chat")
-    assert _question(instruction) == "Add. / 2 and 3"  # one table line, as the Alpaca prompt's is
+    assert _question({}, instruction) == "Add. / 2 and 3"  # one table line, as the Alpaca prompt's is  # one table line, as the Alpaca prompt's is

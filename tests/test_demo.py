@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import shared_path
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, target_module_shapes
+from flora.common.builtin_weights import read_record, weights_fingerprint
 from flora.common.merge import merged_update, module_weights
 from flora.common.payload import read_update
 
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 DEMO = shutil.which("flora-demo")
 SMALL = ["--clients", "2", "--rounds", "2", "--ranks", "4,2", "--local-steps", "10"]
+ACCURACY = re.compile(r"^task (\S+): base (\d+)/(\d+), best single client (\d+)/(\d+), merged (\d+)/(\d+)$", re.M)
 
 
 def run_demo(workdir: Path, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -36,20 +39,49 @@ def history(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "server" / "history.jsonl").read_text().splitlines()]
 
 
-def test_demo_completes_every_round_with_every_client_and_learns(tmp_path):
+def accuracy(stdout: str) -> dict[str, tuple[int, int, int, int]]:
+    """The demo's accuracy lines: task -> (base, best single client, merged, held-out prompts)."""
+    found = {}
+    for task, base, n, single, n2, merged, n3 in ACCURACY.findall(stdout):
+        assert n == n2 == n3
+        found[task] = (int(base), int(single), int(merged), int(n))
+    return found
+
+
+def completion_table(stdout: str) -> list[str]:
+    """The lines of the held-out completions table."""
+    after = stdout.split("greedy completions of held-out prompts", 1)[1].split("\n", 1)[1]
+    return after.split("\n\n", 1)[0].splitlines()
+
+
+def assert_readable(table: list[str]) -> None:
+    """A Markdown table of one line per row: same column count and width on every line."""
+    assert len(table) >= 3
+    assert all(line.startswith("| ") and line.endswith(" |") or line.startswith("|-") for line in table), table
+    assert len({line.count("|") for line in table}) == 1 and len({len(line) for line in table}) == 1, table
+
+
+def test_builtin_model_loads_the_pretrained_weights_to_their_recorded_fingerprint():
+    assert weights_fingerprint(load_model(BUILTIN_MODEL)) == read_record()["fingerprint"]
+
+
+def test_default_demo_scores_every_task_for_every_model_and_merges_exactly(tmp_path):
     workdir = tmp_path / "demo"
-    result = run_demo(workdir, *SMALL)
+    result = run_demo(workdir)
 
     records = history(workdir)
-    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
     for record in records[1:]:
-        assert sorted((c["name"], c["rank"]) for c in record["clients"]) == [("client-0", 4), ("client-1", 2)]
+        assert sorted((c["name"], c["rank"]) for c in record["clients"]) == [("client-0", 16), ("client-1", 8), ("client-2", 4)]
     assert records[-1]["validation_loss"] < records[0]["validation_loss"]
     assert "| round" in result.stdout and "(lower)" in result.stdout
-    # What was learned, in words, and where the report is.
-    completions = result.stdout.split("greedy completions of held-out prompts:", 1)[1]
-    assert "base model (before)" in completions and "merged model (after)" in completions
-    assert len([line for line in completions.splitlines() if line.startswith("| ")]) >= 3  # header + 2 prompts
+    # What was learned, in words: every task's held-out prompts scored for the base model, each
+    # client's own model and the merged one.
+    scores = accuracy(result.stdout)
+    assert sorted(scores) == ["capital", "opposite", "upper"]
+    assert all(n >= 9 and max(base, single, merged) <= n for base, single, merged, n in scores.values()), scores
+    assert_readable(completion_table(result.stdout))
+    assert all(f"| client-{k} alone " in result.stdout for k in range(3)) and "| merged model (after) |" in result.stdout
     assert (workdir / "report.png").stat().st_size > 10_000 and f"run report: {workdir / 'report.png'}" in result.stdout
 
     # The checkpoint is base + every global update, merged in version order.
@@ -59,7 +91,7 @@ def test_demo_completes_every_round_with_every_client_and_learns(tmp_path):
     expected = load_model(BUILTIN_MODEL)
     shapes = target_module_shapes(expected, DEFAULT_TARGET_MODULES)
     weights = {n: w.detach().clone() for n, w in module_weights(expected, sorted(shapes)).items()}
-    for version in (1, 2):
+    for version in (1, 2, 3):
         update, _ = read_update(workdir / "server" / "downlink" / f"v{version:06d}.safetensors", shapes)
         weights = merged_update(weights, update)
     for name, value in expected.state_dict().items():
@@ -104,7 +136,10 @@ def test_demo_on_a_real_model_with_dolly_clients(tmp_path):
     model = shared_path("models", "stories260K")
     data = shared_path("data", "dolly-10clients")
     workdir = tmp_path / "demo"
-    run_demo(workdir, "--base-model", str(model), "--data-dir", str(data), *SMALL)
+    result = run_demo(workdir, "--base-model", str(model), "--data-dir", str(data), *SMALL)
     records = history(workdir)
     assert [r["round"] for r in records] == [0, 1, 2]
     assert records[-1]["validation_loss"] < records[0]["validation_loss"]
+    # Multi-line Dolly prompts and answers still make a table of one line per row, scored per category.
+    assert_readable(completion_table(result.stdout))
+    assert len(accuracy(result.stdout)) >= 2

@@ -1,8 +1,10 @@
 """flora-demo: a real federated run on this machine in one command.
 
 Starts one ``flora-server`` and several ``flora-client`` processes of heterogeneous LoRA ranks
-on loopback, shows their progress, and ends with a table per round and the path of the merged
-checkpoint. Everything is the production code path; only the processes share one host.
+on loopback, shows their progress, and ends with a table per round, the path of the merged
+checkpoint, and held-out prompts answered by the base model, each client's own model and the
+merged one, scored per task. Everything is the production code path; only the processes share
+one host.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.tables import format_table
 from flora.common.threads import threads_per_process
 from flora.demo.completions import compare
+from flora.demo.scoreboard import BASE, MERGED, RIGHT as RIGHT_MARK, accuracy_lines, completion_rows, score_table
 from flora.demo.monitor import COLUMNS, StatusReader, read_history, round_rows
 from flora.demo.processes import Child, Supervisor, wait_for_port
 from flora.demo.sample_data import write_sample_data
@@ -28,6 +31,9 @@ from flora.server.admin.report import MATPLOTLIB_HINT, write_report
 from flora.demo.workspace import Workspace, builtin_data, folder_data, prepare
 
 log = logging.getLogger("flora.demo")
+# Tokens per example: room for an Alpaca prompt with input and its answer in the built-in model's
+# bytes. Loss (training and validation) is on the answers only: the template is not the lesson.
+CUTOFF = 320
 
 
 def _ranks(text: str) -> list[int]:
@@ -55,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
     parser.add_argument("--data-dir", type=Path, help="folder with one data file per client: JSON, JSONL, CSV or parquet (default: built-in sample data)")
-    parser.add_argument("--template", default="alpaca", help="prompt template: chat (the tokenizer's own chat template), alpaca, plain or a format string (default: alpaca)")
+    # plain: instruction and input on their own lines, within what the built-in tiny model attends across.
+    parser.add_argument("--template", default="plain", help="prompt template: chat (the tokenizer's own chat template), alpaca, plain or a format string (default: plain)")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="record form of the data; auto: detected per file (default)")
     parser.add_argument("--field", action="append", default=[], metavar="FORM_KEY=YOUR_KEY", help="read a form's key from another column, e.g. instruction=question (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
@@ -80,7 +87,7 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
         "--host=127.0.0.1", "--port=0", f"--state-dir={workspace.server_state}", f"--base-model={args.base_model}",
         f"--rounds={args.rounds}", f"--min-clients={args.clients}", f"--method={args.method}",
         f"--validation-data={','.join(map(str, validation))}", f"--local-steps={args.local_steps}",
-        f"--learning-rate={args.learning_rate}",
+        f"--learning-rate={args.learning_rate}", f"--validation-cutoff={CUTOFF}", "--validation-mask-prompt",
         "--checkpoint-every=0", "--long-poll-s=2", "--client-timeout-s=60", "--round-deadline-s=600",
         # The global LoRA of the methods that keep one: the largest rank, alpha = 2 r like every client.
         f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}",
@@ -98,7 +105,7 @@ def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspa
     return [
         f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}",
         f"--state-dir={workspace.client_state(name)}", f"--base-model={args.base_model}", "--progress=off",
-        "--long-poll=2", "--backoff-max=2", *_data_flags(args),
+        "--long-poll=2", "--backoff-max=2", f"--cutoff={CUTOFF}", "--mask-prompt", *_data_flags(args),
     ]
 
 
@@ -147,10 +154,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             reader.close()
         supervisor.stop(server)
-    return _report(workspace, args.base_model, validation, ReadOptions(args.template, args.data_format, tuple(args.field)))
+    return _report(workspace, args, validation)
 
 
-def _report(workspace: Workspace, base_model: str, validation: list[Path], options: ReadOptions) -> int:
+def _report(workspace: Workspace, args: argparse.Namespace, validation: list[Path]) -> int:
     history = read_history(workspace.server_state / "history.jsonl")
     print("\n" + format_table(round_rows(history), COLUMNS))
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
@@ -160,17 +167,21 @@ def _report(workspace: Workspace, base_model: str, validation: list[Path], optio
     checkpoints = [workspace.server_state / r["checkpoint"] for r in history if r.get("checkpoint")]
     if checkpoints:
         print(f"merged checkpoint: {checkpoints[-1]}\n  load it with AutoModelForCausalLM.from_pretrained({str(checkpoints[-1])!r})")
-        _show_completions(base_model, checkpoints[-1], validation, options)
+        _show_completions(args, workspace, history[-1], checkpoints[-1], validation)
     if history and history[-1]["round"] > 0:
         _show_report(workspace)
     return 0 if history and history[-1]["round"] > 0 else 1
 
 
-def _show_completions(base_model: str, checkpoint: Path, validation: list[Path], options: ReadOptions) -> None:
-    """Held-out prompts answered by the base model (before the run) and the merged one (after)."""
-    rows = [{"held-out prompt": c.prompt, "expected": c.expected, "base model (before)": c.base,
-             "merged model (after)": c.merged} for c in compare(base_model, checkpoint, validation, options=options)]
-    print("\ngreedy completions of held-out prompts:\n" + format_table(rows, tuple(rows[0]) if rows else ()))
+def _show_completions(args: argparse.Namespace, workspace: Workspace, last: dict, checkpoint: Path,
+                      validation: list[Path]) -> None:
+    """Held-out prompts answered by the base model, each client's own model and the merged one."""
+    items, answers = compare(args.base_model, args.method, workspace.server_state, last, checkpoint, validation,
+                             (BASE, MERGED), CUTOFF, ReadOptions(args.template, args.data_format, tuple(args.field)))
+    print(f"\ngreedy completions of held-out prompts ({RIGHT_MARK}: exactly the expected answer):\n"
+          + format_table(completion_rows(items, answers), ["task", "held-out prompt", "expected", BASE, MERGED]))
+    print("\nexact answers per task (\"alone\": the client's own model after its last round):\n" + score_table(items, answers))
+    print("\n" + "\n".join(accuracy_lines(items, answers)))
 
 
 def _show_report(workspace: Workspace) -> None:
