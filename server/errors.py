@@ -62,25 +62,33 @@ class Internal(Refusal):
     """A server fault the client cannot fix; details stay in the server's log, never in the reply."""
 
 
-def resource_refusal(error: BaseException) -> Refusal | None:
+_NOT_RECORDED = "nothing of this request was recorded: retry later"
+# After the record was written and only its fsync failed: the row stays (an update's retry is then
+# acknowledged as a duplicate, never counted twice), so "nothing was recorded" would be untrue.
+_NOT_DURABLE = "the request was recorded but not yet made durable: send it again (a kept copy is acknowledged once)"
+
+
+def resource_refusal(error: BaseException, *, recorded: bool = False) -> Refusal | None:
     """The refusal for a server that ran out of disk space or file descriptors, else None.
 
     One place decides what a full disk (ENOSPC/EDQUOT, SQLite's "database or disk is full") and
     fd exhaustion (EMFILE/ENFILE, SQLite's "unable to open database file") look like to a client:
     a status it retries with backoff and a message that says what ran out. The error is
     recognised by what it is wherever it was raised (``flora.common.oserrors``): safetensors and
-    torch report an OS error as text, and a wrapper carries it as its cause.
+    torch report an OS error as text, and a wrapper carries it as its cause. ``recorded``: the
+    failure came after the request's record was written (its fsync), and the message says so.
     """
+    outcome = _NOT_DURABLE if recorded else _NOT_RECORDED
     code = os_errno(error)
     if code in _DISK_FULL:
-        return ResourceExhausted("the server's disk is full; nothing of this request was recorded: retry later")
+        return ResourceExhausted(f"the server's disk is full; {outcome}")
     if code in _NO_FILES:
-        return Unavailable("the server has run out of file descriptors; nothing of this request was recorded: retry later")
+        return Unavailable(f"the server has run out of file descriptors; {outcome}")
     for link in chain(error):
         if isinstance(link, sqlite3.OperationalError):
             text = str(link).lower()
             if "full" in text:
-                return ResourceExhausted("the server's database disk is full; nothing of this request was recorded: retry later")
+                return ResourceExhausted(f"the server's database disk is full; {outcome}")
             if "unable to open" in text or "locked" in text or "disk i/o" in text:
                 return Unavailable("the server's database is unavailable (its log has the cause); retry later")
     return None

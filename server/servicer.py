@@ -107,7 +107,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> pb.SubmitReply:
         async with refusals(context, "SubmitUpdate"):
             reply = await self._coordinator.submit(self._coordinator.identify(_token(context)), aiter(request_iterator))
-            await self._durable()
+            try:
+                await self._durable()
+            except Exception as error:  # the update is recorded; only its fsync failed
+                if (refusal := errors.resource_refusal(error, recorded=True)) is None:
+                    raise
+                raise refusal from None
             return reply
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:

@@ -212,3 +212,12 @@ def test_a_payload_that_cannot_be_opened_for_want_of_descriptors_fails_as_emfile
     with pytest.raises(FileNotFoundError):
         with open_safetensors(tmp_path / "absent.safetensors"):
             pass
+
+
+def test_a_refusal_after_the_record_was_written_does_not_claim_nothing_was_recorded():
+    """Issue 28 item 5 for uploads: the fsync after an accepted upload's row failed; the row stays."""
+    for error, kind in ((OSError(errno.ENOSPC, "No space left on device"), errors.ResourceExhausted),
+                        (OSError(errno.EMFILE, "Too many open files"), errors.Unavailable)):
+        refusal = errors.resource_refusal(error, recorded=True)
+        assert type(refusal) is kind and "recorded but not yet made durable" in str(refusal)
+        assert "nothing of this request was recorded" in str(errors.resource_refusal(error))
