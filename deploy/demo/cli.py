@@ -20,6 +20,7 @@ from pathlib import Path
 from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS, ReadOptions
+from flora.common.quantize import QUANTIZATIONS, MissingExtra, bitsandbytes
 from flora.common.tables import format_table
 from flora.common.threads import threads_per_process
 from flora.demo.completions import compare
@@ -46,6 +47,13 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
+def _quantizations(text: str) -> list[str]:
+    kinds = [part.strip() for part in text.split(",") if part.strip()]
+    if not kinds or any(kind not in QUANTIZATIONS for kind in kinds):
+        raise argparse.ArgumentTypeError(f"--quantize {text!r}: expected a comma-separated list of {', '.join(QUANTIZATIONS)}")
+    return kinds
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -58,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=_positive, default=3, help="number of client processes (default: 3)")
     parser.add_argument("--rounds", type=_positive, default=3, help="federated rounds (default: 3)")
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
+    parser.add_argument("--quantize", type=_quantizations, default=["none"], help="base per client, cycled if shorter: none, or a 4-bit (nf4, fp4) or 8-bit (int8) base, e.g. none,none,nf4 for a constrained third client (needs the qlora extra; default: none)")
     parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
     parser.add_argument("--data-dir", type=Path, help="folder with one data file per client: JSON, JSONL, CSV or parquet (default: built-in sample data)")
@@ -77,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(f"--method {args.method} with --ranks {','.join(map(str, ranks))}: {exc}")
     args.client_ranks = ranks
+    args.client_quantize = [args.quantize[k % len(args.quantize)] for k in range(args.clients)]
+    if any(kind != "none" for kind in args.client_quantize):
+        try:
+            bitsandbytes()
+        except MissingExtra as exc:
+            parser.error(str(exc))
     if args.data_dir is not None and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     return args
@@ -101,9 +116,10 @@ def _data_flags(args: argparse.Namespace, prefix: str = "--") -> list[str]:
             *(f"{prefix}field={spec}" for spec in args.field)]
 
 
-def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, args: argparse.Namespace) -> list[str]:
+def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspace, args: argparse.Namespace,
+                 quantize: str = "none") -> list[str]:
     return [
-        f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}",
+        f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}", f"--quantize={quantize}",
         f"--state-dir={workspace.client_state(name)}", f"--base-model={args.base_model}", "--progress=off",
         "--long-poll=2", "--backoff-max=2", f"--cutoff={CUTOFF}", "--mask-prompt", *_data_flags(args),
     ]
@@ -135,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = args.client_ranks
     names = [f"client-{k}" for k in range(args.clients)]
     token = secrets.token_urlsafe(24)
-    print(f"flora-demo: {args.clients} clients (ranks {', '.join(map(str, ranks))}), {args.rounds} rounds, "
+    bases = ", ".join(f"{r}" + ("" if q == "none" else f" {q}") for r, q in zip(ranks, args.client_quantize))
+    print(f"flora-demo: {args.clients} clients (ranks {bases}), {args.rounds} rounds, "
           f"method {args.method}, base model {args.base_model}\n  working directory: {workspace.root}", flush=True)
     with Supervisor(workspace.logs) as supervisor:
         server = supervisor.start("server", "flora.server.cli", _server_args(args, workspace, validation, ranks),
@@ -145,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
         # All clients share this machine's cores: more threads than cores each would only thrash.
         threads = f"--threads={threads_per_process(args.clients)}"
         clients = [
-            supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args), threads])
-            for name, rank, data in zip(names, ranks, train_files)
+            supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args, quantize), threads])
+            for name, rank, data, quantize in zip(names, ranks, train_files, args.client_quantize)
         ]
         reader = StatusReader(port, token)
         try:

@@ -1,0 +1,37 @@
+"""flora-demo --quantize: constrained clients (a 4-bit or 8-bit base) beside full-precision ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from flora.common.quantize import MissingExtra
+from flora.demo import cli
+from flora.demo.workspace import prepare
+
+
+def test_bases_are_cycled_per_client_and_reach_each_clients_flags(tmp_path):
+    args = cli.parse_args(["--clients", "3", "--ranks", "16,8,2", "--quantize", "none,none,nf4"])
+    assert args.client_quantize == ["none", "none", "nf4"]
+    workspace = prepare(tmp_path / "run")
+    flags = [cli._client_args(1, f"c{k}", r, tmp_path / "d.jsonl", workspace, args, q)
+             for k, (r, q) in enumerate(zip(args.client_ranks, args.client_quantize))]
+    assert [next(f for f in fl if f.startswith("--quantize=")) for fl in flags] == [
+        "--quantize=none", "--quantize=none", "--quantize=nf4"]
+
+
+@pytest.mark.parametrize("value", ["nf3", "", "none,,x"])
+def test_an_unknown_base_is_refused_naming_the_choices(value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["--quantize", value])
+    assert exited.value.code == 2 and "none, nf4, fp4, int8" in capsys.readouterr().err
+
+
+def test_a_quantized_client_without_bitsandbytes_names_the_install(monkeypatch, capsys):
+    def missing():
+        raise MissingExtra("quantize: bitsandbytes is not installed; pip install 'flora-fl[qlora]'")
+
+    monkeypatch.setattr(cli, "bitsandbytes", missing)
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["--quantize", "int8"])
+    assert exited.value.code == 2 and "pip install 'flora-fl[qlora]'" in capsys.readouterr().err
+    assert cli.parse_args([]).client_quantize == ["none"] * 3  # full precision needs nothing extra
