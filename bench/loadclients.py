@@ -18,6 +18,7 @@ import hashlib
 import io
 import resource
 import time
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -64,22 +65,20 @@ class Tally:
 
 
 class Payloads:
-    """One valid update per round, shared by the worker's clients (same rank, same shapes)."""
+    """A valid update per round and client (same rank, same shapes): the server refuses a second
+    client's copy of an accepted payload, so each client's bytes differ (a seed of its own)."""
 
     def __init__(self, spec: run_pb2.RunSpec, rank: int) -> None:
         self._shapes = {m.name: (m.out_features, m.in_features) for m in spec.target_modules}
         self._rank = rank
-        self._by_round: dict[int, bytes] = {}
 
-    def for_round(self, number: int) -> bytes:
-        if number not in self._by_round:
-            gen = torch.Generator().manual_seed(number)
-            pairs = {n: LoraPair(torch.rand(self._rank, d_in, generator=gen) - 0.5, torch.zeros(d_out, self._rank))
-                     for n, (d_out, d_in) in sorted(self._shapes.items())}
-            meta = PayloadMeta("client_update", rank=self._rank, alpha=float(self._rank), scaling_rule="standard",
-                               round=number)
-            self._by_round[number] = encode_adapter(LoraAdapter(pairs, 1.0), meta)
-        return self._by_round[number]
+    def for_round(self, number: int, client: str) -> bytes:
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{client}:{number}".encode()))
+        pairs = {n: LoraPair(torch.rand(self._rank, d_in, generator=gen) - 0.5, torch.zeros(d_out, self._rank))
+                 for n, (d_out, d_in) in sorted(self._shapes.items())}
+        meta = PayloadMeta("client_update", rank=self._rank, alpha=float(self._rank), scaling_rule="standard",
+                           round=number)
+        return encode_adapter(LoraAdapter(pairs, 1.0), meta)
 
 
 class LoadClient:
@@ -150,7 +149,7 @@ class LoadClient:
             await asyncio.sleep(self.plan.train_s)
         finally:
             beats.cancel()
-        data = self.payloads.for_round(train.round)
+        data = self.payloads.for_round(train.round, self.name)
         header = transfer_pb2.UpdateHeader(
             round=train.round, rank=self.plan.rank, alpha=float(self.plan.rank), scaling_rule=run_pb2.SCALING_RULE_STANDARD,
             num_examples=10, total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), base_version=train.required_version,

@@ -71,9 +71,10 @@ def rank_for(mib: float, shapes: Shapes) -> int:
     return max(1, round(mib * MiB / (4 * sum(d_out + d_in for d_out, d_in in shapes.values()))))
 
 
-def write_update(path: Path, shapes: Shapes, rank: int, round_number: int) -> tuple[int, str]:
-    """A valid client update (alpha = rank: scaling 1), written as the real client writes it."""
-    gen = torch.Generator().manual_seed(round_number)
+def write_update(path: Path, shapes: Shapes, rank: int, round_number: int, client: int = 0) -> tuple[int, str]:
+    """A valid client update (alpha = rank: scaling 1), written as the real client writes it; each
+    ``client`` number gets bytes of its own (a server counts one payload once a round)."""
+    gen = torch.Generator().manual_seed(round_number + 1_000_003 * client)
     pairs = {n: LoraPair(torch.rand(rank, d_in, generator=gen) - 0.5, torch.rand(d_out, rank, generator=gen) - 0.5)
              for n, (d_out, d_in) in sorted(shapes.items())}
     meta = PayloadMeta("client_update", rank=rank, alpha=float(rank), scaling_rule="standard", round=round_number)

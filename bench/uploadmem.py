@@ -68,22 +68,24 @@ def measure(work: Path, clients: int, mib: float, env: dict[str, str], extra: li
                 client.join(rank)
             holder.join(1)
             tasks = [client.wait_train() for client in uploaders]
-            payload = work / "payload.safetensors"
-            size, sha = write_update(payload, shapes, rank, tasks[0].round)
-            header = transfer_pb2.UpdateHeader(
-                round=tasks[0].round, rank=rank, alpha=float(rank), scaling_rule=run_pb2.SCALING_RULE_STANDARD,
-                num_examples=1, total_bytes=size, sha256=sha, base_version=tasks[0].required_version)
+            uploads = []
+            for i in range(clients):  # one payload each: the server counts the same bytes once a round
+                payload = work / f"payload-{i}.safetensors"
+                size, sha = write_update(payload, shapes, rank, tasks[0].round, client=i)
+                uploads.append((payload, transfer_pb2.UpdateHeader(
+                    round=tasks[0].round, rank=rank, alpha=float(rank), scaling_rule=run_pb2.SCALING_RULE_STANDARD,
+                    num_examples=1, total_bytes=size, sha256=sha, base_version=tasks[0].required_version)))
             barrier = threading.Barrier(clients)
             errors: list[BaseException] = []
 
-            def upload(client: BenchClient) -> None:
+            def upload(client: BenchClient, payload: Path, header: transfer_pb2.UpdateHeader) -> None:
                 barrier.wait(60)
                 try:
                     client.upload(payload, header)
                 except BaseException as err:  # noqa: BLE001 - reported after the join
                     errors.append(err)
 
-            threads = [threading.Thread(target=upload, args=(c,), daemon=True) for c in uploaders]
+            threads = [threading.Thread(target=upload, args=(c, *u), daemon=True) for c, u in zip(uploaders, uploads)]
             with ServerProbe(pid) as probe:
                 start = os.times().elapsed
                 for thread in threads:
