@@ -1,4 +1,4 @@
-"""One lying client of four, on the built-in model: clipping keeps the global model near the honest run.
+"""One lying client of four, on the seeded tiny Llama (the built-in before pre-training): clipping keeps the global model near the honest run.
 
 Three clients train honestly; the fourth uploads its update scaled up 1,000x (or replaced by random
 noise of that size). The aggregate is built exactly as the server builds it
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flora.client.trainer import TrainConfig, train_lora
-from flora.common.basemodel import BUILTIN_MODEL, load_model
+from flora.common.basemodel import build_tiny_llama
 from flora.common.data import Example, tokenize_examples
 from flora.common.evaluate import evaluate_loss
 from flora.common.lora import LoraAdapter, LoraPair
@@ -45,7 +45,9 @@ def _scaled_to(adapter: LoraAdapter, norm: float) -> LoraAdapter:
 
 @pytest.fixture(scope="module")
 def round_updates(tiny_tokenizer):
-    model = load_model(BUILTIN_MODEL)
+    # The seeded tiny Llama before pre-training, on which MARGIN and HARM were set: the shipped
+    # pre-trained built-in sits where a norm-2x-median noise update costs more than 0.03 nats.
+    model = build_tiny_llama(len(tiny_tokenizer))
     validation = _examples(tiny_tokenizer, WORDS)
     updates = []
     for k in range(4):
