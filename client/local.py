@@ -120,22 +120,34 @@ def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
 
 
 def load_base(settings: ClientSettings, source: str) -> nn.Module:
-    """The base model ``source`` in full precision (on the training device unless it is to be
-    quantized, which happens there later), or a ConfigError saying what to pass."""
+    """The base model ``source``, or a ConfigError saying what to pass.
+
+    In float32 on the training device; or, when it is to be quantized (on the device, later), in
+    the checkpoint's own dtype on the CPU: memory-mapped and quantized a layer at a time, so the
+    client never holds a float32 copy of a base it keeps in 4 or 8 bits.
+    """
     try:
         device = resolve_device(settings.device)  # checked also when quantizing, which moves the model there later
     except ValueError as exc:  # the device, not the model: a local copy of the model would not help
         raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
     try:
-        return load_model(source, device=device if settings.quantize == "none" else "cpu")
+        if settings.quantize == "none":
+            return load_model(source, device=device)
+        return load_model(source, dtype="auto", device="cpu")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype a quantized base computes in (and holds its dense sums in): the training's
+    autocast dtype (``--dtype``) on CUDA, float32 on the CPU."""
+    return _COMPUTE_DTYPES[dtype] if device.type == "cuda" else torch.float32
 
 
 def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]) -> LocalWeights:
     """The checked base as the client's local weights: as loaded, or quantized per ``--quantize``."""
     device = resolve_device(settings.device)
-    compute = _COMPUTE_DTYPES[settings.dtype] if device.type == "cuda" else torch.float32
+    compute = compute_dtype(settings.dtype, device)
     try:
         return local_weights(model, names, settings.quantize, compute, device)
     except (MissingExtra, ValueError) as exc:  # not installed, or nothing this model has can be quantized

@@ -148,8 +148,12 @@ class HeldUpdate(LocalWeights):
         return {name: _to(part, "cpu") for name, part in self.held.items()}
 
     def restore(self, saved: Mapping[str, ModuleUpdate]) -> None:
-        """Hold ``saved`` (on each module's device) as the cumulative update."""
-        self.held = {name: _to(part, self._device(name)) for name, part in saved.items()}
+        """Hold ``saved`` (on each module's device, a dense sum in the compute dtype) as the cumulative update.
+
+        The cast matters for a state saved by a client of another compute dtype (a float32 CPU
+        client's state restored on a bf16 GPU): the dense sums then take this client's size.
+        """
+        self.held = {name: _to(part, self._device(name), self.dense_dtype) for name, part in saved.items()}
 
     def _device(self, name: str) -> torch.device:
         return self.model.get_submodule(name).weight.device
@@ -184,17 +188,17 @@ def folded(held: ModuleUpdate | None, part: ModuleUpdate, dense_dtype: torch.dty
     return total
 
 
-def _to(part: ModuleUpdate, device: torch.device | str) -> ModuleUpdate:
+def _to(part: ModuleUpdate, device: torch.device | str, dense_dtype: torch.dtype | None = None) -> ModuleUpdate:
     if is_factors(part):
         return LoraPair(part.a.to(device), part.b.to(device))
-    return part.to(device)
+    return part.to(device=device, dtype=dense_dtype)
 
 
 def local_weights(
     model: nn.Module, names: Iterable[str], quantization: Quantization, compute_dtype: torch.dtype, device: torch.device
 ) -> LocalWeights:
-    """``model`` (loaded in full precision, its fingerprint taken) as the client's local weights:
-    moved to ``device`` as it is, or quantized there with the update held beside it."""
+    """``model`` (loaded, its fingerprint taken) as the client's local weights: moved to ``device``
+    as it is, or quantized there with the update held beside it (its dense sums in ``compute_dtype``)."""
     if quantization == "none":
         return MergedWeights(model.to(device), names)
     return HeldUpdate(quantize_model(model, quantization, compute_dtype, device), names, compute_dtype)

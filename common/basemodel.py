@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -152,8 +153,13 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The causal LM for a model argument, in ``dtype`` on ``device``, in eval mode."""
+def load_model(name_or_path: str, dtype: torch.dtype | Literal["auto"] = torch.float32, device: str | torch.device = "cpu"):
+    """The causal LM for a model argument, in ``dtype`` on ``device``, in eval mode.
+
+    ``"auto"`` keeps the checkpoint's own dtype: a safetensors checkpoint is then memory-mapped
+    rather than copied (and not doubled, as a bf16 checkpoint read into float32 would be), which
+    is what a quantized client wants of a base it replaces layer by layer.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)

@@ -2,9 +2,10 @@
 
 A data holder with one 16-24 GB GPU cannot hold a 7-8B base in bf16; QLoRA's answer is a frozen
 4-bit (NF4 or FP4) or 8-bit base with LoRA trained beside it. Quantizing here, after an ordinary
-full-precision load, rather than through ``from_pretrained(quantization_config=...)``, is what
-lets the client hash the target modules' *unquantized* weights first (the fingerprint the server
-compares at Join) and then drop them. bitsandbytes quantizes a ``Params4bit``/``Int8Params`` when
+load in the checkpoint's own dtype (memory-mapped, never a float32 copy), rather than through
+``from_pretrained(quantization_config=...)``, is what lets the client hash the target modules'
+*unquantized* weights first (the fingerprint the server compares at Join) and then drop them,
+one layer at a time. bitsandbytes quantizes a ``Params4bit``/``Int8Params`` when
 it is moved to a device, on CPU too (bitsandbytes >= 0.49), which is how CI tests this path.
 
 bitsandbytes is an optional extra (``flora-fl[qlora]``): imported only when a quantization is
@@ -71,10 +72,13 @@ def quantize_model(model: nn.Module, quantization: Quantization, compute_dtype: 
 def _quantized_linear(bnb: Any, linear: nn.Linear, quantization: str, compute_dtype: torch.dtype) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight, quantized when it is moved to a device."""
     has_bias = linear.bias is not None
-    weight = linear.weight.detach()
+    # In the compute dtype (a copy of this one layer when the checkpoint's differs): a 4-bit layer
+    # dequantizes to the dtype it was quantized from, so a bf16 checkpoint would otherwise put
+    # bf16 rounding into a float32 client's forward.
+    weight = linear.weight.detach().to(compute_dtype)
     if quantization == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
-        layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                                   compute_dtype=compute_dtype, quant_type=quantization)
