@@ -7,6 +7,8 @@
     flora-sim --method flora-warm,fedex,zeropad --seeds 3          # mean and spread over 3 seeds
     flora-sim --backend ray --ray-address auto                     # a round's clients as Ray tasks
     flora-sim --downlink-energy 0.95 --downlink-dtype bfloat16     # a compressed downlink, as the server's
+    flora-sim --quantize none,nf4                                  # every other client on a 4-bit base
+    flora-sim --nproc 2                                            # each client's round on 2 processes (gloo)
 
 Methods (flora.common.methods):
 {methods}
@@ -37,10 +39,12 @@ from flora.client.trainer import TrainConfig
 from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.data import DATA_FORMATS
 from flora.common.devices import resolve_device
+from flora.common.quantize import MissingExtra, bitsandbytes
 from flora.common.weights import Weighting
 from flora.common.methods import METHODS as AGGREGATION_METHODS
 from flora.sim import downlink
 from flora.sim.backends import BACKENDS, Backend, make_backend
+from flora.sim.bases import FULL, client_bases
 from flora.sim.engine import METHODS, RoundRecord, SimConfig, run_method
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation, sample_files
 from flora.common.tables import format_table
@@ -98,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients-per-round", type=int, help="a seeded random subset per round (default: all)")
     downlink.add_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu (deterministic, the default), auto, cuda or cuda:N")
+    p.add_argument("--quantize", default="none", help="base per client, cycled if shorter: none, or a 4-bit (nf4, fp4) "
+                   "or 8-bit (int8) base as flora-client --quantize holds it, e.g. none,nf4 for half the clients "
+                   "(needs the qlora extra; %(default)s)")
+    p.add_argument("--nproc", type=int, default=1, help="training processes per client, data-parallel on the CPU "
+                   "(gloo) as flora-client --nproc trains (%(default)s)")
     p.add_argument("--threads", type=int, help="torch threads of each training process (default: this host's usable "
                    "cores; with --backend ray one per task); 1 is fastest on a host others keep busy")
     p.add_argument("--out", type=Path, default=Path("flora-sim-out"), help="folder for history.jsonl and validation_loss.png (%(default)s)")
@@ -143,6 +152,11 @@ def client_ranks(ranks: tuple[int, ...], clients: int | None, files: int | None)
 
 def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimConfig]:
     """One validated SimConfig per requested method, built before any work starts."""
+    bases = client_bases([q.strip() for q in args.quantize.split(",")], len(ranks))
+    if any(base != FULL for base in bases):
+        bitsandbytes()  # MissingExtra, naming the install, before any work
+        if args.nproc > 1 or args.backend != "local":
+            raise ValueError("--quantize works with --backend local and --nproc 1 (as flora-client's: one training process)")
     local = TrainConfig(
         max_steps=args.local_steps or (0 if args.local_epochs else DEFAULT_LOCAL_STEPS),
         epochs=args.local_epochs or 1,
@@ -155,7 +169,7 @@ def sim_configs(args: argparse.Namespace, ranks: tuple[int, ...]) -> list[SimCon
         raise ValueError(f"--seeds must be between 1 and 100, got {args.seeds}")
     return [
         SimConfig(method, ranks, args.rounds, local, Weighting(args.weighting), args.clients_per_round, seed,
-                  downlink=downlink.policy_from_args(args))
+                  downlink=downlink.policy_from_args(args), bases=bases)
         for method in parse_methods(args.method)
         for seed in range(args.seed, args.seed + args.seeds)
     ]
@@ -206,13 +220,14 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(args.device)
         tokenizer = load_tokenizer(args.base_model)
         federation = load_data(args, tokenizer, len(ranks))
-        backend = make_backend(args.backend, args.ray_address, args.threads)
+        backend = make_backend(args.backend, args.ray_address, args.threads, args.nproc)
         threads = set_threads(requested=args.threads)
-    except (ValueError, OSError) as exc:  # pydantic's ValidationError and DataFormatError are ValueErrors
+    except (ValueError, OSError, MissingExtra) as exc:  # pydantic's ValidationError and DataFormatError are ValueErrors
         parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = federation.summary()
-    print(f"{summary['clients']} clients (ranks {list(ranks)}), {sum(summary['train_examples'])} training and "
+    bases = "" if all(base == FULL for base in configs[0].bases) else f", bases {list(configs[0].bases)}"
+    print(f"{summary['clients']} clients (ranks {list(ranks)}{bases}), {sum(summary['train_examples'])} training and "
           f"{summary['validation_examples']} validation examples; fully masked: {summary['fully_masked_train_examples']}; "
           f"{threads} torch threads")
     runs = run_all(args, federation, configs, backend)

@@ -23,6 +23,7 @@ from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy, plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.merge import merge_into_model, merged_update, module_weights
 from flora.common.update import ModuleUpdate, module_shape, update_numel
+from flora.sim.bases import QuantizedBases
 
 EXACT = DownlinkPolicy()
 
@@ -34,14 +35,17 @@ class DownlinkChannel:
         self.policy = policy
         self.remainder: dict[str, ModuleUpdate] = {}
 
-    def merge(self, model: nn.Module, delta: LoraAdapter) -> dict[str, Any] | None:
-        """Merge what the server would send for ``delta`` into ``model``; the round's downlink figures.
+    def merge(self, model: nn.Module, delta: LoraAdapter, bases: QuantizedBases | None = None) -> dict[str, Any] | None:
+        """Merge what the server would send for ``delta`` into ``model`` (and hold it beside the
+        quantized ``bases``, flora.sim.bases); the round's downlink figures.
 
         Exact policy: ``delta`` itself, and None (nothing is cut, nothing is carried). Otherwise the
         server's history figures plus ``values`` sent and ``dense_values`` (the dense delta's).
         """
         if not self.policy.lossy:
             merge_into_model(model, delta)
+            if bases is not None:
+                bases.apply_adapter(delta)
             return None
         stack = {name: LoraPair(pair.a * delta.scaling, pair.b) for name, pair in delta.pairs.items()}  # scaling 1
         downlink = plan_downlink(stack, self.remainder, self.policy)
@@ -50,6 +54,8 @@ class DownlinkChannel:
         with torch.no_grad():
             for name, weight in live.items():
                 weight.copy_(updated[name])
+        if bases is not None:
+            bases.apply(downlink.update)
         self.remainder = downlink.remainder
         dense = sum(math.prod(module_shape(part)) for part in downlink.update.values())
         return {**downlink.summary(), "values": update_numel(downlink.update), "dense_values": dense}

@@ -32,8 +32,11 @@ from flora.common.merge import merge_into_model
 from flora.common.methods import METHODS as AGGREGATION_METHODS
 from flora.common.methods import AggregationMethod, ClientStart, get_method, round_error
 from flora.common.downlink import DownlinkPolicy
+from flora.common.devices import resolve_device
+from flora.common.quantize import QUANTIZATIONS
 from flora.common.weights import Weighting, client_weights
 from flora.sim.backends import Backend, Job, LocalBackend
+from flora.sim.bases import FULL, QuantizedBases, client_bases
 from flora.sim.downlink import DownlinkChannel
 
 CENTRALIZED = "centralized"
@@ -66,6 +69,7 @@ class SimConfig:
     seed: int = 0
     eval_batch_size: int = 16
     downlink: DownlinkPolicy = DownlinkPolicy()  # how each round's delta reaches the models (flora.sim.downlink)
+    bases: tuple[str, ...] = ()  # each client's base (flora.sim.bases): none, nf4, fp4 or int8; empty: all none
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +80,8 @@ class SimConfig:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         scalings = [local_config(self, rank, 0).scaling for rank in self.ranks]  # validates every rank
         self.aggregation.validate(list(self.ranks), scalings)
+        if self.bases and client_bases(self.bases, len(self.ranks)) != self.bases:
+            raise ValueError(f"bases must be one of {', '.join(QUANTIZATIONS)} per client, got {list(self.bases)}")
         per_round = self.clients_per_round
         if per_round is not None and not 1 <= per_round <= len(self.ranks):
             raise ValueError(f"clients_per_round must be between 1 and the {len(self.ranks)} clients, got {per_round}")
@@ -141,7 +147,8 @@ def _jobs(
         for k in selected:
             local = local_config(config, config.ranks[k], derive_seed(config.seed, "client", k, number), round=number,
                                  rounds=config.rounds)
-            jobs.append(Job(clients[k].train, local, method.start(kept, local.rank, local.scaling)))
+            base = config.bases[k] if config.bases else FULL
+            jobs.append(Job(clients[k].train, local, method.start(kept, local.rank, local.scaling), base))
         return jobs
     # As many optimiser steps as the round's clients take together (steps or epochs alike).
     steps = sum(total_steps(len(clients[k].train), local_config(config, config.ranks[k], 0)) for k in selected)
@@ -182,9 +189,12 @@ def run_method(
     method = config.aggregation
     channel = DownlinkChannel(config.downlink)
     start = time.perf_counter()
+    bases = QuantizedBases(model, config.bases, config.local.target_modules, config.local.dtype,
+                           resolve_device(config.local.device))  # from the base, before anything is merged
     kept = _initial(model, config)
     if kept is not None:
         merge_into_model(model, kept)  # the global model is the base plus the global LoRA
+        bases.apply_adapter(kept)
     record = RoundRecord(
         config.method, 0, [], [], None if kept is None else kept.rank, _evaluate(model, validation, config),
         None, None, time.perf_counter() - start, config.seed,
@@ -194,12 +204,12 @@ def run_method(
         start = time.perf_counter()
         selected = select_clients(len(clients), config.clients_per_round, config.seed, number)
         jobs = _jobs(clients, selected, number, config, kept)
-        results: list[TrainResult] = backend.train(model, jobs)
+        results: list[TrainResult] = backend.train(model, jobs, bases.models())
         updates = [result.adapter for result in results]
         weights = client_weights([result.num_examples for result in results], config.weighting)
         merged = method.merge(kept, updates, weights)
         error = round_error(merged.delta, updates, weights, [job.start.removed for job in jobs])
-        downlink = channel.merge(model, merged.delta)
+        downlink = channel.merge(model, merged.delta, bases)
         kept = merged.kept
         record = RoundRecord(
             config.method, number, selected, [u.rank for u in updates], None if kept is None else kept.rank,
