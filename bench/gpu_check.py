@@ -41,7 +41,7 @@ from bench.train import packed_chunks, synthetic_examples
 from flora.client.local_weights import HeldUpdate, local_weights
 from flora.client.round_start import train_round
 from flora.client.trainer import TrainConfig, TrainResult
-from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, load_tokenizer, target_module_shapes
+from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer, target_module_shapes
 from flora.common.lora import LoraPair
 from flora.common.merge import merge_update_in_place, merged_update
 from flora.common.methods import ClientStart
@@ -141,7 +141,7 @@ def nf4_round_rows(device: str, steps: int) -> list[dict[str, Any]]:
     """A 4-bit client: forward against dequantized base + held update, then a round that changes nothing."""
     compute = torch.float32 if device == "cpu" else torch.bfloat16
     original = load_model(BUILTIN_MODEL)
-    names = sorted(target_module_shapes(original, DEFAULT_TARGET_MODULES))
+    names = sorted(target_module_shapes(original, None))
     local = local_weights(copy.deepcopy(original), names, "nf4", compute, torch.device(device))
     gen = torch.Generator().manual_seed(2)
     shapes = {n: original.get_submodule(n).weight.shape for n in names}  # (out, in)
@@ -187,7 +187,7 @@ def shape_round_rows(device: str, shape_name: str, steps: int, seq_len: int) -> 
     chunks = packed_chunks(synthetic_examples(64 * steps), tokenizer, seq_len, 4 * steps)
     for quantization in ("none", "nf4"):
         model = shape_model(shape, device, torch.float32 if device == "cpu" else torch.bfloat16)
-        names = sorted(target_module_shapes(model, DEFAULT_TARGET_MODULES))
+        names = sorted(target_module_shapes(model, None))
         compute = torch.float32 if device == "cpu" else torch.bfloat16
         local = local_weights(model, names, quantization, compute, torch.device(device))
         sizes[quantization] = (model_bytes(local.model), model_bytes(local.model, linear_only=True))

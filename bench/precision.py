@@ -7,17 +7,21 @@ synthetic batches, in its own spawned process (so that one's peak memory cannot 
 
 - model MiB: the bytes the model holds (parameters, buffers and the quantization scales), all
   of it and its linear layers alone (what nf4/int8 quantize; embeddings and head stay as they are);
-- peak MiB: the process's resident high-water mark over the round on the CPU (the CUDA
-  allocator's peak on a GPU), less its resident size before the model was built: the model, the
-  LoRA, its optimiser state and the activations (loading, which quantizes a full-precision copy
-  layer by layer, is not in it);
+- load MiB: the process's resident high-water mark while the client loads the base from a bf16
+  checkpoint (as real models ship) and quantizes it, less its resident size before: float32 and
+  bf16 as ``load_model`` reads them, int8/nf4 as ``flora-client --quantize`` does (the checkpoint
+  memory-mapped in its own dtype, each linear layer quantized in turn); "load anon MiB" is its
+  anonymous part (sampled), what the kernel cannot drop, without the mapped checkpoint's pages;
+- peak MiB: the same high-water mark over the round (restarted after loading; the CUDA
+  allocator's peak on a GPU): the model, the LoRA, its optimiser state and the activations;
 - tokens/s of ``train_round`` (the daemon's round, the quantized base with its held update).
 
 bf16 is the baseline every ratio is taken against. On the CPU bitsandbytes' 4-bit and 8-bit
 kernels are slow reference paths: their tokens/s say nothing about a GPU.
 
     python -m bench.train --precisions float32,bf16,int8,nf4       # shapes tiny and small
-    python -m bench.precision --shapes small --steps 5                # the same, directly
+    python -m bench.precision --shapes small --precision-steps 5      # the same, directly
+    python -m bench.precision --shapes 0.3b,1b --precision-steps 2 --batch-size 1 --seq-len 32
     python -m bench.precision --smoke
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,14 +41,17 @@ import torch
 from torch import nn
 
 from bench.report import RESULTS, write_results
-from bench.scale import SHAPES, Shape, reset_peak
+from bench.scale import SHAPES, RssTrace, Shape, rss_and_anonymous, reset_peak, write_model
 from flora.common.quantize import is_quantized
 from flora.common.tables import format_table
 
 PRECISIONS = ("float32", "bf16", "int8", "nf4")
 # "small": a ~20M-parameter Llama whose linear layers are most of it, as in any real model.
-BENCH_SHAPES = {"tiny": SHAPES["tiny"], "small": Shape(512, 1376, 4, 8, 4, 8192, False)}
-COLUMNS = ["shape", "precision", "model MiB", "x bf16", "linear MiB", "linear x bf16", "peak MiB", "peak x bf16", "tokens/s"]
+BENCH_SHAPES = {"tiny": SHAPES["tiny"], "small": Shape(512, 1376, 4, 8, 4, 8192, False), "0.3b": SHAPES["0.3b"],
+                "1b": SHAPES["1b"]}
+COLUMNS = ["shape", "precision", "model MiB", "x bf16", "linear MiB", "linear x bf16", "load MiB", "load x bf16",
+           "load anon MiB", "peak MiB", "peak x bf16", "tokens/s"]
+LOAD_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}  # int8, nf4: the checkpoint's own ("auto")
 MiB = 1 << 20
 
 
@@ -84,13 +92,15 @@ def _scale_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def client_round(shape_name: str, precision: str, device: str, steps: int, batch: int, seq_len: int) -> dict[str, Any]:
-    """Child process: build the model at ``precision``, run one round; model bytes, peak, tokens/s."""
+def client_round(
+    shape_name: str, precision: str, device: str, steps: int, batch: int, seq_len: int, checkpoint: str
+) -> dict[str, Any]:
+    """Child process: load ``checkpoint`` at ``precision``, run one round; model bytes, peaks, tokens/s."""
     from bench.train import packed_chunks, synthetic_examples
     from flora.client.local_weights import local_weights
     from flora.client.round_start import train_round
     from flora.client.trainer import TrainConfig
-    from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_tokenizer, target_module_shapes
+    from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer, target_module_shapes
     from flora.common.methods import ClientStart
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -98,12 +108,17 @@ def client_round(shape_name: str, precision: str, device: str, steps: int, batch
     # bf16 beside the quantized layers on the CPU too, so that only the quantization differs from bf16.
     compute = torch.float32 if precision == "float32" else torch.bfloat16
     chunks = packed_chunks(synthetic_examples(64 * steps), load_tokenizer(BUILTIN_MODEL), seq_len, batch * steps)
-    before = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
-    model = shape_model(BENCH_SHAPES[shape_name], "cpu" if precision in ("int8", "nf4") else device,
-                        torch.bfloat16 if precision == "bf16" else torch.float32)
-    names = sorted(target_module_shapes(model, DEFAULT_TARGET_MODULES))
-    local = local_weights(model, names, "none" if precision in ("float32", "bf16") else precision, compute, torch.device(device))
-    reset_peak()  # the round's peak, not the loading's (which builds the full-precision model first)
+    before, before_anon = (torch.cuda.memory_allocated(), 0) if cuda else rss_and_anonymous(psutil.Process())
+    with RssTrace() as trace:
+        start = time.perf_counter()
+        quantized = precision not in LOAD_DTYPES
+        model = load_model(checkpoint, LOAD_DTYPES.get(precision, "auto"), "cpu" if quantized else device)
+        names = sorted(target_module_shapes(model, None))  # the family's default targets
+        local = local_weights(model, names, precision if quantized else "none", compute, torch.device(device))
+        loaded = time.perf_counter()
+    load = (torch.cuda.max_memory_allocated() if cuda else _high_water_mark()) - before
+    load_anon = 0 if cuda else trace.peak(start, loaded, anonymous=True) - before_anon
+    reset_peak()  # the round's peak, apart from the loading's
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     config = TrainConfig(rank=8, max_steps=steps, batch_size=batch, device=device, learning_rate=1e-4)
@@ -112,7 +127,13 @@ def client_round(shape_name: str, precision: str, device: str, steps: int, batch
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else _high_water_mark()
     return {"model_bytes": model_bytes(local.model), "linear_bytes": model_bytes(local.model, linear_only=True),
-            "peak_bytes": peak - before, "tokens_per_s": result.tokens / seconds}
+            "load_bytes": load, "load_anon_bytes": load_anon, "peak_bytes": peak - before,
+            "tokens_per_s": result.tokens / seconds}
+
+
+def _write_checkpoint(shape_name: str, folder: str) -> None:
+    """Child process: the shape's random bf16 checkpoint, as real models ship."""
+    write_model(BENCH_SHAPES[shape_name], Path(folder))
 
 
 def _high_water_mark() -> int:
@@ -121,25 +142,25 @@ def _high_water_mark() -> int:
     return _status_bytes(os.getpid(), "VmHWM")
 
 
-def _child_main(conn: Any, kwargs: dict[str, Any]) -> None:
+def _child_main(conn: Any, fn: Any, kwargs: dict[str, Any]) -> None:
     try:
-        conn.send(("ok", client_round(**kwargs)))
+        conn.send(("ok", fn(**kwargs)))
     except BaseException as error:  # the parent reports it; the child only exits
         conn.send(("error", f"{type(error).__name__}: {error}"))
 
 
-def in_child(**kwargs: Any) -> dict[str, Any]:
-    """``client_round`` in a fresh spawned process (a clean high-water mark); its result."""
+def in_child(fn: Any = None, **kwargs: Any) -> Any:
+    """``fn`` (default ``client_round``) in a fresh spawned process (a clean high-water mark); its result."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_child_main, args=(child, kwargs))
+    process = ctx.Process(target=_child_main, args=(child, fn or client_round, kwargs))
     process.start()
     try:
         status, value = parent.recv()
     finally:
         process.join()
     if status != "ok":
-        raise RuntimeError(f"{kwargs['precision']} at {kwargs['shape_name']}: {value}")
+        raise RuntimeError(f"{kwargs.get('precision', 'checkpoint')} at {kwargs['shape_name']}: {value}")
     return value
 
 
@@ -149,8 +170,10 @@ def precision_rows(
     """One row per shape and precision, each ratio against bf16 of the same shape."""
     rows = []
     for shape in shapes:
-        results = {p: in_child(shape_name=shape, precision=p, device=device, steps=steps, batch=batch, seq_len=seq_len)
-                   for p in precisions}
+        with tempfile.TemporaryDirectory(prefix=f"flora-precision-{shape}-") as checkpoint:
+            in_child(_write_checkpoint, shape_name=shape, folder=checkpoint)  # out of this process's memory
+            results = {p: in_child(shape_name=shape, precision=p, device=device, steps=steps, batch=batch,
+                                   seq_len=seq_len, checkpoint=checkpoint) for p in precisions}
         base = results.get("bf16")
         for precision, r in results.items():
             rows.append({
@@ -158,6 +181,8 @@ def precision_rows(
                 "x bf16": r["model_bytes"] / base["model_bytes"] if base else None,
                 "linear MiB": r["linear_bytes"] / MiB,
                 "linear x bf16": r["linear_bytes"] / base["linear_bytes"] if base else None,
+                "load MiB": r["load_bytes"] / MiB, "load x bf16": r["load_bytes"] / base["load_bytes"] if base else None,
+                "load anon MiB": r["load_anon_bytes"] / MiB,
                 "peak MiB": r["peak_bytes"] / MiB, "peak x bf16": r["peak_bytes"] / base["peak_bytes"] if base else None,
                 "tokens/s": r["tokens_per_s"],
             })

@@ -124,7 +124,7 @@ class RssTrace:
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            self.rows.append((time.perf_counter(), *_rss_and_anonymous(self._process)))
+            self.rows.append((time.perf_counter(), *rss_and_anonymous(self._process)))
 
     def __enter__(self) -> RssTrace:
         self._thread.start()
@@ -136,10 +136,10 @@ class RssTrace:
 
     def peak(self, start: float, end: float, anonymous: bool = False) -> int:
         inside = [anon if anonymous else rss for t, rss, anon in self.rows if start <= t <= end]
-        return max(inside) if inside else _rss_and_anonymous(self._process)[anonymous]
+        return max(inside) if inside else rss_and_anonymous(self._process)[anonymous]
 
 
-def _rss_and_anonymous(process: psutil.Process) -> tuple[int, int]:
+def rss_and_anonymous(process: psutil.Process) -> tuple[int, int]:
     info = process.memory_info()
     return info.rss, info.rss - getattr(info, "shared", 0)
 
@@ -166,7 +166,7 @@ def server_round(model_dir: str, work: str, clients: int, rank: int) -> dict[str
     layout.create()
     layout.tmp.mkdir(exist_ok=True)
     result: dict[str, Any] = {}
-    result["rss_imports"], result["anonymous_imports"] = _rss_and_anonymous(psutil.Process())
+    result["rss_imports"], result["anonymous_imports"] = rss_and_anonymous(psutil.Process())
     with RssTrace() as trace:
         reset_peak()
         clock = time.perf_counter()

@@ -35,7 +35,8 @@ from bench.precision import run as run_precisions
 from bench.report import RESULTS, write_results
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.devices import resolve_device
-from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, load_model, load_tokenizer
+from flora.common.architectures import target_suffixes
+from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.data import Example, TokenizedExample, collate, load_examples, tokenize_examples
 from flora.common.tables import format_table
 
@@ -102,7 +103,8 @@ def run_baseline(model: nn.Module, chunks: list[TokenizedExample], args: argpars
     ]
     start = time.perf_counter()
     peft_model = get_peft_model(
-        model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(DEFAULT_TARGET_MODULES), lora_dropout=0.0)
+        model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(target_suffixes(model, None)),
+                          lora_dropout=0.0)  # the family's default targets, as train_lora's
     )
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     peft_model.train()

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from peft import set_peft_model_state_dict
 
-from flora.common.basemodel import DEFAULT_TARGET_MODULES, target_module_shapes
+from flora.common.basemodel import target_module_shapes
 from flora.common.evaluate import evaluate_loss
 from flora.common.lora import seeded_lora
 from flora.sim.engine import derive_seed
@@ -61,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_run_config(context.run_config)
     validation = federation(settings).validation
     model = base_model(settings)
-    shapes = target_module_shapes(model, DEFAULT_TARGET_MODULES)
+    shapes = target_module_shapes(model, None)  # the family's default targets
     initial = seeded_lora(shapes, settings.rank, settings.alpha / settings.rank, derive_seed(settings.seed, "global-lora"))
     initial_arrays = ArrayRecord(state_dict_of(model, initial, settings))
     evaluated = peft_model(model, settings)

@@ -25,7 +25,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flora.client.trainer import TrainConfig
-from flora.common.basemodel import DEFAULT_TARGET_MODULES, load_model, load_tokenizer
+from flora.common.architectures import target_suffixes
+from flora.common.basemodel import load_model, load_tokenizer
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.sim.engine import derive_seed
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation
@@ -87,8 +88,8 @@ def base_model(settings: Settings) -> nn.Module:
 
 
 def peft_model(model: nn.Module, settings: Settings) -> PeftModel:
-    """The base wrapped as the FlowerTune template wraps it (LoRA on flora's default target modules)."""
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(DEFAULT_TARGET_MODULES),
+    """The base wrapped as the FlowerTune template wraps it (LoRA on flora's default target modules of its family)."""
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(target_suffixes(model, None)),
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
