@@ -60,8 +60,10 @@ def quantize_model(model: nn.Module, quantization: Quantization, compute_dtype: 
         raise ValueError(f"quantize: {type(model).__name__} has no nn.Linear layer besides its output head to quantize "
                          "(transposed Conv1D layers are not supported): use --quantize none")
     for param in model.parameters():
-        if param.dtype.is_floating_point and param.dtype != compute_dtype:
-            param.data = param.data.to(compute_dtype)
+        if param.dtype.is_floating_point:
+            # A copy even in the same dtype: a tensor left as loaded would keep the whole memory-mapped
+            # checkpoint resident (its pages were read to quantize), a bf16 model beside the 4-bit one.
+            param.data = param.data.to(compute_dtype, copy=True)
         param.requires_grad_(False)
     model.to(device)
     model.is_loaded_in_4bit = quantization in ("nf4", "fp4")

@@ -69,6 +69,18 @@ def test_from_a_bf16_checkpoint_the_fingerprint_is_the_servers_and_the_forward_i
         assert torch.allclose(module(x), want, atol=1e-5, rtol=1e-4)  # float32 compute: float32 round-off
 
 
+def test_no_parameter_of_a_quantized_base_still_shares_the_loaded_checkpoints_memory(bf16_checkpoint):
+    """A tensor left as loaded keeps the memory-mapped checkpoint resident: the whole bf16 model
+    beside the 4-bit one. Embeddings, norms and head are copied even when already in the compute dtype."""
+    folder, spec = bf16_checkpoint
+    model = load_model(str(folder), dtype="auto")
+    loaded = {id(p): p.untyped_storage().data_ptr() for p in model.parameters()}
+    local = local_weights(model, expected_shapes(spec), "nf4", torch.bfloat16, CPU)
+    kept = [name for name, p in local.model.named_parameters()
+            if p.dtype.is_floating_point and p.untyped_storage().data_ptr() == loaded.get(id(p))]
+    assert kept == []
+
+
 def test_dense_held_sums_live_in_the_compute_dtype_and_the_forward_is_exact_to_its_round_off():
     spec = tiny_spec()
     local = local_weights(load_model(BUILTIN_MODEL), expected_shapes(spec), "nf4", torch.bfloat16, CPU)
