@@ -44,13 +44,14 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from bench.mmlu import Question, accuracy, load_questions
-from bench.quality_report import comparisons, downlink_comparisons, summary_rows
+from bench.quality_report import base_comparisons, comparisons, downlink_comparisons, summary_rows
 from bench.report import RESULTS, write_results
 from flora.client.trainer import TrainConfig
 from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.methods import METHODS
 from flora.common.tables import format_table
 from flora.sim.cli import parse_methods, parse_ranks
+from flora.sim.bases import client_bases
 from flora.sim.downlink import parse_policy, policy_label
 from flora.sim.engine import CENTRALIZED, RoundRecord, SimConfig, run_method
 from flora.sim.federation import DataOptions, Federation, client_files, load_federation, sample_files
@@ -73,6 +74,7 @@ class Experiment:
     ranks: tuple[int, ...]
     rounds: int
     downlink: str = "exact"  # a flora.sim.downlink policy label
+    bases: str = "none"  # the clients' bases, "+"-joined and cycled (flora.sim.bases): none, nf4, none+nf4, ...
 
 
 def experiments(args: argparse.Namespace, clients: int) -> list[Experiment]:
@@ -82,6 +84,8 @@ def experiments(args: argparse.Namespace, clients: int) -> list[Experiment]:
     equal = (args.equal_rank,) * clients
     plan = []
     for setting, ranks in (("equal", equal), ("mixed", args.mixed)):
+        if setting not in args.settings:
+            continue
         for method in [*args.methods, *([CENTRALIZED] if args.centralized else [])]:
             if setting == "mixed" and method in ("fedit", CENTRALIZED):
                 continue
@@ -92,6 +96,7 @@ def experiments(args: argparse.Namespace, clients: int) -> list[Experiment]:
             plan.append(Experiment(label, method, ranks, rounds))
             if method != CENTRALIZED:
                 plan += [Experiment(f"{method}@{d}-{setting}", method, ranks, rounds, d) for d in args.downlinks]
+                plan += [Experiment(f"{method}:{b}-{setting}", method, ranks, rounds, bases=b) for b in args.bases]
     return plan
 
 
@@ -112,6 +117,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cutoff", type=int, default=128, help="tokens per example")
     parser.add_argument("--examples-per-client", type=int, default=100, help="subsample of each client's file")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="of each client's subsample")
+    parser.add_argument("--settings", default="equal,mixed", help="which of the two settings to run (%(default)s)")
     parser.add_argument("--equal-rank", type=int, default=4)
     parser.add_argument("--mixed-ranks", default="16,8,4,4,2,2,1,1,1,1")
     parser.add_argument("--mmlu-questions", type=int, default=100, help="spread over the 1444 (0: skip MMLU)")
@@ -121,6 +127,8 @@ def parse_args() -> argparse.Namespace:
                         help="first run seed when it differs from --seed: more seeds on the same data split "
                              "(--seed 0 --first-seed 3 --seeds 2 adds seeds 3, 4 to a 3-seed run)")
     parser.add_argument("--downlinks", default="", help="compressed downlinks to run every method with too, e.g. e0.99,e0.95,r4+bfloat16")
+    parser.add_argument("--bases", default="", help="client bases to run every method with too, each cycled over "
+                        "the clients: nf4 (all 4-bit), none+nf4 (every other client), ... (flora-sim --quantize)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json and quality.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the built-in model and data, for CI")
     parser.add_argument("--from-runs", type=Path, help="report the finished runs of a quality-runs.jsonl instead of running")
@@ -130,6 +138,12 @@ def parse_args() -> argparse.Namespace:
         args.methods = parse_methods(args.methods)
         args.long_runs = {label.strip() for label in args.long_runs.split(",") if label.strip()}
         args.downlinks = [policy_label(parse_policy(d)) for d in args.downlinks.split(",") if d.strip()]
+        args.bases = [b.strip() for b in args.bases.split(",") if b.strip()]
+        args.settings = {s.strip() for s in args.settings.split(",") if s.strip()}
+        if not args.settings or not args.settings <= {"equal", "mixed"}:
+            raise ValueError(f"--settings {','.join(sorted(args.settings))!r}: give equal, mixed or both")
+        for bases in args.bases:
+            client_bases(bases.split("+"), 1)
     except ValueError as exc:
         parser.error(str(exc))
     if args.smoke:
@@ -165,8 +179,9 @@ def _run_one(
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     local = TrainConfig(max_steps=args.local_steps, batch_size=args.batch_size, learning_rate=args.learning_rate, device="cpu")
+    bases = client_bases(experiment.bases.split("+"), len(experiment.ranks))
     config = SimConfig(experiment.method, experiment.ranks, experiment.rounds, local, seed=seed,
-                       downlink=parse_policy(experiment.downlink))
+                       downlink=parse_policy(experiment.downlink), bases=bases)
     model = load_model(base_model)
     records = []
     for outcome in run_method(model, federation.clients, federation.validation, config):
@@ -208,8 +223,9 @@ def load_runs(path: Path) -> tuple[list[Experiment], dict[str, list[RoundRecord]
         rounds = max(r.round for r in records)
         known = plan.get(label)
         downlink = label.rsplit("-", 1)[0].partition("@")[2] or "exact"
+        bases = label.rsplit("-", 1)[0].partition(":")[2] or "none"
         plan[label] = Experiment(label, records[0].method, tuple(records[-1].ranks), max(rounds, known.rounds if known else 0),
-                                 downlink)
+                                 downlink, bases)
         runs.setdefault(label, []).extend(records)
         if entry["mmlu_accuracy"] is not None:
             mmlu.setdefault(label, []).append(entry["mmlu_accuracy"])
@@ -234,6 +250,10 @@ def report(args, base_model: str, data: str, federation: Federation, plan, runs,
     if compressed:
         print("\nCompressed downlink against exact (same method and seeds): loss difference, downlink share")
         print(format_table(compressed, list(compressed[0])))
+    quantized = base_comparisons(runs, [args.rounds, args.long_rounds])
+    if quantized:
+        print("\nQuantized client bases against full precision (same method and seeds): loss difference, seed spread")
+        print(format_table(quantized, list(quantized[0])))
     print(f"\nwall time {wall:.0f} s, CPU time {cpu / 60:.1f} min")
     payload = {
         "base_model": base_model,
@@ -252,6 +272,7 @@ def report(args, base_model: str, data: str, federation: Federation, plan, runs,
         "summary": rows,
         "paired": pairs,
         "downlink_paired": compressed,
+        "bases_paired": quantized,
         "validation_loss_by_round": loss_rows,
         "wall_seconds": wall,
         "cpu_seconds": cpu,
@@ -260,6 +281,8 @@ def report(args, base_model: str, data: str, federation: Federation, plan, runs,
     path = write_results("quality", payload, args.out)
     for setting in ("equal", "mixed"):
         chosen = {label: records for label, records in runs.items() if label.endswith(f"-{setting}")}
+        if not chosen:
+            continue
         title = f"held-out loss, {setting} ranks: {Path(base_model).name}, {len(federation.clients)} clients, {seeds} seeds"
         plot_validation_loss(chosen, path.with_name(f"quality-{setting}.png"), title, first_round=1)
     print(f"wrote {path} and {path.with_name('quality-equal.png')}, {path.with_name('quality-mixed.png')}")
