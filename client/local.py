@@ -126,6 +126,11 @@ def load_base(settings: ClientSettings, source: str) -> nn.Module:
     At its home (``model_home``), or on the CPU when it is quantized or spread over devices later.
     """
     try:
+        for device in settings.devices or ():
+            resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(f"--devices: {exc}") from None
+    try:
         resolve_device(settings.device)  # checked also when quantizing, which moves the model there later
     except ValueError as exc:  # the device, not the model: a local copy of the model would not help
         raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flora").setLevel(settings.log_level)
     set_threads(len(job.devices), settings.threads)
     backend = "nccl" if job.devices[rank].startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(job.devices[rank])  # NCCL's communicator and FSDP's mesh use the current device
     dist.init_process_group(backend, init_method=f"file://{folder / 'rendezvous'}",
                             rank=rank, world_size=len(job.devices), timeout=RENDEZVOUS_TIMEOUT)
     try:

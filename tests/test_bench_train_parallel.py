@@ -22,5 +22,5 @@ def test_train_parallel_smoke_times_every_side_and_the_groups_match(tmp_path):
     assert all(rate > 0 for rate in report["median_tokens_per_second"].values())
     assert set(report["relative_distance_b"]) == set(report["relative_distance_a"]) == {"2 processes", "2 processes, FSDP"}
     assert all(d < 1e-4 for d in report["relative_distance_b"].values())
-    assert all(d < 1e-6 for d in report["relative_distance_a"].values())
+    assert all(d < 1e-5 for d in report["relative_distance_a"].values())
     assert "| training" in result.stdout

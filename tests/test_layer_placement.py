@@ -8,9 +8,12 @@ import re
 import pytest
 import torch
 
+from flora.client.config import ClientSettings
 from flora.client.layer_placement import layer_map, place_layers, placed_across_devices
 from flora.client.sharding import model_bytes
+from flora.client.local import ConfigError, load_base
 from flora.client.trainer import TrainConfig, train_lora
+from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import Example, tokenize_examples
 
 
@@ -38,6 +41,11 @@ def test_a_placed_model_trains_the_same_lora_and_stays_placed_and_unchanged(tiny
     place_layers(tiny_model, ["cpu", "cpu"])
     assert placed_across_devices(tiny_model) and not placed_across_devices(whole)
     before = {name: t.clone() for name, t in tiny_model.state_dict().items()}
+
+    def moved(*args, **kwargs):
+        raise AssertionError("a model spread over devices is never moved as a whole")
+
+    tiny_model.to = moved
     placed, reference = train_lora(tiny_model, data, config, val_data=data), train_lora(whole, data, config)
     assert placed.train_loss == reference.train_loss
     for name, (a, b) in reference.adapter.pairs.items():
@@ -45,3 +53,12 @@ def test_a_placed_model_trains_the_same_lora_and_stays_placed_and_unchanged(tiny
         assert torch.equal(placed.adapter.pairs[name].a, a) and torch.equal(placed.adapter.pairs[name].b, b), name
     assert all(torch.equal(t, before[name]) for name, t in tiny_model.state_dict().items())
     assert placed_across_devices(tiny_model) and hasattr(tiny_model.model.layers[0], "_hf_hook")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_devices_this_host_does_not_have_are_named(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    settings = ClientSettings(name="a", data=[data], devices=["cuda:0", "cuda:1"], shard="layers")
+    with pytest.raises(ConfigError, match="--devices: device 'cuda:0' requested but CUDA is not available"):
+        load_base(settings, BUILTIN_MODEL)
