@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from flora.common.secagg import graph, keys, shamir
+from flora.common.secagg import channel, graph, keys, shamir
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.prg import CHUNK_WORDS, MaskLabel, apply_mask, expand
 
@@ -62,6 +63,21 @@ def test_derive_key_follows_the_documented_hkdf_info() -> None:
     info = b"flora-secagg/v1/mask/" + struct.pack(">QII", 5, 1, 2)
     expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
     assert keys.derive_key(shared, b"mask", 5, 1, 2) == expected
+
+
+def test_sealed_shares_follow_the_documented_channel_layout() -> None:
+    """Key: HKDF label share (sender, receiver); nonce: 12 zero bytes; AD: prefix, round, sender, receiver."""
+    u, v = keys.generate_private_key(), keys.generate_private_key()
+    stage_shares = [(shamir.split(b"b" * 32, 2, [4, 8])[1], shamir.split(b"s" * 32, 2, [4, 8])[1])] * 2
+    sealed = channel.seal(u, keys.public_bytes(v), 9, 3, 7, stage_shares)
+    assert len(sealed) == channel.ciphertext_bytes(2) == 2 * 140 + 16
+    key = keys.derive_key(v.exchange(u.public_key()), b"share", 9, 3, 7)
+    ad = b"flora-secagg/v1/share" + struct.pack(">QII", 9, 3, 7)
+    plaintext = AESGCM(key).decrypt(bytes(12), sealed, ad)
+    assert plaintext == b"".join(b.to_bytes() + s.to_bytes() for b, s in stage_shares)
+    assert channel.open_sealed(v, keys.public_bytes(u), 9, 3, 7, sealed, 2) == stage_shares
+    with pytest.raises(SecAggError, match="does not authenticate"):
+        channel.open_sealed(v, keys.public_bytes(u), 10, 3, 7, sealed, 2)
 
 
 # PRG

@@ -35,10 +35,12 @@ class RoundOutcome:
     total: np.ndarray
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
-    client_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # summed over clients
+    # per stage (advertise, share, mask, unmask): summed over the clients that took part in it
+    clients: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    client_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     server_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    bytes_up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    bytes_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_up: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_down: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 def round_seed(seed: bytes | int) -> bytes:
@@ -95,36 +97,40 @@ def run_round(inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes | in
     for c in live("advertise"):
         with _Clock(cs, "advertise"):
             advert = clients[c].advertise()
-        up[c] += advert.nbytes
+        out.clients["advertise"] += 1
+        up["advertise"] += advert.nbytes
         with _Clock(ss, "advertise"):
             server.receive_keys(advert)
     with _Clock(ss, "advertise"):
         bundles = server.close_keys()
     for c in (c for c in live("share") if c in bundles):
-        down[c] += bundles[c].nbytes
+        out.clients["share"] += 1
+        down["share"] += bundles[c].nbytes
         with _Clock(cs, "share"):
             sealed = clients[c].share_keys(bundles[c])
-        up[c] += sealed.nbytes
+        up["share"] += sealed.nbytes
         with _Clock(ss, "share"):
             server.receive_shares(sealed)
     with _Clock(ss, "share"):
         inboxes = server.close_shares()
         request = server.open_stage(1, lengths)
     for c in (c for c in live("mask") if c in inboxes):
-        down[c] += sum(item.nbytes for item in inboxes[c]) + request.nbytes
+        out.clients["mask"] += 1
+        down["mask"] += sum(item.nbytes for item in inboxes[c]) + request.nbytes
         with _Clock(cs, "mask"):
             clients[c].receive_shares(inboxes[c])
             masked = clients[c].mask(request, [inputs[c].reshape(-1)])
-        up[c] += masked.nbytes
+        up["mask"] += masked.nbytes
         with _Clock(ss, "mask"):
             server.receive_masked(masked)
     with _Clock(ss, "mask"):
         unmask = server.close_masked()
     for c in (c for c in live("unmask") if c in unmask.survivors):
-        down[c] += unmask.nbytes
+        out.clients["unmask"] += 1
+        down["unmask"] += unmask.nbytes
         with _Clock(cs, "unmask"):
             reveals = clients[c].unmask(unmask)
-        up[c] += reveals.nbytes
+        up["unmask"] += reveals.nbytes
         with _Clock(ss, "unmask"):
             server.receive_unmask(reveals)
     with _Clock(ss, "unmask"):
