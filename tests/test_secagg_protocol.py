@@ -338,3 +338,30 @@ def test_a_client_refuses_stage_requests_out_of_order() -> None:
     with pytest.raises(SecAggError, match="not within the previous stage's survivors"):
         r.clients[0].mask(dataclasses.replace(r.request, stage=2, active=IDS), [np.zeros(4, np.uint64)])
     assert r.server.open_stage(2, (4,)).active == (0, 1, 2)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: ServerRound(1, SEED, IDS, 1, 1), "threshold: 1 is outside 2..5"),
+    (lambda: ServerRound(1, SEED, IDS, 1, 6), "threshold: 6 is outside 2..5"),
+    (lambda: ServerRound(1, SEED[:31], IDS, 1, 3), "round_seed: is 31 bytes"),
+    (lambda: ServerRound(-1, SEED, IDS, 1, 3), "round_id"),
+    (lambda: ServerRound(1, SEED, IDS, 9, 3), "stages: 9 is outside 1..8"),
+    (lambda: ServerRound(1, SEED, (0, 2**32), 1, 2), "participants"),
+    (lambda: ClientRound(0, 2**64, SEED, 1, 3), "round_id"),
+    (lambda: ClientRound(-1, 1, SEED, 1, 3), "client"),
+    (lambda: masked_sum({0: np.zeros(3, np.uint64), 1: np.zeros(4, np.uint64)}, 2, SEED), "inputs"),
+    (lambda: masked_sum({0: np.zeros(3), 1: np.zeros(3)}, 2, SEED), "inputs"),
+    (lambda: masked_sum(_inputs(IDS, 3), 3, SEED, {7: "mask"}), "drop_after"),
+])
+def test_round_parameters_are_checked_up_front(make, reason: str) -> None:
+    with pytest.raises(SecAggError, match=reason):
+        make()
+
+
+def test_a_threshold_the_graph_does_not_allow_is_refused_when_advertising_closes() -> None:
+    r = Round(ids=range(20), threshold=3)  # k = 14 at n = 20: t must exceed 7.5
+    for c in r.clients.values():
+        r.server.receive_keys(c.advertise())
+    with pytest.raises(SecAggError, match="threshold: 3 must exceed half of the 15 holders"):
+        r.server.close_keys()
+    assert r.server.phase == "advertise"

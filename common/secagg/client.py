@@ -29,26 +29,16 @@ from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.graph import NeighbourGraph, check_client_id, check_threshold, neighbour_graph
 from flora.common.secagg.messages import (
     AdvertiseKeys, EncryptedShare, KeyBundle, MaskedInput, MaskRequest, RevealedShare, ShareKeys,
-    UnmaskRequest, UnmaskResponse,
+    UnmaskRequest, UnmaskResponse, check_round, check_round_params,
 )
 from flora.common.secagg.prg import MaskLabel, apply_mask
-
-MAX_STAGES = 8
-
-
-def check_round(round_id: int, expected: int) -> None:
-    """Refuse a message of another round (a replay from an earlier one)."""
-    if round_id != expected:
-        raise SecAggError("round_id", f"{round_id} is not this round ({expected})")
-
 
 class ClientRound:
     """One client's secrets and protocol state for one round."""
 
     def __init__(self, client: int, round_id: int, round_seed: bytes, stages: int, threshold: int,
                  degree: int | None = None) -> None:
-        if not 1 <= stages <= MAX_STAGES:
-            raise SecAggError("stages", f"{stages} is outside 1..{MAX_STAGES}")
+        check_round_params(round_id, round_seed, stages)
         self.client = check_client_id(client)
         self.round_id, self.round_seed, self.stages = round_id, bytes(round_seed), stages
         self.threshold, self.degree = threshold, degree

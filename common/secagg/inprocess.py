@@ -12,20 +12,31 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import partial
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
 from flora.common.secagg.client import ClientRound
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.graph import ROUND_SEED_BYTES
+from flora.common.secagg.messages import EncryptedShare, KeyBundle, MaskedInput, StageResult, UnmaskRequest
 from flora.common.secagg.server import ServerRound
 
 DropPoint = Literal["start", "advertise", "share", "mask"]
 DROP_POINTS: tuple[str, ...] = ("start", "advertise", "share", "mask")
 STAGES: tuple[str, ...] = ("advertise", "share", "mask", "unmask")
+_T = TypeVar("_T")
+
+
+class _Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+_Message = TypeVar("_Message", bound=_Sized)
 
 
 @dataclass(eq=False)
@@ -62,20 +73,66 @@ def _check_inputs(inputs: Mapping[int, np.ndarray], drop_after: Mapping[int, str
     return next(iter(shapes))
 
 
-def _alive(client: int, stage: str, drop_after: Mapping[int, str]) -> bool:
-    point = drop_after.get(client)
-    return point is None or DROP_POINTS.index(point) > STAGES.index(stage)
+class _Runner:
+    """The round's clients and server, each stage a method; times and counts into a RoundOutcome."""
 
+    def __init__(self, inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes, drop_after: Mapping[int, str],
+                 degree: int | None, round_id: int) -> None:
+        self.inputs, self.drop_after = inputs, drop_after
+        self.server = ServerRound(round_id, seed, list(inputs), 1, threshold, degree)
+        self.clients = {c: ClientRound(c, round_id, seed, 1, threshold, degree) for c in inputs}
+        self.out = RoundOutcome(np.zeros(0, np.uint64), (), ())
 
-class _Clock:
-    def __init__(self, into: dict[str, float], stage: str) -> None:
-        self.into, self.stage = into, stage
+    def live(self, stage: str, among: Collection[int]) -> list[int]:
+        """The clients of ``among`` that have not dropped before ``stage``."""
+        def alive(c: int) -> bool:
+            point = self.drop_after.get(c)
+            return point is None or DROP_POINTS.index(point) > STAGES.index(stage)
+        return [c for c in self.clients if c in among and alive(c)]
 
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
+    def client_step(self, stage: str, received: int, step: Callable[[], _Message]) -> _Message:
+        """One client's turn in ``stage``: what it received, its seconds, what it sent."""
+        self.out.clients[stage] += 1
+        self.out.bytes_down[stage] += received
+        start = time.perf_counter()
+        message = step()
+        self.out.client_seconds[stage] += time.perf_counter() - start
+        self.out.bytes_up[stage] += message.nbytes
+        return message
 
-    def __exit__(self, *exc: object) -> None:
-        self.into[self.stage] += time.perf_counter() - self.start
+    def server_step(self, stage: str, step: Callable[[], _T]) -> _T:
+        start = time.perf_counter()
+        result = step()
+        self.out.server_seconds[stage] += time.perf_counter() - start
+        return result
+
+    def advertise(self) -> dict[int, KeyBundle]:
+        for c in self.live("advertise", self.clients):
+            advert = self.client_step("advertise", 0, self.clients[c].advertise)
+            self.server_step("advertise", partial(self.server.receive_keys, advert))
+        return self.server_step("advertise", self.server.close_keys)
+
+    def share(self, bundles: Mapping[int, KeyBundle]) -> dict[int, tuple[EncryptedShare, ...]]:
+        for c in self.live("share", bundles):
+            sealed = self.client_step("share", bundles[c].nbytes, partial(self.clients[c].share_keys, bundles[c]))
+            self.server_step("share", partial(self.server.receive_shares, sealed))
+        return self.server_step("share", self.server.close_shares)
+
+    def mask(self, inboxes: Mapping[int, tuple[EncryptedShare, ...]], length: int) -> UnmaskRequest:
+        request = self.server_step("share", partial(self.server.open_stage, 1, (length,)))
+        for c in self.live("mask", inboxes):
+            def step(c: int = c) -> MaskedInput:
+                self.clients[c].receive_shares(inboxes[c])
+                return self.clients[c].mask(request, [self.inputs[c].reshape(-1)])
+            received = sum(item.nbytes for item in inboxes[c]) + request.nbytes
+            self.server_step("mask", partial(self.server.receive_masked, self.client_step("mask", received, step)))
+        return self.server_step("mask", self.server.close_masked)
+
+    def unmask(self, request: UnmaskRequest) -> StageResult:
+        for c in self.live("unmask", request.survivors):
+            reveals = self.client_step("unmask", request.nbytes, partial(self.clients[c].unmask, request))
+            self.server_step("unmask", partial(self.server.receive_unmask, reveals))
+        return self.server_step("unmask", self.server.close_unmask)
 
 
 def run_round(inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes | int,
@@ -84,57 +141,9 @@ def run_round(inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes | in
     """Run one single-stage round over ``inputs`` (client id -> uint64 array) and return its outcome."""
     drops = dict(drop_after or {})
     shape = _check_inputs(inputs, drops)
-    lengths = (int(np.prod(shape)),)
-    rseed = round_seed(seed)
-    server = ServerRound(round_id, rseed, list(inputs), 1, threshold, degree)
-    clients = {c: ClientRound(c, round_id, rseed, 1, threshold, degree) for c in inputs}
-    out = RoundOutcome(np.zeros(shape, np.uint64), (), ())
-    cs, ss, up, down = out.client_seconds, out.server_seconds, out.bytes_up, out.bytes_down
-
-    def live(stage: str) -> list[int]:
-        return [c for c in clients if _alive(c, stage, drops)]
-
-    for c in live("advertise"):
-        with _Clock(cs, "advertise"):
-            advert = clients[c].advertise()
-        out.clients["advertise"] += 1
-        up["advertise"] += advert.nbytes
-        with _Clock(ss, "advertise"):
-            server.receive_keys(advert)
-    with _Clock(ss, "advertise"):
-        bundles = server.close_keys()
-    for c in (c for c in live("share") if c in bundles):
-        out.clients["share"] += 1
-        down["share"] += bundles[c].nbytes
-        with _Clock(cs, "share"):
-            sealed = clients[c].share_keys(bundles[c])
-        up["share"] += sealed.nbytes
-        with _Clock(ss, "share"):
-            server.receive_shares(sealed)
-    with _Clock(ss, "share"):
-        inboxes = server.close_shares()
-        request = server.open_stage(1, lengths)
-    for c in (c for c in live("mask") if c in inboxes):
-        out.clients["mask"] += 1
-        down["mask"] += sum(item.nbytes for item in inboxes[c]) + request.nbytes
-        with _Clock(cs, "mask"):
-            clients[c].receive_shares(inboxes[c])
-            masked = clients[c].mask(request, [inputs[c].reshape(-1)])
-        up["mask"] += masked.nbytes
-        with _Clock(ss, "mask"):
-            server.receive_masked(masked)
-    with _Clock(ss, "mask"):
-        unmask = server.close_masked()
-    for c in (c for c in live("unmask") if c in unmask.survivors):
-        out.clients["unmask"] += 1
-        down["unmask"] += unmask.nbytes
-        with _Clock(cs, "unmask"):
-            reveals = clients[c].unmask(unmask)
-        up["unmask"] += reveals.nbytes
-        with _Clock(ss, "unmask"):
-            server.receive_unmask(reveals)
-    with _Clock(ss, "unmask"):
-        result = server.close_unmask()
+    runner = _Runner(inputs, threshold, round_seed(seed), drops, degree, round_id)
+    result = runner.unmask(runner.mask(runner.share(runner.advertise()), int(np.prod(shape))))
+    out = runner.out
     out.total, out.survivors, out.dropped = result.sums[0].reshape(shape), result.survivors, result.dropped
     return out
 

@@ -16,9 +16,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flora.common.secagg.errors import SecAggError
+from flora.common.secagg.graph import ROUND_SEED_BYTES
+
 ID_BYTES = 4
 ROUND_BYTES = 8
 STAGE_BYTES = 4
+MAX_STAGES = 8
+MAX_ROUND_ID = 2**64 - 1
+
+
+def check_round_params(round_id: int, round_seed: bytes, stages: int) -> None:
+    """Refuse a round id, seed or stage count that the formats cannot carry."""
+    if not 0 <= round_id <= MAX_ROUND_ID:
+        raise SecAggError("round_id", f"{round_id} is outside 0..2^64-1")
+    if len(round_seed) != ROUND_SEED_BYTES:
+        raise SecAggError("round_seed", f"is {len(round_seed)} bytes, a round seed is {ROUND_SEED_BYTES}")
+    if not 1 <= stages <= MAX_STAGES:
+        raise SecAggError("stages", f"{stages} is outside 1..{MAX_STAGES}")
+
+
+def check_round(round_id: int, expected: int) -> None:
+    """Refuse a message of another round (a replay from an earlier one)."""
+    if round_id != expected:
+        raise SecAggError("round_id", f"{round_id} is not this round ({expected})")
 
 
 @dataclass(frozen=True)

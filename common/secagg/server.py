@@ -18,13 +18,12 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from flora.common.secagg import keys, shamir
-from flora.common.secagg.client import MAX_STAGES, check_round
+from flora.common.secagg.channel import ciphertext_bytes
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.graph import NeighbourGraph, check_client_id, check_threshold, neighbour_graph
-from flora.common.secagg.channel import ciphertext_bytes
 from flora.common.secagg.messages import (
     AdvertiseKeys, EncryptedShare, KeyBundle, MaskedInput, MaskRequest, RevealedShare, ShareKeys,
-    StageResult, UnmaskRequest, UnmaskResponse,
+    StageResult, UnmaskRequest, UnmaskResponse, check_round, check_round_params,
 )
 from flora.common.secagg.prg import MaskLabel, apply_mask
 
@@ -38,9 +37,10 @@ class ServerRound:
 
     def __init__(self, round_id: int, round_seed: bytes, participants: Sequence[int], stages: int,
                  threshold: int, degree: int | None = None) -> None:
-        if not 1 <= stages <= MAX_STAGES:
-            raise SecAggError("stages", f"{stages} is outside 1..{MAX_STAGES}")
+        check_round_params(round_id, round_seed, stages)
         self.participants = frozenset(check_client_id(c, "participants") for c in participants)
+        if not 2 <= threshold <= len(self.participants):
+            raise SecAggError("threshold", f"{threshold} is outside 2..{len(self.participants)} (the participants)")
         self.round_id, self.round_seed, self.stages = round_id, bytes(round_seed), stages
         self.threshold, self.degree = threshold, degree
         self.phase = "advertise"
