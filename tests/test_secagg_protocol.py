@@ -11,7 +11,7 @@ import pytest
 from flora.common.secagg import keys, shamir
 from flora.common.secagg.client import ClientRound
 from flora.common.secagg.errors import SecAggError
-from flora.common.secagg.inprocess import DROP_POINTS, masked_sum, run_round
+from flora.common.secagg.inprocess import DROP_POINTS, masked_stages, masked_sum, run_round
 from flora.common.secagg.messages import EncryptedShare, MaskedInput, RevealedShare, StageResult, UnmaskRequest
 from flora.common.secagg.prg import MaskLabel, apply_mask
 from flora.common.secagg.server import ServerRound
@@ -365,3 +365,20 @@ def test_a_threshold_the_graph_does_not_allow_is_refused_when_advertising_closes
     with pytest.raises(SecAggError, match="threshold: 3 must exceed half of the 15 holders"):
         r.server.close_keys()
     assert r.server.phase == "advertise"
+
+
+def test_masked_stages_feed_each_stage_the_previous_sum() -> None:
+    """The two-pass shape: stage 2's inputs depend on stage 1's unmasked sum; both sums are exact."""
+    first = _inputs(IDS, 64, seed=11)
+
+    def vectors(stage: int, client: int, previous: StageResult | None) -> list[np.ndarray]:
+        if stage == 1:
+            return [first[client], first[client][:8].copy()]
+        assert previous is not None and previous.stage == 1
+        return [previous.sums[0] * np.uint64(client + 1)]
+
+    one, two = masked_stages(IDS, 3, SEED, 2, vectors)
+    total = _sum(list(first.values()))
+    np.testing.assert_array_equal(one.sums[0], total)
+    np.testing.assert_array_equal(one.sums[1], total[:8])
+    np.testing.assert_array_equal(two.sums[0], total * np.uint64(sum(c + 1 for c in IDS)))

@@ -10,7 +10,8 @@ in process; the gRPC stages build on these pure pieces. One job per module:
 - ``graph``: the SecAgg+ neighbour graph and the threshold rules;
 - ``messages``: the frozen messages the stages exchange (protobuf later);
 - ``client`` / ``server``: the two state machines, clock-free and I/O-free;
-- ``inprocess``: one whole round in one process (``masked_sum``), for tests and benchmarks.
+- ``inprocess``: one whole round in one process (``masked_sum``, ``masked_stages``), for tests
+  and benchmarks.
 
 Layouts an outside client must reproduce are in protos/PROTOCOL.md, "Secure aggregation: formats".
 """

@@ -1,7 +1,8 @@
 """One whole secure-aggregation round in one process: every client and the server, no network.
 
 For tests (exactness, dropouts, what the server holds) and benchmarks, and for the fixed-point
-plans' exactness checks. Clients drop on purpose with ``drop_after``: a client named there
+plans' exactness checks: ``masked_sum`` for one vector per client, ``masked_stages`` for several
+stages whose inputs depend on the previous stage's sum (the two-pass range finder). Clients drop on purpose with ``drop_after``: a client named there
 completes the stages up to the one given and is silent afterwards ("start": never advertises;
 "advertise": advertises, sends no shares; "share": sends shares, no masked input, so its mask key
 is recovered; "mask": sends its masked input, no reveals, so its self-mask seed is recovered
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Protocol, TypeVar
@@ -22,7 +23,7 @@ import numpy as np
 from flora.common.secagg.client import ClientRound
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.graph import ROUND_SEED_BYTES
-from flora.common.secagg.messages import EncryptedShare, KeyBundle, MaskedInput, StageResult, UnmaskRequest
+from flora.common.secagg.messages import EncryptedShare, MaskedInput, StageResult
 from flora.common.secagg.server import ServerRound
 
 DropPoint = Literal["start", "advertise", "share", "mask"]
@@ -76,12 +77,13 @@ def _check_inputs(inputs: Mapping[int, np.ndarray], drop_after: Mapping[int, str
 class _Runner:
     """The round's clients and server, each stage a method; times and counts into a RoundOutcome."""
 
-    def __init__(self, inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes, drop_after: Mapping[int, str],
+    def __init__(self, ids: Sequence[int], threshold: int, seed: bytes, stages: int, drop_after: Mapping[int, str],
                  degree: int | None, round_id: int) -> None:
-        self.inputs, self.drop_after = inputs, drop_after
-        self.server = ServerRound(round_id, seed, list(inputs), 1, threshold, degree)
-        self.clients = {c: ClientRound(c, round_id, seed, 1, threshold, degree) for c in inputs}
+        self.drop_after = drop_after
+        self.server = ServerRound(round_id, seed, ids, stages, threshold, degree)
+        self.clients = {c: ClientRound(c, round_id, seed, stages, threshold, degree) for c in ids}
         self.out = RoundOutcome(np.zeros(0, np.uint64), (), ())
+        self.inboxes: dict[int, tuple[EncryptedShare, ...]] = {}
 
     def live(self, stage: str, among: Collection[int]) -> list[int]:
         """The clients of ``among`` that have not dropped before ``stage``."""
@@ -106,31 +108,32 @@ class _Runner:
         self.out.server_seconds[stage] += time.perf_counter() - start
         return result
 
-    def advertise(self) -> dict[int, KeyBundle]:
+    def keys_and_shares(self) -> None:
+        """Advertise keys and share the secrets: the part of a round that precedes every masked stage."""
         for c in self.live("advertise", self.clients):
             advert = self.client_step("advertise", 0, self.clients[c].advertise)
             self.server_step("advertise", partial(self.server.receive_keys, advert))
-        return self.server_step("advertise", self.server.close_keys)
-
-    def share(self, bundles: Mapping[int, KeyBundle]) -> dict[int, tuple[EncryptedShare, ...]]:
+        bundles = self.server_step("advertise", self.server.close_keys)
         for c in self.live("share", bundles):
             sealed = self.client_step("share", bundles[c].nbytes, partial(self.clients[c].share_keys, bundles[c]))
             self.server_step("share", partial(self.server.receive_shares, sealed))
-        return self.server_step("share", self.server.close_shares)
+        self.inboxes = self.server_step("share", self.server.close_shares)
 
-    def mask(self, inboxes: Mapping[int, tuple[EncryptedShare, ...]], length: int) -> UnmaskRequest:
-        request = self.server_step("share", partial(self.server.open_stage, 1, (length,)))
-        for c in self.live("mask", inboxes):
+    def stage(self, stage: int, vectors: Mapping[int, Sequence[np.ndarray]]) -> StageResult:
+        """One masked stage: the live active clients mask ``vectors``, the survivors reveal."""
+        active = self.live("mask", self.server.active)
+        lengths = tuple(v.size for v in vectors[active[0]]) if active else ()
+        request = self.server_step("mask", partial(self.server.open_stage, stage, lengths))
+        for c in active:
             def step(c: int = c) -> MaskedInput:
-                self.clients[c].receive_shares(inboxes[c])
-                return self.clients[c].mask(request, [self.inputs[c].reshape(-1)])
-            received = sum(item.nbytes for item in inboxes[c]) + request.nbytes
+                if stage == 1:
+                    self.clients[c].receive_shares(self.inboxes[c])
+                return self.clients[c].mask(request, [v.reshape(-1) for v in vectors[c]])
+            received = request.nbytes + (sum(item.nbytes for item in self.inboxes[c]) if stage == 1 else 0)
             self.server_step("mask", partial(self.server.receive_masked, self.client_step("mask", received, step)))
-        return self.server_step("mask", self.server.close_masked)
-
-    def unmask(self, request: UnmaskRequest) -> StageResult:
-        for c in self.live("unmask", request.survivors):
-            reveals = self.client_step("unmask", request.nbytes, partial(self.clients[c].unmask, request))
+        unmask = self.server_step("mask", self.server.close_masked)
+        for c in self.live("unmask", unmask.survivors):
+            reveals = self.client_step("unmask", unmask.nbytes, partial(self.clients[c].unmask, unmask))
             self.server_step("unmask", partial(self.server.receive_unmask, reveals))
         return self.server_step("unmask", self.server.close_unmask)
 
@@ -141,11 +144,33 @@ def run_round(inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes | in
     """Run one single-stage round over ``inputs`` (client id -> uint64 array) and return its outcome."""
     drops = dict(drop_after or {})
     shape = _check_inputs(inputs, drops)
-    runner = _Runner(inputs, threshold, round_seed(seed), drops, degree, round_id)
-    result = runner.unmask(runner.mask(runner.share(runner.advertise()), int(np.prod(shape))))
+    runner = _Runner(list(inputs), threshold, round_seed(seed), 1, drops, degree, round_id)
+    runner.keys_and_shares()
+    result = runner.stage(1, {c: [x] for c, x in inputs.items()})
     out = runner.out
     out.total, out.survivors, out.dropped = result.sums[0].reshape(shape), result.survivors, result.dropped
     return out
+
+
+VectorsFor = Callable[[int, int, "StageResult | None"], Sequence[np.ndarray]]
+
+
+def masked_stages(clients: Sequence[int], threshold: int, seed: bytes | int, stages: int, vectors: VectorsFor,
+                  degree: int | None = None, round_id: int = 0) -> list[StageResult]:
+    """Several masked stages of one round, each stage's inputs computed from the previous stage's sums.
+
+    ``vectors(stage, client, previous)`` gives a client's uint64 vectors for ``stage`` (1, 2, ...),
+    ``previous`` being the result of the stage before (None for stage 1): the shape of the
+    two-pass range finder, whose pass-2 inputs depend on pass 1's unmasked sum. No dropouts.
+    """
+    runner = _Runner(list(clients), threshold, round_seed(seed), stages, {}, degree, round_id)
+    runner.keys_and_shares()
+    results: list[StageResult] = []
+    for stage in range(1, stages + 1):
+        previous = results[-1] if results else None
+        inputs = {c: vectors(stage, c, previous) for c in sorted(runner.server.active)}
+        results.append(runner.stage(stage, inputs))
+    return results
 
 
 def masked_sum(inputs: Mapping[int, np.ndarray], threshold: int, seed: bytes | int,
