@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flora.common.secagg import channel, graph, keys, shamir
 from flora.common.secagg.errors import SecAggError
@@ -134,6 +136,25 @@ def test_shares_round_trip_with_any_threshold_subset() -> None:
         assert shamir.combine(parsed, 3) == secret
     with pytest.raises(SecAggError, match="inconsistent"):  # below the threshold: no 32-byte secret
         shamir.combine(shares[:2], 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(secret=st.binary(min_size=32, max_size=32), holders=st.integers(1, 12), data=st.data())
+def test_any_threshold_of_the_shares_recovers_any_secret(secret: bytes, holders: int, data: st.DataObject) -> None:
+    threshold = data.draw(st.integers(1, holders))
+    indices = data.draw(st.lists(st.integers(1, 2**32 - 1), min_size=holders, max_size=holders, unique=True))
+    shares = shamir.split(secret, threshold, indices)
+    subset = data.draw(st.permutations(shares))[:threshold]
+    assert shamir.combine([shamir.Share.from_bytes(s.to_bytes()) for s in subset], threshold) == secret
+
+
+@settings(max_examples=30, deadline=None)
+@given(ids=st.sets(st.integers(0, graph.MAX_CLIENT_ID), min_size=1, max_size=60), seed=st.binary(min_size=32, max_size=32))
+def test_every_default_graph_is_symmetric_and_regular(ids: set[int], seed: bytes) -> None:
+    g = graph.neighbour_graph(seed, ids)
+    assert set(g.order) == ids and g.degree == graph.default_degree(len(ids))
+    for u, nbrs in g.neighbours.items():
+        assert len(nbrs) == g.degree and u not in nbrs and all(u in g.neighbours[v] for v in nbrs)
 
 
 def test_too_few_or_inconsistent_shares_are_refused() -> None:
