@@ -9,12 +9,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
+from fake_coordinator import random_adapter, tiny_spec
 from flora.client import cli
 from flora.client.config import ClientSettings
 from flora.client.local import model_home
+from flora.client.local_weights import MergedWeights
+from flora.client.round_start import train_round
 from flora.client.sharding import ShardedReplicas, group_shards, model_bytes, shards_model
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.data import Example, tokenize_examples
+from flora.common.methods import ClientStart
 
 
 def test_full_always_shards_none_never_and_auto_only_a_base_larger_than_a_cuda_device():
@@ -70,10 +74,14 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_a_sharded_group_trains_the_lora_one_process_trains(tiny_model, tiny_tokenizer, one_process_group):
-    # The FSDP path in-process (one rank): sharding, the lockstep step, the gathered factors.
+@pytest.fixture()
+def data(tiny_tokenizer):
     examples = [Example(f"Repeat {w}:\n", f"{w} {w}") for w in ("apple", "river", "stone")]
-    data = tokenize_examples(examples, tiny_tokenizer, cutoff=32, mask_prompt=True)
+    return tokenize_examples(examples, tiny_tokenizer, cutoff=32, mask_prompt=True)
+
+
+def test_a_sharded_group_trains_the_lora_one_process_trains(tiny_model, data, one_process_group):
+    # The FSDP path in-process (one rank): sharding, the lockstep step, the gathered factors.
     config = TrainConfig(rank=4, batch_size=2, max_steps=2, learning_rate=1e-2, device="cpu")
     sharded_model = copy.deepcopy(tiny_model)
     assert group_shards("auto", sharded_model, torch.device("cpu")) is False
@@ -88,3 +96,18 @@ def test_a_sharded_group_trains_the_lora_one_process_trains(tiny_model, tiny_tok
         assert type(a2) is torch.Tensor and a2.shape == a.shape and b2.shape == b.shape
         assert torch.count_nonzero(b) > 0
         assert torch.allclose(a2, a, rtol=0, atol=1e-6) and torch.allclose(b2, b, rtol=0, atol=1e-6), name
+
+
+def test_a_sharded_group_starts_a_warm_round_as_one_process_does(tiny_model, data, one_process_group):
+    # A warm-started method with A frozen (ffa): the kept LoRA removed from the base before sharding.
+    spec = tiny_spec()
+    names = [m.name for m in spec.target_modules]
+    kept = random_adapter(spec, 4, 2.0, seed=3)
+    start = ClientStart(init=kept, removed=kept, train_a=False)
+    config = TrainConfig(rank=4, batch_size=2, max_steps=2, learning_rate=1e-2, device="cpu", target_modules=tuple(names))
+    alone = train_round(MergedWeights(copy.deepcopy(tiny_model), names), data, config, start)
+    sharded = train_round(MergedWeights(tiny_model, names), data, config, start, replicas=ShardedReplicas(0, 1))
+    assert sharded.train_loss == pytest.approx(alone.train_loss, rel=1e-6)
+    for name, (a, b) in alone.adapter.pairs.items():
+        assert torch.equal(sharded.adapter.pairs[name].a, a), "A stays the kept one"
+        assert torch.allclose(sharded.adapter.pairs[name].b, b, rtol=0, atol=1e-6), name
