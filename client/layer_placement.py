@@ -23,6 +23,8 @@ import psutil
 import torch
 from torch import nn
 
+from flora.common.devices import free_memory, model_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -33,8 +35,8 @@ def placed_across_devices(model: nn.Module) -> bool:
 
 def device_budgets(devices: Sequence[str]) -> list[int]:
     """Free bytes of each device: a CUDA device's free memory, the host's available memory for ``cpu``."""
-    return [torch.cuda.mem_get_info(torch.device(d))[0] if d.startswith("cuda") else psutil.virtual_memory().available
-            for d in devices]
+    free = [free_memory(torch.device(device)) for device in devices]
+    return [psutil.virtual_memory().available if f is None else f for f in free]
 
 
 @contextlib.contextmanager
@@ -62,8 +64,7 @@ def layer_map(model: nn.Module, budgets: Sequence[int]) -> dict[str, int]:
         device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split)
     left_over = [name for name, index in device_map.items() if not isinstance(index, int)]
     if left_over:
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        raise ValueError(f"the base ({size} bytes) does not fit the devices' free memory ({sum(budgets)} bytes "
+        raise ValueError(f"the base ({model_bytes(model)} bytes) does not fit the devices' free memory ({sum(budgets)} bytes "
                          f"together; {left_over[0]!r} and after left over): add devices or use --quantize")
     return dict(device_map)
 

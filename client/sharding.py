@@ -16,8 +16,6 @@ would not have loaded).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from flora.client.data_parallel import GroupReplicas
+from flora.common.devices import free_memory, model_bytes
 
 
 def shards_model(mode: str, base_bytes: int, free_bytes: int | None) -> bool:
@@ -34,16 +33,6 @@ def shards_model(mode: str, base_bytes: int, free_bytes: int | None) -> bool:
     if mode == "auto":
         return free_bytes is not None and base_bytes > free_bytes
     return mode == "full"
-
-
-def model_bytes(model: nn.Module) -> int:
-    """The bytes of the model's parameters and buffers: what every replica would hold."""
-    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Free bytes of a CUDA device; None for the CPU."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 def group_shards(mode: str, model: nn.Module, device: torch.device) -> bool:

@@ -10,10 +10,10 @@ import torch
 
 from flora.client.config import ClientSettings
 from flora.client.layer_placement import layer_map, place_layers, placed_across_devices
-from flora.client.sharding import model_bytes
 from flora.client.local import ConfigError, load_base
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.basemodel import BUILTIN_MODEL
+from flora.common.devices import model_bytes
 from flora.common.data import Example, tokenize_examples
 
 

@@ -15,9 +15,10 @@ from flora.client.config import ClientSettings
 from flora.client.local import model_home
 from flora.client.local_weights import MergedWeights
 from flora.client.round_start import train_round
-from flora.client.sharding import ShardedReplicas, group_shards, model_bytes, shards_model
+from flora.client.sharding import ShardedReplicas, group_shards, shards_model
 from flora.client.trainer import TrainConfig, train_lora
 from flora.common.data import Example, tokenize_examples
+from flora.common.devices import model_bytes
 from flora.common.methods import ClientStart
 
 
