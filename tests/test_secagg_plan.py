@@ -171,3 +171,19 @@ def test_every_client_draws_the_same_omega_from_the_seed_alone():
 def test_round_weights_cap_the_claims_as_the_plain_path_does():
     weights = round_weights([900.0, 50.0, 50.0], 0.5)
     assert weights == pytest.approx([0.5, 0.25, 0.25]) and math.isclose(sum(weights), 1.0)
+
+
+def test_a_round_through_the_masked_sum_equals_the_plain_sum_bit_for_bit():
+    """The crypto layer's masks cancel exactly mod 2^64, so the server's result cannot tell them apart."""
+    inprocess = pytest.importorskip("flora.common.secagg.inprocess", reason="the crypto layer (issue 30) is not merged")
+    method = get_method("flora")
+    updates = [_trained(method, None, r, 1.0, 0, k) for k, r in enumerate(RANKS)]
+
+    def masked(vectors: list[np.ndarray]) -> np.ndarray:
+        return inprocess.masked_sum(dict(enumerate(vectors, start=1)), threshold=3, seed=7)
+
+    plain, _ = secure_round(method, None, updates, [0.25] * 4, 8.0, wrapping_sum, dtype=torch.float64)
+    secure, _ = secure_round(method, None, updates, [0.25] * 4, 8.0, masked, dtype=torch.float64)
+    for name in SHAPES:
+        assert torch.equal(secure.delta.pairs[name].a, plain.delta.pairs[name].a)
+        assert torch.equal(secure.delta.pairs[name].b, plain.delta.pairs[name].b)

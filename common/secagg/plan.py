@@ -40,13 +40,13 @@ from flora.common.sketch import prefers_dense, sketch_basis, sketch_columns
 
 SKETCH, FACTORS = "sketch", "factors"
 KINDS: dict[str, str] = {"flora": SKETCH, "flora-warm": SKETCH, "flexlora": SKETCH, "ffa": FACTORS}
-_FACTOR_AVERAGE = ("averages the factors A and B themselves; the clip bound limits the change of their product, "
-                   "not the factors, so no fixed-point scale can be announced that every honest upload is sure to "
-                   "fit (and clipping the factors instead would change what the method merges)")
+_UNBOUNDED = ("the clip bound limits the change of their product, not the factors, so no fixed-point scale can be "
+              "announced that every honest upload is sure to fit (and clipping the factors instead would change "
+              "what the method merges)")
 REFUSALS: dict[str, str] = {
-    "fedit": _FACTOR_AVERAGE,
-    "zeropad": _FACTOR_AVERAGE,
-    "fedex": "keeps the average of the factors as its next start, " + _FACTOR_AVERAGE.split("; ", 1)[1]
+    "fedit": "averages the factors A and B themselves; " + _UNBOUNDED,
+    "zeropad": "averages the factors A and B themselves; " + _UNBOUNDED,
+    "fedex": "keeps the average of the factors A and B as its next start; " + _UNBOUNDED
              + " (its merged change alone would fit the two-pass sketch)",
 }
 BOUND_SLACK = 1e-9  # relative: projections by orthonormal Omega and Q are no larger than the change, up to round-off
@@ -97,6 +97,7 @@ class RoundPlan:
 
     @property
     def clients(self) -> int:
+        """K, the participants of the round."""
         return len(self.ranks)
 
 
