@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from flora.common.aggregation import flora_stack
-from flora.common.canonical import canonical_pair
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 from flora.common.methods import RoundResult
 from flora.common.methods.base import canonical_adapter, difference
@@ -67,11 +66,12 @@ def server_step(
 
 
 def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, dtype: torch.dtype) -> RoundResult:
-    """Delta as one adapter (canonical factors per module, padded to one rank), then the method's result."""
+    """Delta as one adapter, then the method's result. Like the plain stack, Delta's factors are
+    left for the downlink to factorize (or send dense): Q and P^T per sketched module, a dense
+    sum as itself beside an identity, all zero-padded to one rank."""
     pairs = pairs | {n: _dense_pair(d) for n, d in sketch.dense.items()}
-    canon = {n: canonical_pair(p, out_dtype=dtype) for n, p in pairs.items()}
-    width = max(p.a.shape[0] for p in canon.values())
-    change = LoraAdapter({n: pad_pair(canon[n], width) for n in sorted(canon)}, 1.0)
+    width = max(p.a.shape[0] for p in pairs.values())
+    change = LoraAdapter({n: pad_pair(LoraPair(p.a.to(dtype), p.b.to(dtype)), width) for n, p in sorted(pairs.items())}, 1.0)
     return FINISH[plan.method.name](plan, change, dtype)
 
 

@@ -22,7 +22,9 @@ The arithmetic, with every rounding counted (each encoded entry is off by at mos
 
 Substituting the largest f (2^f ~ 2^62 / (K B)) into the second gives K^2 <~ 2^39, about 741,000
 clients; beyond that, or for a bound that is not a positive finite number, no scale meets both
-and ``choose_scale`` refuses. Pure functions over numpy arrays; no masking here (that is
+and ``choose_scale`` refuses. The resolution is absolute, K B 2^-63 or so: a clip bound far above
+the changes' actual norms (say 10^6 times) spends that many of the 62 bits on range nobody uses,
+so the bound should be set near the norms, as clipping wants anyway. Pure functions over numpy arrays; no masking here (that is
 ``flora.common.secagg``'s crypto layer).
 """
 
