@@ -187,3 +187,11 @@ def test_a_round_through_the_masked_sum_equals_the_plain_sum_bit_for_bit():
     for name in SHAPES:
         assert torch.equal(secure.delta.pairs[name].a, plain.delta.pairs[name].a)
         assert torch.equal(secure.delta.pairs[name].b, plain.delta.pairs[name].b)
+
+
+def test_a_plan_refuses_weights_outside_0_1_and_a_scale_sized_for_fewer_clients():
+    method = get_method("flora")
+    with pytest.raises(ValueError, match=r"weights must lie in \[0, 1\]"):
+        plan_round(method, None, SHAPES, [4, 4], [1.0, 1.0], [1.5, -0.5], CLIP, seed=0)
+    with pytest.raises(ValueError, match="clients 1 is below this round's 2 participants"):
+        plan_round(method, None, SHAPES, [4, 4], [1.0, 1.0], [0.5, 0.5], CLIP, seed=0, clients=1)

@@ -119,6 +119,10 @@ def plan_round(
     if not ranks or len(ranks) != len(scalings) or len(ranks) != len(weights):
         raise ValueError(f"secure_aggregation: need one rank, scaling and weight per client, got "
                          f"{len(ranks)}, {len(scalings)}, {len(weights)}")
+    if not all(0.0 <= w <= 1.0 for w in weights):
+        raise ValueError(f"secure_aggregation: weights must lie in [0, 1], got {list(weights)}")
+    if clients is not None and clients < len(ranks):
+        raise ValueError(f"secure_aggregation: clients {clients} is below this round's {len(ranks)} participants")
     method.validate(list(ranks), list(scalings))
     kind = KINDS[method.name]
     if kind == SKETCH:
