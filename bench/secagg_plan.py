@@ -8,8 +8,9 @@ q_proj and v_proj, 4096 x 4096 each; the 1B shape's 32 target modules), per roun
 - extra bytes down: the broadcast Q (float64) between the passes; the round's global update after
   it is the same downlink as plain flora's and is not counted;
 - seconds of the plan in process: a client's clipping, projections and encoding (median over a
-  few sampled clients, one per rank; drawing Omega, once per round, apart), and the server's two
-  steps (decode, range check, QR, assembly, canonical factors).
+  few sampled clients, one per rank; drawing Omega, once per round, apart), and the server's
+  steps (decode, range check, QR, assembly) plus the downlink's factorization of their result,
+  against plain flora's merge of all K clients' factors (the stack) plus the downlink's of it.
 
 Measured with a plain sum mod 2^64: no masking, key agreement or secret sharing (the crypto
 layer's cost, benchmarked on its own), so the seconds are the maths alone. Usage:
@@ -32,6 +33,7 @@ import torch
 
 from bench.report import RESULTS, write_results
 from bench.scale import SHAPES as MODEL_SHAPES
+from flora.common.downlink import plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import get_method
 from flora.common.secagg.contribution import client_change, client_contribution
@@ -71,7 +73,8 @@ def byte_counts(plan: RoundPlan, shapes: dict[str, tuple[int, int]]) -> dict[str
 
 
 def timed_round(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: int) -> dict[str, float]:
-    """Seconds of Omega, of one client's passes (median of ``samples`` clients), of the server's steps."""
+    """Seconds of Omega, of one client's passes (median of ``samples`` clients), of the server's
+    steps, and of the downlink's factorization of the result (as the server does next)."""
     clock = time.perf_counter()
     bases = sketch_bases(plan)
     omega_s = time.perf_counter() - clock
@@ -94,9 +97,23 @@ def timed_round(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
             client_s[k] += time.perf_counter() - clock
             total = vector if total is None else wrapping_sum([total, vector])
         clock = time.perf_counter()
-        server_step(plan, 2, total, step)
+        step = server_step(plan, 2, total, step)
         server_s += time.perf_counter() - clock
-    return {"omega_s": omega_s, "client_s": statistics.median(client_s), "server_s": server_s}
+    clock = time.perf_counter()
+    plan_downlink(step.delta.pairs)
+    return {"omega_s": omega_s, "client_s": statistics.median(client_s), "server_s": server_s,
+            "downlink_s": time.perf_counter() - clock}
+
+
+def timed_plain(shapes: dict[str, tuple[int, int]], ranks: list[int]) -> dict[str, float]:
+    """The baseline: plain flora's merge (the stack) of all K clients and the downlink's factorization of it."""
+    updates = [trained(shapes, r, k) for k, r in enumerate(ranks)]
+    clock = time.perf_counter()
+    result = get_method("flora").merge(None, updates, [1.0 / len(ranks)] * len(ranks))
+    merge_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    plan_downlink(result.delta.pairs)
+    return {"plain_merge_s": merge_s, "plain_downlink_s": time.perf_counter() - clock}
 
 
 def measure(shape: str, clients: int, ranks: list[int], samples: int, log) -> dict[str, object]:
@@ -110,6 +127,8 @@ def measure(shape: str, clients: int, ranks: list[int], samples: int, log) -> di
            "dense": dense, "passes": plan.passes, "scale_bits": plan.bits, **byte_counts(plan, shapes)}
     log(f"{shape} K={clients}: {row['secure_up_MB']:.1f} MB up per client, timing {min(samples, clients)} clients")
     row.update(timed_round(plan, shapes, samples))
+    row.update(timed_plain(shapes, client_ranks))
+    row["server_vs_plain"] = (row["server_s"] + row["downlink_s"]) / (row["plain_merge_s"] + row["plain_downlink_s"])
     return row
 
 
@@ -135,7 +154,11 @@ def main() -> None:
     print(f"\nflora under secure aggregation, per round and client (ranks {args.ranks} cycled; plain sum mod 2^64, "
           "no masking cost)")
     print(format_table(rows, ["shape", "K", "sum_of_ranks", "modules", "dense", "passes", "secure_up_MB", "plain_up_MB",
-                              "up_ratio", "q_down_MB", "omega_s", "client_s", "server_s"]))
+                              "up_ratio", "q_down_MB"]))
+    print("\nSeconds: a client's clipping, projections and encoding (Omega apart); the server's steps and the "
+          "downlink's factorization of their result, against plain flora's merge (the stack) and its downlink")
+    print(format_table(rows, ["shape", "K", "omega_s", "client_s", "server_s", "downlink_s", "plain_merge_s",
+                              "plain_downlink_s", "server_vs_plain"]))
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
     payload = {"ranks": ranks, "samples": args.samples, "rows": rows,
                "wall_seconds": time.perf_counter() - start, "load_average_1_5_15_min_at_end": os.getloadavg()}
