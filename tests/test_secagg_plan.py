@@ -15,6 +15,7 @@ from flora.common.methods import RoundResult, get_method
 from flora.common.secagg.contribution import ClientChange, client_change, client_contribution
 from flora.common.secagg.finish import server_step
 from flora.common.secagg.fixedpoint import decode, encode, wrapping_sum
+from flora.common.secagg.inprocess import masked_stages, masked_sum
 from flora.common.secagg.plan import check_secure, plan_round, round_weights, sketch_bases, vector_length
 from flora.common.secagg.secure_round import secure_round
 
@@ -175,18 +176,41 @@ def test_round_weights_cap_the_claims_as_the_plain_path_does():
 
 def test_a_round_through_the_masked_sum_equals_the_plain_sum_bit_for_bit():
     """The crypto layer's masks cancel exactly mod 2^64, so the server's result cannot tell them apart."""
-    inprocess = pytest.importorskip("flora.common.secagg.inprocess", reason="the crypto layer (issue 30) is not merged")
     method = get_method("flora")
     updates = [_trained(method, None, r, 1.0, 0, k) for k, r in enumerate(RANKS)]
 
     def masked(vectors: list[np.ndarray]) -> np.ndarray:
-        return inprocess.masked_sum(dict(enumerate(vectors, start=1)), threshold=3, seed=7)
+        return masked_sum(dict(enumerate(vectors, start=1)), threshold=3, seed=7)
 
     plain, _ = secure_round(method, None, updates, [0.25] * 4, 8.0, wrapping_sum, dtype=torch.float64)
     secure, _ = secure_round(method, None, updates, [0.25] * 4, 8.0, masked, dtype=torch.float64)
     for name in SHAPES:
         assert torch.equal(secure.delta.pairs[name].a, plain.delta.pairs[name].a)
         assert torch.equal(secure.delta.pairs[name].b, plain.delta.pairs[name].b)
+
+
+def test_both_passes_as_masked_stages_of_one_round_give_the_plain_result():
+    """As the wire will run it: one key agreement, then pass 1 and pass 2 as the round's two masked
+    stages, each client's pass-2 vectors computed from Q, which the server derives from stage 1's sums."""
+    method, weights = get_method("flora-warm"), [0.25] * 4
+    kept = _trained(get_method("flora"), None, 16, 1.0, 9, 0)
+    updates = [_trained(method, kept, r, 1.0, 1, k) for k, r in enumerate(RANKS)]
+    plan = plan_round(method, kept, SHAPES, RANKS, [1.0] * 4, weights, 8.0, seed=0)
+    changes, bases, sketches = [client_change(plan, k, u) for k, u in enumerate(updates)], sketch_bases(plan), {}
+
+    def vectors(stage: int, client: int, previous) -> list[np.ndarray]:
+        if stage == 1:  # one vector per stage (j = 0): the pass's blocks concatenated
+            return [np.concatenate(client_contribution(plan, 1, changes[client - 1], bases))]
+        if "q" not in sketches:  # the server's broadcast, once
+            sketches["q"] = server_step(plan, 1, previous.sums[0], dtype=torch.float64)
+        return [np.concatenate(client_contribution(plan, 2, changes[client - 1], sketches["q"].q))]
+
+    stages = masked_stages([1, 2, 3, 4], threshold=3, seed=11, stages=plan.passes, vectors=vectors)
+    secure = server_step(plan, 2, stages[1].sums[0], sketches["q"], torch.float64)
+    plain, _ = secure_round(method, kept, updates, weights, 8.0, wrapping_sum, seed=0, dtype=torch.float64)
+    for name in SHAPES:
+        assert torch.equal(secure.delta.pairs[name].a, plain.delta.pairs[name].a)
+        assert torch.equal(secure.kept.pairs[name].b, plain.kept.pairs[name].b)
 
 
 def test_a_plan_refuses_weights_outside_0_1_and_a_scale_sized_for_fewer_clients():
