@@ -101,3 +101,19 @@ def test_print_config_round_trips_the_dp_fields(capsys):
     main(["--print-config"] + DP + ["--dp-target-epsilon", "80"])
     values = tomllib.loads(capsys.readouterr().out)
     assert (values["dp_noise_multiplier"], values["dp_clip_norm"], values["dp_target_epsilon"]) == (4.0, 0.5, 80.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--dp-noise-multiplier", "200"], "dp_noise_multiplier"),
+        (["--method", "nope"], "method"),
+        (["--dp-accountant", "gdp"], "dp_accountant"),
+        (["--min-clients", "0"], "min_clients"),
+    ],
+)
+def test_a_target_beside_another_invalid_field_names_that_field_not_a_traceback(argv, field):
+    """The target's check reads other fields; one of them refused must be reported as itself."""
+    with pytest.raises(SettingsError) as error:
+        settings_from(["--dp-noise-multiplier", "4", "--dp-clip-norm", "0.5", "--dp-target-epsilon", "8"] + argv)
+    assert f"{field}:" in str(error.value)
