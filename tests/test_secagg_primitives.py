@@ -169,6 +169,16 @@ def test_too_few_or_inconsistent_shares_are_refused() -> None:
         shamir.combine([tampered, shares[1], shares[2]], 3)
 
 
+@pytest.mark.parametrize("threshold", [0, -1])
+def test_combine_refuses_a_threshold_below_one(threshold: int) -> None:
+    """Lagrange over no points gives 0: a threshold below 1 would return the all-zero secret
+    instead of refusing."""
+    shares = shamir.split(b"\x01" * 32, 2, [1, 2, 3])
+    with pytest.raises(SecAggError, match="threshold") as err:
+        shamir.combine(shares, threshold)
+    assert err.value.field == "threshold"
+
+
 @pytest.mark.parametrize("raw, reason", [
     (b"\x00" * 69, "is 69 bytes"),
     (b"\x00" * 71, "is 71 bytes"),
