@@ -223,6 +223,13 @@ def test_graph_ring_order_follows_the_documented_hash() -> None:
         assert g.neighbours[c] == {expected[p - 1], expected[(p + 1) % len(ids)]}
 
 
+def test_the_default_graph_is_complete_up_to_13_clients_as_documented() -> None:
+    """PROTOCOL.md's "complete graph up to 13 clients, 20 at n = 100" (30 at 1,000 in graph.py)."""
+    assert all(graph.default_degree(n) == n - 1 for n in range(2, 14))
+    assert graph.default_degree(14) == 12 < 13
+    assert (graph.default_degree(100), graph.default_degree(1000)) == (20, 30)
+
+
 def test_small_graphs_are_complete_and_degrees_checked() -> None:
     g = graph.neighbour_graph(b"\x00" * 32, range(5))
     assert g.degree == 4 and all(len(n) == 4 for n in g.neighbours.values())
