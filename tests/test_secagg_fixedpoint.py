@@ -71,6 +71,15 @@ def test_too_many_clients_for_float32_resolution_are_refused_with_the_arithmetic
         choose_scale(1.0, 2**21)
 
 
+@pytest.mark.parametrize("bound", [1.0, 1.0 - 2.0**-50, 1.3, 4.0, 7.5, 1e-3])
+def test_the_client_count_the_refusal_names_fits_at_any_bound(bound):
+    """The refusal's "at most N clients fit" holds at every bound: the largest f is floor(log2 of
+    the room), which costs up to one bit, so N is 2^19 - 1 (K^2 < 2^38), not sqrt(2^39)."""
+    assert choose_scale(bound, max_clients()) >= 0
+    with pytest.raises(ValueError, match=f"at most {max_clients():,} clients fit at any bound"):
+        choose_scale(bound, 2**21)
+
+
 def test_encode_refuses_non_finite_values_and_values_beyond_the_range():
     bits = choose_scale(1.0, 4)
     with pytest.raises(ValueError, match="must be finite"):
