@@ -59,6 +59,14 @@ def test_a_bound_that_is_not_positive_and_finite_is_refused(bound):
         choose_scale(bound, 3)
 
 
+@pytest.mark.parametrize("bound", [1e-300, 5e-324])
+def test_a_bound_too_small_for_any_float64_scale_is_refused_by_name(bound):
+    """2^62 / (K B) overflows float64 below about 1e-290: a ValueError naming the bound, not an
+    OverflowError from the arithmetic."""
+    with pytest.raises(ValueError, match="bound .* is too small for a fixed-point scale"):
+        choose_scale(bound, 3)
+
+
 @pytest.mark.parametrize("clients", [0, -2, 2.5, True])
 def test_a_client_count_that_is_not_a_positive_integer_is_refused(clients):
     with pytest.raises(ValueError, match="clients must be an integer >= 1"):

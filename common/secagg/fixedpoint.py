@@ -50,6 +50,9 @@ def choose_scale(bound: float, clients: int) -> int:
         raise ValueError(f"secure aggregation: clients must be an integer >= 1, got {clients!r}")
     # K (B 2^f + 1/2) <= 2^62  <=>  2^f <= (2^62 / K - 1/2) / B
     room = (2.0**HEADROOM_BITS / clients - 0.5) / bound
+    if not math.isfinite(room):  # 2^f beyond float64: decoding at 2^-f would underflow
+        raise ValueError(f"secure aggregation: bound {bound:g} is too small for a fixed-point scale (float64 cannot "
+                         f"hold 2^62 / (clients x bound)); clip to a larger norm")
     bits = math.floor(math.log2(room))
     while clients * (math.ldexp(bound, bits) + 0.5) > 2.0**HEADROOM_BITS:  # log2's own rounding
         bits -= 1
