@@ -146,6 +146,10 @@ class _DaemonFields(BaseModel):
         """Refuse the --shard combinations that cannot work, naming the flags."""
         if len({device.split(":")[0] for device in self.devices or ()}) > 1:
             raise ValueError(f"devices {self.devices} mix the CPU and CUDA: one kind per client")
+        repeated = sorted({d for d in self.devices or () if d != "cpu" and self.devices.count(d) > 1})
+        if repeated:  # two NCCL ranks on one GPU fail; layers spread over it would count its memory twice
+            raise ValueError(f"devices {self.devices} name {repeated[0]} twice: one process, or one share of the "
+                             "layers, per CUDA device")
         if self.shard == "full" and self.quantize != "none":
             raise ValueError(f"shard full splits a full-precision base over processes; quantize ({self.quantize}) "
                              "trains in one: drop --shard full or --quantize")

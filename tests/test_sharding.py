@@ -49,6 +49,8 @@ def data_file(tmp_path):
     ({"shard": "layers", "devices": ["cpu", "cpu"], "quantize": "int8"}, r"not quantize \(int8\)"),
     ({"shard": "layers", "devices": ["cpu", "cpu"], "device": "cuda:1"}, r"device \(cuda:1\) contradicts shard layers"),
     ({"devices": ["cpu", "cuda:0"]}, "mix the CPU and CUDA"),
+    ({"devices": ["cuda:0", "cuda:1", "cuda:0"]}, r"name cuda:0 twice"),  # NCCL refuses two ranks on one GPU
+    ({"devices": ["cuda:1", "cuda:1"], "shard": "layers"}, r"name cuda:1 twice"),  # its free memory counted twice
 ])
 def test_combinations_that_cannot_work_are_refused_naming_the_flags(data_file, values, message):
     with pytest.raises(ValueError, match=message):
