@@ -26,6 +26,7 @@ uses the same identity for composed Gaussians under sampling).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -129,6 +130,28 @@ def epsilon_after_rounds(sigma: float, num_clients: int, clients_per_round: int,
         done = r
         epsilons.append(float(pld.get_epsilon(delta)))
     return epsilons
+
+
+def epsilon_of_rounds(sigma: float, samples: Sequence[tuple[int, int]], passes: int, delta: float,
+                      accountant: Accountant = "rdp") -> float:
+    """Epsilon spent by rounds that each sampled ``selected`` of ``population`` clients: (population, selected) per round.
+
+    A running server knows each round's sample only when it opens it (clients come and go), so
+    its budget composes the rounds as they were, not as planned. Rounds with the same sample
+    are composed together (one event with a count), which keeps PLD fast over long runs.
+    """
+    if not samples:
+        return 0.0
+    _check_sigma(sigma)
+    for population, selected in samples:
+        _check(population, selected, 1, passes, delta, accountant)
+    dp = _dp()
+    relation = neighbouring_relation(accountant)
+    composed = (dp.rdp.RdpAccountant(neighboring_relation=relation) if accountant == "rdp" else
+                dp.pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION))
+    for (population, selected), count in sorted(Counter(samples).items()):
+        composed.compose(round_event(sigma, population, selected, passes, accountant), count)
+    return float(composed.get_epsilon(delta))
 
 
 def sigma_for_epsilon(target_epsilon: float, num_clients: int, clients_per_round: int, rounds: int, passes: int,

@@ -1,0 +1,83 @@
+"""A real DP run (issue 31): the target epsilon ends it at the right round, and SIGKILLs do not move the budget.
+
+The noise itself is the aggregator's business; this test holds whether or not the release is
+noisy, since the budget depends only on what was released and how the clients were sampled.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("dp_accounting")
+
+from flora.common.privacy.accountant import epsilon_of_rounds
+from test_server_restart import Session
+
+pytestmark = pytest.mark.slow
+
+SIGMA, TARGET = 4.0, 5.0
+DP_FLAGS = ("--dp-noise-multiplier", str(SIGMA), "--dp-clip-norm", "0.5", "--dp-target-epsilon", str(TARGET),
+            "--rounds", "4")
+
+
+def spent(rounds: int) -> float:
+    """Both clients every round (2 of 2), the sketch release (2 mechanisms), delta 1e-5: 3.19, 4.73, 5.98."""
+    return epsilon_of_rounds(SIGMA, [(2, 2)] * rounds, 2, 1e-5)
+
+
+def _submit(session: Session, number: int, *clients) -> None:
+    for client in clients:
+        assert client.wait_for_train().round == number
+        assert client.submit(session.payload(client, number), number).accepted
+
+
+@pytest.fixture()
+def dp_session(tmp_path):
+    created = Session(tmp_path / "state", *DP_FLAGS)
+    yield created
+    created.kill_all()
+
+
+def test_target_epsilon_ends_the_run_and_sigkills_neither_reset_nor_double_count(dp_session):
+    session = dp_session
+    assert spent(2) <= TARGET < spent(3)
+    _submit(session, 1, session.alice, session.bob)
+    session.operator.wait_for_version(1)
+    assert session.operator.status().privacy.epsilon == pytest.approx(spent(1))
+
+    session.restart_after_kill()  # between rounds
+    status = session.operator.status()
+    assert status.privacy.epsilon == pytest.approx(spent(1)) and status.privacy.delta == 1e-5
+    _submit(session, 2, session.alice)
+    session.restart_after_kill()  # in the middle of round 2, one update recorded
+    _submit(session, 2, session.bob)
+    session.operator.wait_for_version(2)
+
+    history = session.history()
+    assert [(h["round"], h["dp_delta"]) for h in history] == [(1, 1e-5), (2, 1e-5)]
+    assert [h["dp_epsilon"] for h in history] == pytest.approx([spent(1), spent(2)])
+    assert [(h["dp_population"], h["dp_selected"]) for h in history] == [(2, 2), (2, 2)]
+    session.alice.next_task()  # back after the restart: round 3 would have its two clients
+    status = _finished(session)
+    line = f"privacy budget: round 3 would spend epsilon {spent(3):.4g} > target 5"
+    assert status.global_version == 2 and status.privacy.ended.startswith(line)
+    assert line in session.server.output() and "the run ends at version 2" in session.server.output()
+    assert session.bob.next_task().WhichOneof("kind") == "finished"
+    assert [r.dp_epsilon for r in status.recent_rounds] == pytest.approx([spent(1), spent(2)])
+
+    session.restart_after_kill()  # the end is kept: no round 3 after a restart either
+    status = session.operator.status()
+    assert (status.state, status.global_version) == ("finished", 2)
+    assert status.privacy.epsilon == pytest.approx(spent(2)) and "round 3 would have passed" in status.privacy.ended
+    assert len(session.history()) == 2
+
+
+def _finished(session: Session, attempts: int = 100):
+    for _ in range(attempts):
+        status = session.operator.status()
+        if status.state == "finished":
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"the run did not finish: {status.state}, version {status.global_version}")
