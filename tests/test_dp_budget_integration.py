@@ -13,13 +13,16 @@ import pytest
 pytest.importorskip("dp_accounting")
 
 from flora.common.privacy.accountant import epsilon_of_rounds
+from flora.server.admin.console import render_plain
+from flora.server.admin.report import write_report
+from test_admin_kits import scrape
 from test_server_restart import Session
 
 pytestmark = pytest.mark.slow
 
 SIGMA, TARGET = 4.0, 5.0
 DP_FLAGS = ("--dp-noise-multiplier", str(SIGMA), "--dp-clip-norm", "0.5", "--dp-target-epsilon", str(TARGET),
-            "--rounds", "4")
+            "--rounds", "4", "--metrics-port", "0")
 
 
 def spent(rounds: int) -> float:
@@ -66,6 +69,13 @@ def test_target_epsilon_ends_the_run_and_sigkills_neither_reset_nor_double_count
     assert line in session.server.output() and "the run ends at version 2" in session.server.output()
     assert session.bob.next_task().WhichOneof("kind") == "finished"
     assert [r.dp_epsilon for r in status.recent_rounds] == pytest.approx([spent(1), spent(2)])
+    assert f"privacy: epsilon {spent(2):.4g} spent of target 5 at delta 1e-05" in render_plain(status, time.time())
+    url = next(line.split("metrics on ", 1)[1].split()[0] for line in session.server.lines if "metrics on http" in line)
+    metrics = _when(lambda: (m := scrape(url))[("flora_dp_epsilon", ())] > spent(1) and m)
+    assert metrics[("flora_dp_epsilon", ())] == pytest.approx(spent(2))
+    assert (metrics[("flora_dp_delta", ())], metrics[("flora_dp_target_epsilon", ())]) == (1e-5, TARGET)
+    report = (write_report(session.state_dir, session.state_dir.parent / "report", require_png=False).markdown).read_text()
+    assert f"epsilon {spent(2):.4g} at delta 1e-05 after 2 rounds" in report
 
     session.restart_after_kill()  # the end is kept: no round 3 after a restart either
     status = session.operator.status()
@@ -74,10 +84,14 @@ def test_target_epsilon_ends_the_run_and_sigkills_neither_reset_nor_double_count
     assert len(session.history()) == 2
 
 
-def _finished(session: Session, attempts: int = 100):
+def _finished(session: Session):
+    return _when(lambda: (status := session.operator.status()).state == "finished" and status)
+
+
+def _when(probe, attempts: int = 100):
+    """The probe's first truthy answer, polled every 0.1 s."""
     for _ in range(attempts):
-        status = session.operator.status()
-        if status.state == "finished":
-            return status
+        if answer := probe():
+            return answer
         time.sleep(0.1)
-    raise AssertionError(f"the run did not finish: {status.state}, version {status.global_version}")
+    raise AssertionError("the condition never held")
