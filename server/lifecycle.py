@@ -70,6 +70,11 @@ class RoundDriver:
         self.privacy = PrivacyBudget.of_run(settings, store.history())
         machine.gate = None if self.privacy is None else self.privacy.refusal
         self.ended = ended_before(self.privacy, machine.finished, machine.version, store.live_settings().get("rounds"))
+        if (budget := self.privacy) is not None:
+            log.info("differential privacy: noise multiplier %g, clip norm %g, %d Gaussian release(s) per round, %s "
+                     "accountant, delta %.3g, target epsilon %s; epsilon %.4g spent by %d committed rounds",
+                     budget.sigma, settings.dp_clip_norm, budget.passes, budget.accountant, budget.delta,
+                     "none" if budget.target is None else f"{budget.target:g}", budget.spent, len(budget.samples))
 
     # --- notifications --------------------------------------------------------------------
 
