@@ -95,3 +95,22 @@ def _when(probe, attempts: int = 100):
             return answer
         time.sleep(0.1)
     raise AssertionError("the condition never held")
+
+
+def test_an_abandoned_dp_attempt_drops_its_update_and_the_next_attempt_samples_afresh(tmp_path):
+    session = Session(tmp_path / "state", "--dp-noise-multiplier", str(SIGMA), "--dp-clip-norm", "0.5",
+                      "--quorum", "1.0", "--round-deadline-s", "8")
+    try:
+        payload = session.payload(session.alice, 1)
+        assert session.alice.wait_for_train().round == 1
+        assert session.alice.submit(payload, 1).accepted  # bob never answers attempt 1
+        status = _when(lambda: (s := session.operator.status()).round.attempt == 2 and s, attempts=300)
+        assert list(status.round.submitted) == [] and len(status.round.selected) == 2  # dropped, both sampled again
+        assert session.alice.submit(payload, 1).accepted  # the same update may come again: it was not at fault
+        _submit(session, 1, session.bob)
+        session.operator.wait_for_version(1)
+        (record,) = session.history()
+        assert [e["name"] for e in record["excluded"]] == ["alice"] and "abandoned" in record["excluded"][0]["reason"]
+        assert record["num_clients"] == 2 and record["dp_epsilon"] == pytest.approx(spent(1))
+    finally:
+        session.kill_all()
