@@ -75,6 +75,19 @@ class RoundDriver:
                      "accountant, delta %.3g, target epsilon %s; epsilon %.4g spent by %d committed rounds",
                      budget.sigma, settings.dp_clip_norm, budget.passes, budget.accountant, budget.delta,
                      "none" if budget.target is None else f"{budget.target:g}", budget.spent, len(budget.samples))
+            self._plan(budget)
+
+    def _plan(self, budget: PrivacyBudget) -> None:
+        """Say at start when the target will end the run early, at the clients a round is sure of (min_clients)."""
+        if self.machine.finished or budget.target is None:
+            return
+        population = self.settings.min_clients
+        selected = self.settings.selection.size(population)
+        last = budget.last_round_within(population, selected, self.settings.rounds)
+        if last < self.settings.rounds:
+            log.warning("privacy plan: with %d of %d clients per round, target epsilon %g allows rounds up to %d of %d; "
+                        "the run ends there unless more eligible clients widen the sampling (flora-admin dp-plan)",
+                        selected, population, budget.target, last, self.settings.rounds)
 
     # --- notifications --------------------------------------------------------------------
 

@@ -68,6 +68,22 @@ class PrivacyBudget:
         return (f"privacy budget: round {number} would spend epsilon {epsilon:.4g} > target {self.target:g} "
                 f"(delta {self.delta:.3g}, {selected} of {population} clients); the run ends at version {number - 1}")
 
+    def last_round_within(self, population: int, selected: int, rounds: int) -> int:
+        """The last round up to ``rounds`` that stays within the target if every round left samples
+        ``selected`` of ``population`` (a plan, said at start; bisected: epsilon grows with rounds)."""
+        done = len(self.samples)
+
+        def within(last: int) -> bool:
+            return self.epsilon_after([*self.samples, *[(population, selected)] * (last - done)]) <= self.target
+
+        if self.target is None or within(rounds):
+            return rounds
+        low, high = done, rounds  # round ``low`` is committed or stays within, ``high`` passes
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if within(mid) else (low, mid)
+        return low
+
     def record(self, population: int, selected: int) -> dict[str, Any]:
         """The history fields of a round about to be committed with this sample."""
         epsilon = self.epsilon_after([*self.samples, (population, selected)])

@@ -142,6 +142,14 @@ def test_refusal_names_the_round_the_epsilon_the_target_and_the_version_the_run_
     assert ended_before(budget, True, 1, "4") == "" and ended_before(budget, False, 1, "1") == ""
 
 
+def test_the_plan_names_the_last_round_the_target_allows():
+    budget = PrivacyBudget.of_run(settings_from(DP + ["--dp-target-epsilon", "5"]), [])
+    assert budget.last_round_within(2, 2, 10) == 2  # 3.19, 4.73, then 5.98
+    assert budget.last_round_within(2, 2, 2) == 2 and budget.last_round_within(1000, 2, 10) == 10
+    budget.samples, budget.spent = [(2, 2)], 3.19
+    assert budget.last_round_within(2, 2, 10) == 2
+
+
 def test_console_and_report_show_the_spent_budget():
     status = pb.StatusReply(state="finished", privacy=pb.PrivacyStatus(
         epsilon=3.5, delta=1e-5, target_epsilon=5, noise_multiplier=4, clip_norm=0.5, accountant="rdp",

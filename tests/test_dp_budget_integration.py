@@ -46,6 +46,7 @@ def dp_session(tmp_path):
 def test_target_epsilon_ends_the_run_and_sigkills_neither_reset_nor_double_count(dp_session):
     session = dp_session
     assert spent(2) <= TARGET < spent(3)
+    assert "privacy plan: with 2 of 2 clients per round, target epsilon 5 allows rounds up to 2 of 4" in session.server.output()
     _submit(session, 1, session.alice, session.bob)
     session.operator.wait_for_version(1)
     assert session.operator.status().privacy.epsilon == pytest.approx(spent(1))
