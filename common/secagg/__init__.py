@@ -13,5 +13,14 @@ in process; the gRPC stages build on these pure pieces. One job per module:
 - ``inprocess``: one whole round in one process (``masked_sum``, ``masked_stages``), for tests
   and benchmarks.
 
-Layouts an outside client must reproduce are in protos/PROTOCOL.md, "Secure aggregation: formats".
+What the masked vectors hold (the maths layer, issue 30 item 2):
+
+- ``fixedpoint``: floats to and from integers mod 2^64, with the run's announced scale;
+- ``plan``: per aggregation method, the passes of a round and the layout of each pass's vector;
+- ``contribution``: the client's side (clip, weight, project, encode);
+- ``finish``: the server's side (from the unmasked sums to the method's ``RoundResult``);
+- ``secure_round``: one whole round in one process, over any sum of uint64 vectors.
+
+Layouts an outside client must reproduce are in protos/PROTOCOL.md, "Secure aggregation: formats"
+and "Secure aggregation: the passes".
 """
