@@ -25,6 +25,11 @@ class FlexLora(AggregationMethod):
     name = "flexlora"
     exact = False
     summary = "FlexLoRA: average of products, clients start from its truncated SVD on the base (inexact)"
+    dp_refusal = (
+        "its global update is the average of the clients' whole products, each from its own truncated start, "
+        "not a sum of changes from one public start: the private releases (sum of clipped changes) do not "
+        "give it"
+    )
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The global update cut to this client's rank, on the weights without any of it."""

@@ -1,0 +1,88 @@
+"""The two-pass range finder: exact for mixed ranks at the announced column bound, never larger
+than a change in norm, and wrong when the bound is too small (so the bound is what matters)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora.common.lora import LoraPair
+from flora.common.sketch import (
+    assemble, prefers_dense, project_columns, project_rows, range_basis, sketch_basis, sketch_columns,
+)
+
+D_OUT, D_IN = 48, 40
+
+
+def _changes(ranks: list[int], seed: int = 0) -> list[LoraPair]:
+    generator = torch.Generator().manual_seed(seed)
+    return [LoraPair(a=torch.randn(r, D_IN, generator=generator, dtype=torch.float64),
+                     b=torch.randn(D_OUT, r, generator=generator, dtype=torch.float64)) for r in ranks]
+
+
+def _two_pass(changes: list, columns: int, seed: int = 7) -> torch.Tensor:
+    omega = sketch_basis(D_IN, columns, seed)
+    q = range_basis(sum(project_columns(c, omega) for c in changes))
+    p = sum(project_rows(c, q) for c in changes)
+    pair = assemble(q, p)
+    return pair.b @ pair.a
+
+
+def _dense(change: LoraPair) -> torch.Tensor:
+    return change.b @ change.a
+
+
+@pytest.mark.parametrize("ranks", [[16, 8, 4, 2], [1], [3, 3, 3]])
+def test_two_passes_at_the_rank_bound_give_the_exact_sum_of_mixed_rank_changes(ranks):
+    changes = _changes(ranks)
+    exact = sum(_dense(c) for c in changes)
+    columns = sketch_columns(sum(ranks), D_OUT, D_IN)
+    result = _two_pass(changes, columns)
+    assert torch.linalg.norm(result - exact) <= 1e-10 * torch.linalg.norm(exact)
+
+
+def test_dense_and_factored_changes_give_the_same_projections():
+    changes = _changes([5, 2])
+    omega = sketch_basis(D_IN, 9, 1)
+    for change in changes:
+        assert torch.allclose(project_columns(change, omega), project_columns(_dense(change), omega), rtol=1e-12, atol=1e-12)
+        q = range_basis(project_columns(change, omega))
+        assert torch.allclose(project_rows(change, q), project_rows(_dense(change), q), rtol=1e-12, atol=1e-12)
+
+
+def test_too_few_columns_lose_part_of_the_sum():
+    changes = _changes([16, 8])
+    exact = sum(_dense(c) for c in changes)
+    result = _two_pass(changes, 12)  # 12 < 24 = the sum's rank
+    assert torch.linalg.norm(result - exact) > 0.01 * torch.linalg.norm(exact)
+
+
+def test_no_projection_is_larger_than_its_change():
+    """The sensitivity bound of the private release: |D Omega| <= |D| and |D^T Q| <= |D|."""
+    for seed in range(5):
+        change = _changes([6], seed)[0]
+        omega = sketch_basis(D_IN, 10, seed)
+        q = range_basis(torch.randn(D_OUT, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+        norm = torch.linalg.norm(_dense(change))
+        assert torch.linalg.norm(project_columns(change, omega)) <= norm * (1 + 1e-12)
+        assert torch.linalg.norm(project_rows(change, q)) <= norm * (1 + 1e-12)
+
+
+def test_the_basis_is_orthonormal_and_drawn_from_its_seed_alone():
+    omega = sketch_basis(D_IN, 12, 3)
+    assert omega.shape == (D_IN, 12)
+    assert torch.allclose(omega.T @ omega, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(omega, sketch_basis(D_IN, 12, 3))
+    assert not torch.allclose(omega, sketch_basis(D_IN, 12, 4))
+
+
+def test_columns_are_capped_by_the_matrix_and_the_dense_choice_follows_the_issue_rule():
+    assert sketch_columns(30, D_OUT, D_IN) == 34
+    assert sketch_columns(100, D_OUT, D_IN) == D_IN
+    assert not prefers_dense(4096, 4096, 64)
+    assert prefers_dense(64, 64, 17)  # 2*17*128 = 4352 > 4096
+    assert not prefers_dense(64, 64, 16)  # 4096 is not more than 4096
+    with pytest.raises(ValueError, match="rank_bound 0"):
+        sketch_columns(0, D_OUT, D_IN)
+    with pytest.raises(ValueError, match="columns 41"):
+        sketch_basis(D_IN, 41, 0)
