@@ -200,6 +200,17 @@ class ServerSettings(BaseModel):
         5, ge=0, le=100_000,
         description="save a merged Hugging Face checkpoint every N rounds (0 = only at the end; the last round always)",
     )
+    # --- differential privacy (issue 31) ----------------------------------------------------
+    dp_noise_multiplier: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="client-level DP: noise std per entry = this x dp_clip_norm x the largest weight; unset = no DP",
+    )
+    dp_clip_norm: float | None = Field(
+        None, gt=0.0, description="client-level DP: each client's change (all modules) is clipped to this Frobenius norm",
+    )
+    dp_release: Literal["sketch", "dense"] = Field(
+        "sketch", description="client-level DP: noisy two-pass low-rank sketch (2 mechanisms) or noisy dense update (1)",
+    )
     # --- evaluation -----------------------------------------------------------------------
     validation_data: list[str] = Field(
         [],

@@ -288,7 +288,8 @@ class RoundDriver:
             {"client_id": s.client_id, "name": names.get(s.client_id, ""), "rank": s.rank, "alpha": s.alpha,
              "num_examples": s.num_examples, "weight": w, "train_loss": s.train_loss, "validation_loss": s.validation_loss,
              "steps": s.steps, "train_seconds": s.train_seconds, "bytes": s.size,
-             "norm": d.norm, "claimed_weight": d.raw_weight, "weight_capped": d.capped, "clip_factor": d.clip_factor,
+             "norm": _finite(d.norm), "claimed_weight": d.raw_weight, "weight_capped": d.capped,
+             "clip_factor": _finite(d.clip_factor),  # null under DP: functions of one client's clear update
              "rejected": d.rejected}
             for s, w, d in zip(submissions, output.weights, output.decisions)
         ]

@@ -23,6 +23,7 @@ class FedEx(PersistentLora):
     name = "fedex"
     exact = True
     summary = "FedEx-LoRA: persistent averaged LoRA plus the exact residual folded into the base (exact)"
+    dp_refusal = "its kept global LoRA averages the clients' A and B factors, which no release of the summed change determines"
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The nested prefix of the global LoRA, removed from the weights it is trained on."""

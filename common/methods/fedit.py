@@ -21,6 +21,7 @@ class FedIt(PersistentLora):
     name = "fedit"
     exact = False
     summary = "FedIT: persistent global LoRA, A and B averaged separately (equal ranks; inexact)"
+    dp_refusal = "it averages A and B separately: its update avg(B) avg(A) is no sum of clipped changes, so no clip bounds one client's part"
 
     def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:
         """Averaging factors of different shapes is undefined; zeropad is the mixed-rank variant."""
