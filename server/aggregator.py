@@ -11,6 +11,8 @@ compressed); the server merges exactly the downlink it serves, and a lossy downl
 kept (in memory and in the state directory) for the next round. The global LoRA a method keeps
 for the next round's starts is written as the version's GLOBAL_LORA and read back from that file,
 so the server computes every client's start from exactly the bytes the clients download.
+Under client-level differential privacy the method's result comes from a noisy release of the
+clipped updates instead (``flora.server.private_round``), and all of the above from it.
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ def uploads(aggregator: Aggregator, layout: Layout, seed: int) -> list[Submissio
     return submissions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["flora-warm", "ffa"])
 def test_every_artifact_is_a_function_of_the_noisy_release_alone(tmp_path, monkeypatch, method):
     # Two servers, two different sets of client updates (same ranks and claims). The second
