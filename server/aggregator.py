@@ -12,7 +12,7 @@ kept (in memory and in the state directory) for the next round. The global LoRA 
 for the next round's starts is written as the version's GLOBAL_LORA and read back from that file,
 so the server computes every client's start from exactly the bytes the clients download.
 Under client-level differential privacy the method's result comes from a noisy release of the
-clipped updates instead (``flora.server.private_round``), and all of the above from it.
+clipped updates instead (``flora.common.privacy.private_round``), and all of the above from it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from flora.server.config import ServerSettings
 from flora.server.export import save_checkpoint
 from flora.server.inputs import ConfigurationError, load_base, load_validation
 from flora.server.layout import Layout
-from flora.server.private_round import Privacy, private_round
+from flora.common.privacy.private_round import Privacy, private_round
 from flora.server.store import Artifact, Submission
 from flora.server.uploads import is_rslora
 
@@ -195,7 +195,7 @@ class Aggregator:
     def _private_merge(
         self, number: int, loaded: list[LoraAdapter], claimed: list[float]
     ) -> tuple[RoundResult, list[float], float, list[Decision]]:
-        """As ``_merge``, under client-level DP (``flora.server.private_round``): the result comes
+        """As ``_merge``, under client-level DP (``flora.common.privacy.private_round``): the result comes
         from the noisy release alone; no error against the clear updates (NaN: null in the history)."""
         settings = self.settings
         privacy = Privacy(settings.dp_noise_multiplier, settings.dp_clip_norm, settings.dp_release, settings.seed)

@@ -17,7 +17,7 @@ from flora.common.privacy.release import (
 )
 from flora.common.robust import RobustPolicy
 from flora.common.sketch import range_basis
-from flora.server.private_round import Privacy, clip_inputs, private_round, publish, release
+from flora.common.privacy.private_round import Privacy, clip_inputs, private_round, publish, release
 
 SHAPES = {"layer.0.q": (96, 80), "layer.0.v": (64, 112)}
 RANKS = [8, 4, 2, 1, 1, 4]

@@ -16,7 +16,7 @@ from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.payload import PayloadMeta, encode_adapter, read_update
 from flora.common.update import module_delta
 from flora.common.weights import client_weights
-from flora.server import private_round as private
+from flora.common.privacy import private_round as private
 from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
 from flora.server.layout import Layout

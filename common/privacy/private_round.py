@@ -11,7 +11,8 @@ Three steps, and only the middle one reads the clients' clear updates:
 3. ``publish``: the method's ``released`` turns the release and public values (the kept LoRA, the
    clients' ranks, scalings and weights) into the round's delta and kept LoRA.
 
-Everything the server then writes or serves (downlink, GLOBAL_LORA, merged weights, checkpoints,
+The server's ``Aggregator`` and ``flora-sim`` both aggregate a private round through here (pure:
+no I/O, no server state). Everything the server then writes or serves (downlink, GLOBAL_LORA, merged weights, checkpoints,
 PEFT export, validation loss) comes from that delta and kept LoRA: post-processing of the release.
 The decisions that go to the round history keep the public weights and caps but not the per-client
 norms and clip factors (NaN, written as null): each is a function of one client's clear update.
