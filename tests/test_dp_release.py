@@ -229,3 +229,11 @@ def test_clip_factor_noise_std_and_passes():
         clip_factor(1.0, 0.0)
     assert noise_std(2.0, 0.5, [0.2, 0.5, 0.3]) == pytest.approx(0.5)
     assert (release_passes("sketch", True), release_passes("dense", True), release_passes("sketch", False)) == (2, 1, 1)
+
+
+def test_flora_sim_refuses_a_private_run_of_a_method_that_cannot_be_released():
+    from flora.sim.engine import SimConfig
+
+    with pytest.raises(ValueError, match="fedex cannot run under differential privacy"):
+        SimConfig("fedex", (4, 4), 1, privacy=_privacy())
+    assert SimConfig("flora-warm", (4, 2), 1, privacy=_privacy()).privacy == _privacy()
