@@ -160,7 +160,7 @@ class Aggregator:
         claimed = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
-        merge = self._private_merge if self.settings.dp_noise_multiplier is not None else self._merge
+        merge = self._private_merge if self.settings.dp_enabled else self._merge
         result, weights, error, decisions = merge(number, loaded, claimed)
         delta = _unit_scaling(result.delta).to(torch.float32)
         seconds["aggregate"] = time.perf_counter() - clock

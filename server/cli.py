@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(level: str) -> None:
     """Timestamped, one-line logs on stderr; third-party progress bars off (logs may be files)."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level.upper(), format=handshakes.LOG_FORMAT, stream=sys.stderr)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(render_settings(settings))
         return
     if settings.tls_cert is not None:
-        handshakes.install()  # before grpc's import: failed handshakes logged with the peer, in words
+        handshakes.install(settings.log_level)  # before grpc's import: failed handshakes logged with the peer, in words
     setup_logging(settings.log_level)
     from flora.server.app import serve  # heavy imports (torch, transformers) only when serving
     from flora.server.inputs import ConfigurationError

@@ -20,6 +20,8 @@ from flora.common.data import DATA_FORMATS
 from flora.common.data.readers import source_names
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
+from flora.common.privacy.accountant import MAX_SIGMA, check_installed, default_delta, epsilon_after_rounds
+from flora.common.privacy.release import release_passes
 from flora.common.robust import RobustPolicy
 from flora.common.weights import Weighting
 from flora.server.rounds import Selection
@@ -200,16 +202,37 @@ class ServerSettings(BaseModel):
         5, ge=0, le=100_000,
         description="save a merged Hugging Face checkpoint every N rounds (0 = only at the end; the last round always)",
     )
-    # --- differential privacy (issue 31) ----------------------------------------------------
+    # --- client-level differential privacy (issue 31; README, "Differential privacy") -------
+    # (after method, weighting, the robustness rules and the rounds: the validators read them.)
     dp_noise_multiplier: float | None = Field(
-        None, gt=0.0, le=100.0,
-        description="client-level DP: noise std per entry = this x dp_clip_norm x the largest weight; unset = no DP",
+        None, gt=0.0, le=MAX_SIGMA,
+        description="differential privacy: noise standard deviation of each release over dp_clip_norm (sigma); "
+                    "needs dp_clip_norm; unset = no DP",
     )
     dp_clip_norm: float | None = Field(
-        None, gt=0.0, description="client-level DP: each client's change (all modules) is clipped to this Frobenius norm",
+        None, gt=0.0, le=1e12,
+        description="differential privacy: each participant's change (all target modules together) is clipped "
+                    "to this Frobenius norm C; needs dp_noise_multiplier",
     )
     dp_release: Literal["sketch", "dense"] = Field(
-        "sketch", description="client-level DP: noisy two-pass low-rank sketch (2 mechanisms) or noisy dense update (1)",
+        "sketch",
+        description="differential privacy: sketch (two noisy passes of a two-pass range finder, a low-rank "
+                    "downlink) or dense (one noisy dense sum); ffa always releases its summed B only (one pass)",
+    )
+    dp_accountant: Literal["rdp", "pld"] = Field(
+        "rdp",
+        description="rdp: sampling without replacement, as the server samples (default); "
+                    "pld: tighter, but accounts Poisson sampling (for comparison)",
+    )
+    dp_delta: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="differential privacy: the delta of the stated (epsilon, delta), below 1/min_clients; "
+                    "unset = min(1e-5, 1/(10 min_clients))",
+    )
+    dp_target_epsilon: float | None = Field(
+        None, gt=0.0, le=1e6,
+        description="differential privacy: no round opens whose release would bring the spent epsilon past this; "
+                    "the run ends there. unset = no cap",
     )
     # --- evaluation -----------------------------------------------------------------------
     validation_data: list[str] = Field(
@@ -326,6 +349,62 @@ class ServerSettings(BaseModel):
             raise ValueError(f"lora_rank ({value}) must not exceed max_rank ({limit})")
         return value
 
+    @field_validator("dp_noise_multiplier")
+    @classmethod
+    def _dp_can_run(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """A method or robustness rule whose output the private release cannot give is refused, with why."""
+        if value is None:
+            return None
+        method = info.data.get("method")
+        reason = None if method is None else get_method(method).dp_refusal
+        if reason is not None:
+            raise ValueError(f"method {method} cannot run under differential privacy: {reason}; "
+                             "use flora, flora-warm or ffa")
+        for rule in ("clip_median_multiple", "reject_median_multiple"):
+            if info.data.get(rule) is not None:
+                raise ValueError(f"{rule} cannot be used under differential privacy: one client moves the round's "
+                                 "median and so what every other client contributes, which no clip norm bounds")
+        check_installed()  # the accountant states every round's epsilon
+        return value
+
+    @field_validator("dp_clip_norm")
+    @classmethod
+    def _dp_pair(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if (value is None) != (info.data.get("dp_noise_multiplier") is None) and "dp_noise_multiplier" in info.data:
+            raise ValueError("dp_noise_multiplier (sigma) and dp_clip_norm (C) go together: the noise is sigma x C")
+        return value
+
+    @field_validator("dp_delta")
+    @classmethod
+    def _delta_below_one_client(cls, value: float | None, info: ValidationInfo) -> float | None:
+        _dp_fields_need_dp("dp_delta", value, info)
+        clients = info.data.get("min_clients")
+        if value is not None and clients is not None and value >= 1.0 / clients:
+            raise ValueError(f"dp_delta {value:g} must be below 1/min_clients ({1.0 / clients:.3g}): a delta "
+                             "that large allows leaking one whole client")
+        return value
+
+    @field_validator("dp_target_epsilon")
+    @classmethod
+    def _target_reachable(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """A target that even the first round passes, at the clients the server is sure of, is unreachable."""
+        _dp_fields_need_dp("dp_target_epsilon", value, info)
+        data = info.data
+        if value is None or data.get("dp_clip_norm") is None or "rounds" not in data or "dp_release" not in data:
+            return value
+        population = data["min_clients"]
+        per_round = Selection.parse(data["clients_per_round"]).size(population)
+        delta = data.get("dp_delta") or default_delta(population)
+        first = epsilon_after_rounds(data["dp_noise_multiplier"], population, per_round, 1,
+                                     _mechanisms(data["method"], data["dp_release"]), delta,
+                                     data["dp_accountant"])[0]
+        if first > value:
+            raise ValueError(
+                f"dp_target_epsilon {value:g} is unreachable: the first round alone spends epsilon {first:.4g} "
+                f"(delta {delta:.3g}, {per_round} of min_clients {population} per round); raise dp_noise_multiplier "
+                "(flora-admin dp-plan --target-epsilon prints the one needed), min_clients, or the target")
+        return value
+
     @property
     def selection(self) -> Selection:
         """The parsed clients_per_round."""
@@ -359,6 +438,32 @@ class ServerSettings(BaseModel):
         )
 
     @property
+    def dp_enabled(self) -> bool:
+        """Whether the run releases under client-level differential privacy (sigma and C both set)."""
+        return self.dp_noise_multiplier is not None
+
+    @property
+    def dp_mechanisms_per_round(self) -> int:
+        """Gaussian mechanisms a round releases: 2 for the sketch (Y, then P), 1 dense or ffa (summed B)."""
+        return _mechanisms(self.method, self.dp_release)
+
+    @property
+    def dp_effective_delta(self) -> float:
+        """dp_delta, or its default min(1e-5, 1/(10 min_clients)): min_clients is the population
+        known before any client joins, and the cap keeps delta below 1/N up to 100,000 clients."""
+        return self.dp_delta if self.dp_delta is not None else default_delta(self.min_clients)
+
+    @property
     def global_lora_rank(self) -> int:
         """Methods with one scaling: rank of the persistent global LoRA; 0 for the others."""
         return self.lora_rank if self.aggregation.one_scaling else 0
+
+
+def _mechanisms(method: str, release: str) -> int:
+    """ffa trains no A: its release is the summed B alone, one mechanism whatever dp_release says."""
+    return release_passes(release, get_method(method).trains_a)
+
+
+def _dp_fields_need_dp(name: str, value: object, info: ValidationInfo) -> None:
+    if value is not None and info.data.get("dp_noise_multiplier") is None and "dp_noise_multiplier" in info.data:
+        raise ValueError(f"{name} is set but differential privacy is off: set dp_noise_multiplier and dp_clip_norm")

@@ -5,21 +5,31 @@ peer (``ssl_transport_security.cc:2563] Handshake failed with error SSL_ERROR_SS
 WRONG_VERSION_NUMBER``), and tells Python nothing. With its ``handshaker`` trace on, the core also
 writes, per failed handshake, a record holding the error and ``endpoint_peer_address``.
 ``install`` turns that trace on and points descriptor 2 at a pipe (Python's own ``sys.stderr``
-keeps the terminal or log file); a thread reads what the core writes, logs each failed handshake
-as ``event=tls_handshake_failed peer=... reason=...``, drops the trace's other records and the raw
-line, and passes every other line through unchanged. ``HandshakeLog`` is the pure part.
+keeps the terminal or log file); a small child process (this module run as a script) reads what
+the core writes, logs each failed handshake as ``event=tls_handshake_failed peer=... reason=...``,
+drops the trace's other records and the raw line, and passes every other line through unchanged.
+A child, not a thread: whatever reaches descriptor 2 just before the server dies (a core
+assertion before its abort, a fatal Python error, a killed process's last words) is still read
+and written, because the reader outlives the writer and stops only at the pipe's end. It runs in
+a process group of its own, so a Ctrl-C to the server's group does not stop it before the
+server's shutdown lines; it ends when the last holder of the pipe (the server, or a process the
+server started) exits.
+``HandshakeLog`` is the pure part.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
+import subprocess
 import sys
-import threading
 from collections.abc import Callable
+from typing import BinaryIO, TextIO
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flora.server.handshakes")  # the same name when run as the child
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the server's (flora.server.cli)
 
 # glog's prefix of a core record: "I1205 05:03:14.777602    9810 ssl_transport_security.cc:2563] ".
 _RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (?P<source>[\w./-]+):\d+\] (?P<body>.*)$")
@@ -91,25 +101,34 @@ def _report(peer: str, reason: str) -> None:
     log.warning("event=tls_handshake_failed peer=%s reason=%r", peer, reason)
 
 
-def install() -> None:
-    """Route the core's descriptor 2 through ``HandshakeLog``; call before ``grpc`` is imported."""
+def install(level: str = "INFO") -> None:
+    """Route the core's descriptor 2 through ``HandshakeLog`` in a child process; call before
+    ``grpc`` is imported. ``level`` is the server's log level (the child logs in its format)."""
     if "grpc" in sys.modules:
         raise RuntimeError("handshakes.install() must run before grpc is imported (the core reads GRPC_TRACE once)")
     os.environ["GRPC_TRACE"] = ",".join(filter(None, [os.environ.get("GRPC_TRACE"), "handshaker"]))
     sys.stderr.flush()
     kept = os.dup(2)
     read_end, write_end = os.pipe()
+    subprocess.Popen([sys.executable, "-m", __name__, level], stdin=read_end, stdout=kept, stderr=kept, close_fds=True,
+                     process_group=0)
+    os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
     sys.stderr = open(kept, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=True)
-    threading.Thread(target=_pump, args=(read_end, kept), name="flora-grpc-log", daemon=True).start()
+    faulthandler.enable(sys.stderr)  # a crash's traceback to the terminal directly, not through the pipe
 
 
-def _pump(read_end: int, out: int) -> None:
-    """Read the core's lines until the process ends; pass the ones HandshakeLog keeps to ``out``."""
+def pump(lines: BinaryIO, out: TextIO) -> None:
+    """Read the core's lines to the end; write the ones HandshakeLog keeps to ``out``."""
     handshakes = HandshakeLog(_report)
-    with open(read_end, "rb") as lines:
-        for raw in lines:
-            kept = handshakes.line(raw.decode("utf-8", errors="replace").rstrip("\n"))
-            if kept is not None:
-                os.write(out, (kept + "\n").encode("utf-8", errors="replace"))
+    for raw in lines:
+        kept = handshakes.line(raw.decode("utf-8", errors="replace").rstrip("\n"))
+        if kept is not None:
+            out.write(kept + "\n")
+            out.flush()
+
+
+if __name__ == "__main__":  # the child that install() starts
+    logging.basicConfig(level=sys.argv[1].upper(), format=LOG_FORMAT, stream=sys.stderr)
+    pump(sys.stdin.buffer, sys.stderr)

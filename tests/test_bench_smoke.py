@@ -65,3 +65,14 @@ def test_uploadmem_smoke_measures_the_baseline_and_the_default_setting(tmp_path)
         assert row["rss_peak_MiB"] >= row["rss_before_MiB"] > 0 and row["seconds"] > 0
         assert row["in_flight_MiB"] == pytest.approx(3 * row["payload_MiB"])
     assert "growth_per_client_chunks" in stdout
+
+
+def test_secagg_plan_smoke_reports_bytes_against_plain_flora_and_the_plan_seconds(tmp_path):
+    stdout = run_bench("bench.secagg_plan", tmp_path)
+    rows = json.loads((tmp_path / "secagg_plan.json").read_text())["rows"]
+    assert [(r["K"], r["passes"]) for r in rows] == [(3, 2), (10, 1)]  # sketched at K = 3, dense at K = 10
+    for row in rows:
+        assert row["secure_up_MB"] > row["plain_up_MB"] > 0 and row["up_ratio"] > 1
+        assert row["client_s"] > 0 and row["server_s"] > 0
+    assert rows[0]["q_down_MB"] > 0 and rows[1]["q_down_MB"] == 0
+    assert "no masking cost" in stdout

@@ -77,9 +77,10 @@ class AggregationMethod(ABC):
     trains_a: ClassVar[bool] = True
     one_scaling: ClassVar[bool] = False  # a global LoRA of the run's rank and scaling: clients must match it
     partial_modules: ClassVar[bool] = False  # a client may leave modules out (a zero update: exact only for fresh stacking)
+    # Client-level DP (issue 31) privately releases the round's sum of clipped changes; everything
+    # a method sends must follow from that release alone. None: it does; else why it cannot.
+    dp_refusal: ClassVar[str | None] = "no private release is defined for it"
     summary: ClassVar[str]  # one line for --help and the docs
-    # Why the method cannot run under differential privacy (None: it can, through ``released``).
-    dp_refusal: ClassVar[str | None] = "its merge is not the sum of the clients' clipped changes, so no clip bounds one client's part in it"
     _memo: tuple[LoraAdapter | None, dict[tuple[int, float], ClientStart]] | None = None  # see cached_start
 
     def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:

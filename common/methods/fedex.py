@@ -23,7 +23,10 @@ class FedEx(PersistentLora):
     name = "fedex"
     exact = True
     summary = "FedEx-LoRA: persistent averaged LoRA plus the exact residual folded into the base (exact)"
-    dp_refusal = "its kept global LoRA averages the clients' A and B factors, which no release of the summed change determines"
+    dp_refusal = (
+        "it keeps the average of the clients' A and of their B beside the exact residual, and clipping the "
+        "change of each product does not bound those averages: they would need private releases of their own"
+    )
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The nested prefix of the global LoRA, removed from the weights it is trained on."""

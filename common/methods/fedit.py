@@ -21,7 +21,10 @@ class FedIt(PersistentLora):
     name = "fedit"
     exact = False
     summary = "FedIT: persistent global LoRA, A and B averaged separately (equal ranks; inexact)"
-    dp_refusal = "it averages A and B separately: its update avg(B) avg(A) is no sum of clipped changes, so no clip bounds one client's part"
+    dp_refusal = (
+        "its global LoRA is the average of the clients' A and of their B, which clipping the change of each "
+        "product does not bound: those averages would need private releases of their own"
+    )
 
     def admits(self, rank: int, scaling: float, global_rank: int, required_scaling: float) -> str | None:
         """Averaging factors of different shapes is undefined; zeropad is the mixed-rank variant."""

@@ -28,7 +28,7 @@ class Ffa(PersistentLora):
     exact = True
     trains_a = False
     summary = "FFA-LoRA: A frozen at a shared seed, only B trained and averaged (exact, half the uplink)"
-    dp_refusal = None
+    dp_refusal = None  # the round's change is a sum of the clients' changes: the private release gives it
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The nested prefix of the global LoRA, A frozen, removed from the weights it trains on."""

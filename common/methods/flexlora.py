@@ -17,7 +17,7 @@ import torch
 
 from flora.common.lora import LoraAdapter
 from flora.common.methods.base import (
-    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, difference, plus_starts, principal,
+    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, difference, principal,
 )
 
 
@@ -25,7 +25,11 @@ class FlexLora(AggregationMethod):
     name = "flexlora"
     exact = False
     summary = "FlexLoRA: average of products, clients start from its truncated SVD on the base (inexact)"
-    dp_refusal = None
+    dp_refusal = (
+        "its global update is the average of the clients' whole products, each from its own truncated start, "
+        "not a sum of changes from one public start: the private releases (sum of clipped changes) do not "
+        "give it"
+    )
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The global update cut to this client's rank, on the weights without any of it."""
@@ -42,12 +46,3 @@ class FlexLora(AggregationMethod):
         inits = self.inits(kept, updates) if clipped else [None] * len(updates)
         new = canonical_adapter(clipped_stack(updates, weights, inits, dtype, clips))
         return RoundResult(delta=difference(new, kept, dtype), kept=new)
-
-    def released(
-        self, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]], weights: Sequence[float], change: LoraAdapter,
-    ) -> RoundResult:
-        """The global update becomes the released change plus the public starts (``merge``'s
-        average of the clipped products, from the release)."""
-        inits = [self.cached_start(kept, rank, scaling).init for rank, scaling in clients]
-        new = canonical_adapter(plus_starts(change, inits, weights))
-        return RoundResult(delta=difference(new, kept, torch.float64), kept=new)

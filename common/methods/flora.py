@@ -20,7 +20,7 @@ class Flora(AggregationMethod):
     exact = True
     partial_modules = True  # a module left out is a zero update, which the stack keeps exactly
     summary = "FLoRA stacking: fresh LoRA per client and round, stacked and merged (exact)"
-    dp_refusal = None
+    dp_refusal = None  # the round's change is a sum of the clients' changes: the private release gives it
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """A fresh LoRA: the model already holds every earlier round."""

@@ -30,7 +30,7 @@ class FloraWarm(AggregationMethod):
     name = "flora-warm"
     exact = True
     summary = "warm-started stacking: clients start from the top-r_k directions of the last aggregate (exact)"
-    dp_refusal = None
+    dp_refusal = None  # the round's change is a sum of the clients' changes: the private release gives it
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The aggregate's top-r_k part, removed from the weights so that the model is unchanged."""

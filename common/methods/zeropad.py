@@ -21,7 +21,10 @@ class ZeroPad(PersistentLora):
     name = "zeropad"
     exact = False
     summary = "zero-padding (HetLoRA-style): persistent LoRA of the largest rank, clients take its leading part (inexact)"
-    dp_refusal = "it averages A and B separately: its update avg(B) avg(A) is no sum of clipped changes, so no clip bounds one client's part"
+    dp_refusal = (
+        "its global LoRA is the average of the clients' padded A and of their B, which clipping the change of"
+        " each product does not bound: those averages would need private releases of their own"
+    )
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The nested prefix of the global LoRA, on the weights without any of it."""

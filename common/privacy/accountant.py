@@ -34,12 +34,23 @@ ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 MAX_ROUNDS = 1_000_000
 MAX_SIGMA = 100.0
 MIN_SEARCHED_SIGMA = 0.1  # below it a round leaks nearly everything; PLD grids also explode in memory there
+DEFAULT_DELTA_CAP = 1e-5
 PLD_DISCRETIZATION = 1e-3  # pessimistic rounding keeps it an upper bound; 1e-4 (the default) is ~8x slower for 1e-7 relative
 INSTALL_HINT = "pip install 'flora-fl[dp]' (or: pip install 'dp-accounting>=0.4')"
 
 
 class PrivacyError(ValueError):
     """A parameter outside its range, or a target no noise level within bounds reaches."""
+
+
+def default_delta(num_clients: int) -> float:
+    """min(1e-5, 1 / (10 N)): always below 1 / N, the level at which delta can hide a whole client."""
+    return min(DEFAULT_DELTA_CAP, 1.0 / (10.0 * num_clients))
+
+
+def check_installed() -> None:
+    """Raise PrivacyError naming the install when dp-accounting is missing: a DP run needs it up front."""
+    _dp()
 
 
 def _dp() -> Any:

@@ -10,18 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 
-from flora.common.privacy.accountant import ACCOUNTANTS, MAX_SIGMA, PrivacyError, epsilon_after_rounds, sigma_for_epsilon
+from flora.common.privacy.accountant import (
+    ACCOUNTANTS, MAX_SIGMA, PrivacyError, default_delta, epsilon_after_rounds, sigma_for_epsilon,
+)
 from flora.common.tables import format_table
 
 RELEASE_PASSES = {"sketch": 2, "dense": 1}
 TABLE_ALL_UP_TO = 20  # every round up to this many; beyond, a sample of about this many rows
-DEFAULT_DELTA_CAP = 1e-5
-
-
-def default_delta(num_clients: int) -> float:
-    """min(1e-5, 1 / (10 N)): always below 1 / N, the level at which delta can hide a whole client."""
-    return min(DEFAULT_DELTA_CAP, 1.0 / (10.0 * num_clients))
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The dp-plan flags, taken as text and checked by ``plan_from_flags``."""

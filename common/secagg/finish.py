@@ -1,0 +1,126 @@
+"""The server's side of a secure round: from unmasked sums to the method's ``RoundResult``.
+
+After pass 1 of a sketched round the server holds Y = sum_k D_k Omega per module (and the dense
+modules' sums), orthonormalizes Y to Q and broadcasts Q; after pass 2 it holds
+P = sum_k D_k^T Q, and the round's change is Delta = Q P^T = sum_k p_k c_k (s_k B_k A_k - init_k).
+What the method keeps for the next round is then computed from Delta and the public starts alone
+(never from a client's factors): with S = sum_k p_k init_k (each init_k is the method's start
+for client k's announced rank, which every participant can compute),
+
+- flora:      delta = Delta,              kept = none;
+- flora-warm: delta = Delta,              kept = canonical(S + Delta), cut to the largest rank;
+- flexlora:   kept' = canonical(S + Delta), delta = kept' - kept;
+- ffa:        with T = sum_k p_k c_k pad(B_k - B_start,k) (one pass), kept' = (A, sum_k p_k
+  pad(B_start,k) + T) and delta = s T A: A is frozen and public.
+
+These equal the plain methods' ``merge`` with the same clip factors: S + Delta is the average of
+the clients' clipped products that ``clipped_stack`` forms, and T is ffa's weighted B change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flora.common.aggregation import flora_stack
+from flora.common.lora import LoraAdapter, LoraPair, pad_pair
+from flora.common.methods import RoundResult
+from flora.common.methods.base import canonical_adapter, difference
+from flora.common.secagg.fixedpoint import check_sum, decode
+from flora.common.secagg.plan import FACTORS, RoundPlan, split
+from flora.common.sketch import assemble, range_basis
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """What pass 1 of a sketched round leaves: Q per sketched module (broadcast to the
+    participants, d_out x m) and the dense modules' finished sums (held by the server)."""
+
+    q: dict[str, Tensor]
+    dense: dict[str, Tensor]
+
+
+def server_step(
+    plan: RoundPlan, stage: int, summed: np.ndarray, sketch: Sketch | None = None, dtype: torch.dtype = torch.float32
+) -> Sketch | RoundResult:
+    """Read pass ``stage``'s unmasked sum (checked against the announced range first): after pass
+    1 of a two-pass round the ``Sketch`` to broadcast, else the round's ``RoundResult``."""
+    total = decode(summed, plan.bits)
+    check_sum(total, math.fsum(plan.weights) * plan.vector_bound, plan.bits, plan.clients)
+    blocks = split(plan, stage, torch.from_numpy(total))
+    if plan.kind == FACTORS:
+        return _finish_ffa(plan, blocks, dtype)
+    dense = {m.name for m in plan.modules if m.dense}
+    if stage == 1:
+        sketch = Sketch({n: range_basis(y) for n, y in blocks.items() if n not in dense},
+                        {n: d for n, d in blocks.items() if n in dense})
+        return sketch if plan.passes == 2 else _finish_sketch(plan, {}, sketch, dtype)
+    if sketch is None:
+        raise ValueError("secure_aggregation: pass 2 needs the sketch pass 1 left")
+    return _finish_sketch(plan, {n: assemble(sketch.q[n], p) for n, p in blocks.items()}, sketch, dtype)
+
+
+def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, dtype: torch.dtype) -> RoundResult:
+    """Delta as one adapter, then the method's result. Like the plain stack, Delta's factors are
+    left for the downlink to factorize (or send dense): Q and P^T per sketched module, a dense
+    sum as itself beside an identity, all zero-padded to one rank."""
+    pairs = pairs | {n: _dense_pair(d) for n, d in sketch.dense.items()}
+    width = max(p.a.shape[0] for p in pairs.values())
+    change = LoraAdapter({n: pad_pair(LoraPair(p.a.to(dtype), p.b.to(dtype)), width) for n, p in sorted(pairs.items())}, 1.0)
+    return FINISH[plan.method.name](plan, change, dtype)
+
+
+def _dense_pair(dense: Tensor) -> LoraPair:
+    """A dense d_out x d_in matrix as factors of rank min(d_out, d_in) (one of them the identity)."""
+    d_out, d_in = dense.shape
+    if d_out <= d_in:
+        return LoraPair(a=dense, b=torch.eye(d_out, dtype=dense.dtype))
+    return LoraPair(a=torch.eye(d_in, dtype=dense.dtype), b=dense)
+
+
+def _with_starts(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> LoraAdapter:
+    """Stacked factors of S + Delta, S = sum_k p_k init_k over the public starts (one term per
+    distinct start: clients of one rank and scaling share theirs)."""
+    terms: dict[int, list] = {}
+    for rank, scaling, weight in zip(plan.ranks, plan.scalings, plan.weights):
+        init = plan.method.cached_start(plan.kept, rank, scaling).init
+        if init is not None:
+            terms.setdefault(id(init), [init, 0.0])[1] += weight
+    starts = list(terms.values())
+    return flora_stack([change, *(t for t, _ in starts)], [1.0, *(w for _, w in starts)], dtype)
+
+
+def _finish_flora(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> RoundResult:
+    return RoundResult(delta=change, kept=None)
+
+
+def _finish_warm(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> RoundResult:
+    return RoundResult(delta=change, kept=canonical_adapter(_with_starts(plan, change, dtype), max(plan.ranks)))
+
+
+def _finish_flexlora(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> RoundResult:
+    new = canonical_adapter(_with_starts(plan, change, dtype))
+    return RoundResult(delta=difference(new, plan.kept, dtype), kept=new)
+
+
+def _finish_ffa(plan: RoundPlan, blocks: dict[str, Tensor], dtype: torch.dtype) -> RoundResult:
+    kept, starts = plan.kept, {}
+    for rank, weight in zip(plan.ranks, plan.weights):
+        starts[rank] = starts.get(rank, 0.0) + weight
+    delta, next_kept = {}, {}
+    for name, (a, b) in kept.pairs.items():
+        moved = blocks[name].to(dtype)  # (d_out, r_max): T
+        start = sum(w * pad_pair(LoraPair(a[:r], b[:, :r]), kept.rank).b.to(dtype) for r, w in starts.items())
+        delta[name] = LoraPair(a.to(dtype), moved)
+        next_kept[name] = LoraPair(a.to(dtype), start + moved)
+    return RoundResult(delta=LoraAdapter(delta, kept.scaling), kept=LoraAdapter(next_kept, kept.scaling))
+
+
+FINISH: dict[str, Callable[[RoundPlan, LoraAdapter, torch.dtype], RoundResult]] = {
+    "flora": _finish_flora, "flora-warm": _finish_warm, "flexlora": _finish_flexlora,
+}

@@ -1,0 +1,26 @@
+"""bench.secagg_prg runs end to end in its smoke mode (its numbers mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_secagg_bench_smoke_reports_prg_throughput_and_each_stage(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.secagg_prg", "--smoke", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "secagg_prg.json").read_text())
+    assert [r["what"] for r in report["prg"]][0] == "raw AES-256-CTR (baseline)"
+    assert all(r["MB_per_s"] > 0 for r in report["prg"])
+    assert [(r["K"], r["dropped"]) for r in report["rounds"]] == [(3, 0), (3, 1), (5, 0), (5, 1)]
+    assert all(r["up_vs_plain"] > 1 for r in report["rounds"])  # the masked vector plus keys and shares
+    assert {r["stage"] for r in report["stages"]} == {"advertise", "share", "mask", "unmask"}
+    assert "| K" in result.stdout

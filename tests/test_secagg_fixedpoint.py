@@ -1,0 +1,89 @@
+"""Fixed point mod 2^64: exact round trips, two's complement, no wrap at K clients all at the
+bound, and a scale refused where none can be both wrap-free and finer than float32."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flora.common.secagg.fixedpoint import (
+    FLOAT32_ROUNDOFF, HEADROOM_BITS, check_sum, choose_scale, decode, encode, max_clients, resolution, wrapping_sum,
+)
+
+
+@pytest.mark.parametrize("bound", [1e-3, 1.0, 7.5, 1e4])
+@pytest.mark.parametrize("clients", [1, 3, 100, 100_000])
+def test_the_chosen_scale_is_the_finest_that_cannot_wrap_and_finer_than_float32(bound, clients):
+    bits = choose_scale(bound, clients)
+    assert clients * (math.ldexp(bound, bits) + 0.5) <= 2.0**HEADROOM_BITS  # no wrap, rounding counted
+    assert clients * (math.ldexp(bound, bits + 1) + 0.5) > 2.0**HEADROOM_BITS  # the largest such
+    assert resolution(bits, clients) <= FLOAT32_ROUNDOFF * bound
+
+
+def test_round_trip_is_within_half_a_step_and_negatives_are_twos_complement():
+    bits = choose_scale(2.0, 10)
+    values = np.random.default_rng(0).uniform(-2.0, 2.0, size=(30, 7))
+    encoded = encode(values, bits)
+    assert encoded.dtype == np.uint64 and encoded.shape == (210,)
+    assert np.max(np.abs(decode(encoded, bits) - values.reshape(-1))) <= math.ldexp(0.5, -bits)
+    step = math.ldexp(1.0, -bits)
+    assert encode(np.array([-step, 0.0, step]), bits).tolist() == [2**64 - 1, 0, 1]
+
+
+@pytest.mark.parametrize("clients", [3, 100, 10_000])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_k_clients_all_at_the_bound_sum_without_wrapping(clients, sign):
+    bound = 3.0
+    bits = choose_scale(bound, clients)
+    row = sign * np.array([bound, bound, -bound, bound * (1 - 1e-12)])
+    total = decode(wrapping_sum([encode(row, bits)] * clients), bits)
+    assert np.max(np.abs(total - clients * row)) <= resolution(bits, clients)
+    assert np.all(np.sign(total) == np.sign(row))
+
+
+def test_sums_of_mixed_signs_are_exact_to_the_resolution():
+    rng = np.random.default_rng(1)
+    bits = choose_scale(1.0, 50)
+    rows = [rng.uniform(-1, 1, size=64) for _ in range(50)]
+    total = decode(wrapping_sum([encode(r, bits) for r in rows]), bits)
+    exact = np.array([math.fsum(column) for column in zip(*rows)])
+    float64_roundoff = 2.0**-52 * np.abs(exact)  # the decoded float64 itself; the integers are finer
+    assert np.all(np.abs(total - exact) <= resolution(bits, 50) + float64_roundoff)
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, math.inf, math.nan])
+def test_a_bound_that_is_not_positive_and_finite_is_refused(bound):
+    with pytest.raises(ValueError, match="bound must be a positive finite number"):
+        choose_scale(bound, 3)
+
+
+@pytest.mark.parametrize("clients", [0, -2, 2.5, True])
+def test_a_client_count_that_is_not_a_positive_integer_is_refused(clients):
+    with pytest.raises(ValueError, match="clients must be an integer >= 1"):
+        choose_scale(1.0, clients)
+
+
+def test_too_many_clients_for_float32_resolution_are_refused_with_the_arithmetic():
+    assert choose_scale(1.0, max_clients() // 2) > 0
+    with pytest.raises(ValueError, match=r"clients 2097152 too many .* coarser than float32 round-off"):
+        choose_scale(1.0, 2**21)
+
+
+def test_encode_refuses_non_finite_values_and_values_beyond_the_range():
+    bits = choose_scale(1.0, 4)
+    with pytest.raises(ValueError, match="must be finite"):
+        encode(np.array([0.0, math.nan]), bits)
+    with pytest.raises(ValueError, match="exceeds the fixed-point range"):
+        encode(np.array([math.ldexp(1.0, HEADROOM_BITS - bits + 1)]), bits)
+
+
+def test_check_sum_accepts_the_bound_and_refuses_beyond_it():
+    bits, clients = choose_scale(1.0, 4), 4
+    total = np.full(16, 0.25)  # norm 1.0
+    check_sum(total, 1.0, bits, clients)
+    with pytest.raises(ValueError, match="sum norm 2 exceeds the announced bound"):
+        check_sum(2 * total, 1.0, bits, clients)
+    with pytest.raises(ValueError, match="outside the announced range"):
+        check_sum(np.array([math.ldexp(1.0, HEADROOM_BITS - bits + 1)]), 1e30, bits, clients)
