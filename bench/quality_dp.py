@@ -37,7 +37,9 @@ from flora.common.basemodel import load_model
 from flora.common.downlink import plan_downlink
 from flora.common.methods import get_method
 from flora.common.privacy.accountant import sigma_for_epsilon
-from flora.common.privacy.private_round import Privacy
+from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.privacy.private_round import Privacy, clip_inputs, release
+from flora.common.robust import RobustPolicy
 from flora.common.privacy.release import release_passes
 from flora.common.tables import format_table
 from flora.common.update import update_numel
@@ -91,6 +93,25 @@ def run_one(run: Run, args: argparse.Namespace, base_model: str, clients: list[C
     return {**vars(run), "validation_loss": loss, "downlink_values": values}
 
 
+def downlink_at_scale(shape: tuple[int, int], counts: list[int], rank: int, seed: int) -> list[dict]:
+    """Values one module's downlink carries after a private release of K rank-r changes, sketch
+    against dense, through the server's own release and ``plan_downlink`` (the learning runs'
+    modules are too small for the sketch's factors to beat the dense form)."""
+    d_out, d_in = shape
+    method, generator, rows = get_method("flora"), torch.Generator().manual_seed(seed), []
+    for count in counts:
+        updates = [LoraAdapter({"module": LoraPair(torch.randn(rank, d_in, generator=generator),
+                                                   torch.randn(d_out, rank, generator=generator) * 1e-3)}, 1.0)
+                   for _ in range(count)]
+        clipped = clip_inputs(method, None, updates, [1.0] * count, RobustPolicy(max_weight_share=None), 1.0)
+        row = {"module": f"{d_out} x {d_in}", "clients": count, "rank": rank}
+        for kind in ("sketch", "dense"):
+            released = release(method, None, clipped, Privacy(1.0, 1.0, kind, seed), 1, torch.Generator().manual_seed(seed))
+            row[f"{kind} values"] = update_numel(plan_downlink(released.change.pairs).update)
+        rows.append(row)
+    return rows
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="flora-warm,flora,ffa")
@@ -111,17 +132,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--downlink-shape", default="2048x2048", help="module shape of the downlink comparison")
+    parser.add_argument("--downlink-clients", default="10,100", help="clients K of the downlink comparison")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the built-in model and data, for CI")
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.releases = [r.strip() for r in args.releases.split(",") if r.strip()]
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    args.downlink_shape = tuple(int(d) for d in args.downlink_shape.split("x"))
+    args.downlink_clients = [int(k) for k in args.downlink_clients.split(",") if k.strip()]
     for method in args.methods:
         if (refusal := get_method(method).dp_refusal) is not None:
             parser.error(f"--methods: {method} cannot run under differential privacy: {refusal}")
     if args.smoke:
         args.rounds, args.local_steps, args.cutoff, args.examples_per_client, args.rank = 2, 2, 48, 12, 2
         args.epsilons, args.methods = args.epsilons[-1:], args.methods[:1]
+        args.downlink_shape, args.downlink_clients = (96, 64), [3]
     args.mixed, args.mmlu_questions = (args.rank,) * 3, 0  # load_material's: three generated clients under --smoke
     return args
 
@@ -135,6 +161,9 @@ def main() -> None:
     clients = split(federation, args.split) if args.split > 1 else list(federation.clients)
     runs = plan(args, len(clients))
     print(f"base model {base_model}, data {data}: {len(clients)} clients, {len(federation.validation)} validation examples")
+    args.downlink = downlink_at_scale(args.downlink_shape, args.downlink_clients, args.rank, args.seed)
+    print("\nDownlink of one module after a private release (values sent; dense = out x in)")
+    print(format_table([{k: str(v) for k, v in row.items()} for row in args.downlink], list(args.downlink[0])))
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_one, run, args, base_model, clients, federation.validation) for run in runs]
@@ -156,9 +185,11 @@ def main() -> None:
 def write(args: argparse.Namespace, base_model: str, data: str, clients: int, results: list[dict], wall: float) -> Path:
     """quality-dp.json (quality-dp-k<K>.json with --split) with the runs finished so far."""
     payload = {"base_model": base_model, "data": data, "clients": clients,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "mixed")}, "runs": results,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "mixed", "downlink")}, "runs": results,
+               "downlink_at_scale": args.downlink,
                "wall_seconds": wall, "load_average_1_5_15_min_at_end": os.getloadavg()}
     return write_results("quality-dp" if args.split == 1 else f"quality-dp-k{clients}", payload, args.out)
+
 
 if __name__ == "__main__":
     main()

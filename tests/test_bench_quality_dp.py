@@ -28,3 +28,5 @@ def test_quality_dp_smoke_runs_no_dp_and_both_releases(tmp_path):
     assert all(math.isfinite(r["validation_loss"]) for r in runs.values())
     assert runs["sketch"]["downlink_values"] < runs["dense"]["downlink_values"]
     assert "Held-out loss under client-level DP" in result.stdout
+    (row,) = report["downlink_at_scale"]
+    assert row["dense values"] == 96 * 64 and row["sketch values"] < row["dense values"]
