@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from flora.common.addresses import is_loopback
 from flora.common.methods import METHODS, AggregationMethod, get_method
@@ -271,6 +271,16 @@ class ServerSettings(BaseModel):
         description="seconds in-flight calls get to finish on SIGTERM/SIGINT",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging verbosity")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uniform_weights_under_dp(cls, data: object) -> object:
+        """Under DP the weights default to uniform: with example counts a holder's reported count
+        moves every other holder's weight, which the noise covers only if the counts are public.
+        An explicit ``weighting = "examples"`` is kept (README: the counts are then treated as public)."""
+        if isinstance(data, dict) and data.get("dp_noise_multiplier") is not None and "weighting" not in data:
+            return {**data, "weighting": ServerWeighting.UNIFORM}
+        return data
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
