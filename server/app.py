@@ -31,6 +31,7 @@ from flora.server.metrics import Metrics, MetricsInterceptor, serve_metrics
 from flora.server.registry import Registry, RegistryError
 from flora.server.round_settings import with_stored
 from flora.server.lifecycle import RoundDriver
+from flora.server.secure_round import SecureRounds
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
 from flora.server.store import Store
@@ -195,6 +196,8 @@ async def serve(settings: ServerSettings) -> None:
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
         driver = RoundDriver(settings, layout, store, aggregator, machine)
+        if settings.secure_aggregation:
+            driver.secure = SecureRounds(settings, aggregator, run.run_id, driver.notify)
         coordinator = Coordinator(settings, layout, store, driver, run, credentials)
         operators.load_revocations(coordinator)
         await _listen(server, port, settings, coordinator, driver, metrics)

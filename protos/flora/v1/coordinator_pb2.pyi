@@ -1,4 +1,5 @@
 from flora.v1 import run_pb2 as _run_pb2
+from flora.v1 import secagg_pb2 as _secagg_pb2
 from flora.v1 import transfer_pb2 as _transfer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -81,20 +82,22 @@ class NextTaskRequest(_message.Message):
     def __init__(self, local_version: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("round", "deadline_unix_ms", "required_version", "hints", "global_lora_version", "start_from_global_lora")
+    __slots__ = ("round", "deadline_unix_ms", "required_version", "hints", "global_lora_version", "start_from_global_lora", "secure")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_LORA_VERSION_FIELD_NUMBER: _ClassVar[int]
     START_FROM_GLOBAL_LORA_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     deadline_unix_ms: int
     required_version: int
     hints: _run_pb2.TrainingHints
     global_lora_version: int
     start_from_global_lora: bool
-    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., required_version: _Optional[int] = ..., hints: _Optional[_Union[_run_pb2.TrainingHints, _Mapping]] = ..., global_lora_version: _Optional[int] = ..., start_from_global_lora: _Optional[bool] = ...) -> None: ...
+    secure: _secagg_pb2.SecureRound
+    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., required_version: _Optional[int] = ..., hints: _Optional[_Union[_run_pb2.TrainingHints, _Mapping]] = ..., global_lora_version: _Optional[int] = ..., start_from_global_lora: _Optional[bool] = ..., secure: _Optional[_Union[_secagg_pb2.SecureRound, _Mapping]] = ...) -> None: ...
 
 class WaitTask(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -111,14 +114,16 @@ class FinishedTask(_message.Message):
     def __init__(self, final_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("train", "wait", "finished")
+    __slots__ = ("train", "wait", "finished", "secure")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     train: TrainTask
     wait: WaitTask
     finished: FinishedTask
-    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., wait: _Optional[_Union[WaitTask, _Mapping]] = ..., finished: _Optional[_Union[FinishedTask, _Mapping]] = ...) -> None: ...
+    secure: _secagg_pb2.SecureTask
+    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., wait: _Optional[_Union[WaitTask, _Mapping]] = ..., finished: _Optional[_Union[FinishedTask, _Mapping]] = ..., secure: _Optional[_Union[_secagg_pb2.SecureTask, _Mapping]] = ...) -> None: ...
 
 class FetchGlobalRequest(_message.Message):
     __slots__ = ("kind", "from_version", "to_version", "offset", "allow_merged")

@@ -1,0 +1,185 @@
+"""Secure aggregation's wire layer in one process: the server's ``SecureRounds`` driven by the
+client's ``secure_stages`` over a loopback stand-in for the connection (no gRPC, no training).
+
+The round's merged delta must equal the plain method's merge of the same updates, and hostile
+or out-of-turn messages must be refused with the status a client would get, changing nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from flora.client import secure_stages
+from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.methods import get_method
+from flora.common.secagg.plan import plan_round
+from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sketch_bytes, vector_bytes
+from flora.server.aggregator import RoundOutput
+from flora.server.config import ServerSettings
+from flora.server.errors import FailedPrecondition, InvalidArgument
+from flora.server.rounds import Round, RoundState
+from flora.server.secure_round import SecureRounds
+from flora.server.store import Submission
+from flora.v1 import run_pb2, secagg_pb2 as sa, transfer_pb2
+
+SHAPES = {"m.k": (12, 10), "m.q": (64, 80)}  # one module small enough to travel dense, one sketched
+RANKS = (4, 2, 1)
+SCALING = 2.0
+
+
+@dataclass
+class FakeAggregator:
+    """What SecureRounds asks of the aggregator; ``write_round`` keeps the result instead of writing."""
+
+    shapes: dict = field(default_factory=lambda: dict(SHAPES))
+    kept: LoraAdapter | None = None
+    precision: torch.dtype = torch.float64
+    max_update_norm: float = 50.0
+    results: list = field(default_factory=list)
+
+    def write_round(self, number, result, decisions, error, seconds) -> RoundOutput:
+        self.results.append((result, decisions))
+        return RoundOutput([], [d.weight for d in decisions], error, 0, {}, None, None, seconds, decisions)
+
+
+class Loopback:
+    """The client's Connection, answering each call with the server's SecureRounds directly."""
+
+    def __init__(self, secure: SecureRounds, client_id: str) -> None:
+        self.secure, self.client_id, self.current = secure, client_id, None
+
+    def call(self, method: str, request, timeout=None):
+        if method == "AdvertiseKeys":
+            self.secure.advertise(self.client_id, self.current, request)
+            return sa.SecureReply(accepted=True, message="ok")
+        handler = {"ShareKeys": self.secure.share, "SubmitMasked": self.secure.masked, "Unmask": self.secure.unmask}
+        return handler[method](self.client_id, request)
+
+
+def update(rank: int, seed: int) -> LoraAdapter:
+    generator = torch.Generator().manual_seed(seed)
+    return LoraAdapter({n: LoraPair(torch.randn(rank, i, generator=generator) * 0.3, torch.randn(o, rank, generator=generator) * 0.3)
+                        for n, (o, i) in SHAPES.items()}, SCALING)
+
+
+def spec() -> run_pb2.RunSpec:
+    return run_pb2.RunSpec(target_modules=[run_pb2.TargetModule(name=n, out_features=o, in_features=i)
+                                           for n, (o, i) in sorted(SHAPES.items())])
+
+
+def setup(method: str = "flora") -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
+    settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=5.0, max_weight_share=1.0)
+    aggregator = FakeAggregator()
+    ids = ["c-a", "c-b", "c-c"]
+    current = Round(number=1, attempt=1, state=RoundState.OPEN, selected=frozenset(ids))
+    return SecureRounds(settings, aggregator, "run-1", lambda: None), aggregator, current, ids
+
+
+def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
+    return transfer_pb2.UpdateHeader(round=number, rank=rank, alpha=SCALING * rank, num_examples=examples,
+                                     scaling_rule=run_pb2.SCALING_RULE_STANDARD)
+
+
+def test_a_secure_round_over_the_wire_messages_merges_what_plain_flora_merges():
+    secure, aggregator, current, ids = setup()
+    updates = [update(r, seed) for seed, r in enumerate(RANKS)]
+    examples = [10, 20, 30]
+    sessions, links = {}, {}
+    for client_id, u, n in zip(ids, updates, examples):
+        links[client_id] = link = Loopback(secure, client_id)
+        link.current = current
+        info = secure.round_info(client_id, current)
+        sessions[client_id] = secure_stages.advertise(link, spec(), info, header(1, u.rank, n), u, None, get_method("flora"))
+
+    def answer_steps() -> None:
+        for client_id in ids:
+            task = secure.task_for(client_id)
+            if task is not None:
+                secure_stages.handle(links[client_id], sessions[client_id], task)
+
+    secure.notify = lambda: asyncio.get_running_loop().call_soon(answer_steps)
+    submissions = [Submission(round=1, client_id=c, sha256="0" * 64, path="", size=0, rank=u.rank, alpha=SCALING * u.rank,
+                              scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=n, base_version=0, train_loss=None,
+                              validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
+                   for c, u, n in zip(ids, updates, examples)]
+    output = asyncio.run(secure.aggregate(1, submissions))
+    (result, decisions), = aggregator.results
+    weights = [n / sum(examples) for n in examples]
+    assert [d.weight for d in decisions] == pytest.approx(weights)
+    plain = get_method("flora").merge(None, updates, weights, torch.float64)
+    for name in SHAPES:
+        want, got = plain.delta.delta(name, torch.float64), result.delta.delta(name, torch.float64)
+        assert torch.allclose(got, want, rtol=0, atol=1e-9 * float(want.abs().max())), name
+    assert output.secure["survivors"] == 3 and set(output.secure["bytes_up"]) >= {"share", "mask1", "unmask1", "mask2"}
+
+
+def test_advertisements_that_lie_about_the_sender_or_the_keys_are_refused_and_change_nothing():
+    secure, _, current, ids = setup()
+    info = secure.round_info(ids[0], current)
+    link = Loopback(secure, ids[0])
+    link.current = current
+    session = secure_stages.advertise(link, spec(), info, header(1, 2, 5), update(2, 0), None, get_method("flora"))
+    keys = sa.PublicKeys(client=1, channel_key=session.protocol.advertise().channel_key,
+                         mask_keys=session.protocol.advertise().mask_keys)
+    claims = header(1, 2, 5)
+    claims.sha256 = keys_digest(keys.channel_key, keys.mask_keys)
+    with pytest.raises(InvalidArgument, match="keys.client 1 is not this client's index 0"):
+        secure.advertise(ids[0], current, sa.AdvertiseKeysRequest(claims=claims, keys=keys))  # claims another's index
+    keys.client = 1
+    claims.sha256 = "0" * 64
+    with pytest.raises(InvalidArgument, match="sha256"):
+        secure.advertise(ids[1], current, sa.AdvertiseKeysRequest(claims=claims, keys=keys))
+    short = sa.PublicKeys(client=1, channel_key=b"\x01" * 31, mask_keys=keys.mask_keys)
+    claims.sha256 = keys_digest(short.channel_key, short.mask_keys)
+    with pytest.raises(InvalidArgument, match="public_key"):
+        secure.advertise(ids[1], current, sa.AdvertiseKeysRequest(claims=claims, keys=short))
+    with pytest.raises(FailedPrecondition, match="not selected"):
+        secure.advertise("stranger", current, sa.AdvertiseKeysRequest(claims=claims, keys=keys))
+    with pytest.raises(InvalidArgument, match="already advertised"):  # a replay of the first client's keys
+        secure.advertise(ids[0], current, _replay(session))
+    assert set(secure._attempt.server.adverts) == {0}
+
+
+def _replay(session) -> sa.AdvertiseKeysRequest:
+    advert = session.protocol.advertise()
+    keys = sa.PublicKeys(client=advert.client, channel_key=advert.channel_key, mask_keys=advert.mask_keys)
+    claims = header(1, 2, 5)
+    claims.sha256 = keys_digest(keys.channel_key, keys.mask_keys)
+    return sa.AdvertiseKeysRequest(claims=claims, keys=keys)
+
+
+def test_answers_out_of_turn_are_refused_as_failed_precondition():
+    secure, _, current, ids = setup()
+    secure.round_info(ids[0], current)
+    with pytest.raises(FailedPrecondition, match="no share step"):
+        secure.share(ids[0], sa.ShareKeysRequest(round=1))
+    with pytest.raises(FailedPrecondition, match="round 2 has no mask step"):
+        secure.masked(ids[0], sa.SubmitMaskedRequest(round=2, stage=1))
+
+
+def test_the_sketch_and_vector_layouts_round_trip_and_refuse_a_wrong_length():
+    plan = plan_round(get_method("flora"), None, SHAPES, list(RANKS), [SCALING] * 3, [1 / 3] * 3, 1.0, 7)
+    q = {m.name: torch.randn(m.d_out, m.columns, dtype=torch.float64) for m in plan.modules if not m.dense}
+    assert q and all(torch.equal(read_sketch(plan, sketch_bytes(plan, q))[n], q[n]) for n in q)
+    with pytest.raises(ValueError, match="sketch is"):
+        read_sketch(plan, sketch_bytes(plan, q)[:-8])
+    vector = np.array([0, 1, 2**64 - 1], dtype=np.uint64)
+    assert np.array_equal(read_vector(vector_bytes(vector), 3), vector)
+    with pytest.raises(ValueError, match="24 bytes"):
+        read_vector(vector_bytes(vector)[:-1], 3)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"method": "fedit"}, "method fedit cannot run under secure aggregation"),
+    ({"clip_median_multiple": 2.0}, "clip_median_multiple cannot be used with secure_aggregation"),
+    ({"reject_median_multiple": 3.0}, "reject_median_multiple cannot be used with secure_aggregation"),
+])
+def test_settings_secure_aggregation_cannot_honour_are_refused_naming_why(changes, field):
+    with pytest.raises(ValueError, match=field):
+        ServerSettings(secure_aggregation=True, **changes)
+    ServerSettings(**changes)  # the same settings without secure aggregation are fine
