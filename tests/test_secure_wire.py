@@ -39,7 +39,7 @@ class FakeAggregator:
     shapes: dict = field(default_factory=lambda: dict(SHAPES))
     kept: LoraAdapter | None = None
     precision: torch.dtype = torch.float64
-    max_update_norm: float = 50.0
+    max_update_norm: float = 1e3  # C: above every test change, so that nothing is clipped
     results: list = field(default_factory=list)
 
     def write_round(self, number, result, decisions, error, seconds) -> RoundOutput:
@@ -72,9 +72,10 @@ def spec() -> run_pb2.RunSpec:
                                            for n, (o, i) in sorted(SHAPES.items())])
 
 
-def setup(method: str = "flora") -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
-    settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=5.0, max_weight_share=1.0)
-    aggregator = FakeAggregator()
+def setup(method: str = "flora", kept: LoraAdapter | None = None) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
+    settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=5.0, max_weight_share=1.0,
+                              lora_rank=max(RANKS), lora_alpha=SCALING * max(RANKS))
+    aggregator = FakeAggregator(kept=kept)
     ids = ["c-a", "c-b", "c-c"]
     current = Round(number=1, attempt=1, state=RoundState.OPEN, selected=frozenset(ids))
     return SecureRounds(settings, aggregator, "run-1", lambda: None), aggregator, current, ids
@@ -85,16 +86,15 @@ def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
                                      scaling_rule=run_pb2.SCALING_RULE_STANDARD)
 
 
-def test_a_secure_round_over_the_wire_messages_merges_what_plain_flora_merges():
-    secure, aggregator, current, ids = setup()
-    updates = [update(r, seed) for seed, r in enumerate(RANKS)]
-    examples = [10, 20, 30]
+def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int]):
+    """One round through SecureRounds and the clients' secure_stages: the result, decisions and output."""
+    secure, aggregator, current, ids = setup(method, kept)
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
         links[client_id] = link = Loopback(secure, client_id)
         link.current = current
         info = secure.round_info(client_id, current)
-        sessions[client_id] = secure_stages.advertise(link, spec(), info, header(1, u.rank, n), u, None, get_method("flora"))
+        sessions[client_id] = secure_stages.advertise(link, spec(), info, header(1, u.rank, n), u, kept, get_method(method))
 
     def answer_steps() -> None:
         for client_id in ids:
@@ -109,13 +109,47 @@ def test_a_secure_round_over_the_wire_messages_merges_what_plain_flora_merges():
                    for c, u, n in zip(ids, updates, examples)]
     output = asyncio.run(secure.aggregate(1, submissions))
     (result, decisions), = aggregator.results
+    return result, decisions, output
+
+
+def assert_same_adapter(got: LoraAdapter | None, want: LoraAdapter | None) -> None:
+    assert (got is None) == (want is None)
+    for name in SHAPES if want is not None else ():
+        a, b = got.delta(name, torch.float64), want.delta(name, torch.float64)
+        assert torch.allclose(a, b, rtol=0, atol=1e-9 * float(b.abs().max())), name
+
+
+def warm_kept() -> LoraAdapter:
+    """A global LoRA a warm round starts from (canonical factors of rank 6, scaling 1)."""
+    generator = torch.Generator().manual_seed(99)
+    return LoraAdapter({n: LoraPair(torch.randn(6, i, generator=generator, dtype=torch.float64),
+                                    torch.randn(o, 6, generator=generator, dtype=torch.float64)) for n, (o, i) in SHAPES.items()}, 1.0)
+
+
+def ffa_round() -> tuple[LoraAdapter, list[LoraAdapter]]:
+    """ffa's seeded global LoRA and updates that trained B alone (A = its leading rows)."""
+    kept = get_method("ffa").initial(SHAPES, max(RANKS), SCALING, 3)
+    generator = torch.Generator().manual_seed(5)
+    updates = [LoraAdapter({n: LoraPair(p.a[:r], torch.randn(p.b.shape[0], r, generator=generator) * 0.3)
+                            for n, p in kept.pairs.items()}, SCALING) for r in RANKS]
+    return kept, updates
+
+
+@pytest.mark.parametrize("method", ["flora", "flora-warm", "ffa"])
+def test_a_secure_round_over_the_wire_messages_merges_what_the_plain_method_merges(method):
+    if method == "ffa":
+        kept, updates = ffa_round()
+    else:
+        kept, updates = (warm_kept() if method == "flora-warm" else None), [update(r, seed) for seed, r in enumerate(RANKS)]
+    examples = [10, 20, 30]
+    result, decisions, output = secure_round(method, kept, updates, examples)
     weights = [n / sum(examples) for n in examples]
     assert [d.weight for d in decisions] == pytest.approx(weights)
-    plain = get_method("flora").merge(None, updates, weights, torch.float64)
-    for name in SHAPES:
-        want, got = plain.delta.delta(name, torch.float64), result.delta.delta(name, torch.float64)
-        assert torch.allclose(got, want, rtol=0, atol=1e-9 * float(want.abs().max())), name
-    assert output.secure["survivors"] == 3 and set(output.secure["bytes_up"]) >= {"share", "mask1", "unmask1", "mask2"}
+    plain = get_method(method).merge(kept, updates, weights, torch.float64)
+    assert_same_adapter(result.delta, plain.delta)
+    assert_same_adapter(result.kept, plain.kept)
+    stages = {"share", "mask1", "unmask1"} | ({"mask2", "unmask2"} if method != "ffa" else set())
+    assert output.secure["survivors"] == 3 and set(output.secure["bytes_up"]) == {"advertise", *stages}
 
 
 def test_advertisements_that_lie_about_the_sender_or_the_keys_are_refused_and_change_nothing():
@@ -183,3 +217,16 @@ def test_settings_secure_aggregation_cannot_honour_are_refused_naming_why(change
     with pytest.raises(ValueError, match=field):
         ServerSettings(secure_aggregation=True, **changes)
     ServerSettings(**changes)  # the same settings without secure aggregation are fine
+
+
+def test_flora_demo_passes_secure_aggregation_to_the_server_and_refuses_a_method_it_cannot_run(tmp_path, capsys):
+    from flora.demo.cli import _server_args, parse_args
+    from flora.demo.workspace import Workspace
+
+    args = parse_args(["--secure-aggregation", "--method", "flora", "--workdir", str(tmp_path)])
+    assert "--secure-aggregation" in _server_args(args, Workspace(tmp_path), [], args.client_ranks)
+    assert "--secure-aggregation" not in _server_args(parse_args(["--workdir", str(tmp_path)]), Workspace(tmp_path), [], [4])
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--secure-aggregation", "--method", "fedit", "--ranks", "4"])
+    assert exited.value.code == 2
+    assert "--secure-aggregation with --method fedit" in capsys.readouterr().err
