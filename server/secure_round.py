@@ -14,10 +14,12 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
   ``write_round``: the downlink and persistence are those of a plain round.
 
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
-the masked vectors of the stage, and the unmasked sums. A failure (fewer than the threshold
-survive a stage, a restart that lost the attempt's keys, a client dropped after the plan was
-fixed) raises ``SecAggError``; the driver then excludes the attempt's advertisements as a
-whole and the round reopens, so the clients train again and advertise fresh keys.
+the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
+no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
+survivors (``_passes``). Any other failure (fewer than the threshold survive a stage, a client
+lost after stage 1's sum, a restart that lost the attempt's keys) raises ``SecAggError``; the
+driver then excludes the attempt's advertisements as a whole and the round reopens, so the
+clients train again and advertise fresh keys.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from flora.common.lora import lora_scaling
-from flora.common.robust import RobustPolicy, decide
+from flora.common.methods import RoundResult
+from flora.common.robust import Decision, RobustPolicy, decide
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch, server_step
+from flora.common.secagg.fixedpoint import decode, encode
 from flora.common.secagg.graph import default_degree, default_threshold
 from flora.common.secagg.messages import (
     AdvertiseKeys, EncryptedShare, MaskedInput, MaskRequest, RevealedShare, ShareKeys, UnmaskResponse,
@@ -238,36 +244,60 @@ class SecureRounds:
         if advertised != {s.client_id for s in submissions}:
             raise SecAggError("round", f"round {number}'s advertised keys are not all held (a restart or a new attempt): "
                                        "the attempt starts over")
-        order = sorted(submissions, key=lambda s: att.ids.index(s.client_id))
         bundles = att.server.close_keys()
         await self._step(att, {i: sa.SecureTask(share=sa.ShareStep(
             participants=b.participants, neighbours=[_keys(a) for a in b.neighbours])) for i, b in bundles.items()}, "share")
         inboxes = att.server.close_shares()
-        planned = [s for s in order if att.ids.index(s.client_id) in att.server.active]
+        planned = sorted((s for s in submissions if att.ids.index(s.client_id) in att.server.active),
+                         key=lambda s: att.ids.index(s.client_id))
         plan, decisions = self._plan(number, planned)
-        result, sketch = None, None
+        result, survivors = await self._passes(att, plan, inboxes)
+        total = sum(d.weight for s, d in zip(planned, decisions) if att.ids.index(s.client_id) in survivors)
+        weighed = {s.client_id: replace(d, weight=d.weight / total) for s, d in zip(planned, decisions)
+                   if att.ids.index(s.client_id) in survivors}
+        left_out = Decision(norm=None, raw_weight=0.0, weight=0.0, clip_factor=None, rejected=True)
+        seconds = {f"secure_{k}": v for k, v in att.seconds.items()}
+        secure = {"survivors": len(survivors), "dropped": len(att.ids) - len(survivors),
+                  "dropouts_recovered": len(planned) - len(survivors), "bytes_up": dict(att.bytes_up),
+                  "bytes_down": dict(att.bytes_down), "seconds": {k: round(v, 4) for k, v in att.seconds.items()}}
+        output = await asyncio.to_thread(self.aggregator.write_round, number, result,
+                                         [weighed.get(s.client_id, left_out) for s in submissions], math.nan, seconds)
+        return replace(output, secure=secure)
+
+    async def _passes(self, att: _Attempt, plan: RoundPlan,
+                      inboxes: dict[int, tuple[EncryptedShare, ...]]) -> tuple[RoundResult, frozenset[int]]:
+        """The plan's masked passes; the result over the clients whose masked input arrived.
+
+        A client that drops after masking stage 1 is recovered from its neighbours' shares: the
+        sums then hold the survivors alone, and the survivors' weights p_k are renormalized to
+        sum to 1 (each sum divided by their total). One that drops in a later stage is not: Q
+        spans the range of the stage-1 survivors' sum, so the attempt fails and starts over.
+        """
+        planned = tuple(sorted(att.server.active))
+        result, sketch, survivors = None, None, frozenset(planned)
         for stage in range(1, plan.passes + 1):
             request = att.server.open_stage(stage, (vector_length(plan, stage),))
-            if set(request.active) != {att.ids.index(s.client_id) for s in planned}:
-                raise SecAggError("survivors", f"a client dropped in stage {stage}; recovery over survivors is not built yet")
+            if set(request.active) != survivors:
+                raise SecAggError("survivors", f"a client of stage {stage - 1}'s sum left before stage {stage}; "
+                                               "the attempt starts over")
             await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, inboxes.get(i, ()), sketch))
                                    for i in request.active}, f"mask{stage}")
             unmask = att.server.close_masked()
-            if unmask.dropped:
+            if unmask.dropped and stage > 1:
                 raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "
-                                               "recovery over survivors is not built yet")
+                                               "the attempt starts over")
             await self._step(att, {i: sa.SecureTask(unmask=sa.UnmaskStep(stage=stage, survivors=unmask.survivors,
                                                                           dropped=unmask.dropped))
                                    for i in unmask.survivors}, f"unmask{stage}")
-            summed = (await asyncio.to_thread(att.server.close_unmask)).sums[0]
-            step = await asyncio.to_thread(server_step, plan, stage, summed, sketch, self.aggregator.precision)
+            unmasked = await asyncio.to_thread(att.server.close_unmask)
+            survivors = frozenset(unmasked.survivors)
+            over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
+            step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
-        seconds = {f"secure_{k}": v for k, v in att.seconds.items()}
-        secure = {"survivors": len(planned), "dropped": len(att.ids) - len(planned), "dropouts_recovered": 0,
-                  "bytes_up": dict(att.bytes_up), "bytes_down": dict(att.bytes_down),
-                  "seconds": {k: round(v, 4) for k, v in att.seconds.items()}}
-        output = await asyncio.to_thread(self.aggregator.write_round, number, result, decisions, math.nan, seconds)
-        return replace(output, secure=secure)
+        if unmask.dropped:
+            log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
+                        att.number, len(unmask.dropped), len(survivors))
+        return result, survivors
 
     def _plan(self, number: int, planned: Sequence[Submission]) -> tuple[RoundPlan, list]:
         """The round's public plan over the clients that shared, and the history's decisions."""
@@ -296,6 +326,19 @@ class SecureRounds:
         if sketch is not None:
             step.sketch = sketch_bytes(plan, sketch.q)
         return step
+
+
+def _over_survivors(plan: RoundPlan, planned: Sequence[int], survivors: frozenset[int],
+                    summed: np.ndarray) -> tuple[RoundPlan, np.ndarray]:
+    """The plan restricted to the survivors, their weights renormalized, and the sum rescaled to
+    match (re-encoded at the same scale: one more rounding of 2^-(f+1), far below float32's)."""
+    if len(survivors) == len(planned):
+        return plan, summed
+    keep = [k for k, index in enumerate(planned) if index in survivors]
+    total = math.fsum(plan.weights[k] for k in keep)
+    over = replace(plan, ranks=tuple(plan.ranks[k] for k in keep), scalings=tuple(plan.scalings[k] for k in keep),
+                   weights=tuple(plan.weights[k] / total for k in keep))
+    return over, encode(decode(summed, plan.bits) / total, plan.bits)
 
 
 def _label(task: sa.SecureTask) -> str:

@@ -17,13 +17,14 @@ import torch
 from flora.client import secure_stages
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import get_method
+from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.plan import plan_round
 from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sketch_bytes, vector_bytes
 from flora.server.aggregator import RoundOutput
 from flora.server.config import ServerSettings
 from flora.server.errors import FailedPrecondition, InvalidArgument
 from flora.server.rounds import Round, RoundState
-from flora.server.secure_round import SecureRounds
+from flora.server.secure_round import SecureRounds, _label
 from flora.server.store import Submission
 from flora.v1 import run_pb2, secagg_pb2 as sa, transfer_pb2
 
@@ -72,8 +73,9 @@ def spec() -> run_pb2.RunSpec:
                                            for n, (o, i) in sorted(SHAPES.items())])
 
 
-def setup(method: str = "flora", kept: LoraAdapter | None = None) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
-    settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=5.0, max_weight_share=1.0,
+def setup(method: str = "flora", kept: LoraAdapter | None = None,
+          deadline: float = 5.0) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
+    settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=deadline, max_weight_share=1.0,
                               lora_rank=max(RANKS), lora_alpha=SCALING * max(RANKS))
     aggregator = FakeAggregator(kept=kept)
     ids = ["c-a", "c-b", "c-c"]
@@ -86,9 +88,12 @@ def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
                                      scaling_rule=run_pb2.SCALING_RULE_STANDARD)
 
 
-def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int]):
-    """One round through SecureRounds and the clients' secure_stages: the result, decisions and output."""
-    secure, aggregator, current, ids = setup(method, kept)
+def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int],
+                 silent: tuple[int, str] | None = None):
+    """One round through SecureRounds and the clients' secure_stages: the result, decisions and
+    output. ``silent`` (client k, step label): that client answers nothing from that step on."""
+    secure, aggregator, current, ids = setup(method, kept, 5.0 if silent is None else 0.5)
+    dropped: set[str] = set()
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
         links[client_id] = link = Loopback(secure, client_id)
@@ -99,7 +104,9 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
     def answer_steps() -> None:
         for client_id in ids:
             task = secure.task_for(client_id)
-            if task is not None:
+            if silent is not None and client_id == ids[silent[0]] and task is not None and _label(task) == silent[1]:
+                dropped.add(client_id)
+            if task is not None and client_id not in dropped:
                 secure_stages.handle(links[client_id], sessions[client_id], task)
 
     secure.notify = lambda: asyncio.get_running_loop().call_soon(answer_steps)
@@ -150,6 +157,26 @@ def test_a_secure_round_over_the_wire_messages_merges_what_the_plain_method_merg
     assert_same_adapter(result.kept, plain.kept)
     stages = {"share", "mask1", "unmask1"} | ({"mask2", "unmask2"} if method != "ffa" else set())
     assert output.secure["survivors"] == 3 and set(output.secure["bytes_up"]) == {"advertise", *stages}
+
+
+@pytest.mark.parametrize("method", ["flora", "flora-warm", "ffa"])
+def test_a_client_that_drops_after_sharing_is_recovered_and_the_round_is_exact_over_the_survivors(method):
+    if method == "ffa":
+        kept, updates = ffa_round()
+    else:
+        kept, updates = (warm_kept() if method == "flora-warm" else None), [update(r, seed) for seed, r in enumerate(RANKS)]
+    examples = [10, 20, 30]
+    result, decisions, output = secure_round(method, kept, updates, examples, silent=(0, "mask1"))
+    assert [d.weight for d in decisions] == pytest.approx([0.0, 0.4, 0.6]) and decisions[0].rejected
+    plain = get_method(method).merge(kept, updates[1:], [0.4, 0.6], torch.float64)
+    assert_same_adapter(result.delta, plain.delta)
+    assert_same_adapter(result.kept, plain.kept)
+    assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1)
+
+
+def test_a_client_that_drops_in_the_second_pass_fails_the_attempt_for_a_retry():
+    with pytest.raises(SecAggError, match="the attempt starts over"):
+        secure_round("flora", None, [update(r, seed) for seed, r in enumerate(RANKS)], [1, 1, 1], silent=(2, "mask2"))
 
 
 def test_advertisements_that_lie_about_the_sender_or_the_keys_are_refused_and_change_nothing():
