@@ -370,9 +370,9 @@ class Daemon:
         try:
             self.secure = secure_stages.advertise(self.conn, self.spec, task.secure, header, adapter, self._kept(task),
                                                   self.method)
-        except grpc.RpcError as exc:
-            log.warning("event=update_dropped round=%d code=%s detail=%r", task.round, rpc_code(exc) and rpc_code(exc).name,
-                        rpc_details(exc))
+        except grpc.RpcError as exc:  # the round moved on (or refused the keys): this update is dropped
+            code = rpc_code(exc)
+            log.warning("event=update_dropped round=%d code=%s detail=%r", task.round, code and code.name, rpc_details(exc))
 
     def _secure_step(self, task: secagg_pb2.SecureTask) -> None:
         """One step of a secure round; a refused or failed step leaves this client dropped from it."""

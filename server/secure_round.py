@@ -260,6 +260,9 @@ class SecureRounds:
         secure = {"survivors": len(survivors), "dropped": len(att.ids) - len(survivors),
                   "dropouts_recovered": len(planned) - len(survivors), "bytes_up": dict(att.bytes_up),
                   "bytes_down": dict(att.bytes_down), "seconds": {k: round(v, 4) for k, v in att.seconds.items()}}
+        log.info("round %d: secure aggregation over %d of %d clients (%d recovered): %d bytes up, %d down, %.2fs in "
+                 "the steps", number, len(survivors), len(att.ids), secure["dropouts_recovered"], sum(att.bytes_up.values()),
+                 sum(att.bytes_down.values()), sum(att.seconds.values()))
         output = await asyncio.to_thread(self.aggregator.write_round, number, result,
                                          [weighed.get(s.client_id, left_out) for s in submissions], math.nan, seconds)
         return replace(output, secure=secure)
@@ -326,6 +329,14 @@ class SecureRounds:
         if sketch is not None:
             step.sketch = sketch_bytes(plan, sketch.q)
         return step
+
+
+def secure_summary(secure: dict) -> sa.SecureSummary:
+    """A history line's "secure" record as Status's RoundSummary.secure."""
+    return sa.SecureSummary(survivors=secure.get("survivors", 0), dropouts_recovered=secure.get("dropouts_recovered", 0),
+                            bytes_up=sum(secure.get("bytes_up", {}).values()),
+                            bytes_down=sum(secure.get("bytes_down", {}).values()),
+                            seconds=sum(secure.get("seconds", {}).values()))
 
 
 def _over_survivors(plan: RoundPlan, planned: Sequence[int], survivors: frozenset[int],

@@ -214,7 +214,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., num_examples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., last_submitted_round: _Optional[int] = ..., bytes_submitted: _Optional[int] = ..., joined_unix_ms: _Optional[int] = ..., removed_unix_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms")
+    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms", "secure")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,7 @@ class RoundSummary(_message.Message):
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_clients: int
     train_loss: float
@@ -229,7 +230,8 @@ class RoundSummary(_message.Message):
     bytes_in: int
     bytes_out: int
     committed_unix_ms: int
-    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
+    secure: _secagg_pb2.SecureSummary
+    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., secure: _Optional[_Union[_secagg_pb2.SecureSummary, _Mapping]] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt", "min_clients", "available_clients", "num_selected", "num_submitted")

@@ -164,3 +164,17 @@ class SecureReply(_message.Message):
     accepted: bool
     message: str
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SecureSummary(_message.Message):
+    __slots__ = ("survivors", "dropouts_recovered", "bytes_up", "bytes_down", "seconds")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPOUTS_RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    survivors: int
+    dropouts_recovered: int
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    def __init__(self, survivors: _Optional[int] = ..., dropouts_recovered: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
