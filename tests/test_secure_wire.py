@@ -257,3 +257,18 @@ def test_flora_demo_passes_secure_aggregation_to_the_server_and_refuses_a_method
         parse_args(["--secure-aggregation", "--method", "fedit", "--ranks", "4"])
     assert exited.value.code == 2
     assert "--secure-aggregation with --method fedit" in capsys.readouterr().err
+
+
+def test_metrics_count_secure_rounds_recoveries_and_the_steps_bytes():
+    from flora.server.metrics import Metrics
+
+    metrics = Metrics()
+    secure = {"survivors": 2, "dropouts_recovered": 1, "bytes_up": {"share": 100, "mask1": 800},
+              "bytes_down": {"mask1": 50}, "seconds": {"share": 0.2, "mask1": 1.5}}
+    metrics._observe({"round": 1, "committed_unix": 1.0, "secure": secure})
+    metrics._observe({"round": 2, "committed_unix": 2.0})  # a plain round counts nothing here
+    value = metrics.registry.get_sample_value
+    assert value("flora_secure_rounds_total") == 1 and value("flora_secure_dropouts_recovered_total") == 1
+    assert value("flora_secure_bytes_total", {"direction": "up"}) == 900
+    assert value("flora_secure_bytes_total", {"direction": "down"}) == 50
+    assert value("flora_secure_stage_seconds_count", {"step": "mask1"}) == 1
