@@ -1,13 +1,14 @@
-"""Benchmark: data-parallel training (``flora-client --nproc``) against one process, same global batch.
+"""Benchmark: data-parallel training (``flora-client --nproc``, ``--shard none`` and ``--shard full``)
+against one process, same global batch.
 
-Both sides run ``train_lora`` on the same packed token chunks (no padding), the same seed and the
-same global micro-batch for the same steps. The group is N processes of a gloo (CPU) or NCCL
-process group, each with ``client.data_parallel.GroupReplicas`` and usable cores / N threads,
-as the daemon's workers run; the single process gets every usable core. Timed: the training call
-of each process after one untimed call (the group's time is its slowest rank's), not process
-start or model loading.
-Repeats alternate which side runs first; the table reports median tokens/s, the ratio, and how
-far the group's LoRA is from the single process's (relative Frobenius norm of B and of A).
+Every side runs ``train_lora`` on the same packed token chunks (no padding), the same seed and the
+same global micro-batch for the same steps. A group is N processes of a gloo (CPU) process group
+with usable cores / N threads each, as the daemon's workers run: each holding the whole model
+(``client.data_parallel.GroupReplicas``) or a shard of it (FSDP, ``client.sharding.ShardedReplicas``);
+the single process gets every usable core. Timed: the training call of each process after one
+untimed call on a fresh model (a group's time is its slowest rank's), not process start or model
+loading. Repeats rotate which side runs first; the table reports median tokens/s, the ratio, and
+how far each group's LoRA is from the single process's (relative Frobenius norm of B and of A).
 
     python -m bench.train_parallel                 # built-in tiny model, 2 processes on the CPU
     python -m bench.train_parallel --base-model ../shared/models/stories260K --nproc 2
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from bench.report import RESULTS, write_results
 from bench.train import packed_chunks, synthetic_examples
 from flora.client.data_parallel import GroupReplicas
+from flora.client.sharding import ShardedReplicas
 from flora.client.trainer import TrainConfig, TrainResult, train_lora
 from flora.common.basemodel import BUILTIN_MODEL, load_model, load_tokenizer
 from flora.common.data import TokenizedExample
@@ -62,14 +64,17 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(rank=args.rank, max_steps=args.steps, batch_size=args.batch_size, device="cpu", learning_rate=1e-3)
 
 
-def _member(rank: int, world: int, args: argparse.Namespace, chunks: list[TokenizedExample], folder: str) -> None:
+def _member(
+    rank: int, world: int, args: argparse.Namespace, chunks: list[TokenizedExample], folder: str, sharded: bool
+) -> None:
     """One process of the group: train, then rank 0 saves its LoRA and everyone their seconds."""
     set_threads(world, args.threads)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    replicas = (ShardedReplicas if sharded else GroupReplicas)(rank, world)
     try:
-        model = load_model(args.base_model)
-        train_lora(model, chunks, config_of(args), replicas=GroupReplicas(rank, world))  # warm-up, as the single side's
-        result = train_lora(model, chunks, config_of(args), replicas=GroupReplicas(rank, world))
+        # A fresh model for each call: a sharded group takes its model over for the round.
+        train_lora(load_model(args.base_model), chunks, config_of(args), replicas=replicas)  # warm-up, as the single side's
+        result = train_lora(load_model(args.base_model), chunks, config_of(args), replicas=replicas)
         Path(f"{folder}/rank{rank}.json").write_text(json.dumps({"seconds": result.seconds, "tokens": result.tokens}))
         if rank == 0:
             save_file({f"{n}.{i}": t.contiguous() for n, p in result.adapter.pairs.items() for i, t in enumerate(p)},
@@ -78,10 +83,10 @@ def _member(rank: int, world: int, args: argparse.Namespace, chunks: list[Tokeni
         dist.destroy_process_group()
 
 
-def run_group(args: argparse.Namespace, chunks: list[TokenizedExample]) -> tuple[float, int, LoraAdapter]:
+def run_group(args: argparse.Namespace, chunks: list[TokenizedExample], sharded: bool) -> tuple[float, int, LoraAdapter]:
     """(slowest rank's seconds, tokens, rank 0's adapter) of one group run."""
     with tempfile.TemporaryDirectory(prefix="flora-bench-dp-") as folder:
-        mp.spawn(_member, args=(args.nproc, args, chunks, folder), nprocs=args.nproc)
+        mp.spawn(_member, args=(args.nproc, args, chunks, folder, sharded), nprocs=args.nproc)
         runs = [json.loads(Path(f"{folder}/rank{r}.json").read_text()) for r in range(args.nproc)]
         tensors = load_file(f"{folder}/lora.safetensors")
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
@@ -105,30 +110,36 @@ def main() -> None:
     chunks = packed_chunks(synthetic_examples(max(64, args.batch_size * args.steps)), load_tokenizer(args.base_model),
                            args.seq_len, args.batch_size * args.steps)
     run_single(args, chunks)  # warm-up (each group process runs one untimed call too)
-    rates: dict[str, list[float]] = {"1 process": [], f"{args.nproc} processes": []}
-    distances = []
+    groups = {f"{args.nproc} processes": False, f"{args.nproc} processes, FSDP": True}  # side -> sharded
+    sides = ["1 process", *groups]
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    distances: dict[str, list[tuple[float, float]]] = {side: [] for side in groups}
     for repeat in range(args.repeats):
-        single = group = None
-        for side in (("single", "group") if repeat % 2 == 0 else ("group", "single")):
-            if side == "single":
+        adapters = {}
+        for side in sides[repeat % len(sides):] + sides[: repeat % len(sides)]:
+            if side == "1 process":
                 single = run_single(args, chunks)
-                rates["1 process"].append(single.tokens / single.seconds)
+                rates[side].append(single.tokens / single.seconds)
             else:
-                seconds, tokens, group = run_group(args, chunks)
-                rates[f"{args.nproc} processes"].append(tokens / seconds)
-        distances.append((distance(group, single.adapter, 1), distance(group, single.adapter, 0)))
+                seconds, tokens, adapters[side] = run_group(args, chunks, groups[side])
+                rates[side].append(tokens / seconds)
+        for side, adapter in adapters.items():
+            distances[side].append((distance(adapter, single.adapter, 1), distance(adapter, single.adapter, 0)))
     medians = {side: statistics.median(values) for side, values in rates.items()}
+    worst = {side: (max(d[0] for d in ds), max(d[1] for d in ds)) for side, ds in distances.items()}
     base = medians["1 process"]
     rows = [{"training": side, "threads each": threads_per_process(1 if side == "1 process" else args.nproc, args.threads),
-             "median tok/s": round(m), "ratio": f"{m / base:.2f}"} for side, m in medians.items()]
-    print(format_table(rows, ["training", "threads each", "median tok/s", "ratio"]))
-    worst_b, worst_a = max(d[0] for d in distances), max(d[1] for d in distances)
-    print(f"group LoRA vs single process: |dB|/|B| <= {worst_b:.2e}, |dA|/|A| <= {worst_a:.2e} (same global batch)")
+             "median tok/s": round(m), "ratio": f"{m / base:.2f}",
+             "|dB|/|B|": f"{worst[side][0]:.1e}" if side in worst else "-",
+             "|dA|/|A|": f"{worst[side][1]:.1e}" if side in worst else "-"} for side, m in medians.items()]
+    print(format_table(rows, ["training", "threads each", "median tok/s", "ratio", "|dB|/|B|", "|dA|/|A|"]))
+    print("|dB|/|B|, |dA|/|A|: the group's LoRA against the single process's (same global batch), worst repeat")
     path = write_results(args.name, {"base_model": args.base_model, "nproc": args.nproc, "batch_size": args.batch_size,
                                      "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
                                      "usable_cores": usable_cores(), "tokens_per_second": rates,
-                                     "median_tokens_per_second": medians, "relative_distance_b": worst_b,
-                                     "relative_distance_a": worst_a}, args.out)
+                                     "median_tokens_per_second": medians,
+                                     "relative_distance_b": {side: w[0] for side, w in worst.items()},
+                                     "relative_distance_a": {side: w[1] for side, w in worst.items()}}, args.out)
     print(f"wrote {path}")
 
 

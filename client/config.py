@@ -96,8 +96,14 @@ class _DaemonFields(BaseModel):
     nproc: int = Field(
         1, ge=1, le=64, description="data-parallel training processes (torch.distributed: gloo on CPU, one CUDA device each)"
     )
-    devices: list[Annotated[str, StringConstraints(pattern=r"^cuda:\d+$")]] | None = Field(
-        None, min_length=1, description="CUDA devices of the data-parallel processes, comma-separated (cuda:0,cuda:1); sets nproc"
+    devices: list[Annotated[str, StringConstraints(pattern=r"^(cpu|cuda:\d+)$")]] | None = Field(
+        None, min_length=1, description="devices of the data-parallel processes, comma-separated (cuda:0,cuda:1); sets nproc "
+        "(with --shard layers: the devices the one process spreads the model over)",
+    )
+    shard: Literal["auto", "none", "full", "layers"] = Field(
+        "auto", description="how several devices hold the model: none (each data-parallel process a whole copy), full "
+        "(FSDP: each holds a shard of every layer), layers (one process, the layers spread over --devices), auto (full "
+        "when the base exceeds a CUDA device's free memory, else none)",
     )
 
     @field_validator("server")
@@ -130,14 +136,41 @@ class _DaemonFields(BaseModel):
             raise ValueError("insecure contradicts tls_ca/tls_cert: choose plaintext or TLS")
         if self.devices and self.nproc not in (1, len(self.devices)):
             raise ValueError(f"nproc ({self.nproc}) contradicts devices ({len(self.devices)} given): give one of them")
+        self._check_shard()
         if self.quantize != "none" and self.training_processes > 1:  # workers load merged weights, not a held update
             raise ValueError(f"quantize ({self.quantize}) works with one training process, not {self.training_processes}: "
                              "drop --nproc/--devices or --quantize")
         return self
 
+    def _check_shard(self) -> None:
+        """Refuse the --shard combinations that cannot work, naming the flags."""
+        if len({device.split(":")[0] for device in self.devices or ()}) > 1:
+            raise ValueError(f"devices {self.devices} mix the CPU and CUDA: one kind per client")
+        repeated = sorted({d for d in self.devices or () if d != "cpu" and self.devices.count(d) > 1})
+        if repeated:  # two NCCL ranks on one GPU fail; layers spread over it would count its memory twice
+            raise ValueError(f"devices {self.devices} name {repeated[0]} twice: one process, or one share of the "
+                             "layers, per CUDA device")
+        if self.shard == "full" and self.quantize != "none":
+            raise ValueError(f"shard full splits a full-precision base over processes; quantize ({self.quantize}) "
+                             "trains in one: drop --shard full or --quantize")
+        if self.shard == "full" and self.training_processes < 2:
+            raise ValueError("shard full splits the model over data-parallel processes: add --nproc N or --devices")
+        if self.shard == "layers":
+            if self.nproc != 1 or len(self.devices or ()) < 2:
+                raise ValueError("shard layers spreads the model over the --devices of one process: give two or more "
+                                 "--devices (cuda:0,cuda:1) and no --nproc")
+            if self.quantize != "none":
+                raise ValueError(f"shard layers works with a full-precision base, not quantize ({self.quantize})")
+            if self.device not in ("auto", self.devices[0]):
+                raise ValueError(f"device ({self.device}) contradicts shard layers, whose inputs go to the first of "
+                                 f"--devices ({self.devices[0]}): drop --device")
+            self.device = self.devices[0]
+
     @property
     def training_processes(self) -> int:
-        """How many processes train each round: one per device of ``devices``, else ``nproc``."""
+        """How many processes train each round: one per device of ``devices`` (one with ``shard`` layers), else ``nproc``."""
+        if self.shard == "layers":
+            return 1
         return len(self.devices) if self.devices else self.nproc
 
     @property

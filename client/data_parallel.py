@@ -1,6 +1,6 @@
 """One training process's place in a data-parallel group: its rows, and the sum over the group.
 
-This is the ``Replicas`` that ``trainer.train_lora`` takes, backed by ``torch.distributed``
+This is the ``Replicas`` (``client.replicas``) that ``trainer.train_lora`` takes, backed by ``torch.distributed``
 (gloo on CPU, NCCL on CUDA). It does what DDP does for LoRA, without wrapping the model: only the
 LoRA factors have gradients, so one flat all-reduce per optimiser step (after the step's
 micro-batches) carries them all, and summing rather than DDP's averaging keeps the gradient the
@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flora.client.replicas import Replicas
+
 
 def shard_rows(count: int, rank: int, world: int) -> slice:
     """Rank ``rank``'s contiguous block of ``count`` rows; the first ``count % world`` get one more."""
@@ -21,8 +23,8 @@ def shard_rows(count: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-class GroupReplicas:
-    """This process as rank ``rank`` of the initialised default process group."""
+class GroupReplicas(Replicas):
+    """This process as rank ``rank`` of the initialised default process group, holding the model whole."""
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world

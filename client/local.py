@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flora.client.config import ClientSettings
+from flora.client.layer_placement import place_layers
 from flora.client.local_weights import LocalWeights, local_weights
 from flora.common.architectures import ALL_LINEAR, layer_shape
 from flora.common.basemodel import fingerprint, load_model, load_tokenizer
@@ -120,16 +121,35 @@ def check_modules(model: nn.Module, spec: run_pb2.RunSpec) -> None:
 
 
 def load_base(settings: ClientSettings, source: str) -> nn.Module:
-    """The base model ``source`` in full precision (on the training device unless it is to be
-    quantized, which happens there later), or a ConfigError saying what to pass."""
+    """The base model ``source`` in full precision, or a ConfigError saying what to pass.
+
+    At its home (``model_home``), or on the CPU when it is quantized or spread over devices later.
+    """
     try:
-        device = resolve_device(settings.device)  # checked also when quantizing, which moves the model there later
+        for device in settings.devices or ():
+            resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(f"--devices: {exc}") from None
+    try:
+        resolve_device(settings.device)  # checked also when quantizing, which moves the model there later
     except ValueError as exc:  # the device, not the model: a local copy of the model would not help
         raise ConfigError(f"--device: {exc}; use --device auto (CUDA when present, else CPU) or cpu") from None
     try:
-        return load_model(source, device=device if settings.quantize == "none" else "cpu")
+        home = model_home(settings)
+        return load_model(source, device=home if settings.quantize == "none" and home is not None else "cpu")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base model {source!r} cannot be loaded ({exc}); point --base-model at a local copy") from None
+
+
+def model_home(settings: ClientSettings) -> torch.device | None:
+    """Where the client keeps its model between rounds: the training device; the CPU for a daemon
+    whose workers train (each moves or shards its own copy, so the daemon's takes no device's
+    memory); None when it is spread over ``--devices`` (``--shard layers``)."""
+    if settings.shard == "layers":
+        return None
+    if settings.training_processes > 1:
+        return torch.device("cpu")
+    return resolve_device(settings.device)
 
 
 def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]) -> LocalWeights:
@@ -137,7 +157,7 @@ def prepare_weights(settings: ClientSettings, model: nn.Module, names: list[str]
     device = resolve_device(settings.device)
     compute = _COMPUTE_DTYPES[settings.dtype] if device.type == "cuda" else torch.float32
     try:
-        return local_weights(model, names, settings.quantize, compute, device)
+        return local_weights(model, names, settings.quantize, compute, model_home(settings))  # quantized: one device
     except (MissingExtra, ValueError) as exc:  # not installed, or nothing this model has can be quantized
         raise ConfigError(str(exc)) from None
 
@@ -157,6 +177,11 @@ def load_local_model(settings: ClientSettings, spec: run_pb2.RunSpec, data: tupl
         raise ConfigError(
             f"base model {source!r} differs from the server's: target-module hash {digest[:12]} != {spec.base_model_hash[:12]}"
         )
+    if settings.shard == "layers":
+        try:
+            place_layers(model, settings.devices)
+        except ValueError as exc:
+            raise ConfigError(f"--shard layers: {exc}") from None
     weights = prepare_weights(settings, model, names)
     train, validation = (tokenize_local(examples, tokenizer, settings) for examples in data)
     warn_rank_above_modules(settings.rank, spec)

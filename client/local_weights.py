@@ -191,12 +191,14 @@ def _to(part: ModuleUpdate, device: torch.device | str) -> ModuleUpdate:
 
 
 def local_weights(
-    model: nn.Module, names: Iterable[str], quantization: Quantization, compute_dtype: torch.dtype, device: torch.device
+    model: nn.Module, names: Iterable[str], quantization: Quantization, compute_dtype: torch.dtype,
+    device: torch.device | None,
 ) -> LocalWeights:
     """``model`` (loaded in full precision, its fingerprint taken) as the client's local weights:
-    moved to ``device`` as it is, or quantized there with the update held beside it."""
+    moved to ``device`` as it is (None: left where it was placed), or quantized there with the
+    update held beside it."""
     if quantization == "none":
-        return MergedWeights(model.to(device), names)
+        return MergedWeights(model if device is None else model.to(device), names)
     return HeldUpdate(quantize_model(model, quantization, compute_dtype, device), names, compute_dtype)
 
 

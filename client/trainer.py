@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from peft import LoraConfig, LoraModel
@@ -24,6 +24,8 @@ from peft.tuners.lora import LoraLayer
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from flora.client.layer_placement import placed_across_devices
+from flora.client.replicas import ALONE, Replicas
 from flora.common.architectures import fan_in_fan_out
 from flora.common.basemodel import target_module_shapes
 from flora.common.devices import resolve_device
@@ -96,35 +98,6 @@ class TrainResult:
 
 class TrainingCancelled(Exception):
     """Raised when ``should_stop`` asked training to stop; the caller's model is already restored."""
-
-
-class Replicas(Protocol):
-    """The data-parallel group a training process belongs to (``ALONE`` when it trains by itself).
-
-    Every process of a group draws the same micro-batches (same seed) and runs its own rows of
-    each; summing the gradients over the group then gives exactly the gradient of one process
-    running all the rows, because each row's loss is already divided by the whole step's label
-    count. So a group's LoRA equals a single process's over the same global batch, to round-off.
-    """
-
-    def rows(self, count: int) -> slice:
-        """This process's rows of a micro-batch of ``count`` rows (possibly none)."""
-
-    def reduce(self, params: list[nn.Parameter], step_loss: torch.Tensor) -> None:
-        """Sum the step's gradients and loss over the group, in place, before the optimiser step."""
-
-
-class _Alone:
-    """A process training by itself: all rows are its own and there is nothing to sum."""
-
-    def rows(self, count: int) -> slice:
-        return slice(0, count)
-
-    def reduce(self, params: list[nn.Parameter], step_loss: torch.Tensor) -> None:
-        pass
-
-
-ALONE: Replicas = _Alone()
 
 
 def lr_at(step: int, num_steps: int, config: TrainConfig) -> float:
@@ -206,11 +179,11 @@ def _load_init(layers: dict[str, LoraLayer], init: LoraAdapter, rank: int, scali
         lora_b.copy_(b[:, :rank])
 
 
-def _extract(layers: dict[str, LoraLayer], scaling: float) -> LoraAdapter:
+def _extract(layers: dict[str, LoraLayer], scaling: float, replicas: Replicas) -> LoraAdapter:
     pairs = {
         name: LoraPair(
-            layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
-            layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
+            replicas.whole(layer.lora_A[ADAPTER].weight.detach()).to("cpu", torch.float32).clone(),
+            replicas.whole(layer.lora_B[ADAPTER].weight.detach()).to("cpu", torch.float32).clone(),
         )
         for name, layer in sorted(layers.items())
     }
@@ -218,11 +191,15 @@ def _extract(layers: dict[str, LoraLayer], scaling: float) -> LoraAdapter:
 
 
 @contextlib.contextmanager
-def attached_lora(model: nn.Module, config: TrainConfig, device: torch.device) -> Iterator[dict[str, LoraLayer]]:
+def attached_lora(
+    model: nn.Module, config: TrainConfig, device: torch.device, *, moves: bool = True
+) -> Iterator[dict[str, LoraLayer]]:
     """Attach PEFT LoRA layers to ``model`` on ``device``; on exit restore the model exactly.
 
     Restored: the module tree (the original Linear objects), the parameters' requires_grad, the
-    train/eval mode and the device. Yields the LoRA layers by base-model module name.
+    train/eval mode and the device. Yields the LoRA layers by base-model module name. With
+    ``moves=False`` the model stays where it is (its layers placed across devices, or about to
+    be sharded) and each LoRA layer sits beside its base layer.
     """
     expected = target_module_shapes(model, config.target_modules)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -237,7 +214,8 @@ def attached_lora(model: nn.Module, config: TrainConfig, device: torch.device) -
         lora_dropout=0.0,
         bias="none",
     )
-    model.to(device)
+    if moves:
+        model.to(device)
     try:
         with torch.random.fork_rng(devices=[]):  # PEFT's own init must not advance the caller's RNG
             tuner = LoraModel(model, peft_config, ADAPTER)
@@ -251,7 +229,9 @@ def attached_lora(model: nn.Module, config: TrainConfig, device: torch.device) -
     finally:
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad[name])
-        model.train(was_training).to(home)
+        model.train(was_training)
+        if moves:
+            model.to(home)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -308,7 +288,11 @@ def _optimizer_step(
     for batch, target in zip(batches, targets):
         rows = replicas.rows(len(target))
         if rows.start >= rows.stop:
-            continue
+            if not replicas.shards:
+                continue
+            # A shard of the model joins every forward and backward of its group: one row whose
+            # every label is ignored, which adds nothing to the loss or the gradients.
+            rows, target = slice(0, 1), torch.full_like(target[:1], IGNORE_INDEX)
         with autocast_context(device, amp_dtype):
             # Right padding under a causal mask: no real token attends to the padding after it,
             # so no attention mask is passed and SDPA keeps its fast causal kernel.
@@ -378,21 +362,25 @@ def train_lora(
     from ``init``; with ``train_a=False`` A stays as initialised and only B learns (FFA-LoRA).
     ``on_step(step, total_steps, loss)`` reports progress after each optimiser
     step; ``should_stop()`` is asked before each step and cancels with :class:`TrainingCancelled`.
-    With ``replicas`` the process trains its rows of each micro-batch as one of a data-parallel group.
+    With ``replicas`` the process trains its rows of each micro-batch as one of a data-parallel group;
+    a group that shards the model (FSDP) takes it over for the round (its workers discard it after).
     """
     if not train_data:
         raise ValueError("no training examples")
     device = resolve_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
-    with attached_lora(model, config, device) as layers:
+    moves = not (replicas.shards or placed_across_devices(model))
+    with attached_lora(model, config, device, moves=moves) as layers:
         with torch.no_grad():
             if init is None:
                 _fresh_init(layers, generator)
             else:
                 _load_init(layers, init, config.rank, config.scaling)
-        params = []
         for layer in layers.values():
             layer.lora_A[ADAPTER].weight.requires_grad_(train_a)
+        replicas.shard(model, device)  # after the init: sharding replaces the parameters
+        params = []
+        for layer in layers.values():
             params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight] if train_a else [layer.lora_B[ADAPTER].weight]
         model.train()
         start = time.perf_counter()
@@ -405,7 +393,7 @@ def train_lora(
             validation_loss = evaluate_loss(
                 model, val_data, batch_size=config.batch_size, device=device, autocast_dtype=_amp_dtype(config, device)
             )
-        adapter = _extract(layers, config.scaling)
+        adapter = _extract(layers, config.scaling, replicas)
     log.info(
         "trained rank-%d LoRA: %d steps, %d tokens in %.1fs (%.0f tokens/s), train loss %.4f, validation loss %s",
         config.rank, steps, tokens, seconds, tokens / max(seconds, 1e-9), train_loss,

@@ -1,8 +1,10 @@
 """One training process of the daemon's worker group: ``python -m flora.client.worker FOLDER RANK``.
 
 It reads the round's job from ``FOLDER`` (see ``flora.client.workers``), loads the base model,
-data and saved weights exactly as the daemon does, joins the group's ``torch.distributed``
-process group (gloo on CPU, NCCL on CUDA) and trains its rows with ``train_round``. Rank 0 prints
+data and saved weights exactly as the daemon does (on the CPU), joins the group's
+``torch.distributed`` process group (gloo on CPU, NCCL on CUDA), agrees with the group on
+whether to shard the model (``--shard``, ``client.sharding``) and trains its rows with
+``train_round``: its whole copy moved to its device, or its shard of the model. Rank 0 prints
 ``progress STEP TOTAL LOSS`` lines for the daemon and writes the group's LoRA and numbers. Its
 logs go to stderr, which it shares with the daemon.
 """
@@ -26,6 +28,7 @@ from flora.client.config import ClientSettings
 from flora.client.data_parallel import GroupReplicas
 from flora.client.local import load_data, load_local_model
 from flora.client.round_start import train_round
+from flora.client.sharding import ShardedReplicas, group_shards
 from flora.client.sync import expected_shapes
 from flora.client.trainer import TrainResult
 from flora.client.workers import INIT, JOB, OUTCOME, PROGRESS, REMOVED, RESULT, RoundJob, RoundOutcome, read_start_adapter
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flora").setLevel(settings.log_level)
     set_threads(len(job.devices), settings.threads)
     backend = "nccl" if job.devices[rank].startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(job.devices[rank])  # NCCL's communicator and FSDP's mesh use the current device
     dist.init_process_group(backend, init_method=f"file://{folder / 'rendezvous'}",
                             rank=rank, world_size=len(job.devices), timeout=RENDEZVOUS_TIMEOUT)
     try:
@@ -65,7 +70,7 @@ def _train(folder: Path, job: RoundJob, settings: ClientSettings, rank: int, pro
     """Load what the daemon loaded, start the round as it says, train this rank's rows."""
     device = job.devices[rank]
     spec = json_format.Parse(job.spec, run_pb2.RunSpec())
-    local = load_local_model(settings.model_copy(update={"device": device}), spec, load_data(settings))
+    local = load_local_model(settings.model_copy(update={"device": device}), spec, load_data(settings))  # on the CPU
     shapes = expected_shapes(spec)
     if job.weights is not None:
         weights, meta = read_weights(Path(job.weights), shapes)
@@ -83,10 +88,14 @@ def _train(folder: Path, job: RoundJob, settings: ClientSettings, rank: int, pro
     def report(step: int, total: int, loss: float) -> None:
         print(f"{PROGRESS} {step} {total} {loss!r}", file=progress, flush=True)
 
+    sharded = group_shards(settings.shard, local.model, torch.device(device))
+    if rank == 0:
+        log.info("event=worker_group processes=%d shard=%s", len(job.devices), "full" if sharded else "none")
+    replicas = (ShardedReplicas if sharded else GroupReplicas)(rank, len(job.devices))
     return train_round(
         local.model, local.train, job.config.model_copy(update={"device": device}), start,
-        val_data=(local.validation or None) if rank == 0 else None, on_step=report if rank == 0 else None,
-        replicas=GroupReplicas(rank, len(job.devices)),
+        val_data=(local.validation or None) if rank == 0 or sharded else None,  # a sharded model evaluates together
+        on_step=report if rank == 0 else None, replicas=replicas,
     )
 
 

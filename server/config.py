@@ -402,8 +402,8 @@ class ServerSettings(BaseModel):
         """A target that even the first round passes, at the clients the server is sure of, is unreachable."""
         _dp_fields_need_dp("dp_target_epsilon", value, info)
         data = info.data
-        if value is None or data.get("dp_clip_norm") is None or "rounds" not in data or "dp_release" not in data:
-            return value
+        if value is None or data.get("dp_clip_norm") is None or any(data.get(f) is None for f in _TARGET_READS):
+            return value  # DP off, or a field it reads was refused: that field's own error is reported
         population = data["min_clients"]
         per_round = Selection.parse(data["clients_per_round"]).size(population)
         delta = data.get("dp_delta") or default_delta(population)
@@ -488,6 +488,10 @@ class ServerSettings(BaseModel):
     def global_lora_rank(self) -> int:
         """Methods with one scaling: rank of the persistent global LoRA; 0 for the others."""
         return self.lora_rank if self.aggregation.one_scaling else 0
+
+
+_TARGET_READS = ("dp_noise_multiplier", "min_clients", "clients_per_round", "method", "rounds", "dp_release",
+                 "dp_accountant")  # the fields dp_target_epsilon's first-round check reads
 
 
 def _mechanisms(method: str, release: str) -> int:

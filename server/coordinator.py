@@ -30,6 +30,7 @@ from flora.server.config import ServerSettings
 from flora.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange, Refusal, Unauthenticated
 from flora.server.layout import Layout
 from flora.server.lifecycle import RoundDriver
+from flora.server.privacy_budget import privacy_status
 from flora.server.rounds import DuplicatePayload, Finished, RoundMachine, RoundState, Train
 from flora.server.store import ClientRecord, RunRecord, Store, Submission
 from flora.server.uploads import (
@@ -292,6 +293,8 @@ class Coordinator:
         else:
             state = "waiting_for_clients"
         reply = pb.StatusReply(run=self.spec, state=state, global_version=self.machine.version, num_clients=len(self.clients))
+        if self.driver.privacy is not None:
+            reply.privacy.CopyFrom(privacy_status(self.driver.privacy, self.settings.dp_clip_norm, self.driver.ended))
         if current is not None:
             reply.round.CopyFrom(pb.RoundStatus(
                 round=current.number, state=current.state.value, selected=_visible(current.selected, viewer),

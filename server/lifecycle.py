@@ -24,8 +24,9 @@ from flora.server.config import ServerSettings
 from flora.server.export import write_history
 from flora.server.errors import is_resource_failure
 from flora.server.layout import Layout
+from flora.server.privacy_budget import PrivacyBudget, ended_before
 from flora.server.secure_round import SecureRounds
-from flora.server.rounds import Abandoned, Closed, Event, Opened, RoundMachine, RoundState
+from flora.server.rounds import Abandoned, Closed, Ended, Event, Opened, RoundMachine, RoundState
 from flora.server.store import Store, Submission
 from flora.server.wakeups import Signal
 
@@ -67,6 +68,28 @@ class RoundDriver:
         self._retry_delay = 0.0  # the last resource-failure backoff of this round (0: none yet)
         self._failures = 0  # consecutive failed ticks (for the ticker's backoff)
         self._reasons: dict[int, str] = {}
+        # Under DP: the spent budget, from the committed history (a restart neither forgets nor repeats a round).
+        self.privacy = PrivacyBudget.of_run(settings, store.history())
+        machine.gate = None if self.privacy is None else self.privacy.refusal
+        self.ended = ended_before(self.privacy, machine.finished, machine.version, store.live_settings().get("rounds"))
+        if (budget := self.privacy) is not None:
+            log.info("differential privacy: noise multiplier %g, clip norm %g, %d Gaussian release(s) per round, %s "
+                     "accountant, delta %.3g, target epsilon %s; epsilon %.4g spent by %d committed rounds",
+                     budget.sigma, settings.dp_clip_norm, budget.passes, budget.accountant, budget.delta,
+                     "none" if budget.target is None else f"{budget.target:g}", budget.spent, len(budget.samples))
+            self._plan(budget)
+
+    def _plan(self, budget: PrivacyBudget) -> None:
+        """Say at start when the target will end the run early, at the clients a round is sure of (min_clients)."""
+        if self.machine.finished or budget.target is None:
+            return
+        population = self.settings.min_clients
+        selected = self.settings.selection.size(population)
+        last = budget.last_round_within(population, selected, self.settings.rounds)
+        if last < self.settings.rounds:
+            log.warning("privacy plan: with %d of %d clients per round, target epsilon %g allows rounds up to %d of %d; "
+                        "the run ends there unless more eligible clients widen the sampling (flora-admin dp-plan)",
+                        selected, population, budget.target, last, self.settings.rounds)
 
     # --- notifications --------------------------------------------------------------------
 
@@ -113,7 +136,7 @@ class RoundDriver:
                      event.round.number, event.round.attempt, len(event.round.selected),
                      ",".join(sorted(event.round.selected)), event.round.quorum, self.settings.round_deadline_s)
         elif isinstance(event, Abandoned):
-            self.store.set_attempt_state(event.number, event.attempt, RoundState.ABANDONED)
+            self._abandon(event)
             log.warning("round %d attempt %d abandoned: %s (%d of quorum %d accepted)",
                         event.number, event.attempt, event.reason, event.accepted, event.quorum)
         elif isinstance(event, Closed):
@@ -121,6 +144,28 @@ class RoundDriver:
             self._reasons[event.number] = event.reason
             log.info("round %d closed (%s): aggregating %d updates", event.number, event.reason, len(event.participants))
             self._start_aggregation(event.number, event.attempt)
+        elif isinstance(event, Ended):
+            self._end(event)
+
+    def _abandon(self, event: Abandoned) -> None:
+        """Mark the attempt abandoned; under DP its accepted updates go with it (the next attempt samples afresh)."""
+        if not event.dropped:
+            self.store.set_attempt_state(event.number, event.attempt, RoundState.ABANDONED)
+            return
+        why = "its attempt was abandoned; under differential privacy each attempt is a new uniform sample"
+        removed = self.store.exclude_submissions(event.number, event.attempt, dict.fromkeys(event.dropped, why), True,
+                                                 time.time(), blameless=True)
+        for submission in removed:
+            self.layout.absolute(submission.path).unlink(missing_ok=True)
+
+    def _end(self, event: Ended) -> None:
+        """The privacy budget ends the run: said once, and kept as the run's rounds (a restart stays finished)."""
+        log.warning("%s", event.reason)
+        self.ended = event.reason
+        if event.version > 0:  # with nothing committed there is nothing released: a restart may try again
+            self.store.save_live_settings({"rounds": str(event.version)}, time.time())
+        self.finished_at = time.time()
+        log.info("run finished at version %d", event.version)
 
     def _resync(self, error: Exception) -> None:
         """After a failed write: log it, and reload the current round from the database."""
@@ -199,13 +244,15 @@ class RoundDriver:
         closed, bytes_out = self._reasons.pop(number, ""), self.bytes_out
         while True:
             try:  # in a thread: a record of every client and a durable commit are blocking work
-                await asyncio.to_thread(self._commit, number, attempt, submissions, output, now, (closed, bytes_out))
+                record = await asyncio.to_thread(self._commit, number, attempt, submissions, output, now, (closed, bytes_out))
                 break
             except Exception as error:  # noqa: BLE001
                 if not is_resource_failure(error):
                     log.exception("round %d: committing the aggregate failed; restart the server to aggregate it again", number)
                     return
                 await self._wait_to_retry(number, "committing", error)
+        if self.privacy is not None:
+            self.privacy.committed(record)
         # Derived files before anyone can see the new version: its history line is then on disk.
         # Nothing moves meanwhile: the machine still holds the round as aggregating.
         try:
@@ -278,10 +325,13 @@ class RoundDriver:
                 path.unlink(missing_ok=True)  # a download already reading one keeps its open file
 
     def _commit(self, number: int, attempt: int, submissions: Sequence[Submission], output: RoundOutput, now: float,
-                context: tuple[str, int]) -> None:
+                context: tuple[str, int]) -> dict[str, Any]:
         """Build the round's history record and commit the round with it (blocking: run it in a thread)."""
         record = self._record(number, attempt, submissions, output, now, context)
+        if self.privacy is not None:  # the machine still holds the round, with the sample it was accounted with
+            record.update(self.privacy.record(self.machine.current.population, self.machine.current.sampled))
         self.store.commit_version(number, attempt, output.artifacts, record, now)
+        return record
 
     def _record(
         self, number: int, attempt: int, submissions: Sequence[Submission], output: RoundOutput, now: float,

@@ -50,6 +50,10 @@ class Metrics:
         self.connected = Gauge("flora_connected_clients", "clients heard from within client_timeout_s", registry=r)
         self.validation_loss = Gauge("flora_validation_loss", "the server's validation loss of the latest version", registry=r)
         self.validation_loss.set(math.nan)
+        # Under differential privacy only (README, "Differential privacy"): the run's budget.
+        self.dp_epsilon = Gauge("flora_dp_epsilon", "epsilon spent by the committed rounds (client-level DP)", registry=r)
+        self.dp_delta = Gauge("flora_dp_delta", "delta of the run's stated (epsilon, delta)", registry=r)
+        self.dp_target = Gauge("flora_dp_target_epsilon", "no round opens past this epsilon (0: no target)", registry=r)
         self.secure_rounds = Counter("flora_secure_rounds", "rounds committed under secure aggregation", registry=r)
         self.secure_recovered = Counter("flora_secure_dropouts_recovered",
                                         "clients recovered from the others' shares after dropping", registry=r)
@@ -74,6 +78,10 @@ class Metrics:
         elif version > self._seen_version:
             self._read_history(coordinator, after=self._seen_version)
         self._seen_version = version
+        if (privacy := coordinator.driver.privacy) is not None:
+            self.dp_epsilon.set(privacy.spent)
+            self.dp_delta.set(privacy.delta)
+            self.dp_target.set(privacy.target or 0.0)
         bytes_in = sum(coordinator.store.submitted_bytes().values())
         self.bytes_in.inc(max(0, bytes_in - self._bytes_in))
         self._bytes_in = max(self._bytes_in, bytes_in)

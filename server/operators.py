@@ -59,7 +59,8 @@ def enrich(coordinator: Coordinator, reply: pb.StatusReply) -> pb.StatusReply:
         reply.recent_rounds.append(pb.RoundSummary(
             round=record["round"], num_clients=record.get("num_clients", 0), train_loss=_nan(record.get("train_loss")),
             validation_loss=_nan(record.get("validation_loss")), bytes_in=record.get("bytes_in", 0),
-            bytes_out=record.get("bytes_out", 0), committed_unix_ms=_ms(record.get("committed_unix", 0.0))))
+            bytes_out=record.get("bytes_out", 0), committed_unix_ms=_ms(record.get("committed_unix", 0.0)),
+            dp_epsilon=record.get("dp_epsilon", 0.0)))
         if record.get("secure"):
             reply.recent_rounds[-1].secure.CopyFrom(secure_summary(record["secure"]))
     return reply

@@ -38,6 +38,7 @@ def round_policy(settings: ServerSettings) -> RoundPolicy:
     return RoundPolicy(
         rounds=settings.rounds, min_clients=settings.min_clients, selection=settings.selection, quorum=settings.quorum,
         deadline_s=settings.round_deadline_s, client_timeout_s=settings.client_timeout_s, seed=settings.seed,
+        fresh_attempts=settings.dp_enabled,
     )
 
 

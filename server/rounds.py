@@ -8,6 +8,10 @@ events) before acting on it. The rules are those of protos/PROTOCOL.md, "Rounds"
 - a round opens when at least ``min_clients`` clients are available (connected, or holding an
   accepted update for the round), and selects participants with a generator seeded by
   (run seed, round, attempt), always keeping clients whose update is already accepted;
+- under differential privacy (``RoundPolicy.fresh_attempts``) every attempt is a uniform sample
+  without replacement of the eligible clients, as the accountant assumes: an abandoned attempt
+  drops its accepted updates instead of keeping them, and a round whose release would pass the
+  privacy budget (``RoundMachine.gate``) does not open: the run ends (``Ended``);
 - it closes when every selected client has submitted, or at its deadline when the quorum has
   (or as soon as every client still missing has left, rather than waiting for the deadline);
 - otherwise the attempt is abandoned and a new attempt of the same round opens when enough
@@ -23,8 +27,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from flora.server.errors import AlreadyExists, FailedPrecondition
@@ -88,6 +92,7 @@ class RoundPolicy:
     deadline_s: float
     client_timeout_s: float
     seed: int
+    fresh_attempts: bool = False  # DP: no attempt keeps an earlier attempt's updates (each is a uniform sample)
 
     def quorum_count(self, selected: int) -> int:
         """Accepted updates that close a round of ``selected`` clients at its deadline."""
@@ -116,6 +121,8 @@ class Round:
     quorum: int = 0
     accepted: dict[str, str] = field(default_factory=dict)  # client id -> sha256 of its update
     declined: set[str] = field(default_factory=set)  # clients whose update copied an accepted one: not asked again
+    population: int = 0  # clients the attempt's selection was drawn from (the privacy accountant's n)
+    sampled: int = 0  # clients it selected then (its k; later withdrawals do not lower it)
 
 
 @dataclass
@@ -146,6 +153,7 @@ class Abandoned:
     accepted: int
     quorum: int
     reason: str = "missed its quorum at the deadline"
+    dropped: tuple[str, ...] = ()  # fresh attempts: the clients whose accepted updates no longer count
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,16 @@ class Short:
         return f"needs {self.needed} connected clients, has {self.has}"
 
 
-Event = Opened | Abandoned | Closed
+@dataclass(frozen=True)
+class Ended:
+    """The round may not open (``RoundMachine.gate``: the privacy budget): the run ends at ``version``."""
+
+    number: int
+    version: int
+    reason: str
+
+
+Event = Opened | Abandoned | Closed | Ended
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,8 @@ class RoundMachine:
         self.clients: dict[str, Presence] = {}
         self._counted: tuple[float, int] = (-math.inf, 0)  # (now, available) last told in a WAIT reason
         self._short: Short | None = None  # the shortfall last reported (reported again when it changes)
+        # Asked before an attempt opens, with (round, population, selected): why it may not, or None.
+        self.gate: Callable[[int, int, int], str | None] | None = None
         if current is None and not self.finished:
             self.current = Round(version + 1)
 
@@ -359,11 +378,14 @@ class RoundMachine:
                     return [self._close("every selected client that stayed has submitted" if everyone_left
                                         else "deadline reached with quorum")]
                 current.state = RoundState.ABANDONED
-                events.append(Abandoned(current.number, current.attempt, len(current.accepted), current.quorum))
+                dropped = tuple(sorted(current.accepted)) if self.policy.fresh_attempts else ()
+                events.append(Abandoned(current.number, current.attempt, len(current.accepted), current.quorum,
+                                        dropped=dropped))
+                current.accepted = {} if dropped else current.accepted
         if current.state in (RoundState.WAITING, RoundState.ABANDONED):
             if self._may_open(now):
-                events.append(self._open(now))
-                if self._all_submitted():
+                events.append(opened := self._open(now))
+                if isinstance(opened, Opened) and self._all_submitted():
                     events.append(self._close("every selected client has submitted"))
         return events
 
@@ -382,20 +404,33 @@ class RoundMachine:
         self._short = short
         return short
 
-    def _open(self, now: float) -> Opened:
+    def _open(self, now: float) -> Opened | Ended:
         current = self.current
-        current.attempt += 1
         kept = set(current.accepted)
         candidates = sorted(set(self.connected(now)) - kept - current.declined)
         wanted = self.policy.selection.size(len(candidates) + len(kept)) - len(kept)
+        count = max(0, min(wanted, len(candidates)))
+        refusal = None if self.gate is None else self.gate(current.number, len(candidates) + len(kept), len(kept) + count)
+        if refusal is not None:
+            return self._end(refusal)
+        current.attempt += 1
         rng = random.Random(f"flora-selection:{self.policy.seed}:{current.number}:{current.attempt}")
-        chosen = rng.sample(candidates, max(0, min(wanted, len(candidates))))
+        chosen = rng.sample(candidates, count)
         current.selected = frozenset(kept | set(chosen))
+        current.population, current.sampled = len(candidates) + len(kept), len(current.selected)
         current.deadline = now + self.policy.deadline_s
         current.quorum = self.policy.quorum_count(len(current.selected))
         current.state = RoundState.OPEN
         return Opened(Round(current.number, current.attempt, current.state, current.selected,
-                            current.deadline, current.quorum, dict(current.accepted)))
+                            current.deadline, current.quorum, dict(current.accepted),
+                            population=current.population, sampled=current.sampled))
+
+    def _end(self, reason: str) -> Ended:
+        """Finish the run at the committed version: no round after it opens."""
+        number = self.current.number
+        self.policy = replace(self.policy, rounds=self.version)
+        self.current = None
+        return Ended(number, self.version, reason)
 
     def _close(self, reason: str) -> Closed:
         current = self.current

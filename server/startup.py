@@ -35,6 +35,9 @@ FD_RESERVE = 64
 FDS_PER_CLIENT = 2
 
 RUN_DEFINING = ("base_model", "method", "target_modules", "model_dtype", "lora_rank", "lora_alpha", "rslora")
+# A DP run's releases and accounting: stored only with DP on, so that a run of an earlier
+# release matches, and DP cannot be switched on or off (or its noise changed) mid-run.
+DP_DEFINING = ("dp_noise_multiplier", "dp_clip_norm", "dp_release", "dp_accountant", "dp_delta")
 
 
 class StartupError(RuntimeError):
@@ -45,7 +48,7 @@ def defining_settings(settings: ServerSettings, target_modules: Sequence[str]) -
     """The run-defining settings as stored with the run, with the target modules as resolved on
     the model (an unset setting is the family's default, all-linear its layers' suffixes)."""
     dumped = {**settings.model_dump(mode="json"), "target_modules": sorted(target_modules)}
-    return {key: dumped[key] for key in RUN_DEFINING}
+    return {key: dumped[key] for key in RUN_DEFINING + (DP_DEFINING if settings.dp_enabled else ())}
 
 
 def open_run(settings: ServerSettings, layout: Layout, store: Store, aggregator: Aggregator) -> RunRecord:
@@ -88,7 +91,8 @@ def check_same_run(run: RunRecord, settings: ServerSettings, target_modules: Seq
     """Refuse a configuration that contradicts the stored run, naming every difference."""
     stored, wanted = run.settings, defining_settings(settings, target_modules)
     diffs = [
-        f"{key}: stored {stored.get(key)!r}, configured {wanted[key]!r}" for key in RUN_DEFINING if stored.get(key) != wanted[key]
+        f"{key}: stored {stored.get(key)!r}, configured {wanted.get(key)!r}"
+        for key in RUN_DEFINING + DP_DEFINING if stored.get(key) != wanted.get(key)
     ]
     if not diffs and model_hash != run.base_model_hash:
         diffs.append(f"base model weights: stored hash {run.base_model_hash[:12]}, loaded {model_hash[:12]}")

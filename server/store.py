@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS clients (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER NOT NULL, attempt INTEGER NOT NULL, state TEXT NOT NULL, selected TEXT NOT NULL,
-    deadline REAL NOT NULL, quorum INTEGER NOT NULL, PRIMARY KEY (round, attempt)
+    deadline REAL NOT NULL, quorum INTEGER NOT NULL, population INTEGER NOT NULL DEFAULT 0,
+    sampled INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, attempt)
 );
 CREATE TABLE IF NOT EXISTS submissions (
     round INTEGER NOT NULL, client_id TEXT NOT NULL REFERENCES clients(id), sha256 TEXT NOT NULL,
@@ -195,6 +196,10 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(exclusions)")}
         if "blameless" not in columns:
             self._db.execute("ALTER TABLE exclusions ADD COLUMN blameless INTEGER NOT NULL DEFAULT 0")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+        for name in ("population", "sampled"):  # the privacy accountant's sample of each attempt
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE rounds ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close (idempotent).
@@ -362,9 +367,10 @@ class Store:
         """Insert or update the row of the round's current attempt."""
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO rounds (round, attempt, state, selected, deadline, quorum, population, sampled) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (current.number, current.attempt, current.state.value, json.dumps(sorted(current.selected)),
-                 current.deadline, current.quorum),
+                 current.deadline, current.quorum, current.population, current.sampled),
             )
 
     def set_attempt_state(self, number: int, attempt: int, state: RoundState) -> None:
@@ -375,14 +381,16 @@ class Store:
     def load_round(self, number: int) -> Round:
         """The round as stored: its latest attempt (if any) and its accepted updates."""
         rows = self._query(
-            "SELECT attempt, state, selected, deadline, quorum FROM rounds WHERE round = ? ORDER BY attempt DESC LIMIT 1",
+            "SELECT attempt, state, selected, deadline, quorum, population, sampled FROM rounds WHERE round = ? "
+            "ORDER BY attempt DESC LIMIT 1",
             (number,),
         )
         accepted = {s.client_id: s.sha256 for s in self.submissions(number)}
         if not rows:
             return Round(number, accepted=accepted)
-        attempt, state, selected, deadline, quorum = rows[0]
-        return Round(number, attempt, RoundState(state), frozenset(json.loads(selected)), deadline, quorum, accepted)
+        attempt, state, selected, deadline, quorum, population, sampled = rows[0]
+        return Round(number, attempt, RoundState(state), frozenset(json.loads(selected)), deadline, quorum, accepted,
+                     population=population, sampled=sampled)
 
     # --- submissions ----------------------------------------------------------------------
 

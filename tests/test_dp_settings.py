@@ -101,3 +101,33 @@ def test_print_config_round_trips_the_dp_fields(capsys):
     main(["--print-config"] + DP + ["--dp-target-epsilon", "80"])
     values = tomllib.loads(capsys.readouterr().out)
     assert (values["dp_noise_multiplier"], values["dp_clip_norm"], values["dp_target_epsilon"]) == (4.0, 0.5, 80.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--dp-noise-multiplier", "200"], "dp_noise_multiplier"),
+        (["--method", "nope"], "method"),
+        (["--dp-accountant", "gdp"], "dp_accountant"),
+        (["--min-clients", "0"], "min_clients"),
+    ],
+)
+def test_a_target_beside_another_invalid_field_names_that_field_not_a_traceback(argv, field):
+    """The target's check reads other fields; one of them refused must be reported as itself."""
+    with pytest.raises(SettingsError) as error:
+        settings_from(["--dp-noise-multiplier", "4", "--dp-clip-norm", "0.5", "--dp-target-epsilon", "8"] + argv)
+    assert f"{field}:" in str(error.value)
+
+
+def test_flora_demo_passes_the_dp_flags_to_the_server_and_refuses_bad_ones_up_front(tmp_path, capsys):
+    from flora.demo.cli import _server_args, parse_args
+    from flora.demo.workspace import Workspace
+
+    args = parse_args(["--clients", "3", "--method", "flora", "--dp-noise-multiplier", "4", "--dp-clip-norm", "0.5",
+                       "--dp-target-epsilon", "30", "--dp-release", "dense"])
+    flags = _server_args(args, Workspace(tmp_path), [tmp_path / "v.jsonl"], [4, 4, 4])
+    assert {"--dp-noise-multiplier=4", "--dp-clip-norm=0.5", "--dp-target-epsilon=30", "--dp-release=dense"} <= set(flags)
+    assert not [f for f in _server_args(parse_args([]), Workspace(tmp_path), [], [4]) if f.startswith("--dp-")]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--method", "fedit", "--ranks", "4", "--dp-noise-multiplier", "4", "--dp-clip-norm", "0.5"])
+    assert exit_.value.code == 2 and "method fedit cannot run under differential privacy" in capsys.readouterr().err

@@ -59,6 +59,14 @@ def test_a_bound_that_is_not_positive_and_finite_is_refused(bound):
         choose_scale(bound, 3)
 
 
+@pytest.mark.parametrize("bound", [1e-300, 5e-324])
+def test_a_bound_too_small_for_any_float64_scale_is_refused_by_name(bound):
+    """2^62 / (K B) overflows float64 below about 1e-290: a ValueError naming the bound, not an
+    OverflowError from the arithmetic."""
+    with pytest.raises(ValueError, match="bound .* is too small for a fixed-point scale"):
+        choose_scale(bound, 3)
+
+
 @pytest.mark.parametrize("clients", [0, -2, 2.5, True])
 def test_a_client_count_that_is_not_a_positive_integer_is_refused(clients):
     with pytest.raises(ValueError, match="clients must be an integer >= 1"):
@@ -69,6 +77,15 @@ def test_too_many_clients_for_float32_resolution_are_refused_with_the_arithmetic
     assert choose_scale(1.0, max_clients() // 2) > 0
     with pytest.raises(ValueError, match=r"clients 2097152 too many .* coarser than float32 round-off"):
         choose_scale(1.0, 2**21)
+
+
+@pytest.mark.parametrize("bound", [1.0, 1.0 - 2.0**-50, 1.3, 4.0, 7.5, 1e-3])
+def test_the_client_count_the_refusal_names_fits_at_any_bound(bound):
+    """The refusal's "at most N clients fit" holds at every bound: the largest f is floor(log2 of
+    the room), which costs up to one bit, so N is 2^19 - 1 (K^2 < 2^38), not sqrt(2^39)."""
+    assert choose_scale(bound, max_clients()) >= 0
+    with pytest.raises(ValueError, match=f"at most {max_clients():,} clients fit at any bound"):
+        choose_scale(bound, 2**21)
 
 
 def test_encode_refuses_non_finite_values_and_values_beyond_the_range():

@@ -169,6 +169,16 @@ def test_too_few_or_inconsistent_shares_are_refused() -> None:
         shamir.combine([tampered, shares[1], shares[2]], 3)
 
 
+@pytest.mark.parametrize("threshold", [0, -1])
+def test_combine_refuses_a_threshold_below_one(threshold: int) -> None:
+    """Lagrange over no points gives 0: a threshold below 1 would return the all-zero secret
+    instead of refusing."""
+    shares = shamir.split(b"\x01" * 32, 2, [1, 2, 3])
+    with pytest.raises(SecAggError, match="threshold") as err:
+        shamir.combine(shares, threshold)
+    assert err.value.field == "threshold"
+
+
 @pytest.mark.parametrize("raw, reason", [
     (b"\x00" * 69, "is 69 bytes"),
     (b"\x00" * 71, "is 71 bytes"),
@@ -211,6 +221,13 @@ def test_graph_ring_order_follows_the_documented_hash() -> None:
     assert g.order == tuple(expected)
     for p, c in enumerate(expected):
         assert g.neighbours[c] == {expected[p - 1], expected[(p + 1) % len(ids)]}
+
+
+def test_the_default_graph_is_complete_up_to_13_clients_as_documented() -> None:
+    """PROTOCOL.md's "complete graph up to 13 clients, 20 at n = 100" (30 at 1,000 in graph.py)."""
+    assert all(graph.default_degree(n) == n - 1 for n in range(2, 14))
+    assert graph.default_degree(14) == 12 < 13
+    assert (graph.default_degree(100), graph.default_degree(1000)) == (20, 30)
 
 
 def test_small_graphs_are_complete_and_degrees_checked() -> None:

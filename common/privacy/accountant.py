@@ -25,7 +25,9 @@ uses the same identity for composed Gaussians under sampling).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -129,6 +131,48 @@ def epsilon_after_rounds(sigma: float, num_clients: int, clients_per_round: int,
         done = r
         epsilons.append(float(pld.get_epsilon(delta)))
     return epsilons
+
+
+def epsilon_of_rounds(sigma: float, samples: Sequence[tuple[int, int]], passes: int, delta: float,
+                      accountant: Accountant = "rdp") -> float:
+    """Epsilon spent by rounds that each sampled ``selected`` of ``population`` clients: (population, selected) per round.
+
+    A running server knows each round's sample only when it opens it (clients come and go), so
+    its budget composes the rounds as they were, not as planned. RDP adds up over rounds, and
+    one sample's RDP (about half a second of dp-accounting's work) is computed once per process;
+    PLD composes rounds with the same sample together (one event with a count).
+    """
+    if not samples:
+        return 0.0
+    _check_sigma(sigma)
+    for population, selected in samples:
+        _check(population, selected, 1, passes, delta, accountant)
+    dp = _dp()
+    counts = sorted(Counter(samples).items())
+    if accountant == "rdp":
+        rdps = [(count, _round_rdp(sigma, *_lowest_terms(population, selected), passes))
+                for (population, selected), count in counts]
+        total = sum(count * rdp for count, (_, rdp) in rdps)
+        return float(dp.rdp.rdp_privacy_accountant.compute_epsilon(rdps[0][1][0], total, delta)[0])
+    composed = dp.pld.PLDAccountant(neighboring_relation=neighbouring_relation(accountant),
+                                    value_discretization_interval=PLD_DISCRETIZATION)
+    for (population, selected), count in counts:
+        composed.compose(round_event(sigma, population, selected, passes, accountant), count)
+    return float(composed.get_epsilon(delta))
+
+
+def _lowest_terms(population: int, selected: int) -> tuple[int, int]:
+    """The sample as the fraction selected / population in lowest terms: its RDP depends on that ratio alone."""
+    common = math.gcd(population, selected)
+    return population // common, selected // common
+
+
+@functools.lru_cache(maxsize=4096)
+def _round_rdp(sigma: float, population: int, selected: int, passes: int) -> tuple[Any, Any]:
+    """(orders, RDP at each order) of one round, as dp-accounting's RDP accountant composes it."""
+    one = _dp().rdp.RdpAccountant(neighboring_relation=neighbouring_relation("rdp"))
+    one.compose(round_event(sigma, population, selected, passes, "rdp"))
+    return one.orders, one.rdp
 
 
 def sigma_for_epsilon(target_epsilon: float, num_clients: int, clients_per_round: int, rounds: int, passes: int,

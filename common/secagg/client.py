@@ -14,7 +14,8 @@ both secrets of stage 1 and could unmask that client's stage-1 vector. With per-
 client's rule "never reveal both a client's b_s and its mask key of the same stage" is enough.
 The client also refuses stage requests that would let a server pair the two otherwise: a stage's
 active set must lie within the previous stage's survivors, and a client once reported dropped
-never becomes a survivor.
+never becomes a survivor. These checks bind one client's own view only: a server that shows
+different holders different survivors is not detected (protos/PROTOCOL.md, "Threat model").
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ The arithmetic, with every rounding counted (each encoded entry is off by at mos
   float32's round-off of a value at the bound, 2^-24 B, or the sum would be less exact than the
   plain float32 aggregation it replaces.
 
-Substituting the largest f (2^f ~ 2^62 / (K B)) into the second gives K^2 <~ 2^39, about 741,000
-clients; beyond that, or for a bound that is not a positive finite number, no scale meets both
-and ``choose_scale`` refuses. The resolution is absolute, K B 2^-63 or so: a clip bound far above
+Substituting the largest f into the second: 2^f lies in (R / 2, R] for R = (2^62 / K - 1/2) / B,
+so every bound has a scale when K^2 < 2^38 (up to 524,287 clients, ``max_clients``) and none
+when K^2 > 2^39 (about 741,000); in between it depends on where R falls between two powers of
+2. Where no scale meets both, or for a bound that is not a positive finite number,
+``choose_scale`` refuses. The resolution is absolute, K B 2^-63 or so: a clip bound far above
 the changes' actual norms (say 10^6 times) spends that many of the 62 bits on range nobody uses,
 so the bound should be set near the norms, as clipping wants anyway. Pure functions over numpy arrays; no masking here (that is
 ``flora.common.secagg``'s crypto layer).
@@ -48,6 +50,9 @@ def choose_scale(bound: float, clients: int) -> int:
         raise ValueError(f"secure aggregation: clients must be an integer >= 1, got {clients!r}")
     # K (B 2^f + 1/2) <= 2^62  <=>  2^f <= (2^62 / K - 1/2) / B
     room = (2.0**HEADROOM_BITS / clients - 0.5) / bound
+    if not math.isfinite(room):  # 2^f beyond float64: decoding at 2^-f would underflow
+        raise ValueError(f"secure aggregation: bound {bound:g} is too small for a fixed-point scale (float64 cannot "
+                         f"hold 2^62 / (clients x bound)); clip to a larger norm")
     bits = math.floor(math.log2(room))
     while clients * (math.ldexp(bound, bits) + 0.5) > 2.0**HEADROOM_BITS:  # log2's own rounding
         bits -= 1
@@ -55,15 +60,16 @@ def choose_scale(bound: float, clients: int) -> int:
         raise ValueError(
             f"secure aggregation: clients {clients} too many for one fixed-point sum: at bound {bound:g} "
             f"the finest scale that cannot wrap (2^{bits}) resolves only {clients * math.ldexp(0.5, -bits):.3g}, "
-            f"coarser than float32 round-off at the bound ({FLOAT32_ROUNDOFF * bound:.3g}); at most about "
-            f"{max_clients():,} clients fit"
+            f"coarser than float32 round-off at the bound ({FLOAT32_ROUNDOFF * bound:.3g}); at most "
+            f"{max_clients():,} clients fit at any bound"
         )
     return bits
 
 
 def max_clients() -> int:
-    """About how many clients one fixed-point sum can hold (independent of the bound): K^2 <= 2^39."""
-    return math.isqrt(2**(HEADROOM_BITS - 23))
+    """The most clients one fixed-point sum holds at every bound: K^2 < 2^38 (module docstring;
+    floor(log2 R) may cost one bit of the 2^39 the best case allows)."""
+    return math.isqrt(2**(HEADROOM_BITS - 24) - 1)
 
 
 def encode(values: np.ndarray, bits: int) -> np.ndarray:

@@ -9,7 +9,7 @@ k = O(log n); their construction is a Harary graph over a random permutation, as
    (wrapping), so the graph is symmetric and k-regular; when k >= n - 1 it is complete.
 
 Default k: the smallest even number >= 3 log2(n) (i.e. 2 * ceil(1.5 log2 n)), capped at n - 1:
-complete up to about 15 clients, 20 at 100, 30 at 1,000. The paper's exact k depends on the
+complete up to 13 clients, 20 at 100, 30 at 1,000. The paper's exact k depends on the
 assumed dropout and corruption rates (its Table 2); callers that assume more can pass ``degree``.
 
 Each client's secrets are shared among its k neighbours and itself (k + 1 holders) with

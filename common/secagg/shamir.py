@@ -79,6 +79,8 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
 
     A result above 2^256 cannot be a shared secret: some share was wrong, which is refused.
     """
+    if threshold < 1:
+        raise SecAggError("threshold", f"{threshold} is below 1 (no points interpolate to the secret)")
     distinct = {share.index: share for share in shares}
     if len(distinct) != len(shares):
         raise SecAggError("share", "two shares have the same index")

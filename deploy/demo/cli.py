@@ -22,6 +22,7 @@ from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.quantize import QUANTIZATIONS, MissingExtra, bitsandbytes
 from flora.common.secagg.plan import check_secure
+from flora.common.settings import SettingsError, load_settings
 from flora.common.tables import format_table
 from flora.common.threads import threads_per_process
 from flora.demo.completions import compare
@@ -30,12 +31,15 @@ from flora.demo.monitor import COLUMNS, StatusReader, read_history, round_rows
 from flora.demo.processes import Child, Supervisor, wait_for_port
 from flora.demo.sample_data import write_sample_data
 from flora.server.admin.report import MATPLOTLIB_HINT, write_report
+from flora.server.config import ENV_PREFIX, ServerSettings
 from flora.demo.workspace import Workspace, builtin_data, folder_data, prepare
 
 log = logging.getLogger("flora.demo")
 # Tokens per example: room for an Alpaca prompt with input and its answer in the built-in model's
 # bytes. Loss (training and validation) is on the answers only: the template is not the lesson.
 CUTOFF = 320
+# flora-server's differential-privacy settings, passed through as given (README, "Differential privacy").
+DP_SETTINGS = ("dp_noise_multiplier", "dp_clip_norm", "dp_target_epsilon", "dp_delta", "dp_release", "dp_accountant")
 
 
 def _ranks(text: str) -> list[int]:
@@ -81,7 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="clients' peak learning rate (default: 3e-3)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
     parser.add_argument("--write-data", type=Path, metavar="DIR", help="only write the built-in sample data for --clients clients into DIR, then exit")
+    for name in DP_SETTINGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", metavar="VALUE",
+                            help=f"flora-server's {name}: {ServerSettings.model_fields[name].description}")
     args = parser.parse_args(argv)
+    _check_dp(parser, args)
     ranks = [args.ranks[k % len(args.ranks)] for k in range(args.clients)]
     try:  # every demo client uses alpha = 2 r (scaling 2)
         get_method(args.method).validate(ranks, [2.0] * len(ranks))
@@ -104,6 +112,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _dp_values(args: argparse.Namespace) -> dict[str, str]:
+    return {name: getattr(args, name) for name in DP_SETTINGS if getattr(args, name) is not None}
+
+
+def _check_dp(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The DP flags as the server will judge them (with this demo's method, clients and rounds), before any process starts."""
+    if not (values := _dp_values(args)):
+        return
+    run = {"method": args.method, "min_clients": str(args.clients), "rounds": str(args.rounds)}
+    try:
+        load_settings(ServerSettings, env_prefix=ENV_PREFIX, flags={**run, **values}, environ={})
+    except SettingsError as exc:
+        parser.error(str(exc))
+
+
 def _server_args(args: argparse.Namespace, workspace: Workspace, validation: list[Path], ranks: list[int]) -> list[str]:
     flags = [
         "--host=127.0.0.1", "--port=0", f"--state-dir={workspace.server_state}", f"--base-model={args.base_model}",
@@ -116,7 +139,8 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
     ]
     if args.secure_aggregation:
         flags.append("--secure-aggregation")
-    return flags + _data_flags(args, "--validation-")
+    dp = [f"--{name.replace('_', '-')}={value}" for name, value in _dp_values(args).items()]
+    return flags + dp + _data_flags(args, "--validation-")
 
 
 def _data_flags(args: argparse.Namespace, prefix: str = "--") -> list[str]:

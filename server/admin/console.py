@@ -22,6 +22,7 @@ from flora.v1 import coordinator_pb2 as pb
 
 CLIENT_COLUMNS = ("client", "state", "rank", "examples", "last seen", "last round", "MB up")
 ROUND_COLUMNS = ("round", "clients", "train loss", "validation loss", "MB up", "MB down", "committed")
+DP_ROUND_COLUMNS = ROUND_COLUMNS + ("epsilon",)  # under differential privacy: spent once the round committed
 
 
 def as_json(reply: pb.StatusReply | pb.ListClientsReply) -> dict[str, Any]:
@@ -64,6 +65,21 @@ def headline(status: pb.StatusReply, now: float) -> str:
     return line
 
 
+def privacy_line(status: pb.StatusReply) -> str:
+    """Under differential privacy, the spent budget in one line (and why the run ended, if the budget ended it)."""
+    if not status.HasField("privacy"):
+        return ""
+    dp = status.privacy
+    target = f" of target {dp.target_epsilon:g}" if dp.target_epsilon else ""
+    line = (f"privacy: epsilon {dp.epsilon:.4g} spent{target} at delta {dp.delta:.3g} ({dp.accountant}, noise "
+            f"multiplier {dp.noise_multiplier:g}, clip norm {dp.clip_norm:g}, {dp.mechanisms_per_round} release(s) per round)")
+    return line + (f"\n{dp.ended}" if dp.ended else "")
+
+
+def _round_columns(status: pb.StatusReply) -> tuple[str, ...]:
+    return DP_ROUND_COLUMNS if status.HasField("privacy") else ROUND_COLUMNS
+
+
 def client_rows(status: pb.StatusReply, now: float) -> list[dict[str, Any]]:
     """One row per client."""
     return [{"client": c.client_name, "state": client_state(c, status, now), "rank": c.rank, "examples": c.num_examples,
@@ -75,14 +91,16 @@ def round_rows(status: pb.StatusReply) -> list[dict[str, Any]]:
     """One row per recent round."""
     return [{"round": r.round, "clients": r.num_clients, "train loss": _loss(r.train_loss),
              "validation loss": _loss(r.validation_loss), "MB up": round(r.bytes_in / 1e6, 3),
-             "MB down": round(r.bytes_out / 1e6, 3), "committed": _clock(r.committed_unix_ms)} for r in status.recent_rounds]
+             "MB down": round(r.bytes_out / 1e6, 3), "committed": _clock(r.committed_unix_ms),
+             "epsilon": f"{r.dp_epsilon:.4g}"} for r in status.recent_rounds]
 
 
 def render_plain(status: pb.StatusReply, now: float) -> str:
     """The status as plain text: headline, clients table, recent rounds table."""
-    parts = [headline(status, now), "", format_table(client_rows(status, now), CLIENT_COLUMNS)]
+    parts = [headline(status, now), *filter(None, [privacy_line(status)]), "",
+             format_table(client_rows(status, now), CLIENT_COLUMNS)]
     if status.recent_rounds:
-        parts += ["", format_table(round_rows(status), ROUND_COLUMNS)]
+        parts += ["", format_table(round_rows(status), _round_columns(status))]
     return "\n".join(parts) + "\n"
 
 
@@ -99,9 +117,10 @@ def render_rich(status: pb.StatusReply, now: float):
             result.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
         return result
 
-    items = [headline(status, now), table("clients", CLIENT_COLUMNS, client_rows(status, now))]
+    items = [headline(status, now), *filter(None, [privacy_line(status)]),
+             table("clients", CLIENT_COLUMNS, client_rows(status, now))]
     if status.recent_rounds:
-        items.append(table("recent rounds", ROUND_COLUMNS, round_rows(status)))
+        items.append(table("recent rounds", _round_columns(status), round_rows(status)))
     return Group(*items)
 
 

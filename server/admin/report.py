@@ -57,10 +57,23 @@ def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Pa
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
     if len(losses) >= 2:
         lines += [f"Validation loss of the merged model: {losses[0]:.4f} -> {losses[-1]:.4f}.", ""]
+    lines += privacy_lines(rounds)
     checkpoints = [r["checkpoint"] for r in rounds if r.get("checkpoint")]
     if checkpoints:
         lines += [f"Latest merged checkpoint: `{state_dir / checkpoints[-1]}`.", ""]
     return "\n".join(lines)
+
+
+def privacy_lines(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """Under differential privacy: the (epsilon, delta) the run spent, and after which round how much."""
+    private = [r for r in rounds if "dp_epsilon" in r]
+    if not private:
+        return []
+    last = private[-1]
+    table = format_table([{"round": r["round"], "sampled": f"{r['dp_selected']} of {r['dp_population']}",
+                           "epsilon": f"{r['dp_epsilon']:.4g}"} for r in private], ("round", "sampled", "epsilon"))
+    return [f"Differential privacy (client level): epsilon {last['dp_epsilon']:.4g} at delta {last['dp_delta']:.3g} "
+            f"after {last['round']} rounds.", "", table, ""]
 
 
 def draw(history: Sequence[dict[str, Any]], path: Path) -> None:

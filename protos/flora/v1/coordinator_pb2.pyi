@@ -214,7 +214,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., num_examples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., last_submitted_round: _Optional[int] = ..., bytes_submitted: _Optional[int] = ..., joined_unix_ms: _Optional[int] = ..., removed_unix_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms", "secure")
+    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms", "dp_epsilon", "secure")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,7 @@ class RoundSummary(_message.Message):
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_clients: int
@@ -230,8 +231,9 @@ class RoundSummary(_message.Message):
     bytes_in: int
     bytes_out: int
     committed_unix_ms: int
+    dp_epsilon: float
     secure: _secagg_pb2.SecureSummary
-    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., secure: _Optional[_Union[_secagg_pb2.SecureSummary, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., secure: _Optional[_Union[_secagg_pb2.SecureSummary, _Mapping]] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt", "min_clients", "available_clients", "num_selected", "num_submitted")
@@ -260,7 +262,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., attempt: _Optional[int] = ..., min_clients: _Optional[int] = ..., available_clients: _Optional[int] = ..., num_selected: _Optional[int] = ..., num_submitted: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run", "state", "global_version", "round", "clients", "recent_rounds", "num_clients")
+    __slots__ = ("run", "state", "global_version", "round", "clients", "recent_rounds", "num_clients", "privacy")
     RUN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +270,7 @@ class StatusReply(_message.Message):
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     run: _run_pb2.RunSpec
     state: str
     global_version: int
@@ -275,7 +278,28 @@ class StatusReply(_message.Message):
     clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
     recent_rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     num_clients: int
-    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., round: _Optional[_Union[RoundStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., num_clients: _Optional[int] = ...) -> None: ...
+    privacy: PrivacyStatus
+    def __init__(self, run: _Optional[_Union[_run_pb2.RunSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., round: _Optional[_Union[RoundStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., num_clients: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
+
+class PrivacyStatus(_message.Message):
+    __slots__ = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "clip_norm", "accountant", "mechanisms_per_round", "ended")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    MECHANISMS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    target_epsilon: float
+    noise_multiplier: float
+    clip_norm: float
+    accountant: str
+    mechanisms_per_round: int
+    ended: str
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., accountant: _Optional[str] = ..., mechanisms_per_round: _Optional[int] = ..., ended: _Optional[str] = ...) -> None: ...
 
 class ListClientsRequest(_message.Message):
     __slots__ = ()
