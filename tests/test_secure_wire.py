@@ -89,10 +89,11 @@ def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
 
 
 def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int],
-                 silent: tuple[int, str] | None = None):
+                 silent: dict[int, str] | None = None):
     """One round through SecureRounds and the clients' secure_stages: the result, decisions and
-    output. ``silent`` (client k, step label): that client answers nothing from that step on."""
-    secure, aggregator, current, ids = setup(method, kept, 5.0 if silent is None else 0.5)
+    output. ``silent`` {client k: step label}: that client answers nothing from that step on."""
+    silent = silent or {}
+    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0)
     dropped: set[str] = set()
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
@@ -104,7 +105,7 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
     def answer_steps() -> None:
         for client_id in ids:
             task = secure.task_for(client_id)
-            if silent is not None and client_id == ids[silent[0]] and task is not None and _label(task) == silent[1]:
+            if task is not None and silent.get(ids.index(client_id)) == _label(task):
                 dropped.add(client_id)
             if task is not None and client_id not in dropped:
                 secure_stages.handle(links[client_id], sessions[client_id], task)
@@ -166,7 +167,7 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_round_is_exact_o
     else:
         kept, updates = (warm_kept() if method == "flora-warm" else None), [update(r, seed) for seed, r in enumerate(RANKS)]
     examples = [10, 20, 30]
-    result, decisions, output = secure_round(method, kept, updates, examples, silent=(0, "mask1"))
+    result, decisions, output = secure_round(method, kept, updates, examples, silent={0: "mask1"})
     assert [d.weight for d in decisions] == pytest.approx([0.0, 0.4, 0.6]) and decisions[0].rejected
     plain = get_method(method).merge(kept, updates[1:], [0.4, 0.6], torch.float64)
     assert_same_adapter(result.delta, plain.delta)
@@ -176,7 +177,13 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_round_is_exact_o
 
 def test_a_client_that_drops_in_the_second_pass_fails_the_attempt_for_a_retry():
     with pytest.raises(SecAggError, match="the attempt starts over"):
-        secure_round("flora", None, [update(r, seed) for seed, r in enumerate(RANKS)], [1, 1, 1], silent=(2, "mask2"))
+        secure_round("flora", None, [update(r, seed) for seed, r in enumerate(RANKS)], [1, 1, 1], silent={2: "mask2"})
+
+
+def test_fewer_survivors_than_the_threshold_fail_the_attempt_for_a_retry():
+    with pytest.raises(SecAggError, match="below the threshold 2: the round must be retried"):
+        secure_round("flora", None, [update(r, seed) for seed, r in enumerate(RANKS)], [1, 1, 1],
+                     silent={0: "mask1", 1: "mask1"})
 
 
 def test_advertisements_that_lie_about_the_sender_or_the_keys_are_refused_and_change_nothing():
@@ -272,3 +279,17 @@ def test_metrics_count_secure_rounds_recoveries_and_the_steps_bytes():
     assert value("flora_secure_bytes_total", {"direction": "up"}) == 900
     assert value("flora_secure_bytes_total", {"direction": "down"}) == 50
     assert value("flora_secure_stage_seconds_count", {"step": "mask1"}) == 1
+
+
+def test_flora_admin_status_shows_each_secure_rounds_survivors_and_cost():
+    from flora.server.admin.console import render_plain
+    from flora.server.secure_round import secure_summary
+    from flora.v1 import coordinator_pb2 as pb
+
+    status = pb.StatusReply(run=run_pb2.RunSpec(secure_aggregation=True), state="running", global_version=1)
+    status.recent_rounds.add(round=1, num_clients=3).secure.CopyFrom(secure_summary(
+        {"survivors": 2, "dropouts_recovered": 1, "bytes_up": {"mask1": 1_500_000}, "bytes_down": {"mask1": 500_000},
+         "seconds": {"share": 0.5, "mask1": 2.0}}))
+    text = render_plain(status, 0.0)
+    assert "secure" in text and "2 survivors (+1 recovered), 2 MB, 2.5s" in text
+    assert "secure" not in render_plain(pb.StatusReply(state="running"), 0.0)
