@@ -143,12 +143,16 @@ def ffa_round() -> tuple[LoraAdapter, list[LoraAdapter]]:
     return kept, updates
 
 
+def method_round(method: str) -> tuple[LoraAdapter | None, list[LoraAdapter]]:
+    """The kept LoRA a round of ``method`` starts from, and three clients' trained updates."""
+    if method == "ffa":
+        return ffa_round()
+    return (warm_kept() if method == "flora-warm" else None), [update(r, seed) for seed, r in enumerate(RANKS)]
+
+
 @pytest.mark.parametrize("method", ["flora", "flora-warm", "ffa"])
 def test_a_secure_round_over_the_wire_messages_merges_what_the_plain_method_merges(method):
-    if method == "ffa":
-        kept, updates = ffa_round()
-    else:
-        kept, updates = (warm_kept() if method == "flora-warm" else None), [update(r, seed) for seed, r in enumerate(RANKS)]
+    kept, updates = method_round(method)
     examples = [10, 20, 30]
     result, decisions, output = secure_round(method, kept, updates, examples)
     weights = [n / sum(examples) for n in examples]
@@ -162,10 +166,7 @@ def test_a_secure_round_over_the_wire_messages_merges_what_the_plain_method_merg
 
 @pytest.mark.parametrize("method", ["flora", "flora-warm", "ffa"])
 def test_a_client_that_drops_after_sharing_is_recovered_and_the_round_is_exact_over_the_survivors(method):
-    if method == "ffa":
-        kept, updates = ffa_round()
-    else:
-        kept, updates = (warm_kept() if method == "flora-warm" else None), [update(r, seed) for seed, r in enumerate(RANKS)]
+    kept, updates = method_round(method)
     examples = [10, 20, 30]
     result, decisions, output = secure_round(method, kept, updates, examples, silent={0: "mask1"})
     assert [d.weight for d in decisions] == pytest.approx([0.0, 0.4, 0.6]) and decisions[0].rejected
