@@ -117,7 +117,7 @@ async def _wait_for_stop(stop: asyncio.Event, driver: RoundDriver, settings: Ser
 
 def _grpc_server(settings: ServerSettings, credentials: Credentials, metrics: Metrics | None) -> grpc.aio.Server:
     """The gRPC server with its options and interceptors, no service yet (they need the run)."""
-    limit = 2 * settings.chunk_size + (1 << 20)  # a piece plus its header, with room to spare
+    limit = settings.message_limit
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                ("grpc.so_reuseport", 0)]  # gRPC's default would let a second server share the port silently
     if settings.stream_window_bytes:  # a fixed window: no growth past it by grpc's bandwidth-delay probe

@@ -437,6 +437,11 @@ class ServerSettings(BaseModel):
         return value
 
     @property
+    def message_limit(self) -> int:
+        """The largest gRPC message the server sends or receives: a piece plus its header, with room to spare."""
+        return 2 * self.chunk_size + (1 << 20)
+
+    @property
     def selection(self) -> Selection:
         """The parsed clients_per_round."""
         return Selection.parse(self.clients_per_round)

@@ -279,6 +279,7 @@ class SecureRounds:
         planned = tuple(sorted(att.server.active))
         result, sketch, survivors = None, None, frozenset(planned)
         for stage in range(1, plan.passes + 1):
+            self._check_fits(plan, stage)
             request = att.server.open_stage(stage, (vector_length(plan, stage),))
             if set(request.active) != survivors:
                 raise SecAggError("survivors", f"a client of stage {stage - 1}'s sum left before stage {stage}; "
@@ -301,6 +302,15 @@ class SecureRounds:
             log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
                         att.number, len(unmask.dropped), len(survivors))
         return result, survivors
+
+    def _check_fits(self, plan: RoundPlan, stage: int) -> None:
+        """Refuse a stage whose masked vector or Q does not fit one message (they are not streamed yet)."""
+        vector = 8 * vector_length(plan, stage)
+        sketch = 8 * sum(m.d_out * m.columns for m in plan.modules if not m.dense) if stage == 2 else 0
+        if max(vector, sketch) > self.settings.message_limit - (64 << 10):
+            raise SecAggError("chunk_size", f"stage {stage} moves {max(vector, sketch)} bytes in one message, above the "
+                                            f"{self.settings.message_limit}-byte limit (2 chunk_size + 1 MiB): raise "
+                                            "chunk_size; streamed stages are not built yet")
 
     def _plan(self, number: int, planned: Sequence[Submission]) -> tuple[RoundPlan, list]:
         """The round's public plan over the clients that shared, and the history's decisions."""

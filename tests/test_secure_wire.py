@@ -294,3 +294,11 @@ def test_flora_admin_status_shows_each_secure_rounds_survivors_and_cost():
     text = render_plain(status, 0.0)
     assert "secure" in text and "2 survivors (+1 recovered), 2 MB, 2.5s" in text
     assert "secure" not in render_plain(pb.StatusReply(state="running"), 0.0)
+
+
+def test_a_stage_too_large_for_one_message_is_refused_naming_chunk_size():
+    secure, _, _, _ = setup()
+    plan = plan_round(get_method("flora"), None, {"big": (2048, 2048)}, [64, 64, 64], [SCALING] * 3, [1 / 3] * 3, 1.0, 7)
+    with pytest.raises(SecAggError, match="raise chunk_size"):
+        secure._check_fits(plan, 1)
+    secure._check_fits(plan_round(get_method("flora"), None, SHAPES, list(RANKS), [SCALING] * 3, [1 / 3] * 3, 1.0, 7), 2)
