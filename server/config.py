@@ -430,6 +430,9 @@ class ServerSettings(BaseModel):
             if info.data.get(rule) is not None:
                 raise ValueError(f"{rule} cannot be used with secure_aggregation: it needs each update's norm, which the "
                                  "server no longer sees (clip_norm is applied by each client instead)")
+        if info.data.get("min_clients", 2) < 2 or Selection.parse(info.data.get("clients_per_round", "all")).size(2) < 2:
+            raise ValueError("secure_aggregation needs at least 2 clients in every round (min_clients >= 2 and "
+                             "clients_per_round not 1): the sum of one client is its update")
         if info.data.get("dp_noise_multiplier") is not None:
             raise ValueError("secure_aggregation with differential privacy is not supported yet: the private release "
                              "clips and adds noise at the server, which secure aggregation would have to move to the "

@@ -247,6 +247,8 @@ def test_the_sketch_and_vector_layouts_round_trip_and_refuse_a_wrong_length():
     ({"method": "fedit"}, "method fedit cannot run under secure aggregation"),
     ({"clip_median_multiple": 2.0}, "clip_median_multiple cannot be used with secure_aggregation"),
     ({"reject_median_multiple": 3.0}, "reject_median_multiple cannot be used with secure_aggregation"),
+    ({"min_clients": 1}, "needs at least 2 clients in every round"),
+    ({"clients_per_round": "1"}, "needs at least 2 clients in every round"),
 ])
 def test_settings_secure_aggregation_cannot_honour_are_refused_naming_why(changes, field):
     with pytest.raises(ValueError, match=field):
