@@ -24,8 +24,9 @@ from flora.common.architectures import DEFAULT_TARGET_MODULES  # noqa: F401 - im
 
 BUILTIN_MODEL = "flora-tiny-llama"
 # Bump when the recipe below changes, so that caches built by older code are never reused.
-# v2: the tokenizer has a chat template; v3: the shipped pre-trained weights (flora.common.builtin_weights)
-_BUILTIN_REVISION = "v3"
+# v2: the tokenizer has a chat template; v3: the shipped pre-trained weights (flora.common.builtin_weights);
+# v4: re-trained on prose that repeats and counts (flora.demo.corpus)
+_BUILTIN_REVISION = "v4"
 _SEED = 20240905
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flora.common import basemodel
 from flora.common.basemodel import BUILTIN_MODEL, DEFAULT_TARGET_MODULES, fingerprint, resolve_model, target_module_shapes
 
-# sha256 of the built-in model's q_proj/v_proj weights (the shipped pre-training); a change here
+# sha256 of the built-in model's q_proj/v_proj weights (the shipped pre-training, revision v4); a change here
 # means every deployed client and server would disagree, so it must be deliberate (bump
 # _BUILTIN_REVISION).
-BUILTIN_FINGERPRINT = "54753b59ae31fdb39634d2a68b28dc564191d8bb2c5b9dea45568cd5c2174f3a"
+BUILTIN_FINGERPRINT = "ff18e1d83112dcc9dd8c9e03ac9743e97e7590e23892b212be0bab5bb5b53916"
 
 
 def test_builtin_model_is_a_normal_hugging_face_directory(tiny_model_dir):

@@ -6,6 +6,7 @@ import pytest
 
 from flora.common.quantize import MissingExtra
 from flora.demo import cli
+from flora.demo.monitor import round_rows
 from flora.demo.workspace import prepare
 
 
@@ -35,3 +36,12 @@ def test_a_quantized_client_without_bitsandbytes_names_the_install(monkeypatch, 
         cli.parse_args(["--quantize", "int8"])
     assert exited.value.code == 2 and "pip install 'flora-fl[qlora]'" in capsys.readouterr().err
     assert cli.parse_args([]).client_quantize == ["none"] * 3  # full precision needs nothing extra
+
+
+def test_the_participants_column_names_each_quantised_base():
+    record = {"round": 1, "bytes_in": 0, "bytes_out": 0, "clients": [
+        {"name": "client-2", "rank": 2}, {"name": "client-0", "rank": 16}, {"name": "client-1", "rank": 8}]}
+    bases = dict(zip(cli.client_names(3), ["none", "none", "nf4"]))
+    [row] = round_rows([record], bases)
+    assert row["participants"] == "client-0 (r=16), client-1 (r=8), client-2 (r=2, nf4)"
+    assert round_rows([record])[0]["participants"] == "client-0 (r=16), client-1 (r=8), client-2 (r=2)"

@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="record form of the data; auto: detected per file (default)")
     parser.add_argument("--field", action="append", default=[], metavar="FORM_KEY=YOUR_KEY", help="read a form's key from another column, e.g. instruction=question (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("flora-demo-run"), help="where state, logs and results go (default: ./flora-demo-run)")
+    parser.add_argument("--target-modules", default="all-linear", help="linear layers LoRA adapts, as flora-server's flag: all-linear (default) or suffixes such as q_proj,v_proj")
     parser.add_argument("--local-steps", type=_positive, default=50, help="optimiser steps per client per round (default: 50)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="clients' peak learning rate (default: 3e-3)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
@@ -112,6 +113,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def client_names(count: int) -> list[str]:
+    """The demo's client names, in the order of --ranks and --quantize."""
+    return [f"client-{k}" for k in range(count)]
+
+
 def _dp_values(args: argparse.Namespace) -> dict[str, str]:
     return {name: getattr(args, name) for name in DP_SETTINGS if getattr(args, name) is not None}
 
@@ -132,7 +138,7 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
         "--host=127.0.0.1", "--port=0", f"--state-dir={workspace.server_state}", f"--base-model={args.base_model}",
         f"--rounds={args.rounds}", f"--min-clients={args.clients}", f"--method={args.method}",
         f"--validation-data={','.join(map(str, validation))}", f"--local-steps={args.local_steps}",
-        f"--learning-rate={args.learning_rate}", f"--validation-cutoff={CUTOFF}", "--validation-mask-prompt",
+        f"--learning-rate={args.learning_rate}", f"--target-modules={args.target_modules}", f"--validation-cutoff={CUTOFF}", "--validation-mask-prompt",
         "--checkpoint-every=0", "--long-poll-s=2", "--client-timeout-s=60", "--round-deadline-s=600",
         # The global LoRA of the methods that keep one: the largest rank, alpha = 2 r like every client.
         f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}",
@@ -182,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         train_files, validation = folder_data(args.data_dir, workspace, args.clients)
     ranks = args.client_ranks
-    names = [f"client-{k}" for k in range(args.clients)]
+    names = client_names(args.clients)
     token = secrets.token_urlsafe(24)
     bases = ", ".join(f"{r}" + ("" if q == "none" else f" {q}") for r, q in zip(ranks, args.client_quantize))
     print(f"flora-demo: {args.clients} clients (ranks {bases}), {args.rounds} rounds, "
@@ -209,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(workspace: Workspace, args: argparse.Namespace, validation: list[Path]) -> int:
     history = read_history(workspace.server_state / "history.jsonl")
-    print("\n" + format_table(round_rows(history), COLUMNS))
+    bases = dict(zip(client_names(args.clients), args.client_quantize))
+    print("\n" + format_table(round_rows(history, bases), COLUMNS))
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
     if len(losses) >= 2:
         verdict = "lower" if losses[-1] < losses[0] else "NOT lower"
@@ -227,7 +234,8 @@ def _show_completions(args: argparse.Namespace, workspace: Workspace, last: dict
                       validation: list[Path]) -> None:
     """Held-out prompts answered by the base model, each client's own model and the merged one."""
     items, answers = compare(args.base_model, args.method, workspace.server_state, last, checkpoint, validation,
-                             (BASE, MERGED), CUTOFF, ReadOptions(args.template, args.data_format, tuple(args.field)))
+                             (BASE, MERGED), CUTOFF, ReadOptions(args.template, args.data_format, tuple(args.field)),
+                             args.target_modules.split(","))
     print(f"\ngreedy completions of held-out prompts ({RIGHT_MARK}: exactly the expected answer):\n"
           + format_table(completion_rows(items, answers), ["task", "held-out prompt", "expected", BASE, MERGED]))
     print("\nexact answers per task (\"alone\": the client's own model after its last round):\n" + score_table(items, answers))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flora.common.basemodel import DEFAULT_TARGET_MODULES, load_model, load_tokenizer, target_module_shapes
+from flora.common.basemodel import load_model, load_tokenizer, target_module_shapes
 from flora.common.data import Conversation, Example, ReadOptions, load_source, prompt_ids, read_source
 from flora.common.merge import module_weights
 from flora.demo.single_clients import single_client_weights
@@ -89,9 +89,12 @@ def answer_budget(tokenizer, items: Sequence[HeldOut], cap: int = 48) -> int:
 
 def compare(
     base_model: str, method: str, state_dir: Path, last: Mapping, checkpoint: Path, validation: Sequence[Path],
-    labels: tuple[str, str], cutoff: int, options: ReadOptions, per_task: int = 12,
+    labels: tuple[str, str], cutoff: int, options: ReadOptions, target_modules: Sequence[str] | None = None,
+    per_task: int = 12,
 ) -> tuple[list[HeldOut], dict[str, list[str]]]:
     """Held-out prompts and, per model, its greedy answers: ``labels`` (base, merged) and "<client> alone".
+
+    ``target_modules`` are the run's (as flora-server's flag; None: the model family's default).
 
     One copy of the base model serves the base and every client's own model (their target-module
     weights swapped in); the merged model is the exported checkpoint, loaded as a user loads it.
@@ -104,7 +107,7 @@ def compare(
     budget = answer_budget(tokenizer, items)
     answer = functools.partial(complete, tokenizer=tokenizer, examples=[item.example for item in items], max_new_tokens=budget,
                                max_prompt_tokens=cutoff - budget)
-    names = sorted(target_module_shapes(model, DEFAULT_TARGET_MODULES))
+    names = sorted(target_module_shapes(model, target_modules))
     live = module_weights(model, names)
     base_weights = {name: weight.detach().clone() for name, weight in live.items()}
     answers = {labels[0]: answer(model)}

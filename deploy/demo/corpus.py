@@ -2,8 +2,10 @@
 before any federation starts (``flora.demo.pretrain``).
 
 Sentences about the demo's words, countries and opposites, lists, numbers, and words in capital
-letters: the facts and the forms the demo's tasks rely on, stated as plain prose. Never the
-tasks themselves: no instructions, no questions and answers, no prompt template.
+letters: the facts and the forms the demo's tasks rely on, stated as plain prose. Many repeat
+what came before them (a country named twice, words said again or written in capitals), so that
+the model learns to copy from its context, as real language models do and the tasks need. Never
+the tasks themselves: no instructions, no questions and answers, no prompt template.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ def _capital_fact(rng: random.Random) -> str:
     city = CAPITALS[country]
     return rng.choice((
         f"The capital of {country} is {city}.",
+        f"{country}: {city}.",
         f"{city} is the capital of {country}.",
-        f"{rng.choice(_NAMES)} flew to {city}, the capital of {country}.",
+        f"{rng.choice(_NAMES)} flew to {country}. The capital of {country} is {city}.",
         f"In {country}, the government sits in {city}.",
-        f"The largest news of {country} comes from its capital, {city}.",
     ))
 
 
@@ -36,8 +38,8 @@ def _opposite_fact(rng: random.Random) -> str:
     a, b = (word, other) if rng.random() < 0.5 else (other, word)
     return rng.choice((
         f"The opposite of {a} is {b}.",
+        f"It was not {a}. The opposite of {a} is {b}.",
         f"{a.capitalize()} and {b} are opposites.",
-        f"It was not {a}, it was {b}.",
         f"Some days are {a} and some are {b}.",
     ))
 
@@ -49,40 +51,45 @@ def _story(rng: random.Random) -> str:
 
 
 def _shout(rng: random.Random) -> str:
+    """Words, then the same words in capital letters: the model learns to copy them up."""
     words = " ".join(rng.sample(WORDS, rng.randint(1, 4)))
     return rng.choice((
-        f"The sign said {words.upper()} in big letters.",
-        f"{rng.choice(_NAMES)} shouted {words.upper()}!",
-        f"{words.upper()}. That was the title of the {rng.choice(WORDS)} book.",
-        f"On the wall: {words.upper()} and below it, {words}.",
+        f"The sign said {words}, in big letters: {words.upper()}.",
+        f"{rng.choice(_NAMES)} read {words} and shouted {words.upper()}!",
+        f"Small: {words}. Big: {words.upper()}.",
     ))
 
 
-def _word_list(rng: random.Random) -> str:
-    words = rng.sample(WORDS, rng.randint(2, 6))
+def _echo(rng: random.Random) -> str:
+    """Words said twice: what lets the model copy from earlier in its context."""
+    words = " ".join(rng.sample(WORDS, rng.randint(1, 5)))
+    first, second = rng.sample(_NAMES, 2)
     return rng.choice((
-        f"{rng.choice(_NAMES)} wrote a list: {', '.join(words)}.",
-        f"The words were {' '.join(words)}.",
-        f"First {words[0]}, then {words[-1]}.",
-        f"{' '.join(words).capitalize()}.",
+        f"{first} said {words}, and {second} said {words} too.",
+        f"The words were {words}. Again: {words}.",
+        f"{first} wrote a list: {words.replace(' ', ', ')}.",
     ))
 
 
 def _numbers(rng: random.Random) -> str:
-    start = rng.randint(0, 90)
-    run = " ".join(str(n) for n in range(start, start + rng.randint(3, 8)))
+    """Counting up, down and in twos: the sequences the demo's counting tasks continue."""
+    start, length = rng.randint(0, 99), rng.randint(3, 8)
+    up = " ".join(str(n) for n in range(start, min(start + length, 100)))
+    down = " ".join(str(n) for n in range(start, max(start - length, -1), -1))
+    twos = " ".join(str(n) for n in range(start, min(start + 2 * length, 100), 2))
     count, word = rng.randint(2, 12), rng.choice(WORDS)
     return rng.choice((
-        f"They counted {run}.",
+        f"They counted {up}.",
+        f"They counted down {down}.",
+        f"They counted in twos {twos}.",
         f"There were {count} {word} stones in the box.",
         f"{rng.choice(_NAMES)} was {rng.randint(5, 80)} years old in {rng.randint(1900, 2030)}.",
-        f"Page {rng.randint(1, 300)} of {rng.randint(300, 900)}.",
     ))
 
 
 _SENTENCES: tuple[Callable[[random.Random], str], ...] = (
     _capital_fact, _capital_fact, _capital_fact, _opposite_fact, _opposite_fact, _opposite_fact,
-    _story, _shout, _word_list, _numbers,
+    _shout, _echo, _story, _numbers, _numbers, _numbers,
 )
 
 

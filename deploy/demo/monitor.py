@@ -7,7 +7,7 @@ final table is read from the server's ``history.jsonl``, the run's durable recor
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,18 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 COLUMNS = ("round", "participants", "mean train loss", "validation loss", "MB up", "MB down", "seconds")
 
 
-def round_rows(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per history record: participants, losses, traffic and the round's wall time."""
+def participant(client: Mapping[str, Any], bases: Mapping[str, str]) -> str:
+    """``client-2 (r=4, nf4)``: a client's name, rank and, when it is quantised, its base."""
+    base = bases.get(client["name"], "none")
+    return f"{client['name']} (r={client['rank']}{'' if base == 'none' else f', {base}'})"
+
+
+def round_rows(history: Sequence[dict[str, Any]], bases: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per history record: participants, losses, traffic and the round's wall time.
+
+    ``bases`` names the quantised base (nf4, fp4, int8) of the clients that train on one: the
+    server's history does not know it, the launcher that started the clients does.
+    """
     rows = []
     previous = None
     for record in history:
@@ -83,7 +93,7 @@ def round_rows(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         rows.append({
             "round": record["round"],
-            "participants": ", ".join(f"{c['name']} (r={c['rank']})" for c in sorted(record["clients"], key=lambda c: c["name"])),
+            "participants": ", ".join(participant(c, bases or {}) for c in sorted(record["clients"], key=lambda c: c["name"])),
             "mean train loss": record.get("train_loss"),
             "validation loss": record.get("validation_loss"),
             "MB up": round(record["bytes_in"] / 1e6, 3),

@@ -33,7 +33,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(500, ge=1, description="optimiser steps")
+    steps: int = Field(800, ge=1, description="optimiser steps")
     batch_size: int = Field(8, ge=1, description="blocks per step")
     block: int = Field(320, ge=16, le=1024, description="tokens per block (longer than the demo's prompts)")
     learning_rate: float = Field(5e-3, gt=0, le=1.0, description="peak learning rate of AdamW")

@@ -1,11 +1,13 @@
 """Built-in sample data: small generated instruction tasks, split non-IID across clients.
 
-Each client mostly holds one task and a little of the others, in Dolly or Alpaca form
-alternately, so that the federation sees the skewed, heterogeneous data it exists for. The tasks
-build on what the built-in model read in pre-training (``flora.demo.corpus``): it knows capitals
-and opposites as prose, and has seen words in capital letters; what it lacks is the instruction
-format. The validation file mixes every task evenly and asks only about countries and words no
-client trained on. Everything is generated from a seed: no download, identical on every machine.
+Each client holds one task (by default only that one: ``main_share``), in Dolly or Alpaca form
+alternately, so that the federation sees the skewed, heterogeneous data it exists for and no
+client alone can teach what the others hold. The tasks
+build on what the built-in model read in pre-training (``flora.demo.corpus``): it has read people
+counting up, down and in twos ("They counted down 41 40 39."), but never been asked to; what it
+lacks is the instruction format, and each client teaches one of the three. The validation file
+mixes every task evenly and starts only from numbers no client trained on. Everything is
+generated from a seed: no download, identical on every machine.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from flora.demo.vocabulary import CAPITALS, OPPOSITES, WORDS
 
 Example = tuple[str, str, str]  # instruction, input, output
 
@@ -26,28 +26,21 @@ def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return [x for i, x in enumerate(ordered) if i % 3 != 2], [x for i, x in enumerate(ordered) if i % 3 == 2]
 
 
-COUNTRIES = _split(CAPITALS)
-OPPOSITE_WORDS = _split(OPPOSITES)
+NUMBERS = _split([str(n) for n in range(13, 94)])  # what every count below stays within two digits for
 
 
-def _capital(rng: random.Random, held_out: bool) -> Example:
-    country = rng.choice(COUNTRIES[held_out])
-    return f"What is the capital of {country}?", "", CAPITALS[country]
-
-
-def _opposite(rng: random.Random, held_out: bool) -> Example:
-    return "Give the opposite of the word.", (word := rng.choice(OPPOSITE_WORDS[held_out])), OPPOSITES[word]
-
-
-def _upper(rng: random.Random, held_out: bool) -> Example:
-    text = " ".join(rng.sample(WORDS, rng.randint(2, 3)))
-    return "Write the text in capital letters.", text, text.upper()
+def _counted(instruction: str, step: int) -> Callable[[random.Random, bool], Example]:
+    """A counting task: the next three numbers from the input, ``step`` apart."""
+    def make(rng: random.Random, held_out: bool) -> Example:
+        start = int(rng.choice(NUMBERS[held_out]))
+        return instruction, str(start), " ".join(str(start + step * k) for k in (1, 2, 3))
+    return make
 
 
 TASKS: dict[str, Callable[[random.Random, bool], Example]] = {
-    "capital": _capital,
-    "opposite": _opposite,
-    "upper": _upper,
+    "count": _counted("Count on from the number.", 1),
+    "countdown": _counted("Count down from the number.", -1),
+    "twos": _counted("Count on in twos from the number.", 2),
 }
 
 
@@ -58,8 +51,11 @@ def _record(example: Example, form: str) -> dict[str, str]:
     return {"instruction": instruction, "input": context, "output": answer}
 
 
-def client_examples(client: int, count: int, seed: int, main_share: float = 0.9) -> list[Example]:
-    """Examples of one client: ``main_share`` of its own task, the rest drawn from all tasks."""
+def client_examples(client: int, count: int, seed: int, main_share: float = 1.0) -> list[Example]:
+    """Examples of one client: ``main_share`` of its own task, the rest drawn from all tasks.
+
+    1.0 by default: with even a tenth of the other tasks, one client alone learns all three.
+    """
     rng = random.Random(f"{seed}-client-{client}")
     names = list(TASKS)
     main = names[client % len(names)]

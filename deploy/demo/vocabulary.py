@@ -1,8 +1,8 @@
-"""The demo's little world: the words, countries and opposites both its texts are made of.
+"""The demo's little world: the words, countries and opposites its pre-training prose is made of.
 
-The pre-training corpus (``flora.demo.corpus``) and the instruction tasks
-(``flora.demo.sample_data``) draw on the same vocabulary, so that the tasks ask the built-in
-model about things it has read about, as a real base model has read about the world.
+The corpus (``flora.demo.corpus``) states them as general knowledge, as a real base model has
+read about the world; the instruction tasks (``flora.demo.sample_data``) ask about counting, which
+the corpus holds too, so that what the built-in model is asked is never all it has read.
 """
 
 from __future__ import annotations
