@@ -86,6 +86,7 @@ class RoundOutput:
     checkpoint: str | None
     seconds: dict[str, float]
     decisions: list[Decision]  # per submission: norm, weight cap, clipping, rejection
+    secure: dict[str, Any] | None = None  # secure aggregation's survivors, bytes and seconds per stage
 
 
 class Aggregator:
@@ -164,9 +165,17 @@ class Aggregator:
         result, weights, error, decisions = merge(number, loaded, claimed)
         delta = _unit_scaling(result.delta).to(torch.float32)
         seconds["aggregate"] = time.perf_counter() - clock
+        return self.write_round(number, result, decisions, error, seconds)
+
+    def write_round(self, number: int, result: RoundResult, decisions: list[Decision], error: float,
+                    seconds: dict[str, float]) -> RoundOutput:
+        """Write version ``number`` from the round's merged ``result`` (the plain merge's, or the
+        one secure aggregation computed from sums alone): downlink, model, kept LoRA, evaluation."""
+        delta = _unit_scaling(result.delta).to(device=self.device, dtype=torch.float32)
+        kept = None if result.kept is None else result.kept.to(device=self.device)
         previous = self.kept, self.remainder
         try:
-            artifacts, downlink = self._apply(number, delta, result.kept, seconds)
+            artifacts, downlink = self._apply(number, delta, kept, seconds)
             checkpoint = _timed(seconds, "checkpoint", self._checkpoint, number) if self._checkpoint_due(number) else None
             loss = _timed(seconds, "evaluate", self.evaluate)
         except BaseException:
