@@ -29,7 +29,9 @@ from flora.client.local import (
 )
 from flora.client.progress import Progress
 from flora.client.state import Identity, StateDir
+from flora.client import secure_stages
 from flora.client.round_start import train_round
+from flora.client.secure_stages import SecureSession
 from flora.client.sync import SyncError, Synchroniser, restore
 from flora.client.trainer import TrainConfig, TrainingCancelled, TrainResult, total_steps
 from flora.client.workers import WorkerFailed, WorkerGroup, worker_devices
@@ -39,7 +41,7 @@ from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import AggregationMethod, ClientStart
 from flora.common.payload import PayloadMeta, write_adapter
 from flora.common.wire import encoded_update_messages
-from flora.v1 import coordinator_pb2, run_pb2, transfer_pb2
+from flora.v1 import coordinator_pb2, run_pb2, secagg_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class Daemon:
         self.sync: Synchroniser | None = None
         self.train_names: list[str] = []
         self.version = 0
+        self.secure: SecureSession | None = None  # the secure round's keys and update, in memory only
         devices = worker_devices(settings) if settings.training_processes > 1 else []
         self.workers = WorkerGroup(settings, settings.state_dir / "workers", devices) if devices else None
 
@@ -155,6 +158,8 @@ class Daemon:
                 return self._finish(task.finished.final_version)
             if kind == "train":
                 self._round(task.train)
+            elif kind == "secure":
+                self._secure_step(task.secure)
             else:
                 log.debug("event=wait retry_after_ms=%d reason=%r", task.wait.retry_after_ms, task.wait.reason)
                 if self.stop.wait(task.wait.retry_after_ms / 1000):
@@ -238,14 +243,20 @@ class Daemon:
             if result is None:
                 return
             heartbeat.activity = coordinator_pb2.CLIENT_ACTIVITY_UPLOADING
-            self._upload(task, config, result, start)
+            if task.HasField("secure"):
+                self._advertise(task, config, result)
+            else:
+                self._upload(task, config, result, start)
 
     def _prepare(self, task: coordinator_pb2.TrainTask, config: TrainConfig) -> ClientStart:
         """Merge up to the required version, then start the round as the run's method says: from
         the server's global LoRA when the task names one (protos/PROTOCOL.md, "Methods"), else fresh."""
         self.version = self.sync.catch_up(self.local.weights, self.version, task.required_version)
-        kept = self.sync.global_lora(task.global_lora_version) if task.start_from_global_lora else None
-        return self.method.start(kept, config.rank, config.scaling)
+        return self.method.start(self._kept(task), config.rank, config.scaling)
+
+    def _kept(self, task: coordinator_pb2.TrainTask) -> LoraAdapter | None:
+        """The global LoRA the round starts from, when the task names one."""
+        return self.sync.global_lora(task.global_lora_version) if task.start_from_global_lora else None
 
     def _reset_to_base(self) -> None:
         """Forget the held version: reload the base weights and move the pointer back to 0."""
@@ -336,6 +347,12 @@ class Daemon:
             path.unlink(missing_ok=True)
             raise ConfigError(f"an update of rank {config.rank} is {size} bytes; the server accepts at most "
                               f"{self.spec.max_update_bytes}: lower --rank")
+        return self._header(task, config, result, size, digest)
+
+    @staticmethod
+    def _header(task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult, size: int,
+                digest: str) -> transfer_pb2.UpdateHeader:
+        """The claims about a trained update: what a SubmitUpdate header (or an advertisement) says."""
         header = transfer_pb2.UpdateHeader(
             round=task.round, rank=config.rank, alpha=config.lora_alpha, scaling_rule=_scaling_rule(config),
             num_examples=result.num_examples, total_bytes=size, sha256=digest,
@@ -345,6 +362,25 @@ class Daemon:
         if result.validation_loss is not None:
             header.validation_loss = result.validation_loss
         return header
+
+    def _advertise(self, task: coordinator_pb2.TrainTask, config: TrainConfig, result: TrainResult) -> None:
+        """Secure aggregation: keep the update in memory and advertise the round's keys instead."""
+        adapter = self._complete(result.adapter, config.rank)
+        header = self._header(task, config, result, 0, "")
+        try:
+            self.secure = secure_stages.advertise(self.conn, self.spec, task.secure, header, adapter, self._kept(task),
+                                                  self.method)
+        except grpc.RpcError as exc:  # the round moved on (or refused the keys): this update is dropped
+            code = rpc_code(exc)
+            log.warning("event=update_dropped round=%d code=%s detail=%r", task.round, code and code.name, rpc_details(exc))
+
+    def _secure_step(self, task: secagg_pb2.SecureTask) -> None:
+        """One step of a secure round; a refused or failed step leaves this client dropped from it."""
+        try:
+            secure_stages.handle(self.conn, self.secure, task)
+        except (grpc.RpcError, ValueError) as exc:  # SecAggError is a ValueError: a request the protocol refuses
+            log.warning("event=secure_step_failed round=%d step=%s detail=%r", task.round, task.WhichOneof("step"),
+                        rpc_details(exc) if isinstance(exc, grpc.RpcError) else str(exc))
 
     def _messages(self, header: transfer_pb2.UpdateHeader, payload: Path) -> Iterator[bytes]:
         """The upload stream, advancing the upload's progress bar as gRPC consumes it."""

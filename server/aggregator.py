@@ -11,11 +11,14 @@ compressed); the server merges exactly the downlink it serves, and a lossy downl
 kept (in memory and in the state directory) for the next round. The global LoRA a method keeps
 for the next round's starts is written as the version's GLOBAL_LORA and read back from that file,
 so the server computes every client's start from exactly the bytes the clients download.
+Under client-level differential privacy the method's result comes from a noisy release of the
+clipped updates instead (``flora.common.privacy.private_round``), and all of the above from it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +35,7 @@ from flora.common.devices import resolve_device
 from flora.common.lora import LoraAdapter, LoraPair, lora_scaling
 from flora.common.downlink import plan_downlink
 from flora.common.merge import merge_update_in_place, merged_weights, module_weights
-from flora.common.methods import ClientStart, round_error
+from flora.common.methods import ClientStart, RoundResult, round_error
 from flora.common.methods.base import clipped_stack
 from flora.common.payload import (
     PayloadLimits,
@@ -51,6 +54,7 @@ from flora.server.config import ServerSettings
 from flora.server.export import save_checkpoint
 from flora.server.inputs import ConfigurationError, load_base, load_validation
 from flora.server.layout import Layout
+from flora.common.privacy.private_round import Privacy, private_round
 from flora.server.store import Artifact, Submission
 from flora.server.uploads import is_rslora
 
@@ -82,6 +86,7 @@ class RoundOutput:
     checkpoint: str | None
     seconds: dict[str, float]
     decisions: list[Decision]  # per submission: norm, weight cap, clipping, rejection
+    secure: dict[str, Any] | None = None  # secure aggregation's survivors, bytes and seconds per stage
 
 
 class Aggregator:
@@ -154,19 +159,23 @@ class Aggregator:
         clock = time.perf_counter()
         loaded = [self._load_update(s).to(device=self.device) for s in submissions]
         claimed = client_weights([s.num_examples for s in submissions], self.settings.weighting.value)
-        inits = [self.start_of(u.rank, u.scaling).init for u in loaded]  # norms and clipping are of the change
-        adapters, weights, clips, decisions = robust_inputs(loaded, inits, claimed, self.settings.robust_policy)
         seconds = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
-        result = self.method.merge(self.kept, adapters, weights, self.precision, clips)
+        merge = self._private_merge if self.settings.dp_enabled else self._merge
+        result, weights, error, decisions = merge(number, loaded, claimed)
         delta = _unit_scaling(result.delta).to(torch.float32)
-        starts = [self.start_of(u.rank, u.scaling) for u in adapters]  # as each client started
-        counted = [clipped_stack([u], [1.0], [s.init], clips=[c]) for u, s, c in zip(adapters, starts, clips)]
-        error = round_error(delta, counted, weights, [s.removed for s in starts])
         seconds["aggregate"] = time.perf_counter() - clock
+        return self.write_round(number, result, decisions, error, seconds)
+
+    def write_round(self, number: int, result: RoundResult, decisions: list[Decision], error: float,
+                    seconds: dict[str, float]) -> RoundOutput:
+        """Write version ``number`` from the round's merged ``result`` (the plain merge's, or the
+        one secure aggregation computed from sums alone): downlink, model, kept LoRA, evaluation."""
+        delta = _unit_scaling(result.delta).to(device=self.device, dtype=torch.float32)
+        kept = None if result.kept is None else result.kept.to(device=self.device)
         previous = self.kept, self.remainder
         try:
-            artifacts, downlink = self._apply(number, delta, result.kept, seconds)
+            artifacts, downlink = self._apply(number, delta, kept, seconds)
             checkpoint = _timed(seconds, "checkpoint", self._checkpoint, number) if self._checkpoint_due(number) else None
             loss = _timed(seconds, "evaluate", self.evaluate)
         except BaseException:
@@ -178,6 +187,29 @@ class Aggregator:
             raise
         return RoundOutput(artifacts, [d.weight for d in decisions], error, delta.rank, downlink, loss, checkpoint,
                            seconds, decisions)
+
+    def _merge(
+        self, number: int, loaded: list[LoraAdapter], claimed: list[float]
+    ) -> tuple[RoundResult, list[float], float, list[Decision]]:
+        """The round's result from the clear updates (robustness rules, the method's merge), its
+        weights, its error against the exact FedAvg of the clients' models, and the decisions."""
+        inits = [self.start_of(u.rank, u.scaling).init for u in loaded]  # norms and clipping are of the change
+        adapters, weights, clips, decisions = robust_inputs(loaded, inits, claimed, self.settings.robust_policy)
+        result = self.method.merge(self.kept, adapters, weights, self.precision, clips)
+        starts = [self.start_of(u.rank, u.scaling) for u in adapters]  # as each client started
+        counted = [clipped_stack([u], [1.0], [s.init], clips=[c]) for u, s, c in zip(adapters, starts, clips)]
+        error = round_error(_unit_scaling(result.delta).to(torch.float32), counted, weights, [s.removed for s in starts])
+        return result, weights, error, decisions
+
+    def _private_merge(
+        self, number: int, loaded: list[LoraAdapter], claimed: list[float]
+    ) -> tuple[RoundResult, list[float], float, list[Decision]]:
+        """As ``_merge``, under client-level DP (``flora.common.privacy.private_round``): the result comes
+        from the noisy release alone; no error against the clear updates (NaN: null in the history)."""
+        settings = self.settings
+        privacy = Privacy(settings.dp_noise_multiplier, settings.dp_clip_norm, settings.dp_release, settings.seed)
+        result, clipped, _ = private_round(self.method, self.kept, loaded, claimed, settings.robust_policy, privacy, number)
+        return result, clipped.weights, math.nan, clipped.decisions
 
     def faulty(self, submissions: Sequence[Submission]) -> dict[str, str]:
         """The updates that fail on their own (unreadable, or non-finite merged alone), with why.

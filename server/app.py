@@ -31,6 +31,7 @@ from flora.server.metrics import Metrics, MetricsInterceptor, serve_metrics
 from flora.server.registry import Registry, RegistryError
 from flora.server.round_settings import with_stored
 from flora.server.lifecycle import RoundDriver
+from flora.server.secure_round import SecureRounds
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
 from flora.server.store import Store
@@ -116,7 +117,7 @@ async def _wait_for_stop(stop: asyncio.Event, driver: RoundDriver, settings: Ser
 
 def _grpc_server(settings: ServerSettings, credentials: Credentials, metrics: Metrics | None) -> grpc.aio.Server:
     """The gRPC server with its options and interceptors, no service yet (they need the run)."""
-    limit = 2 * settings.chunk_size + (1 << 20)  # a piece plus its header, with room to spare
+    limit = settings.message_limit
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                ("grpc.so_reuseport", 0)]  # gRPC's default would let a second server share the port silently
     if settings.stream_window_bytes:  # a fixed window: no growth past it by grpc's bandwidth-delay probe
@@ -195,6 +196,8 @@ async def serve(settings: ServerSettings) -> None:
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
         driver = RoundDriver(settings, layout, store, aggregator, machine)
+        if settings.secure_aggregation:
+            driver.secure = SecureRounds(settings, aggregator, run.run_id, driver.notify)
         coordinator = Coordinator(settings, layout, store, driver, run, credentials)
         operators.load_revocations(coordinator)
         await _listen(server, port, settings, coordinator, driver, metrics)

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from flora.common.addresses import is_loopback
 from flora.common.methods import METHODS, AggregationMethod, get_method
@@ -21,7 +21,9 @@ from flora.common.data.readers import source_names
 from flora.common.downlink import WIRE_DTYPES, DownlinkPolicy
 from flora.common.lora import lora_scaling
 from flora.common.privacy.accountant import MAX_SIGMA, check_installed, default_delta, epsilon_after_rounds
+from flora.common.privacy.release import release_passes
 from flora.common.robust import RobustPolicy
+from flora.common.secagg.plan import check_secure
 from flora.common.weights import Weighting
 from flora.server.rounds import Selection
 
@@ -233,6 +235,18 @@ class ServerSettings(BaseModel):
         description="differential privacy: no round opens whose release would bring the spent epsilon past this; "
                     "the run ends there. unset = no cap",
     )
+    # --- secure aggregation (issue 30; README, "Secure aggregation") ---------------------
+    # (after method, the robustness rules and differential privacy: the validator reads them.)
+    secure_aggregation: bool = Field(
+        False,
+        description="pairwise-masked uploads: the server learns only each round's sum (flora, flora-warm, flexlora, ffa); "
+                    "clients clip to clip_norm (else max_update_norm) and weight before masking",
+    )
+    secure_stage_deadline_s: float = Field(
+        60.0, gt=0.0, le=86_400.0,
+        description="secure aggregation: seconds each stage (shares, masked input, unmasking) waits for the clients; "
+                    "a client that misses one counts as dropped",
+    )
     # --- evaluation -----------------------------------------------------------------------
     validation_data: list[str] = Field(
         [],
@@ -270,6 +284,16 @@ class ServerSettings(BaseModel):
         description="seconds in-flight calls get to finish on SIGTERM/SIGINT",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging verbosity")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uniform_weights_under_dp(cls, data: object) -> object:
+        """Under DP the weights default to uniform: with example counts a holder's reported count
+        moves every other holder's weight, which the noise covers only if the counts are public.
+        An explicit ``weighting = "examples"`` is kept (README: the counts are then treated as public)."""
+        if isinstance(data, dict) and data.get("dp_noise_multiplier") is not None and "weighting" not in data:
+            return {**data, "weighting": ServerWeighting.UNIFORM}
+        return data
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
@@ -404,6 +428,33 @@ class ServerSettings(BaseModel):
                 "(flora-admin dp-plan --target-epsilon prints the one needed), min_clients, or the target")
         return value
 
+    @field_validator("secure_aggregation")
+    @classmethod
+    def _secure_can_run(cls, value: bool, info: ValidationInfo) -> bool:
+        """A method or rule that needs a single client's update is refused under secure aggregation, with why."""
+        if not value:
+            return value
+        method = info.data.get("method")
+        if method is not None:
+            check_secure(get_method(method))  # ValueError naming the method and why
+        for rule in ("clip_median_multiple", "reject_median_multiple"):
+            if info.data.get(rule) is not None:
+                raise ValueError(f"{rule} cannot be used with secure_aggregation: it needs each update's norm, which the "
+                                 "server no longer sees (clip_norm is applied by each client instead)")
+        if info.data.get("min_clients", 2) < 2 or Selection.parse(info.data.get("clients_per_round", "all")).size(2) < 2:
+            raise ValueError("secure_aggregation needs at least 2 clients in every round (min_clients >= 2 and "
+                             "clients_per_round not 1): the sum of one client is its update")
+        if info.data.get("dp_noise_multiplier") is not None:
+            raise ValueError("secure_aggregation with differential privacy is not supported yet: the private release "
+                             "clips and adds noise at the server, which secure aggregation would have to move to the "
+                             "clients; turn one of them off")
+        return value
+
+    @property
+    def message_limit(self) -> int:
+        """The largest gRPC message the server sends or receives: a piece plus its header, with room to spare."""
+        return 2 * self.chunk_size + (1 << 20)
+
     @property
     def selection(self) -> Selection:
         """The parsed clients_per_round."""
@@ -464,7 +515,7 @@ _TARGET_READS = ("dp_noise_multiplier", "min_clients", "clients_per_round", "met
 
 def _mechanisms(method: str, release: str) -> int:
     """ffa trains no A: its release is the summed B alone, one mechanism whatever dp_release says."""
-    return 2 if release == "sketch" and get_method(method).trains_a else 1
+    return release_passes(release, get_method(method).trains_a)
 
 
 def _dp_fields_need_dp(name: str, value: object, info: ValidationInfo) -> None:

@@ -43,7 +43,7 @@ from flora.server.uploads import (
     receive_payload,
     validate_durably,
 )
-from flora.v1 import coordinator_pb2 as pb, run_pb2, transfer_pb2
+from flora.v1 import coordinator_pb2 as pb, run_pb2, secagg_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[i
         max_rank=settings.max_rank, max_update_norm=max_update_norm, max_weight_share=settings.max_weight_share,
         clip_norm=settings.clip_norm or 0.0, clip_median_multiple=settings.clip_median_multiple or 0.0,
         reject_median_multiple=settings.reject_median_multiple or 0.0,
+        secure_aggregation=settings.secure_aggregation,
+        secure_clip_norm=(settings.clip_norm or max_update_norm) if settings.secure_aggregation else 0.0,
+        secure_stage_deadline_s=settings.secure_stage_deadline_s if settings.secure_aggregation else 0.0,
     )
 
 
@@ -228,13 +231,19 @@ class Coordinator:
                 self.driver.advance()  # (otherwise nothing changed: the ticker sees deadlines)
             while True:
                 changed = self.driver.changed
+                secure = self.driver.secure
+                if secure is not None and (step := secure.task_for(client_id)) is not None:
+                    return pb.Task(secure=step)
                 task = self.machine.task_for(client_id, time.time())
                 if isinstance(task, Train):
                     warm = self.driver.aggregator.kept is not None  # the method keeps a global LoRA at this version
-                    return pb.Task(train=pb.TrainTask(
+                    train = pb.TrainTask(
                         round=task.number, deadline_unix_ms=int(task.deadline * 1000), required_version=task.required_version,
                         hints=self.spec.hints, global_lora_version=task.required_version if warm else 0,
-                        start_from_global_lora=warm))
+                        start_from_global_lora=warm)
+                    if secure is not None:
+                        train.secure.CopyFrom(secure.round_info(client_id, self.machine.current))
+                    return pb.Task(train=train)
                 if isinstance(task, Finished):
                     self._told_finished.add(client_id)
                     return pb.Task(finished=pb.FinishedTask(final_version=task.version))
@@ -416,6 +425,23 @@ class Coordinator:
             self._record(client_id, header, final)
             return pb.SubmitReply(accepted=True, round=header.round, message=f"update accepted for round {header.round}")
 
+    async def advertise(self, client_id: str, request: secagg_pb2.AdvertiseKeysRequest) -> secagg_pb2.SecureReply:
+        """Secure aggregation: a client's claims and public keys, recorded as its round's
+        submission (the keys in the update's place), so that the round closes as usual."""
+        secure = self.driver.secure
+        if secure is None:
+            raise FailedPrecondition("AdvertiseKeys: this run does not use secure aggregation; upload with SubmitUpdate")
+        header = request.claims
+        with self.active(client_id):
+            check_header(header, self.clients[client_id], self.settings.max_update_bytes)
+            if self._recorded(client_id, header) or not self._allowed_once(client_id, header):
+                return secagg_pb2.SecureReply(accepted=True, message=f"keys already recorded for round {header.round}")
+            secure.advertise(client_id, self.machine.current, request)
+            final = self.layout.update(header.round, client_id, header.sha256)
+            await asyncio.to_thread(_publish_keys, self.layout.tmp, request.keys.SerializeToString(), final)
+            self._record(client_id, header, final)
+        return secagg_pb2.SecureReply(accepted=True, message=f"keys recorded for round {header.round}")
+
     def _check_not_excluded(self, client_id: str, header: transfer_pb2.UpdateHeader) -> None:
         """An update a failed aggregation excluded for failing on its own is not taken again (it
         would fail again). One excluded with every other because none failed alone is: its
@@ -484,6 +510,13 @@ def _next_or_superseded(chunks: Iterator[transfer_pb2.Chunk], version: int) -> t
         return next(chunks, None)
     except FileNotFoundError:
         raise FailedPrecondition(f"the merged weights of version {version} were superseded; fetch the latest") from None
+
+
+def _publish_keys(tmp_dir: Path, keys: bytes, final: Path) -> None:
+    """Keep an advertisement's public keys where a plain round keeps the update (durably)."""
+    tmp = tmp_dir / f"keys-{secrets.token_hex(8)}.part"
+    tmp.write_bytes(keys)
+    _publish_update(tmp, final)
 
 
 def _publish_update(tmp: Path, final: Path) -> None:

@@ -25,6 +25,7 @@ from flora.server.export import write_history
 from flora.server.errors import is_resource_failure
 from flora.server.layout import Layout
 from flora.server.privacy_budget import PrivacyBudget, ended_before
+from flora.server.secure_round import SecureRounds
 from flora.server.rounds import Abandoned, Closed, Ended, Event, Opened, RoundMachine, RoundState
 from flora.server.store import Store, Submission
 from flora.server.wakeups import Signal
@@ -56,6 +57,7 @@ class RoundDriver:
         self.store = store
         self.aggregator = aggregator
         self.machine = machine
+        self.secure: SecureRounds | None = None  # set when the run uses secure aggregation
         # FetchGlobal bytes sent since the last commit, for the history (persisted per download: a restart keeps them).
         self.bytes_out = store.bytes_out(machine.current.number) if machine.current is not None else 0
         self.finished_at: float | None = time.time() if machine.finished else None
@@ -225,7 +227,10 @@ class RoundDriver:
             submissions = None
             try:
                 submissions = await asyncio.to_thread(self.store.submissions, number)
-                output = await asyncio.to_thread(self.aggregator.aggregate, number, submissions)
+                if self.secure is not None:  # the clients' masked stages; no update is on disk
+                    output = await self.secure.aggregate(number, submissions)
+                else:
+                    output = await asyncio.to_thread(self.aggregator.aggregate, number, submissions)
                 break
             except Exception as error:  # noqa: BLE001 - every failure is either waited out or excluded
                 if is_resource_failure(error):
@@ -273,7 +278,8 @@ class RoundDriver:
         """Take the updates at fault out of the round; False when none is left (round abandoned)."""
         log.error("round %d: aggregation failed (%s: %s); checking each update alone", number, type(error).__name__, error)
         try:
-            reasons = await asyncio.to_thread(self.aggregator.faulty, submissions)
+            # Under secure aggregation no update can be looked at alone: the attempt fails as a whole.
+            reasons = {} if self.secure is not None else await asyncio.to_thread(self.aggregator.faulty, submissions)
             blameless = not reasons  # then the same update is taken again in the next attempt
             if blameless:
                 detail = (f"the round failed to aggregate ({type(error).__name__}: {str(error)[:200]}) "
@@ -338,7 +344,8 @@ class RoundDriver:
             {"client_id": s.client_id, "name": names.get(s.client_id, ""), "rank": s.rank, "alpha": s.alpha,
              "num_examples": s.num_examples, "weight": w, "train_loss": s.train_loss, "validation_loss": s.validation_loss,
              "steps": s.steps, "train_seconds": s.train_seconds, "bytes": s.size,
-             "norm": d.norm, "claimed_weight": d.raw_weight, "weight_capped": d.capped, "clip_factor": d.clip_factor,
+             "norm": _finite(d.norm), "claimed_weight": d.raw_weight, "weight_capped": d.capped,
+             "clip_factor": _finite(d.clip_factor),  # null under DP: functions of one client's clear update
              "rejected": d.rejected}
             for s, w, d in zip(submissions, output.weights, output.decisions)
         ]
@@ -364,4 +371,6 @@ class RoundDriver:
             "committed_unix": now,
             "seconds": {k: round(v, 4) for k, v in output.seconds.items()},
             "checkpoint": output.checkpoint,
+            "secure_aggregation": output.secure is not None,
+            **({"secure": output.secure} if output.secure is not None else {}),
         }

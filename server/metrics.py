@@ -54,6 +54,13 @@ class Metrics:
         self.dp_epsilon = Gauge("flora_dp_epsilon", "epsilon spent by the committed rounds (client-level DP)", registry=r)
         self.dp_delta = Gauge("flora_dp_delta", "delta of the run's stated (epsilon, delta)", registry=r)
         self.dp_target = Gauge("flora_dp_target_epsilon", "no round opens past this epsilon (0: no target)", registry=r)
+        self.secure_rounds = Counter("flora_secure_rounds", "rounds committed under secure aggregation", registry=r)
+        self.secure_recovered = Counter("flora_secure_dropouts_recovered",
+                                        "clients recovered from the others' shares after dropping", registry=r)
+        self.secure_bytes = Counter("flora_secure_bytes", "bytes of the secure-aggregation steps by direction",
+                                    ["direction"], registry=r)
+        self.secure_seconds = Histogram("flora_secure_stage_seconds", "seconds of one secure-aggregation step",
+                                        ["step"], buckets=_WORK_BUCKETS, registry=r)
         self._seen_version = 0
         self._bytes_in = 0
         self._bytes_out = 0
@@ -99,10 +106,20 @@ class Metrics:
             if committed is not None and self._last_commit is not None:
                 self.round_seconds.observe(max(0.0, committed - self._last_commit))
             self._history_out += record.get("bytes_out", 0)
+            if record.get("secure"):
+                self._observe_secure(record["secure"])
         if committed is not None:
             self._last_commit = committed
         if record.get("validation_loss") is not None:
             self.validation_loss.set(record["validation_loss"])
+
+    def _observe_secure(self, secure: dict[str, Any]) -> None:
+        self.secure_rounds.inc()
+        self.secure_recovered.inc(secure.get("dropouts_recovered", 0))
+        self.secure_bytes.labels("up").inc(sum(secure.get("bytes_up", {}).values()))
+        self.secure_bytes.labels("down").inc(sum(secure.get("bytes_down", {}).values()))
+        for step, seconds in secure.get("seconds", {}).items():
+            self.secure_seconds.labels(step).observe(seconds)
 
     async def keep_fresh(self, coordinator: Coordinator) -> None:
         """Refresh every second until cancelled."""

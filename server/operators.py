@@ -18,6 +18,7 @@ from flora.server.auth import token_digest
 from flora.server.coordinator import Coordinator
 from flora.server.errors import InvalidArgument, NotFound
 from flora.server.registry import RegistryError
+from flora.server.secure_round import secure_summary
 from flora.server.store import Revocation
 from flora.v1 import coordinator_pb2 as pb
 
@@ -60,6 +61,8 @@ def enrich(coordinator: Coordinator, reply: pb.StatusReply) -> pb.StatusReply:
             validation_loss=_nan(record.get("validation_loss")), bytes_in=record.get("bytes_in", 0),
             bytes_out=record.get("bytes_out", 0), committed_unix_ms=_ms(record.get("committed_unix", 0.0)),
             dp_epsilon=record.get("dp_epsilon", 0.0)))
+        if record.get("secure"):
+            reply.recent_rounds[-1].secure.CopyFrom(secure_summary(record["secure"]))
     return reply
 
 

@@ -17,8 +17,9 @@ from flora.common.wire import Piece
 from flora.server import errors, operators, round_settings
 from flora.server.auth import bearer_token
 from flora.server.coordinator import Coordinator
+from flora.server.secure_round import SecureRounds
 from flora.v1 import coordinator_pb2 as pb
-from flora.v1 import coordinator_pb2_grpc, transfer_pb2
+from flora.v1 import coordinator_pb2_grpc, secagg_pb2, transfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,32 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ReadmitClient(self, request: pb.ReadmitClientRequest, context: grpc.aio.ServicerContext) -> pb.ReadmitClientReply:
         async with refusals(context, "ReadmitClient"):
             return operators.readmit_client(self._coordinator, request)
+
+    async def AdvertiseKeys(self, request: secagg_pb2.AdvertiseKeysRequest,
+                            context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
+        async with refusals(context, "AdvertiseKeys"):
+            reply = await self._coordinator.advertise(self._coordinator.identify(_token(context)), request)
+            await self._durable()
+            return reply
+
+    async def ShareKeys(self, request: secagg_pb2.ShareKeysRequest, context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
+        async with refusals(context, "ShareKeys"):
+            return self._secure("ShareKeys").share(self._coordinator.identify(_token(context)), request)
+
+    async def SubmitMasked(self, request: secagg_pb2.SubmitMaskedRequest,
+                           context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
+        async with refusals(context, "SubmitMasked"):
+            return self._secure("SubmitMasked").masked(self._coordinator.identify(_token(context)), request)
+
+    async def Unmask(self, request: secagg_pb2.UnmaskRequest, context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
+        async with refusals(context, "Unmask"):
+            return self._secure("Unmask").unmask(self._coordinator.identify(_token(context)), request)
+
+    def _secure(self, call: str) -> SecureRounds:
+        secure = self._coordinator.driver.secure
+        if secure is None:
+            raise errors.FailedPrecondition(f"{call}: this run does not use secure aggregation")
+        return secure
 
     async def Settings(self, request: pb.SettingsRequest, context: grpc.aio.ServicerContext) -> pb.SettingsReply:
         async with refusals(context, "Settings"):

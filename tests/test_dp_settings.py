@@ -26,6 +26,15 @@ def test_the_issue_flags_set_the_fields_and_dp_is_off_by_default():
     assert settings.dp_enabled and settings.dp_effective_delta == 1e-6
 
 
+def test_weights_are_uniform_under_dp_unless_examples_are_chosen_explicitly(tmp_path):
+    assert settings_from([]).weighting.value == "examples"  # without DP the default is unchanged
+    assert settings_from(DP).weighting.value == "uniform"
+    assert settings_from(DP + ["--weighting", "examples"]).weighting.value == "examples"
+    config = tmp_path / "server.toml"
+    config.write_text("dp_noise_multiplier = 4.0\ndp_clip_norm = 0.5\n")
+    assert settings_from([], config=config).weighting.value == "uniform"
+
+
 def test_toml_keys_are_the_field_names(tmp_path):
     config = tmp_path / "server.toml"
     config.write_text("dp_noise_multiplier = 4.0\ndp_clip_norm = 0.5\ndp_release = 'dense'\n")

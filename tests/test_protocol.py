@@ -40,6 +40,10 @@ def test_coordinator_service_has_every_call():
         "RemoveClient": (False, False),
         "ReadmitClient": (False, False),
         "Settings": (False, False),
+        "AdvertiseKeys": (False, False),
+        "ShareKeys": (False, False),
+        "SubmitMasked": (False, False),
+        "Unmask": (False, False),
     }
 
 

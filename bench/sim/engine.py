@@ -30,7 +30,9 @@ from flora.common.evaluate import evaluate_loss
 from flora.common.lora import LoraAdapter
 from flora.common.merge import merge_into_model
 from flora.common.methods import METHODS as AGGREGATION_METHODS
-from flora.common.methods import AggregationMethod, ClientStart, get_method, round_error
+from flora.common.methods import AggregationMethod, ClientStart, RoundResult, get_method, round_error
+from flora.common.privacy.private_round import Privacy, private_round
+from flora.common.robust import RobustPolicy
 from flora.common.downlink import DownlinkPolicy
 from flora.common.devices import resolve_device
 from flora.common.quantize import QUANTIZATIONS
@@ -70,6 +72,7 @@ class SimConfig:
     eval_batch_size: int = 16
     downlink: DownlinkPolicy = DownlinkPolicy()  # how each round's delta reaches the models (flora.sim.downlink)
     bases: tuple[str, ...] = ()  # each client's base (flora.sim.bases): none, nf4, fp4 or int8; empty: all none
+    privacy: Privacy | None = None  # client-level DP: each round is a private release (flora.common.privacy.private_round)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +85,8 @@ class SimConfig:
         self.aggregation.validate(list(self.ranks), scalings)
         if self.bases and client_bases(self.bases, len(self.ranks)) != self.bases:
             raise ValueError(f"bases must be one of {', '.join(QUANTIZATIONS)} per client, got {list(self.bases)}")
+        if self.privacy is not None and self.aggregation.dp_refusal is not None:
+            raise ValueError(f"{self.method} cannot run under differential privacy: {self.aggregation.dp_refusal}")
         per_round = self.clients_per_round
         if per_round is not None and not 1 <= per_round <= len(self.ranks):
             raise ValueError(f"clients_per_round must be between 1 and the {len(self.ranks)} clients, got {per_round}")
@@ -169,6 +174,20 @@ def _evaluate(model: nn.Module, validation: Sequence[TokenizedExample], config: 
     return evaluate_loss(model, validation, batch_size=config.eval_batch_size) if validation else None
 
 
+def _aggregate(
+    config: SimConfig, number: int, kept: LoraAdapter | None, updates: list[LoraAdapter], weights: list[float],
+    removed: list[LoraAdapter | None],
+) -> tuple[RoundResult, float | None]:
+    """The round's result and its error against the exact FedAvg; under DP the private release's
+    result and no error (it is noisy by design, and nothing published compares with clear updates)."""
+    method = config.aggregation
+    if config.privacy is None:
+        merged = method.merge(kept, updates, weights)
+        return merged, round_error(merged.delta, updates, weights, removed)
+    merged, _, _ = private_round(method, kept, updates, weights, RobustPolicy(max_weight_share=None), config.privacy, number)
+    return merged, None
+
+
 def run_method(
     model: nn.Module,
     clients: Sequence[ClientData],
@@ -207,8 +226,7 @@ def run_method(
         results: list[TrainResult] = backend.train(model, jobs, bases.models())
         updates = [result.adapter for result in results]
         weights = client_weights([result.num_examples for result in results], config.weighting)
-        merged = method.merge(kept, updates, weights)
-        error = round_error(merged.delta, updates, weights, [job.start.removed for job in jobs])
+        merged, error = _aggregate(config, number, kept, updates, weights, [job.start.removed for job in jobs])
         downlink = channel.merge(model, merged.delta, bases)
         kept = merged.kept
         record = RoundRecord(

@@ -142,6 +142,17 @@ class AggregationMethod(ABC):
         """The round's delta and the next kept LoRA from the clients' trained LoRAs and weights p_k;
         ``clips`` (default all 1) scales each client's change from its start (module docstring)."""
 
+    def released(
+        self, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]], weights: Sequence[float], change: LoraAdapter,
+    ) -> RoundResult:
+        """The round's result from a private release of its clipped change sum_k p_k c_k (s_k B_k A_k -
+        init_k) (issue 31; for a method that freezes A, ``change`` holds A and the released B sum).
+
+        It reads ``change`` and public values only (the kept LoRA, each client's (rank, scaling),
+        the weights), so what it returns is post-processing of the release and as private.
+        """
+        raise ValueError(f"{self.name} cannot run under differential privacy: {self.dp_refusal}")
+
 
 class PersistentLora(AggregationMethod):
     """Methods whose kept global LoRA starts as PEFT's seeded init (A random, B zero) at the largest rank."""
@@ -223,6 +234,16 @@ def clipped_stack(
         if init is not None and c != 1.0:
             terms.append(init)
             factors.append(p * (1.0 - c))
+    return flora_stack(terms, factors, dtype)
+
+
+def plus_starts(
+    change: LoraAdapter, inits: Sequence[LoraAdapter | None], weights: Sequence[float], dtype: torch.dtype = torch.float64,
+) -> LoraAdapter:
+    """Stacked factors of change + sum_k p_k init_k: the average of the clients' clipped products
+    (``clipped_stack``) rebuilt from a released change and the public starts."""
+    terms = [change] + [init for init in inits if init is not None]
+    factors = [1.0] + [p for p, init in zip(weights, inits) if init is not None]
     return flora_stack(terms, factors, dtype)
 
 

@@ -58,3 +58,14 @@ class Ffa(PersistentLora):
             b = sum(p * pad_pair(LoraPair(w.pairs[name].a, w.pairs[name].b.to(dtype)), kept.rank).b for p, w in zip(weights, wire))
             pairs[name] = LoraPair(a.to(dtype), b)
         return RoundResult(delta=exact_change(wire, weights, removed, dtype), kept=LoraAdapter(pairs, kept.scaling))
+
+    def released(
+        self, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]], weights: Sequence[float], change: LoraAdapter,
+    ) -> RoundResult:
+        """``change`` holds the shared A and the released B sum, sum_k p_k c_k pad(B_k - B_init): the
+        delta is that; the next global LoRA's B is the public sum_k p_k pad(B_init,k) plus it."""
+        pairs = {}
+        for name, (a, b) in change.pairs.items():
+            start = sum(p * pad_pair(leading(kept, rank).pairs[name], kept.rank).b.to(b.dtype) for p, (rank, _) in zip(weights, clients))
+            pairs[name] = LoraPair(a, start + b)
+        return RoundResult(delta=change, kept=LoraAdapter(pairs, kept.scaling))

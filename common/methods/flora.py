@@ -32,3 +32,9 @@ class Flora(AggregationMethod):
     ) -> RoundResult:
         """Stack along the rank axis: B_g A_g = sum_k p_k c_k s_k B_k A_k (a fresh start: the change is the LoRA)."""
         return RoundResult(delta=clipped_stack(updates, weights, [None] * len(updates), dtype, clips), kept=None)
+
+    def released(
+        self, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]], weights: Sequence[float], change: LoraAdapter,
+    ) -> RoundResult:
+        """The released change is the round's delta; nothing is kept."""
+        return RoundResult(delta=change, kept=None)

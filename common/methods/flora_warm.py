@@ -22,7 +22,7 @@ import torch
 
 from flora.common.lora import LoraAdapter
 from flora.common.methods.base import (
-    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, exact_change, principal,
+    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, exact_change, plus_starts, principal,
 )
 
 
@@ -47,3 +47,12 @@ class FloraWarm(AggregationMethod):
         removed = self.removals(kept, updates)  # = each client's init
         kept_next = canonical_adapter(clipped_stack(updates, weights, removed, dtype, clips), max(u.rank for u in updates))
         return RoundResult(delta=exact_change(updates, weights, removed, dtype, clips), kept=kept_next)
+
+    def released(
+        self, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]], weights: Sequence[float], change: LoraAdapter,
+    ) -> RoundResult:
+        """The released change is the delta; the next warm start is the released change plus the
+        public starts, sum_k p_k init_k + change (``merge``'s clipped stack, from the release)."""
+        inits = [self.cached_start(kept, rank, scaling).init for rank, scaling in clients]
+        kept_next = canonical_adapter(plus_starts(change, inits, weights), max(rank for rank, _ in clients))
+        return RoundResult(delta=change, kept=kept_next)

@@ -20,6 +20,8 @@ What the masked vectors hold (the maths layer, issue 30 item 2):
 - ``contribution``: the client's side (clip, weight, project, encode);
 - ``finish``: the server's side (from the unmasked sums to the method's ``RoundResult``);
 - ``secure_round``: one whole round in one process, over any sum of uint64 vectors.
+- ``wire``: the byte layouts both sides of the flora.v1 stages compute (keys digest, Q, vectors);
+  the stages themselves are driven by ``flora.server.secure_round`` and ``flora.client.secure_stages``.
 
 Layouts an outside client must reproduce are in protos/PROTOCOL.md, "Secure aggregation: formats"
 and "Secure aggregation: the passes".

@@ -21,6 +21,7 @@ from flora.common.methods import METHODS, get_method
 from flora.common.basemodel import BUILTIN_MODEL
 from flora.common.data import DATA_FORMATS, ReadOptions
 from flora.common.quantize import QUANTIZATIONS, MissingExtra, bitsandbytes
+from flora.common.secagg.plan import check_secure
 from flora.common.settings import SettingsError, load_settings
 from flora.common.tables import format_table
 from flora.common.threads import threads_per_process
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
     parser.add_argument("--quantize", type=_quantizations, default=["none"], help="base per client, cycled if shorter: none, or a 4-bit (nf4, fp4) or 8-bit (int8) base, e.g. none,none,nf4 for a constrained third client (needs the qlora extra; default: none)")
     parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
+    parser.add_argument("--secure-aggregation", action="store_true", help="the server learns only each round's sum (flora, flora-warm, flexlora, ffa; README, \"Secure aggregation\")")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
     parser.add_argument("--data-dir", type=Path, help="folder with one data file per client: JSON, JSONL, CSV or parquet (default: built-in sample data)")
     # plain: instruction and input on their own lines, within what the built-in tiny model attends across.
@@ -94,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         get_method(args.method).validate(ranks, [2.0] * len(ranks))
     except ValueError as exc:
         parser.error(f"--method {args.method} with --ranks {','.join(map(str, ranks))}: {exc}")
+    if args.secure_aggregation:
+        try:
+            check_secure(get_method(args.method))
+        except ValueError as exc:
+            parser.error(f"--secure-aggregation with --method {args.method}: {exc}")
     args.client_ranks = ranks
     args.client_quantize = [args.quantize[k % len(args.quantize)] for k in range(args.clients)]
     if any(kind != "none" for kind in args.client_quantize):
@@ -136,6 +143,8 @@ def _server_args(args: argparse.Namespace, workspace: Workspace, validation: lis
         # The global LoRA of the methods that keep one: the largest rank, alpha = 2 r like every client.
         f"--lora-rank={max(ranks)}", f"--lora-alpha={2 * max(ranks)}",
     ]
+    if args.secure_aggregation:
+        flags.append("--secure-aggregation")
     dp = [f"--{name.replace('_', '-')}={value}" for name, value in _dp_values(args).items()]
     return flags + dp + _data_flags(args, "--validation-")
 

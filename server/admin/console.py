@@ -77,7 +77,18 @@ def privacy_line(status: pb.StatusReply) -> str:
 
 
 def _round_columns(status: pb.StatusReply) -> tuple[str, ...]:
-    return DP_ROUND_COLUMNS if status.HasField("privacy") else ROUND_COLUMNS
+    columns = DP_ROUND_COLUMNS if status.HasField("privacy") else ROUND_COLUMNS
+    return columns + ("secure",) if status.run.secure_aggregation else columns
+
+
+def _secure_cell(summary: pb.RoundSummary) -> str:
+    """A secure round's survivors and the cost of its steps ("-" for a plain round)."""
+    if not summary.HasField("secure"):
+        return "-"
+    secure = summary.secure
+    recovered = f" (+{secure.dropouts_recovered} recovered)" if secure.dropouts_recovered else ""
+    return (f"{secure.survivors} survivors{recovered}, {(secure.bytes_up + secure.bytes_down) / 1e6:.3g} MB, "
+            f"{secure.seconds:.1f}s")
 
 
 def client_rows(status: pb.StatusReply, now: float) -> list[dict[str, Any]]:
@@ -92,7 +103,7 @@ def round_rows(status: pb.StatusReply) -> list[dict[str, Any]]:
     return [{"round": r.round, "clients": r.num_clients, "train loss": _loss(r.train_loss),
              "validation loss": _loss(r.validation_loss), "MB up": round(r.bytes_in / 1e6, 3),
              "MB down": round(r.bytes_out / 1e6, 3), "committed": _clock(r.committed_unix_ms),
-             "epsilon": f"{r.dp_epsilon:.4g}"} for r in status.recent_rounds]
+             "epsilon": f"{r.dp_epsilon:.4g}", "secure": _secure_cell(r)} for r in status.recent_rounds]
 
 
 def render_plain(status: pb.StatusReply, now: float) -> str:

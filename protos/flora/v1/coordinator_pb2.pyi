@@ -1,4 +1,5 @@
 from flora.v1 import run_pb2 as _run_pb2
+from flora.v1 import secagg_pb2 as _secagg_pb2
 from flora.v1 import transfer_pb2 as _transfer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -81,20 +82,22 @@ class NextTaskRequest(_message.Message):
     def __init__(self, local_version: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("round", "deadline_unix_ms", "required_version", "hints", "global_lora_version", "start_from_global_lora")
+    __slots__ = ("round", "deadline_unix_ms", "required_version", "hints", "global_lora_version", "start_from_global_lora", "secure")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_LORA_VERSION_FIELD_NUMBER: _ClassVar[int]
     START_FROM_GLOBAL_LORA_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     deadline_unix_ms: int
     required_version: int
     hints: _run_pb2.TrainingHints
     global_lora_version: int
     start_from_global_lora: bool
-    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., required_version: _Optional[int] = ..., hints: _Optional[_Union[_run_pb2.TrainingHints, _Mapping]] = ..., global_lora_version: _Optional[int] = ..., start_from_global_lora: _Optional[bool] = ...) -> None: ...
+    secure: _secagg_pb2.SecureRound
+    def __init__(self, round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., required_version: _Optional[int] = ..., hints: _Optional[_Union[_run_pb2.TrainingHints, _Mapping]] = ..., global_lora_version: _Optional[int] = ..., start_from_global_lora: _Optional[bool] = ..., secure: _Optional[_Union[_secagg_pb2.SecureRound, _Mapping]] = ...) -> None: ...
 
 class WaitTask(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -111,14 +114,16 @@ class FinishedTask(_message.Message):
     def __init__(self, final_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("train", "wait", "finished")
+    __slots__ = ("train", "wait", "finished", "secure")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     train: TrainTask
     wait: WaitTask
     finished: FinishedTask
-    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., wait: _Optional[_Union[WaitTask, _Mapping]] = ..., finished: _Optional[_Union[FinishedTask, _Mapping]] = ...) -> None: ...
+    secure: _secagg_pb2.SecureTask
+    def __init__(self, train: _Optional[_Union[TrainTask, _Mapping]] = ..., wait: _Optional[_Union[WaitTask, _Mapping]] = ..., finished: _Optional[_Union[FinishedTask, _Mapping]] = ..., secure: _Optional[_Union[_secagg_pb2.SecureTask, _Mapping]] = ...) -> None: ...
 
 class FetchGlobalRequest(_message.Message):
     __slots__ = ("kind", "from_version", "to_version", "offset", "allow_merged")
@@ -209,7 +214,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., num_examples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., last_submitted_round: _Optional[int] = ..., bytes_submitted: _Optional[int] = ..., joined_unix_ms: _Optional[int] = ..., removed_unix_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms", "dp_epsilon")
+    __slots__ = ("round", "num_clients", "train_loss", "validation_loss", "bytes_in", "bytes_out", "committed_unix_ms", "dp_epsilon", "secure")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +223,7 @@ class RoundSummary(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_clients: int
     train_loss: float
@@ -226,7 +232,8 @@ class RoundSummary(_message.Message):
     bytes_out: int
     committed_unix_ms: int
     dp_epsilon: float
-    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., dp_epsilon: _Optional[float] = ...) -> None: ...
+    secure: _secagg_pb2.SecureSummary
+    def __init__(self, round: _Optional[int] = ..., num_clients: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., secure: _Optional[_Union[_secagg_pb2.SecureSummary, _Mapping]] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("round", "state", "selected", "submitted", "deadline_unix_ms", "quorum", "attempt", "min_clients", "available_clients", "num_selected", "num_submitted")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from flora.v1 import coordinator_pb2 as flora_dot_v1_dot_coordinator__pb2
+from flora.v1 import secagg_pb2 as flora_dot_v1_dot_secagg__pb2
 from flora.v1 import transfer_pb2 as flora_dot_v1_dot_transfer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -95,6 +96,26 @@ class CoordinatorStub:
                 '/flora.v1.Coordinator/Settings',
                 request_serializer=flora_dot_v1_dot_coordinator__pb2.SettingsRequest.SerializeToString,
                 response_deserializer=flora_dot_v1_dot_coordinator__pb2.SettingsReply.FromString,
+                _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/flora.v1.Coordinator/AdvertiseKeys',
+                request_serializer=flora_dot_v1_dot_secagg__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/flora.v1.Coordinator/ShareKeys',
+                request_serializer=flora_dot_v1_dot_secagg__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+                _registered_method=True)
+        self.SubmitMasked = channel.unary_unary(
+                '/flora.v1.Coordinator/SubmitMasked',
+                request_serializer=flora_dot_v1_dot_secagg__pb2.SubmitMaskedRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/flora.v1.Coordinator/Unmask',
+                request_serializer=flora_dot_v1_dot_secagg__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
                 _registered_method=True)
 
 
@@ -192,6 +213,35 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation only (RunSpec.secure_aggregation; secagg.proto): after training, the
+        client's claims and public keys instead of SubmitUpdate. Idempotent for the same keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Secure aggregation: the client's sealed shares (answer to a SHARE step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMasked(self, request, context):
+        """Secure aggregation: the client's masked vectors of one stage (answer to a MASK step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Secure aggregation: the client's revealed shares of one stage (answer to an UNMASK step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -254,6 +304,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Settings,
                     request_deserializer=flora_dot_v1_dot_coordinator__pb2.SettingsRequest.FromString,
                     response_serializer=flora_dot_v1_dot_coordinator__pb2.SettingsReply.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=flora_dot_v1_dot_secagg__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_secagg__pb2.SecureReply.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=flora_dot_v1_dot_secagg__pb2.ShareKeysRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_secagg__pb2.SecureReply.SerializeToString,
+            ),
+            'SubmitMasked': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMasked,
+                    request_deserializer=flora_dot_v1_dot_secagg__pb2.SubmitMaskedRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_secagg__pb2.SecureReply.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=flora_dot_v1_dot_secagg__pb2.UnmaskRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_secagg__pb2.SecureReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -581,6 +651,114 @@ class Coordinator:
             '/flora.v1.Coordinator/Settings',
             flora_dot_v1_dot_coordinator__pb2.SettingsRequest.SerializeToString,
             flora_dot_v1_dot_coordinator__pb2.SettingsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/AdvertiseKeys',
+            flora_dot_v1_dot_secagg__pb2.AdvertiseKeysRequest.SerializeToString,
+            flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/ShareKeys',
+            flora_dot_v1_dot_secagg__pb2.ShareKeysRequest.SerializeToString,
+            flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMasked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/SubmitMasked',
+            flora_dot_v1_dot_secagg__pb2.SubmitMaskedRequest.SerializeToString,
+            flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flora.v1.Coordinator/Unmask',
+            flora_dot_v1_dot_secagg__pb2.UnmaskRequest.SerializeToString,
+            flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,57 @@
+"""The few byte layouts of secure aggregation's flora.v1 messages that both sides compute.
+
+- an advertisement's digest (AdvertiseKeysRequest.claims.sha256): SHA-256 of the channel key
+  followed by the mask keys in stage order;
+- Q in the MASK step of stage 2 (MaskStep.sketch): per sketched module in plan order, d_out x m
+  float64 little-endian row-major, concatenated;
+- a masked vector (SubmitMaskedRequest.vectors): its uint64 entries little-endian.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from flora.common.secagg.plan import RoundPlan
+
+
+def keys_digest(channel_key: bytes, mask_keys: Sequence[bytes]) -> str:
+    """The lower-case hex SHA-256 of an advertisement's keys."""
+    return hashlib.sha256(bytes(channel_key) + b"".join(bytes(k) for k in mask_keys)).hexdigest()
+
+
+def _sketched(plan: RoundPlan) -> list[tuple[str, int, int]]:
+    return [(m.name, m.d_out, m.columns) for m in plan.modules if not m.dense]
+
+
+def sketch_bytes(plan: RoundPlan, q: Mapping[str, torch.Tensor]) -> bytes:
+    """Q of every sketched module, as MaskStep.sketch carries it."""
+    return b"".join(q[name].to(torch.float64).contiguous().numpy().astype("<f8").tobytes() for name, _, _ in _sketched(plan))
+
+
+def read_sketch(plan: RoundPlan, data: bytes) -> dict[str, torch.Tensor]:
+    """Q per sketched module from MaskStep.sketch; ValueError when its length is not the plan's."""
+    expected = sum(rows * cols * 8 for _, rows, cols in _sketched(plan))
+    if len(data) != expected:
+        raise ValueError(f"secure_aggregation: the sketch is {len(data)} bytes, the plan's Q {expected}")
+    q, offset = {}, 0
+    for name, rows, cols in _sketched(plan):
+        values = np.frombuffer(data, dtype="<f8", count=rows * cols, offset=offset)
+        q[name] = torch.from_numpy(values.astype(np.float64).reshape(rows, cols))
+        offset += rows * cols * 8
+    return q
+
+
+def vector_bytes(vector: np.ndarray) -> bytes:
+    """A uint64 vector as SubmitMaskedRequest carries it."""
+    return np.ascontiguousarray(vector, dtype=np.uint64).astype("<u8").tobytes()
+
+
+def read_vector(data: bytes, length: int) -> np.ndarray:
+    """A uint64 vector of ``length`` entries; ValueError when the bytes are not that."""
+    if len(data) != 8 * length:
+        raise ValueError(f"secure_aggregation: a vector of {length} entries is {8 * length} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)

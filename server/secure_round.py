@@ -1,0 +1,372 @@
+"""Secure aggregation on the server: one round attempt's stages over the wire (issue 30).
+
+The crypto layer (``flora.common.secagg.server.ServerRound``) decides what is valid; the maths
+layer (``plan_round``, ``server_step``) turns the unmasked sums into the method's
+``RoundResult``; this module connects them to the round machine and the clients:
+
+- when an attempt opens, its selected clients are numbered 0..n-1 (sorted by client id) and
+  each TrainTask says which number is the client's (``round_info``);
+- each client's AdvertiseKeys is its "upload" for the round machine (the coordinator records it
+  as a submission without a payload), so the round closes by the usual rules;
+- the closed round's aggregation (``aggregate``) then hands out steps through NextTask
+  (``task_for``): SHARE, then per masked stage MASK and UNMASK, each open until every expected
+  client answered or ``secure_stage_deadline_s`` passed, and ends in the aggregator's usual
+  ``write_round``: the downlink and persistence are those of a plain round.
+
+What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
+the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
+no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
+survivors (``_passes``). Any other failure (fewer than the threshold survive a stage, a client
+lost after stage 1's sum, a restart that lost the attempt's keys) raises ``SecAggError``; the
+driver then excludes the attempt's advertisements as a whole and the round reopens, so the
+clients train again and advertise fresh keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from flora.common.lora import lora_scaling
+from flora.common.methods import RoundResult
+from flora.common.robust import Decision, RobustPolicy, decide
+from flora.common.secagg.errors import SecAggError
+from flora.common.secagg.finish import Sketch, server_step
+from flora.common.secagg.fixedpoint import decode, encode
+from flora.common.secagg.graph import default_degree, default_threshold
+from flora.common.secagg.messages import (
+    AdvertiseKeys, EncryptedShare, MaskedInput, MaskRequest, RevealedShare, ShareKeys, UnmaskResponse,
+)
+from flora.common.secagg.plan import KINDS, SKETCH, RoundPlan, plan_round, vector_length
+from flora.common.secagg.server import ServerRound
+from flora.common.secagg.wire import keys_digest, read_vector, sketch_bytes
+from flora.common.weights import client_weights
+from flora.server.aggregator import Aggregator, RoundOutput
+from flora.server.config import ServerSettings
+from flora.server.errors import FailedPrecondition, InvalidArgument
+from flora.server.rounds import Round
+from flora.server.store import Submission
+from flora.server.uploads import is_rslora
+from flora.v1 import secagg_pb2 as sa
+
+log = logging.getLogger(__name__)
+
+ROUND_SEED_INFO = "flora-secagg/v1/round"
+
+
+def round_seed(run_id: str, number: int, attempt: int) -> bytes:
+    """The attempt's public 32-byte round seed (the neighbour graph's)."""
+    return hashlib.sha256(f"{ROUND_SEED_INFO}:{run_id}:{number}:{attempt}".encode()).digest()
+
+
+def refusal(error: SecAggError) -> FailedPrecondition | InvalidArgument:
+    """A protocol refusal as the status a client gets: out of turn is FAILED_PRECONDITION."""
+    kind = FailedPrecondition if error.field in ("stage", "round_id") else InvalidArgument
+    return kind(f"secure aggregation: {error}")
+
+
+@dataclass
+class _Attempt:
+    """One round attempt's protocol state and the step each client is asked to do now."""
+
+    number: int
+    attempt: int
+    ids: tuple[str, ...]  # the selected clients, sorted: a client's index is its position
+    seed: bytes
+    server: ServerRound
+    steps: dict[int, sa.SecureTask] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    bytes_up: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_down: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def index(self, client_id: str) -> int:
+        if client_id not in self.ids:
+            raise FailedPrecondition(f"secure aggregation: this client is not selected in round {self.number} "
+                                     f"attempt {self.attempt}")
+        return self.ids.index(client_id)
+
+
+class SecureRounds:
+    """The server's side of secure aggregation, one round attempt at a time."""
+
+    def __init__(self, settings: ServerSettings, aggregator: Aggregator, run_id: str, notify: Callable[[], None]) -> None:
+        self.settings = settings
+        self.aggregator = aggregator
+        self.run_id = run_id
+        self.notify = notify
+        self.stages = 2 if KINDS[settings.aggregation.name] == SKETCH else 1
+        self._attempt: _Attempt | None = None
+
+    @property
+    def clip_norm(self) -> float:
+        """C: clip_norm when set, else the bound every plain upload is checked against."""
+        return self.settings.clip_norm or self.aggregator.max_update_norm
+
+    # --- round open: numbering and advertising --------------------------------------------------
+
+    def _current(self, current: Round) -> _Attempt:
+        """The protocol state of the machine's current attempt (a fresh one for a new attempt)."""
+        att = self._attempt
+        if att is None or (att.number, att.attempt) != (current.number, current.attempt):
+            ids = tuple(sorted(current.selected))
+            degree = default_degree(len(ids))
+            seed = round_seed(self.run_id, current.number, current.attempt)
+            try:
+                server = ServerRound(current.number, seed, range(len(ids)), self.stages, default_threshold(degree), degree)
+            except SecAggError as error:
+                raise refusal(error) from None
+            att = self._attempt = _Attempt(current.number, current.attempt, ids, seed, server)
+        return att
+
+    def round_info(self, client_id: str, current: Round) -> sa.SecureRound:
+        """TrainTask.secure: the client's number and the attempt's protocol parameters."""
+        att = self._current(current)
+        server = att.server
+        return sa.SecureRound(client_index=att.index(client_id), participants=len(att.ids), round_seed=att.seed,
+                              threshold=server.threshold, degree=server.degree, stages=self.stages)
+
+    def advertise(self, client_id: str, current: Round, request: sa.AdvertiseKeysRequest) -> None:
+        """Take a client's public keys for the current attempt (validated before anything changes)."""
+        att = self._current(current)
+        index = att.index(client_id)
+        if request.keys.client != index:
+            raise InvalidArgument(f"keys.client {request.keys.client} is not this client's index {index} in round "
+                                  f"{current.number}")
+        if request.claims.sha256 != keys_digest(request.keys.channel_key, request.keys.mask_keys):
+            raise InvalidArgument("claims.sha256 is not the sha256 of keys.channel_key and keys.mask_keys")
+        advert = AdvertiseKeys(index, current.number, request.keys.channel_key, tuple(request.keys.mask_keys))
+        try:
+            att.server.receive_keys(advert)
+        except SecAggError as error:
+            raise refusal(error) from None
+        att.bytes_up["advertise"] += request.ByteSize()
+
+    # --- the steps after the round closed ---------------------------------------------------------
+
+    def task_for(self, client_id: str) -> sa.SecureTask | None:
+        """The step this client is asked to do now, if any."""
+        att = self._attempt
+        if att is None or client_id not in att.ids:
+            return None
+        step = att.steps.get(att.ids.index(client_id))
+        if step is not None:
+            att.bytes_down[_label(step)] += step.ByteSize()
+        return step
+
+    def _answer(self, client_id: str, kind: str, number: int, stage: int) -> tuple[_Attempt, int]:
+        """The attempt and client index an answer of ``kind`` belongs to; refused when not asked."""
+        att = self._attempt
+        if att is None or att.number != number:
+            raise FailedPrecondition(f"secure aggregation: round {number} has no {kind} step open")
+        index = att.index(client_id)
+        step = att.steps.get(index)
+        if step is None or step.WhichOneof("step") != kind or (kind != "share" and getattr(step, kind).stage != stage):
+            raise FailedPrecondition(f"secure aggregation: no {kind} step of stage {stage} is open for this client")
+        return att, index
+
+    def _answered(self, att: _Attempt, index: int, kind: str, size: int) -> sa.SecureReply:
+        att.bytes_up[_label(att.steps.pop(index))] += size
+        if not att.steps:
+            att.done.set()
+        return sa.SecureReply(accepted=True, message=f"{kind} recorded")
+
+    def share(self, client_id: str, request: sa.ShareKeysRequest) -> sa.SecureReply:
+        att, index = self._answer(client_id, "share", request.round, 0)
+        shares = tuple(EncryptedShare(index, s.receiver, att.number, s.ciphertext) for s in request.shares)
+        if any(s.sender != index for s in request.shares):
+            raise InvalidArgument(f"shares: a share claims a sender other than this client ({index})")
+        try:
+            att.server.receive_shares(ShareKeys(index, att.number, shares))
+        except SecAggError as error:
+            raise refusal(error) from None
+        return self._answered(att, index, "share", request.ByteSize())
+
+    def masked(self, client_id: str, request: sa.SubmitMaskedRequest) -> sa.SecureReply:
+        att, index = self._answer(client_id, "mask", request.round, request.stage)
+        lengths = att.server.lengths
+        if len(request.vectors) != len(lengths):
+            raise InvalidArgument(f"vectors: stage {request.stage} takes {len(lengths)}, got {len(request.vectors)}")
+        try:
+            vectors = tuple(read_vector(v, n) for v, n in zip(request.vectors, lengths))
+        except ValueError as error:
+            raise InvalidArgument(f"vectors: {error}") from None
+        try:
+            att.server.receive_masked(MaskedInput(index, att.number, request.stage, vectors))
+        except SecAggError as error:
+            raise refusal(error) from None
+        return self._answered(att, index, "mask", request.ByteSize())
+
+    def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
+        att, index = self._answer(client_id, "unmask", request.round, request.stage)
+        def revealed(items: Sequence[sa.RevealedShare]) -> tuple[RevealedShare, ...]:
+            return tuple(RevealedShare(r.owner, r.share) for r in items)
+        response = UnmaskResponse(index, att.number, request.stage, revealed(request.self_shares), revealed(request.key_shares))
+        try:
+            att.server.receive_unmask(response)
+        except (SecAggError, ValueError) as error:  # a malformed share is a ValueError of its parser
+            raise refusal(error if isinstance(error, SecAggError) else SecAggError("share", str(error))) from None
+        return self._answered(att, index, "unmask", request.ByteSize())
+
+    async def _step(self, att: _Attempt, tasks: dict[int, sa.SecureTask], label: str) -> None:
+        """Ask every client of ``tasks`` for its step; return when all answered or at the deadline."""
+        clock = time.perf_counter()
+        deadline = time.time() + self.settings.secure_stage_deadline_s
+        for task in tasks.values():
+            task.round, task.deadline_unix_ms = att.number, int(deadline * 1000)
+        att.steps, att.done = dict(tasks), asyncio.Event()
+        if not tasks:
+            att.done.set()
+        self.notify()
+        try:
+            async with asyncio.timeout(self.settings.secure_stage_deadline_s):
+                await att.done.wait()
+        except TimeoutError:
+            missing = sorted(att.ids[i] for i in att.steps)
+            log.warning("round %d: secure %s step closed at its deadline without %s", att.number, label, ", ".join(missing))
+        att.steps = {}
+        att.seconds[label] += time.perf_counter() - clock
+
+    # --- the aggregation --------------------------------------------------------------------------
+
+    async def aggregate(self, number: int, submissions: Sequence[Submission]) -> RoundOutput:
+        """Run the closed round's stages and write its version as a plain round's would be written."""
+        att = self._attempt
+        advertised = set() if att is None or att.number != number else {att.ids[i] for i in att.server.adverts}
+        if advertised != {s.client_id for s in submissions}:
+            raise SecAggError("round", f"round {number}'s advertised keys are not all held (a restart or a new attempt): "
+                                       "the attempt starts over")
+        bundles = att.server.close_keys()
+        await self._step(att, {i: sa.SecureTask(share=sa.ShareStep(
+            participants=b.participants, neighbours=[_keys(a) for a in b.neighbours])) for i, b in bundles.items()}, "share")
+        inboxes = att.server.close_shares()
+        planned = sorted((s for s in submissions if att.ids.index(s.client_id) in att.server.active),
+                         key=lambda s: att.ids.index(s.client_id))
+        plan, decisions = self._plan(number, planned)
+        result, survivors = await self._passes(att, plan, inboxes)
+        total = sum(d.weight for s, d in zip(planned, decisions) if att.ids.index(s.client_id) in survivors)
+        weighed = {s.client_id: replace(d, weight=d.weight / total) for s, d in zip(planned, decisions)
+                   if att.ids.index(s.client_id) in survivors}
+        left_out = Decision(norm=None, raw_weight=0.0, weight=0.0, clip_factor=None, rejected=True)
+        seconds = {f"secure_{k}": v for k, v in att.seconds.items()}
+        secure = {"survivors": len(survivors), "dropped": len(att.ids) - len(survivors),
+                  "dropouts_recovered": len(planned) - len(survivors), "bytes_up": dict(att.bytes_up),
+                  "bytes_down": dict(att.bytes_down), "seconds": {k: round(v, 4) for k, v in att.seconds.items()}}
+        log.info("round %d: secure aggregation over %d of %d clients (%d recovered): %d bytes up, %d down, %.2fs in "
+                 "the steps", number, len(survivors), len(att.ids), secure["dropouts_recovered"], sum(att.bytes_up.values()),
+                 sum(att.bytes_down.values()), sum(att.seconds.values()))
+        output = await asyncio.to_thread(self.aggregator.write_round, number, result,
+                                         [weighed.get(s.client_id, left_out) for s in submissions], math.nan, seconds)
+        return replace(output, secure=secure)
+
+    async def _passes(self, att: _Attempt, plan: RoundPlan,
+                      inboxes: dict[int, tuple[EncryptedShare, ...]]) -> tuple[RoundResult, frozenset[int]]:
+        """The plan's masked passes; the result over the clients whose masked input arrived.
+
+        A client that drops after masking stage 1 is recovered from its neighbours' shares: the
+        sums then hold the survivors alone, and the survivors' weights p_k are renormalized to
+        sum to 1 (each sum divided by their total). One that drops in a later stage is not: Q
+        spans the range of the stage-1 survivors' sum, so the attempt fails and starts over.
+        """
+        planned = tuple(sorted(att.server.active))
+        result, sketch, survivors = None, None, frozenset(planned)
+        for stage in range(1, plan.passes + 1):
+            self._check_fits(plan, stage)
+            request = att.server.open_stage(stage, (vector_length(plan, stage),))
+            if set(request.active) != survivors:
+                raise SecAggError("survivors", f"a client of stage {stage - 1}'s sum left before stage {stage}; "
+                                               "the attempt starts over")
+            await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, inboxes.get(i, ()), sketch))
+                                   for i in request.active}, f"mask{stage}")
+            unmask = att.server.close_masked()
+            if unmask.dropped and stage > 1:
+                raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "
+                                               "the attempt starts over")
+            await self._step(att, {i: sa.SecureTask(unmask=sa.UnmaskStep(stage=stage, survivors=unmask.survivors,
+                                                                          dropped=unmask.dropped))
+                                   for i in unmask.survivors}, f"unmask{stage}")
+            unmasked = await asyncio.to_thread(att.server.close_unmask)
+            survivors = frozenset(unmasked.survivors)
+            over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
+            step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision)
+            result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
+        if unmask.dropped:
+            log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
+                        att.number, len(unmask.dropped), len(survivors))
+        return result, survivors
+
+    def _check_fits(self, plan: RoundPlan, stage: int) -> None:
+        """Refuse a stage whose masked vector or Q does not fit one message (they are not streamed yet)."""
+        vector = 8 * vector_length(plan, stage)
+        sketch = 8 * sum(m.d_out * m.columns for m in plan.modules if not m.dense) if stage == 2 else 0
+        if max(vector, sketch) > self.settings.message_limit - (64 << 10):
+            raise SecAggError("chunk_size", f"stage {stage} moves {max(vector, sketch)} bytes in one message, above the "
+                                            f"{self.settings.message_limit}-byte limit (2 chunk_size + 1 MiB): raise "
+                                            "chunk_size; streamed stages are not built yet")
+
+    def _plan(self, number: int, planned: Sequence[Submission]) -> tuple[RoundPlan, list]:
+        """The round's public plan over the clients that shared, and the history's decisions."""
+        claimed = client_weights([s.num_examples for s in planned], self.settings.weighting.value)
+        policy = RobustPolicy(max_weight_share=self.settings.max_weight_share if self.settings.max_weight_share < 1 else None)
+        decisions = [replace(d, norm=None, clip_factor=None)  # the server never sees a norm, nor who clipped
+                     for d in decide([1.0] * len(planned), claimed, policy)]
+        scalings = [lora_scaling(s.rank, s.alpha, is_rslora(s.scaling_rule)) for s in planned]
+        plan = plan_round(self.settings.aggregation, self.aggregator.kept, self.aggregator.shapes, [s.rank for s in planned],
+                          scalings, [d.weight for d in decisions], self.clip_norm, self.sketch_seed(number))
+        return plan, decisions
+
+    def sketch_seed(self, number: int) -> int:
+        """Omega's public seed for round ``number``."""
+        return self.settings.seed * 1_000_003 + number
+
+    def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, inbox: Sequence[EncryptedShare],
+                   sketch: Sketch | None) -> sa.MaskStep:
+        """Stage ``stage``'s step: the plan, the client's inbox in stage 1, Q in stage 2."""
+        version = request.round_id - 1 if plan.kept is not None else 0  # the kept LoRA the round started from
+        step = sa.MaskStep(stage=stage, active=request.active, lengths=request.lengths, plan=sa.SecurePlan(
+            clients=sorted(request.active), ranks=plan.ranks, scalings=plan.scalings, weights=plan.weights,
+            clip_norm=plan.clip_norm, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
+        if stage == 1:
+            step.inbox.extend(sa.SealedShare(sender=s.sender, receiver=s.receiver, ciphertext=s.ciphertext) for s in inbox)
+        if sketch is not None:
+            step.sketch = sketch_bytes(plan, sketch.q)
+        return step
+
+
+def secure_summary(secure: dict) -> sa.SecureSummary:
+    """A history line's "secure" record as Status's RoundSummary.secure."""
+    return sa.SecureSummary(survivors=secure.get("survivors", 0), dropouts_recovered=secure.get("dropouts_recovered", 0),
+                            bytes_up=sum(secure.get("bytes_up", {}).values()),
+                            bytes_down=sum(secure.get("bytes_down", {}).values()),
+                            seconds=sum(secure.get("seconds", {}).values()))
+
+
+def _over_survivors(plan: RoundPlan, planned: Sequence[int], survivors: frozenset[int],
+                    summed: np.ndarray) -> tuple[RoundPlan, np.ndarray]:
+    """The plan restricted to the survivors, their weights renormalized, and the sum rescaled to
+    match (re-encoded at the same scale: one more rounding of 2^-(f+1), far below float32's)."""
+    if len(survivors) == len(planned):
+        return plan, summed
+    keep = [k for k, index in enumerate(planned) if index in survivors]
+    total = math.fsum(plan.weights[k] for k in keep)
+    over = replace(plan, ranks=tuple(plan.ranks[k] for k in keep), scalings=tuple(plan.scalings[k] for k in keep),
+                   weights=tuple(plan.weights[k] / total for k in keep))
+    return over, encode(decode(summed, plan.bits) / total, plan.bits)
+
+
+def _label(task: sa.SecureTask) -> str:
+    """A step's name in the history's per-stage counts: share, mask1, unmask1, mask2, ..."""
+    kind = task.WhichOneof("step")
+    return kind if kind == "share" else f"{kind}{getattr(task, kind).stage}"
+
+
+def _keys(advert: AdvertiseKeys) -> sa.PublicKeys:
+    return sa.PublicKeys(client=advert.client, channel_key=advert.channel_key, mask_keys=advert.mask_keys)

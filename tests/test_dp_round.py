@@ -1,0 +1,139 @@
+"""The server's rounds under client-level DP (issue 31): everything written and served comes from
+the noisy release alone, and the served model is the noiseless one plus noise of the announced
+scale. In one process through ``Aggregator.aggregate``, then with real server processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.payload import PayloadMeta, encode_adapter, read_update
+from flora.common.update import module_delta
+from flora.common.weights import client_weights
+from flora.common.privacy import private_round as private
+from flora.server.aggregator import Aggregator
+from flora.server.config import ServerSettings
+from flora.server.layout import Layout
+from flora.server.startup import open_run
+from flora.server.store import Store, Submission
+from flora.v1 import transfer_pb2
+from harness import OPERATOR_TOKEN, ScriptedClient, artifacts, make_update, running_server, target_shapes
+
+CLIENTS = (("a1", 4, 6), ("b2", 2, 3), ("c3", 1, 5))  # client id (hex), rank, number of examples
+
+
+def open_aggregator(state: Path, **settings) -> tuple[Aggregator, Layout]:
+    """A server's model and run as ``flora-server`` opens them (built-in model, CPU)."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    validation = state.parent / "validation.jsonl"
+    validation.write_text("".join(f'{{"instruction": "Add {i} and 2", "input": "", "output": "{i + 2}"}}\n' for i in range(4)))
+    config = ServerSettings(state_dir=state, merge_device="cpu", rounds=1, validation_data=[str(validation)], **settings)
+    layout = Layout(state)
+    layout.create()
+    aggregator = Aggregator(config, layout)
+    store = Store(layout.database)
+    try:
+        open_run(config, layout, store, aggregator)
+    finally:
+        store.close()
+    return aggregator, layout
+
+
+def uploads(aggregator: Aggregator, layout: Layout, seed: int) -> list[Submission]:
+    """Each client's start moved by a seeded step, encoded and stored as an accepted upload."""
+    generator = torch.Generator().manual_seed(seed)
+    submissions = []
+    for client_id, rank, count in CLIENTS:
+        alpha = 2.0 * rank
+        start = aggregator.start_of(rank, alpha / rank)
+        pairs = {}
+        for name, (d_out, d_in) in aggregator.shapes.items():
+            a = start.init.pairs[name].a if start.init is not None else torch.randn(rank, d_in, generator=generator) * 0.1
+            b = start.init.pairs[name].b if start.init is not None else torch.zeros(d_out, rank)
+            pairs[name] = LoraPair(a.contiguous(), b + torch.randn(d_out, rank, generator=generator) * 0.01)
+        meta = PayloadMeta("client_update", rank=rank, alpha=alpha, scaling_rule="standard", round=1)
+        payload = encode_adapter(LoraAdapter(pairs, alpha / rank), meta, with_a=start.train_a)
+        sha = hashlib.sha256(payload).hexdigest()
+        path = layout.update(1, client_id, sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+        submissions.append(Submission(1, client_id, sha, layout.relative(path), len(payload), rank, alpha, 1, count, 0,
+                                      None, None, 2, 0.0, 0.0))
+    return submissions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flora-warm", "ffa"])
+def test_every_artifact_is_a_function_of_the_noisy_release_alone(tmp_path, monkeypatch, method):
+    # Two servers, two different sets of client updates (same ranks and claims). The second
+    # server's release is replaced by the first's recording: if anything written or served read a
+    # clear update other than through the release, the two servers' files would differ.
+    settings = {"method": method, "dp_noise_multiplier": 1.0, "dp_clip_norm": 0.05, "lora_rank": 4}
+    recorded = []
+    real_release = private.release
+    monkeypatch.setattr(private, "release", lambda *args: recorded.append(real_release(*args)) or recorded[-1])
+    first, first_layout = open_aggregator(tmp_path / "one" / "state", **settings)
+    output_1 = first.aggregate(1, uploads(first, first_layout, seed=1))
+    monkeypatch.setattr(private, "release", lambda *args: recorded[0])
+    second, second_layout = open_aggregator(tmp_path / "two" / "state", **settings)
+    output_2 = second.aggregate(1, uploads(second, second_layout, seed=2))
+
+    assert output_1.artifacts and [a.sha256 for a in output_1.artifacts] == [a.sha256 for a in output_2.artifacts]
+    assert {a.kind for a in output_1.artifacts} >= {"global", "merged", "lora"}
+    assert output_1.validation_loss == output_2.validation_loss is not None
+    for relative in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        assert ((first_layout.root / output_1.checkpoint / relative).read_bytes()
+                == (second_layout.root / output_2.checkpoint / relative).read_bytes())
+    assert math.isnan(output_1.aggregation_error)  # nothing measured against the clear updates
+    assert all(math.isnan(d.norm) and math.isnan(d.clip_factor) for d in output_1.decisions)
+
+
+def test_without_dp_the_same_round_is_the_clear_merge(tmp_path):
+    # The switch: without dp settings the release is never reached and the error is measured.
+    aggregator, layout = open_aggregator(tmp_path / "state", method="flora")
+    output = aggregator.aggregate(1, uploads(aggregator, layout, seed=1))
+    assert output.aggregation_error < 1e-5 and all(d.norm > 0 for d in output.decisions)
+
+
+# --- real processes --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_private_run_serves_the_clear_aggregate_plus_noise_of_the_announced_scale(tmp_path):
+    sigma, clip = 0.5, 10.0  # the updates' norms are far below C: nothing is clipped
+    flags = ("--min-clients", "3", "--rounds", "1", "--long-poll-s", "0.5", "--weighting", "uniform",
+             "--operator-token", OPERATOR_TOKEN,
+             "--dp-noise-multiplier", str(sigma), "--dp-clip-norm", str(clip), "--dp-release", "dense")
+    with running_server(tmp_path / "state", *flags) as server:
+        operator = ScriptedClient(server.address, "operator", token=OPERATOR_TOKEN)
+        base_hash = operator.status().run.base_model_hash
+        clients = [ScriptedClient(server.address, name, rank=rank, alpha=2.0 * rank) for name, rank in (("a", 4), ("b", 2), ("c", 1))]
+        for client in clients:
+            client.join(base_hash)
+        for client in clients:
+            client.wait_for_train()
+        adapters = [client.adapter(seed=k) for k, client in enumerate(clients)]
+        for client, adapter in zip(clients, adapters):
+            assert client.submit(make_update(adapter, client.alpha, 1), 1).accepted
+        operator.wait_for_version(1)
+        shapes = target_shapes(clients[0].spec)
+        served, _ = read_update(artifacts(clients[0].fetch(transfer_pb2.ARTIFACT_KIND_GLOBAL_UPDATE, 0, 1))[1], shapes)
+        history = [json.loads(line) for line in (tmp_path / "state" / "history.jsonl").read_text().splitlines()]
+        operator.close()
+    weights = client_weights([10, 10, 10], "uniform")
+    noise_sq, entries = 0.0, 0
+    for name in shapes:
+        clear = sum(p * a.delta(name, torch.float64) for p, a in zip(weights, adapters))
+        noise_sq += float((module_delta(served[name], torch.float64) - clear).square().sum())
+        entries += clear.numel()
+    std = sigma * clip / 3  # sigma C max_k p_k
+    assert 0.9 * std < math.sqrt(noise_sq / entries) < 1.1 * std
+    last = history[-1]
+    assert last["aggregation_error"] is None
+    assert all(c["norm"] is None and c["clip_factor"] is None for c in last["clients"])
