@@ -45,3 +45,14 @@ def test_the_participants_column_names_each_quantised_base():
     [row] = round_rows([record], bases)
     assert row["participants"] == "client-0 (r=16), client-1 (r=8), client-2 (r=2, nf4)"
     assert round_rows([record])[0]["participants"] == "client-0 (r=16), client-1 (r=8), client-2 (r=2)"
+
+
+def test_nproc_reaches_every_client_and_is_refused_beside_a_quantized_base(tmp_path, capsys):
+    args = cli.parse_args(["--clients", "2", "--nproc", "2"])
+    workspace = prepare(tmp_path / "run")
+    flags = cli._client_args(1, "c0", 4, tmp_path / "d.jsonl", workspace, args, "none")
+    assert "--nproc=2" in flags
+    assert "--nproc=1" in cli._client_args(1, "c0", 4, tmp_path / "d.jsonl", workspace, cli.parse_args([]), "none")
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["--nproc", "2", "--quantize", "none,nf4"])
+    assert exited.value.code == 2 and "--nproc 2 with --quantize none,nf4" in capsys.readouterr().err

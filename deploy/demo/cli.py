@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=_positive, default=3, help="federated rounds (default: 3)")
     parser.add_argument("--ranks", type=_ranks, default=[16, 8, 4], help="LoRA rank per client, cycled if shorter (default: 16,8,4)")
     parser.add_argument("--quantize", type=_quantizations, default=["none"], help="base per client, cycled if shorter: none, or a 4-bit (nf4, fp4) or 8-bit (int8) base, e.g. none,none,nf4 for a constrained third client (needs the qlora extra; default: none)")
+    parser.add_argument("--nproc", type=_positive, default=1, help="training processes per client, data-parallel (gloo on the CPU), as flora-client --nproc; not with a quantized base (default: 1)")
     parser.add_argument("--method", choices=list(METHODS), default="flora-warm", help="aggregation method (default: flora-warm)")
     parser.add_argument("--secure-aggregation", action="store_true", help="the server learns only each round's sum (flora, flora-warm, flexlora, ffa; README, \"Secure aggregation\")")
     parser.add_argument("--base-model", default=BUILTIN_MODEL, help="Hub id, local directory or the built-in tiny model (default)")
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--secure-aggregation with --method {args.method}: {exc}")
     args.client_ranks = ranks
     args.client_quantize = [args.quantize[k % len(args.quantize)] for k in range(args.clients)]
+    if args.nproc > 1 and any(kind != "none" for kind in args.client_quantize):
+        parser.error(f"--nproc {args.nproc} with --quantize {','.join(args.quantize)}: a quantized base trains in one "
+                     "process (flora-client refuses --nproc with --quantize)")
     if any(kind != "none" for kind in args.client_quantize):
         try:
             bitsandbytes()
@@ -159,6 +163,7 @@ def _client_args(port: int, name: str, rank: int, data: Path, workspace: Workspa
                  quantize: str = "none") -> list[str]:
     return [
         f"--server=127.0.0.1:{port}", f"--name={name}", f"--rank={rank}", f"--data={data}", f"--quantize={quantize}",
+        f"--nproc={args.nproc}",
         f"--state-dir={workspace.client_state(name)}", f"--base-model={args.base_model}", "--progress=off",
         "--long-poll=2", "--backoff-max=2", f"--cutoff={CUTOFF}", "--mask-prompt", *_data_flags(args),
     ]
@@ -199,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         port = wait_for_port(server, timeout=120)
         print(f"  server listening on 127.0.0.1:{port} (log: {server.log_path})", flush=True)
         # All clients share this machine's cores: more threads than cores each would only thrash.
-        threads = f"--threads={threads_per_process(args.clients)}"
+        threads = f"--threads={threads_per_process(args.clients * args.nproc)}"
         clients = [
             supervisor.start(name, "flora.client.cli", [*_client_args(port, name, rank, data, workspace, args, quantize), threads])
             for name, rank, data, quantize in zip(names, ranks, train_files, args.client_quantize)
