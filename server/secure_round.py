@@ -250,7 +250,7 @@ class SecureRounds:
         inboxes = att.server.close_shares()
         planned = sorted((s for s in submissions if att.ids.index(s.client_id) in att.server.active),
                          key=lambda s: att.ids.index(s.client_id))
-        plan, decisions = self._plan(number, planned)
+        plan, decisions = await asyncio.to_thread(self._plan, number, planned)  # warm starts: an SVD per module
         result, survivors = await self._passes(att, plan, inboxes)
         total = sum(d.weight for s, d in zip(planned, decisions) if att.ids.index(s.client_id) in survivors)
         weighed = {s.client_id: replace(d, weight=d.weight / total) for s, d in zip(planned, decisions)
