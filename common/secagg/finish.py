@@ -15,6 +15,12 @@ for client k's announced rank, which every participant can compute),
 
 These equal the plain methods' ``merge`` with the same clip factors: S + Delta is the average of
 the clients' clipped products that ``clipped_stack`` forms, and T is ffa's weighted B change.
+
+Under differential privacy (``Noise``) the server adds Gaussian noise to each pass's unmasked
+sum before anything reads it (``released_sum``): Y and the dense blocks in pass 1, P in pass 2,
+T for ffa. With the clients' DP clip (``flora.common.secagg.contribution``) and the same noise,
+the result is the plain private release's (``flora.common.privacy.private_round``): the same
+Omega, module layout and noise order, and the sums equal to fixed-point round-off.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 from flora.common.methods import RoundResult
 from flora.common.methods.base import canonical_adapter, difference
+from flora.common.privacy.release import noise_std, noised
 from flora.common.secagg.fixedpoint import check_sum, decode
 from flora.common.secagg.plan import FACTORS, RoundPlan, split
 from flora.common.sketch import assemble, range_basis
@@ -45,14 +52,36 @@ class Sketch:
     dense: dict[str, Tensor]
 
 
-def server_step(
-    plan: RoundPlan, stage: int, summed: np.ndarray, sketch: Sketch | None = None, dtype: torch.dtype = torch.float32
-) -> Sketch | RoundResult:
-    """Read pass ``stage``'s unmasked sum (checked against the announced range first): after pass
-    1 of a two-pass round the ``Sketch`` to broadcast, else the round's ``RoundResult``."""
+@dataclass(frozen=True)
+class Noise:
+    """Differential privacy under secure aggregation: the noise multiplier sigma and the secret
+    generator the server draws each pass's noise from (``flora.common.privacy.release``)."""
+
+    multiplier: float
+    generator: torch.Generator
+
+
+def released_sum(plan: RoundPlan, stage: int, summed: np.ndarray, noise: Noise | None = None) -> dict[str, Tensor]:
+    """Pass ``stage``'s unmasked sum as its module blocks (float64), checked against the announced
+    range first; under DP with its noise added: N(0, (sigma C max_k p_k)^2) per entry, drawn
+    block by block in the vector's order, as the plain private release draws it (``noised``)."""
     total = decode(summed, plan.bits)
     check_sum(total, math.fsum(plan.weights) * plan.vector_bound, plan.bits, plan.clients)
     blocks = split(plan, stage, torch.from_numpy(total))
+    if noise is None:
+        return blocks
+    if plan.dp_clip_norm is None:
+        raise ValueError("secure_aggregation: noise needs the plan's dp_clip_norm (the sensitivity)")
+    return noised(blocks, noise_std(noise.multiplier, plan.dp_clip_norm, plan.weights), noise.generator)
+
+
+def server_step(
+    plan: RoundPlan, stage: int, summed: np.ndarray, sketch: Sketch | None = None, dtype: torch.dtype = torch.float32,
+    noise: Noise | None = None,
+) -> Sketch | RoundResult:
+    """Read pass ``stage``'s unmasked (and, under DP, noised) sum: after pass 1 of a two-pass
+    round the ``Sketch`` to broadcast, else the round's ``RoundResult``."""
+    blocks = released_sum(plan, stage, summed, noise)
     if plan.kind == FACTORS:
         return _finish_ffa(plan, blocks, dtype)
     dense = {m.name for m in plan.modules if m.dense}
