@@ -13,6 +13,10 @@ for client k's announced rank, which every participant can compute),
 - ffa:        with T = sum_k p_k c_k pad(B_k - B_start,k) (one pass), kept' = (A, sum_k p_k
   pad(B_start,k) + T) and delta = s T A: A is frozen and public.
 
+Under differential privacy the method's own ``released`` (the plain private round's last step)
+turns the noisy change into the result instead: the same maths for these methods, and by
+construction the plain private round's result for any method that has a private release.
+
 These equal the plain methods' ``merge`` with the same clip factors: S + Delta is the average of
 the clients' clipped products that ``clipped_stack`` forms, and T is ffa's weighted B change.
 
@@ -82,8 +86,10 @@ def server_step(
     """Read pass ``stage``'s unmasked (and, under DP, noised) sum: after pass 1 of a two-pass
     round the ``Sketch`` to broadcast, else the round's ``RoundResult``."""
     blocks = released_sum(plan, stage, summed, noise)
-    if plan.kind == FACTORS:
-        return _finish_ffa(plan, blocks, dtype)
+    if plan.kind == FACTORS:  # the change: the frozen A beside T
+        kept = plan.kept
+        return _publish(plan, LoraAdapter({n: LoraPair(p.a.to(dtype), blocks[n].to(dtype)) for n, p in kept.pairs.items()},
+                                          kept.scaling), dtype)
     dense = {m.name for m in plan.modules if m.dense}
     if stage == 1:
         sketch = Sketch({n: range_basis(y) for n, y in blocks.items() if n not in dense},
@@ -101,6 +107,15 @@ def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, 
     pairs = pairs | {n: _dense_pair(d) for n, d in sketch.dense.items()}
     width = max(p.a.shape[0] for p in pairs.values())
     change = LoraAdapter({n: pad_pair(LoraPair(p.a.to(dtype), p.b.to(dtype)), width) for n, p in sorted(pairs.items())}, 1.0)
+    return _publish(plan, change, dtype)
+
+
+def _publish(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> RoundResult:
+    """The method's result from the round's change (Delta; ffa: A beside T). Under DP it is the
+    method's ``released``, the step that publishes a plain private round, so the result is that
+    round's post-processing of the noisy sums; otherwise the finishes below."""
+    if plan.dp_clip_norm is not None:
+        return plan.method.released(plan.kept, list(zip(plan.ranks, plan.scalings)), plan.weights, change)
     return FINISH[plan.method.name](plan, change, dtype)
 
 
@@ -137,19 +152,17 @@ def _finish_flexlora(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -
     return RoundResult(delta=difference(new, plan.kept, dtype), kept=new)
 
 
-def _finish_ffa(plan: RoundPlan, blocks: dict[str, Tensor], dtype: torch.dtype) -> RoundResult:
+def _finish_ffa(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> RoundResult:
     kept, starts = plan.kept, {}
     for rank, weight in zip(plan.ranks, plan.weights):
         starts[rank] = starts.get(rank, 0.0) + weight
-    delta, next_kept = {}, {}
+    next_kept = {}
     for name, (a, b) in kept.pairs.items():
-        moved = blocks[name].to(dtype)  # (d_out, r_max): T
         start = sum(w * pad_pair(LoraPair(a[:r], b[:, :r]), kept.rank).b.to(dtype) for r, w in starts.items())
-        delta[name] = LoraPair(a.to(dtype), moved)
-        next_kept[name] = LoraPair(a.to(dtype), start + moved)
-    return RoundResult(delta=LoraAdapter(delta, kept.scaling), kept=LoraAdapter(next_kept, kept.scaling))
+        next_kept[name] = LoraPair(a.to(dtype), start + change.pairs[name].b)  # T: (d_out, r_max)
+    return RoundResult(delta=change, kept=LoraAdapter(next_kept, kept.scaling))
 
 
 FINISH: dict[str, Callable[[RoundPlan, LoraAdapter, torch.dtype], RoundResult]] = {
-    "flora": _finish_flora, "flora-warm": _finish_warm, "flexlora": _finish_flexlora,
+    "flora": _finish_flora, "flora-warm": _finish_warm, "flexlora": _finish_flexlora, "ffa": _finish_ffa,
 }
