@@ -190,6 +190,25 @@ def test_the_servers_secure_rounds_and_the_clients_stages_release_what_the_plain
             assert relative(result.kept.delta(name, torch.float64), plain.kept.delta(name, torch.float64)) <= 1e-9, name
 
 
+def test_a_client_recovered_after_sharing_leaves_the_plain_release_over_the_survivors(monkeypatch):
+    # The survivors' weights are renormalized, and so is the noise's scale (sigma C max_k p_k).
+    # (The dense release: a sketch keeps the m planned over every client that shared.)
+    from test_secure_wire import method_round, secure_round as wire_round
+
+    import flora.server.secure_round as server_secure
+
+    monkeypatch.setattr(server_secure, "secret_generator", lambda: torch.Generator().manual_seed(8))
+    kept, updates = method_round("flora")
+    result, decisions, output, _ = wire_round("flora", kept, updates, [1, 1, 1], silent={0: "mask1"},
+                                              dp_noise_multiplier=SIGMA, dp_clip_norm=DP_CLIP, dp_release="dense")
+    assert output.secure["dropouts_recovered"] == 1 and [d.weight for d in decisions] == pytest.approx([0.0, 0.5, 0.5])
+    plain, _, released = private_round(get_method("flora"), None, updates[1:], [0.5, 0.5], RobustPolicy(),
+                                       Privacy(SIGMA, DP_CLIP, "dense", 0), 1, torch.Generator().manual_seed(8))
+    assert released.std == pytest.approx(SIGMA * DP_CLIP * 0.5)
+    for name in updates[0].pairs:
+        assert relative(result.delta.delta(name, torch.float64), plain.delta.delta(name, torch.float64)) <= 1e-9, name
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_dp_with_secure_aggregation_is_accepted_and_the_remaining_refusals_name_why(method):
     settings = ServerSettings(method=method, secure_aggregation=True, dp_noise_multiplier=1.0, dp_clip_norm=0.5)
