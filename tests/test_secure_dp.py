@@ -158,7 +158,10 @@ def test_the_noise_on_each_unmasked_sum_has_the_announced_std(method_name):
             bases = server_step(plan, 1, summed, dtype=torch.float64, noise=noise).q
 
 
-def test_noise_without_the_plans_dp_clip_norm_is_refused():
+def test_noise_without_the_plans_dp_clip_norm_and_a_dp_clip_norm_that_is_not_positive_are_refused():
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="dp_clip_norm must be a positive finite number"):
+            plan_round(get_method("flora"), None, SHAPES, RANKS, [1.0] * 4, [0.25] * 4, 1.0, 5, dp_clip_norm=bad)
     plan = plan_round(get_method("flora"), None, SHAPES, RANKS, [1.0] * 4, [0.25] * 4, 1.0, 5)
     with pytest.raises(ValueError, match="dp_clip_norm"):
         released_sum(plan, 1, np.zeros(vector_length(plan, 1), dtype=np.uint64),
