@@ -22,6 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 import numpy as np
 
 from flora.common.chunks import ChunkReceiver, check_sha256
+from flora.common.secagg.wire import read_vector, vector_bytes
 from flora.common.wire import Piece, WireError, receive_update, update_messages
 from flora.v1 import secagg_pb2 as sa, transfer_pb2
 
@@ -47,7 +48,7 @@ class BufferSink:
 
 def masked_messages(round_id: int, stage: int, vectors: Sequence[np.ndarray], chunk_size: int) -> Iterator[sa.MaskedChunk]:
     """The SubmitMasked stream of one stage's masked vectors: the header, then the bytes in pieces."""
-    data = b"".join(np.ascontiguousarray(v, dtype=np.uint64).astype("<u8").tobytes() for v in vectors)
+    data = b"".join(vector_bytes(v) for v in vectors)
     header = sa.MaskedHeader(round=round_id, stage=stage, lengths=[v.size for v in vectors], total_bytes=len(data),
                              sha256=hashlib.sha256(data).hexdigest())
     return update_messages(header, data, chunk_size, chunk_type=sa.MaskedChunk)
@@ -88,9 +89,8 @@ async def receive_masked(header: sa.MaskedHeader, rest: AsyncIterable[sa.MaskedC
             yield message
 
     await receive_update(stream(), sink, total)
-    values = np.frombuffer(sink.buffer, dtype="<u8").astype(np.uint64, copy=False)
-    starts = np.cumsum([0, *lengths])
-    return tuple(values[a:b] for a, b in zip(starts[:-1], starts[1:]))
+    view, starts = memoryview(sink.buffer), np.cumsum([0, *lengths]) * 8
+    return tuple(read_vector(view[a:b], n) for a, b, n in zip(starts[:-1], starts[1:], lengths))
 
 
 # --- down: FetchSecure -----------------------------------------------------------------------------
