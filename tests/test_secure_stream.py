@@ -33,7 +33,9 @@ from flora.client.connection import Connection
 from flora.client.step_tries import STEP_TRIES, StepTries
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import get_method
+from flora.common.secagg.messages import EncryptedShare
 from flora.common.secagg.stream import Download, masked_messages
+from flora.common.secagg.wire import inbox_bytes, inbox_size, read_inbox
 from flora.server.auth import bearer_token
 from flora.server.config import ServerSettings
 from flora.server.rounds import Round, RoundState
@@ -428,3 +430,36 @@ def test_a_permanently_refused_upload_gives_the_round_up_after_the_cap_and_the_r
     assert daemon.secure is None and daemon.step_tries.gave_up(1)
     assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1)
     assert_merges_the_plain_method(state, "flora", None, updates, clients=IDS[1:])
+
+
+def test_a_client_refuses_a_download_whose_size_or_chunks_are_not_what_its_plan_implies():
+    data = bytes(range(256)) * 3
+    announced = sa.StepDownload(kind=transfer_pb2.ARTIFACT_KIND_SECURE_SKETCH, total_bytes=len(data),
+                                sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(ValueError, match=f"MaskStep.sketch.total_bytes {len(data)} is not the {len(data) - 8} bytes"):
+        Download(announced, len(data) - 8, 1, 2)  # refused before anything is allocated or fetched
+    download = Download(announced, len(data), 1, 2)
+    chunk = transfer_pb2.Chunk(kind=announced.kind, version=1, offset=0, total_bytes=len(data), sha256=announced.sha256,
+                               data=data[:256])
+    with pytest.raises(ValueError, match="not of the announced payload"):
+        download.feed(transfer_pb2.Chunk(kind=announced.kind, version=2, offset=0, total_bytes=len(data),
+                                         sha256=announced.sha256, data=data[:256]))  # another round's
+    download.feed(chunk)
+    with pytest.raises(ValueError, match="leaves a gap: expected offset 256"):
+        download.feed(transfer_pb2.Chunk(kind=announced.kind, version=1, offset=512, total_bytes=len(data),
+                                         sha256=announced.sha256, data=data[512:]))
+    with pytest.raises(ValueError, match="stream truncated"):
+        download.finish()
+    assert download.request().offset == 256  # a resumed fetch asks for the rest
+    download.feed(transfer_pb2.Chunk(kind=announced.kind, version=1, offset=256, total_bytes=len(data),
+                                     sha256=announced.sha256, data=data[256:]))
+    assert bytes(download.finish()) == data
+
+
+def test_an_inbox_download_that_is_not_whole_sealed_shares_is_refused():
+    shares = [EncryptedShare(s, 0, 1, bytes([s]) * (inbox_size(1, 2) - 4)) for s in (3, 1)]
+    data = inbox_bytes(shares)
+    assert len(data) == inbox_size(2, 2) and [s.sender for s in read_inbox(data, 0, 1, 2)] == [1, 3]
+    assert read_inbox(data, 0, 1, 2)[1] == shares[0]
+    with pytest.raises(ValueError, match="not a whole number of 300-byte shares"):
+        read_inbox(data[:-1], 0, 1, 2)
