@@ -381,8 +381,8 @@ class ServerSettings(BaseModel):
         method = info.data.get("method")
         reason = None if method is None else get_method(method).dp_refusal
         if reason is not None:
-            raise ValueError(f"method {method} cannot run under differential privacy: {reason}; "
-                             "use flora, flora-warm or ffa")
+            private = ", ".join(name for name, m in METHODS.items() if m.dp_refusal is None)
+            raise ValueError(f"method {method} cannot run under differential privacy: {reason}; use one of {private}")
         for rule in ("clip_median_multiple", "reject_median_multiple"):
             if info.data.get(rule) is not None:
                 raise ValueError(f"{rule} cannot be used under differential privacy: one client moves the round's "

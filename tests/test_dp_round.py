@@ -33,7 +33,8 @@ def open_aggregator(state: Path, **settings) -> tuple[Aggregator, Layout]:
     state.parent.mkdir(parents=True, exist_ok=True)
     validation = state.parent / "validation.jsonl"
     validation.write_text("".join(f'{{"instruction": "Add {i} and 2", "input": "", "output": "{i + 2}"}}\n' for i in range(4)))
-    config = ServerSettings(state_dir=state, merge_device="cpu", rounds=1, validation_data=[str(validation)], **settings)
+    settings = {"rounds": 1, **settings}
+    config = ServerSettings(state_dir=state, merge_device="cpu", validation_data=[str(validation)], **settings)
     layout = Layout(state)
     layout.create()
     aggregator = Aggregator(config, layout)
@@ -45,8 +46,8 @@ def open_aggregator(state: Path, **settings) -> tuple[Aggregator, Layout]:
     return aggregator, layout
 
 
-def uploads(aggregator: Aggregator, layout: Layout, seed: int) -> list[Submission]:
-    """Each client's start moved by a seeded step, encoded and stored as an accepted upload."""
+def uploads(aggregator: Aggregator, layout: Layout, seed: int, number: int = 1) -> list[Submission]:
+    """Each client's start moved by a seeded step, encoded and stored as an accepted upload of round ``number``."""
     generator = torch.Generator().manual_seed(seed)
     submissions = []
     for client_id, rank, count in CLIENTS:
@@ -57,41 +58,44 @@ def uploads(aggregator: Aggregator, layout: Layout, seed: int) -> list[Submissio
             a = start.init.pairs[name].a if start.init is not None else torch.randn(rank, d_in, generator=generator) * 0.1
             b = start.init.pairs[name].b if start.init is not None else torch.zeros(d_out, rank)
             pairs[name] = LoraPair(a.contiguous(), b + torch.randn(d_out, rank, generator=generator) * 0.01)
-        meta = PayloadMeta("client_update", rank=rank, alpha=alpha, scaling_rule="standard", round=1)
+        meta = PayloadMeta("client_update", rank=rank, alpha=alpha, scaling_rule="standard", round=number)
         payload = encode_adapter(LoraAdapter(pairs, alpha / rank), meta, with_a=start.train_a)
         sha = hashlib.sha256(payload).hexdigest()
-        path = layout.update(1, client_id, sha)
+        path = layout.update(number, client_id, sha)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(payload)
-        submissions.append(Submission(1, client_id, sha, layout.relative(path), len(payload), rank, alpha, 1, count, 0,
+        submissions.append(Submission(number, client_id, sha, layout.relative(path), len(payload), rank, alpha, 1, count, 0,
                                       None, None, 2, 0.0, 0.0))
     return submissions
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["flora-warm", "ffa"])
+@pytest.mark.parametrize("method", ["flora-warm", "flexlora", "ffa"])
 def test_every_artifact_is_a_function_of_the_noisy_release_alone(tmp_path, monkeypatch, method):
-    # Two servers, two different sets of client updates (same ranks and claims). The second
-    # server's release is replaced by the first's recording: if anything written or served read a
-    # clear update other than through the release, the two servers' files would differ.
-    settings = {"method": method, "dp_noise_multiplier": 1.0, "dp_clip_norm": 0.05, "lora_rank": 4}
+    # Two servers, two different sets of client updates (same ranks and claims), two rounds (the
+    # second from warm starts). The second server's releases are replaced by the first's
+    # recordings: if anything written or served read a clear update other than through the
+    # release, the two servers' files would differ.
+    settings = {"method": method, "dp_noise_multiplier": 1.0, "dp_clip_norm": 0.05, "lora_rank": 4, "rounds": 2}
     recorded = []
     real_release = private.release
     monkeypatch.setattr(private, "release", lambda *args: recorded.append(real_release(*args)) or recorded[-1])
     first, first_layout = open_aggregator(tmp_path / "one" / "state", **settings)
-    output_1 = first.aggregate(1, uploads(first, first_layout, seed=1))
-    monkeypatch.setattr(private, "release", lambda *args: recorded[0])
+    outputs_1 = [first.aggregate(n, uploads(first, first_layout, seed=n, number=n)) for n in (1, 2)]
+    replay = iter(list(recorded))
+    monkeypatch.setattr(private, "release", lambda *args: next(replay))
     second, second_layout = open_aggregator(tmp_path / "two" / "state", **settings)
-    output_2 = second.aggregate(1, uploads(second, second_layout, seed=2))
+    outputs_2 = [second.aggregate(n, uploads(second, second_layout, seed=10 + n, number=n)) for n in (1, 2)]
 
-    assert output_1.artifacts and [a.sha256 for a in output_1.artifacts] == [a.sha256 for a in output_2.artifacts]
-    assert {a.kind for a in output_1.artifacts} >= {"global", "merged", "lora"}
-    assert output_1.validation_loss == output_2.validation_loss is not None
+    for output_1, output_2 in zip(outputs_1, outputs_2):
+        assert output_1.artifacts and [a.sha256 for a in output_1.artifacts] == [a.sha256 for a in output_2.artifacts]
+        assert {a.kind for a in output_1.artifacts} >= {"global", "merged", "lora"}  # round 2 starts warm from it
+        assert output_1.validation_loss == output_2.validation_loss is not None
+        assert math.isnan(output_1.aggregation_error)  # nothing measured against the clear updates
+        assert all(math.isnan(d.norm) and math.isnan(d.clip_factor) for d in output_1.decisions)
     for relative in ("adapter/adapter_model.safetensors", "model.safetensors"):
-        assert ((first_layout.root / output_1.checkpoint / relative).read_bytes()
-                == (second_layout.root / output_2.checkpoint / relative).read_bytes())
-    assert math.isnan(output_1.aggregation_error)  # nothing measured against the clear updates
-    assert all(math.isnan(d.norm) and math.isnan(d.clip_factor) for d in output_1.decisions)
+        assert ((first_layout.root / outputs_1[-1].checkpoint / relative).read_bytes()
+                == (second_layout.root / outputs_2[-1].checkpoint / relative).read_bytes())
 
 
 def test_without_dp_the_same_round_is_the_clear_merge(tmp_path):
