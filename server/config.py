@@ -177,7 +177,8 @@ class ServerSettings(BaseModel):
     max_update_norm: float | None = Field(
         None, gt=0.0,
         description="largest norm an upload's change from its start |s B A - init|_F (over all target modules) may have; "
-                    "unset = max_update_norm_ratio x the norm of the base model's target-module weights",
+                    "unset = max_update_norm_ratio x the norm of the base model's target-module weights; "
+                    "not enforced under DP (a larger change is clipped to dp_clip_norm)",
     )
     max_update_norm_ratio: float = Field(
         100.0, gt=0.0, le=1e12,
