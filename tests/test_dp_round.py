@@ -18,6 +18,7 @@ from flora.common.payload import PayloadMeta, encode_adapter, read_adapter, read
 from flora.common.update import module_delta
 from flora.common.weights import client_weights
 from flora.common.privacy import private_round as private
+from flora.common.robust import change_norm, update_norm
 from flora.server.aggregator import Aggregator
 from flora.server.config import ServerSettings
 from flora.server.layout import Layout
@@ -157,7 +158,7 @@ def joined(server) -> tuple[ScriptedClient, list[ScriptedClient]]:
 
 @pytest.mark.slow
 def test_a_private_run_serves_the_clear_aggregate_plus_noise_of_the_announced_scale(tmp_path):
-    sigma, clip = 0.5, 10.0  # the updates' norms are far below C: nothing is clipped
+    sigma, clip = 0.5, 20.0  # the updates' norms (6-13) are below C: nothing is clipped
     flags = ("--min-clients", "3", "--rounds", "1", "--long-poll-s", "0.5", "--weighting", "uniform",
              "--operator-token", OPERATOR_TOKEN,
              "--dp-noise-multiplier", str(sigma), "--dp-clip-norm", str(clip), "--dp-release", "dense")
@@ -166,6 +167,7 @@ def test_a_private_run_serves_the_clear_aggregate_plus_noise_of_the_announced_sc
         for client in clients:
             client.wait_for_train()
         adapters = [client.adapter(seed=k) for k, client in enumerate(clients)]
+        assert max(update_norm(a) for a in adapters) < clip
         for client, adapter in zip(clients, adapters):
             assert client.submit(make_update(adapter, client.alpha, 1), 1).accepted
         operator.wait_for_version(1)
@@ -205,7 +207,9 @@ def test_flexlora_runs_privately_over_grpc_and_updates_above_max_update_norm_are
             trained = []
             for k, client in enumerate(clients):
                 assert client.wait_for_train().round == number
-                trained.append(moved(method.start(kept, client.rank, 2.0).init, client.adapter(seed=10 * number + k)))
+                init = method.start(kept, client.rank, 2.0).init
+                trained.append(moved(init, client.adapter(seed=10 * number + k), 0.05))
+                assert spec.max_update_norm < change_norm(trained[-1], init) < clip / 2  # above the bound, not clipped
                 assert client.submit(make_update(trained[-1], client.alpha, number), number).accepted
             operator.wait_for_version(number)
             kept, _ = read_adapter(artifacts(clients[0].fetch(lora, number, number))[number], shapes)
@@ -223,8 +227,9 @@ def test_flexlora_runs_privately_over_grpc_and_updates_above_max_update_norm_are
     assert all(c["norm"] is None for h in history[-2:] for c in h["clients"])
 
 
-def moved(init: LoraAdapter | None, step: LoraAdapter) -> LoraAdapter:
-    """A client's trained LoRA: its start's factors plus ``step``'s (``step`` itself from a fresh start)."""
-    if init is None:
-        return step
-    return LoraAdapter({n: LoraPair(a + step.pairs[n].a, b + step.pairs[n].b) for n, (a, b) in init.pairs.items()}, step.scaling)
+def moved(init: LoraAdapter | None, step: LoraAdapter, size: float) -> LoraAdapter:
+    """A client's trained LoRA: its start's factors plus ``size`` times ``step``'s (from a fresh start, zero factors)."""
+    pairs = {n: LoraPair(size * a, size * b) for n, (a, b) in step.pairs.items()}
+    if init is not None:
+        pairs = {n: LoraPair(a + pairs[n].a, b + pairs[n].b) for n, (a, b) in init.pairs.items()}
+    return LoraAdapter(pairs, step.scaling)
