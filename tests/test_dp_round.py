@@ -192,7 +192,9 @@ def test_a_private_run_serves_the_clear_aggregate_plus_noise_of_the_announced_sc
 def test_flexlora_runs_privately_over_grpc_and_updates_above_max_update_norm_are_accepted(tmp_path):
     # Two rounds (the second from warm starts, as a client derives them from GLOBAL_LORA), every
     # update's change above max_update_norm and below C: accepted, nothing clipped, so each
-    # round's global LoRA is the clients' average product plus the announced noise.
+    # round's global LoRA is the clients' average product plus the announced noise: of the
+    # announced scale, and with no part along the average product or the public starts (which a
+    # release that lost or doubled the starts would leave, far beyond the noise's spread).
     sigma, clip = 0.5, 10.0
     flags = ("--method", "flexlora", "--min-clients", "3", "--rounds", "2", "--long-poll-s", "0.5",
              "--weighting", "uniform", "--operator-token", OPERATOR_TOKEN, "--max-update-norm", "0.001",
@@ -202,27 +204,34 @@ def test_flexlora_runs_privately_over_grpc_and_updates_above_max_update_norm_are
         operator, clients = joined(server)
         spec, shapes = clients[0].spec, target_shapes(clients[0].spec)
         assert (spec.dp_noise_multiplier, spec.dp_clip_norm, spec.max_update_norm) == (sigma, clip, 0.001)
-        kept, noise = None, []
+        kept, rounds = None, []
         for number in (1, 2):
-            trained = []
+            trained, starts = [], []
             for k, client in enumerate(clients):
                 assert client.wait_for_train().round == number
                 init = method.start(kept, client.rank, 2.0).init
+                starts += [] if init is None else [init]
                 trained.append(moved(init, client.adapter(seed=10 * number + k), 0.05))
                 assert spec.max_update_norm < change_norm(trained[-1], init) < clip / 2  # above the bound, not clipped
                 assert client.submit(make_update(trained[-1], client.alpha, number), number).accepted
             operator.wait_for_version(number)
             kept, _ = read_adapter(artifacts(clients[0].fetch(lora, number, number))[number], shapes)
-            noise += [kept.delta(n, torch.float64) - sum(u.delta(n, torch.float64) for u in trained) / 3 for n in shapes]
+            average = {n: sum(u.delta(n, torch.float64) for u in trained) / 3 for n in shapes}
+            public = {n: sum(u.delta(n, torch.float64) for u in starts) / 3 for n in shapes} if starts else None
+            rounds.append(({n: kept.delta(n, torch.float64) - average[n] for n in shapes}, average, public))
         history = [json.loads(line) for line in (tmp_path / "state" / "history.jsonl").read_text().splitlines()]
         output = server.output()
         operator.close()
     assert "aggregation error nan" not in output
     assert "round 2 committed: version 2, 3 clients" in output and "aggregation error n/a (private release)" in output
     std = sigma * clip / 3  # sigma C max_k p_k
-    for round_noise in (noise[:len(shapes)], noise[len(shapes):]):
-        measured = math.sqrt(sum(float(n.square().sum()) for n in round_noise) / sum(n.numel() for n in round_noise))
+    for noise, average, public in rounds:
+        measured = math.sqrt(sum(float(n.square().sum()) for n in noise.values()) / sum(n.numel() for n in noise.values()))
         assert 0.9 * std < measured < 1.1 * std
+        for direction in (average, public) if public is not None else (average,):
+            along = sum(float((noise[n] * direction[n]).sum()) for n in shapes) / math.sqrt(
+                sum(float(direction[n].square().sum()) for n in shapes))
+            assert abs(along) < 6 * std  # N(0, std^2) for noise alone
     assert [h["aggregation_error"] for h in history[-2:]] == [None, None]
     assert all(c["norm"] is None for h in history[-2:] for c in h["clients"])
 
