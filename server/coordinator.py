@@ -408,7 +408,7 @@ class Coordinator:
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                await validate_durably(tmp, header, self.shapes, self._limits, aggregator.max_update_norm, aggregator.method,
+                await validate_durably(tmp, header, self.shapes, self._limits, aggregator.upload_norm_limit, aggregator.method,
                                        await start)
                 await asyncio.to_thread(_publish_update, tmp, final)
             except BaseException:
