@@ -106,7 +106,7 @@ def _plan(session: SecureSession, announced: sa.SecurePlan) -> tuple[RoundPlan, 
     """The round's plan as every participant computes it from the announced public facts, and
     this client's place in it; refused when the announced scale differs from the computed one."""
     plan = plan_round(session.method, session.kept, session.shapes, list(announced.ranks), list(announced.scalings),
-                      list(announced.weights), announced.clip_norm, announced.sketch_seed,
+                      list(announced.weights), announced.clip_norm or None, announced.sketch_seed,
                       dp_clip_norm=session.dp_clip_norm, dense=session.dp_dense)
     if plan.bits != announced.fixed_point_bits:
         raise ValueError(f"secure_aggregation: the announced fixed-point scale 2^{announced.fixed_point_bits} is not "

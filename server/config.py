@@ -241,7 +241,7 @@ class ServerSettings(BaseModel):
     secure_aggregation: bool = Field(
         False,
         description="pairwise-masked uploads: the server learns only each round's sum (flora, flora-warm, flexlora, ffa); "
-                    "clients clip to clip_norm (else max_update_norm; under DP also dp_clip_norm) and weight before "
+                    "clients clip to clip_norm (else max_update_norm; under DP to dp_clip_norm and clip_norm) and weight before "
                     "masking, and under DP the server noises the unmasked sums",
     )
     secure_stage_deadline_s: float = Field(

@@ -117,8 +117,11 @@ class SecureRounds:
         self._attempt: _Attempt | None = None
 
     @property
-    def clip_norm(self) -> float:
-        """C: clip_norm when set, else the bound every plain upload is checked against."""
+    def clip_norm(self) -> float | None:
+        """C: clip_norm when set, else the bound every plain upload is checked against; under DP,
+        where no upload is refused by its norm, clip_norm alone (None: the DP clip bounds)."""
+        if self.settings.dp_enabled:
+            return self.settings.clip_norm
         return self.settings.clip_norm or self.aggregator.max_update_norm
 
     # --- round open: numbering and advertising --------------------------------------------------
@@ -352,7 +355,7 @@ class SecureRounds:
         version = request.round_id - 1 if plan.kept is not None else 0  # the kept LoRA the round started from
         step = sa.MaskStep(stage=stage, active=request.active, lengths=request.lengths, plan=sa.SecurePlan(
             clients=sorted(request.active), ranks=plan.ranks, scalings=plan.scalings, weights=plan.weights,
-            clip_norm=plan.clip_norm, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
+            clip_norm=plan.clip_norm or 0.0, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
         for name, kind in (("inbox", INBOX_KIND), ("sketch", SKETCH_KIND)):
             if (index, kind) in downloads:
                 getattr(step, name).CopyFrom(downloads[index, kind][1])

@@ -37,7 +37,7 @@ RANKS = [4, 2, 1, 1]
 CLAIMED = [40.0, 10.0, 20.0, 30.0]
 CAP = 0.35  # max_weight_share: the 40 is capped
 DP_CLIP, SIGMA, RUN_SEED, NUMBER = 0.5, 1.3, 11, 4
-METHODS = ("flora", "flora-warm", "ffa")
+METHODS = ("flora", "flora-warm", "flexlora", "ffa")
 
 
 def kept_for(method: str) -> LoraAdapter | None:
@@ -77,13 +77,13 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
 
 
-def plan_for(method_name: str, kept: LoraAdapter | None, kind: str = "sketch", secure_clip: float = 1e3):
+def plan_for(method_name: str, kept: LoraAdapter | None, kind: str = "sketch", secure_clip: float | None = None):
     return plan_round(get_method(method_name), kept, SHAPES, RANKS, [u.scaling for u in trained(method_name, kept, 0)],
                       round_weights(CLAIMED, CAP), secure_clip, round_seed(RUN_SEED, NUMBER), dp_clip_norm=DP_CLIP,
                       dense=kind == "dense")
 
 
-@pytest.mark.parametrize("secure_clip", [1e3, 0.3])
+@pytest.mark.parametrize("secure_clip", [None, 0.3])
 @pytest.mark.parametrize("kind", ["sketch", "dense"])
 @pytest.mark.parametrize("method_name", METHODS)
 def test_a_private_secure_round_is_the_plain_private_release_of_the_same_updates_and_noise(method_name, kind, secure_clip):
@@ -210,6 +210,21 @@ def test_a_client_recovered_after_sharing_leaves_the_plain_release_over_the_surv
     assert released.std == pytest.approx(SIGMA * DP_CLIP * 0.5)
     for name in updates[0].pairs:
         assert relative(result.delta.delta(name, torch.float64), plain.delta.delta(name, torch.float64)) <= 1e-9, name
+
+
+def test_under_dp_the_secure_clip_bound_is_clip_norm_alone_never_max_update_norm():
+    # A plain private round clips no upload to max_update_norm (it accepts every one and clips
+    # it to dp_clip_norm), so neither may a private secure round's clients.
+    from test_secure_wire import setup
+
+    private, aggregator, _, _ = setup("flora", None, 5.0, dp_noise_multiplier=SIGMA, dp_clip_norm=DP_CLIP)
+    plain, plain_aggregator, _, _ = setup("flora")
+    aggregator.max_update_norm = plain_aggregator.max_update_norm = 0.01
+    assert private.clip_norm is None and plain.clip_norm == 0.01
+    fixed, _, _, _ = setup("flora", None, 5.0, dp_noise_multiplier=SIGMA, dp_clip_norm=DP_CLIP, clip_norm=0.2)
+    assert fixed.clip_norm == 0.2
+    with pytest.raises(ValueError, match="needs a clip bound"):
+        plan_round(get_method("flora"), None, SHAPES, RANKS, [1.0] * 4, [0.25] * 4, None, 5)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -57,7 +57,7 @@ def client_change(plan: RoundPlan, index: int, update: LoraAdapter) -> ClientCha
     if init is not None:
         init = LoraAdapter({n: init.pairs[n] for n in update.pairs}, init.scaling)
     norm = change_norm(update, init)
-    clip = clip_factor(norm, plan.clip_norm)
+    clip = 1.0 if plan.clip_norm is None else clip_factor(norm, plan.clip_norm)
     if plan.dp_clip_norm is not None:  # DP: also within its clip norm, in the norm of what is released
         released = norm if plan.kind == SKETCH else b_change_norm(update, init)
         clip = min(clip, clip_factor(released, plan.dp_clip_norm))

@@ -88,7 +88,7 @@ class RoundPlan:
     ranks: tuple[int, ...]  # client k's rank and scaling, as announced at round open
     scalings: tuple[float, ...]
     weights: tuple[float, ...]  # p_k, fixed at round open
-    clip_norm: float  # C: each client clips its change |s B A - init|_F to at most this
+    clip_norm: float | None  # C: each client clips its change |s B A - init|_F to at most this (None: DP's clip alone)
     vector_bound: float  # any client's vector in any pass has norm <= p_k times this
     bits: int  # the fixed-point scale 2^bits (``choose_scale``)
     seed: int  # Omega's seed for this round
@@ -114,16 +114,19 @@ def round_weights(claimed: Sequence[float], max_weight_share: float | None) -> l
 
 def plan_round(
     method: AggregationMethod, kept: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]], ranks: Sequence[int],
-    scalings: Sequence[float], weights: Sequence[float], clip_norm: float, seed: int, clients: int | None = None,
+    scalings: Sequence[float], weights: Sequence[float], clip_norm: float | None, seed: int, clients: int | None = None,
     dp_clip_norm: float | None = None, dense: bool = False,
 ) -> RoundPlan:
     """The round's plan from public facts; ``clients`` (default: this round's) sizes the fixed point.
 
     Under differential privacy (``dp_clip_norm`` set) each client also clips, in the norm of what
     the release noises (its whole change; ffa: its B change), to ``dp_clip_norm``, so every
-    vector is bounded by it; ``dense`` (the DP dense release) sends every module dense in one pass.
+    vector is bounded by it, and ``clip_norm`` may be None (the plain private round's clip alone);
+    ``dense`` (the DP dense release) sends every module dense in one pass.
     """
     check_secure(method)
+    if clip_norm is None and dp_clip_norm is None:
+        raise ValueError("secure_aggregation: a round needs a clip bound (clip_norm, or dp_clip_norm under DP)")
     for name, value in (("clip_norm", clip_norm), ("dp_clip_norm", dp_clip_norm)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"secure_aggregation: {name} must be a positive finite number, got {value}")
@@ -138,7 +141,7 @@ def plan_round(
     kind = KINDS[method.name]
     if kind == SKETCH:
         modules = _sketch_modules(method, kept, shapes, ranks, scalings, dense)
-        bound = min(clip_norm, dp_clip_norm or math.inf) * (1 + BOUND_SLACK)
+        bound = min(clip_norm or math.inf, dp_clip_norm or math.inf) * (1 + BOUND_SLACK)
     elif dp_clip_norm is not None:  # ffa under DP: each client clips |dB|_F itself, the released quantity
         modules, bound = _factor_modules(kept, shapes), dp_clip_norm * (1 + BOUND_SLACK)
     else:
