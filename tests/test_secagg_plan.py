@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from flora.common.downlink import plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import RoundResult, get_method
 from flora.common.secagg.contribution import ClientChange, client_change, client_contribution
@@ -81,6 +82,31 @@ def test_three_secure_rounds_merge_what_plain_stacking_merges(name, clip):
             kept, expected_kept = secure_kept.delta(name, torch.float64), plain_kept.delta(name, torch.float64)
             assert torch.linalg.norm(kept - expected_kept) <= 1e-6 * torch.linalg.norm(expected_kept)
 
+
+
+@pytest.mark.parametrize("name", ["flora", "flora-warm"])
+def test_a_dense_passed_module_reaches_the_downlink_in_the_form_and_rank_of_the_plain_stack(name):
+    """A module sent dense (64 x 64 at a rank bound of 30) is handed to the downlink as factors of
+    rank <= the bound, so it travels as the plain round's does (rank-30 factors, not the dense
+    matrix) and the small v module stays dense in both; the change equals plain's to 1e-6."""
+    shapes = {"layers.0.q_proj": (64, 64), "layers.0.v_proj": (32, 64)}
+    method, scalings = get_method(name), [16.0 / r for r in RANKS]
+    kept = method.initial(shapes, max(RANKS), scalings[0], seed=3)
+    generator = torch.Generator().manual_seed(4)
+    updates = [LoraAdapter({n: LoraPair(torch.randn(r, d_in, generator=generator) / 8,
+                                        torch.randn(d_out, r, generator=generator) / 8)
+                            for n, (d_out, d_in) in shapes.items()}, s) for r, s in zip(RANKS, scalings)]
+    weights = round_weights(CLAIMS, None)
+    result, clips = secure_round(method, kept, updates, weights, 1e3, wrapping_sum, seed=1)
+    assert all(m.dense for m in plan_round(method, kept, shapes, RANKS, scalings, weights, 1e3, 1).modules)
+    reference = method.merge(kept, updates, weights, torch.float32, clips)
+    plain, secure = plan_downlink(reference.delta.pairs), plan_downlink(result.delta.pairs)
+    assert {n: (m.form, m.rank) for n, m in secure.modules.items()} == {
+        n: (m.form, m.rank) for n, m in plain.modules.items()} == {"layers.0.q_proj": ("factors", 30),
+                                                                   "layers.0.v_proj": ("dense", None)}
+    for n in shapes:
+        expected = reference.delta.delta(n, torch.float64)
+        assert torch.linalg.norm(result.delta.delta(n, torch.float64) - expected) <= 1e-6 * torch.linalg.norm(expected)
 
 def test_a_small_module_travels_dense_in_one_pass_and_a_large_one_in_two_sketched_passes():
     method = get_method("flora")

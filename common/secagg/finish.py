@@ -32,8 +32,8 @@ from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 from flora.common.methods import RoundResult
 from flora.common.methods.base import canonical_adapter, difference
 from flora.common.secagg.fixedpoint import check_sum, decode
-from flora.common.secagg.plan import FACTORS, RoundPlan, split
-from flora.common.sketch import assemble, range_basis
+from flora.common.secagg.plan import FACTORS, RoundPlan, rank_bound, split
+from flora.common.sketch import assemble, range_basis, sketch_basis
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,25 @@ def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, 
     """Delta as one adapter, then the method's result. Like the plain stack, Delta's factors are
     left for the downlink to factorize (or send dense): Q and P^T per sketched module, a dense
     sum as itself beside an identity, all zero-padded to one rank."""
-    pairs = pairs | {n: _dense_pair(d) for n, d in sketch.dense.items()}
+    bound = rank_bound(plan.method, plan.kept, plan.ranks, plan.scalings)
+    pairs = pairs | {n: _dense_pair(d, bound, plan.seed) for n, d in sketch.dense.items()}
     width = max(p.a.shape[0] for p in pairs.values())
     change = LoraAdapter({n: pad_pair(LoraPair(p.a.to(dtype), p.b.to(dtype)), width) for n, p in sorted(pairs.items())}, 1.0)
     return FINISH[plan.method.name](plan, change, dtype)
 
 
-def _dense_pair(dense: Tensor) -> LoraPair:
-    """A dense d_out x d_in matrix as factors of rank min(d_out, d_in) (one of them the identity)."""
+def _dense_pair(dense: Tensor, bound: int, seed: int) -> LoraPair:
+    """A dense sum as factors of rank at most ``bound``, the public bound on its rank
+    (``rank_bound``), so that the downlink meets it as it meets the plain stack of rank >= bound
+    (factors where they are the smaller form, dense where not) and no module widens the others'
+    padding beyond it. The factors come from one range-finder step on the sum the server holds,
+    Q = orth(D Omega) and D = Q (Q^T D), exact because D has no more than ``bound`` independent
+    columns. Where ``bound`` is no less than min(d_out, d_in): the sum beside an identity."""
     d_out, d_in = dense.shape
+    columns = min(bound, d_out, d_in)
+    if columns < min(d_out, d_in):
+        q = range_basis(dense @ sketch_basis(d_in, columns, seed, dense.dtype))  # (d_out, columns)
+        return LoraPair(a=q.T @ dense, b=q)
     if d_out <= d_in:
         return LoraPair(a=dense, b=torch.eye(d_out, dtype=dense.dtype))
     return LoraPair(a=torch.eye(d_in, dtype=dense.dtype), b=dense)
