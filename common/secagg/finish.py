@@ -67,13 +67,26 @@ def server_step(
 
 def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, dtype: torch.dtype) -> RoundResult:
     """Delta as one adapter, then the method's result. Like the plain stack, Delta's factors are
-    left for the downlink to factorize (or send dense): Q and P^T per sketched module, a dense
-    sum as itself beside an identity, all zero-padded to one rank."""
+    left for the downlink to factorize (or send dense): Q and P^T per sketched module cut to the
+    rank bound, a dense sum as factors of at most that rank, all zero-padded to one rank."""
     bound = rank_bound(plan.method, plan.kept, plan.ranks, plan.scalings)
-    pairs = pairs | {n: _dense_pair(d, bound, plan.seed) for n, d in sketch.dense.items()}
+    pairs = {n: _cut(p, bound) for n, p in pairs.items()}
+    pairs |= {n: _dense_pair(d, bound, plan.seed) for n, d in sketch.dense.items()}
     width = max(p.a.shape[0] for p in pairs.values())
     change = LoraAdapter({n: pad_pair(LoraPair(p.a.to(dtype), p.b.to(dtype)), width) for n, p in sorted(pairs.items())}, 1.0)
     return FINISH[plan.method.name](plan, change, dtype)
+
+
+def _cut(pair: LoraPair, bound: int) -> LoraPair:
+    """Q P^T (b = Q orthonormal, m columns) as its best approximation of rank ``bound``, the
+    public bound on the sum's rank: the m - bound smallest directions are the sketch's
+    oversampling, which holds only the fixed point's and float round-off. Left in, they can stand
+    above the downlink's float64 rank cut (a clip bound far above the changes' norms makes the
+    round-off relatively large), so the downlink sent rank m where plain's stack gives <= bound."""
+    if pair.a.shape[0] <= bound:
+        return pair
+    u, s, vh = torch.linalg.svd(pair.a, full_matrices=False)  # P^T = U S V^T: (m, m), (m,), (m, d_in)
+    return LoraPair(a=s[:bound, None] * vh[:bound], b=pair.b @ u[:, :bound])
 
 
 def _dense_pair(dense: Tensor, bound: int, seed: int) -> LoraPair:
