@@ -141,13 +141,13 @@ def secure_side(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
     client_s = [timed(lambda k=k: _contribution(plan, 1, client_change(plan, k, trained(shapes, plan.ranks[k], k)),
                                                 bases))[1] + omega_s for k in sampled]
     step, server_s = timed(lambda: server_step(plan, 1, _contribution(whole, 1, total, bases)))
-    first = None
+    first, last_s = None, server_s
     if isinstance(step, Sketch):
         for k in sampled:
             client_s[k] += timed(lambda k=k: _contribution(plan, 2, changes[k], step.q))[1]
         first = step
-        step, seconds = timed(lambda: server_step(plan, 2, _contribution(whole, 2, total, first.q), first))
-        server_s += seconds
+        step, last_s = timed(lambda: server_step(plan, 2, _contribution(whole, 2, total, first.q), first))
+        server_s += last_s
     downlink, downlink_s = timed(lambda: plan_downlink(step.delta.pairs))
     row = {"client_maths_s": statistics.median(client_s), "server_maths_s": server_s, "secure_downlink_s": downlink_s,
            "down_update_B": downlink_bytes(downlink)}
@@ -156,8 +156,10 @@ def secure_side(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
     row["server_unmask_s"] = sum(unmasking_seconds(n, plan.clients) for n in lengths)
     last = _contribution(whole, plan.passes, total, bases if first is None else first.q)
     with mock.patch.object(finish, "_dense_pair", _former_dense_pair), mock.patch.object(finish, "_cut", _former_cut):
-        former = server_step(plan, plan.passes, last, first)  # the same sum as the former finish read it
-    row["down_update_before_B"] = downlink_bytes(plan_downlink(former.delta.pairs))
+        former, former_s = timed(lambda: server_step(plan, plan.passes, last, first))  # the same sum, read as before
+    former_downlink, former_downlink_s = timed(lambda: plan_downlink(former.delta.pairs))
+    row["down_update_before_B"] = downlink_bytes(former_downlink)
+    row["server_maths_before_s"] = server_s - last_s + former_s + former_downlink_s
     return row
 
 
@@ -204,7 +206,8 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
             "plain_server_s": plain["plain_server_s"], "wall_s": secure_wall, "plain_wall_s": plain_wall,
             "wall_ratio": secure_wall / plain_wall,
             "update_down_MB": secure["down_update_B"] / MB,
-            "update_down_before_MB": secure["down_update_before_B"] / MB}
+            "update_down_before_MB": secure["down_update_before_B"] / MB,
+            "server_maths_before_s": secure["server_maths_before_s"]}
 
 
 COLUMNS = {
@@ -213,8 +216,9 @@ COLUMNS = {
     "seconds": ["shape", "K", "client_keys_s", "client_maths_s", "client_mask_s", "client_s", "server_keys_s",
                 "server_unmask_s", "server_maths_s", "server_s", "plain_server_s"],
     "wall, excluding training": ["shape", "K", "wall_s", "plain_wall_s", "wall_ratio"],
-    "the round's update down, before / after the cut to the rank bound": ["shape", "K", "dense", "update_down_before_MB",
-                                                                     "update_down_MB", "plain_down_MB"],
+    "the round's update down, before / after the cut to the rank bound": [
+        "shape", "K", "dense", "update_down_before_MB", "update_down_MB", "plain_down_MB", "server_maths_before_s",
+        "server_maths_s"],
 }
 
 
