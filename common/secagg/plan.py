@@ -39,7 +39,7 @@ from flora.common.methods import AggregationMethod
 from flora.common.omega import sketch_basis
 from flora.common.robust import RobustPolicy, decide
 from flora.common.secagg.fixedpoint import choose_scale
-from flora.common.sketch import rank_bound, sketch_width
+from flora.common.sketch import rank_bound as change_rank_bound, sketch_width
 
 SKETCH, FACTORS = "sketch", "factors"
 KINDS: dict[str, str] = {"flora": SKETCH, "flora-warm": SKETCH, "flexlora": SKETCH, "ffa": FACTORS}
@@ -156,14 +156,20 @@ def _sketch_modules(
 ) -> tuple[ModulePlan, ...]:
     """Per module the sketch's m from the rank bound, or dense where that moves fewer numbers
     (``sketch_width``, the private release's rule too) or where ``dense`` asks for it."""
-    starts = [method.cached_start(kept, r, s).init for r, s in zip(ranks, scalings)]
-    bound = rank_bound(ranks, [init.rank for init in starts if init is not None])
+    bound = rank_bound(method, kept, ranks, scalings)
     modules = []
     for name in sorted(shapes):
         d_out, d_in = shapes[name]
         columns = 0 if dense else sketch_width(bound, d_out, d_in)
         modules.append(ModulePlan(name, d_out, d_in, columns, columns == 0))
     return tuple(modules)
+
+
+def rank_bound(method: AggregationMethod, kept: LoraAdapter | None, ranks: Sequence[int], scalings: Sequence[float]) -> int:
+    """The most the rank of any module's summed change can be, from public facts: the sum of the
+    clients' ranks, plus the largest start's rank when starts are warm (they nest in the kept LoRA)."""
+    starts = [method.cached_start(kept, r, s).init for r, s in zip(ranks, scalings)]
+    return change_rank_bound(ranks, [init.rank for init in starts if init is not None])
 
 
 def _factor_modules(kept: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]]) -> tuple[ModulePlan, ...]:
