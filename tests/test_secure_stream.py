@@ -490,7 +490,7 @@ def test_a_stream_stalled_past_its_steps_deadline_is_ended_there_and_holds_nothi
             stalled(), metadata=(("authorization", "Bearer c-a"),), timeout=60)))
 
     async def main():
-        async with wire(tmp_path, "flora", None, updates, SHAPES, chunk=256, deadline=4.0) as state:
+        async with wire(tmp_path, "flora", None, updates, SHAPES, chunk=256, deadline=6.0) as state:
             output = await run_round(state, updates, stalling)
             (channel, future), = held
             # The step closed before the round went on, so must the stream have; the server still runs.
