@@ -506,3 +506,15 @@ def test_a_stream_stalled_past_its_steps_deadline_is_ended_there_and_holds_nothi
     assert "closed at its deadline during the upload" in error.details()
     assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1)
     assert_merges_the_plain_method(state, "flora", None, updates, clients=IDS[1:])
+
+
+def test_a_secure_task_with_no_step_this_client_knows_is_a_failed_step_not_a_crash(monkeypatch):
+    """A SecureTask whose step is unset (a step kind of a newer server) counts as a failed try of
+    the step, so that the cap gives the round up, instead of ending the client with a TypeError."""
+    monkeypatch.setattr(client_daemon, "SIT_OUT_MIN_S", 0.01)
+    daemon = client_daemon.Daemon.__new__(client_daemon.Daemon)
+    daemon.stop, daemon.step_tries, daemon.conn = threading.Event(), StepTries(), None
+    daemon.secure = SimpleNamespace(round=1)
+    for _ in range(STEP_TRIES):
+        daemon._secure_step(sa.SecureTask(round=1))
+    assert daemon.step_tries.gave_up(1) and daemon.secure is None
