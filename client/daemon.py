@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
@@ -375,12 +376,19 @@ class Daemon:
             log.warning("event=update_dropped round=%d code=%s detail=%r", task.round, code and code.name, rpc_details(exc))
 
     def _secure_step(self, task: secagg_pb2.SecureTask) -> None:
-        """One step of a secure round; a refused or failed step leaves this client dropped from it."""
+        """One step of a secure round; a refused or failed step leaves this client dropped from it.
+
+        The server hands the same step out until it is answered or its deadline passes, so a step
+        this client cannot answer (no session after a restart, a refusal) is sat out until then
+        (a long-poll at most, whatever the clocks say) rather than asked for again at once, in a loop."""
         try:
-            secure_stages.handle(self.conn, self.secure, task)
+            if secure_stages.handle(self.conn, self.secure, task):
+                return
         except (grpc.RpcError, ValueError) as exc:  # SecAggError is a ValueError: a request the protocol refuses
             log.warning("event=secure_step_failed round=%d step=%s detail=%r", task.round, task.WhichOneof("step"),
                         rpc_details(exc) if isinstance(exc, grpc.RpcError) else str(exc))
+        if self.stop.wait(min(max(0.0, task.deadline_unix_ms / 1000 - time.time()), self.settings.long_poll)):
+            raise Stopped()
 
     def _messages(self, header: transfer_pb2.UpdateHeader, payload: Path) -> Iterator[bytes]:
         """The upload stream, advancing the upload's progress bar as gRPC consumes it."""

@@ -63,12 +63,12 @@ def advertise(conn: Connection, spec: run_pb2.RunSpec, info: sa.SecureRound, hea
     return SecureSession(header.round, protocol, update, kept, method, shapes)
 
 
-def handle(conn: Connection, session: SecureSession | None, task: sa.SecureTask) -> None:
-    """Do the step ``task`` asks for, if this client holds the round's session."""
+def handle(conn: Connection, session: SecureSession | None, task: sa.SecureTask) -> bool:
+    """Do the step ``task`` asks for, if this client holds the round's session; False when it cannot."""
     kind = task.WhichOneof("step")
     if session is None or session.round != task.round:
         log.warning("event=secure_step_skipped round=%d step=%s reason=no_session", task.round, kind)
-        return
+        return False
     if kind == "share":
         _share(conn, session, task.share)
     elif kind == "mask":
@@ -76,6 +76,7 @@ def handle(conn: Connection, session: SecureSession | None, task: sa.SecureTask)
     else:
         _unmask(conn, session, task.unmask)
     log.info("event=secure_step round=%d step=%s", task.round, kind)
+    return True
 
 
 def _share(conn: Connection, session: SecureSession, step: sa.ShareStep) -> None:
