@@ -21,7 +21,7 @@ def test_a_restarted_client_sits_out_a_secure_step_it_has_no_secrets_for(tmp_pat
                                  mask=secagg_pb2.MaskStep(stage=1))
     fake = FakeCoordinator(spec, tasks=[coordinator_pb2.Task(secure=step)] * 50)
     stop = threading.Event()
-    threading.Timer(3.0, stop.set).start()
+    threading.Timer(2.0, stop.set).start()
     status, _ = run_daemon(tmp_path, fake, data_files, stop=stop, long_poll=10)
     assert status == 0
     assert len(fake.requests["NextTask"]) == 1, "the step was asked for again before its deadline or a long-poll"
