@@ -16,7 +16,7 @@ The whole matrix runs in one process over the wire messages (tests/test_secure_w
 loopback). Then one run with a real server and five real client processes, faults in each round
 (tests/secfaults/sitecustomize.py makes a client SIGKILL itself, or answer late, when the server
 asks it for a given step of a given round); a killed client is restarted at once with none of
-the round's secrets, as a supervisor would restart it: each outcome once, with two clients lost.
+the round's secrets, as a supervisor would restart it: both recoveries, with two clients lost.
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ def test_clients_lost_at_each_step_are_recovered_exactly_or_the_attempt_fails(st
 CLIENTS = {"a": 4, "b": 4, "c": 2, "d": 2, "e": 1}
 STAGE_DEADLINE_S = 4.0
 LATE_S = STAGE_DEADLINE_S + 3.0
-# round -> faults (step, action, victims). Each outcome once, with two clients lost (t = 3
-# survivors exactly: the tightest recovery); the in-process matrix above has every step.
+# round -> faults (step, action, victims), two clients lost in each (t = 3 survivors exactly: the
+# tightest recovery). The real run covers both recoveries: a dropped client's pairwise masks
+# (round 1) and dead survivors' self masks (round 2); the in-process matrix above has every step,
+# and a retried attempt's restart in real processes is tests/test_secure_server_kills.py's.
 SCHEDULE = {
     1: (("share", "kill", ("e",)), ("mask1", "late", ("d",))),  # recovered over a, b, c
-    2: (("unmask1", "kill", ("d", "e")),),  # retried
-    3: (("unmask2", "kill", ("d", "e")),),  # counted: their inputs arrived, their self masks are recovered
+    2: (("unmask2", "kill", ("d", "e")),),  # counted: their inputs arrived, their self masks are recovered
 }
 FLAGS = ("--long-poll-s", "1", "--client-timeout-s", "20", "--round-deadline-s", "120", "--checkpoint-every", "0",
          "--rounds", str(len(SCHEDULE)), "--min-clients", str(len(CLIENTS)), "--secure-aggregation",
@@ -77,7 +78,7 @@ FLAGS = ("--long-poll-s", "1", "--client-timeout-s", "20", "--round-deadline-s",
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # three rounds of five client processes, four restarts: minutes under load
+@pytest.mark.timeout(900)  # two rounds of five client processes, three restarts: minutes under load
 def test_clients_killed_at_each_secure_step_are_recovered_or_the_round_retried(tmp_path, server_factory):  # noqa: F811
     dump, flags = tmp_path / "dump", tmp_path / "flags"
     dump.mkdir()
@@ -126,7 +127,7 @@ def test_clients_killed_at_each_secure_step_are_recovered_or_the_round_retried(t
         if survivors != set(CLIENTS):  # the check can fail: with the lost clients the change differs
             assert relative_error(got, stacked([trained(dump, name, key) for name in CLIENTS], clip)) > 1e-3, number
     late = clients["d"].log()  # its masked input came after the deadline: refused, whatever the server does next
-    assert re.search(r"event=secure_step_failed round=1 step=mask detail='secure aggregation: [^']*no mask step", late)
+    assert re.search(r"event=secure_step_failed round=1 step=mask1? detail='secure aggregation: [^']*no mask step", late)
 
 
 def _missed(output: str, names: dict[str, str]) -> dict[int, set[str]]:

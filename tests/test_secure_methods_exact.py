@@ -88,6 +88,7 @@ def _replay(tmp_path: Path, server_factory, method: str, updates: dict[int, dict
         view.close()
 
 
+@pytest.mark.timeout(900)  # nine client process rounds and two servers: minutes on a loaded machine
 @pytest.mark.parametrize("method", ["flora-warm", "ffa"])
 def test_secure_rounds_merge_the_plain_methods_model_round_by_round(tmp_path, server_factory, method):  # noqa: F811
     secure, status, merged, history = _secure_run(tmp_path, server_factory, method)

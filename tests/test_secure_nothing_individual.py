@@ -54,6 +54,7 @@ def _clear(dump, key: str) -> tuple[dict[str, np.ndarray], list[np.ndarray], int
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three client processes and heap dumps: minutes on a loaded machine
 def test_the_server_keeps_only_masked_values_and_sums(tmp_path, server_factory):  # noqa: F811
     dump, held_dump = tmp_path / "dump", tmp_path / "held"
     dump.mkdir()
