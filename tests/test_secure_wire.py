@@ -105,11 +105,11 @@ def spec(settings: ServerSettings | None = None) -> run_pb2.RunSpec:
 
 
 def setup(method: str = "flora", kept: LoraAdapter | None = None,
-          deadline: float = 5.0, **extra) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
+          deadline: float = 5.0, clients: int = 3, **extra) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
     settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=deadline, max_weight_share=1.0,
                               lora_rank=max(RANKS), lora_alpha=SCALING * max(RANKS), **extra)
     aggregator = FakeAggregator(kept=kept)
-    ids = ["c-a", "c-b", "c-c"]
+    ids = [f"c-{chr(ord('a') + k)}" for k in range(clients)]
     current = Round(number=1, attempt=1, state=RoundState.OPEN, selected=frozenset(ids))
     return SecureRounds(settings, aggregator, "run-1", lambda: None), aggregator, current, ids
 
@@ -125,7 +125,7 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
     output. ``silent`` {client k: step label}: that client answers nothing from that step on;
     ``extra``: more server settings."""
     silent = silent or {}
-    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0, **extra)
+    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0, len(updates), **extra)
     dropped: set[str] = set()
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
