@@ -21,8 +21,18 @@ def test_a_restarted_client_sits_out_a_secure_step_it_has_no_secrets_for(tmp_pat
                                  mask=secagg_pb2.MaskStep(stage=1))
     fake = FakeCoordinator(spec, tasks=[coordinator_pb2.Task(secure=step)] * 50)
     stop = threading.Event()
-    threading.Timer(2.0, stop.set).start()
+    threading.Thread(target=_stop_after_first_ask, args=(fake, stop), daemon=True).start()
     status, _ = run_daemon(tmp_path, fake, data_files, stop=stop, long_poll=10)
     assert status == 0
     assert len(fake.requests["NextTask"]) == 1, "the step was asked for again before its deadline or a long-poll"
     assert not fake.requests["SubmitMasked"]
+
+
+def _stop_after_first_ask(fake: FakeCoordinator, stop: threading.Event, watch_s: float = 2.0) -> None:
+    """Stop the daemon ``watch_s`` after its first NextTask, not after its start: a loaded machine
+    may take longer than that to load the model and join (then no step was asked for at all)."""
+    until = time.monotonic() + 300.0  # generous: the assertion then names what is missing
+    while not fake.requests["NextTask"] and time.monotonic() < until and not stop.is_set():
+        time.sleep(0.01)
+    stop.wait(watch_s)
+    stop.set()
