@@ -17,7 +17,7 @@ from test_client_daemon import data_files, run_daemon, spec  # noqa: F401 - pyte
 
 
 def test_a_restarted_client_sits_out_a_secure_step_it_has_no_secrets_for(tmp_path, spec, data_files):  # noqa: F811
-    step = secagg_pb2.SecureTask(round=1, deadline_unix_ms=int((time.time() + 60) * 1000),
+    step = secagg_pb2.SecureTask(round=1, deadline_unix_ms=int((time.time() + 600) * 1000),
                                  mask=secagg_pb2.MaskStep(stage=1))
     fake = FakeCoordinator(spec, tasks=[coordinator_pb2.Task(secure=step)] * 50)
     stop = threading.Event()
