@@ -92,7 +92,9 @@ def _replay(tmp_path: Path, server_factory, method: str, updates: dict[int, dict
 @pytest.mark.parametrize("method", ["flora-warm", "ffa"])
 def test_secure_rounds_merge_the_plain_methods_model_round_by_round(tmp_path, server_factory, method):  # noqa: F811
     secure, status, merged, history = _secure_run(tmp_path, server_factory, method)
-    assert [(r["secure_aggregation"], r["secure"]["survivors"], r["attempts"]) for r in history] == [(True, 4, 1)] * ROUNDS
+    # Every client in every round (a retried attempt is fine: the replay takes the committed attempt's
+    # updates; how many attempts a loaded machine needs is not what this test is about).
+    assert [(r["secure_aggregation"], r["secure"]["survivors"]) for r in history] == [(True, 4)] * ROUNDS
     run_id, dump = status.run.run_id, tmp_path / "dump"
     updates = {r["round"]: {name: dump / f"{name}-{attempt_key(run_id, r['round'], r['attempts'])}.safetensors"
                             for name in RANKS} for r in history}
