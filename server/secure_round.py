@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -47,15 +47,19 @@ from flora.common.secagg.messages import (
 )
 from flora.common.secagg.plan import KINDS, SKETCH, RoundPlan, plan_round, vector_length
 from flora.common.secagg.server import ServerRound
-from flora.common.secagg.wire import keys_digest, read_vector, sketch_bytes
+from flora.common.secagg.wire import keys_digest, sketch_bytes
+from flora.common.wire import Piece
 from flora.common.weights import client_weights
 from flora.server.aggregator import Aggregator, RoundOutput
 from flora.server.config import ServerSettings
-from flora.server.errors import FailedPrecondition, InvalidArgument
+from flora.server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from flora.server.rounds import Round
+from flora.server.secure_transfer import (
+    INBOX_KIND, SKETCH_KIND, Payload, inbox_payloads, masked_header, masked_vectors, payload_chunks, step_payloads,
+)
 from flora.server.store import Submission
 from flora.server.uploads import is_rslora
-from flora.v1 import secagg_pb2 as sa
+from flora.v1 import secagg_pb2 as sa, transfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,8 @@ class _Attempt:
     bytes_up: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes_down: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    downloads: dict[tuple[int, int], Payload] = field(default_factory=dict)  # the open MASK step's, by (index, kind)
+    streams: set[int] = field(default_factory=set)  # clients with a SubmitMasked stream in progress
 
     def index(self, client_id: str) -> int:
         if client_id not in self.ids:
@@ -190,20 +196,32 @@ class SecureRounds:
             raise refusal(error) from None
         return self._answered(att, index, "share", request.ByteSize())
 
-    def masked(self, client_id: str, request: sa.SubmitMaskedRequest) -> sa.SecureReply:
-        att, index = self._answer(client_id, "mask", request.round, request.stage)
-        lengths = att.server.lengths
-        if len(request.vectors) != len(lengths):
-            raise InvalidArgument(f"vectors: stage {request.stage} takes {len(lengths)}, got {len(request.vectors)}")
+    async def masked(self, client_id: str, messages: AsyncIterator[sa.MaskedChunk | Piece]) -> sa.SecureReply:
+        """A SubmitMasked stream: the header checked against the open step, the bytes received and
+        verified (one stream per client at a time), then the vectors added to the stage's sum."""
+        header = await masked_header(messages)
+        att, index = self._answer(client_id, "mask", header.round, header.stage)
+        if index in att.streams:
+            raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
+        att.streams.add(index)
         try:
-            vectors = tuple(read_vector(v, n) for v, n in zip(request.vectors, lengths))
-        except ValueError as error:
-            raise InvalidArgument(f"vectors: {error}") from None
+            vectors = await masked_vectors(header, messages, att.server.lengths)
+        finally:
+            att.streams.discard(index)
+        if self._answer(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
+            raise FailedPrecondition(f"secure aggregation: round {header.round}'s attempt changed during the upload")
         try:
-            att.server.receive_masked(MaskedInput(index, att.number, request.stage, vectors))
+            att.server.receive_masked(MaskedInput(index, att.number, header.stage, vectors))
         except SecAggError as error:
             raise refusal(error) from None
-        return self._answered(att, index, "mask", request.ByteSize())
+        return self._answered(att, index, "mask", header.ByteSize() + header.total_bytes)
+
+    def fetch(self, client_id: str, request: sa.FetchSecureRequest) -> Iterator[transfer_pb2.Chunk]:
+        """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset."""
+        att, index = self._answer(client_id, "mask", request.round, request.stage)
+        for chunk in payload_chunks(att.downloads.get((index, request.kind)), request, self.settings.chunk_size):
+            att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
+            yield chunk
 
     def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
         att, index = self._answer(client_id, "unmask", request.round, request.stage)
@@ -279,13 +297,16 @@ class SecureRounds:
         planned = tuple(sorted(att.server.active))
         result, sketch, survivors = None, None, frozenset(planned)
         for stage in range(1, plan.passes + 1):
-            self._check_fits(plan, stage)
             request = att.server.open_stage(stage, (vector_length(plan, stage),))
             if set(request.active) != survivors:
                 raise SecAggError("survivors", f"a client of stage {stage - 1}'s sum left before stage {stage}; "
                                                "the attempt starts over")
-            await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, inboxes.get(i, ()), sketch))
+            att.downloads = await asyncio.to_thread(lambda: step_payloads(  # Q: up to GBs, serialised once
+                request.active, inbox_payloads(inboxes) if stage == 1 else {},
+                sketch_bytes(plan, sketch.q) if sketch is not None else None))
+            await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.downloads, i))
                                    for i in request.active}, f"mask{stage}")
+            att.downloads = {}
             unmask = att.server.close_masked()
             if unmask.dropped and stage > 1:
                 raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "
@@ -303,15 +324,6 @@ class SecureRounds:
                         att.number, len(unmask.dropped), len(survivors))
         return result, survivors
 
-    def _check_fits(self, plan: RoundPlan, stage: int) -> None:
-        """Refuse a stage whose masked vector or Q does not fit one message (they are not streamed yet)."""
-        vector = 8 * vector_length(plan, stage)
-        sketch = 8 * sum(m.d_out * m.columns for m in plan.modules if not m.dense) if stage == 2 else 0
-        if max(vector, sketch) > self.settings.message_limit - (64 << 10):
-            raise SecAggError("chunk_size", f"stage {stage} moves {max(vector, sketch)} bytes in one message, above the "
-                                            f"{self.settings.message_limit}-byte limit (2 chunk_size + 1 MiB): raise "
-                                            "chunk_size; streamed stages are not built yet")
-
     def _plan(self, number: int, planned: Sequence[Submission]) -> tuple[RoundPlan, list]:
         """The round's public plan over the clients that shared, and the history's decisions."""
         claimed = client_weights([s.num_examples for s in planned], self.settings.weighting.value)
@@ -327,17 +339,16 @@ class SecureRounds:
         """Omega's public seed for round ``number``."""
         return self.settings.seed * 1_000_003 + number
 
-    def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, inbox: Sequence[EncryptedShare],
-                   sketch: Sketch | None) -> sa.MaskStep:
-        """Stage ``stage``'s step: the plan, the client's inbox in stage 1, Q in stage 2."""
+    def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, downloads: dict[tuple[int, int], Payload],
+                   index: int) -> sa.MaskStep:
+        """Stage ``stage``'s step: the plan, and what client ``index`` fetches (its inbox in stage 1, Q in stage 2)."""
         version = request.round_id - 1 if plan.kept is not None else 0  # the kept LoRA the round started from
         step = sa.MaskStep(stage=stage, active=request.active, lengths=request.lengths, plan=sa.SecurePlan(
             clients=sorted(request.active), ranks=plan.ranks, scalings=plan.scalings, weights=plan.weights,
             clip_norm=plan.clip_norm, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
-        if stage == 1:
-            step.inbox.extend(sa.SealedShare(sender=s.sender, receiver=s.receiver, ciphertext=s.ciphertext) for s in inbox)
-        if sketch is not None:
-            step.sketch = sketch_bytes(plan, sketch.q)
+        for name, kind in (("inbox", INBOX_KIND), ("sketch", SKETCH_KIND)):
+            if (index, kind) in downloads:
+                getattr(step, name).CopyFrom(downloads[index, kind][1])
         return step
 
 
