@@ -33,7 +33,7 @@ def grid_rows(reports: Sequence[dict]) -> list[dict]:
     for run in (run for report in reports for run in report["runs"]):
         key = (run["clients"], run.get("per_round", run["clients"]), run["method"], run["release"], run["epsilon"])
         cells.setdefault(key, []).append(run)
-    methods = {m: i for i, m in enumerate(settings["methods"])}
+    methods = {m: i for i, m in enumerate(dict.fromkeys(m for report in reports for m in report["settings"]["methods"]))}
     order = sorted(cells, key=lambda c: (c[0], c[1], methods.get(c[2], len(methods)), c[3] != "none", c[3], c[4] or 0))
     rows = []
     for clients, per_round, method, release, epsilon in order:
