@@ -16,7 +16,9 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
 the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
-survivors (``_passes``). Any other failure (fewer than the threshold survive a stage, a client
+survivors (``_passes``). Under differential privacy the clients also clip to dp_clip_norm and
+the server adds the release's noise to each unmasked sum (``flora.common.secagg.finish``).
+Any other failure (fewer than the threshold survive a stage, a client
 lost after stage 1's sum, a restart that lost the attempt's keys) raises ``SecAggError``; the
 driver then excludes the attempt's advertisements as a whole and the round reopens, so the
 clients train again and advertise fresh keys.
@@ -39,7 +41,9 @@ from flora.common.lora import lora_scaling
 from flora.common.methods import RoundResult
 from flora.common.robust import Decision, RobustPolicy, decide
 from flora.common.secagg.errors import SecAggError
-from flora.common.secagg.finish import Sketch, server_step
+from flora.common.omega import round_seed as omega_round_seed
+from flora.common.privacy.release import secret_generator
+from flora.common.secagg.finish import Noise, Sketch, server_step
 from flora.common.secagg.fixedpoint import decode, encode
 from flora.common.secagg.graph import default_degree, default_threshold
 from flora.common.secagg.messages import (
@@ -113,8 +117,11 @@ class SecureRounds:
         self._attempt: _Attempt | None = None
 
     @property
-    def clip_norm(self) -> float:
-        """C: clip_norm when set, else the bound every plain upload is checked against."""
+    def clip_norm(self) -> float | None:
+        """C: clip_norm when set, else the bound every plain upload is checked against; under DP,
+        where no upload is refused by its norm, clip_norm alone (None: the DP clip bounds)."""
+        if self.settings.dp_enabled:
+            return self.settings.clip_norm
         return self.settings.clip_norm or self.aggregator.max_update_norm
 
     # --- round open: numbering and advertising --------------------------------------------------
@@ -204,8 +211,13 @@ class SecureRounds:
         if index in att.streams:
             raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
         att.streams.add(index)
+        closes = att.steps[index].deadline_unix_ms / 1000  # a stalled stream holds the step's buffer no longer
         try:
-            vectors = await masked_vectors(header, messages, att.server.lengths)
+            async with asyncio.timeout(max(0.0, closes - time.time())):
+                vectors = await masked_vectors(header, messages, att.server.lengths)
+        except TimeoutError:
+            raise FailedPrecondition(f"secure aggregation: stage {header.stage}'s MASK step closed at its deadline "
+                                     "during the upload") from None
         finally:
             att.streams.discard(index)
         if self._answer(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
@@ -296,6 +308,7 @@ class SecureRounds:
         """
         planned = tuple(sorted(att.server.active))
         result, sketch, survivors = None, None, frozenset(planned)
+        noise = Noise(self.settings.dp_noise_multiplier, secret_generator()) if self.settings.dp_enabled else None
         for stage in range(1, plan.passes + 1):
             request = att.server.open_stage(stage, (vector_length(plan, stage),))
             if set(request.active) != survivors:
@@ -317,7 +330,7 @@ class SecureRounds:
             unmasked = await asyncio.to_thread(att.server.close_unmask)
             survivors = frozenset(unmasked.survivors)
             over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
-            step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision)
+            step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
         if unmask.dropped:
             log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
@@ -332,12 +345,14 @@ class SecureRounds:
                      for d in decide([1.0] * len(planned), claimed, policy)]
         scalings = [lora_scaling(s.rank, s.alpha, is_rslora(s.scaling_rule)) for s in planned]
         plan = plan_round(self.settings.aggregation, self.aggregator.kept, self.aggregator.shapes, [s.rank for s in planned],
-                          scalings, [d.weight for d in decisions], self.clip_norm, self.sketch_seed(number))
+                          scalings, [d.weight for d in decisions], self.clip_norm, self.sketch_seed(number),
+                          dp_clip_norm=self.settings.dp_clip_norm,
+                          dense=self.settings.dp_enabled and self.settings.dp_release == "dense")
         return plan, decisions
 
     def sketch_seed(self, number: int) -> int:
-        """Omega's public seed for round ``number``."""
-        return self.settings.seed * 1_000_003 + number
+        """Omega's public seed for round ``number``: the private release's too (``flora.common.omega``)."""
+        return omega_round_seed(self.settings.seed, number)
 
     def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, downloads: dict[tuple[int, int], Payload],
                    index: int) -> sa.MaskStep:
@@ -345,7 +360,7 @@ class SecureRounds:
         version = request.round_id - 1 if plan.kept is not None else 0  # the kept LoRA the round started from
         step = sa.MaskStep(stage=stage, active=request.active, lengths=request.lengths, plan=sa.SecurePlan(
             clients=sorted(request.active), ranks=plan.ranks, scalings=plan.scalings, weights=plan.weights,
-            clip_norm=plan.clip_norm, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
+            clip_norm=plan.clip_norm or 0.0, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
         for name, kind in (("inbox", INBOX_KIND), ("sketch", SKETCH_KIND)):
             if (index, kind) in downloads:
                 getattr(step, name).CopyFrom(downloads[index, kind][1])
