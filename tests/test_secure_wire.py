@@ -8,7 +8,11 @@ or out-of-turn messages must be refused with the status a client would get, chan
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sket
 from flora.server.aggregator import RoundOutput
 from flora.server.config import ServerSettings
 from flora.server.errors import FailedPrecondition, InvalidArgument
+from flora.server.layout import Layout
 from flora.server.rounds import Round, RoundState
 from flora.server.secure_round import SecureRounds, _label
 from flora.server.store import Submission
@@ -42,6 +47,10 @@ class FakeAggregator:
     precision: torch.dtype = torch.float64
     max_update_norm: float = 1e3  # C: above every test change, so that nothing is clipped
     results: list = field(default_factory=list)
+    layout: Layout = field(default_factory=lambda: Layout(Path(tempfile.mkdtemp(prefix="flora-secure-"))))
+
+    def __post_init__(self) -> None:  # where SecureRounds saves the attempt: gone with the aggregator
+        weakref.finalize(self, shutil.rmtree, self.layout.root, True)
 
     def write_round(self, number, result, decisions, error, seconds) -> RoundOutput:
         self.results.append((result, decisions))
@@ -49,17 +58,18 @@ class FakeAggregator:
 
 
 class Loopback:
-    """The client's Connection, answering each call with the server's SecureRounds directly."""
+    """The client's Connection, answering each call with the server's SecureRounds directly (a
+    step's calls from a worker thread, as a client's would come: the server's answers are async)."""
 
     def __init__(self, secure: SecureRounds, client_id: str) -> None:
-        self.secure, self.client_id, self.current = secure, client_id, None
+        self.secure, self.client_id, self.current, self.loop = secure, client_id, None, None
 
     def call(self, method: str, request, timeout=None):
         if method == "AdvertiseKeys":
             self.secure.advertise(self.client_id, self.current, request)
             return sa.SecureReply(accepted=True, message="ok")
         handler = {"ShareKeys": self.secure.share, "SubmitMasked": self.secure.masked, "Unmask": self.secure.unmask}
-        return handler[method](self.client_id, request)
+        return asyncio.run_coroutine_threadsafe(handler[method](self.client_id, request), self.loop).result()
 
 
 def update(rank: int, seed: int) -> LoraAdapter:
@@ -102,13 +112,19 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
         info = secure.round_info(client_id, current)
         sessions[client_id] = secure_stages.advertise(link, spec(), info, header(1, u.rank, n), u, kept, get_method(method))
 
+    busy: set[str] = set()  # clients doing a step now (in a thread); each looks again when done
+
     def answer_steps() -> None:
+        loop = asyncio.get_running_loop()
         for client_id in ids:
-            task = secure.task_for(client_id)
+            task = None if client_id in busy else secure.task_for(client_id)
             if task is not None and silent.get(ids.index(client_id)) == _label(task):
                 dropped.add(client_id)
             if task is not None and client_id not in dropped:
-                secure_stages.handle(links[client_id], sessions[client_id], task)
+                busy.add(client_id)
+                links[client_id].loop = loop
+                done = loop.run_in_executor(None, secure_stages.handle, links[client_id], sessions[client_id], task)
+                done.add_done_callback(lambda f, c=client_id: (f.exception(), busy.discard(c), answer_steps()))
 
     secure.notify = lambda: asyncio.get_running_loop().call_soon(answer_steps)
     submissions = [Submission(round=1, client_id=c, sha256="0" * 64, path="", size=0, rank=u.rank, alpha=SCALING * u.rank,
@@ -177,7 +193,7 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_round_is_exact_o
     assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1)
     # Back late with its masked input: refused, so the server never holds it beside the recovered key.
     with pytest.raises(FailedPrecondition, match="no mask step of stage 1"):
-        secure.masked("c-a", sa.SubmitMaskedRequest(round=1, stage=1, vectors=[b"\0" * 8]))
+        asyncio.run(secure.masked("c-a", sa.SubmitMaskedRequest(round=1, stage=1, vectors=[b"\0" * 8])))
 
 
 def test_a_client_that_drops_in_the_second_pass_fails_the_attempt_for_a_retry():
@@ -230,9 +246,9 @@ def test_answers_out_of_turn_are_refused_as_failed_precondition():
     secure, _, current, ids = setup()
     secure.round_info(ids[0], current)
     with pytest.raises(FailedPrecondition, match="no share step"):
-        secure.share(ids[0], sa.ShareKeysRequest(round=1))
+        asyncio.run(secure.share(ids[0], sa.ShareKeysRequest(round=1)))
     with pytest.raises(FailedPrecondition, match="round 2 has no mask step"):
-        secure.masked(ids[0], sa.SubmitMaskedRequest(round=2, stage=1))
+        asyncio.run(secure.masked(ids[0], sa.SubmitMaskedRequest(round=2, stage=1)))
 
 
 def test_the_sketch_and_vector_layouts_round_trip_and_refuse_a_wrong_length():

@@ -1,0 +1,200 @@
+"""The saved secure-aggregation attempt (server/secure_state.py): what a restarted server resumes.
+
+A two-stage round of four clients (client 3 drops before masking stage 1, and is recovered) is
+played message by message; saved at every point where the server saves it and restored, the
+rest of the round played on the restored server gives the same sums as the uninterrupted one.
+A file that is damaged, of another run or attempt, or whose unmask request is not the one its
+masked sum gives, is refused (the attempt then starts over), and no file holds a client's
+vector in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flora.common.secagg.client import ClientRound
+from flora.common.secagg.finish import Sketch
+from flora.common.secagg.server import ServerRound
+from flora.server.secure_state import AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load
+
+ROUND, STAGES, THRESHOLD, LENGTH = 3, 2, 3, 64
+SEED = bytes(range(32))
+IDENTITY = Identity("run-1", ROUND, 1, ("a", "b", "c", "d"), SEED)
+PASS_ONE_SURVIVORS = frozenset({0, 1, 2})  # client 3 sends no masked input in stage 1
+SKETCH = Sketch({"m.q": torch.arange(6, dtype=torch.float64).reshape(3, 2)}, {"m.k": torch.ones(2, 2)})
+
+
+def vectors() -> dict[tuple[int, int], np.ndarray]:
+    """(stage, client) -> the client's clear vector: distinctive values, easy to look for on disk."""
+    rng = np.random.default_rng(7)
+    return {(s, c): rng.integers(1 << 40, 1 << 41, LENGTH, dtype=np.uint64) for s in (1, 2) for c in range(4)}
+
+
+def play() -> tuple[list[tuple], list[np.ndarray]]:
+    """The round's server calls in order (each (method, *args)), and the sums of its two stages."""
+    clients = {c: ClientRound(c, ROUND, SEED, STAGES, THRESHOLD) for c in range(4)}
+    server, calls, sums, clear = ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD), [], [], vectors()
+
+    def call(method: str, *args):
+        calls.append((method, *args))
+        return getattr(server, method)(*args)
+
+    for c in range(4):
+        call("receive_keys", clients[c].advertise())
+    bundles = call("close_keys")
+    for c in range(4):
+        call("receive_shares", clients[c].share_keys(bundles[c]))
+    inboxes = call("close_shares")
+    for c in range(4):
+        clients[c].receive_shares(inboxes[c])
+    for stage, senders in ((1, (0, 1, 2)), (2, (0, 1, 2))):
+        request = call("open_stage", stage, (LENGTH,))
+        for c in senders:
+            call("receive_masked", clients[c].mask(request, [clear[stage, c]]))
+        unmask = call("close_masked")
+        for c in unmask.survivors:
+            call("receive_unmask", clients[c].unmask(unmask))
+        sums.append(call("close_unmask").sums[0])
+    return calls, sums
+
+
+def save(server: ServerRound, folder: Path) -> AttemptFiles:
+    """What SecureRounds writes at this point: the state, the open stage's sum, pass 1's sketch."""
+    files = AttemptFiles(folder, ROUND, 1)
+    files.write_state(encode_state(IDENTITY, server, {"bits": 20}, {"bytes_up": {"share": 1.0}}))
+    files.write_masked(IDENTITY, server.stage, server.masked_sum, server.masked_from)
+    if pass_two_next_or_open(server):
+        files.write_sketch(IDENTITY, SKETCH, PASS_ONE_SURVIVORS)
+    return files
+
+
+def pass_two_next_or_open(server: ServerRound) -> bool:
+    return server.stage == 2 or (server.stage == 1 and server.phase == "open")
+
+
+def saved_at(calls: list[tuple], cut: int, folder: Path) -> tuple[ServerRound, AttemptFiles]:
+    """A server that took the first ``cut`` calls, saved into ``folder``."""
+    server = ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD)
+    for method, *args in calls[:cut]:
+        getattr(server, method)(*args)
+    return server, save(server, folder)
+
+
+@pytest.fixture(scope="module")
+def round_calls() -> tuple[list[tuple], list[np.ndarray]]:
+    return play()
+
+
+def test_a_round_saved_at_any_step_and_restored_ends_with_the_uninterrupted_rounds_sums(round_calls, tmp_path):
+    calls, sums = round_calls
+    clear = vectors()
+    assert [s.tolist() for s in sums] == [sum(clear[s, c] for c in (0, 1, 2)).tolist() for s in (1, 2)]  # 3 recovered
+    first = next(i for i, (m, *_) in enumerate(calls) if m == "close_keys") + 1  # saving starts with the share step
+    for cut in range(first, len(calls)):
+        server, files = saved_at(calls, cut, tmp_path / str(cut))
+        restored = load(files, IDENTITY)
+        again = restored.server
+        assert (again.phase, again.stage, again.active) == (server.phase, server.stage, server.active), cut
+        if server.phase in ("mask", "unmask"):  # between stages the next open_stage starts these afresh
+            assert again.masked_from == server.masked_from and again.request == server.request, cut
+            assert sorted(again.reveals) == sorted(server.reveals), cut
+        assert sorted(again.sealed) == sorted(server.sealed), cut
+        assert restored.plan == {"bits": 20} and restored.counters == {"bytes_up": {"share": 1.0}}
+        if pass_two_next_or_open(server):
+            assert restored.survivors == PASS_ONE_SURVIVORS and torch.equal(restored.sketch.q["m.q"], SKETCH.q["m.q"])
+            assert torch.equal(restored.sketch.dense["m.k"], SKETCH.dense["m.k"])
+        done = sum(1 for m, *_ in calls[:cut] if m == "close_unmask")
+        rest = [getattr(again, m)(*a) for m, *a in calls[cut:]]
+        assert [r.sums[0].tolist() for r in rest if hasattr(r, "sums")] == [s.tolist() for s in sums[done:]], cut
+
+
+def test_no_saved_file_holds_a_clients_vector_in_clear(round_calls, tmp_path):
+    calls, _ = round_calls
+    pieces = [v[i:i + 2].astype("<u8").tobytes() for v in vectors().values() for i in range(0, LENGTH, 2)]
+    for cut in range(len(calls)):
+        _, files = saved_at(calls, cut, tmp_path / str(cut))
+        for path in files.folder.iterdir():
+            data = path.read_bytes()
+            hexed = data.decode("latin-1")
+            assert not any(p in data or p.hex() in hexed for p in pieces), (cut, path.name)
+
+
+def test_a_damaged_file_or_one_of_another_run_or_attempt_is_not_resumed(round_calls, tmp_path):
+    calls, _ = round_calls
+    mid_unmask = next(i for i, (m, *_) in enumerate(calls) if m == "receive_unmask") + 1
+    _, files = saved_at(calls, mid_unmask, tmp_path)
+    good = files.state.read_bytes()
+    assert load(files, IDENTITY).server.phase == "unmask"
+    assert load(AttemptFiles(tmp_path / "none", ROUND, 1), IDENTITY) is None  # nothing saved: nothing to resume
+    with pytest.raises(Untrusted, match="another attempt"):
+        load(files, replace(IDENTITY, attempt=2))
+    with pytest.raises(Untrusted, match="another run"):
+        load(files, replace(IDENTITY, run_id="run-2"))
+    with pytest.raises(Untrusted, match="another attempt"):
+        load(files, replace(IDENTITY, ids=("a", "b", "c", "e")))
+    files.state.write_bytes(good[:-20])
+    with pytest.raises(Untrusted, match="damaged"):
+        load(files, IDENTITY)
+    doc = json.loads(good)
+    doc["sealed"][0][1][0][1] = doc["sealed"][0][1][0][1][:-2]  # a ciphertext one byte short
+    files.state.write_text(json.dumps(doc))
+    with pytest.raises(Untrusted, match="ciphertext"):
+        load(files, IDENTITY)
+
+
+def test_a_resume_never_asks_a_holder_for_the_other_kind_of_share(round_calls, tmp_path):
+    """The saved request must be the one the saved masked sum gives: a survivor cannot become
+    dropped (its mask key asked for after its self-mask seed was) by editing what is on disk."""
+    calls, _ = round_calls
+    mid_unmask = next(i for i, (m, *_) in enumerate(calls) if m == "receive_unmask") + 1
+    server, files = saved_at(calls, mid_unmask, tmp_path)
+    doc = json.loads(files.state.read_bytes())
+    stage, survivors, dropped = doc["request"]
+    doc["request"] = [stage, survivors[1:], sorted([*dropped, survivors[0]])]
+    files.state.write_text(json.dumps(doc))
+    with pytest.raises(Untrusted, match="unmask request"):
+        load(files, IDENTITY)
+    files = save(server, tmp_path)  # the masked sum of another stage: no contributor of this one is known
+    files.write_masked(IDENTITY, server.stage + 1, server.masked_sum, server.masked_from)
+    with pytest.raises(Untrusted, match="unmask request|below the threshold"):
+        load(files, IDENTITY)
+
+
+def test_pass_two_is_not_resumed_without_pass_ones_sketch(round_calls, tmp_path):
+    calls, _ = round_calls
+    between = next(i for i, (m, *_) in enumerate(calls) if m == "close_unmask") + 1
+    _, files = saved_at(calls, between, tmp_path)
+    assert load(files, IDENTITY).sketch is not None
+    files.sketch.unlink()
+    with pytest.raises(Untrusted, match="sketch"):
+        load(files, IDENTITY)
+
+
+def test_concurrent_flushes_share_writes_and_each_returns_after_a_write_that_covers_it():
+    written: list[int] = []
+    state = {"value": 0}
+
+    def snapshot():
+        taken = state["value"]
+        return lambda: written.append(taken)
+
+    commit = GroupCommit(snapshot)
+
+    async def change_and_flush(value: int) -> int:
+        state["value"] = value
+        await commit.flush()
+        return written[-1]
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(change_and_flush(v) for v in range(1, 11)))
+
+    seen = asyncio.run(main())
+    assert len(written) <= 2 and written[-1] == 10
+    assert all(after >= value for value, after in zip(range(1, 11), seen))
