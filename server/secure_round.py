@@ -16,12 +16,11 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
 the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
-survivors (``_passes``). What the server holds of the attempt is saved before it acts on it
-(``secure_state``), so a restarted server resumes the attempt at the step it stopped in. Any
-other failure (fewer than the threshold survive a stage, a client lost after stage 1's sum, a
-saved attempt that cannot be trusted) raises ``SecAggError``; the driver then excludes the
-attempt's advertisements as a whole and the round reopens, so the clients train again and
-advertise fresh keys.
+survivors (``_passes``). What the server holds is saved before it acts on it (``secure_state``): a
+restarted server resumes the attempt where it stopped. Any other failure (fewer than the threshold
+survive a stage, a client lost after stage 1's sum, a saved attempt that cannot be trusted) raises
+``SecAggError``; the driver then excludes the attempt's advertisements as a whole and the round
+reopens, so the clients train again and advertise fresh keys.
 """
 
 from __future__ import annotations
@@ -115,8 +114,9 @@ class SecureRounds:
         """At start, before serving: take up the attempt a restart interrupted, as saved; an
         attempt whose saved state cannot be trusted is left to fail (the round reopens)."""
         if current is not None and current.state in (RoundState.OPEN, RoundState.AGGREGATING):
-            if not self._current(current).resume():
-                self._attempt = None  # aggregate() then fails the attempt: the round reopens
+            with contextlib.suppress(FailedPrecondition, InvalidArgument):  # refused for these clients: said when asked
+                if not self._current(current).resume():
+                    self._attempt = None  # aggregate() then fails the attempt: the round reopens
 
     def round_info(self, client_id: str, current: Round) -> sa.SecureRound:
         """TrainTask.secure: the client's number and the attempt's protocol parameters."""
@@ -170,13 +170,14 @@ class SecureRounds:
         return att, index
 
     async def _answered(self, att: Attempt, index: int, kind: str, size: int, commit: GroupCommit) -> sa.SecureReply:
-        """Make the answer durable (``commit``: the state or the masked sum), then acknowledge it; the
-        step ends once its last answer is on disk (the step's own objects: a deadline may end it meanwhile)."""
+        """Save the answer (``commit``), then acknowledge it; the step (its own objects) ends once its last answer is saved."""
         steps, done = att.steps, att.done
         att.bytes_up[_label(steps.pop(index))] += size
-        await commit.flush()
-        if not steps:
-            done.set()
+        try:
+            await commit.flush()
+        finally:  # a failed write (a full disk) is retried by the next one
+            if not steps:
+                done.set()
         return sa.SecureReply(accepted=True, message=f"{kind} recorded")
 
     async def share(self, client_id: str, request: sa.ShareKeysRequest) -> sa.SecureReply:

@@ -34,7 +34,7 @@ from safetensors.numpy import save as save_arrays
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from flora.common.chunks import write_atomic
+from flora.common.chunks import fsync_dir, write_atomic
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
 from flora.common.secagg.messages import (
@@ -89,7 +89,9 @@ class AttemptFiles:
                                                 (".json", ".masked.safetensors", ".sketch.safetensors"))
 
     def write_state(self, document: bytes) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.exists():  # the first write of a state directory's first secure round
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.folder.parent)
         write_atomic(self.state, document, 0o600)
 
     def write_masked(self, identity: Identity, stage: int, sums: Sequence[np.ndarray], contributors: Sequence[int]) -> None:

@@ -39,6 +39,7 @@ def merged(tmp_path: Path, address: str, clients: list) -> dict[str, torch.Tenso
         view.close()
 
 
+@pytest.mark.timeout(900)  # 9 server starts: about a minute on an idle 2-core machine, more under load
 def test_a_server_killed_at_each_secure_step_resumes_the_same_attempt_and_merges_the_plain_model(
         tmp_path, server_factory):  # noqa: F811
     secure_dir, plain_dir = tmp_path / "secure", tmp_path / "plain"

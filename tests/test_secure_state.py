@@ -19,10 +19,17 @@ import numpy as np
 import pytest
 import torch
 
+import test_secure_wire as wire
+
+from flora.client import secure_stages
+from flora.common.methods import get_method
 from flora.common.secagg.client import ClientRound
 from flora.common.secagg.finish import Sketch
 from flora.common.secagg.server import ServerRound
+from flora.server.secure_round import SecureRounds, _label
 from flora.server.secure_state import AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load
+from flora.server.store import Submission
+from flora.v1 import run_pb2
 
 ROUND, STAGES, THRESHOLD, LENGTH = 3, 2, 3, 64
 SEED = bytes(range(32))
@@ -198,3 +205,67 @@ def test_concurrent_flushes_share_writes_and_each_returns_after_a_write_that_cov
     seen = asyncio.run(main())
     assert len(written) <= 2 and written[-1] == 10
     assert all(after >= value for value, after in zip(range(1, 11), seen))
+
+
+# --- SecureRounds cut short at a step and resumed by a new one over the same files ---------------
+
+
+@pytest.mark.parametrize("point", ["share", "mask1", "unmask1", "mask2", "unmask2"])
+def test_secure_rounds_cut_at_a_step_resume_in_a_new_server_object_and_merge_the_plain_result(point):
+    """The first client answers step ``point`` and the server stops there (its task cancelled,
+    as a killed process stops); a new SecureRounds over the same state directory resumes the
+    attempt, the other clients answer (the first is not asked again: it would refuse), and the
+    round's result is the plain method's over all three."""
+    kept, updates = wire.method_round("flora")
+    examples = [10, 20, 30]
+    secure, aggregator, current, ids = wire.setup("flora")
+    clients = {}
+    for client_id, u, n in zip(ids, updates, examples):
+        link = wire.Loopback(secure, client_id)
+        link.current = current
+        info = secure.round_info(client_id, current)
+        clients[client_id] = link, secure_stages.advertise(link, wire.spec(), info, wire.header(1, u.rank, n), u, kept,
+                                                           get_method("flora"))
+    submissions = [_submission(c, u.rank, n) for c, u, n in zip(ids, updates, examples)]
+
+    async def cut_short() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await _drive(secure, clients, submissions, point)
+
+    asyncio.run(cut_short())
+    again = SecureRounds(secure.settings, aggregator, "run-1", lambda: None)
+    again.resume(current)
+    assert again._attempt.server.phase != "advertise"
+    output = asyncio.run(_drive(again, clients, submissions, None))
+    (result, _), = aggregator.results
+    plain = get_method("flora").merge(kept, updates, [n / sum(examples) for n in examples], torch.float64)
+    wire.assert_same_adapter(result.delta, plain.delta)
+    assert output.secure["survivors"] == 3
+
+
+async def _drive(server: SecureRounds, clients: dict, submissions: list[Submission], cut: str | None):
+    """``server.aggregate`` with every client answering its steps from a thread; with ``cut``, only
+    the first client answers that step, and then the task running this stops (cancelled)."""
+    busy: set[str] = set()
+    main, first = asyncio.current_task(), next(iter(clients))
+
+    def answer_steps() -> None:
+        loop = asyncio.get_running_loop()
+        for client_id, (link, session) in clients.items():
+            task = None if client_id in busy else server.task_for(client_id)
+            if task is None or (cut == _label(task) and client_id != first):
+                continue
+            busy.add(client_id)
+            link.secure, link.loop, stop = server, loop, cut == _label(task)
+            done = loop.run_in_executor(None, secure_stages.handle, link, session, task)
+            done.add_done_callback(lambda f, c=client_id, stop=stop: (
+                f.exception(), busy.discard(c), main.cancel() if stop else answer_steps()))
+
+    server.notify = lambda: asyncio.get_running_loop().call_soon(answer_steps)
+    return await server.aggregate(1, submissions)
+
+
+def _submission(client_id: str, rank: int, examples: int) -> Submission:
+    return Submission(round=1, client_id=client_id, sha256="0" * 64, path="", size=0, rank=rank, alpha=2.0 * rank,
+                      scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=examples, base_version=0, train_loss=None,
+                      validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
