@@ -60,7 +60,10 @@ class Attempt:
             log.warning("round %d attempt %d: the saved secure-aggregation state cannot be trusted (%s); the attempt "
                         "starts over with fresh keys", self.number, self.attempt, why)
             return False
-        if restored is not None:
+        if restored is None:
+            log.info("round %d attempt %d: no secure step was handed out before the restart; the attempt goes on from "
+                     "its stored advertisements", self.number, self.attempt)
+        else:
             self.server, self.bundles, self.inboxes = restored.server, restored.bundles, restored.inboxes
             self.sketch, self.survivors, self.saved.plan = restored.sketch, restored.survivors, restored.plan
             for name in ("bytes_up", "bytes_down", "seconds"):

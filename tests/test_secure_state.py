@@ -5,7 +5,8 @@ played message by message; saved at every point where the server saves it and re
 rest of the round played on the restored server gives the same sums as the uninterrupted one.
 A file that is damaged, of another run or attempt, or whose unmask request is not the one its
 masked sum gives, is refused (the attempt then starts over), and no file holds a client's
-vector in clear.
+vector in clear. Then ``SecureRounds`` itself: stopped after one answer of each step, a new one
+over the same files resumes the attempt and the round merges what the plain method merges.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import test_secure_wire as wire
 from flora.client import secure_stages
 from flora.common.methods import get_method
 from flora.common.secagg.client import ClientRound
+from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
 from flora.common.secagg.server import ServerRound
 from flora.server.secure_round import SecureRounds, _label
@@ -34,6 +36,7 @@ from flora.v1 import run_pb2
 ROUND, STAGES, THRESHOLD, LENGTH = 3, 2, 3, 64
 SEED = bytes(range(32))
 IDENTITY = Identity("run-1", ROUND, 1, ("a", "b", "c", "d"), SEED)
+EXAMPLES = (10, 20, 30)  # the SecureRounds tests' clients' claims
 PASS_ONE_SURVIVORS = frozenset({0, 1, 2})  # client 3 sends no masked input in stage 1
 SKETCH = Sketch({"m.q": torch.arange(6, dtype=torch.float64).reshape(3, 2)}, {"m.k": torch.ones(2, 2)})
 
@@ -216,17 +219,43 @@ def test_secure_rounds_cut_at_a_step_resume_in_a_new_server_object_and_merge_the
     as a killed process stops); a new SecureRounds over the same state directory resumes the
     attempt, the other clients answer (the first is not asked again: it would refuse), and the
     round's result is the plain method's over all three."""
+    again, clients, submissions, aggregator = _cut_and_resume(point)
+    output = asyncio.run(_drive(again, clients, submissions, None))
+    (result, _), = aggregator.results
     kept, updates = wire.method_round("flora")
-    examples = [10, 20, 30]
-    secure, aggregator, current, ids = wire.setup("flora")
+    plain = get_method("flora").merge(kept, updates, [n / sum(EXAMPLES) for n in EXAMPLES], torch.float64)
+    wire.assert_same_adapter(result.delta, plain.delta)
+    assert output.secure["survivors"] == 3
+
+
+def test_a_client_whose_process_restarted_meanwhile_is_a_dropout_recovered_in_pass_one_fatal_in_pass_two():
+    """Its secrets are gone with its process: it answers nothing after the resume."""
+    again, clients, submissions, aggregator = _cut_and_resume("mask1", deadline=2.0)
+    lost = list(clients)[2]
+    output = asyncio.run(_drive(again, clients, submissions, None, lost={lost}))
+    (result, decisions), = aggregator.results
+    kept, updates = wire.method_round("flora")
+    plain = get_method("flora").merge(kept, updates[:2], [1 / 3, 2 / 3], torch.float64)
+    wire.assert_same_adapter(result.delta, plain.delta)
+    assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1) and decisions[2].rejected
+    again, clients, submissions, _ = _cut_and_resume("mask2", deadline=2.0)
+    with pytest.raises(SecAggError, match="the attempt starts over"):
+        asyncio.run(_drive(again, clients, submissions, None, lost={lost}))
+
+
+def _cut_and_resume(point: str, deadline: float = 5.0) -> tuple[SecureRounds, dict, list[Submission], object]:
+    """A flora round's SecureRounds whose first client answered step ``point`` before the server
+    stopped, and a new SecureRounds resumed from its files (with the clients and submissions)."""
+    kept, updates = wire.method_round("flora")
+    secure, aggregator, current, ids = wire.setup("flora", deadline=deadline)
     clients = {}
-    for client_id, u, n in zip(ids, updates, examples):
+    for client_id, u, n in zip(ids, updates, EXAMPLES):
         link = wire.Loopback(secure, client_id)
         link.current = current
         info = secure.round_info(client_id, current)
         clients[client_id] = link, secure_stages.advertise(link, wire.spec(), info, wire.header(1, u.rank, n), u, kept,
                                                            get_method("flora"))
-    submissions = [_submission(c, u.rank, n) for c, u, n in zip(ids, updates, examples)]
+    submissions = [_submission(c, u.rank, n) for c, u, n in zip(ids, updates, EXAMPLES)]
 
     async def cut_short() -> None:
         with pytest.raises(asyncio.CancelledError):
@@ -236,16 +265,13 @@ def test_secure_rounds_cut_at_a_step_resume_in_a_new_server_object_and_merge_the
     again = SecureRounds(secure.settings, aggregator, "run-1", lambda: None)
     again.resume(current)
     assert again._attempt.server.phase != "advertise"
-    output = asyncio.run(_drive(again, clients, submissions, None))
-    (result, _), = aggregator.results
-    plain = get_method("flora").merge(kept, updates, [n / sum(examples) for n in examples], torch.float64)
-    wire.assert_same_adapter(result.delta, plain.delta)
-    assert output.secure["survivors"] == 3
+    return again, clients, submissions, aggregator
 
 
-async def _drive(server: SecureRounds, clients: dict, submissions: list[Submission], cut: str | None):
-    """``server.aggregate`` with every client answering its steps from a thread; with ``cut``, only
-    the first client answers that step, and then the task running this stops (cancelled)."""
+async def _drive(server: SecureRounds, clients: dict, submissions: list[Submission], cut: str | None,
+                 lost: frozenset[str] = frozenset()):
+    """``server.aggregate`` with every client but the ``lost`` answering its steps from a thread;
+    with ``cut``, only the first client answers that step, and then the task running this stops."""
     busy: set[str] = set()
     main, first = asyncio.current_task(), next(iter(clients))
 
@@ -253,7 +279,7 @@ async def _drive(server: SecureRounds, clients: dict, submissions: list[Submissi
         loop = asyncio.get_running_loop()
         for client_id, (link, session) in clients.items():
             task = None if client_id in busy else server.task_for(client_id)
-            if task is None or (cut == _label(task) and client_id != first):
+            if task is None or client_id in lost or (cut == _label(task) and client_id != first):
                 continue
             busy.add(client_id)
             link.secure, link.loop, stop = server, loop, cut == _label(task)
