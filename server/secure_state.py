@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 from safetensors.torch import load as load_tensors
@@ -45,8 +45,6 @@ from flora.common.secagg.wire import keys_digest
 from flora.server.layout import Layout
 from flora.server.store import Submission
 from flora.v1 import secagg_pb2 as sa
-
-log = logging.getLogger(__name__)
 
 FORMAT = "flora-secagg-state/v1"
 
@@ -122,7 +120,10 @@ def stored_adverts(layout: Layout, identity: Identity, submissions: Sequence[Sub
     for s in submissions:
         if s.client_id in identity.ids and identity.ids.index(s.client_id) in held:
             continue
-        keys = sa.PublicKeys.FromString(layout.absolute(s.path).read_bytes())
+        try:
+            keys = sa.PublicKeys.FromString(layout.absolute(s.path).read_bytes())
+        except (OSError, ValueError, DecodeError) as error:
+            raise SecAggError("keys", f"client {s.client_id}'s stored keys cannot be read ({error})") from None
         if s.client_id not in identity.ids or keys.client != identity.ids.index(s.client_id) \
                 or keys_digest(keys.channel_key, keys.mask_keys) != s.sha256:
             raise SecAggError("keys", f"client {s.client_id}'s stored keys are not the ones it advertised")

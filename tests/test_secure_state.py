@@ -29,9 +29,14 @@ from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
 from flora.common.secagg.server import ServerRound
 from flora.server.secure_round import SecureRounds, _label
-from flora.server.secure_state import AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load
+from flora.common.secagg.wire import keys_digest
+from flora.server.layout import Layout
+from flora.server.secure_state import (
+    AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load, stored_adverts,
+)
 from flora.server.store import Submission
 from flora.v1 import run_pb2
+from flora.v1 import secagg_pb2 as sa
 
 ROUND, STAGES, THRESHOLD, LENGTH = 3, 2, 3, 64
 SEED = bytes(range(32))
@@ -185,6 +190,27 @@ def test_pass_two_is_not_resumed_without_pass_ones_sketch(round_calls, tmp_path)
     files.sketch.unlink()
     with pytest.raises(Untrusted, match="sketch"):
         load(files, IDENTITY)
+
+
+def test_advertisements_taken_from_the_stored_key_files_are_checked_against_their_recorded_digest(tmp_path):
+    layout = Layout(tmp_path)
+    rounds = [ClientRound(c, ROUND, SEED, STAGES, THRESHOLD) for c in range(2)]
+    subs = []
+    for c, client in enumerate(rounds):
+        advert = client.advertise()
+        keys = sa.PublicKeys(client=c, channel_key=advert.channel_key, mask_keys=advert.mask_keys)
+        (tmp_path / f"{c}.keys").write_bytes(keys.SerializeToString())
+        subs.append(replace(_submission(IDENTITY.ids[c], 2, 5), path=f"{c}.keys",
+                            sha256=keys_digest(keys.channel_key, keys.mask_keys)))
+    adverts = stored_adverts(layout, IDENTITY, subs, held={0})  # client 0's keys are in memory already
+    assert adverts == [rounds[1].advertise()]
+    with pytest.raises(SecAggError, match="not the ones it advertised"):
+        stored_adverts(layout, IDENTITY, [replace(subs[1], sha256="0" * 64)], held=())
+    with pytest.raises(SecAggError, match="not the ones it advertised"):  # client a's keys filed as client b's
+        stored_adverts(layout, IDENTITY, [replace(subs[0], client_id=IDENTITY.ids[1])], held=())
+    (tmp_path / "1.keys").write_bytes(b"\xff" * 7)
+    with pytest.raises(SecAggError, match="cannot be read"):
+        stored_adverts(layout, IDENTITY, subs[1:], held=())
 
 
 def test_concurrent_flushes_share_writes_and_each_returns_after_a_write_that_covers_it():
