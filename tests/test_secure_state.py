@@ -28,6 +28,7 @@ from flora.common.secagg.client import ClientRound
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
 from flora.common.secagg.server import ServerRound
+from flora.server.rounds import Round, RoundState
 from flora.server.secure_round import SecureRounds, _label
 from flora.common.secagg.wire import keys_digest
 from flora.server.layout import Layout
@@ -267,6 +268,21 @@ def test_a_client_whose_process_restarted_meanwhile_is_a_dropout_recovered_in_pa
     again, clients, submissions, _ = _cut_and_resume("mask2", deadline=2.0)
     with pytest.raises(SecAggError, match="the attempt starts over"):
         asyncio.run(_drive(again, clients, submissions, None, lost={lost}))
+
+
+def test_an_untrusted_saved_attempt_starts_over_and_another_attempts_files_are_not_resumed(caplog):
+    again, clients, submissions, aggregator = _cut_and_resume("mask1")
+    files = again._attempt.saved.files
+    current = Round(number=1, attempt=1, state=RoundState.AGGREGATING, selected=frozenset(clients))
+    files.state.write_bytes(files.state.read_bytes()[:-40])  # damaged (a disk fault): said, and not resumed
+    third = SecureRounds(again.settings, aggregator, "run-1", lambda: None)
+    third.resume(current)
+    assert third._attempt is None and "cannot be trusted" in caplog.text and "starts over with fresh keys" in caplog.text
+    with pytest.raises(SecAggError, match="the attempt starts over"):
+        asyncio.run(_drive(third, clients, submissions, None))
+    fourth = SecureRounds(again.settings, aggregator, "run-1", lambda: None)
+    fourth.resume(replace(current, attempt=2, state=RoundState.OPEN))  # the next attempt: fresh keys, no file of its own
+    assert fourth._attempt.server.phase == "advertise" and not files.state.exists()  # attempt 1's files are gone
 
 
 def _cut_and_resume(point: str, deadline: float = 5.0) -> tuple[SecureRounds, dict, list[Submission], object]:
