@@ -204,7 +204,10 @@ def _replay(doc: dict[str, Any], files: AttemptFiles, identity: Identity) -> Res
         raise Untrusted(f"{files.state.name}: phase {phase!r} at stage {stage} is not one a round is saved at")
     if stage >= (1 if phase == "open" else 2):  # pass 2 is open or next: pass 1's sketch must be there
         restored.sketch, restored.survivors = _load_sketch(files, identity)
-    server.active = frozenset(int(c) for c in doc["active"])
+    active = frozenset(int(c) for c in doc["active"])
+    if not active <= server.active or (stage + (phase == "open") <= 1 and active != server.active):
+        raise Untrusted(f"{files.state.name}: the active clients are not the ones that shared their keys")
+    server.active = active
     if phase == "open":
         server.stage = stage
         return restored

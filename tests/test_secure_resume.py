@@ -45,6 +45,8 @@ def test_a_server_killed_at_each_secure_step_resumes_the_same_attempt_and_merges
     secure_dir, plain_dir = tmp_path / "secure", tmp_path / "plain"
     secure_dir.mkdir(), plain_dir.mkdir()
     state = secure_dir / "state"
+    plain_server = server_factory(*FLAGS, state_dir=plain_dir / "state")  # the oracle, meanwhile
+    plain_clients = [start(plain_dir, plain_server.address, name, rank) for name, rank in RANKS.items()]
     flags = (*FLAGS, "--secure-aggregation")
     server = server_factory(*flags, state_dir=state, env={"PYTHONPATH": str(INJECTOR), "FLORA_TEST_SECURE_KILL": KILLS[0]})
     port = server.port
@@ -68,8 +70,6 @@ def test_a_server_killed_at_each_secure_step_resumes_the_same_attempt_and_merges
     assert len(resumed) == len(KILLS) - 1, outputs  # every restart after the keys were all in took the attempt up
     assert not any("cannot be trusted" in o or "starts over" in o for o in outputs), outputs
 
-    plain_server = server_factory(*FLAGS, state_dir=plain_dir / "state")
-    plain_clients = [start(plain_dir, plain_server.address, name, rank) for name, rank in RANKS.items()]
     finish(plain_clients)
     plain = merged(plain_dir, plain_server.address, plain_clients)
     for name, want in plain.items():

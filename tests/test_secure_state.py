@@ -163,6 +163,11 @@ def test_a_damaged_file_or_one_of_another_run_or_attempt_is_not_resumed(round_ca
     files.state.write_text(json.dumps(doc))
     with pytest.raises(Untrusted, match="ciphertext"):
         load(files, IDENTITY)
+    doc = json.loads(good)
+    doc["active"] = doc["active"][1:]  # pass 1 over fewer clients than shared their keys
+    files.state.write_text(json.dumps(doc))
+    with pytest.raises(Untrusted, match="active clients"):
+        load(files, IDENTITY)
 
 
 def test_a_resume_never_asks_a_holder_for_the_other_kind_of_share(round_calls, tmp_path):
