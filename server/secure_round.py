@@ -111,8 +111,7 @@ class SecureRounds:
         return att
 
     def resume(self, current: Round | None) -> None:
-        """At start, before serving: take up the attempt a restart interrupted, as saved; an
-        attempt whose saved state cannot be trusted is left to fail (the round reopens)."""
+        """At start, before serving: take up the attempt a restart interrupted (one not to be trusted fails)."""
         if current is not None and current.state in (RoundState.OPEN, RoundState.AGGREGATING):
             with contextlib.suppress(FailedPrecondition, InvalidArgument):  # refused for these clients: said when asked
                 if not self._current(current).resume():
@@ -154,8 +153,7 @@ class SecureRounds:
         return step
 
     async def _answer(self, client_id: str, kind: str, number: int, stage: int) -> tuple[Attempt, int]:
-        """The attempt and client index an answer of ``kind`` belongs to; refused when not asked.
-        Waits while a resumed attempt's interrupted step is not handed out again yet."""
+        """The attempt and index an answer of ``kind`` is for (refused when not asked; a resumed step is awaited)."""
         if (att := self._attempt) is not None and not att.resumed.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.secure_stage_deadline_s):
@@ -319,6 +317,7 @@ class SecureRounds:
             await self._step(att, {i: sa.SecureTask(unmask=sa.UnmaskStep(stage=stage, survivors=unmask.survivors,
                                                                           dropped=unmask.dropped))
                                    for i in unmask.survivors if i not in server.reveals}, f"unmask{stage}")
+            await att.saved.state.flush()  # after the answers' own writes: none may save the state past this point
             unmasked = await asyncio.to_thread(server.close_unmask)
             survivors = frozenset(unmasked.survivors)
             over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])

@@ -53,7 +53,8 @@ def test_a_server_killed_at_each_secure_step_resumes_the_same_attempt_and_merges
     clients = [start(secure_dir, server.address, name, rank) for name, rank in RANKS.items()]
     outputs = []
     for point in (*KILLS[1:], None):
-        assert server.process.wait(FINISH_S) == -9, f"the server did not kill itself; its output:\n{server.output()}"
+        # A bound, never a timing assertion: the first kill waits for six processes to start and three to train.
+        assert server.process.wait(2 * FINISH_S) == -9, f"the server did not kill itself; its output:\n{server.output()}"
         outputs.append(server.output())
         env = {"PYTHONPATH": str(INJECTOR), "FLORA_TEST_SECURE_KILL": point} if point else None
         server = server_factory(*flags, "--port", str(port), state_dir=state, env=env)
