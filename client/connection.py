@@ -9,7 +9,8 @@ at once instead of sitting out a 30-second long-poll.
 
 Retry policy (protos/PROTOCOL.md): UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (the
 server's disk is full; size limits are checked before sending, so a well-formed client never
-meets that refusal) are retried with exponential backoff and full jitter, each retry logged;
+meets that refusal, and a message over gRPC's size limit is not retried: ``never_fits``) are
+retried with exponential backoff and full jitter, each retry logged;
 UNAUTHENTICATED calls the re-join hook once and retries; every other status is the caller's to
 handle. A connection that never came up is diagnosed (flora.client.diagnosis): a server that is
 down is waited for forever, a configuration mistake (unknown host, a TLS handshake the two sides
@@ -52,6 +53,12 @@ def rpc_code(error: BaseException) -> grpc.StatusCode | None:
 def rpc_details(error: BaseException) -> str:
     """The server's message of a failed call (empty when there is none)."""
     return (error.details() or "") if isinstance(error, grpc.RpcError) and hasattr(error, "details") else str(error)
+
+
+def never_fits(error: BaseException) -> bool:
+    """A message over gRPC's size limit (RESOURCE_EXHAUSTED "... larger than max ..."): unlike a
+    full disk's RESOURCE_EXHAUSTED, sending it again can never succeed, so it is not retried."""
+    return rpc_code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in rpc_details(error)
 
 
 class Backoff:
@@ -146,6 +153,12 @@ class Connection:
         future = self._submit_encoded.future(messages, timeout=self.settings.transfer_timeout, metadata=self._metadata())
         return self._wait(future)
 
+    def stream_in(self, method: str, messages: Iterator[Any]) -> Any:
+        """One attempt of a client-streaming call (secure aggregation's SubmitMasked), bounded by the
+        transfer deadline."""
+        future = getattr(self._stub, method).future(messages, timeout=self.settings.transfer_timeout, metadata=self._metadata())
+        return self._wait(future)
+
     def stream_out(self, method: str, request: Any) -> Iterator[Any]:
         """One attempt of a server-streaming call (a download); the stream is cancellable."""
         call = getattr(self._stub, method)(request, timeout=self.settings.transfer_timeout, metadata=self._metadata())
@@ -190,7 +203,7 @@ class Connection:
                     self.on_unauthenticated()
                     rejoined = True
                     continue
-                if code not in TRANSIENT:
+                if code not in TRANSIENT or never_fits(exc):
                     raise
                 self._check.failed(rpc_details(exc))
                 self.pause(what, exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
@@ -32,6 +33,7 @@ from flora.client.state import Identity, StateDir
 from flora.client import secure_stages
 from flora.client.round_start import train_round
 from flora.client.secure_stages import SecureSession
+from flora.client.step_tries import StepTries
 from flora.client.sync import SyncError, Synchroniser, restore
 from flora.client.trainer import TrainConfig, TrainingCancelled, TrainResult, total_steps
 from flora.client.workers import WorkerFailed, WorkerGroup, worker_devices
@@ -54,6 +56,7 @@ _JOIN_FATAL = {
 # (RESOURCE_EXHAUSTED is retried by the connection: the size limit is checked before sending).
 _UPLOAD_FATAL = {grpc.StatusCode.INVALID_ARGUMENT}
 LEAVE_TIMEOUT_S = 2.0
+SIT_OUT_MIN_S = 1.0  # the shortest wait before asking again for a task this client does not do
 
 
 def _join_refusal(method: str, error: grpc.RpcError) -> Exception:
@@ -92,6 +95,7 @@ class Daemon:
         self.train_names: list[str] = []
         self.version = 0
         self.secure: SecureSession | None = None  # the secure round's keys and update, in memory only
+        self.step_tries = StepTries()  # secure steps that keep failing give their round up
         devices = worker_devices(settings) if settings.training_processes > 1 else []
         self.workers = WorkerGroup(settings, settings.state_dir / "workers", devices) if devices else None
 
@@ -228,6 +232,10 @@ class Daemon:
 
     def _round(self, task: coordinator_pb2.TrainTask) -> None:
         """Sync, train and upload one round; a round that closes meanwhile is dropped, not fatal."""
+        if task.HasField("secure") and self.step_tries.gave_up(task.round):  # a new attempt of a round given up
+            log.info("event=round_sat_out round=%d reason=secure_round_given_up", task.round)
+            self._sit_out(task.deadline_unix_ms)
+            return
         log.info("event=round_start round=%d required_version=%d held_version=%d", task.round, task.required_version, self.version)
         with Heartbeat(self.conn, task.round, self.settings.heartbeat_interval) as heartbeat:
             config = self._train_config(task)
@@ -375,12 +383,28 @@ class Daemon:
             log.warning("event=update_dropped round=%d code=%s detail=%r", task.round, code and code.name, rpc_details(exc))
 
     def _secure_step(self, task: secagg_pb2.SecureTask) -> None:
-        """One step of a secure round; a refused or failed step leaves this client dropped from it."""
+        """One step of a secure round. A failed step is asked for again while it is open, up to
+        ``StepTries``' cap; then, as for a step this client cannot do (no session: a restart), it
+        sits the step out until its deadline instead of polling for it, and counts as dropped."""
+        step = secure_stages.step_label(task)
         try:
-            secure_stages.handle(self.conn, self.secure, task)
+            done = not self.step_tries.gave_up(task.round) and secure_stages.handle(self.conn, self.secure, task)
         except (grpc.RpcError, ValueError) as exc:  # SecAggError is a ValueError: a request the protocol refuses
-            log.warning("event=secure_step_failed round=%d step=%s detail=%r", task.round, task.WhichOneof("step"),
-                        rpc_details(exc) if isinstance(exc, grpc.RpcError) else str(exc))
+            detail = rpc_details(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+            log.warning("event=secure_step_failed round=%d step=%s detail=%r", task.round, step, detail)
+            if self.step_tries.failed(task.round, step, detail):
+                self.secure = None
+                self._sit_out(task.deadline_unix_ms)
+            return
+        if done:
+            self.step_tries.succeeded(task.round, step)
+        else:
+            self._sit_out(task.deadline_unix_ms)
+
+    def _sit_out(self, deadline_unix_ms: int) -> None:
+        """Wait until a task's deadline (at least ``SIT_OUT_MIN_S``) instead of asking for it again at once."""
+        if self.stop.wait(max(SIT_OUT_MIN_S, deadline_unix_ms / 1000 - time.time())):
+            raise Stopped()
 
     def _messages(self, header: transfer_pb2.UpdateHeader, payload: Path) -> Iterator[bytes]:
         """The upload stream, advancing the upload's progress bar as gRPC consumes it."""

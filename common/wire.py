@@ -6,7 +6,8 @@ Both large transfers of the protocol (DESIGN.md section 3) are built from ``flor
   ``ArtifactReceiver`` / ``receive_artifacts`` write a stream of consecutive versions into one
   file per version, each staged as ``<path>.part``, verified, then renamed into place, so that a
   crash never leaves a half-written final file and the ``.part`` is what a resume continues;
-- upload (``SubmitUpdate``): ``update_messages`` gives the header and then the pieces as
+- upload (``SubmitUpdate``, and secure aggregation's ``SubmitMasked``, whose ``MaskedChunk`` has
+  the same header-then-pieces shape): ``update_messages`` gives the header and then the pieces as
   messages, ``encoded_update_messages`` the same bytes already serialised (what the client sends:
   one copy per piece fewer); the server's ``decode_update_chunk`` takes each piece as a view of
   the received bytes, and
@@ -40,12 +41,14 @@ from flora.common.chunks import (
     publish,
     source_size,
 )
-from flora.v1 import coordinator_pb2, transfer_pb2
+from flora.v1 import coordinator_pb2, secagg_pb2, transfer_pb2
 
 # The upload's method path, for calls and interceptors that handle its messages' bytes themselves.
 SUBMIT_UPDATE = f"/{coordinator_pb2.DESCRIPTOR.services_by_name['Coordinator'].full_name}/SubmitUpdate"
 
 PathFor = Callable[[int, int], Path]
+# A stream of a header (with total_bytes and sha256) exactly once and first, then UpdatePieces.
+HeaderFirst = transfer_pb2.UpdateChunk | secagg_pb2.MaskedChunk
 # Upload pieces up to this size are written and hashed on the event loop (tens of microseconds);
 # larger ones in a worker thread, overlapping the next message's arrival.
 INLINE_BYTES = 64 << 10
@@ -86,13 +89,15 @@ def artifact_chunks(
 
 
 def update_messages(
-    header: transfer_pb2.UpdateHeader, source: Source, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Iterator[transfer_pb2.UpdateChunk]:
-    """The SubmitUpdate stream: the header, then the payload in pieces."""
+    header: transfer_pb2.UpdateHeader | secagg_pb2.MaskedHeader, source: Source, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_type: type[HeaderFirst] = transfer_pb2.UpdateChunk,
+) -> Iterator[HeaderFirst]:
+    """The SubmitUpdate stream (or SubmitMasked's, ``chunk_type`` MaskedChunk): the header, then
+    the payload in pieces."""
     _check_update_header(header, source)
-    yield transfer_pb2.UpdateChunk(header=header)
+    yield chunk_type(header=header)
     for start, data in iter_chunks(source, chunk_size):
-        yield transfer_pb2.UpdateChunk(piece=transfer_pb2.UpdatePiece(offset=start, data=data))
+        yield chunk_type(piece=transfer_pb2.UpdatePiece(offset=start, data=data))
 
 
 def encoded_update_messages(
@@ -176,7 +181,7 @@ def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
     return -1, at
 
 
-def _check_update_header(header: transfer_pb2.UpdateHeader, source: Source) -> None:
+def _check_update_header(header: transfer_pb2.UpdateHeader | secagg_pb2.MaskedHeader, source: Source) -> None:
     check_sha256(header.sha256, "header sha256")
     if header.total_bytes != (size := source_size(source)):
         raise WireError(f"header total_bytes={header.total_bytes} but the payload is {size} bytes")
@@ -204,16 +209,17 @@ _DATA_TAG = _field_tag(transfer_pb2.UpdatePiece, "data", _LENGTH_DELIMITED)
 
 
 class UpdateReceiver:
-    """Consume a SubmitUpdate stream into ``sink``: the header exactly once and first, then pieces."""
+    """Consume a SubmitUpdate (or SubmitMasked) stream into ``sink``: the header exactly once and
+    first, then pieces."""
 
     def __init__(self, sink: Sink, max_bytes: int) -> None:
         self._sink = sink
         self._max_bytes = max_bytes
         self._messages = 0
         self._chunks: ChunkReceiver | None = None
-        self.header: transfer_pb2.UpdateHeader | None = None
+        self.header: transfer_pb2.UpdateHeader | secagg_pb2.MaskedHeader | None = None
 
-    def feed(self, message: transfer_pb2.UpdateChunk | Piece) -> None:
+    def feed(self, message: HeaderFirst | Piece) -> None:
         """Take the next message of the stream (a ``Piece`` as ``decode_update_chunk`` gives it)."""
         self._messages += 1
         if isinstance(message, Piece):
@@ -237,7 +243,7 @@ class UpdateReceiver:
             raise WireError(f"message {self._messages} is a piece before the header")
         self._chunks.add(offset, data)
 
-    def finish(self) -> transfer_pb2.UpdateHeader:
+    def finish(self) -> transfer_pb2.UpdateHeader | secagg_pb2.MaskedHeader:
         """Verify that the whole payload arrived intact and return the header it came with."""
         if self._chunks is None or self.header is None:
             raise WireError("the upload stream ended before its header (no messages)")
@@ -246,8 +252,8 @@ class UpdateReceiver:
 
 
 async def receive_update(
-    messages: AsyncIterable[transfer_pb2.UpdateChunk | Piece], sink: Sink, max_bytes: int
-) -> transfer_pb2.UpdateHeader:
+    messages: AsyncIterable[HeaderFirst | Piece], sink: Sink, max_bytes: int
+) -> transfer_pb2.UpdateHeader | secagg_pb2.MaskedHeader:
     """Receive a whole upload from a grpc.aio request stream into ``sink`` and verify it.
 
     Each piece over ``INLINE_BYTES`` is written and hashed in a worker thread while the next message
@@ -274,7 +280,7 @@ async def receive_update(
     return receiver.finish()
 
 
-def _piece_bytes(message: transfer_pb2.UpdateChunk | Piece) -> int:
+def _piece_bytes(message: HeaderFirst | Piece) -> int:
     if isinstance(message, Piece):
         return len(message.data)
     return len(message.piece.data) if message.WhichOneof("content") == "piece" else 0

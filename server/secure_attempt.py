@@ -6,6 +6,7 @@ the history's "secure" record. ``secure_round`` drives it; ``secure_state`` save
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from flora.common.secagg.finish import Sketch
 from flora.common.secagg.messages import EncryptedShare, KeyBundle
 from flora.common.secagg.server import ServerRound
 from flora.server.errors import FailedPrecondition
-from flora.server.secure_state import Identity, SavedAttempt, Untrusted, load, remove_others
+from flora.server.secure_state import GroupCommit, Identity, SavedAttempt, Untrusted, load, remove_others
+from flora.server.secure_transfer import Payload
 from flora.v1 import secagg_pb2 as sa
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class Attempt:
     sketch: Sketch | None = None  # pass 1's result, and its survivors
     survivors: frozenset[int] | None = None
     resumed: asyncio.Event = field(default_factory=asyncio.Event)  # set while the current step is handed out
+    downloads: dict[tuple[int, int], Payload] = field(default_factory=dict)  # the open MASK step's, by (index, kind)
+    streams: set[int] = field(default_factory=set)  # clients with a SubmitMasked stream in progress
 
     @classmethod
     def fresh(cls, folder: Path, identity: Identity, server: ServerRound) -> Attempt:
@@ -72,6 +76,24 @@ class Attempt:
             log.info("round %d attempt %d: resuming secure aggregation at %s (stage %d) from the saved state",
                      self.number, self.attempt, self.server.phase, self.server.stage)
         return True
+
+    async def handed_out(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) while a resumed attempt's interrupted step is not handed out again."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.resumed.wait()
+
+    async def save_answer(self, index: int, commit: GroupCommit) -> sa.SecureTask:
+        """Client ``index``'s step, answered, once ``commit`` saved the answer; the step (its own
+        objects: a deadline may end it meanwhile) ends once its last answer is saved."""
+        steps, done = self.steps, self.done
+        step = steps.pop(index)
+        try:
+            await commit.flush()
+        finally:  # a failed write (a full disk) is retried by the next one
+            if not steps:
+                done.set()
+        return step
 
     def counters(self) -> dict[str, dict[str, float]]:
         return {"bytes_up": dict(self.bytes_up), "bytes_down": dict(self.bytes_down), "seconds": dict(self.seconds)}

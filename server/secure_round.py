@@ -16,11 +16,10 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
 the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
-survivors (``_passes``). What the server holds is saved before it acts on it (``secure_state``): a
-restarted server resumes the attempt where it stopped. Any other failure (fewer than the threshold
-survive a stage, a client lost after stage 1's sum, a saved attempt that cannot be trusted) raises
-``SecAggError``; the driver then excludes the attempt's advertisements as a whole and the round
-reopens, so the clients train again and advertise fresh keys.
+survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Any other
+failure (fewer than the threshold survive a stage, a client lost after stage 1's sum, a saved
+attempt not to be trusted) raises ``SecAggError``; the driver then excludes the attempt's
+advertisements as a whole and the round reopens: the clients train again with fresh keys.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -48,17 +47,21 @@ from flora.common.secagg.messages import (
 )
 from flora.common.secagg.plan import KINDS, SKETCH, RoundPlan, plan_round, vector_length
 from flora.common.secagg.server import ServerRound
-from flora.common.secagg.wire import keys_digest, read_vector, sketch_bytes
+from flora.common.secagg.wire import keys_digest, sketch_bytes
+from flora.common.wire import Piece
 from flora.common.weights import client_weights
 from flora.server.aggregator import Aggregator, RoundOutput
 from flora.server.config import ServerSettings
-from flora.server.errors import FailedPrecondition, InvalidArgument
+from flora.server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from flora.server.rounds import Round, RoundState
 from flora.server.secure_attempt import Attempt
 from flora.server.secure_state import GroupCommit, Identity, stored_adverts
+from flora.server.secure_transfer import (
+    INBOX_KIND, SKETCH_KIND, Payload, inbox_payloads, masked_header, masked_vectors, payload_chunks, step_payloads,
+)
 from flora.server.store import Submission
 from flora.server.uploads import is_rslora
-from flora.v1 import secagg_pb2 as sa
+from flora.v1 import secagg_pb2 as sa, transfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +156,13 @@ class SecureRounds:
         return step
 
     async def _answer(self, client_id: str, kind: str, number: int, stage: int) -> tuple[Attempt, int]:
-        """The attempt and index an answer of ``kind`` is for (refused when not asked; a resumed step is awaited)."""
-        if (att := self._attempt) is not None and not att.resumed.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.secure_stage_deadline_s):
-                    await att.resumed.wait()
+        """``_asked``, once a resumed attempt's interrupted step is handed out again."""
+        if (att := self._attempt) is not None:
+            await att.handed_out(self.settings.secure_stage_deadline_s)
+        return self._asked(client_id, kind, number, stage)
+
+    def _asked(self, client_id: str, kind: str, number: int, stage: int) -> tuple[Attempt, int]:
+        """The attempt and client index an answer of ``kind`` belongs to; refused when not asked."""
         att = self._attempt
         if att is None or att.number != number:
             raise FailedPrecondition(f"secure aggregation: round {number} has no {kind} step open")
@@ -168,14 +173,7 @@ class SecureRounds:
         return att, index
 
     async def _answered(self, att: Attempt, index: int, kind: str, size: int, commit: GroupCommit) -> sa.SecureReply:
-        """Save the answer (``commit``), then acknowledge it; the step (its own objects) ends once its last answer is saved."""
-        steps, done = att.steps, att.done
-        att.bytes_up[_label(steps.pop(index))] += size
-        try:
-            await commit.flush()
-        finally:  # a failed write (a full disk) is retried by the next one
-            if not steps:
-                done.set()
+        att.bytes_up[_label(await att.save_answer(index, commit))] += size  # acknowledged once saved
         return sa.SecureReply(accepted=True, message=f"{kind} recorded")
 
     async def share(self, client_id: str, request: sa.ShareKeysRequest) -> sa.SecureReply:
@@ -189,20 +187,32 @@ class SecureRounds:
             raise refusal(error) from None
         return await self._answered(att, index, "share", request.ByteSize(), att.saved.state)
 
-    async def masked(self, client_id: str, request: sa.SubmitMaskedRequest) -> sa.SecureReply:
-        att, index = await self._answer(client_id, "mask", request.round, request.stage)
-        lengths = att.server.lengths
-        if len(request.vectors) != len(lengths):
-            raise InvalidArgument(f"vectors: stage {request.stage} takes {len(lengths)}, got {len(request.vectors)}")
+    async def masked(self, client_id: str, messages: AsyncIterator[sa.MaskedChunk | Piece]) -> sa.SecureReply:
+        """A SubmitMasked stream: the header checked against the open step, the bytes received and
+        verified (one stream per client at a time), then the vectors added to the stage's sum."""
+        header = await masked_header(messages)
+        att, index = await self._answer(client_id, "mask", header.round, header.stage)
+        if index in att.streams:
+            raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
+        att.streams.add(index)
         try:
-            vectors = tuple(read_vector(v, n) for v, n in zip(request.vectors, lengths))
-        except ValueError as error:
-            raise InvalidArgument(f"vectors: {error}") from None
+            vectors = await masked_vectors(header, messages, att.server.lengths)
+        finally:
+            att.streams.discard(index)
+        if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
+            raise FailedPrecondition(f"secure aggregation: round {header.round}'s attempt changed during the upload")
         try:
-            att.server.receive_masked(MaskedInput(index, att.number, request.stage, vectors))
+            att.server.receive_masked(MaskedInput(index, att.number, header.stage, vectors))
         except SecAggError as error:
             raise refusal(error) from None
-        return await self._answered(att, index, "mask", request.ByteSize(), att.saved.masked)
+        return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.masked)
+
+    def fetch(self, client_id: str, request: sa.FetchSecureRequest) -> Iterator[transfer_pb2.Chunk]:
+        """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset."""
+        att, index = self._asked(client_id, "mask", request.round, request.stage)
+        for chunk in payload_chunks(att.downloads.get((index, request.kind)), request, self.settings.chunk_size):
+            att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
+            yield chunk
 
     async def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
         att, index = await self._answer(client_id, "unmask", request.round, request.stage)
@@ -284,8 +294,7 @@ class SecureRounds:
         return replace(output, secure=secure)
 
     async def _passes(self, att: Attempt, plan: RoundPlan) -> tuple[RoundResult, frozenset[int]]:
-        """The plan's masked passes (from the one a resumed attempt stopped in); the result over
-        the clients whose masked input arrived.
+        """The plan's masked passes (from where a resumed attempt stopped); the result over the survivors.
 
         A client that drops after masking stage 1 is recovered from its neighbours' shares: the
         sums then hold the survivors alone, and the survivors' weights p_k are renormalized to
@@ -296,7 +305,6 @@ class SecureRounds:
         result, sketch, survivors = None, att.sketch, att.survivors or frozenset(planned)
         for stage in range(server.stage + (server.phase == "open"), plan.passes + 1):
             if server.phase == "open":
-                self._check_fits(plan, stage)
                 server.open_stage(stage, (vector_length(plan, stage),))
                 await att.saved.state.flush()
             request = MaskRequest(server.round_id, stage, tuple(sorted(server.active)), server.lengths)
@@ -304,9 +312,12 @@ class SecureRounds:
                 raise SecAggError("survivors", f"a client of stage {stage - 1}'s sum left before stage {stage}; "
                                                "the attempt starts over")
             if server.phase == "mask":
-                await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.inboxes.get(i, ()),
-                                                                             sketch))
+                att.downloads = await asyncio.to_thread(lambda: step_payloads(  # Q: up to GBs, serialised once
+                    request.active, inbox_payloads(att.inboxes) if stage == 1 else {},
+                    sketch_bytes(plan, sketch.q) if sketch is not None else None))
+                await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.downloads, i))
                                        for i in request.active if i not in server.masked_from}, f"mask{stage}")
+                att.downloads = {}
                 server.close_masked()
                 await att.saved.masked.flush()  # the sum the unmask request is for, then the request
                 await att.saved.state.flush()
@@ -331,15 +342,6 @@ class SecureRounds:
                         att.number, len(unmask.dropped), len(survivors))
         return result, survivors
 
-    def _check_fits(self, plan: RoundPlan, stage: int) -> None:
-        """Refuse a stage whose masked vector or Q does not fit one message (they are not streamed yet)."""
-        vector = 8 * vector_length(plan, stage)
-        sketch = 8 * sum(m.d_out * m.columns for m in plan.modules if not m.dense) if stage == 2 else 0
-        if max(vector, sketch) > self.settings.message_limit - (64 << 10):
-            raise SecAggError("chunk_size", f"stage {stage} moves {max(vector, sketch)} bytes in one message, above the "
-                                            f"{self.settings.message_limit}-byte limit (2 chunk_size + 1 MiB): raise "
-                                            "chunk_size; streamed stages are not built yet")
-
     def _plan(self, number: int, planned: Sequence[Submission]) -> tuple[RoundPlan, list]:
         """The round's public plan over the clients that shared, and the history's decisions."""
         claimed = client_weights([s.num_examples for s in planned], self.settings.weighting.value)
@@ -355,17 +357,16 @@ class SecureRounds:
         """Omega's public seed for round ``number``."""
         return self.settings.seed * 1_000_003 + number
 
-    def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, inbox: Sequence[EncryptedShare],
-                   sketch: Sketch | None) -> sa.MaskStep:
-        """Stage ``stage``'s step: the plan, the client's inbox in stage 1, Q in stage 2."""
+    def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, downloads: dict[tuple[int, int], Payload],
+                   index: int) -> sa.MaskStep:
+        """Stage ``stage``'s step: the plan, and what client ``index`` fetches (its inbox in stage 1, Q in stage 2)."""
         version = request.round_id - 1 if plan.kept is not None else 0  # the kept LoRA the round started from
         step = sa.MaskStep(stage=stage, active=request.active, lengths=request.lengths, plan=sa.SecurePlan(
             clients=sorted(request.active), ranks=plan.ranks, scalings=plan.scalings, weights=plan.weights,
             clip_norm=plan.clip_norm, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
-        if stage == 1:
-            step.inbox.extend(sa.SealedShare(sender=s.sender, receiver=s.receiver, ciphertext=s.ciphertext) for s in inbox)
-        if sketch is not None:
-            step.sketch = sketch_bytes(plan, sketch.q)
+        for name, kind in (("inbox", INBOX_KIND), ("sketch", SKETCH_KIND)):
+            if (index, kind) in downloads:
+                getattr(step, name).CopyFrom(downloads[index, kind][1])
         return step
 
 

@@ -152,10 +152,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         async with refusals(context, "ShareKeys"):
             return await self._secure("ShareKeys").share(self._coordinator.identify(_token(context)), request)
 
-    async def SubmitMasked(self, request: secagg_pb2.SubmitMaskedRequest,
+    async def SubmitMasked(self, request_iterator: AsyncIterable[secagg_pb2.MaskedChunk],
                            context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
         async with refusals(context, "SubmitMasked"):
-            return await self._secure("SubmitMasked").masked(self._coordinator.identify(_token(context)), request)
+            return await self._secure("SubmitMasked").masked(self._coordinator.identify(_token(context)),
+                                                             aiter(request_iterator))
+
+    async def FetchSecure(self, request: secagg_pb2.FetchSecureRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[transfer_pb2.Chunk]:
+        async with refusals(context, "FetchSecure"):
+            for chunk in self._secure("FetchSecure").fetch(self._coordinator.identify(_token(context)), request):
+                yield chunk
 
     async def Unmask(self, request: secagg_pb2.UnmaskRequest, context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
         async with refusals(context, "Unmask"):

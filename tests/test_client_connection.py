@@ -93,3 +93,11 @@ def test_a_server_that_is_down_is_retried_until_stop(tmp_path):
     with pytest.raises(Stopped):
         conn.call("Heartbeat", coordinator_pb2.HeartbeatRequest())
     conn.close()
+
+
+def test_a_message_over_grpcs_size_limit_is_not_retried_as_a_full_disk_would_be(connect, fake):
+    conn = connect()
+    fake.faults["Heartbeat"] = [Fault(grpc.StatusCode.RESOURCE_EXHAUSTED, details="Received message larger than max (5 vs. 4)")]
+    with pytest.raises(grpc.RpcError) as err:
+        conn.call("Heartbeat", coordinator_pb2.HeartbeatRequest(round=1))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(fake.requests["Heartbeat"]) == 1

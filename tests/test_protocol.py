@@ -42,7 +42,8 @@ def test_coordinator_service_has_every_call():
         "Settings": (False, False),
         "AdvertiseKeys": (False, False),
         "ShareKeys": (False, False),
-        "SubmitMasked": (False, False),
+        "SubmitMasked": (True, False),
+        "FetchSecure": (False, True),
         "Unmask": (False, False),
     }
 

@@ -23,6 +23,7 @@ from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import get_method
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.plan import plan_round
+from flora.common.secagg.stream import masked_messages
 from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sketch_bytes, vector_bytes
 from flora.server.aggregator import RoundOutput
 from flora.server.config import ServerSettings
@@ -58,18 +59,44 @@ class FakeAggregator:
 
 
 class Loopback:
-    """The client's Connection, answering each call with the server's SecureRounds directly (a
-    step's calls from a worker thread, as a client's would come: the server's answers are async)."""
+    """The client's Connection, answering each call with the server's SecureRounds directly: on
+    the event loop when one runs (the client's steps then run in a worker thread, as over gRPC)."""
 
     def __init__(self, secure: SecureRounds, client_id: str) -> None:
-        self.secure, self.client_id, self.current, self.loop = secure, client_id, None, None
+        self.secure, self.client_id, self.current = secure, client_id, None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _on_loop(self, handler, *args):
+        if self.loop is None:
+            return handler(*args)
+
+        async def run():
+            result = handler(*args)
+            return await result if asyncio.iscoroutine(result) else result
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
 
     def call(self, method: str, request, timeout=None):
         if method == "AdvertiseKeys":
             self.secure.advertise(self.client_id, self.current, request)
             return sa.SecureReply(accepted=True, message="ok")
-        handler = {"ShareKeys": self.secure.share, "SubmitMasked": self.secure.masked, "Unmask": self.secure.unmask}
-        return asyncio.run_coroutine_threadsafe(handler[method](self.client_id, request), self.loop).result()
+        handler = {"ShareKeys": self.secure.share, "Unmask": self.secure.unmask}
+        return self._on_loop(handler[method], self.client_id, request)
+
+    def retrying(self, what: str, attempt):
+        return attempt()
+
+    def stream_in(self, method: str, messages):
+        assert method == "SubmitMasked"
+        return self._on_loop(self.secure.masked, self.client_id, _aiter(list(messages)))
+
+    def stream_out(self, method: str, request):
+        assert method == "FetchSecure"
+        return iter(self._on_loop(lambda: list(self.secure.fetch(self.client_id, request))))
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
 
 
 def update(rank: int, seed: int) -> LoraAdapter:
@@ -112,21 +139,21 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
         info = secure.round_info(client_id, current)
         sessions[client_id] = secure_stages.advertise(link, spec(), info, header(1, u.rank, n), u, kept, get_method(method))
 
-    busy: set[str] = set()  # clients doing a step now (in a thread); each looks again when done
-
     def answer_steps() -> None:
-        loop = asyncio.get_running_loop()
         for client_id in ids:
-            task = None if client_id in busy else secure.task_for(client_id)
+            task = links[client_id]._on_loop(secure.task_for, client_id)
             if task is not None and silent.get(ids.index(client_id)) == _label(task):
                 dropped.add(client_id)
             if task is not None and client_id not in dropped:
-                busy.add(client_id)
-                links[client_id].loop = loop
-                done = loop.run_in_executor(None, secure_stages.handle, links[client_id], sessions[client_id], task)
-                done.add_done_callback(lambda f, c=client_id: (f.exception(), busy.discard(c), answer_steps()))
+                secure_stages.handle(links[client_id], sessions[client_id], task)
 
-    secure.notify = lambda: asyncio.get_running_loop().call_soon(answer_steps)
+    def notify() -> None:
+        loop = asyncio.get_running_loop()
+        for link in links.values():
+            link.loop = loop
+        loop.run_in_executor(None, answer_steps)
+
+    secure.notify = notify
     submissions = [Submission(round=1, client_id=c, sha256="0" * 64, path="", size=0, rank=u.rank, alpha=SCALING * u.rank,
                               scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=n, base_version=0, train_loss=None,
                               validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
@@ -193,7 +220,7 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_round_is_exact_o
     assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1)
     # Back late with its masked input: refused, so the server never holds it beside the recovered key.
     with pytest.raises(FailedPrecondition, match="no mask step of stage 1"):
-        asyncio.run(secure.masked("c-a", sa.SubmitMaskedRequest(round=1, stage=1, vectors=[b"\0" * 8])))
+        asyncio.run(secure.masked("c-a", _aiter(masked_messages(1, 1, [np.zeros(1, dtype=np.uint64)], 4096))))
 
 
 def test_a_client_that_drops_in_the_second_pass_fails_the_attempt_for_a_retry():
@@ -248,7 +275,7 @@ def test_answers_out_of_turn_are_refused_as_failed_precondition():
     with pytest.raises(FailedPrecondition, match="no share step"):
         asyncio.run(secure.share(ids[0], sa.ShareKeysRequest(round=1)))
     with pytest.raises(FailedPrecondition, match="round 2 has no mask step"):
-        asyncio.run(secure.masked(ids[0], sa.SubmitMaskedRequest(round=2, stage=1)))
+        asyncio.run(secure.masked(ids[0], _aiter(masked_messages(2, 1, [np.zeros(1, dtype=np.uint64)], 4096))))
 
 
 def test_the_sketch_and_vector_layouts_round_trip_and_refuse_a_wrong_length():
@@ -316,11 +343,3 @@ def test_flora_admin_status_shows_each_secure_rounds_survivors_and_cost():
     text = render_plain(status, 0.0)
     assert "secure" in text and "2 survivors (+1 recovered), 2 MB, 2.5s" in text
     assert "secure" not in render_plain(pb.StatusReply(state="running"), 0.0)
-
-
-def test_a_stage_too_large_for_one_message_is_refused_naming_chunk_size():
-    secure, _, _, _ = setup()
-    plan = plan_round(get_method("flora"), None, {"big": (2048, 2048)}, [64, 64, 64], [SCALING] * 3, [1 / 3] * 3, 1.0, 7)
-    with pytest.raises(SecAggError, match="raise chunk_size"):
-        secure._check_fits(plan, 1)
-    secure._check_fits(plan_round(get_method("flora"), None, SHAPES, list(RANKS), [SCALING] * 3, [1 / 3] * 3, 1.0, 7), 2)

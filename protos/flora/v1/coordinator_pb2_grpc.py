@@ -107,10 +107,15 @@ class CoordinatorStub:
                 request_serializer=flora_dot_v1_dot_secagg__pb2.ShareKeysRequest.SerializeToString,
                 response_deserializer=flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
                 _registered_method=True)
-        self.SubmitMasked = channel.unary_unary(
+        self.SubmitMasked = channel.stream_unary(
                 '/flora.v1.Coordinator/SubmitMasked',
-                request_serializer=flora_dot_v1_dot_secagg__pb2.SubmitMaskedRequest.SerializeToString,
+                request_serializer=flora_dot_v1_dot_secagg__pb2.MaskedChunk.SerializeToString,
                 response_deserializer=flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+                _registered_method=True)
+        self.FetchSecure = channel.unary_stream(
+                '/flora.v1.Coordinator/FetchSecure',
+                request_serializer=flora_dot_v1_dot_secagg__pb2.FetchSecureRequest.SerializeToString,
+                response_deserializer=flora_dot_v1_dot_transfer__pb2.Chunk.FromString,
                 _registered_method=True)
         self.Unmask = channel.unary_unary(
                 '/flora.v1.Coordinator/Unmask',
@@ -228,8 +233,17 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SubmitMasked(self, request, context):
-        """Secure aggregation: the client's masked vectors of one stage (answer to a MASK step).
+    def SubmitMasked(self, request_iterator, context):
+        """Secure aggregation: the client's masked vectors of one stage (answer to a MASK step): a
+        header, then the bytes in pieces. Accepted once; a replay after acceptance is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchSecure(self, request, context):
+        """Secure aggregation: a payload of the caller's open MASK step (its inbox, or Q) in chunks,
+        resumable by offset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,10 +329,15 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=flora_dot_v1_dot_secagg__pb2.ShareKeysRequest.FromString,
                     response_serializer=flora_dot_v1_dot_secagg__pb2.SecureReply.SerializeToString,
             ),
-            'SubmitMasked': grpc.unary_unary_rpc_method_handler(
+            'SubmitMasked': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitMasked,
-                    request_deserializer=flora_dot_v1_dot_secagg__pb2.SubmitMaskedRequest.FromString,
+                    request_deserializer=flora_dot_v1_dot_secagg__pb2.MaskedChunk.FromString,
                     response_serializer=flora_dot_v1_dot_secagg__pb2.SecureReply.SerializeToString,
+            ),
+            'FetchSecure': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchSecure,
+                    request_deserializer=flora_dot_v1_dot_secagg__pb2.FetchSecureRequest.FromString,
+                    response_serializer=flora_dot_v1_dot_transfer__pb2.Chunk.SerializeToString,
             ),
             'Unmask': grpc.unary_unary_rpc_method_handler(
                     servicer.Unmask,
@@ -716,7 +735,7 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
-    def SubmitMasked(request,
+    def SubmitMasked(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -726,12 +745,39 @@ class Coordinator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/flora.v1.Coordinator/SubmitMasked',
-            flora_dot_v1_dot_secagg__pb2.SubmitMaskedRequest.SerializeToString,
+            flora_dot_v1_dot_secagg__pb2.MaskedChunk.SerializeToString,
             flora_dot_v1_dot_secagg__pb2.SecureReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchSecure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flora.v1.Coordinator/FetchSecure',
+            flora_dot_v1_dot_secagg__pb2.FetchSecureRequest.SerializeToString,
+            flora_dot_v1_dot_transfer__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,20 +80,42 @@ class ShareStep(_message.Message):
     def __init__(self, participants: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[_Union[PublicKeys, _Mapping]]] = ...) -> None: ...
 
 class MaskStep(_message.Message):
-    __slots__ = ("stage", "active", "lengths", "inbox", "sketch", "plan")
+    __slots__ = ("stage", "active", "lengths", "plan", "inbox", "sketch")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     INBOX_FIELD_NUMBER: _ClassVar[int]
     SKETCH_FIELD_NUMBER: _ClassVar[int]
-    PLAN_FIELD_NUMBER: _ClassVar[int]
     stage: int
     active: _containers.RepeatedScalarFieldContainer[int]
     lengths: _containers.RepeatedScalarFieldContainer[int]
-    inbox: _containers.RepeatedCompositeFieldContainer[SealedShare]
-    sketch: bytes
     plan: SecurePlan
-    def __init__(self, stage: _Optional[int] = ..., active: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., inbox: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., sketch: _Optional[bytes] = ..., plan: _Optional[_Union[SecurePlan, _Mapping]] = ...) -> None: ...
+    inbox: StepDownload
+    sketch: StepDownload
+    def __init__(self, stage: _Optional[int] = ..., active: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[SecurePlan, _Mapping]] = ..., inbox: _Optional[_Union[StepDownload, _Mapping]] = ..., sketch: _Optional[_Union[StepDownload, _Mapping]] = ...) -> None: ...
+
+class StepDownload(_message.Message):
+    __slots__ = ("kind", "total_bytes", "sha256")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    kind: _transfer_pb2.ArtifactKind
+    total_bytes: int
+    sha256: str
+    def __init__(self, kind: _Optional[_Union[_transfer_pb2.ArtifactKind, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class FetchSecureRequest(_message.Message):
+    __slots__ = ("round", "stage", "kind", "offset")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    stage: int
+    kind: _transfer_pb2.ArtifactKind
+    offset: int
+    def __init__(self, round: _Optional[int] = ..., stage: _Optional[int] = ..., kind: _Optional[_Union[_transfer_pb2.ArtifactKind, str]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class UnmaskStep(_message.Message):
     __slots__ = ("stage", "survivors", "dropped")
@@ -127,15 +149,27 @@ class ShareKeysRequest(_message.Message):
     shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
     def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
 
-class SubmitMaskedRequest(_message.Message):
-    __slots__ = ("round", "stage", "vectors")
+class MaskedHeader(_message.Message):
+    __slots__ = ("round", "stage", "lengths", "total_bytes", "sha256")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
-    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     round: int
     stage: int
-    vectors: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, round: _Optional[int] = ..., stage: _Optional[int] = ..., vectors: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    sha256: str
+    def __init__(self, round: _Optional[int] = ..., stage: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class MaskedChunk(_message.Message):
+    __slots__ = ("header", "piece")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    header: MaskedHeader
+    piece: _transfer_pb2.UpdatePiece
+    def __init__(self, header: _Optional[_Union[MaskedHeader, _Mapping]] = ..., piece: _Optional[_Union[_transfer_pb2.UpdatePiece, _Mapping]] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "share")

@@ -14,11 +14,15 @@ class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARTIFACT_KIND_GLOBAL_LORA: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_MERGED_MODULES: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_GLOBAL_UPDATE: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_SECURE_INBOX: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_SECURE_SKETCH: _ClassVar[ArtifactKind]
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_GLOBAL_ADAPTER: ArtifactKind
 ARTIFACT_KIND_GLOBAL_LORA: ArtifactKind
 ARTIFACT_KIND_MERGED_MODULES: ArtifactKind
 ARTIFACT_KIND_GLOBAL_UPDATE: ArtifactKind
+ARTIFACT_KIND_SECURE_INBOX: ArtifactKind
+ARTIFACT_KIND_SECURE_SKETCH: ArtifactKind
 
 class Chunk(_message.Message):
     __slots__ = ("kind", "version", "offset", "total_bytes", "sha256", "data")
