@@ -120,6 +120,14 @@ class Aggregator:
             return self.settings.max_update_norm
         return self.settings.max_update_norm_ratio * self.base_norm
 
+    @property
+    def upload_norm_limit(self) -> float:
+        """The norm above which an upload is refused: ``max_update_norm``, none under DP. There the
+        clip to dp_clip_norm bounds every contribution, and a refusal by norm would make whether a
+        client takes part depend on its data, which the release does not account (nor would the
+        bias it adds be noise)."""
+        return math.inf if self.settings.dp_enabled else self.max_update_norm
+
     def start_of(self, rank: int, scaling: float) -> ClientStart:
         """How a client of ``rank`` and ``scaling`` starts from the current kept LoRA: what the
         server checks its upload against, and what the method's merge removes (one
@@ -215,13 +223,18 @@ class Aggregator:
         """The updates that fail on their own (unreadable, or non-finite merged alone), with why.
 
         What a failed aggregation is blamed on: each update is re-read and merged into a copy of
-        the current weights by itself; the model is not changed.
+        the current weights by itself; the model is not changed. Under DP an update is only
+        re-read (finite, of the run's shapes): the round merges its clipped change, never the
+        update itself, so an update that overflows alone is no fault of the round, and leaving it
+        out for its size would make taking part depend on the data.
         """
         live = module_weights(self.model, list(self.shapes))
         reasons = {}
         for submission in submissions:
             try:
-                merged_weights(live, self._load_update(submission), self.precision)
+                update = self._load_update(submission)
+                if not self.settings.dp_enabled:
+                    merged_weights(live, update, self.precision)
             except (ValueError, FileNotFoundError) as error:  # PayloadError is a ValueError
                 reasons[submission.client_id] = f"{type(error).__name__}: {error}"
         return reasons

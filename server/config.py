@@ -177,7 +177,8 @@ class ServerSettings(BaseModel):
     max_update_norm: float | None = Field(
         None, gt=0.0,
         description="largest norm an upload's change from its start |s B A - init|_F (over all target modules) may have; "
-                    "unset = max_update_norm_ratio x the norm of the base model's target-module weights",
+                    "unset = max_update_norm_ratio x the norm of the base model's target-module weights; "
+                    "not enforced under DP (a larger change is clipped to dp_clip_norm)",
     )
     max_update_norm_ratio: float = Field(
         100.0, gt=0.0, le=1e12,
@@ -381,8 +382,8 @@ class ServerSettings(BaseModel):
         method = info.data.get("method")
         reason = None if method is None else get_method(method).dp_refusal
         if reason is not None:
-            raise ValueError(f"method {method} cannot run under differential privacy: {reason}; "
-                             "use flora, flora-warm or ffa")
+            private = ", ".join(name for name, m in METHODS.items() if m.dp_refusal is None)
+            raise ValueError(f"method {method} cannot run under differential privacy: {reason}; use one of {private}")
         for rule in ("clip_median_multiple", "reject_median_multiple"):
             if info.data.get(rule) is not None:
                 raise ValueError(f"{rule} cannot be used under differential privacy: one client moves the round's "

@@ -82,6 +82,7 @@ def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[i
         secure_aggregation=settings.secure_aggregation,
         secure_clip_norm=(settings.clip_norm or max_update_norm) if settings.secure_aggregation else 0.0,
         secure_stage_deadline_s=settings.secure_stage_deadline_s if settings.secure_aggregation else 0.0,
+        dp_noise_multiplier=settings.dp_noise_multiplier or 0.0, dp_clip_norm=settings.dp_clip_norm or 0.0,
     )
 
 
@@ -406,7 +407,7 @@ class Coordinator:
             tmp = await receive_payload(header, messages, self.layout.tmp, self.settings.max_update_bytes)
             final = self.layout.update(header.round, client_id, header.sha256)
             try:
-                await validate_durably(tmp, header, self.shapes, self._limits, aggregator.max_update_norm, aggregator.method,
+                await validate_durably(tmp, header, self.shapes, self._limits, aggregator.upload_norm_limit, aggregator.method,
                                        await start)
                 await asyncio.to_thread(_publish_update, tmp, final)
             except BaseException:

@@ -36,6 +36,15 @@ TICK_S = 0.25  # how often deadlines and client timeouts are looked at
 _RETRY_MAX_S = 60.0
 
 
+def error_phrase(error: float, private: bool, secure: bool) -> str:
+    """The round log line's words on its aggregation error: never "nan". Under DP and under secure
+    aggregation the server measures none (it holds no clear update to measure against), and says why."""
+    if not math.isnan(error):
+        return f"aggregation error {error:.3g}"
+    why = "private release" if private else "secure aggregation" if secure else "not measured"
+    return f"aggregation error n/a ({why})"
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -308,8 +317,9 @@ class RoundDriver:
         self._retry_delay = 0.0
         self.machine.aggregated(number)
         self.bytes_out = 0
-        log.info("round %d committed: version %d, %d clients, global rank %d, aggregation error %.3g%s",
-                 number, number, clients, output.global_rank, output.aggregation_error,
+        log.info("round %d committed: version %d, %d clients, global rank %d, %s%s",
+                 number, number, clients, output.global_rank,
+                 error_phrase(output.aggregation_error, self.privacy is not None, self.secure is not None),
                  "" if output.validation_loss is None else f", validation loss {output.validation_loss:.4f}")
         if self.machine.finished:
             self.finished_at = now

@@ -121,6 +121,14 @@ def test_an_update_above_the_runs_max_update_norm_is_not_uploaded(tmp_path, data
     assert not fake.requests["SubmitUpdate"]
 
 
+def test_under_dp_an_update_above_max_update_norm_is_uploaded_for_the_server_to_clip(tmp_path, data_files):
+    # Holding it back would make taking part depend on the data (protos/PROTOCOL.md, "Differential privacy").
+    spec = tiny_spec(max_update_norm=1e-12, dp_noise_multiplier=1.0, dp_clip_norm=0.5)
+    fake = FakeCoordinator(spec, tasks=[train_task(1, 0)])
+    status, _ = run_daemon(tmp_path, fake, data_files)
+    assert status == 0 and len(fake.uploads) == 1
+
+
 def test_a_removed_client_stops_training_and_exits_with_the_operators_reason(tmp_path, spec, data_files):
     removed = "NextTask: client 'alice' was removed by the operator: leaked kit"
     fake = FakeCoordinator(spec, tasks=[train_task(1, 0)])

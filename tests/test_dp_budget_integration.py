@@ -6,6 +6,7 @@ noisy, since the budget depends only on what was released and how the clients we
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -70,13 +71,15 @@ def test_target_epsilon_ends_the_run_and_sigkills_neither_reset_nor_double_count
     assert line in session.server.output() and "the run ends at version 2" in session.server.output()
     assert session.bob.next_task().WhichOneof("kind") == "finished"
     assert [r.dp_epsilon for r in status.recent_rounds] == pytest.approx([spent(1), spent(2)])
-    assert f"privacy: epsilon {spent(2):.4g} spent of target 5 at delta 1e-05" in render_plain(status, time.time())
+    console = render_plain(status, time.time())
+    assert f"privacy: epsilon {spent(2):.4g} spent of target 5 at delta 1e-05" in console
+    assert not re.search(r"\bnan\b", console + session.server.output(), re.IGNORECASE)  # no unmeasured error shown as nan
     url = next(line.split("metrics on ", 1)[1].split()[0] for line in session.server.lines if "metrics on http" in line)
     metrics = _when(lambda: (m := scrape(url))[("flora_dp_epsilon", ())] > spent(1) and m)
     assert metrics[("flora_dp_epsilon", ())] == pytest.approx(spent(2))
     assert (metrics[("flora_dp_delta", ())], metrics[("flora_dp_target_epsilon", ())]) == (1e-5, TARGET)
     report = (write_report(session.state_dir, session.state_dir.parent / "report", require_png=False).markdown).read_text()
-    assert f"epsilon {spent(2):.4g} at delta 1e-05 after 2 rounds" in report
+    assert f"epsilon {spent(2):.4g} at delta 1e-05 after 2 rounds" in report and not re.search(r"\bnan\b", report, re.IGNORECASE)
 
     session.restart_after_kill()  # the end is kept: no round 3 after a restart either
     status = session.operator.status()

@@ -24,7 +24,7 @@ RANKS = [8, 4, 2, 1, 1, 4]
 CLIP = 0.5
 SIGMA = 1.3
 POLICY = RobustPolicy(max_weight_share=0.3)
-RELEASED = ("flora", "flora-warm", "ffa")
+RELEASED = ("flora", "flora-warm", "flexlora", "ffa")
 
 
 def _factors(rank: int, scale: float, generator: torch.Generator) -> dict[str, LoraPair]:
@@ -160,18 +160,20 @@ def test_the_published_round_is_a_function_of_the_release_alone(method_name):
     assert (first.kept is None) == (method_name == "flora")
 
 
-def test_flora_warm_keeps_the_release_plus_the_public_starts():
+@pytest.mark.parametrize("method_name", ["flora-warm", "flexlora"])
+def test_warm_started_methods_keep_the_release_plus_the_public_starts(method_name):
     # Without noise the private result is the clear merge: the kept LoRA is rebuilt from the
-    # release and the starts (no client factor needed), and the delta is the clipped change.
-    method, kept = get_method("flora-warm"), _kept("flora-warm")
-    updates = _updates("flora-warm", kept, 8)
+    # release and the starts (no client factor needed), and the delta is the clear one: the
+    # clipped change (flora-warm), the clipped average of the products minus the kept LoRA (flexlora).
+    method, kept = get_method(method_name), _kept(method_name)
+    updates = _updates(method_name, kept, 8)
     clipped = clip_inputs(method, kept, updates, [1.0] * len(RANKS), POLICY, CLIP)
     quiet = release(method, kept, clipped, _privacy("dense", sigma=0.0), 1, torch.Generator().manual_seed(0))
     private = publish(method, kept, clipped.clients, clipped.weights, quiet)
     clear = method.merge(kept, clipped.updates, clipped.weights, torch.float64, clipped.clips)
     for name in SHAPES:
         torch.testing.assert_close(private.delta.delta(name, torch.float64), clear.delta.delta(name, torch.float64),
-                                   rtol=0, atol=1e-9)
+                                   rtol=0, atol=1e-9 if method_name == "flora-warm" else 1e-5)  # flexlora's: float32 canonical
         torch.testing.assert_close(private.kept.delta(name, torch.float64), clear.kept.delta(name, torch.float64),
                                    rtol=0, atol=1e-5)
 
@@ -207,7 +209,7 @@ def test_the_noise_is_secret_not_derived_from_public_values():
     assert sketch_seed(11, 3, name) == sketch_seed(11, 3, name) != sketch_seed(11, 4, name)
 
 
-@pytest.mark.parametrize("method_name", ["fedit", "zeropad", "fedex", "flexlora"])
+@pytest.mark.parametrize("method_name", ["fedit", "zeropad", "fedex"])
 def test_methods_whose_merge_is_not_a_sum_of_clipped_changes_are_refused(method_name):
     method = get_method(method_name)
     assert method.dp_refusal

@@ -61,7 +61,7 @@ def test_default_delta_is_below_one_over_the_clients_a_round_waits_for():
         (["--dp-clip-norm", "1"], "dp_clip_norm", "go together"),
         (["--dp-noise-multiplier", "0"] + DP[2:], "dp_noise_multiplier", "greater than 0"),
         (DP + ["--method", "fedit"], "dp_noise_multiplier", "method fedit cannot run under differential privacy"),
-        (DP + ["--method", "flexlora"], "dp_noise_multiplier", "method flexlora cannot run"),
+        (DP + ["--method", "zeropad"], "dp_noise_multiplier", "use one of flora, flora-warm, ffa, flexlora"),
         (DP + ["--clip-median-multiple", "3"], "dp_noise_multiplier", "clip_median_multiple cannot be used"),
         (DP + ["--reject-median-multiple", "3"], "dp_noise_multiplier", "reject_median_multiple cannot be used"),
         (["--dp-delta", "1e-6"], "dp_delta", "differential privacy is off"),
@@ -80,7 +80,7 @@ def test_refusals_name_the_field(argv, field, message):
 
 def test_only_methods_with_a_private_release_run_under_dp():
     runnable = {name for name, method in METHODS.items() if method.dp_refusal is None}
-    assert runnable == {"flora", "flora-warm", "ffa"}
+    assert runnable == {"flora", "flora-warm", "flexlora", "ffa"}
     for name in METHODS:
         if name not in runnable:
             with pytest.raises(SettingsError, match=f"method {name} cannot run"):

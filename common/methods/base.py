@@ -241,9 +241,21 @@ def plus_starts(
     change: LoraAdapter, inits: Sequence[LoraAdapter | None], weights: Sequence[float], dtype: torch.dtype = torch.float64,
 ) -> LoraAdapter:
     """Stacked factors of change + sum_k p_k init_k: the average of the clients' clipped products
-    (``clipped_stack``) rebuilt from a released change and the public starts."""
-    terms = [change] + [init for init in inits if init is not None]
-    factors = [1.0] + [p for p, init in zip(weights, inits) if init is not None]
+    (``clipped_stack``) rebuilt from a released change and the public starts.
+
+    Clients of one rank and scaling share one start (``cached_start``), stacked once with the sum
+    of their weights: the stack grows by the distinct starts, not by the clients.
+    """
+    terms, factors = [change], [1.0]
+    slot: dict[int, int] = {}  # id of a start -> its index in terms
+    for p, init in zip(weights, inits):
+        if init is None:
+            continue
+        if id(init) not in slot:
+            slot[id(init)] = len(terms)
+            terms.append(init)
+            factors.append(0.0)
+        factors[slot[id(init)]] += p
     return flora_stack(terms, factors, dtype)
 
 

@@ -7,6 +7,10 @@
   the start, where a client's model is the base plus a truncation of the global update;
 - kept: that average as canonical factors (the stack itself would hand out every client's
   factors); sent: them and the delta.
+
+Under client-level DP that average is rebuilt from the private release of the clipped changes:
+every start init_k is public (the kept LoRA's top-r_k part), so sum_k p_k init_k + the released
+sum_k p_k c_k (s_k B_k A_k - init_k) is the clipped average ``merge`` forms, plus the noise.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from flora.common.lora import LoraAdapter
 from flora.common.methods.base import (
-    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, difference, principal,
+    AggregationMethod, ClientStart, RoundResult, canonical_adapter, clipped_stack, difference, plus_starts, principal,
 )
 
 
@@ -25,11 +29,7 @@ class FlexLora(AggregationMethod):
     name = "flexlora"
     exact = False
     summary = "FlexLoRA: average of products, clients start from its truncated SVD on the base (inexact)"
-    dp_refusal = (
-        "its global update is the average of the clients' whole products, each from its own truncated start, "
-        "not a sum of changes from one public start: the private releases (sum of clipped changes) do not "
-        "give it"
-    )
+    dp_refusal = None  # the average of the products is the public starts plus the sum of the clients' changes
 
     def start(self, kept: LoraAdapter | None, rank: int, scaling: float) -> ClientStart:
         """The global update cut to this client's rank, on the weights without any of it."""
@@ -46,3 +46,12 @@ class FlexLora(AggregationMethod):
         inits = self.inits(kept, updates) if clipped else [None] * len(updates)
         new = canonical_adapter(clipped_stack(updates, weights, inits, dtype, clips))
         return RoundResult(delta=difference(new, kept, dtype), kept=new)
+
+    def released(
+        self, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]], weights: Sequence[float], change: LoraAdapter,
+    ) -> RoundResult:
+        """The global update becomes the public starts plus the released change, sum_k p_k init_k +
+        change (``merge``'s average of the clipped products, from the release), canonical as there."""
+        inits = [self.cached_start(kept, rank, scaling).init for rank, scaling in clients]
+        new = canonical_adapter(plus_starts(change, inits, weights))
+        return RoundResult(delta=difference(new, kept, torch.float64), kept=new)
