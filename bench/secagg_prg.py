@@ -1,9 +1,11 @@
 """Cost of secure aggregation's cryptography (flora.common.secagg), in one process.
 
 1. Mask expansion: MB/s of ``prg.expand`` (HKDF stream key + AES-256-CTR keystream read as
-   uint64) and of ``prg.apply_mask`` (expansion added into a vector mod 2^64), against the raw
-   stream cipher producing the same number of bytes into a preallocated buffer (the ceiling),
-   and raw ChaCha20 (the alternative cipher) for reference. Medians of ``--repeats``.
+   uint64), of ``prg.apply_mask`` (expansion added into a vector mod 2^64) and of
+   ``prg.apply_masks`` (21 masks added in one pass, as a client at K = 100 does), against the
+   raw stream cipher producing the same number of bytes into a preallocated buffer (the
+   ceiling), raw ChaCha20 (the alternative cipher) for reference, and the code each speed-up
+   replaced ("before" rows). Medians of ``--repeats``.
 2. One whole round (``inprocess.run_round``) at K = 10, 50, 100 clients with vectors of
    ``--length`` uint64 entries (1M by default: 8 MB per client): per stage the client seconds
    (mean per client) and server seconds, payload bytes up and down per client, wall time, with
@@ -31,28 +33,46 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from bench.report import RESULTS, median_seconds, write_results
 from flora.common.secagg.graph import default_degree, default_threshold
 from flora.common.secagg.inprocess import STAGES, run_round
-from flora.common.secagg.prg import MaskLabel, apply_mask, expand
+from flora.common.secagg.prg import MaskLabel, apply_mask, apply_masks, expand
 from flora.common.tables import format_table
 
 MB = 1e6
+MASKS = 21  # a client's masks at K = 100: its self mask and one per neighbour (degree 20)
 
 
-def prg_rows(length: int, repeats: int) -> list[dict[str, object]]:
-    """Throughput of mask expansion against the raw ciphers on the same bytes."""
+def _former_expand(seed: bytes, label: MaskLabel, length: int) -> None:
+    """Before: a zero-filled vector and the mask added into it (baseline of ``prg.expand``)."""
+    apply_mask(np.zeros(length, dtype=np.uint64), seed, label, +1)
+
+
+def _one_mask_at_a_time(acc: np.ndarray, masks: list[tuple[bytes, MaskLabel, int]]) -> None:
+    """Before: one pass over the vector per mask (baseline of ``prg.apply_masks``)."""
+    for seed, label, sign in masks:
+        apply_mask(acc, seed, label, sign)
+
+
+def prg_rows(length: int, repeats: int, masks: int = MASKS) -> list[dict[str, object]]:
+    """Throughput of mask expansion against the raw ciphers on the same bytes, and each speed-up
+    against what it replaced (same run): MB are keystream bytes, ``masks`` streams for the
+    many-mask rows (a client at K = 100 adds 21: its self mask and 20 pairwise)."""
     nbytes = 8 * length
     zeros, out = bytes(nbytes), bytearray(nbytes + 15)
     key, seed, label = b"\x01" * 32, b"\x02" * 32, MaskLabel("pair", 1, 0)
     acc = np.zeros(length, dtype=np.uint64)
+    many = [(bytes([i + 1]) * 32, label, 1 if i % 2 else -1) for i in range(masks)]
     cases = {
-        "raw AES-256-CTR (baseline)": lambda: Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(zeros, out),
-        "raw ChaCha20": lambda: Cipher(algorithms.ChaCha20(key, bytes(16)), None).encryptor().update_into(zeros, out),
-        "prg.expand": lambda: expand(seed, label, length),
-        "prg.apply_mask": lambda: apply_mask(acc, seed, label, +1),
+        "raw AES-256-CTR (baseline)": (1, lambda: Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(zeros, out)),
+        "raw ChaCha20": (1, lambda: Cipher(algorithms.ChaCha20(key, bytes(16)), None).encryptor().update_into(zeros, out)),
+        "prg.expand (keystream into the result)": (1, lambda: expand(seed, label, length)),
+        "before: zero-fill, then apply_mask": (1, lambda: _former_expand(seed, label, length)),
+        "prg.apply_mask": (1, lambda: apply_mask(acc, seed, label, +1)),
+        f"prg.apply_masks, {masks} masks in one pass": (masks, lambda: apply_masks(acc, many)),
+        f"before: {masks} x apply_mask, a pass each": (masks, lambda: _one_mask_at_a_time(acc, many)),
     }
-    seconds = {name: median_seconds(fn, repeats) for name, fn in cases.items()}
-    base = seconds["raw AES-256-CTR (baseline)"]
-    return [{"what": name, "MB": nbytes / MB, "seconds": s, "MB_per_s": nbytes / MB / s, "vs_raw_aes": base / s}
-            for name, s in seconds.items()]
+    seconds = {name: (streams, median_seconds(fn, repeats)) for name, (streams, fn) in cases.items()}
+    base = seconds["raw AES-256-CTR (baseline)"][1]
+    return [{"what": name, "MB": streams * nbytes / MB, "seconds": s, "MB_per_s": streams * nbytes / MB / s,
+             "vs_raw_aes": streams * base / s} for name, (streams, s) in seconds.items()]
 
 
 def round_rows(k: int, length: int, drop_fraction: float, seed: int) -> tuple[dict[str, object], list[dict[str, object]]]:

@@ -269,3 +269,31 @@ def test_a_waiting_round_short_of_clients_says_what_it_needs():
     status = pb.StatusReply(state="waiting_for_clients", global_version=2)
     status.round.CopyFrom(pb.RoundStatus(round=3, state="waiting", min_clients=3, available_clients=2))
     assert "round 3 waiting: needs 3 connected clients, has 2" in console.render_plain(status, now=0.0)
+
+
+def test_report_shows_each_secure_rounds_survivors_recoveries_and_the_cost_of_each_stage(tmp_path):
+    history_file(tmp_path / "state")
+    path = tmp_path / "state" / "history.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records[1:]:
+        record["secure_aggregation"] = record["round"] != 2  # round 2 plain: a "no" row
+    records[1]["secure"] = {"survivors": 2, "dropped": 1, "dropouts_recovered": 1,
+                            "bytes_up": {"advertise": 300, "share": 2_000_000, "mask1": 8_000_000},
+                            "bytes_down": {"share": 1_000_000, "mask1": 4_500_000}, "seconds": {"share": 0.5, "mask1": 2.25}}
+    records[3]["secure"] = {"survivors": 2, "dropped": 0, "dropouts_recovered": 0, "bytes_up": {"mask1": 1_000_000},
+                            "bytes_down": {}, "seconds": {"mask1": 1.0}}
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(tmp_path / "state", require_png=False).markdown.read_text()
+    table = text[text.index("Secure aggregation"):]
+    header = next(line for line in table.splitlines() if line.startswith("| round"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "round", "secure", "survivors", "dropouts recovered", "advertise", "share", "mask1"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[4:7]]
+    assert rows[0] == ["1", "yes", "2", "1", "0.0003 / 0 / 0.00s", "2 / 1 / 0.50s", "8 / 4.5 / 2.25s"]
+    assert rows[1][:3] == ["2", "no", "-"]
+    assert rows[2] == ["3", "yes", "2", "0", "0 / 0 / 0.00s", "0 / 0 / 0.00s", "1 / 0 / 1.00s"]
+
+
+def test_report_of_a_plain_run_has_no_secure_section(tmp_path):
+    history_file(tmp_path / "state")
+    assert "Secure aggregation" not in write_report(tmp_path / "state", require_png=False).markdown.read_text()

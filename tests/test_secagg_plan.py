@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from flora.common.downlink import plan_downlink
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.methods import RoundResult, get_method
 from flora.common.secagg.contribution import ClientChange, client_change, client_contribution
@@ -80,6 +81,36 @@ def test_three_secure_rounds_merge_what_plain_stacking_merges(name, clip):
         if plain_kept is not None:  # what the next round starts from: from the sums alone, yet the same
             kept, expected_kept = secure_kept.delta(name, torch.float64), plain_kept.delta(name, torch.float64)
             assert torch.linalg.norm(kept - expected_kept) <= 1e-6 * torch.linalg.norm(expected_kept)
+
+
+
+@pytest.mark.parametrize("name", ["flora", "flora-warm"])
+def test_the_secure_downlink_has_the_form_and_rank_of_the_plain_stacks(name):
+    """The round's sum reaches the downlink as factors of rank <= the rank bound (30 here), so it
+    travels as the plain round's does: a dense-passed 64 x 64 module as rank-30 factors (not the
+    dense matrix), a sketched 256 x 240 one at rank 30 (not the sketch's 34: with a clip bound far
+    above the changes, the oversampling's round-off stands above the downlink's rank cut), the
+    small v module dense in both; the change equals plain's to 1e-6."""
+    shapes = {"layers.0.q_proj": (64, 64), "layers.0.v_proj": (32, 64), "layers.0.k_proj": (256, 240)}
+    method, scalings = get_method(name), [16.0 / r for r in RANKS]
+    kept = method.initial(shapes, max(RANKS), scalings[0], seed=3)
+    generator = torch.Generator().manual_seed(4)
+    updates = [LoraAdapter({n: LoraPair(torch.randn(r, d_in, generator=generator) / 8,
+                                        1e-4 * torch.randn(d_out, r, generator=generator))
+                            for n, (d_out, d_in) in shapes.items()}, s) for r, s in zip(RANKS, scalings)]
+    weights = round_weights(CLAIMS, None)
+    result, clips = secure_round(method, kept, updates, weights, 1e3, wrapping_sum, seed=1)
+    plan = plan_round(method, kept, shapes, RANKS, scalings, weights, 1e3, 1)
+    assert [(m.name, m.dense) for m in plan.modules] == [
+        ("layers.0.k_proj", False), ("layers.0.q_proj", True), ("layers.0.v_proj", True)]
+    reference = method.merge(kept, updates, weights, torch.float32, clips)
+    plain, secure = plan_downlink(reference.delta.pairs), plan_downlink(result.delta.pairs)
+    assert {n: (m.form, m.rank) for n, m in secure.modules.items()} == {
+        n: (m.form, m.rank) for n, m in plain.modules.items()} == {
+        "layers.0.k_proj": ("factors", 30), "layers.0.q_proj": ("factors", 30), "layers.0.v_proj": ("dense", None)}
+    for n in shapes:
+        expected = reference.delta.delta(n, torch.float64)
+        assert torch.linalg.norm(result.delta.delta(n, torch.float64) - expected) <= 1e-6 * torch.linalg.norm(expected)
 
 
 def test_a_small_module_travels_dense_in_one_pass_and_a_large_one_in_two_sketched_passes():

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from flora.common.secagg import channel, graph, keys, shamir
 from flora.common.secagg.errors import SecAggError
-from flora.common.secagg.prg import CHUNK_WORDS, MaskLabel, apply_mask, expand
+from flora.common.secagg.prg import CHUNK_WORDS, MaskLabel, apply_mask, apply_masks, expand
 
 LOW_ORDER = [  # the X25519 points of small order (and their non-canonical encodings)
     "00" * 32,
@@ -124,6 +124,24 @@ def test_apply_mask_wraps_mod_2_64_and_cancels() -> None:
     assert not np.array_equal(x, y)
     apply_mask(y, b"\x07" * 32, MaskLabel("pair", 1, 0), -1)
     np.testing.assert_array_equal(x, y)
+
+
+
+@pytest.mark.parametrize("length", [0, 5, CHUNK_WORDS, 2 * CHUNK_WORDS + 7])
+def test_many_masks_in_one_pass_equal_the_reference_masks_added_mod_2_64(length: int) -> None:
+    """apply_masks (every mask per piece of the vector) adds exactly what the reference expansion
+    of each mask gives, across piece boundaries, signs mixed, wrapping mod 2^64."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 2**64, length, dtype=np.uint64, endpoint=False)
+    masks = [(bytes([i]) * 32, MaskLabel("pair" if i else "self", 2, 1), -1 if i % 2 else +1) for i in range(4)]
+    expected = x.copy()
+    for seed, label, sign in masks:
+        reference = _reference_mask(seed, 1 if label.kind == "self" else 2, 2, 1, length)
+        expected = expected + reference if sign > 0 else expected - reference
+        np.testing.assert_array_equal(expand(seed, label, length), reference)
+    y = x.copy()
+    apply_masks(y, masks)
+    np.testing.assert_array_equal(y, expected)
 
 
 # Shamir

@@ -32,7 +32,7 @@ from flora.common.secagg.messages import (
     AdvertiseKeys, EncryptedShare, KeyBundle, MaskedInput, MaskRequest, RevealedShare, ShareKeys,
     UnmaskRequest, UnmaskResponse, check_round, check_round_params,
 )
-from flora.common.secagg.prg import MaskLabel, apply_mask
+from flora.common.secagg.prg import MaskLabel, apply_masks
 
 class ClientRound:
     """One client's secrets and protocol state for one round."""
@@ -163,9 +163,8 @@ class ClientRound:
         out = []
         for j, x in enumerate(vectors):
             y = np.array(x, dtype=np.uint64).reshape(-1)
-            apply_mask(y, self._self_seeds[s - 1], MaskLabel("self", s, j), +1)
-            for v, seed in seeds.items():
-                apply_mask(y, seed, MaskLabel("pair", s, j), +1 if self.client < v else -1)
+            pairs = [(seed, MaskLabel("pair", s, j), +1 if self.client < v else -1) for v, seed in seeds.items()]
+            apply_masks(y, [(self._self_seeds[s - 1], MaskLabel("self", s, j), +1), *pairs])
             out.append(y)
         return tuple(out)
 

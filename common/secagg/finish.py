@@ -32,8 +32,8 @@ from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 from flora.common.methods import RoundResult
 from flora.common.methods.base import canonical_adapter, difference
 from flora.common.secagg.fixedpoint import check_sum, decode
-from flora.common.secagg.plan import FACTORS, RoundPlan, split
-from flora.common.sketch import assemble, range_basis
+from flora.common.secagg.plan import FACTORS, RoundPlan, rank_bound, split
+from flora.common.sketch import assemble, range_basis, sketch_basis
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,44 @@ def server_step(
 
 def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, dtype: torch.dtype) -> RoundResult:
     """Delta as one adapter, then the method's result. Like the plain stack, Delta's factors are
-    left for the downlink to factorize (or send dense): Q and P^T per sketched module, a dense
-    sum as itself beside an identity, all zero-padded to one rank."""
-    pairs = pairs | {n: _dense_pair(d) for n, d in sketch.dense.items()}
+    left for the downlink to factorize (or send dense): Q and P^T per sketched module cut to the
+    rank bound, a dense sum as factors of at most that rank, all zero-padded to one rank."""
+    bound = rank_bound(plan.method, plan.kept, plan.ranks, plan.scalings)
+    pairs = {n: _cut(p, bound) for n, p in pairs.items()}
+    pairs |= {n: _dense_pair(d, bound, plan.seed) for n, d in sketch.dense.items()}
     width = max(p.a.shape[0] for p in pairs.values())
     change = LoraAdapter({n: pad_pair(LoraPair(p.a.to(dtype), p.b.to(dtype)), width) for n, p in sorted(pairs.items())}, 1.0)
     return FINISH[plan.method.name](plan, change, dtype)
 
 
-def _dense_pair(dense: Tensor) -> LoraPair:
-    """A dense d_out x d_in matrix as factors of rank min(d_out, d_in) (one of them the identity)."""
+def _cut(pair: LoraPair, bound: int) -> LoraPair:
+    """Q P^T (b = Q orthonormal, m columns) as its best approximation of rank ``bound``, the
+    public bound on the sum's rank: the m - bound smallest directions are the sketch's
+    oversampling, which holds only the fixed point's and float round-off. Left in, they can stand
+    above the downlink's float64 rank cut (a clip bound far above the changes' norms makes the
+    round-off relatively large), so the downlink sent rank m where plain's stack gives <= bound."""
+    if pair.a.shape[0] <= bound:
+        return pair
+    # The top directions of P^T from its m x m Gram matrix (one GEMM and a small eigh, a few
+    # times cheaper than an SVD of P^T): squaring resolves them to sqrt(eps) of the largest, so
+    # what the cut may drop beyond the round-off is below 1e-8 of the sum, far below float32's.
+    _, vectors = torch.linalg.eigh(pair.a @ pair.a.T)  # ascending eigenvalues; (m, m)
+    top = vectors[:, -bound:]
+    return LoraPair(a=top.T @ pair.a, b=pair.b @ top)
+
+
+def _dense_pair(dense: Tensor, bound: int, seed: int) -> LoraPair:
+    """A dense sum as factors of rank at most ``bound``, the public bound on its rank
+    (``rank_bound``), so that the downlink meets it as it meets the plain stack of rank >= bound
+    (factors where they are the smaller form, dense where not) and no module widens the others'
+    padding beyond it. The factors come from one range-finder step on the sum the server holds,
+    Q = orth(D Omega) and D = Q (Q^T D), exact because D has no more than ``bound`` independent
+    columns. Where ``bound`` is no less than min(d_out, d_in): the sum beside an identity."""
     d_out, d_in = dense.shape
+    columns = min(bound, d_out, d_in)
+    if columns < min(d_out, d_in):
+        q = range_basis(dense @ sketch_basis(d_in, columns, seed, dense.dtype))  # (d_out, columns)
+        return LoraPair(a=q.T @ dense, b=q)
     if d_out <= d_in:
         return LoraPair(a=dense, b=torch.eye(d_out, dtype=dense.dtype))
     return LoraPair(a=torch.eye(d_in, dtype=dense.dtype), b=dense)

@@ -138,8 +138,7 @@ def _sketch_modules(
     ranks: Sequence[int], scalings: Sequence[float],
 ) -> tuple[ModulePlan, ...]:
     """Per module the sketch's m from the rank bound, or dense where that moves fewer numbers."""
-    starts = [method.cached_start(kept, r, s).init for r, s in zip(ranks, scalings)]
-    bound = sum(ranks) + max((init.rank for init in starts if init is not None), default=0)
+    bound = rank_bound(method, kept, ranks, scalings)
     modules = []
     for name in sorted(shapes):
         d_out, d_in = shapes[name]
@@ -147,6 +146,13 @@ def _sketch_modules(
         dense = prefers_dense(d_out, d_in, columns)
         modules.append(ModulePlan(name, d_out, d_in, 0 if dense else columns, dense))
     return tuple(modules)
+
+
+def rank_bound(method: AggregationMethod, kept: LoraAdapter | None, ranks: Sequence[int], scalings: Sequence[float]) -> int:
+    """The most the rank of any module's summed change can be, from public facts: the sum of the
+    clients' ranks, plus the largest start's rank when starts are warm (they nest in the kept LoRA)."""
+    starts = [method.cached_start(kept, r, s).init for r, s in zip(ranks, scalings)]
+    return sum(ranks) + max((init.rank for init in starts if init is not None), default=0)
 
 
 def _factor_modules(kept: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]]) -> tuple[ModulePlan, ...]:

@@ -25,7 +25,7 @@ from flora.common.secagg.messages import (
     AdvertiseKeys, EncryptedShare, KeyBundle, MaskedInput, MaskRequest, RevealedShare, ShareKeys,
     StageResult, UnmaskRequest, UnmaskResponse, check_round, check_round_params,
 )
-from flora.common.secagg.prg import MaskLabel, apply_mask
+from flora.common.secagg.prg import MaskLabel, apply_masks
 
 
 def _phase_error(expected: str, phase: str) -> SecAggError:
@@ -246,10 +246,8 @@ class ServerRound:
         ]
         sums = [acc.copy() for acc in self.masked_sum]
         for j, acc in enumerate(sums):
-            for seed in seeds.values():
-                apply_mask(acc, seed, MaskLabel("self", self.stage, j), -1)
-            for seed, sign in pairs:
-                apply_mask(acc, seed, MaskLabel("pair", self.stage, j), -sign)
+            apply_masks(acc, [(seed, MaskLabel("self", self.stage, j), -1) for seed in seeds.values()]
+                        + [(seed, MaskLabel("pair", self.stage, j), -sign) for seed, sign in pairs])
         self.active, self.masked_sum = frozenset(self.reveals), []
         self.phase = "open" if self.stage < self.stages else "done"
         return StageResult(self.stage, request.survivors, request.dropped, tuple(sums))

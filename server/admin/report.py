@@ -58,6 +58,7 @@ def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Pa
     if len(losses) >= 2:
         lines += [f"Validation loss of the merged model: {losses[0]:.4f} -> {losses[-1]:.4f}.", ""]
     lines += privacy_lines(rounds)
+    lines += secure_lines(rounds)
     checkpoints = [r["checkpoint"] for r in rounds if r.get("checkpoint")]
     if checkpoints:
         lines += [f"Latest merged checkpoint: `{state_dir / checkpoints[-1]}`.", ""]
@@ -74,6 +75,29 @@ def privacy_lines(rounds: Sequence[dict[str, Any]]) -> list[str]:
                            "epsilon": f"{r['dp_epsilon']:.4g}"} for r in private], ("round", "sampled", "epsilon"))
     return [f"Differential privacy (client level): epsilon {last['dp_epsilon']:.4g} at delta {last['dp_delta']:.3g} "
             f"after {last['round']} rounds.", "", table, ""]
+
+
+def secure_lines(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """Under secure aggregation: per round whether it was secure, its survivors, the dropouts recovered
+    from shares, and each extra stage's bytes up and down and seconds (issue 30 item 6)."""
+    if not any(r.get("secure_aggregation") for r in rounds):
+        return []
+    stages = list(dict.fromkeys(s for r in rounds for part in ("bytes_up", "bytes_down", "seconds")
+                                for s in r.get("secure", {}).get(part, {})))
+    rows = [_secure_row(r, stages) for r in rounds]
+    return ["Secure aggregation: the server learned each secure round's sum only. Extra stages per round, "
+            "as MB up / MB down (all clients together) / the stage's seconds at the server:", "",
+            format_table(rows, ("round", "secure", "survivors", "dropouts recovered", *stages)), ""]
+
+
+def _secure_row(record: dict[str, Any], stages: Sequence[str]) -> dict[str, Any]:
+    secure = record.get("secure")
+    if secure is None:
+        return {"round": record["round"], "secure": "no"}
+    cells = {s: f"{secure.get('bytes_up', {}).get(s, 0) / 1e6:.3g} / {secure.get('bytes_down', {}).get(s, 0) / 1e6:.3g} / "
+                f"{secure.get('seconds', {}).get(s, 0.0):.2f}s" for s in stages}
+    return {"round": record["round"], "secure": "yes", "survivors": secure.get("survivors"),
+            "dropouts recovered": secure.get("dropouts_recovered"), **cells}
 
 
 def draw(history: Sequence[dict[str, Any]], path: Path) -> None:
