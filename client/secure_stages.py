@@ -72,6 +72,8 @@ def advertise(conn: Connection, spec: run_pb2.RunSpec, info: sa.SecureRound, hea
 def step_label(task: sa.SecureTask) -> str:
     """A step's name in logs: share, mask1, unmask1, mask2, ..."""
     kind = task.WhichOneof("step")
+    if kind is None:
+        return "unknown"
     return kind if kind == "share" else f"{kind}{getattr(task, kind).stage}"
 
 
@@ -85,8 +87,10 @@ def handle(conn: Connection, session: SecureSession | None, task: sa.SecureTask)
         _share(conn, session, task.share)
     elif kind == "mask":
         _mask(conn, session, task.mask)
-    else:
+    elif kind == "unmask":
         _unmask(conn, session, task.unmask)
+    else:
+        raise ValueError(f"secure_aggregation: round {task.round}'s SecureTask has no step this client knows")
     log.info("event=secure_step round=%d step=%s", task.round, kind)
     return True
 

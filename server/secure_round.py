@@ -195,8 +195,13 @@ class SecureRounds:
         if index in att.streams:
             raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
         att.streams.add(index)
+        closes = att.steps[index].deadline_unix_ms / 1000  # a stalled stream holds the step's buffer no longer
         try:
-            vectors = await masked_vectors(header, messages, att.server.lengths)
+            async with asyncio.timeout(max(0.0, closes - time.time())):
+                vectors = await masked_vectors(header, messages, att.server.lengths)
+        except TimeoutError:
+            raise FailedPrecondition(f"secure aggregation: stage {header.stage}'s MASK step closed at its deadline "
+                                     "during the upload") from None
         finally:
             att.streams.discard(index)
         if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile

@@ -26,10 +26,12 @@ from flora.common.payload import read_weights
 from flora.common.wire import ArtifactReceiver
 from flora.v1 import coordinator_pb2, coordinator_pb2_grpc, transfer_pb2
 
-# Short everything: loopback calls are fast, and a restarted server must be noticed quickly.
+# Short everything: loopback calls are fast, and a restarted server must be noticed quickly. One torch
+# thread per client: the default (usable cores / training processes) gives each of a test's clients
+# every core, and several clients training at once on a 2-core CI machine oversubscribe it.
 FAST_FLAGS = (
     "--progress", "off", "--long-poll", "1", "--rpc-timeout", "10", "--heartbeat-interval", "0.5",
-    "--backoff-initial", "0.1", "--backoff-max", "1", "--batch-size", "4", "--cutoff", "48",
+    "--backoff-initial", "0.1", "--backoff-max", "1", "--batch-size", "4", "--cutoff", "48", "--threads", "1",
 )
 
 
@@ -98,7 +100,6 @@ def start_client(
     log_path = (log_dir or state_dir.parent) / f"{name}.log"
     args = [sys.executable, "-m", "flora.client.cli", "--server", address, "--name", name, "--data", str(data),
             "--state-dir", str(state_dir), "--rank", str(rank), *FAST_FLAGS, *extra]
-    # One torch thread per client: several processes share the test machine's few cores.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -8,6 +8,10 @@ from pathlib import Path
 # Tests must never reach a model hub: a stray download fails fast instead of hanging. Set before
 # anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread in this process and in every process a test starts (servers, benches, the demo;
+# clients take --threads): CI's 2 cores run several of them at once, and torch's default of a thread
+# per core each oversubscribes them (6 tiny-model steps: 0.1 s CPU on one thread, 4 s on two here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

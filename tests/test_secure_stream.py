@@ -463,3 +463,58 @@ def test_an_inbox_download_that_is_not_whole_sealed_shares_is_refused():
     assert read_inbox(data, 0, 1, 2)[1] == shares[0]
     with pytest.raises(ValueError, match="not a whole number of 300-byte shares"):
         read_inbox(data[:-1], 0, 1, 2)
+
+
+@pytest.mark.slow
+def test_a_stream_stalled_past_its_steps_deadline_is_ended_there_and_holds_nothing(tmp_path):
+    """A client that sends its header and a few pieces, then nothing, must not hold the step's buffer
+    (and its stream's place) after the step closed: the server ends the stream at the step's
+    deadline, FAILED_PRECONDITION, and the round goes on without the client."""
+    updates = adapters(SHAPES, (4, 2, 1))
+    release, held = threading.Event(), []
+
+    def stalling(state: Wire, client_id: str) -> None:
+        task = state.task(client_id)
+        if task is None:
+            return
+        if client_id != "c-a" or secure_stages.step_label(task) != "mask1":
+            secure_stages.handle(state.conns[client_id], state.sessions[client_id], task)
+            return
+        messages = list(masked_messages(1, 1, [np.zeros(task.mask.lengths[0], dtype=np.uint64)], 256))
+
+        def stalled():
+            yield from messages[:3]
+            release.wait(60)
+        channel = grpc.insecure_channel(state.address)
+        held.append((channel, coordinator_pb2_grpc.CoordinatorStub(channel).SubmitMasked.future(
+            stalled(), metadata=(("authorization", "Bearer c-a"),), timeout=60)))
+
+    async def main():
+        async with wire(tmp_path, "flora", None, updates, SHAPES, chunk=256, deadline=6.0) as state:
+            output = await run_round(state, updates, stalling)
+            (channel, future), = held
+            # The step closed before the round went on, so must the stream have; the server still runs.
+            error = await asyncio.to_thread(future.exception, 20)
+            channel.close()
+            return state, output, error
+
+    try:
+        state, output, error = asyncio.run(main())
+    finally:
+        release.set()
+    assert error is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+    assert "closed at its deadline during the upload" in error.details()
+    assert (output.secure["survivors"], output.secure["dropouts_recovered"]) == (2, 1)
+    assert_merges_the_plain_method(state, "flora", None, updates, clients=IDS[1:])
+
+
+def test_a_secure_task_with_no_step_this_client_knows_is_a_failed_step_not_a_crash(monkeypatch):
+    """A SecureTask whose step is unset (a step kind of a newer server) counts as a failed try of
+    the step, so that the cap gives the round up, instead of ending the client with a TypeError."""
+    monkeypatch.setattr(client_daemon, "SIT_OUT_MIN_S", 0.01)
+    daemon = client_daemon.Daemon.__new__(client_daemon.Daemon)
+    daemon.stop, daemon.step_tries, daemon.conn = threading.Event(), StepTries(), None
+    daemon.secure = SimpleNamespace(round=1)
+    for _ in range(STEP_TRIES):
+        daemon._secure_step(sa.SecureTask(round=1))
+    assert daemon.step_tries.gave_up(1) and daemon.secure is None
