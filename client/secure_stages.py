@@ -47,6 +47,8 @@ class SecureSession:
     method: AggregationMethod
     shapes: dict[str, tuple[int, int]]
     chunk_size: int = DEFAULT_CHUNK_SIZE  # RunSpec.chunk_size: the largest piece of an upload
+    dp_clip_norm: float | None = None  # RunSpec.dp_clip_norm: under DP the client clips to it too
+    dp_dense: bool = False  # RunSpec.dp_release == "dense": every module in one dense pass
     neighbours: frozenset[int] = frozenset()  # this client's neighbours in the round's graph (the SHARE step's)
     plan: RoundPlan | None = None
     change: ClientChange | None = None
@@ -66,7 +68,8 @@ def advertise(conn: Connection, spec: run_pb2.RunSpec, info: sa.SecureRound, hea
     reply = conn.call("AdvertiseKeys", sa.AdvertiseKeysRequest(claims=claims, keys=keys))
     log.info("event=advertised round=%d index=%d message=%r", header.round, info.client_index, reply.message)
     shapes = {m.name: (m.out_features, m.in_features) for m in spec.target_modules}
-    return SecureSession(header.round, protocol, update, kept, method, shapes, spec.chunk_size or DEFAULT_CHUNK_SIZE)
+    return SecureSession(header.round, protocol, update, kept, method, shapes, spec.chunk_size or DEFAULT_CHUNK_SIZE,
+                         spec.dp_clip_norm or None, spec.dp_release == "dense")
 
 
 def step_label(task: sa.SecureTask) -> str:
@@ -107,7 +110,8 @@ def _plan(session: SecureSession, announced: sa.SecurePlan) -> tuple[RoundPlan, 
     """The round's plan as every participant computes it from the announced public facts, and
     this client's place in it; refused when the announced scale differs from the computed one."""
     plan = plan_round(session.method, session.kept, session.shapes, list(announced.ranks), list(announced.scalings),
-                      list(announced.weights), announced.clip_norm, announced.sketch_seed)
+                      list(announced.weights), announced.clip_norm or None, announced.sketch_seed,
+                      dp_clip_norm=session.dp_clip_norm, dense=session.dp_dense)
     if plan.bits != announced.fixed_point_bits:
         raise ValueError(f"secure_aggregation: the announced fixed-point scale 2^{announced.fixed_point_bits} is not "
                          f"the plan's 2^{plan.bits}")

@@ -11,7 +11,8 @@ projections suffices (Halko, Martinsson, Tropp 2011, algorithm 4.1, without powe
 
 The result equals sum_k D_k exactly (to round-off) when m is at least the dimension of the span
 of the D_k's ranges, because then Y spans it for any Omega in general position: a bound the
-server knows from the clients' ranks alone (``sketch_columns``). Omega's orthonormal columns
+server knows from the clients' ranks alone (``rank_bound``, ``sketch_width``). Omega
+(``flora.common.omega``: public, from the round's seed) has orthonormal columns, which
 keep every client's contribution no larger than its change, |D_k Omega|_F <= |D_k|_F, and Q's
 keep |D_k^T Q|_F <= |D_k|_F: the sensitivity bound a private release needs. A change is given
 either dense (d_out x d_in) or as factors (b: d_out x r, a: r x d_in, D = b a); with factors
@@ -21,6 +22,8 @@ Pure functions; the caller decides who sums what, and whether noise or masks are
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,21 +47,25 @@ def sketch_columns(rank_bound: int, d_out: int, d_in: int, oversample: int = OVE
 
 def prefers_dense(d_out: int, d_in: int, columns: int) -> bool:
     """True when one pass of the dense change moves fewer numbers than two passes of m columns
-    (2 m (d_out + d_in) > d_out d_in, issue 30): small modules and large rank bounds."""
+    (2 m (d_out + d_in) > d_out d_in, issue 30): small modules and large rank bounds. Always
+    true at m = min(d_out, d_in), where a sketch would gain nothing."""
     return 2 * columns * (d_out + d_in) > d_out * d_in
 
 
-def sketch_basis(d_in: int, columns: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Omega: a seeded d_in x m matrix with orthonormal columns (a Gaussian matrix's QR factor).
+def rank_bound(ranks: Sequence[int], start_ranks: Sequence[int]) -> int:
+    """A bound on the rank of sum_k (s_k B_k A_k - init_k): the sum of the clients' ranks, plus
+    the largest start's rank (``start_ranks``: those of the warm starts, none for fresh ones):
+    the warm methods' starts are truncations of one global LoRA, so their ranges nest."""
+    return sum(ranks) + max(start_ranks, default=0)
 
-    Every party that draws it from the same seed gets the same matrix up to round-off, which
-    is all exactness needs: any Omega in general position spans the same range in pass 1.
-    """
-    if not 1 <= columns <= d_in:
-        raise ValueError(f"sketch_basis: columns {columns} outside 1..d_in ({d_in})")
-    generator = torch.Generator().manual_seed(seed)
-    gaussian = torch.randn(d_in, columns, generator=generator, dtype=torch.float64)
-    return torch.linalg.qr(gaussian, mode="reduced").Q.to(dtype)  # (d_in, m)
+
+def sketch_width(rank_bound: int, d_out: int, d_in: int) -> int:
+    """One module's m in a round whose change has rank at most ``rank_bound``, or 0 when the
+    module is better released dense (``prefers_dense``). The one rule of the secure plan and the
+    private release: a dense module moves fewer numbers, and under DP it also carries less noise
+    (d_out d_in noisy entries against 2 m (d_out + d_in))."""
+    columns = sketch_columns(rank_bound, d_out, d_in)
+    return 0 if prefers_dense(d_out, d_in, columns) else columns
 
 
 def project_columns(change: Change, omega: Tensor) -> Tensor:

@@ -237,11 +237,12 @@ class ServerSettings(BaseModel):
                     "the run ends there. unset = no cap",
     )
     # --- secure aggregation (issue 30; README, "Secure aggregation") ---------------------
-    # (after method, the robustness rules and differential privacy: the validator reads them.)
+    # (after method and the robustness rules: the validator reads them.)
     secure_aggregation: bool = Field(
         False,
         description="pairwise-masked uploads: the server learns only each round's sum (flora, flora-warm, flexlora, ffa); "
-                    "clients clip to clip_norm (else max_update_norm) and weight before masking",
+                    "clients clip to clip_norm (else max_update_norm; under DP to dp_clip_norm and clip_norm) and weight before "
+                    "masking, and under DP the server noises the unmasked sums",
     )
     secure_stage_deadline_s: float = Field(
         60.0, gt=0.0, le=86_400.0,
@@ -445,10 +446,6 @@ class ServerSettings(BaseModel):
         if info.data.get("min_clients", 2) < 2 or Selection.parse(info.data.get("clients_per_round", "all")).size(2) < 2:
             raise ValueError("secure_aggregation needs at least 2 clients in every round (min_clients >= 2 and "
                              "clients_per_round not 1): the sum of one client is its update")
-        if info.data.get("dp_noise_multiplier") is not None:
-            raise ValueError("secure_aggregation with differential privacy is not supported yet: the private release "
-                             "clips and adds noise at the server, which secure aggregation would have to move to the "
-                             "clients; turn one of them off")
         return value
 
     @property

@@ -80,9 +80,11 @@ def run_spec(settings: ServerSettings, run: RunRecord, shapes: dict[str, tuple[i
         clip_norm=settings.clip_norm or 0.0, clip_median_multiple=settings.clip_median_multiple or 0.0,
         reject_median_multiple=settings.reject_median_multiple or 0.0,
         secure_aggregation=settings.secure_aggregation,
-        secure_clip_norm=(settings.clip_norm or max_update_norm) if settings.secure_aggregation else 0.0,
+        secure_clip_norm=(settings.clip_norm or (0.0 if settings.dp_enabled else max_update_norm))
+        if settings.secure_aggregation else 0.0,
         secure_stage_deadline_s=settings.secure_stage_deadline_s if settings.secure_aggregation else 0.0,
         dp_noise_multiplier=settings.dp_noise_multiplier or 0.0, dp_clip_norm=settings.dp_clip_norm or 0.0,
+        dp_release=settings.dp_release if settings.dp_enabled else "",
     )
 
 

@@ -16,10 +16,12 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
 the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
-survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Any other
-failure (fewer than the threshold survive a stage, a client lost after stage 1's sum, a saved
-attempt not to be trusted) raises ``SecAggError``; the driver then excludes the attempt's
-advertisements as a whole and the round reopens: the clients train again with fresh keys.
+survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Under
+differential privacy the clients also clip to dp_clip_norm and the server adds the release's noise
+to each unmasked sum (``flora.common.secagg.finish``). Any other failure (fewer than the threshold
+survive a stage, a client lost after stage 1's sum, a saved attempt not to be trusted) raises
+``SecAggError``; the driver then excludes the attempt's advertisements as a whole and the round
+reopens: the clients train again with fresh keys.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from flora.common.lora import lora_scaling
 from flora.common.methods import RoundResult
 from flora.common.robust import Decision, RobustPolicy, decide
 from flora.common.secagg.errors import SecAggError
-from flora.common.secagg.finish import Sketch, server_step
+from flora.common.omega import round_seed as omega_round_seed
+from flora.common.privacy.release import secret_generator
+from flora.common.secagg.finish import Noise, Sketch, server_step
 from flora.common.secagg.fixedpoint import decode, encode
 from flora.common.secagg.graph import default_degree, default_threshold
 from flora.common.secagg.messages import (
@@ -92,8 +96,11 @@ class SecureRounds:
         self._attempt: Attempt | None = None
 
     @property
-    def clip_norm(self) -> float:
-        """C: clip_norm when set, else the bound every plain upload is checked against."""
+    def clip_norm(self) -> float | None:
+        """C: clip_norm when set, else the bound every plain upload is checked against; under DP,
+        where no upload is refused by its norm, clip_norm alone (None: the DP clip bounds)."""
+        if self.settings.dp_enabled:
+            return self.settings.clip_norm
         return self.settings.clip_norm or self.aggregator.max_update_norm
 
     # --- round open: numbering and advertising --------------------------------------------------
@@ -308,6 +315,7 @@ class SecureRounds:
         """
         server, planned = att.server, tuple(sorted(att.server.sealed))  # the sharers: stage 1's active set
         result, sketch, survivors = None, att.sketch, att.survivors or frozenset(planned)
+        noise = Noise(self.settings.dp_noise_multiplier, secret_generator()) if self.settings.dp_enabled else None
         for stage in range(server.stage + (server.phase == "open"), plan.passes + 1):
             if server.phase == "open":
                 server.open_stage(stage, (vector_length(plan, stage),))
@@ -337,7 +345,7 @@ class SecureRounds:
             unmasked = await asyncio.to_thread(server.close_unmask)
             survivors = frozenset(unmasked.survivors)
             over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
-            step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision)
+            step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
             if result is None:  # pass 2 is next: its Q and survivors before the state that says so
                 await att.saved.save_sketch(sketch, survivors)
@@ -355,12 +363,14 @@ class SecureRounds:
                      for d in decide([1.0] * len(planned), claimed, policy)]
         scalings = [lora_scaling(s.rank, s.alpha, is_rslora(s.scaling_rule)) for s in planned]
         plan = plan_round(self.settings.aggregation, self.aggregator.kept, self.aggregator.shapes, [s.rank for s in planned],
-                          scalings, [d.weight for d in decisions], self.clip_norm, self.sketch_seed(number))
+                          scalings, [d.weight for d in decisions], self.clip_norm, self.sketch_seed(number),
+                          dp_clip_norm=self.settings.dp_clip_norm,
+                          dense=self.settings.dp_enabled and self.settings.dp_release == "dense")
         return plan, decisions
 
     def sketch_seed(self, number: int) -> int:
-        """Omega's public seed for round ``number``."""
-        return self.settings.seed * 1_000_003 + number
+        """Omega's public seed for round ``number``: the private release's too (``flora.common.omega``)."""
+        return omega_round_seed(self.settings.seed, number)
 
     def _mask_step(self, request: MaskRequest, plan: RoundPlan, stage: int, downloads: dict[tuple[int, int], Payload],
                    index: int) -> sa.MaskStep:
@@ -368,7 +378,7 @@ class SecureRounds:
         version = request.round_id - 1 if plan.kept is not None else 0  # the kept LoRA the round started from
         step = sa.MaskStep(stage=stage, active=request.active, lengths=request.lengths, plan=sa.SecurePlan(
             clients=sorted(request.active), ranks=plan.ranks, scalings=plan.scalings, weights=plan.weights,
-            clip_norm=plan.clip_norm, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
+            clip_norm=plan.clip_norm or 0.0, sketch_seed=plan.seed, kept_version=version, fixed_point_bits=plan.bits))
         for name, kind in (("inbox", INBOX_KIND), ("sketch", SKETCH_KIND)):
             if (index, kind) in downloads:
                 getattr(step, name).CopyFrom(downloads[index, kind][1])

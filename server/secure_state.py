@@ -293,7 +293,7 @@ class GroupCommit:
 def plan_record(plan: Any) -> dict[str, Any]:
     """The public facts a plan announces with stage 1 (compared with the recomputed plan at a resume)."""
     return {"ranks": list(plan.ranks), "scalings": [float(s) for s in plan.scalings],
-            "weights": [float(w) for w in plan.weights], "clip_norm": float(plan.clip_norm), "seed": int(plan.seed),
+            "weights": [float(w) for w in plan.weights], "clip_norm": plan.clip_norm and float(plan.clip_norm), "seed": int(plan.seed),
             "bits": int(plan.bits)}
 
 

@@ -94,15 +94,17 @@ class ClientProcess:
 
 
 def start_client(
-    address: str, name: str, data: Path, state_dir: Path, rank: int, *extra: str, log_dir: Path | None = None
+    address: str, name: str, data: Path, state_dir: Path, rank: int, *extra: str, log_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> ClientProcess:
-    """Start ``flora-client`` as its own process; appends to its log across restarts."""
+    """Start ``flora-client`` as its own process (``env`` over the inherited environment); appends
+    to its log across restarts."""
     log_path = (log_dir or state_dir.parent) / f"{name}.log"
     args = [sys.executable, "-m", "flora.client.cli", "--server", address, "--name", name, "--data", str(data),
             "--state-dir", str(state_dir), "--rank", str(rank), *FAST_FLAGS, *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environ)
     return ClientProcess(name, state_dir, log_path, args, process)
 
 

@@ -105,17 +105,20 @@ def update(rank: int, seed: int) -> LoraAdapter:
                         for n, (o, i) in SHAPES.items()}, SCALING)
 
 
-def spec() -> run_pb2.RunSpec:
+def spec(settings: ServerSettings | None = None) -> run_pb2.RunSpec:
+    """The RunSpec's fields the secure stages read (the DP ones from ``settings``, when given)."""
+    dp = settings is not None and settings.dp_enabled
     return run_pb2.RunSpec(target_modules=[run_pb2.TargetModule(name=n, out_features=o, in_features=i)
-                                           for n, (o, i) in sorted(SHAPES.items())])
+                                           for n, (o, i) in sorted(SHAPES.items())],
+                           dp_clip_norm=settings.dp_clip_norm if dp else 0.0, dp_release=settings.dp_release if dp else "")
 
 
 def setup(method: str = "flora", kept: LoraAdapter | None = None,
-          deadline: float = 5.0) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
+          deadline: float = 5.0, clients: int = 3, **extra) -> tuple[SecureRounds, FakeAggregator, Round, list[str]]:
     settings = ServerSettings(method=method, secure_aggregation=True, secure_stage_deadline_s=deadline, max_weight_share=1.0,
-                              lora_rank=max(RANKS), lora_alpha=SCALING * max(RANKS))
+                              lora_rank=max(RANKS), lora_alpha=SCALING * max(RANKS), **extra)
     aggregator = FakeAggregator(kept=kept)
-    ids = ["c-a", "c-b", "c-c"]
+    ids = [f"c-{chr(ord('a') + k)}" for k in range(clients)]
     current = Round(number=1, attempt=1, state=RoundState.OPEN, selected=frozenset(ids))
     return SecureRounds(settings, aggregator, "run-1", lambda: None), aggregator, current, ids
 
@@ -126,18 +129,20 @@ def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
 
 
 def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int],
-                 silent: dict[int, str] | None = None):
+                 silent: dict[int, str] | None = None, **extra):
     """One round through SecureRounds and the clients' secure_stages: the result, decisions and
-    output. ``silent`` {client k: step label}: that client answers nothing from that step on."""
+    output. ``silent`` {client k: step label}: that client answers nothing from that step on;
+    ``extra``: more server settings."""
     silent = silent or {}
-    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0)
+    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0, len(updates), **extra)
     dropped: set[str] = set()
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
         links[client_id] = link = Loopback(secure, client_id)
         link.current = current
         info = secure.round_info(client_id, current)
-        sessions[client_id] = secure_stages.advertise(link, spec(), info, header(1, u.rank, n), u, kept, get_method(method))
+        sessions[client_id] = secure_stages.advertise(link, spec(secure.settings), info, header(1, u.rank, n), u, kept,
+                                                      get_method(method))
 
     def answer_steps() -> None:
         for client_id in ids:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from flora.common.lora import LoraPair
+from flora.common.omega import sketch_basis
 from flora.common.sketch import (
-    assemble, prefers_dense, project_columns, project_rows, range_basis, sketch_basis, sketch_columns,
+    assemble, prefers_dense, project_columns, project_rows, range_basis, rank_bound, sketch_columns, sketch_width,
 )
 
 D_OUT, D_IN = 48, 40
@@ -21,7 +22,7 @@ def _changes(ranks: list[int], seed: int = 0) -> list[LoraPair]:
 
 
 def _two_pass(changes: list, columns: int, seed: int = 7) -> torch.Tensor:
-    omega = sketch_basis(D_IN, columns, seed)
+    omega = sketch_basis(D_IN, columns, seed, "m")
     q = range_basis(sum(project_columns(c, omega) for c in changes))
     p = sum(project_rows(c, q) for c in changes)
     pair = assemble(q, p)
@@ -43,7 +44,7 @@ def test_two_passes_at_the_rank_bound_give_the_exact_sum_of_mixed_rank_changes(r
 
 def test_dense_and_factored_changes_give_the_same_projections():
     changes = _changes([5, 2])
-    omega = sketch_basis(D_IN, 9, 1)
+    omega = sketch_basis(D_IN, 9, 1, "m")
     for change in changes:
         assert torch.allclose(project_columns(change, omega), project_columns(_dense(change), omega), rtol=1e-12, atol=1e-12)
         q = range_basis(project_columns(change, omega))
@@ -61,19 +62,20 @@ def test_no_projection_is_larger_than_its_change():
     """The sensitivity bound of the private release: |D Omega| <= |D| and |D^T Q| <= |D|."""
     for seed in range(5):
         change = _changes([6], seed)[0]
-        omega = sketch_basis(D_IN, 10, seed)
+        omega = sketch_basis(D_IN, 10, seed, "m")
         q = range_basis(torch.randn(D_OUT, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
         norm = torch.linalg.norm(_dense(change))
         assert torch.linalg.norm(project_columns(change, omega)) <= norm * (1 + 1e-12)
         assert torch.linalg.norm(project_rows(change, q)) <= norm * (1 + 1e-12)
 
 
-def test_the_basis_is_orthonormal_and_drawn_from_its_seed_alone():
-    omega = sketch_basis(D_IN, 12, 3)
+def test_the_basis_is_orthonormal_and_drawn_from_its_seed_and_module_alone():
+    omega = sketch_basis(D_IN, 12, 3, "m")
     assert omega.shape == (D_IN, 12)
     assert torch.allclose(omega.T @ omega, torch.eye(12, dtype=torch.float64), atol=1e-12)
-    assert torch.equal(omega, sketch_basis(D_IN, 12, 3))
-    assert not torch.allclose(omega, sketch_basis(D_IN, 12, 4))
+    assert torch.equal(omega, sketch_basis(D_IN, 12, 3, "m"))
+    assert not torch.allclose(omega, sketch_basis(D_IN, 12, 4, "m"))
+    assert not torch.allclose(omega, sketch_basis(D_IN, 12, 3, "n"))
 
 
 def test_columns_are_capped_by_the_matrix_and_the_dense_choice_follows_the_issue_rule():
@@ -82,7 +84,10 @@ def test_columns_are_capped_by_the_matrix_and_the_dense_choice_follows_the_issue
     assert not prefers_dense(4096, 4096, 64)
     assert prefers_dense(64, 64, 17)  # 2*17*128 = 4352 > 4096
     assert not prefers_dense(64, 64, 16)  # 4096 is not more than 4096
+    assert rank_bound([16, 8, 4], []) == 28 and rank_bound([4, 2], [4, 2]) == 10  # warm: + the largest start
+    assert sketch_width(12, 64, 64) == 16 and sketch_width(13, 64, 64) == 0  # the one rule, m or dense
+    assert sketch_width(100, D_OUT, D_IN) == 0  # m = min(d_out, d_in): dense, a sketch would gain nothing
     with pytest.raises(ValueError, match="rank_bound 0"):
         sketch_columns(0, D_OUT, D_IN)
     with pytest.raises(ValueError, match="columns 41"):
-        sketch_basis(D_IN, 41, 0)
+        sketch_basis(D_IN, 41, 0, "m")

@@ -31,10 +31,11 @@ from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 from flora.common.methods import AggregationMethod, RoundResult
 from flora.common.methods.base import exact_change
 from flora.common.privacy.release import (
-    SketchRelease, clip_factor, dense_release, noise_std, secret_generator, sketch_omegas, sketch_release, sketch_update,
+    SketchRelease, b_change_norm, clip_factor, noise_std, noised, secret_generator, sketch_omegas, sketch_release,
+    sketch_update,
 )
 from flora.common.robust import Decision, RobustPolicy, robust_inputs
-from flora.common.sketch import sketch_columns
+from flora.common.sketch import rank_bound, sketch_width
 from flora.common.update import as_pair
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def clip_inputs(
     starts = method.starts(kept, updates)
     adapters, weights, clips, decisions = robust_inputs(updates, [s.init for s in starts], claimed, policy)
     norms = ([d.norm for d in decisions] if method.trains_a
-             else [_b_change_norm(u, s.init) for u, s in zip(adapters, starts)])  # no rejection under DP
+             else [b_change_norm(u, s.init) for u, s in zip(adapters, starts)])  # no rejection under DP
     clips = [min(c, clip_factor(n, clip_norm)) for c, n in zip(clips, norms)]
     public = [replace(d, norm=math.nan, clip_factor=math.nan) for d in decisions]
     return Clipped(adapters, weights, clips, public)
@@ -111,14 +112,15 @@ def release(method: AggregationMethod, kept: LoraAdapter | None, clipped: Clippe
     std = noise_std(privacy.noise_multiplier, privacy.clip_norm, clipped.weights)
     if not method.trains_a:
         sums = _b_sum(kept, clipped)
-        noisy = dense_release(sums, std, generator)
+        noisy = noised(sums, std, generator)
         return Release("b", std, LoraAdapter({n: LoraPair(kept.pairs[n].a, noisy[n]) for n in noisy}, kept.scaling))
     inits = [s.init for s in method.starts(kept, clipped.updates)]
     change = exact_change(clipped.updates, clipped.weights, inits, torch.float64, clipped.clips)  # scaling 1
     if privacy.release == "dense":
-        dense = dense_release({n: p.b @ p.a for n, p in change.pairs.items()}, std, generator)
+        dense = noised({n: p.b @ p.a for n, p in change.pairs.items()}, std, generator)
         return Release("dense", std, _padded({n: as_pair(d) for n, d in dense.items()}))
-    return _sketched(change, std, privacy.seed, number, generator)
+    starts = [i.rank for i in inits if i is not None]
+    return _sketched(change, rank_bound([u.rank for u in clipped.updates], starts), std, privacy.seed, number, generator)
 
 
 def publish(method: AggregationMethod, kept: LoraAdapter | None, clients: Sequence[tuple[int, float]],
@@ -127,19 +129,17 @@ def publish(method: AggregationMethod, kept: LoraAdapter | None, clients: Sequen
     return method.released(kept, clients, weights, released.change)
 
 
-def _sketched(change: LoraAdapter, std: float, seed: int, number: int, generator: torch.Generator) -> Release:
-    """Modules whose rank bound is below their width go through the noisy two-pass sketch; the
-    others would gain nothing from it (at m = min(d_out, d_in) Q is a full basis) and are noised
-    dense in pass 1. Both are within each pass's sensitivity, so the round is two mechanisms."""
+def _sketched(change: LoraAdapter, bound: int, std: float, seed: int, number: int, generator: torch.Generator) -> Release:
+    """The noisy two-pass sketch; a module that ``sketch_width`` sends dense (two passes would
+    move, and noise, more entries than its dense change) is noised dense in pass 1. Both are
+    within each pass's sensitivity, so the round is two mechanisms. Omega, the layout and the
+    order of the noise are a secure round's (``flora.common.secagg.plan``)."""
     shapes = {n: (p.b.shape[0], p.a.shape[1]) for n, p in change.pairs.items()}
-    columns = {n: sketch_columns(change.rank, *shape) for n, shape in shapes.items()}
-    thin = {n for n, m in columns.items() if m < min(shapes[n])}
-    omegas = sketch_omegas({n: shapes[n] for n in thin}, columns, seed, number)
-    omegas = {n: o.to(change.pairs[n].a.device) for n, o in omegas.items()}
-    passes = sketch_release({n: change.pairs[n] for n in thin}, omegas, std, generator)
-    wide = {n: p.b @ p.a for n, p in change.pairs.items() if n not in thin}
-    dense = dense_release(wide, std, generator) if wide else {}
-    parts = {**sketch_update(passes), **{n: as_pair(d) for n, d in dense.items()}}
+    columns = {n: sketch_width(bound, *shape) for n, shape in shapes.items()}
+    thin = {n: shapes[n] for n, m in columns.items() if m}
+    omegas = {n: o.to(change.pairs[n].a.device) for n, o in sketch_omegas(thin, columns, seed, number).items()}
+    passes = sketch_release(change.pairs, omegas, std, generator)
+    parts = {n: c if isinstance(c, LoraPair) else as_pair(c) for n, c in sketch_update(passes).items()}
     return Release("sketch", std, _padded(parts), passes)
 
 
@@ -147,11 +147,6 @@ def _padded(parts: dict[str, LoraPair]) -> LoraAdapter:
     """Modules of different ranks as one adapter of scaling 1 (zero-padded: the same products)."""
     rank = max(p.a.shape[0] for p in parts.values())
     return LoraAdapter({n: pad_pair(p, rank) for n, p in parts.items()}, 1.0)
-
-
-def _b_change_norm(update: LoraAdapter, init: LoraAdapter) -> float:
-    """|B_k - B_init|_F over all modules: the norm of what a method that freezes A releases."""
-    return math.sqrt(sum(float((b.double() - init.pairs[n].b.double()).square().sum()) for n, (_, b) in update.pairs.items()))
 
 
 def _b_sum(kept: LoraAdapter, clipped: Clipped) -> dict[str, torch.Tensor]:

@@ -21,9 +21,13 @@ Releases of the round's noiseless clipped change ``delta`` (any public offset a 
 nothing: sensitivity is of the differences):
 
 - ``sketch`` (two mechanisms): per module Y = delta Omega + N1 (Omega d_in x m, orthonormal
-  columns drawn from the public seed, so |D_k Omega|_F <= |D_k|_F), Q = orth(Y), P = delta^T Q + N2
-  (|D_k^T Q|_F <= |D_k|_F); the update is Q P^T, of rank m (``flora.common.sketch``). Q depends on
-  the noisy Y alone, so pass 2's sensitivity holds given pass 1's release.
+  columns drawn from the round's public seed, ``flora.common.omega``, so |D_k Omega|_F <= |D_k|_F),
+  Q = orth(Y), P = delta^T Q + N2 (|D_k^T Q|_F <= |D_k|_F); the update is Q P^T, of rank m
+  (``flora.common.sketch``). Q depends on the noisy Y alone, so pass 2's sensitivity holds given
+  pass 1's release. A module better sent dense (``sketch_width``) is delta + N1 in pass 1 and
+  absent from pass 2: each pass is still one vector whose every client part has norm <= |D_k|_F,
+  so a round is two mechanisms whatever the mix (one that turns out all dense releases one, and
+  is still accounted as two: an upper bound).
 - ``dense`` (one mechanism): delta + N per entry.
 - ``b`` (one mechanism, methods that freeze A): the summed B change sum_k p_k c_k (B_k - B_init),
   clipped in the norm of that released quantity, |B_k - B_init|_F: A is public, and clipping
@@ -31,12 +35,14 @@ nothing: sensitivity is of the differences):
 
 The noise comes from a generator seeded by ``secrets`` (``secret_generator``), never from the
 run's public seed: a client that knew the seed could regenerate the noise and subtract it.
+Under secure aggregation the clients clip and weight (``flora.common.secagg.contribution``) and
+the server adds the same noise, block by block in the same order (``noised``), to the unmasked
+sums (``flora.common.secagg.finish``): the release is then this one, from the same inputs.
 Pure functions, no I/O; the generator is passed in, so tests fix it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -46,8 +52,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flora.common.lora import LoraPair
-from flora.common.sketch import Change, assemble, project_columns, project_rows, range_basis, sketch_basis
+from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.omega import round_seed, sketch_basis
+from flora.common.sketch import Change, assemble, project_columns, project_rows, range_basis
 
 ReleaseKind = Literal["sketch", "dense"]
 RELEASES: tuple[str, ...] = ("sketch", "dense")
@@ -81,46 +88,56 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
-def sketch_seed(run_seed: int, round_number: int, module: str) -> int:
-    """Omega's seed: public (the run seed, the round, the module's name), so anyone can check it."""
-    digest = hashlib.blake2b(f"{run_seed}:{round_number}:{module}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
 def gaussian_like(reference: Tensor, std: float, generator: torch.Generator) -> Tensor:
     """N(0, std^2) per entry, of ``reference``'s shape, dtype and device."""
     noise = torch.randn(reference.shape, generator=generator, dtype=reference.dtype, device=generator.device)
     return noise.to(reference.device) * std
 
 
+def b_change_norm(update: LoraAdapter, init: LoraAdapter) -> float:
+    """|B_k - B_init|_F over all modules: the norm of what a method that freezes A releases."""
+    return math.sqrt(sum(float((b.double() - init.pairs[n].b.double()).square().sum()) for n, (_, b) in update.pairs.items()))
+
+
+def noised(parts: Mapping[str, Tensor], std: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """One Gaussian mechanism over all of a pass's blocks: N(0, std^2) added to every entry,
+    drawn block by block in sorted module order (the order of the pass's vector under secure
+    aggregation, so that both paths draw the same noise from the same generator)."""
+    return {n: parts[n] + gaussian_like(parts[n], std, generator) for n in sorted(parts)}
+
+
 @dataclass(frozen=True)
 class SketchRelease:
     """The two noisy passes of a sketch release, per module: everything downstream reads these."""
 
-    y: dict[str, Tensor]  # (d_out, m): delta Omega + N1
-    p: dict[str, Tensor]  # (d_in, m): delta^T Q + N2, Q = orth(Y)
+    y: dict[str, Tensor]  # (d_out, m) of a sketched module: delta Omega + N1
+    p: dict[str, Tensor]  # (d_in, m) of a sketched module: delta^T Q + N2, Q = orth(Y)
+    dense: dict[str, Tensor]  # (d_out, d_in) of a module released dense in pass 1: delta + N1
 
 
 def sketch_release(change: Mapping[str, Change], omegas: Mapping[str, Tensor], std: float,
                    generator: torch.Generator) -> SketchRelease:
-    """Both noisy passes over every module (one mechanism each, all modules jointly)."""
-    y = {n: project_columns(change[n], omegas[n]) for n in sorted(change)}
-    y = {n: t + gaussian_like(t, std, generator) for n, t in y.items()}
-    p = {n: project_rows(change[n], range_basis(y[n])) for n in sorted(change)}
-    return SketchRelease(y, {n: t + gaussian_like(t, std, generator) for n, t in p.items()})
+    """Both noisy passes (one mechanism each, all modules jointly): pass 1 holds delta Omega of
+    each module with an Omega and the dense delta of the others, pass 2 delta^T Q of the former."""
+    first = noised({n: project_columns(c, omegas[n]) if n in omegas else _dense(c) for n, c in change.items()},
+                   std, generator)
+    second = noised({n: project_rows(change[n], range_basis(first[n])) for n in omegas}, std, generator)
+    return SketchRelease({n: first[n] for n in omegas}, second, {n: t for n, t in first.items() if n not in omegas})
 
 
-def sketch_update(release: SketchRelease) -> dict[str, LoraPair]:
-    """The released update Q P^T per module (b = Q, a = P^T), from the noisy passes alone."""
-    return {n: assemble(range_basis(release.y[n]), release.p[n]) for n in sorted(release.y)}
+def sketch_update(release: SketchRelease) -> dict[str, Change]:
+    """The released update per module from the noisy passes alone: Q P^T as factors (b = Q,
+    a = P^T) for a sketched module, the noisy dense change for the others."""
+    return {**{n: assemble(range_basis(release.y[n]), release.p[n]) for n in sorted(release.y)}, **release.dense}
 
 
 def sketch_omegas(shapes: Mapping[str, tuple[int, int]], columns: Mapping[str, int], run_seed: int,
                   round_number: int, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
-    """Omega per module, seeded from public values (``sketch_seed``)."""
-    return {n: sketch_basis(shapes[n][1], columns[n], sketch_seed(run_seed, round_number, n), dtype) for n in shapes}
+    """Omega per module, from the round's public sketch seed (``flora.common.omega``): the same
+    matrices a secure round's clients draw."""
+    seed = round_seed(run_seed, round_number)
+    return {n: sketch_basis(shapes[n][1], columns[n], seed, n, dtype) for n in shapes}
 
 
-def dense_release(change: Mapping[str, Tensor], std: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """delta + N per module (one mechanism over all modules): also the B-sum release."""
-    return {n: change[n] + gaussian_like(change[n], std, generator) for n in sorted(change)}
+def _dense(change: Change) -> Tensor:
+    return change.b @ change.a if isinstance(change, LoraPair) else change

@@ -4,7 +4,10 @@ The server can no longer look at an upload, so the rules it applied to each one 
 (issue 30, item 3): client k measures its change from its start, |s_k B_k A_k - init_k|_F over
 all modules, exactly as the plain server does (``flora.common.robust.change_norm``), scales it by
 c_k = min(1, C / norm) for the announced clip bound C and by its weight p_k fixed at round open,
-and only then projects and encodes it. Its vector in every pass then has norm <= p_k C (Omega
+and only then projects and encodes it. Under differential privacy it also clips, to the DP clip
+norm and in the norm of what the release noises (its whole change; ffa: |B_k - B_start|_F), the
+clip a plain private round applies at the server (``flora.common.privacy.private_round``); its
+one clip factor serves both passes. Its vector in every pass then has norm <= p_k C (Omega
 and Q have orthonormal columns), which is what the fixed-point scale was chosen for; a vector
 that is not (a bug) is refused here rather than uploaded.
 """
@@ -21,6 +24,7 @@ from torch import Tensor
 
 from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter, LoraPair
+from flora.common.privacy.release import b_change_norm, clip_factor
 from flora.common.robust import change_norm
 from flora.common.secagg.fixedpoint import encode
 from flora.common.secagg.plan import FACTORS, SKETCH, RoundPlan, block_shapes
@@ -53,7 +57,10 @@ def client_change(plan: RoundPlan, index: int, update: LoraAdapter) -> ClientCha
     if init is not None:
         init = LoraAdapter({n: init.pairs[n] for n in update.pairs}, init.scaling)
     norm = change_norm(update, init)
-    clip = min(1.0, plan.clip_norm / norm) if norm > plan.clip_norm else 1.0
+    clip = 1.0 if plan.clip_norm is None else clip_factor(norm, plan.clip_norm)
+    if plan.dp_clip_norm is not None:  # DP: also within its clip norm, in the norm of what is released
+        released = norm if plan.kind == SKETCH else b_change_norm(update, init)
+        clip = min(clip, clip_factor(released, plan.dp_clip_norm))
     factor = plan.weights[index] * clip
     if plan.kind == FACTORS:
         width = plan.kept.rank

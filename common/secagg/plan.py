@@ -10,7 +10,7 @@ as sums of things a client can compute alone (issue 30, item 2):
   (d_in x m), and Q (sum_k D_k^T Q)^T = sum_k D_k exactly, because m is at least the rank of
   the sum: the sum of the clients' ranks, plus the largest start's rank when starts are warm.
   A module where two passes would move more numbers than its dense change
-  (``prefers_dense``) sends D_k itself in pass 1 instead. The method's next kept LoRA comes
+  (``sketch_width``, the private release's rule too) sends D_k itself in pass 1 instead. The method's next kept LoRA comes
   from that sum and the public starts alone (``flora.common.secagg.finish``).
 - ``ffa`` (kind ``factors``): A is frozen and public, so the weighted sum of the B changes,
   sum_k p_k c_k pad(B_k - B_start,k), is the whole round: one pass of d_out x r_max per module.
@@ -18,7 +18,9 @@ as sums of things a client can compute alone (issue 30, item 2):
   themselves, which the clip bound does not bound, so no fixed-point scale can be announced.
 
 Weights p_k are fixed when the round opens and clip factors c_k come from the announced clip
-bound C; each client applies both before masking (``flora.common.secagg.contribution``), so
+bound C (under differential privacy also from the DP clip norm, in the norm of what the release
+noises: the server then adds the noise to the unmasked sums, ``flora.common.secagg.finish``);
+each client applies both before masking (``flora.common.secagg.contribution``), so
 every contribution's Frobenius norm is at most p_k times ``vector_bound``. The layout of each
 pass's vector is in protos/PROTOCOL.md, "Secure aggregation: the passes".
 """
@@ -32,11 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flora.common.lora import LoraAdapter, module_seed
+from flora.common.lora import LoraAdapter
 from flora.common.methods import AggregationMethod
+from flora.common.omega import sketch_basis
 from flora.common.robust import RobustPolicy, decide
 from flora.common.secagg.fixedpoint import choose_scale
-from flora.common.sketch import prefers_dense, sketch_basis, sketch_columns
+from flora.common.sketch import rank_bound as change_rank_bound, sketch_width
 
 SKETCH, FACTORS = "sketch", "factors"
 KINDS: dict[str, str] = {"flora": SKETCH, "flora-warm": SKETCH, "flexlora": SKETCH, "ffa": FACTORS}
@@ -85,10 +88,11 @@ class RoundPlan:
     ranks: tuple[int, ...]  # client k's rank and scaling, as announced at round open
     scalings: tuple[float, ...]
     weights: tuple[float, ...]  # p_k, fixed at round open
-    clip_norm: float  # C: each client clips its change |s B A - init|_F to at most this
+    clip_norm: float | None  # C: each client clips its change |s B A - init|_F to at most this (None: DP's clip alone)
     vector_bound: float  # any client's vector in any pass has norm <= p_k times this
     bits: int  # the fixed-point scale 2^bits (``choose_scale``)
     seed: int  # Omega's seed for this round
+    dp_clip_norm: float | None = None  # DP: each client also clips the released quantity's norm to this
 
     @property
     def passes(self) -> int:
@@ -110,12 +114,22 @@ def round_weights(claimed: Sequence[float], max_weight_share: float | None) -> l
 
 def plan_round(
     method: AggregationMethod, kept: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]], ranks: Sequence[int],
-    scalings: Sequence[float], weights: Sequence[float], clip_norm: float, seed: int, clients: int | None = None,
+    scalings: Sequence[float], weights: Sequence[float], clip_norm: float | None, seed: int, clients: int | None = None,
+    dp_clip_norm: float | None = None, dense: bool = False,
 ) -> RoundPlan:
-    """The round's plan from public facts; ``clients`` (default: this round's) sizes the fixed point."""
+    """The round's plan from public facts; ``clients`` (default: this round's) sizes the fixed point.
+
+    Under differential privacy (``dp_clip_norm`` set) each client also clips, in the norm of what
+    the release noises (its whole change; ffa: its B change), to ``dp_clip_norm``, so every
+    vector is bounded by it, and ``clip_norm`` may be None (the plain private round's clip alone);
+    ``dense`` (the DP dense release) sends every module dense in one pass.
+    """
     check_secure(method)
-    if not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ValueError(f"secure_aggregation: clip_norm must be a positive finite number, got {clip_norm}")
+    if clip_norm is None and dp_clip_norm is None:
+        raise ValueError("secure_aggregation: a round needs a clip bound (clip_norm, or dp_clip_norm under DP)")
+    for name, value in (("clip_norm", clip_norm), ("dp_clip_norm", dp_clip_norm)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"secure_aggregation: {name} must be a positive finite number, got {value}")
     if not ranks or len(ranks) != len(scalings) or len(ranks) != len(weights):
         raise ValueError(f"secure_aggregation: need one rank, scaling and weight per client, got "
                          f"{len(ranks)}, {len(scalings)}, {len(weights)}")
@@ -126,25 +140,28 @@ def plan_round(
     method.validate(list(ranks), list(scalings))
     kind = KINDS[method.name]
     if kind == SKETCH:
-        modules, bound = _sketch_modules(method, kept, shapes, ranks, scalings), clip_norm * (1 + BOUND_SLACK)
+        modules = _sketch_modules(method, kept, shapes, ranks, scalings, dense)
+        bound = min(clip_norm or math.inf, dp_clip_norm or math.inf) * (1 + BOUND_SLACK)
+    elif dp_clip_norm is not None:  # ffa under DP: each client clips |dB|_F itself, the released quantity
+        modules, bound = _factor_modules(kept, shapes), dp_clip_norm * (1 + BOUND_SLACK)
     else:
         modules, bound = _factor_modules(kept, shapes), _factor_bound(kept, clip_norm)
     return RoundPlan(method, kind, modules, kept, tuple(ranks), tuple(scalings), tuple(weights), clip_norm, bound,
-                     choose_scale(bound, clients or len(ranks)), seed)
+                     choose_scale(bound, clients or len(ranks)), seed, dp_clip_norm)
 
 
 def _sketch_modules(
     method: AggregationMethod, kept: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]],
-    ranks: Sequence[int], scalings: Sequence[float],
+    ranks: Sequence[int], scalings: Sequence[float], dense: bool,
 ) -> tuple[ModulePlan, ...]:
-    """Per module the sketch's m from the rank bound, or dense where that moves fewer numbers."""
+    """Per module the sketch's m from the rank bound, or dense where that moves fewer numbers
+    (``sketch_width``, the private release's rule too) or where ``dense`` asks for it."""
     bound = rank_bound(method, kept, ranks, scalings)
     modules = []
     for name in sorted(shapes):
         d_out, d_in = shapes[name]
-        columns = sketch_columns(bound, d_out, d_in)
-        dense = prefers_dense(d_out, d_in, columns)
-        modules.append(ModulePlan(name, d_out, d_in, 0 if dense else columns, dense))
+        columns = 0 if dense else sketch_width(bound, d_out, d_in)
+        modules.append(ModulePlan(name, d_out, d_in, columns, columns == 0))
     return tuple(modules)
 
 
@@ -152,7 +169,7 @@ def rank_bound(method: AggregationMethod, kept: LoraAdapter | None, ranks: Seque
     """The most the rank of any module's summed change can be, from public facts: the sum of the
     clients' ranks, plus the largest start's rank when starts are warm (they nest in the kept LoRA)."""
     starts = [method.cached_start(kept, r, s).init for r, s in zip(ranks, scalings)]
-    return sum(ranks) + max((init.rank for init in starts if init is not None), default=0)
+    return change_rank_bound(ranks, [init.rank for init in starts if init is not None])
 
 
 def _factor_modules(kept: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]]) -> tuple[ModulePlan, ...]:
@@ -207,7 +224,7 @@ def split(plan: RoundPlan, stage: int, flat: Tensor) -> dict[str, Tensor]:
 
 
 def sketch_bases(plan: RoundPlan) -> dict[str, Tensor]:
-    """Omega per sketched module, from the round's seed and the module's name alone (public):
-    ``sketch_basis(d_in, m, crc32(f"{name}:{seed}"))``."""
-    return {m.name: sketch_basis(m.d_in, m.columns, module_seed(m.name, plan.seed))
+    """Omega per sketched module, from the round's seed and the module's name alone (public,
+    ``flora.common.omega``: the private release's Omega for the same round)."""
+    return {m.name: sketch_basis(m.d_in, m.columns, plan.seed, m.name)
             for m in plan.modules if plan.kind == SKETCH and not m.dense}

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x66lora/v1/run.proto\x12\x08\x66lora.v1\"G\n\x0cTargetModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cout_features\x18\x02 \x01(\r\x12\x13\n\x0bin_features\x18\x03 \x01(\r\"c\n\rTrainingHints\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\x01\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"\xdd\x04\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x61se_model_hash\x18\x03 \x01(\t\x12.\n\x0etarget_modules\x18\x04 \x03(\x0b\x32\x16.flora.v1.TargetModule\x12+\n\x06method\x18\x05 \x01(\x0e\x32\x1b.flora.v1.AggregationMethod\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x18\n\x10max_update_bytes\x18\x07 \x01(\x04\x12\x12\n\nchunk_size\x18\x08 \x01(\r\x12\x18\n\x10required_scaling\x18\t \x01(\x01\x12&\n\x05hints\x18\n \x01(\x0b\x32\x17.flora.v1.TrainingHints\x12\x18\n\x10global_lora_rank\x18\x0b \x01(\r\x12\x10\n\x08max_rank\x18\x0c \x01(\r\x12\x17\n\x0fmax_update_norm\x18\r \x01(\x01\x12\x18\n\x10max_weight_share\x18\x0e \x01(\x01\x12\x11\n\tclip_norm\x18\x0f \x01(\x01\x12\x1c\n\x14\x63lip_median_multiple\x18\x10 \x01(\x01\x12\x1e\n\x16reject_median_multiple\x18\x11 \x01(\x01\x12\x1a\n\x12secure_aggregation\x18\x12 \x01(\x08\x12\x18\n\x10secure_clip_norm\x18\x13 \x01(\x01\x12\x1f\n\x17secure_stage_deadline_s\x18\x14 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\x15 \x01(\x01\x12\x14\n\x0c\x64p_clip_norm\x18\x16 \x01(\x01*\x91\x02\n\x11\x41ggregationMethod\x12\"\n\x1e\x41GGREGATION_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GGREGATION_METHOD_FLORA\x10\x01\x12\x1c\n\x18\x41GGREGATION_METHOD_FEDIT\x10\x02\x12\x1e\n\x1a\x41GGREGATION_METHOD_ZEROPAD\x10\x03\x12\x1c\n\x18\x41GGREGATION_METHOD_FEDEX\x10\x04\x12!\n\x1d\x41GGREGATION_METHOD_FLORA_WARM\x10\x05\x12\x1a\n\x16\x41GGREGATION_METHOD_FFA\x10\x06\x12\x1f\n\x1b\x41GGREGATION_METHOD_FLEXLORA\x10\x07*_\n\x0bScalingRule\x12\x1c\n\x18SCALING_RULE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCALING_RULE_STANDARD\x10\x01\x12\x17\n\x13SCALING_RULE_RSLORA\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x66lora/v1/run.proto\x12\x08\x66lora.v1\"G\n\x0cTargetModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cout_features\x18\x02 \x01(\r\x12\x13\n\x0bin_features\x18\x03 \x01(\r\"c\n\rTrainingHints\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\x01\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"\xf1\x04\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x61se_model_hash\x18\x03 \x01(\t\x12.\n\x0etarget_modules\x18\x04 \x03(\x0b\x32\x16.flora.v1.TargetModule\x12+\n\x06method\x18\x05 \x01(\x0e\x32\x1b.flora.v1.AggregationMethod\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x18\n\x10max_update_bytes\x18\x07 \x01(\x04\x12\x12\n\nchunk_size\x18\x08 \x01(\r\x12\x18\n\x10required_scaling\x18\t \x01(\x01\x12&\n\x05hints\x18\n \x01(\x0b\x32\x17.flora.v1.TrainingHints\x12\x18\n\x10global_lora_rank\x18\x0b \x01(\r\x12\x10\n\x08max_rank\x18\x0c \x01(\r\x12\x17\n\x0fmax_update_norm\x18\r \x01(\x01\x12\x18\n\x10max_weight_share\x18\x0e \x01(\x01\x12\x11\n\tclip_norm\x18\x0f \x01(\x01\x12\x1c\n\x14\x63lip_median_multiple\x18\x10 \x01(\x01\x12\x1e\n\x16reject_median_multiple\x18\x11 \x01(\x01\x12\x1a\n\x12secure_aggregation\x18\x12 \x01(\x08\x12\x18\n\x10secure_clip_norm\x18\x13 \x01(\x01\x12\x1f\n\x17secure_stage_deadline_s\x18\x14 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\x15 \x01(\x01\x12\x14\n\x0c\x64p_clip_norm\x18\x16 \x01(\x01\x12\x12\n\ndp_release\x18\x17 \x01(\t*\x91\x02\n\x11\x41ggregationMethod\x12\"\n\x1e\x41GGREGATION_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GGREGATION_METHOD_FLORA\x10\x01\x12\x1c\n\x18\x41GGREGATION_METHOD_FEDIT\x10\x02\x12\x1e\n\x1a\x41GGREGATION_METHOD_ZEROPAD\x10\x03\x12\x1c\n\x18\x41GGREGATION_METHOD_FEDEX\x10\x04\x12!\n\x1d\x41GGREGATION_METHOD_FLORA_WARM\x10\x05\x12\x1a\n\x16\x41GGREGATION_METHOD_FFA\x10\x06\x12\x1f\n\x1b\x41GGREGATION_METHOD_FLEXLORA\x10\x07*_\n\x0bScalingRule\x12\x1c\n\x18SCALING_RULE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCALING_RULE_STANDARD\x10\x01\x12\x17\n\x13SCALING_RULE_RSLORA\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flora.v1.run_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGGREGATIONMETHOD']._serialized_start=815
-  _globals['_AGGREGATIONMETHOD']._serialized_end=1088
-  _globals['_SCALINGRULE']._serialized_start=1090
-  _globals['_SCALINGRULE']._serialized_end=1185
+  _globals['_AGGREGATIONMETHOD']._serialized_start=835
+  _globals['_AGGREGATIONMETHOD']._serialized_end=1108
+  _globals['_SCALINGRULE']._serialized_start=1110
+  _globals['_SCALINGRULE']._serialized_end=1205
   _globals['_TARGETMODULE']._serialized_start=32
   _globals['_TARGETMODULE']._serialized_end=103
   _globals['_TRAININGHINTS']._serialized_start=105
   _globals['_TRAININGHINTS']._serialized_end=204
   _globals['_RUNSPEC']._serialized_start=207
-  _globals['_RUNSPEC']._serialized_end=812
+  _globals['_RUNSPEC']._serialized_end=832
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class TrainingHints(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., local_epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints", "global_lora_rank", "max_rank", "max_update_norm", "max_weight_share", "clip_norm", "clip_median_multiple", "reject_median_multiple", "secure_aggregation", "secure_clip_norm", "secure_stage_deadline_s", "dp_noise_multiplier", "dp_clip_norm")
+    __slots__ = ("run_id", "base_model", "base_model_hash", "target_modules", "method", "rounds", "max_update_bytes", "chunk_size", "required_scaling", "hints", "global_lora_rank", "max_rank", "max_update_norm", "max_weight_share", "clip_norm", "clip_median_multiple", "reject_median_multiple", "secure_aggregation", "secure_clip_norm", "secure_stage_deadline_s", "dp_noise_multiplier", "dp_clip_norm", "dp_release")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class RunSpec(_message.Message):
     SECURE_STAGE_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    DP_RELEASE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     base_model: str
     base_model_hash: str
@@ -103,4 +104,5 @@ class RunSpec(_message.Message):
     secure_stage_deadline_s: float
     dp_noise_multiplier: float
     dp_clip_norm: float
-    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ..., global_lora_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_update_norm: _Optional[float] = ..., max_weight_share: _Optional[float] = ..., clip_norm: _Optional[float] = ..., clip_median_multiple: _Optional[float] = ..., reject_median_multiple: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., secure_clip_norm: _Optional[float] = ..., secure_stage_deadline_s: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ...) -> None: ...
+    dp_release: str
+    def __init__(self, run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_modules: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., method: _Optional[_Union[AggregationMethod, str]] = ..., rounds: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., required_scaling: _Optional[float] = ..., hints: _Optional[_Union[TrainingHints, _Mapping]] = ..., global_lora_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_update_norm: _Optional[float] = ..., max_weight_share: _Optional[float] = ..., clip_norm: _Optional[float] = ..., clip_median_multiple: _Optional[float] = ..., reject_median_multiple: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., secure_clip_norm: _Optional[float] = ..., secure_stage_deadline_s: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_release: _Optional[str] = ...) -> None: ...
