@@ -198,6 +198,7 @@ async def serve(settings: ServerSettings) -> None:
         driver = RoundDriver(settings, layout, store, aggregator, machine)
         if settings.secure_aggregation:
             driver.secure = SecureRounds(settings, aggregator, run.run_id, driver.notify)
+            driver.secure.resume(machine.current)  # before serving: a restart takes up the attempt it interrupted
         coordinator = Coordinator(settings, layout, store, driver, run, credentials)
         operators.load_revocations(coordinator)
         await _listen(server, port, settings, coordinator, driver, metrics)

@@ -14,6 +14,8 @@ from strings a client sent, so no request can steer a write outside these folder
     merged/v000003.safetensors       merged target-module weights of the latest version
     checkpoints/v000003/             Hugging Face checkpoint of version 3 (+ adapter/ for PEFT)
     history.jsonl                    one JSON line per round
+    secure/r000003-a1.*              secure aggregation: what the server holds of round 3's attempt 1
+                                     (server/secure_state.py), so that a restart resumes it
     tmp/                             uploads in flight and staging; emptied at start
 
 A round's stacked factors are never written as such and never served: the accepted updates under

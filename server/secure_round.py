@@ -16,24 +16,24 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
 the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
-survivors (``_passes``). Under differential privacy the clients also clip to dp_clip_norm and
-the server adds the release's noise to each unmasked sum (``flora.common.secagg.finish``).
-Any other failure (fewer than the threshold survive a stage, a client
-lost after stage 1's sum, a restart that lost the attempt's keys) raises ``SecAggError``; the
-driver then excludes the attempt's advertisements as a whole and the round reopens, so the
-clients train again and advertise fresh keys.
+survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Under
+differential privacy the clients also clip to dp_clip_norm and the server adds the release's noise
+to each unmasked sum (``flora.common.secagg.finish``). Any other failure (fewer than the threshold
+survive a stage, a client lost after stage 1's sum, a saved attempt not to be trusted) raises
+``SecAggError``; the driver then excludes the attempt's advertisements as a whole and the round
+reopens: the clients train again with fresh keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -57,7 +57,9 @@ from flora.common.weights import client_weights
 from flora.server.aggregator import Aggregator, RoundOutput
 from flora.server.config import ServerSettings
 from flora.server.errors import FailedPrecondition, InvalidArgument, Unavailable
-from flora.server.rounds import Round
+from flora.server.rounds import Round, RoundState
+from flora.server.secure_attempt import Attempt
+from flora.server.secure_state import GroupCommit, Identity, stored_adverts
 from flora.server.secure_transfer import (
     INBOX_KIND, SKETCH_KIND, Payload, inbox_payloads, masked_header, masked_vectors, payload_chunks, step_payloads,
 )
@@ -81,30 +83,6 @@ def refusal(error: SecAggError) -> FailedPrecondition | InvalidArgument:
     return kind(f"secure aggregation: {error}")
 
 
-@dataclass
-class _Attempt:
-    """One round attempt's protocol state and the step each client is asked to do now."""
-
-    number: int
-    attempt: int
-    ids: tuple[str, ...]  # the selected clients, sorted: a client's index is its position
-    seed: bytes
-    server: ServerRound
-    steps: dict[int, sa.SecureTask] = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    bytes_up: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    bytes_down: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    downloads: dict[tuple[int, int], Payload] = field(default_factory=dict)  # the open MASK step's, by (index, kind)
-    streams: set[int] = field(default_factory=set)  # clients with a SubmitMasked stream in progress
-
-    def index(self, client_id: str) -> int:
-        if client_id not in self.ids:
-            raise FailedPrecondition(f"secure aggregation: this client is not selected in round {self.number} "
-                                     f"attempt {self.attempt}")
-        return self.ids.index(client_id)
-
-
 class SecureRounds:
     """The server's side of secure aggregation, one round attempt at a time."""
 
@@ -114,7 +92,8 @@ class SecureRounds:
         self.run_id = run_id
         self.notify = notify
         self.stages = 2 if KINDS[settings.aggregation.name] == SKETCH else 1
-        self._attempt: _Attempt | None = None
+        self.folder = aggregator.layout.root / "secure"  # the saved attempt (server/secure_state.py)
+        self._attempt: Attempt | None = None
 
     @property
     def clip_norm(self) -> float | None:
@@ -126,7 +105,7 @@ class SecureRounds:
 
     # --- round open: numbering and advertising --------------------------------------------------
 
-    def _current(self, current: Round) -> _Attempt:
+    def _current(self, current: Round) -> Attempt:
         """The protocol state of the machine's current attempt (a fresh one for a new attempt)."""
         att = self._attempt
         if att is None or (att.number, att.attempt) != (current.number, current.attempt):
@@ -137,8 +116,16 @@ class SecureRounds:
                 server = ServerRound(current.number, seed, range(len(ids)), self.stages, default_threshold(degree), degree)
             except SecAggError as error:
                 raise refusal(error) from None
-            att = self._attempt = _Attempt(current.number, current.attempt, ids, seed, server)
+            att = self._attempt = Attempt.fresh(self.folder, Identity(self.run_id, current.number, current.attempt, ids,
+                                                                      seed), server)
         return att
+
+    def resume(self, current: Round | None) -> None:
+        """At start, before serving: take up the attempt a restart interrupted (one not to be trusted fails)."""
+        if current is not None and current.state in (RoundState.OPEN, RoundState.AGGREGATING):
+            with contextlib.suppress(FailedPrecondition, InvalidArgument):  # refused for these clients: said when asked
+                if not self._current(current).resume():
+                    self._attempt = None  # aggregate() then fails the attempt: the round reopens
 
     def round_info(self, client_id: str, current: Round) -> sa.SecureRound:
         """TrainTask.secure: the client's number and the attempt's protocol parameters."""
@@ -175,7 +162,13 @@ class SecureRounds:
             att.bytes_down[_label(step)] += step.ByteSize()
         return step
 
-    def _answer(self, client_id: str, kind: str, number: int, stage: int) -> tuple[_Attempt, int]:
+    async def _answer(self, client_id: str, kind: str, number: int, stage: int) -> tuple[Attempt, int]:
+        """``_asked``, once a resumed attempt's interrupted step is handed out again."""
+        if (att := self._attempt) is not None:
+            await att.handed_out(self.settings.secure_stage_deadline_s)
+        return self._asked(client_id, kind, number, stage)
+
+    def _asked(self, client_id: str, kind: str, number: int, stage: int) -> tuple[Attempt, int]:
         """The attempt and client index an answer of ``kind`` belongs to; refused when not asked."""
         att = self._attempt
         if att is None or att.number != number:
@@ -186,14 +179,12 @@ class SecureRounds:
             raise FailedPrecondition(f"secure aggregation: no {kind} step of stage {stage} is open for this client")
         return att, index
 
-    def _answered(self, att: _Attempt, index: int, kind: str, size: int) -> sa.SecureReply:
-        att.bytes_up[_label(att.steps.pop(index))] += size
-        if not att.steps:
-            att.done.set()
+    async def _answered(self, att: Attempt, index: int, kind: str, size: int, commit: GroupCommit) -> sa.SecureReply:
+        att.bytes_up[_label(await att.save_answer(index, commit))] += size  # acknowledged once saved
         return sa.SecureReply(accepted=True, message=f"{kind} recorded")
 
-    def share(self, client_id: str, request: sa.ShareKeysRequest) -> sa.SecureReply:
-        att, index = self._answer(client_id, "share", request.round, 0)
+    async def share(self, client_id: str, request: sa.ShareKeysRequest) -> sa.SecureReply:
+        att, index = await self._answer(client_id, "share", request.round, 0)
         shares = tuple(EncryptedShare(index, s.receiver, att.number, s.ciphertext) for s in request.shares)
         if any(s.sender != index for s in request.shares):
             raise InvalidArgument(f"shares: a share claims a sender other than this client ({index})")
@@ -201,13 +192,13 @@ class SecureRounds:
             att.server.receive_shares(ShareKeys(index, att.number, shares))
         except SecAggError as error:
             raise refusal(error) from None
-        return self._answered(att, index, "share", request.ByteSize())
+        return await self._answered(att, index, "share", request.ByteSize(), att.saved.state)
 
     async def masked(self, client_id: str, messages: AsyncIterator[sa.MaskedChunk | Piece]) -> sa.SecureReply:
         """A SubmitMasked stream: the header checked against the open step, the bytes received and
         verified (one stream per client at a time), then the vectors added to the stage's sum."""
         header = await masked_header(messages)
-        att, index = self._answer(client_id, "mask", header.round, header.stage)
+        att, index = await self._answer(client_id, "mask", header.round, header.stage)
         if index in att.streams:
             raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
         att.streams.add(index)
@@ -220,23 +211,23 @@ class SecureRounds:
                                      "during the upload") from None
         finally:
             att.streams.discard(index)
-        if self._answer(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
+        if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
             raise FailedPrecondition(f"secure aggregation: round {header.round}'s attempt changed during the upload")
         try:
             att.server.receive_masked(MaskedInput(index, att.number, header.stage, vectors))
         except SecAggError as error:
             raise refusal(error) from None
-        return self._answered(att, index, "mask", header.ByteSize() + header.total_bytes)
+        return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.masked)
 
     def fetch(self, client_id: str, request: sa.FetchSecureRequest) -> Iterator[transfer_pb2.Chunk]:
         """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset."""
-        att, index = self._answer(client_id, "mask", request.round, request.stage)
+        att, index = self._asked(client_id, "mask", request.round, request.stage)
         for chunk in payload_chunks(att.downloads.get((index, request.kind)), request, self.settings.chunk_size):
             att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
             yield chunk
 
-    def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
-        att, index = self._answer(client_id, "unmask", request.round, request.stage)
+    async def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
+        att, index = await self._answer(client_id, "unmask", request.round, request.stage)
         def revealed(items: Sequence[sa.RevealedShare]) -> tuple[RevealedShare, ...]:
             return tuple(RevealedShare(r.owner, r.share) for r in items)
         response = UnmaskResponse(index, att.number, request.stage, revealed(request.self_shares), revealed(request.key_shares))
@@ -244,9 +235,9 @@ class SecureRounds:
             att.server.receive_unmask(response)
         except (SecAggError, ValueError) as error:  # a malformed share is a ValueError of its parser
             raise refusal(error if isinstance(error, SecAggError) else SecAggError("share", str(error))) from None
-        return self._answered(att, index, "unmask", request.ByteSize())
+        return await self._answered(att, index, "unmask", request.ByteSize(), att.saved.state)
 
-    async def _step(self, att: _Attempt, tasks: dict[int, sa.SecureTask], label: str) -> None:
+    async def _step(self, att: Attempt, tasks: dict[int, sa.SecureTask], label: str) -> None:
         """Ask every client of ``tasks`` for its step; return when all answered or at the deadline."""
         clock = time.perf_counter()
         deadline = time.time() + self.settings.secure_stage_deadline_s
@@ -255,6 +246,7 @@ class SecureRounds:
         att.steps, att.done = dict(tasks), asyncio.Event()
         if not tasks:
             att.done.set()
+        att.resumed.set()
         self.notify()
         try:
             async with asyncio.timeout(self.settings.secure_stage_deadline_s):
@@ -268,20 +260,36 @@ class SecureRounds:
     # --- the aggregation --------------------------------------------------------------------------
 
     async def aggregate(self, number: int, submissions: Sequence[Submission]) -> RoundOutput:
-        """Run the closed round's stages and write its version as a plain round's would be written."""
+        """Run (or resume) the closed round's stages and write its version as a plain round's would be."""
         att = self._attempt
+        if att is not None and att.number == number and att.server.phase == "advertise":
+            for advert in await asyncio.to_thread(stored_adverts, self.aggregator.layout, att.saved.identity, submissions,
+                                                  set(att.server.adverts)):  # those a restart took from memory
+                att.server.receive_keys(advert)
         advertised = set() if att is None or att.number != number else {att.ids[i] for i in att.server.adverts}
         if advertised != {s.client_id for s in submissions}:
-            raise SecAggError("round", f"round {number}'s advertised keys are not all held (a restart or a new attempt): "
-                                       "the attempt starts over")
-        bundles = att.server.close_keys()
-        await self._step(att, {i: sa.SecureTask(share=sa.ShareStep(
-            participants=b.participants, neighbours=[_keys(a) for a in b.neighbours])) for i, b in bundles.items()}, "share")
-        inboxes = att.server.close_shares()
-        planned = sorted((s for s in submissions if att.ids.index(s.client_id) in att.server.active),
+            raise SecAggError("round", f"round {number}'s advertised keys are not all held (a new attempt, or a saved "
+                                       "attempt that cannot be trusted): the attempt starts over")
+        try:
+            return await self._run(att, number, submissions)
+        finally:
+            att.resumed.set()  # answers waiting for a resumed step are refused now, not held
+
+    async def _run(self, att: Attempt, number: int, submissions: Sequence[Submission]) -> RoundOutput:
+        server = att.server
+        if server.phase == "advertise":
+            att.bundles = server.close_keys()
+            await att.saved.state.flush()
+        if server.phase == "share":
+            await self._step(att, {i: sa.SecureTask(share=sa.ShareStep(participants=b.participants, neighbours=[
+                _keys(a) for a in b.neighbours])) for i, b in att.bundles.items() if i not in server.sealed}, "share")
+            att.inboxes = server.close_shares()
+            await att.saved.state.flush()
+        planned = sorted((s for s in submissions if att.ids.index(s.client_id) in server.sealed),
                          key=lambda s: att.ids.index(s.client_id))
         plan, decisions = await asyncio.to_thread(self._plan, number, planned)  # warm starts: an SVD per module
-        result, survivors = await self._passes(att, plan, inboxes)
+        att.saved.announce(plan)
+        result, survivors = await self._passes(att, plan)
         total = sum(d.weight for s, d in zip(planned, decisions) if att.ids.index(s.client_id) in survivors)
         weighed = {s.client_id: replace(d, weight=d.weight / total) for s, d in zip(planned, decisions)
                    if att.ids.index(s.client_id) in survivors}
@@ -297,41 +305,51 @@ class SecureRounds:
                                          [weighed.get(s.client_id, left_out) for s in submissions], math.nan, seconds)
         return replace(output, secure=secure)
 
-    async def _passes(self, att: _Attempt, plan: RoundPlan,
-                      inboxes: dict[int, tuple[EncryptedShare, ...]]) -> tuple[RoundResult, frozenset[int]]:
-        """The plan's masked passes; the result over the clients whose masked input arrived.
+    async def _passes(self, att: Attempt, plan: RoundPlan) -> tuple[RoundResult, frozenset[int]]:
+        """The plan's masked passes (from where a resumed attempt stopped); the result over the survivors.
 
         A client that drops after masking stage 1 is recovered from its neighbours' shares: the
         sums then hold the survivors alone, and the survivors' weights p_k are renormalized to
         sum to 1 (each sum divided by their total). One that drops in a later stage is not: Q
         spans the range of the stage-1 survivors' sum, so the attempt fails and starts over.
         """
-        planned = tuple(sorted(att.server.active))
-        result, sketch, survivors = None, None, frozenset(planned)
+        server, planned = att.server, tuple(sorted(att.server.sealed))  # the sharers: stage 1's active set
+        result, sketch, survivors = None, att.sketch, att.survivors or frozenset(planned)
         noise = Noise(self.settings.dp_noise_multiplier, secret_generator()) if self.settings.dp_enabled else None
-        for stage in range(1, plan.passes + 1):
-            request = att.server.open_stage(stage, (vector_length(plan, stage),))
+        for stage in range(server.stage + (server.phase == "open"), plan.passes + 1):
+            if server.phase == "open":
+                server.open_stage(stage, (vector_length(plan, stage),))
+                await att.saved.state.flush()
+            request = MaskRequest(server.round_id, stage, tuple(sorted(server.active)), server.lengths)
             if set(request.active) != survivors:
                 raise SecAggError("survivors", f"a client of stage {stage - 1}'s sum left before stage {stage}; "
                                                "the attempt starts over")
-            att.downloads = await asyncio.to_thread(lambda: step_payloads(  # Q: up to GBs, serialised once
-                request.active, inbox_payloads(inboxes) if stage == 1 else {},
-                sketch_bytes(plan, sketch.q) if sketch is not None else None))
-            await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.downloads, i))
-                                   for i in request.active}, f"mask{stage}")
-            att.downloads = {}
-            unmask = att.server.close_masked()
+            if server.phase == "mask":
+                att.downloads = await asyncio.to_thread(lambda: step_payloads(  # Q: up to GBs, serialised once
+                    request.active, inbox_payloads(att.inboxes) if stage == 1 else {},
+                    sketch_bytes(plan, sketch.q) if sketch is not None else None))
+                await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.downloads, i))
+                                       for i in request.active if i not in server.masked_from}, f"mask{stage}")
+                att.downloads = {}
+                server.close_masked()
+                await att.saved.masked.flush()  # the sum the unmask request is for, then the request
+                await att.saved.state.flush()
+            unmask = server.request
             if unmask.dropped and stage > 1:
                 raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "
                                                "the attempt starts over")
             await self._step(att, {i: sa.SecureTask(unmask=sa.UnmaskStep(stage=stage, survivors=unmask.survivors,
                                                                           dropped=unmask.dropped))
-                                   for i in unmask.survivors}, f"unmask{stage}")
-            unmasked = await asyncio.to_thread(att.server.close_unmask)
+                                   for i in unmask.survivors if i not in server.reveals}, f"unmask{stage}")
+            await att.saved.state.flush()  # after the answers' own writes: none may save the state past this point
+            unmasked = await asyncio.to_thread(server.close_unmask)
             survivors = frozenset(unmasked.survivors)
             over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
             step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
+            if result is None:  # pass 2 is next: its Q and survivors before the state that says so
+                await att.saved.save_sketch(sketch, survivors)
+                await att.saved.state.flush()
         if unmask.dropped:
             log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
                         att.number, len(unmask.dropped), len(survivors))

@@ -150,7 +150,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def ShareKeys(self, request: secagg_pb2.ShareKeysRequest, context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
         async with refusals(context, "ShareKeys"):
-            return self._secure("ShareKeys").share(self._coordinator.identify(_token(context)), request)
+            return await self._secure("ShareKeys").share(self._coordinator.identify(_token(context)), request)
 
     async def SubmitMasked(self, request_iterator: AsyncIterable[secagg_pb2.MaskedChunk],
                            context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
@@ -166,7 +166,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def Unmask(self, request: secagg_pb2.UnmaskRequest, context: grpc.aio.ServicerContext) -> secagg_pb2.SecureReply:
         async with refusals(context, "Unmask"):
-            return self._secure("Unmask").unmask(self._coordinator.identify(_token(context)), request)
+            return await self._secure("Unmask").unmask(self._coordinator.identify(_token(context)), request)
 
     def _secure(self, call: str) -> SecureRounds:
         secure = self._coordinator.driver.secure

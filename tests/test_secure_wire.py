@@ -8,7 +8,11 @@ or out-of-turn messages must be refused with the status a client would get, chan
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sket
 from flora.server.aggregator import RoundOutput
 from flora.server.config import ServerSettings
 from flora.server.errors import FailedPrecondition, InvalidArgument
+from flora.server.layout import Layout
 from flora.server.rounds import Round, RoundState
 from flora.server.secure_round import SecureRounds, _label
 from flora.server.store import Submission
@@ -43,6 +48,10 @@ class FakeAggregator:
     precision: torch.dtype = torch.float64
     max_update_norm: float = 1e3  # C: above every test change, so that nothing is clipped
     results: list = field(default_factory=list)
+    layout: Layout = field(default_factory=lambda: Layout(Path(tempfile.mkdtemp(prefix="flora-secure-"))))
+
+    def __post_init__(self) -> None:  # where SecureRounds saves the attempt: gone with the aggregator
+        weakref.finalize(self, shutil.rmtree, self.layout.root, True)
 
     def write_round(self, number, result, decisions, error, seconds) -> RoundOutput:
         self.results.append((result, decisions))
@@ -269,7 +278,7 @@ def test_answers_out_of_turn_are_refused_as_failed_precondition():
     secure, _, current, ids = setup()
     secure.round_info(ids[0], current)
     with pytest.raises(FailedPrecondition, match="no share step"):
-        secure.share(ids[0], sa.ShareKeysRequest(round=1))
+        asyncio.run(secure.share(ids[0], sa.ShareKeysRequest(round=1)))
     with pytest.raises(FailedPrecondition, match="round 2 has no mask step"):
         asyncio.run(secure.masked(ids[0], _aiter(masked_messages(2, 1, [np.zeros(1, dtype=np.uint64)], 4096))))
 
