@@ -40,7 +40,7 @@ ROUNDS = 3
 CLIENTS = {"alice": 4, "bob": 2, "carol": 1}
 FLAGS = ("--min-clients", str(len(CLIENTS)), "--rounds", str(ROUNDS), "--round-deadline-s", "120", "--long-poll-s", "0.3",
          "--client-timeout-s", "30", "--operator-token", OPERATOR_TOKEN, "--checkpoint-every", "0", "--secure-aggregation",
-         "--secure-stage-deadline-s", "5")
+         "--secure-stage-deadline-s", "20")
 
 
 def _update(name: str, number: int, spec: run_pb2.RunSpec) -> LoraAdapter:
