@@ -108,7 +108,7 @@ def key_stages(clients: int, passes: int) -> dict[str, float]:
             "down_B": (sum(out.bytes_down.values()) + sum(s.nbytes for box in runner.inboxes.values() for s in box)) / clients}
 
 
-def _former_dense_pair(dense: torch.Tensor, bound: int, seed: int) -> LoraPair:
+def _former_dense_pair(dense: torch.Tensor, bound: int, seed: int, name: str) -> LoraPair:
     """Before: a dense sum handed to the downlink beside an identity, rank min(d_out, d_in)."""
     d_out, d_in = dense.shape
     if d_out <= d_in:
