@@ -128,8 +128,8 @@ def test_an_interrupted_demo_leaves_no_process_behind(tmp_path, sig):
     workdir = tmp_path / "demo"
     demo = subprocess.Popen([DEMO, "--workdir", str(workdir), *SMALL, "--rounds", "50"], stdout=subprocess.PIPE, text=True)
     try:
-        for line in demo.stdout:  # wait until the clients are training
-            if "round 1/50 open" in line:
+        for line in demo.stdout:  # wait until the clients are training: the monitor's first round line
+            if re.search(r"round \d+/50 ", line):  # (round 1 may commit before a poll sees it open)
                 break
         children = [p for p in demo_processes(workdir) if p.pid != demo.pid]
         assert len(children) == 3, "expected the server and two clients to be running"
