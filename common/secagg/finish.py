@@ -37,10 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flora.common.aggregation import flora_stack
 from flora.common.lora import LoraAdapter, LoraPair, pad_pair
 from flora.common.methods import RoundResult
-from flora.common.methods.base import canonical_adapter, difference
+from flora.common.methods.base import canonical_adapter, difference, plus_starts
 from flora.common.privacy.release import noise_std, noised
 from flora.common.secagg.fixedpoint import check_sum, decode
 from flora.common.secagg.plan import FACTORS, RoundPlan, rank_bound, split
@@ -159,15 +158,9 @@ def _dense_pair(dense: Tensor, bound: int, seed: int, name: str) -> LoraPair:
 
 
 def _with_starts(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> LoraAdapter:
-    """Stacked factors of S + Delta, S = sum_k p_k init_k over the public starts (one term per
-    distinct start: clients of one rank and scaling share theirs)."""
-    terms: dict[int, list] = {}
-    for rank, scaling, weight in zip(plan.ranks, plan.scalings, plan.weights):
-        init = plan.method.cached_start(plan.kept, rank, scaling).init
-        if init is not None:
-            terms.setdefault(id(init), [init, 0.0])[1] += weight
-    starts = list(terms.values())
-    return flora_stack([change, *(t for t, _ in starts)], [1.0, *(w for _, w in starts)], dtype)
+    """Stacked factors of S + Delta, S = sum_k p_k init_k over the public starts."""
+    inits = [plan.method.cached_start(plan.kept, r, s).init for r, s in zip(plan.ranks, plan.scalings)]
+    return plus_starts(change, inits, plan.weights, dtype)
 
 
 def _finish_flora(plan: RoundPlan, change: LoraAdapter, dtype: torch.dtype) -> RoundResult:
