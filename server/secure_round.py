@@ -32,7 +32,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -86,11 +86,13 @@ def refusal(error: SecAggError) -> FailedPrecondition | InvalidArgument:
 class SecureRounds:
     """The server's side of secure aggregation, one round attempt at a time."""
 
-    def __init__(self, settings: ServerSettings, aggregator: Aggregator, run_id: str, notify: Callable[[], None]) -> None:
+    def __init__(self, settings: ServerSettings, aggregator: Aggregator, run_id: str, notify: Callable[[], None],
+                 released: Callable[[int, int], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.aggregator = aggregator
         self.run_id = run_id
         self.notify = notify
+        self.released = released  # under DP: records (round, attempt)'s noisy pass 1 before Q leaves (server/dp_releases.py)
         self.stages = 2 if KINDS[settings.aggregation.name] == SKETCH else 1
         self.folder = aggregator.layout.root / "secure"  # the saved attempt (server/secure_state.py)
         self._attempt: Attempt | None = None
@@ -348,6 +350,8 @@ class SecureRounds:
             step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
             if result is None:  # pass 2 is next: its Q and survivors before the state that says so
+                if noise is not None and self.released is not None:  # first: Q = orth(Y + N1) is a release
+                    await self.released(att.number, att.attempt)
                 await att.saved.save_sketch(sketch, survivors)
                 await att.saved.state.flush()
         if unmask.dropped:
