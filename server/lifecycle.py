@@ -106,14 +106,14 @@ class RoundDriver:
         if budget is None or current is None or (current.number, current.attempt) != (number, attempt):
             raise RuntimeError(f"round {number} attempt {attempt}: a noisy pass to release outside the current "
                                "attempt, or without a privacy budget")
-        entry = await asyncio.to_thread(self._record_release, budget, current.population, current.sampled, (number, attempt))
-        budget.add_release(entry)
+
+        def record() -> Release:  # blocking: the accountant (a sample's RDP is ~0.5 s the first time), an fsync
+            entry = budget.release_of(number, attempt, current.population, current.sampled, time.time())
+            return record_release(self.layout.dp_releases, entry)
+
+        budget.add_release(await asyncio.to_thread(record))
         log.info("round %d attempt %d: its noisy first pass (Q) goes to the clients; recorded as released: epsilon "
                  "%.4g spent (it stays spent if this attempt does not commit)", number, attempt, budget.spent)
-
-    def _record_release(self, budget: PrivacyBudget, population: int, selected: int, key: tuple[int, int]) -> Release:
-        """The release's record on disk, with the epsilon it spends (blocking: the accountant and an fsync)."""
-        return record_release(self.layout.dp_releases, budget.release_of(*key, population, selected, time.time()))
 
     def _plan(self, budget: PrivacyBudget) -> None:
         """Say at start when the target will end the run early, at the clients a round is sure of (min_clients)."""
@@ -366,7 +366,8 @@ class RoundDriver:
         """Build the round's history record and commit the round with it (blocking: run it in a thread)."""
         record = self._record(number, attempt, submissions, output, now, context)
         if self.privacy is not None:  # the machine still holds the round, with the sample it was accounted with
-            record.update(self.privacy.record(number, attempt, self.machine.current.population, self.machine.current.sampled))
+            current = self.machine.current
+            record.update(self.privacy.record(number, attempt, current.population, current.sampled))
         self.store.commit_version(number, attempt, output.artifacts, record, now)
         return record
 

@@ -18,7 +18,8 @@ the masked vectors of the stage, and the unmasked sums. A client that shares its
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
 survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Under
 differential privacy the clients also clip to dp_clip_norm and the server adds the release's noise
-to each unmasked sum (``flora.common.secagg.finish``). Any other failure (fewer than the threshold
+to each unmasked sum (``flora.common.secagg.finish``); pass 1's Q is recorded as released
+(``released``: server/dp_releases.py) before any client can fetch it. Any other failure (fewer than the threshold
 survive a stage, a client lost after stage 1's sum, a saved attempt not to be trusted) raises
 ``SecAggError``; the driver then excludes the attempt's advertisements as a whole and the round
 reopens: the clients train again with fresh keys.
@@ -92,7 +93,7 @@ class SecureRounds:
         self.aggregator = aggregator
         self.run_id = run_id
         self.notify = notify
-        self.released = released  # under DP: records (round, attempt)'s noisy pass 1 before Q leaves (server/dp_releases.py)
+        self.released = released  # under DP: records (round, attempt)'s pass 1 before Q leaves (server/dp_releases.py)
         self.stages = 2 if KINDS[settings.aggregation.name] == SKETCH else 1
         self.folder = aggregator.layout.root / "secure"  # the saved attempt (server/secure_state.py)
         self._attempt: Attempt | None = None

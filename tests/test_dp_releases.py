@@ -101,6 +101,8 @@ def test_the_record_survives_a_kill_and_a_release_is_never_counted_twice(tmp_pat
     first = release(budget, path, 1, 1, (3, 3))
     again = PrivacyBudget.of_run(settings, history, read_releases(path))
     assert again.spent == budget.spent == first.dp_epsilon and again.delta == DELTA
+    wider = settings_from(DP + ["--min-clients", "20000"])  # its default delta is 5e-6: the run's stays the first one's
+    assert PrivacyBudget.of_run(wider, history, read_releases(path)).delta == DELTA
     assert release(again, path, 1, 1, (3, 3)) == first and len(read_releases(path)) == 1  # resumed: no new line
     assert again.spent == first.dp_epsilon and len(again.released) == 1
     release(again, path, 1, 2, (3, 3))  # the retry: a fresh Q, a release of its own, then its commit
@@ -114,7 +116,7 @@ def test_a_damaged_record_is_refused_naming_its_line(tmp_path):
     path = Layout(tmp_path).dp_releases
     release(PrivacyBudget.of_run(settings_from(DP), []), path, 1, 1, (3, 3))
     path.write_text(path.read_text() + '{"round": 1, "attempt": 2}\n')
-    with pytest.raises(ReleaseFileError, match=r"dp_releases.jsonl: line 2 is not a differential privacy release record"):
+    with pytest.raises(ReleaseFileError, match=r"dp_releases.jsonl: line 2 is not a differential privacy release"):
         read_releases(path)
 
 
@@ -138,8 +140,9 @@ def test_a_resumed_attempt_sends_its_q_again_without_a_new_release(tmp_path):
     for client_id, u in zip(ids, updates):
         link = wire.Loopback(secure, client_id)
         link.current = current
-        clients[client_id] = link, secure_stages.advertise(link, wire.spec(secure.settings), secure.round_info(client_id, current),
-                                                           wire.header(1, u.rank, 10), u, kept, get_method("flora"))
+        info = secure.round_info(client_id, current)
+        clients[client_id] = link, secure_stages.advertise(link, wire.spec(secure.settings), info, wire.header(1, u.rank, 10),
+                                                           u, kept, get_method("flora"))
     submissions = [_submission(c, u.rank) for c, u in zip(ids, updates)]
 
     async def cut_short() -> None:
@@ -263,4 +266,5 @@ def test_the_report_lists_a_release_after_the_last_commit_and_its_spent_epsilon(
     text = "\n".join(privacy_lines([line], [committed, after]))
     assert text.startswith("Differential privacy (client level): epsilon 2.25 at delta 1e-05 after 1 rounds and 1 "
                            "released first pass(es)")
-    assert "2 (attempt 1 not committed: pass 1 released) | 2 of 3" in text and "attempt 1 not committed: pass 1 released) | 3 of 3" not in text
+    assert "2 (attempt 1 not committed: pass 1 released) | 2 of 3" in text
+    assert "1 (attempt 1 not committed" not in text  # round 1's attempt 1 committed: one of its passes

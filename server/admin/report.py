@@ -77,15 +77,15 @@ def privacy_lines(rounds: Sequence[dict[str, Any]], releases: Sequence[Release] 
     outside = [r for r in releases if r.key not in committed]
     if not private and not outside:
         return []
-    rows = [((r["round"], 1, r.get("attempts", 0)), {"round": r["round"], "sampled": f"{r['dp_selected']} of {r['dp_population']}",
-                                                     "epsilon": r["dp_epsilon"]}) for r in private]
-    rows += [((r.round, 0, r.attempt), {"round": f"{r.round} (attempt {r.attempt} not committed: pass 1 released)",
-                                        "sampled": f"{r.selected} of {r.population}", "epsilon": r.dp_epsilon})
-             for r in outside]
-    rows.sort(key=lambda row: row[0])
+    rows = [((r["round"], 1), {"round": r["round"], "sampled": f"{r['dp_selected']} of {r['dp_population']}",
+                               "epsilon": r["dp_epsilon"]}) for r in private]
+    rows += [((r.round, 0), {"round": f"{r.round} (attempt {r.attempt} not committed: pass 1 released)",
+                             "sampled": f"{r.selected} of {r.population}", "epsilon": r.dp_epsilon}) for r in outside]
+    rows.sort(key=lambda row: row[0])  # stable: a round's releases in the order recorded, before its commit
     epsilon = max(row["epsilon"] for _, row in rows)  # spent only grows
     delta = private[-1]["dp_delta"] if private else outside[-1].dp_delta
-    table = format_table([{**row, "epsilon": f"{row['epsilon']:.4g}"} for _, row in rows], ("round", "sampled", "epsilon"))
+    table = format_table([{**row, "epsilon": f"{row['epsilon']:.4g}"} for _, row in rows],
+                         ("round", "sampled", "epsilon"))
     extra = f" and {len(outside)} released first pass(es) of attempts that did not commit" if outside else ""
     return [f"Differential privacy (client level): epsilon {epsilon:.4g} at delta {delta:.3g} "
             f"after {private[-1]['round'] if private else 0} rounds{extra}.", "", table, ""]
