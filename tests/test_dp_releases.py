@@ -172,7 +172,7 @@ class Run:
     three clients answering their secure steps from threads as the reference client does."""
 
     def __init__(self, root: Path) -> None:
-        self.settings = ServerSettings(method="flora", secure_aggregation=True, secure_stage_deadline_s=1.0,
+        self.settings = ServerSettings(method="flora", secure_aggregation=True, secure_stage_deadline_s=2.0,
                                        max_weight_share=1.0, lora_rank=4, lora_alpha=8.0, dp_noise_multiplier=SIGMA,
                                        dp_clip_norm=0.5, min_clients=3, rounds=1, state_dir=root,
                                        client_timeout_s=600, round_deadline_s=600)
@@ -224,7 +224,7 @@ class Run:
 
 def test_a_secure_dp_round_retried_after_its_q_was_sent_counts_the_abandoned_pass(tmp_path):
     run = Run(tmp_path / "state")
-    machine = run.driver.machine
+    machine, path = run.driver.machine, run.layout.dp_releases
 
     async def scenario() -> None:
         run.driver.secure.notify = lambda: asyncio.get_running_loop().call_soon(run.answer_steps)
@@ -233,28 +233,34 @@ def test_a_secure_dp_round_retried_after_its_q_was_sent_counts_the_abandoned_pas
         run.driver.advance()  # attempt 1 opens over all three
         run.lost = {run.ids[2]}
         run.advertise()
-        await run.until(lambda: machine.current.attempt == 2 and machine.current.state is RoundState.OPEN)
-        assert [r.key for r in read_releases(run.layout.dp_releases)] == [(1, 1)]  # Q went out, then c-c was lost
+        await run.until(lambda: machine.current.attempt > 1 and machine.current.state is RoundState.OPEN)
+        assert [r.key for r in read_releases(path)] == [(1, 1)]  # its Q went out, then a client was lost
         assert run.driver.privacy.spent == pytest.approx(by_hand([(3, 3, 1)]))
-        run.lost = set()
-        run.advertise()  # the retry: every client back, fresh keys
-        await run.until(lambda: machine.version == 1)
+        run.lost, advertised = set(), set()
+        async with asyncio.timeout(60):
+            while machine.version < 1:  # the retry (one more, should a loaded machine miss a step's deadline)
+                if machine.current.state is RoundState.OPEN and machine.current.attempt not in advertised:
+                    advertised.add(machine.current.attempt)
+                    run.advertise()  # every client back, fresh keys
+                await asyncio.sleep(0.05)
         await run.driver.stop()
 
     asyncio.run(scenario())
     (record,) = run.store.history()
-    spent = by_hand([(3, 3, 1), (3, 3, 2)])
-    assert record["attempts"] == 2 and record["dp_epsilon"] == pytest.approx(spent, rel=1e-9)
+    releases = read_releases(path)
+    abandoned = [(r.population, r.selected, r.mechanisms) for r in releases if r.key != (1, record["attempts"])]
+    assert abandoned[:1] == [(3, 3, 1)] and [r.key for r in releases][-1] == (1, record["attempts"])
+    spent = by_hand([*abandoned, (3, 3, 2)])
+    assert record["dp_epsilon"] == pytest.approx(spent, rel=1e-9)
     assert record["dp_epsilon"] > epsilon_of_rounds(SIGMA, [(3, 3)], 2, DELTA)  # the committed round alone: short
-    assert [r.key for r in read_releases(run.layout.dp_releases)] == [(1, 1), (1, 2)]
     # Status (and flora-admin status, and the metrics gauge: the same budget), a restart, and the report agree.
     assert privacy_status(run.driver.privacy, 0.5, "").epsilon == record["dp_epsilon"] == run.driver.privacy.spent
-    restarted = PrivacyBudget.of_run(run.settings, run.store.history(), read_releases(run.layout.dp_releases))
-    assert restarted.spent == pytest.approx(record["dp_epsilon"]) and [r.key for r in restarted.released] == [(1, 1)]
+    restarted = PrivacyBudget.of_run(run.settings, run.store.history(), releases)
+    assert restarted.spent == pytest.approx(record["dp_epsilon"]) and len(restarted.released) == len(abandoned)
     run.store.close()
     report = write_report(run.layout.root, tmp_path / "report", require_png=False).markdown.read_text()
-    assert (f"epsilon {spent:.4g} at delta 1e-05 after 1 rounds and 1 released first pass(es) of attempts that did "
-            "not commit") in report and "1 (attempt 1 not committed: pass 1 released)" in report
+    assert (f"epsilon {spent:.4g} at delta 1e-05 after 1 rounds and {len(abandoned)} released first pass(es) of "
+            "attempts that did not commit") in report and "1 (attempt 1 not committed: pass 1 released)" in report
 
 
 def test_the_report_lists_a_release_after_the_last_commit_and_its_spent_epsilon():
