@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 # Tests must never reach a model hub: a stray download fails fast instead of hanging. Set before
@@ -12,6 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # clients take --threads): CI's 2 cores run several of them at once, and torch's default of a thread
 # per core each oversubscribes them (6 tiny-model steps: 0.1 s CPU on one thread, 4 s on two here).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A Ctrl-C must reach what the tests start: pytest run as a background job of a non-interactive shell
+# inherits SIGINT ignored, every process it starts (xdist workers, servers, the demo) would inherit that
+# too, and the Ctrl-C tests would fail. A Python handler here is reset to the default at each exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 

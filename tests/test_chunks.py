@@ -170,7 +170,9 @@ def test_empty_chunk_is_refused_while_bytes_remain():
     assert receive([*chunked(), (10_000, b"")]) == PAYLOAD
 
 
-@pytest.mark.parametrize("bad", ["", SHA.upper(), SHA[:-1], SHA + "0", "g" * 64])
+# Fixed ids: SHA hashes a random payload, and xdist's workers must collect the same test names.
+@pytest.mark.parametrize("bad", ["", SHA.upper(), SHA[:-1], SHA + "0", "g" * 64],
+                         ids=["empty", "upper", "short", "long", "not-hex"])
 def test_sha256_must_be_64_lowercase_hex(bad):
     with pytest.raises(ChunkError, match="sha256 must be 64 lowercase hex digits"):
         ChunkReceiver(io.BytesIO(), 1, bad, 10)

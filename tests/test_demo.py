@@ -123,7 +123,7 @@ def demo_processes(workdir: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_demo_leaves_no_process_behind(tmp_path, sig):
     workdir = tmp_path / "demo"
     demo = subprocess.Popen([DEMO, "--workdir", str(workdir), *SMALL, "--rounds", "50"], stdout=subprocess.PIPE, text=True)
