@@ -5,13 +5,16 @@ against the same real run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +28,7 @@ from flora.server.admin.connect import OperatorSettings, metadata, operator_stub
 from flora.server.registry import cert_sha256
 from flora.v1 import coordinator_pb2 as pb
 from flora.v1 import coordinator_pb2_grpc
-from harness import ScriptedClient, running_server
+from harness import ScriptedClient, ServerProcess, start_server
 
 pytestmark = pytest.mark.slow
 CLIENTS = ("hospital-a", "bank-b", "site-c")
@@ -82,16 +85,35 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_kits_run_a_round_over_mutual_tls_and_the_operator_removes_a_client(tmp_path, capsys):
-    port, kits = free_port(), tmp_path / "kits"
-    assert admin(["provision", "--project", "trial", "--server", "127.0.0.1,localhost", "--port", str(port),
-                  "--clients", ",".join(CLIENTS[:2]), "--out", str(kits)]) == 0
-    assert admin(["provision", "--out", str(kits), "--add-client", CLIENTS[2]]) == 0
+@contextlib.contextmanager
+def provisioned_server(tmp_path: Path) -> Iterator[tuple[int, Path, ServerProcess]]:
+    """Kits for a port, and a server listening there. The port is written into the kits before the
+    server binds it, so another process (a parallel test's server) may take it in between: the server
+    then says so at once, and the kits are provisioned again for another port."""
     validation = write_data(tmp_path / "validation.json", "dolly", 8, offset=50)
-    flags = ("--config", str(kits / "server" / "server.toml"), "--port", str(port), "--rounds", "1",
-             "--min-clients", "3", "--local-steps", "2", "--validation-data", str(validation), "--metrics-port", "0",
-             "--client-timeout-s", "600", "--round-deadline-s", "300")
-    with running_server(tmp_path / "state", *flags) as server:
+    for attempt in range(3):
+        port, kits = free_port(), tmp_path / "kits"
+        shutil.rmtree(kits, ignore_errors=True)
+        assert admin(["provision", "--project", "trial", "--server", "127.0.0.1,localhost", "--port", str(port),
+                      "--clients", ",".join(CLIENTS[:2]), "--out", str(kits)]) == 0
+        assert admin(["provision", "--out", str(kits), "--add-client", CLIENTS[2]]) == 0
+        flags = ("--config", str(kits / "server" / "server.toml"), "--port", str(port), "--rounds", "1",
+                 "--min-clients", "3", "--local-steps", "2", "--validation-data", str(validation), "--metrics-port", "0",
+                 "--client-timeout-s", "600", "--round-deadline-s", "300")
+        try:
+            server = start_server(tmp_path / "state", *flags)
+            break
+        except RuntimeError as error:
+            if "address already in use" not in str(error) or attempt == 2:
+                raise
+    try:
+        yield port, kits, server
+    finally:
+        server.kill()
+
+
+def test_kits_run_a_round_over_mutual_tls_and_the_operator_removes_a_client(tmp_path, capsys):
+    with provisioned_server(tmp_path) as (port, kits, server):
         metrics_url = wait_for(lambda: next((line.split("metrics on ", 1)[1].split()[0] for line in server.lines
                                              if "metrics on http://" in line), None), 60, "the metrics line")
         settings = operator(kits)
