@@ -61,6 +61,7 @@ from flora.common.secagg.graph import default_degree, default_threshold
 from flora.common.secagg.inprocess import _Runner, round_seed
 from flora.common.secagg.plan import RoundPlan, plan_round, sketch_bases, vector_length
 from flora.common.secagg.prg import MaskLabel, apply_masks
+from flora.common.secagg.wire import sketch_size
 from flora.common.tables import format_table
 
 MB = 1e6
@@ -144,9 +145,9 @@ def secure_side(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
     first, last_s = None, server_s
     if isinstance(step, Sketch):
         for k in sampled:
-            client_s[k] += timed(lambda k=k: _contribution(plan, 2, changes[k], step.q))[1]
+            client_s[k] += timed(lambda k=k: _contribution(plan, 2, changes[k], step.sent))[1]
         first = step
-        step, last_s = timed(lambda: server_step(plan, 2, _contribution(whole, 2, total, first.q), first))
+        step, last_s = timed(lambda: server_step(plan, 2, _contribution(whole, 2, total, first.sent), first))
         server_s += last_s
     downlink, downlink_s = timed(lambda: plan_downlink(step.delta.pairs))
     row = {"client_maths_s": statistics.median(client_s), "server_maths_s": server_s, "secure_downlink_s": downlink_s,
@@ -154,7 +155,7 @@ def secure_side(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
     lengths = [vector_length(plan, s) for s in range(1, plan.passes + 1)]
     row["client_mask_s"] = sum(masking_seconds(n, degree + 1) for n in lengths)
     row["server_unmask_s"] = sum(unmasking_seconds(n, plan.clients) for n in lengths)
-    last = _contribution(whole, plan.passes, total, bases if first is None else first.q)
+    last = _contribution(whole, plan.passes, total, bases if first is None else first.sent)
     with mock.patch.object(finish, "_dense_pair", _former_dense_pair), mock.patch.object(finish, "_cut", _former_cut):
         former, former_s = timed(lambda: server_step(plan, plan.passes, last, first))  # the same sum, read as before
     former_downlink, former_downlink_s = timed(lambda: plan_downlink(former.delta.pairs))
@@ -186,7 +187,7 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
     keys = key_stages(clients, plan.passes)
     secure = secure_side(plan, shapes, args.samples, int(keys["degree"]))
     plain = plain_side(shapes, client_ranks)
-    q_bytes = 8 * sum(m.d_out * m.columns for m in plan.modules if not m.dense)
+    q_bytes = sketch_size(plan)  # float32 since the broadcast Q is rounded (before: 8 bytes per entry)
     up = keys["up_B"] + 8 * sum(vector_length(plan, s) for s in range(1, plan.passes + 1))
     down = keys["down_B"] + q_bytes + secure["down_update_B"]
     client_s = keys["client_s"] + secure["client_maths_s"] + secure["client_mask_s"]
