@@ -14,7 +14,8 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
   ``write_round``: the downlink and persistence are those of a plain round.
 
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
-the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
+the masked vectors of the stage (and, on disk while the stage's MASK step is open, each accepted
+masked upload as received: masked, so nothing of one client), and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
 survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Under
 differential privacy the clients also clip to dp_clip_norm and the server adds the release's noise
@@ -211,13 +212,22 @@ class SecureRounds:
                                      "during the upload") from None
         finally:
             att.streams.discard(index)
-        if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
+        message = MaskedInput(index, att.number, header.stage, vectors)
+        self._take(att, client_id, header, att.server.check_masked, message)
+        await att.saved.save_upload(header.stage, index, vectors)  # kept durably as received before it counts
+        self._take(att, client_id, header, att.server.receive_masked, message)  # the step may have closed meanwhile
+        att.uploads[index] = header.sha256  # the state that lists it is saved before the acknowledgement
+        return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.state)
+
+    def _take(self, att: Attempt, client_id: str, header: sa.MaskedHeader, receive: Callable[[MaskedInput], None],
+              message: MaskedInput) -> None:
+        """``receive`` (check or add) a masked input, refused when the caller's MASK step of this attempt closed."""
+        if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:
             raise FailedPrecondition(f"secure aggregation: round {header.round}'s attempt changed during the upload")
         try:
-            att.server.receive_masked(MaskedInput(index, att.number, header.stage, vectors))
+            receive(message)
         except SecAggError as error:
             raise refusal(error) from None
-        return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.masked)
 
     def fetch(self, client_id: str, request: sa.FetchSecureRequest) -> Iterator[transfer_pb2.Chunk]:
         """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset."""
@@ -319,6 +329,7 @@ class SecureRounds:
         for stage in range(server.stage + (server.phase == "open"), plan.passes + 1):
             if server.phase == "open":
                 server.open_stage(stage, (vector_length(plan, stage),))
+                att.uploads = {}
                 await att.saved.state.flush()
             request = MaskRequest(server.round_id, stage, tuple(sorted(server.active)), server.lengths)
             if set(request.active) != survivors:
@@ -333,7 +344,9 @@ class SecureRounds:
                 att.downloads = {}
                 server.close_masked()
                 await att.saved.masked.flush()  # the sum the unmask request is for, then the request
+                att.uploads = {}
                 await att.saved.state.flush()
+                await att.saved.drop_uploads(stage)  # the sum holds them now
             unmask = server.request
             if unmask.dropped and stage > 1:
                 raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "
