@@ -46,6 +46,7 @@ class Attempt:
     downloads: dict[tuple[int, int], Payload] = field(default_factory=dict)  # the open MASK step's, by (index, kind)
     streams: set[int] = field(default_factory=set)  # clients with a SubmitMasked stream in progress
     uploads: dict[int, str] = field(default_factory=dict)  # the open MASK step's kept uploads: client -> sha256
+    gone: set[int] = field(default_factory=set)  # clients known gone (left, removed, joined again): asked nothing more
 
     @classmethod
     def fresh(cls, folder: Path, identity: Identity, server: ServerRound) -> Attempt:
@@ -96,6 +97,15 @@ class Attempt:
             if not steps:
                 done.set()
         return step
+
+    def release(self, index: int) -> bool:
+        """Client ``index`` is known gone: no step waits for it any more (True when one was open for it)."""
+        self.gone.add(index)
+        if self.steps.pop(index, None) is None:
+            return False
+        if not self.steps:
+            self.done.set()
+        return True
 
     def counters(self) -> dict[str, dict[str, float]]:
         return {"bytes_up": dict(self.bytes_up), "bytes_down": dict(self.bytes_down), "seconds": dict(self.seconds)}

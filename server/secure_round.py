@@ -151,6 +151,17 @@ class SecureRounds:
             raise refusal(error) from None
         att.bytes_up["advertise"] += request.ByteSize()
 
+    def gone(self, client_id: str) -> None:
+        """A client that advertised keys in this attempt is known gone: it left or was removed, or it
+        joined again (a new process holds none of the attempt's secrets). The open step closes as
+        soon as every other client asked has answered, and no later step asks it: a dropout the
+        server knows of costs no deadline. (Before it advertised, a rejoined client trains again.)"""
+        att = self._attempt
+        if att is None or client_id not in att.ids or att.ids.index(client_id) not in att.server.adverts:
+            return
+        if att.release(att.ids.index(client_id)):
+            log.info("round %d: client %s is gone; the secure step no longer waits for it", att.number, client_id)
+
     # --- the steps after the round closed ---------------------------------------------------------
 
     def task_for(self, client_id: str) -> sa.SecureTask | None:
@@ -253,8 +264,8 @@ class SecureRounds:
         deadline = time.time() + self.settings.secure_stage_deadline_s
         for task in tasks.values():
             task.round, task.deadline_unix_ms = att.number, int(deadline * 1000)
-        att.steps, att.done = dict(tasks), asyncio.Event()
-        if not tasks:
+        att.steps, att.done = {i: t for i, t in tasks.items() if i not in att.gone}, asyncio.Event()
+        if not att.steps:
             att.done.set()
         att.resumed.set()
         self.notify()

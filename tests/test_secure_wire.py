@@ -130,12 +130,14 @@ def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
 
 
 def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int],
-                 silent: dict[int, str] | None = None, **extra):
+                 silent: dict[int, str] | None = None, gone: bool = False, deadline: float | None = None,
+                 bound: float | None = None, **extra):
     """One round through SecureRounds and the clients' secure_stages: the result, decisions and
-    output. ``silent`` {client k: step label}: that client answers nothing from that step on;
-    ``extra``: more server settings."""
+    output. ``silent`` {client k: step label}: that client answers nothing from that step on, and
+    with ``gone`` the server is told it is gone when that step is handed out; ``deadline``: the
+    stage deadline; ``bound``: seconds the whole aggregation may take; ``extra``: more server settings."""
     silent = silent or {}
-    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0, len(updates), **extra)
+    secure, aggregator, current, ids = setup(method, kept, deadline or (0.5 if silent else 5.0), len(updates), **extra)
     dropped: set[str] = set()
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
@@ -150,6 +152,8 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
             task = links[client_id]._on_loop(secure.task_for, client_id)
             if task is not None and silent.get(ids.index(client_id)) == _label(task):
                 dropped.add(client_id)
+                if gone:
+                    links[client_id]._on_loop(secure.gone, client_id)
             if task is not None and client_id not in dropped:
                 secure_stages.handle(links[client_id], sessions[client_id], task)
 
@@ -164,7 +168,7 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
                               scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=n, base_version=0, train_loss=None,
                               validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
                    for c, u, n in zip(ids, updates, examples)]
-    output = asyncio.run(secure.aggregate(1, submissions))
+    output = asyncio.run(asyncio.wait_for(secure.aggregate(1, submissions), bound))
     (result, decisions), = aggregator.results
     secure.notify = lambda: None
     return result, decisions, output, secure
