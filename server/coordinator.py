@@ -448,7 +448,7 @@ class Coordinator:
             if self._recorded(client_id, header) or not self._allowed_once(client_id, header):
                 return secagg_pb2.SecureReply(accepted=True, message=f"keys already recorded for round {header.round}")
             secure.advertise(client_id, self.machine.current, request)
-            final = self.layout.update(header.round, client_id, header.sha256)
+            final = self.layout.keys(header.round, client_id, header.sha256)
             await asyncio.to_thread(_publish_keys, self.layout.tmp, request.keys.SerializeToString(), final)
             self._record(client_id, header, final)
         return secagg_pb2.SecureReply(accepted=True, message=f"keys recorded for round {header.round}")

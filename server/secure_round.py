@@ -241,11 +241,28 @@ class SecureRounds:
             raise refusal(error) from None
 
     def fetch(self, client_id: str, request: sa.FetchSecureRequest) -> Iterator[transfer_pb2.Chunk]:
-        """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset."""
-        att, index = self._asked(client_id, "mask", request.round, request.stage)
-        for chunk in payload_chunks(att.downloads.get((index, request.kind)), request, self.settings.chunk_size):
-            att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
+        """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset.
+
+        Each chunk is cut from the payload the open step holds when the chunk is sent, and nothing
+        but that chunk is held between two: a stalled stream keeps neither Q nor its attempt alive,
+        and it ends (FAILED_PRECONDITION) once the step closed or its payload changed."""
+        offset, sha256 = request.offset, None
+        while True:
+            chunk = self._next_chunk(client_id, request, offset)
+            if sha256 not in (None, chunk.sha256):
+                raise FailedPrecondition(f"secure aggregation: stage {request.stage}'s payload changed during the fetch")
+            offset, sha256 = offset + len(chunk.data), chunk.sha256
             yield chunk
+            if offset >= chunk.total_bytes:  # the last piece (an empty payload's, or a resume at its end: one empty piece)
+                return
+
+    def _next_chunk(self, client_id: str, request: sa.FetchSecureRequest, offset: int) -> transfer_pb2.Chunk:
+        """The chunk at ``offset`` of the caller's open MASK step's payload."""
+        att, index = self._asked(client_id, "mask", request.round, request.stage)
+        at = sa.FetchSecureRequest(round=request.round, stage=request.stage, kind=request.kind, offset=offset)
+        chunk = next(iter(payload_chunks(att.downloads.get((index, request.kind)), at, self.settings.chunk_size)))
+        att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
+        return chunk
 
     async def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
         att, index = await self._answer(client_id, "unmask", request.round, request.stage)
