@@ -22,6 +22,8 @@ For K = 3, 10, 50, 100 clients (ranks 16/8/4/2 cycled) and the shapes of ``bench
   and unmask per pass, and the download, 5 or 7). Clients work in parallel: a stage costs one
   client's seconds. Wall = round trips + transfers + one client's seconds + the server's.
 
+- Q down in float32 against float64 (before), same run: the wall with Q's extra 4 bytes per
+  entry transferred, everything else equal;
 - the server's disk work per accepted masked upload, before (the running sum rewritten) and
   after (the upload kept as received, and the JSON state that lists it): measured on the real
   vector length and the round's real keys and shares; not in the wall (uploads overlap).
@@ -227,6 +229,7 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
     rtt = args.rtt_ms / 1000
     plain_wall = 2 * rtt + per_byte * (plain["plain_up_B"] + plain["plain_down_B"]) + plain["plain_server_s"]
     secure_wall = (3 + 2 * plan.passes) * rtt + per_byte * (up + down) + client_s + server_s
+    former_wall = secure_wall + per_byte * q_bytes  # before: Q down in float64, twice its float32 bytes
     return {"shape": shape, "K": clients, "degree": keys["degree"], "passes": plan.passes,
             "dense": f"{sum(m.dense for m in plan.modules)}/{len(plan.modules)}",
             "up_MB": up / MB, "plain_up_MB": plain["plain_up_B"] / MB, "down_MB": down / MB,
@@ -236,7 +239,8 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
             "server_keys_s": keys["server_s"], "server_unmask_s": secure["server_unmask_s"],
             "server_maths_s": secure["server_maths_s"] + secure["secure_downlink_s"], "server_s": server_s,
             "plain_server_s": plain["plain_server_s"], "wall_s": secure_wall, "plain_wall_s": plain_wall,
-            "wall_ratio": secure_wall / plain_wall,
+            "wall_ratio": secure_wall / plain_wall, "q_before_MB": 2 * q_bytes / MB, "wall_before_s": former_wall,
+            "wall_ratio_before": former_wall / plain_wall,
             "update_down_MB": secure["down_update_B"] / MB,
             "update_down_before_MB": secure["down_update_before_B"] / MB,
             "server_maths_before_s": secure["server_maths_before_s"], **persist}
@@ -248,6 +252,8 @@ COLUMNS = {
     "seconds": ["shape", "K", "client_keys_s", "client_maths_s", "client_mask_s", "client_s", "server_keys_s",
                 "server_unmask_s", "server_maths_s", "server_s", "plain_server_s"],
     "wall, excluding training": ["shape", "K", "wall_s", "plain_wall_s", "wall_ratio"],
+    "Q down in float64 (before) / float32 (after), same run": [
+        "shape", "K", "q_before_MB", "q_MB", "wall_before_s", "wall_s", "wall_ratio_before", "wall_ratio"],
     "the round's update down, before / after the cut to the rank bound": [
         "shape", "K", "dense", "update_down_before_MB", "update_down_MB", "plain_down_MB", "server_maths_before_s",
         "server_maths_s"],
