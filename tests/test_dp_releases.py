@@ -14,6 +14,7 @@ history, a restarted budget and the report agree.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from flora.common.methods import get_method
 from flora.common.privacy.accountant import epsilon_of_rounds
 from flora.server.admin.report import privacy_lines, write_report
 from flora.server.config import ServerSettings
+import flora.server.lifecycle as lifecycle
 from flora.server.dp_releases import Release, ReleaseFileError, read_releases, record_release
 from flora.server.layout import Layout
 from flora.server.lifecycle import RoundDriver
@@ -216,6 +218,21 @@ class Run:
             done = loop.run_in_executor(None, secure_stages.handle, link, session, task)
             done.add_done_callback(lambda f, c=client_id: (f.exception(), self.busy.discard(c), self.answer_steps()))
 
+    async def commit_round(self) -> None:
+        """Open round 1 over the three clients and drive it to its commit, every attempt advertised."""
+        self.driver.secure.notify = lambda: asyncio.get_running_loop().call_soon(self.answer_steps)
+        machine, advertised = self.driver.machine, set()
+        for client_id in self.ids:
+            machine.joined(client_id, time.time())
+        self.driver.advance()
+        async with asyncio.timeout(60):
+            while machine.version < 1:
+                if machine.current.state is RoundState.OPEN and machine.current.attempt not in advertised:
+                    advertised.add(machine.current.attempt)
+                    self.advertise()
+                await asyncio.sleep(0.05)
+        await self.driver.stop()
+
     async def until(self, condition, timeout: float = 60.0) -> None:
         async with asyncio.timeout(timeout):
             while not condition():
@@ -274,3 +291,25 @@ def test_the_report_lists_a_release_after_the_last_commit_and_its_spent_epsilon(
                            "released first pass(es)")
     assert "2 (attempt 1 not committed: pass 1 released) | 2 of 3" in text
     assert "1 (attempt 1 not committed" not in text  # round 1's attempt 1 committed: one of its passes
+
+
+def test_a_full_disk_while_recording_the_release_is_waited_out_and_the_attempt_goes_on(tmp_path, monkeypatch):
+    """Q stays with the server until its record is on disk; a full disk then is waited out (as
+    every other write of a round is: tests/test_disk_full.py), and the attempt is not lost: no
+    client trains again, and its one Q is the one recorded."""
+    failures = []
+
+    def full_once(path: Path, entry: Release) -> Release:
+        if not failures:
+            failures.append(entry.key)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        assert not run.driver.secure._attempt.steps  # Q is still with the server
+        return record_release(path, entry)
+
+    monkeypatch.setattr(lifecycle, "record_release", full_once)
+    run = Run(tmp_path / "state")
+    asyncio.run(run.commit_round())
+    (record,) = run.store.history()
+    assert failures == [(1, 1)] and record["attempts"] == 1 and not record["excluded"]
+    assert [r.key for r in read_releases(run.layout.dp_releases)] == [(1, 1)]
+    assert record["dp_epsilon"] == pytest.approx(epsilon_of_rounds(SIGMA, [(3, 3)], 2, DELTA), rel=1e-9)
