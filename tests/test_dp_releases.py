@@ -135,17 +135,7 @@ def test_a_resumed_attempt_sends_its_q_again_without_a_new_release(tmp_path):
         calls.append((number, attempt))
         release(budget, path, number, attempt, (3, 3))
 
-    kept, updates = wire.method_round("flora")
-    secure, aggregator, current, ids = wire.setup("flora", dp_noise_multiplier=SIGMA, dp_clip_norm=0.5)
-    secure.released = released
-    clients = {}
-    for client_id, u in zip(ids, updates):
-        link = wire.Loopback(secure, client_id)
-        link.current = current
-        info = secure.round_info(client_id, current)
-        clients[client_id] = link, secure_stages.advertise(link, wire.spec(secure.settings), info, wire.header(1, u.rank, 10),
-                                                           u, kept, get_method("flora"))
-    submissions = [_submission(c, u.rank) for c, u in zip(ids, updates)]
+    secure, aggregator, current, clients, submissions = _secure_attempt(released)
 
     async def cut_short() -> None:
         with pytest.raises(asyncio.CancelledError):
@@ -158,6 +148,58 @@ def test_a_resumed_attempt_sends_its_q_again_without_a_new_release(tmp_path):
     assert again._attempt.sketch is not None  # the Q saved with the attempt, the one the clients got
     output = asyncio.run(_drive(again, clients, submissions, None))
     assert output.secure["survivors"] == 3 and calls == [(1, 1)] and [r.key for r in read_releases(path)] == [(1, 1)]
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["before-the-record", "after-the-record"])
+def test_a_kill_at_the_record_sends_no_q_that_a_resumed_attempt_has_not_recorded(tmp_path, recorded):
+    """The server dies in the hook (before its record is on disk, or right after): nothing saved may
+    yet say that pass 2 is next, so the resumed attempt computes pass 1 again and records before
+    its Q goes out (a hook run after the sketch or the state was saved would be skipped by the
+    resume, and that Q sent unrecorded). The same (round, attempt) has one line either way."""
+    path, budget, calls = Layout(tmp_path).dp_releases, PrivacyBudget.of_run(settings_from(DP), []), []
+
+    async def dies(number: int, attempt: int) -> None:
+        assert not secure._attempt.saved.files.sketch.exists()
+        calls.append("killed")
+        if recorded:
+            release(budget, path, number, attempt, (3, 3))
+        raise asyncio.CancelledError
+
+    secure, aggregator, current, clients, submissions = _secure_attempt(dies)
+
+    async def killed() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await _drive(secure, clients, submissions, None)
+
+    asyncio.run(killed())
+    assert [r.key for r in read_releases(path)] == ([(1, 1)] if recorded else [])
+
+    async def released(number: int, attempt: int) -> None:
+        assert not again._attempt.steps and not again._attempt.downloads  # Q is still with the server
+        calls.append((number, attempt))
+        release(budget, path, number, attempt, (3, 3))
+
+    again = SecureRounds(secure.settings, aggregator, "run-1", lambda: None, released=released)
+    again.resume(current)
+    output = asyncio.run(_drive(again, clients, submissions, None))
+    assert output.secure["survivors"] == 3 and calls == ["killed", (1, 1)]
+    assert [r.key for r in read_releases(path)] == [(1, 1)]
+
+
+def _secure_attempt(released):
+    """Attempt 1 of a secure DP round over three clients that advertised their keys, with the hook
+    ``released``: (server, aggregator, current round, clients, submissions)."""
+    kept, updates = wire.method_round("flora")
+    secure, aggregator, current, ids = wire.setup("flora", dp_noise_multiplier=SIGMA, dp_clip_norm=0.5)
+    secure.released = released
+    clients = {}
+    for client_id, u in zip(ids, updates):
+        link = wire.Loopback(secure, client_id)
+        link.current = current
+        info = secure.round_info(client_id, current)
+        clients[client_id] = link, secure_stages.advertise(link, wire.spec(secure.settings), info, wire.header(1, u.rank, 10),
+                                                           u, kept, get_method("flora"))
+    return secure, aggregator, current, clients, [_submission(c, u.rank) for c, u in zip(ids, updates)]
 
 
 def _submission(client_id: str, rank: int, number: int = 1, path: str = "", sha256: str = "0" * 64) -> Submission:
