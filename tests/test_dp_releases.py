@@ -36,6 +36,7 @@ from flora.server.privacy_budget import PrivacyBudget, privacy_status
 from flora.server.round_settings import round_policy
 from flora.server.rounds import RoundMachine, RoundState
 from flora.server.secure_round import SecureRounds, _label
+from flora.server.secure_state import AttemptFiles
 from flora.server.store import ClientRecord, RunRecord, Store, Submission
 from test_dp_settings import DP
 from test_server_config import settings_from
@@ -331,23 +332,29 @@ def test_the_report_lists_a_release_after_the_last_commit_and_its_spent_epsilon(
     assert "1 (attempt 1 not committed" not in text  # round 1's attempt 1 committed: one of its passes
 
 
-def test_a_full_disk_while_recording_the_release_is_waited_out_and_the_attempt_goes_on(tmp_path, monkeypatch):
-    """Q stays with the server until its record is on disk; a full disk then is waited out (as
-    every other write of a round is: tests/test_disk_full.py), and the attempt is not lost: no
-    client trains again, and its one Q is the one recorded."""
+@pytest.mark.parametrize("full", ["record", "sketch"])
+def test_a_full_disk_at_the_release_is_waited_out_and_the_attempt_goes_on(tmp_path, monkeypatch, full):
+    """Q stays with the server until its record is on disk; a full disk then (``record``), or while
+    the recorded Q is saved with the attempt (``sketch``), is waited out as every other write of a
+    round is (tests/test_disk_full.py), and the attempt goes on with that Q: no client trains
+    again, and no budget is spent on a release that a failed attempt wasted."""
     failures = []
 
-    def full_once(path: Path, entry: Release) -> Release:
-        if not failures:
-            failures.append(entry.key)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        assert not run.driver.secure._attempt.steps  # Q is still with the server
-        return record_release(path, entry)
+    def full_once(write):
+        def once(*args):
+            if not failures:
+                failures.append(full)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args)
+        return once
 
-    monkeypatch.setattr(lifecycle, "record_release", full_once)
+    if full == "record":
+        monkeypatch.setattr(lifecycle, "record_release", full_once(record_release))
+    else:
+        monkeypatch.setattr(AttemptFiles, "write_sketch", full_once(AttemptFiles.write_sketch))
     run = Run(tmp_path / "state")
     asyncio.run(run.commit_round())
     (record,) = run.store.history()
-    assert failures == [(1, 1)] and record["attempts"] == 1 and not record["excluded"]
+    assert failures == [full] and record["attempts"] == 1 and not record["excluded"]
     assert [r.key for r in read_releases(run.layout.dp_releases)] == [(1, 1)]
     assert record["dp_epsilon"] == pytest.approx(epsilon_of_rounds(SIGMA, [(3, 3)], 2, DELTA), rel=1e-9)
