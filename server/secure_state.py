@@ -374,7 +374,7 @@ class SavedAttempt:
         await asyncio.to_thread(self.files.remove_uploads, stage)
 
     async def save_sketch(self, sketch: Sketch, survivors: frozenset[int]) -> None:
-        """Pass 1's result, before the state that says pass 2 is next."""
+        """Pass 1's result, before the state that says pass 2 is open (once recorded as released under DP)."""
         await asyncio.to_thread(self.files.write_sketch, self.identity, sketch, survivors)
 
     def announce(self, plan: Any) -> None:
