@@ -218,18 +218,19 @@ class SecureRounds:
             raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
         att.streams.add(index)
         closes = att.steps[index].deadline_unix_ms / 1000  # a stalled stream holds the step's buffer no longer
-        try:
-            async with asyncio.timeout(max(0.0, closes - time.time())):
-                vectors = await masked_vectors(header, messages, att.server.lengths)
-        except TimeoutError:
-            raise FailedPrecondition(f"secure aggregation: stage {header.stage}'s MASK step closed at its deadline "
-                                     "during the upload") from None
+        try:  # the client's stream counts as in progress until its upload is kept and added
+            try:
+                async with asyncio.timeout(max(0.0, closes - time.time())):
+                    vectors = await masked_vectors(header, messages, att.server.lengths)
+            except TimeoutError:
+                raise FailedPrecondition(f"secure aggregation: stage {header.stage}'s MASK step closed at its deadline "
+                                         "during the upload") from None
+            message = MaskedInput(index, att.number, header.stage, vectors)
+            self._take(att, client_id, header, att.server.check_masked, message)
+            await att.saved.save_upload(header.stage, index, vectors)  # kept durably as received before it counts
+            self._take(att, client_id, header, att.server.receive_masked, message)  # the step may have closed meanwhile
         finally:
             att.streams.discard(index)
-        message = MaskedInput(index, att.number, header.stage, vectors)
-        self._take(att, client_id, header, att.server.check_masked, message)
-        await att.saved.save_upload(header.stage, index, vectors)  # kept durably as received before it counts
-        self._take(att, client_id, header, att.server.receive_masked, message)  # the step may have closed meanwhile
         att.uploads[index] = header.sha256  # the state that lists it is saved before the acknowledgement
         return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.state)
 

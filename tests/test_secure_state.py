@@ -33,10 +33,12 @@ from flora.common.secagg.messages import MaskedInput
 from flora.common.secagg.server import ServerRound
 from flora.server.rounds import Round, RoundState
 from flora.server.secure_round import SecureRounds, _label
+from flora.common.secagg.stream import masked_messages
 from flora.common.secagg.wire import keys_digest, vector_bytes
+from flora.server.errors import Unavailable
 from flora.server.layout import Layout
 from flora.server.secure_state import (
-    AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load, stored_adverts,
+    AttemptFiles, GroupCommit, Identity, SavedAttempt, Untrusted, encode_state, load, stored_adverts,
 )
 from flora.server.store import Submission
 from flora.v1 import run_pb2
@@ -385,3 +387,35 @@ def _submission(client_id: str, rank: int, examples: int) -> Submission:
     return Submission(round=1, client_id=client_id, sha256="0" * 64, path="", size=0, rank=rank, alpha=2.0 * rank,
                       scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=examples, base_version=0, train_loss=None,
                       validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
+
+
+def test_a_second_stream_of_a_client_while_its_upload_is_kept_is_refused_not_counted(monkeypatch):
+    """A client's upload is being written when another stream of the same client ends (a retry
+    with other bytes): refused as in progress. Before, the second was checked, written over the
+    first's file and counted in its place, so the sum held the wrong vector and the kept file no
+    longer matched the sha256 listed for it."""
+    keep, stream, original_aggregate = SavedAttempt.save_upload, SecureRounds.masked, SecureRounds.aggregate
+    outcome: list[str] = []
+
+    async def save_upload(self, stage, client, vectors):
+        secure = SecureRounds._current_secure
+        if stage == 1 and not outcome:
+            outcome.append("pending")
+            other = [np.zeros(n, dtype=np.uint64) for n in secure._attempt.server.lengths]
+            try:
+                await stream(secure, secure._attempt.ids[client], wire._aiter(masked_messages(1, 1, other, 4096)))
+                outcome[0] = "counted"
+            except Unavailable:
+                outcome[0] = "refused"
+        await keep(self, stage, client, vectors)
+
+    def aggregate(self, *args):
+        monkeypatch.setattr(SecureRounds, "_current_secure", self, raising=False)
+        return original_aggregate(self, *args)
+
+    monkeypatch.setattr(SecureRounds, "aggregate", aggregate)
+    monkeypatch.setattr(SavedAttempt, "save_upload", save_upload)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, *_ = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert outcome == ["refused"]
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
