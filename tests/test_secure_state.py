@@ -12,6 +12,7 @@ over the same files resumes the attempt and the round merges what the plain meth
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from flora.server.rounds import Round, RoundState
 from flora.server.secure_round import SecureRounds, _label
 from flora.common.secagg.stream import masked_messages
 from flora.common.secagg.wire import keys_digest, vector_bytes
-from flora.server.errors import Unavailable
+from flora.server.errors import ResourceExhausted, Unavailable, resource_refusal
 from flora.server.layout import Layout
 from flora.server.secure_state import (
     AttemptFiles, GroupCommit, Identity, SavedAttempt, Untrusted, encode_state, load, stored_adverts,
@@ -418,4 +419,33 @@ def test_a_second_stream_of_a_client_while_its_upload_is_kept_is_refused_not_cou
     updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
     result, *_ = wire.secure_round("flora", None, updates, [1, 1, 1])
     assert outcome == ["refused"]
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
+
+
+def test_a_full_disk_while_keeping_an_upload_refuses_it_cleanly_and_the_retry_counts_once(monkeypatch):
+    """The project's full-disk rule for a masked upload: RESOURCE_EXHAUSTED, nothing of it
+    counted or listed, its step still open, so the client's retry is taken (once)."""
+    keep, stream = AttemptFiles.write_upload, SecureRounds.masked
+    seen: list[tuple] = []
+
+    def write_upload(self, stage, client, vectors):
+        if not seen:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        keep(self, stage, client, vectors)
+
+    async def masked(self, client_id, messages):
+        pieces = [m async for m in messages]
+        if not seen:
+            with pytest.raises(OSError) as full:
+                await stream(self, client_id, wire._aiter(pieces))
+            att, index = self._attempt, self._attempt.index(client_id)
+            seen.append((type(resource_refusal(full.value)), index in att.server.masked_from, index in att.uploads,
+                         index in att.steps, index in att.streams))
+        return await stream(self, client_id, wire._aiter(pieces))
+
+    monkeypatch.setattr(AttemptFiles, "write_upload", write_upload)
+    monkeypatch.setattr(SecureRounds, "masked", masked)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, *_ = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert seen == [(ResourceExhausted, False, False, True, False)]
     wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
