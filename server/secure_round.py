@@ -228,7 +228,11 @@ class SecureRounds:
             message = MaskedInput(index, att.number, header.stage, vectors)
             self._take(att, client_id, header, att.server.check_masked, message)
             await att.saved.save_upload(header.stage, index, vectors)  # kept durably as received before it counts
-            self._take(att, client_id, header, att.server.receive_masked, message)  # the step may have closed meanwhile
+            try:
+                self._take(att, client_id, header, att.server.receive_masked, message)  # the step may have closed meanwhile
+            except FailedPrecondition:  # not counted: its file goes (the step's own deletion may have run already)
+                await att.saved.forget_upload(header.stage, index)
+                raise
         finally:
             att.streams.discard(index)
         att.uploads[index] = header.sha256  # the state that lists it is saved before the acknowledgement

@@ -369,6 +369,10 @@ class SavedAttempt:
         """A masked upload as received, before it is added to the sum (blocking write in a thread)."""
         await asyncio.to_thread(self.files.write_upload, stage, client, vectors)
 
+    async def forget_upload(self, stage: int, client: int) -> None:
+        """A kept upload that was not counted after all (its step closed while it was written)."""
+        await asyncio.to_thread(self.files.upload(stage, client).unlink, missing_ok=True)
+
     async def drop_uploads(self, stage: int) -> None:
         """``stage``'s uploads, once its sum and the state past its MASK step are saved."""
         await asyncio.to_thread(self.files.remove_uploads, stage)
