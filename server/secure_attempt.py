@@ -72,6 +72,7 @@ class Attempt:
         else:
             self.server, self.bundles, self.inboxes = restored.server, restored.bundles, restored.inboxes
             self.uploads = restored.uploads
+            self.saved.files.remove_unlisted(self.server.stage, self.uploads)  # a crash may have left others
             self.sketch, self.survivors, self.saved.plan = restored.sketch, restored.survivors, restored.plan
             for name in ("bytes_up", "bytes_down", "seconds"):
                 getattr(self, name).update(restored.counters.get(name, {}))

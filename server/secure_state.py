@@ -19,7 +19,8 @@ file, fsync and rename, in these files per attempt under ``<state_dir>/secure/``
 An accepted masked upload costs one write of its own bytes (then an addition into the sum in
 memory, and the small JSON that lists it); the running sum is written once, when the step
 closes, and the uploads are deleted once the state that says so is saved. A restart in a MASK
-step re-adds the listed uploads, each checked against its recorded sha256.
+step re-adds the listed uploads, each checked against its recorded sha256, and deletes any
+other kept upload a crash left (one never listed, or a closed step's not yet deleted).
 
 A restart rebuilds the ``ServerRound`` by replaying the keys, shares and reveals through its own
 ``receive_*`` checks, so a damaged file is refused as a hostile message would be (``Untrusted``),
@@ -110,6 +111,14 @@ class AttemptFiles:
         """Delete ``stage``'s kept uploads (its sum is saved: they are no longer needed)."""
         for path in self.folder.glob(f"{self.stem}.s{stage}-c*.masked"):
             path.unlink(missing_ok=True)
+
+    def remove_unlisted(self, stage: int, listed: Collection[int]) -> None:
+        """At a resume: delete every kept upload the saved state does not list (``listed``: the
+        open MASK step's clients), and the temporary files of writes a crash interrupted."""
+        keep = {self.upload(stage, c) for c in listed}
+        for path in [*self.folder.glob(f"{self.stem}.s*-c*.masked"), *self.folder.glob(f".{self.stem}.s*-c*.masked.*.tmp")]:
+            if path not in keep:
+                path.unlink(missing_ok=True)
 
     def write_state(self, document: bytes) -> None:
         if not self.folder.exists():  # the first write of a state directory's first secure round

@@ -33,6 +33,7 @@ from flora.common.secagg.finish import Sketch
 from flora.common.secagg.messages import MaskedInput
 from flora.common.secagg.server import ServerRound
 from flora.server.rounds import Round, RoundState
+from flora.server.secure_attempt import Attempt
 from flora.server.secure_round import SecureRounds, _label
 from flora.common.secagg.stream import masked_messages
 from flora.common.secagg.wire import keys_digest, vector_bytes
@@ -449,3 +450,17 @@ def test_a_full_disk_while_keeping_an_upload_refuses_it_cleanly_and_the_retry_co
     result, *_ = wire.secure_round("flora", None, updates, [1, 1, 1])
     assert seen == [(ResourceExhausted, False, False, True, False)]
     wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
+
+
+def test_a_resume_deletes_the_kept_uploads_its_state_does_not_list(round_calls, tmp_path):
+    """Left by a crash: a closed step's uploads (after the state past it was saved, before they
+    were deleted), one written but never listed, an interrupted write. The listed ones stay."""
+    calls, _ = round_calls
+    masks = [i for i, (m, *_) in enumerate(calls) if m == "receive_masked" and calls[i][1].stage == 1]
+    _, files = saved_at(calls, masks[1] + 1, tmp_path)  # clients 0 and 1 listed in stage 1's MASK step
+    stale = [files.upload(1, 2), files.upload(0, 0), tmp_path / f".{files.upload(1, 3).name}.0123abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"masked")
+    attempt = Attempt.fresh(tmp_path, IDENTITY, ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD))
+    assert attempt.resume() and set(attempt.uploads) == {0, 1}
+    assert not [p for p in stale if p.exists()] and files.upload(1, 0).exists() and files.upload(1, 1).exists()
