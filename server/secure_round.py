@@ -380,8 +380,8 @@ class SecureRounds:
                 await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.downloads, i))
                                        for i in request.active if i not in server.masked_from}, f"mask{stage}")
                 att.downloads = {}
-                server.close_masked()
-                await att.saved.masked.flush()  # the sum the unmask request is for, then the request
+                await att.saved.masked.flush()  # the sum the unmask request is for, then the request; a
+                server.close_masked()           # full disk here: the retried attempt closes the step again
                 att.uploads = {}
                 await att.saved.state.flush()
                 await att.saved.drop_uploads(stage)  # the sum holds them now

@@ -464,3 +464,33 @@ def test_a_resume_deletes_the_kept_uploads_its_state_does_not_list(round_calls, 
     attempt = Attempt.fresh(tmp_path, IDENTITY, ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD))
     assert attempt.resume() and set(attempt.uploads) == {0, 1}
     assert not [p for p in stale if p.exists()] and files.upload(1, 0).exists() and files.upload(1, 1).exists()
+
+
+def test_a_full_disk_while_a_mask_steps_sum_is_saved_is_retried_not_skipped(monkeypatch):
+    """The server waits a full disk out and retries the aggregation with the attempt in memory:
+    the retry saves the closed step's sum and deletes its uploads. Before, the step counted as
+    closed in memory, so the retry went on without the sum on disk (a restart in the unmask step
+    could not resume) and the uploads stayed."""
+    write, aggregate = AttemptFiles.write_masked, SecureRounds.aggregate
+    saved: list[int] = []
+
+    def write_masked(self, identity, stage, sums, contributors):
+        if not saved:
+            saved.append(0)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, identity, stage, sums, contributors)
+        saved.append(stage)
+
+    async def retried(self, number, submissions):  # as the server's lifecycle does after a resource failure
+        try:
+            return await aggregate(self, number, submissions)
+        except OSError as error:
+            assert resource_refusal(error) is not None
+            return await aggregate(self, number, submissions)
+
+    monkeypatch.setattr(AttemptFiles, "write_masked", write_masked)
+    monkeypatch.setattr(SecureRounds, "aggregate", retried)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, _, _, secure = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert saved == [0, 1, 2] and not list(secure.folder.glob("*.masked"))
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
