@@ -26,12 +26,12 @@ from flora.server.allocator import tune_malloc
 from flora.server.auth import AuthInterceptor, Credentials
 from flora.server.config import ServerSettings
 from flora.server.coordinator import Coordinator
+from flora.server.dp_releases import ReleaseFileError
 from flora.server.layout import Layout
 from flora.server.metrics import Metrics, MetricsInterceptor, serve_metrics
 from flora.server.registry import Registry, RegistryError
 from flora.server.round_settings import with_stored
 from flora.server.lifecycle import RoundDriver
-from flora.server.secure_round import SecureRounds
 from flora.server.servicer import CoordinatorServicer
 from flora.server.startup import StartupError, open_run, raise_fd_limit, restore_machine, state_dir_path
 from flora.server.store import Store
@@ -195,10 +195,12 @@ async def serve(settings: ServerSettings) -> None:
         settings = aggregator.settings = with_stored(settings, store)
         run = await asyncio.to_thread(open_run, settings, layout, store, aggregator)
         machine = restore_machine(settings, store, run.version)
-        driver = RoundDriver(settings, layout, store, aggregator, machine)
+        try:
+            driver = RoundDriver(settings, layout, store, aggregator, machine)
+        except ReleaseFileError as err:  # the privacy budget's record: never accounted short
+            raise StartupError(str(err)) from None
         if settings.secure_aggregation:
-            driver.secure = SecureRounds(settings, aggregator, run.run_id, driver.notify)
-            driver.secure.resume(machine.current)  # before serving: a restart takes up the attempt it interrupted
+            driver.use_secure_aggregation(run.run_id)  # before serving: a restart takes up the attempt it interrupted
         coordinator = Coordinator(settings, layout, store, driver, run, credentials)
         operators.load_revocations(coordinator)
         await _listen(server, port, settings, coordinator, driver, metrics)

@@ -14,6 +14,8 @@ from strings a client sent, so no request can steer a write outside these folder
     merged/v000003.safetensors       merged target-module weights of the latest version
     checkpoints/v000003/             Hugging Face checkpoint of version 3 (+ adapter/ for PEFT)
     history.jsonl                    one JSON line per round
+    dp_releases.jsonl                differential privacy: each noisy pass sent to clients before its
+                                     round committed (server/dp_releases.py), written before it is sent
     secure/r000003-a1.*              secure aggregation: what the server holds of round 3's attempt 1
                                      (server/secure_state.py), so that a restart resumes it
     tmp/                             uploads in flight and staging; emptied at start
@@ -51,6 +53,10 @@ class Layout:
     @property
     def history(self) -> Path:
         return self.root / "history.jsonl"
+
+    @property
+    def dp_releases(self) -> Path:
+        return self.root / "dp_releases.jsonl"
 
     @property
     def checkpoints(self) -> Path:

@@ -24,6 +24,7 @@ from flora.server.config import ServerSettings
 from flora.server.export import write_history
 from flora.server.errors import is_resource_failure
 from flora.server.layout import Layout
+from flora.server.dp_releases import Release, read_releases, record_release
 from flora.server.privacy_budget import PrivacyBudget, ended_before
 from flora.server.secure_round import SecureRounds
 from flora.server.rounds import Abandoned, Closed, Ended, Event, Opened, RoundMachine, RoundState
@@ -77,16 +78,42 @@ class RoundDriver:
         self._retry_delay = 0.0  # the last resource-failure backoff of this round (0: none yet)
         self._failures = 0  # consecutive failed ticks (for the ticker's backoff)
         self._reasons: dict[int, str] = {}
-        # Under DP: the spent budget, from the committed history (a restart neither forgets nor repeats a round).
-        self.privacy = PrivacyBudget.of_run(settings, store.history())
+        # Under DP: the spent budget, from the committed history and the recorded releases (a restart
+        # neither forgets nor repeats a round or a release).
+        self.privacy = PrivacyBudget.of_run(settings, store.history(),
+                                            read_releases(layout.dp_releases) if settings.dp_enabled else ())
         machine.gate = None if self.privacy is None else self.privacy.refusal
         self.ended = ended_before(self.privacy, machine.finished, machine.version, store.live_settings().get("rounds"))
         if (budget := self.privacy) is not None:
             log.info("differential privacy: noise multiplier %g, clip norm %g, %d Gaussian release(s) per round, %s "
-                     "accountant, delta %.3g, target epsilon %s; epsilon %.4g spent by %d committed rounds",
-                     budget.sigma, settings.dp_clip_norm, budget.passes, budget.accountant, budget.delta,
-                     "none" if budget.target is None else f"{budget.target:g}", budget.spent, len(budget.samples))
+                     "accountant, delta %.3g, target epsilon %s; epsilon %.4g spent by %d committed rounds and %d "
+                     "released pass(es) of attempts that did not commit", budget.sigma, settings.dp_clip_norm,
+                     budget.passes, budget.accountant, budget.delta, "none" if budget.target is None else
+                     f"{budget.target:g}", budget.spent, len(budget.samples), len(budget.released))
             self._plan(budget)
+
+    def use_secure_aggregation(self, run_id: str) -> None:
+        """Run the rounds under secure aggregation, its released first passes recorded (``released``);
+        before serving, take up the attempt a restart interrupted."""
+        self.secure = SecureRounds(self.settings, self.aggregator, run_id, self.notify, released=self.released)
+        self.secure.resume(self.machine.current)
+
+    async def released(self, number: int, attempt: int) -> None:
+        """Write-ahead, before a secure attempt sends its clients Q = orth(Y + N1): record that noisy
+        pass durably and count it (server/dp_releases.py). Raises when it cannot be recorded: Q then
+        stays with the server."""
+        current, budget = self.machine.current, self.privacy
+        if budget is None or current is None or (current.number, current.attempt) != (number, attempt):
+            raise RuntimeError(f"round {number} attempt {attempt}: a noisy pass to release outside the current "
+                               "attempt, or without a privacy budget")
+
+        def record() -> Release:  # blocking: the accountant (a sample's RDP is ~0.5 s the first time), an fsync
+            entry = budget.release_of(number, attempt, current.population, current.sampled, time.time())
+            return record_release(self.layout.dp_releases, entry)
+
+        budget.add_release(await asyncio.to_thread(record))
+        log.info("round %d attempt %d: its noisy first pass (Q) goes to the clients; recorded as released: epsilon "
+                 "%.4g spent (it stays spent if this attempt does not commit)", number, attempt, budget.spent)
 
     def _plan(self, budget: PrivacyBudget) -> None:
         """Say at start when the target will end the run early, at the clients a round is sure of (min_clients)."""
@@ -171,7 +198,7 @@ class RoundDriver:
         """The privacy budget ends the run: said once, and kept as the run's rounds (a restart stays finished)."""
         log.warning("%s", event.reason)
         self.ended = event.reason
-        if event.version > 0:  # with nothing committed there is nothing released: a restart may try again
+        if event.version > 0:  # with nothing committed the end is not kept: a restart asks the budget again
             self.store.save_live_settings({"rounds": str(event.version)}, time.time())
         self.finished_at = time.time()
         log.info("run finished at version %d", event.version)
@@ -339,7 +366,8 @@ class RoundDriver:
         """Build the round's history record and commit the round with it (blocking: run it in a thread)."""
         record = self._record(number, attempt, submissions, output, now, context)
         if self.privacy is not None:  # the machine still holds the round, with the sample it was accounted with
-            record.update(self.privacy.record(self.machine.current.population, self.machine.current.sampled))
+            current = self.machine.current
+            record.update(self.privacy.record(number, attempt, current.population, current.sampled))
         self.store.commit_version(number, attempt, output.artifacts, record, now)
         return record
 

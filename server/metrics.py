@@ -51,7 +51,8 @@ class Metrics:
         self.validation_loss = Gauge("flora_validation_loss", "the server's validation loss of the latest version", registry=r)
         self.validation_loss.set(math.nan)
         # Under differential privacy only (README, "Differential privacy"): the run's budget.
-        self.dp_epsilon = Gauge("flora_dp_epsilon", "epsilon spent by the committed rounds (client-level DP)", registry=r)
+        self.dp_epsilon = Gauge("flora_dp_epsilon", "epsilon spent so far: the committed rounds and any noisy pass "
+                                "released outside one (client-level DP)", registry=r)
         self.dp_delta = Gauge("flora_dp_delta", "delta of the run's stated (epsilon, delta)", registry=r)
         self.dp_target = Gauge("flora_dp_target_epsilon", "no round opens past this epsilon (0: no target)", registry=r)
         self.secure_rounds = Counter("flora_secure_rounds", "rounds committed under secure aggregation", registry=r)

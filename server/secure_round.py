@@ -18,7 +18,8 @@ the masked vectors of the stage, and the unmasked sums. A client that shares its
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
 survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Under
 differential privacy the clients also clip to dp_clip_norm and the server adds the release's noise
-to each unmasked sum (``flora.common.secagg.finish``). Any other failure (fewer than the threshold
+to each unmasked sum (``flora.common.secagg.finish``); pass 1's Q is recorded as released
+(``released``: server/dp_releases.py) before any client can fetch it. Any other failure (fewer than the threshold
 survive a stage, a client lost after stage 1's sum, a saved attempt not to be trusted) raises
 ``SecAggError``; the driver then excludes the attempt's advertisements as a whole and the round
 reopens: the clients train again with fresh keys.
@@ -32,7 +33,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -86,11 +87,13 @@ def refusal(error: SecAggError) -> FailedPrecondition | InvalidArgument:
 class SecureRounds:
     """The server's side of secure aggregation, one round attempt at a time."""
 
-    def __init__(self, settings: ServerSettings, aggregator: Aggregator, run_id: str, notify: Callable[[], None]) -> None:
+    def __init__(self, settings: ServerSettings, aggregator: Aggregator, run_id: str, notify: Callable[[], None],
+                 released: Callable[[int, int], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.aggregator = aggregator
         self.run_id = run_id
         self.notify = notify
+        self.released = released  # under DP: records (round, attempt)'s pass 1 before Q leaves (server/dp_releases.py)
         self.stages = 2 if KINDS[settings.aggregation.name] == SKETCH else 1
         self.folder = aggregator.layout.root / "secure"  # the saved attempt (server/secure_state.py)
         self._attempt: Attempt | None = None
@@ -348,6 +351,8 @@ class SecureRounds:
             step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
             if result is None:  # pass 2 is next: its Q and survivors before the state that says so
+                if noise is not None and self.released is not None:  # first: Q = orth(Y + N1) is a release
+                    await self.released(att.number, att.attempt)
                 await att.saved.save_sketch(sketch, survivors)
                 await att.saved.state.flush()
         if unmask.dropped:

@@ -11,7 +11,7 @@ import pytest
 
 dp = pytest.importorskip("dp_accounting")
 
-from flora.common.privacy.accountant import epsilon_after_rounds, epsilon_of_rounds
+from flora.common.privacy.accountant import epsilon_after_rounds, epsilon_of_releases, epsilon_of_rounds
 from flora.server.admin.console import privacy_line, render_plain
 from flora.server.admin.report import privacy_lines
 from flora.server.privacy_budget import PrivacyBudget, ended_before
@@ -42,6 +42,26 @@ def test_pld_rounds_compose_as_dp_accounting_composes_them():
         gaussian = dp.GaussianDpEvent(2.0)
         theirs.compose(gaussian if n == k else dp.PoissonSampledDpEvent(k / n, gaussian))
     assert ours == pytest.approx(theirs.get_epsilon(DELTA), rel=1e-3)
+
+
+# (population, selected, mechanisms): committed rounds of 2 passes and of 1, and abandoned secure
+# attempts' first passes (1 mechanism each), interleaved as a run meets them.
+MIXED = [(10, 3, 2), (12, 3, 1), (10, 3, 2), (10, 3, 1), (8, 8, 1)]
+
+
+def test_releases_of_mixed_mechanism_counts_compose_as_dp_accounting_composes_them():
+    ours = epsilon_of_releases(2.0, MIXED, DELTA, "rdp")
+    theirs = dp.rdp.RdpAccountant(neighboring_relation=dp.NeighboringRelation.REPLACE_ONE)
+    for n, k, mechanisms in MIXED:  # each entry's mechanisms see the same sample: composed inside it
+        gaussian = dp.SelfComposedDpEvent(dp.GaussianDpEvent(2.0 / 2), mechanisms)
+        theirs.compose(dp.SampledWithoutReplacementDpEvent(n, k, gaussian))
+    assert ours == pytest.approx(theirs.get_epsilon(DELTA), rel=1e-9)
+    assert epsilon_of_rounds(2.0, [(10, 3)], 2, DELTA) < epsilon_of_releases(2.0, [(10, 3, 2), (10, 3, 1)], DELTA)
+    pld = dp.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for n, k, mechanisms in MIXED:  # m Gaussians of one sample are one Gaussian of multiplier sigma / sqrt(m)
+        gaussian = dp.GaussianDpEvent(2.0 / mechanisms ** 0.5)
+        pld.compose(gaussian if n == k else dp.PoissonSampledDpEvent(k / n, gaussian))
+    assert epsilon_of_releases(2.0, MIXED, DELTA, "pld") == pytest.approx(pld.get_epsilon(DELTA), rel=1e-3)
 
 
 def test_equal_samples_give_the_planned_curve_and_no_round_spends_nothing():
@@ -107,7 +127,7 @@ def _history(budget_settings, samples):
     budget = PrivacyBudget.of_run(budget_settings, [])
     history = [{"round": 0}]
     for number, (n, k) in enumerate(samples, 1):
-        record = {"round": number, **budget.record(n, k)}
+        record = {"round": number, "attempts": 1, **budget.record(number, 1, n, k)}
         budget.committed(record)
         history.append(record)
     return budget, history

@@ -104,3 +104,39 @@ def test_check_sum_accepts_the_bound_and_refuses_beyond_it():
         check_sum(2 * total, 1.0, bits, clients)
     with pytest.raises(ValueError, match="outside the announced range"):
         check_sum(np.array([math.ldexp(1.0, HEADROOM_BITS - bits + 1)]), 1e30, bits, clients)
+
+
+def test_under_dp_a_sum_out_of_range_is_refused_naming_the_check_and_its_limit_only():
+    """Under differential privacy the sum checked is the noiseless one: its norm or largest entry
+    must not reach the log or the history's exclusion reasons (issue 31)."""
+    bits, clients = choose_scale(1.0, 4), 4
+    total = np.full(16, 0.3125)  # norm 1.25
+    allowed = 1.0 + 4 * resolution(bits, clients)
+    with pytest.raises(ValueError) as refused:
+        check_sum(total, 1.0, bits, clients, private=True)
+    assert str(refused.value) == f"secure aggregation: sum norm exceeds the announced bound {allowed:.6g}"
+    entry = math.ldexp(1.0, HEADROOM_BITS - bits + 1)
+    limit = math.ldexp(1.0, HEADROOM_BITS - bits)
+    with pytest.raises(ValueError) as refused:
+        check_sum(np.array([entry]), 1e30, bits, clients, private=True)
+    assert str(refused.value).startswith(f"secure aggregation: sum entry outside the announced range +-{limit:.6g}")
+    with pytest.raises(ValueError) as refused:
+        encode(np.array([1.5 * entry]), bits)
+    assert f"{1.5 * entry:.6g}" not in str(refused.value) and "exceeds the fixed-point range" in str(refused.value)
+
+
+def test_the_servers_noisy_release_checks_its_sum_privately():
+    import torch
+
+    from flora.common.methods import get_method
+    from flora.common.secagg.finish import Noise, released_sum
+    from flora.common.secagg.plan import plan_round, vector_length
+
+    plan = plan_round(get_method("flora"), None, {"m": (8, 6)}, [2, 2], [1.0, 1.0], [0.5, 0.5], None, 7, dp_clip_norm=0.5)
+    summed = encode(np.full(vector_length(plan, 1), 0.5), plan.bits)  # far above the bound 0.5
+    norm = f"{0.5 * math.sqrt(vector_length(plan, 1)):.6g}"
+    with pytest.raises(ValueError, match=f"sum norm {norm} exceeds"):  # without noise: the server's own sum, said
+        released_sum(plan, 1, summed)
+    with pytest.raises(ValueError, match="sum norm exceeds the announced bound") as refused:
+        released_sum(plan, 1, summed, Noise(1.0, torch.Generator().manual_seed(0)))
+    assert norm not in str(refused.value)

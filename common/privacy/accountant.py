@@ -20,7 +20,9 @@ protected. Rounds compose. The numbers come from Google's ``dp-accounting``:
 With ``clients_per_round == num_clients`` nothing is sampled and there is no amplification. The
 ``passes`` releases of one round see the same clients, so they are one Gaussian of multiplier
 ``m / sqrt(passes)`` (Mironov, Talwar, Zhang 2019, section 3; dp-accounting's RDP accountant
-uses the same identity for composed Gaussians under sampling).
+uses the same identity for composed Gaussians under sampling). A release that is not a whole
+round (the noisy first pass of an abandoned secure attempt) is one mechanism on its own sample:
+``epsilon_of_releases`` composes entries of any mechanism count.
 """
 
 from __future__ import annotations
@@ -138,26 +140,40 @@ def epsilon_of_rounds(sigma: float, samples: Sequence[tuple[int, int]], passes: 
     """Epsilon spent by rounds that each sampled ``selected`` of ``population`` clients: (population, selected) per round.
 
     A running server knows each round's sample only when it opens it (clients come and go), so
-    its budget composes the rounds as they were, not as planned. RDP adds up over rounds, and
-    one sample's RDP (about half a second of dp-accounting's work) is computed once per process;
-    PLD composes rounds with the same sample together (one event with a count).
+    its budget composes the rounds as they were, not as planned: ``epsilon_of_releases`` with
+    ``passes`` mechanisms for every round.
     """
-    if not samples:
+    return epsilon_of_releases(sigma, [(population, selected, passes) for population, selected in samples], delta,
+                               accountant)
+
+
+def epsilon_of_releases(sigma: float, releases: Sequence[tuple[int, int, int]], delta: float,
+                        accountant: Accountant = "rdp") -> float:
+    """Epsilon spent by releases, each (population, selected, mechanisms): ``mechanisms`` Gaussian
+    releases of multiplier sigma on one sample of ``selected`` of ``population`` clients.
+
+    A committed round is one entry with the run's passes; an abandoned secure attempt that sent
+    its noisy first pass (Q = orth(Y + N1)) before it failed is one more entry of 1 mechanism on
+    its own sample. RDP adds up over entries, and one sample's RDP (about half a second of
+    dp-accounting's work) is computed once per process; PLD composes equal entries together (one
+    event with a count).
+    """
+    if not releases:
         return 0.0
     _check_sigma(sigma)
-    for population, selected in samples:
-        _check(population, selected, 1, passes, delta, accountant)
+    for population, selected, mechanisms in releases:
+        _check(population, selected, 1, mechanisms, delta, accountant)
     dp = _dp()
-    counts = sorted(Counter(samples).items())
+    counts = sorted(Counter(releases).items())
     if accountant == "rdp":
-        rdps = [(count, _round_rdp(sigma, *_lowest_terms(population, selected), passes))
-                for (population, selected), count in counts]
+        rdps = [(count, _round_rdp(sigma, *_lowest_terms(population, selected), mechanisms))
+                for (population, selected, mechanisms), count in counts]
         total = sum(count * rdp for count, (_, rdp) in rdps)
         return float(dp.rdp.rdp_privacy_accountant.compute_epsilon(rdps[0][1][0], total, delta)[0])
     composed = dp.pld.PLDAccountant(neighboring_relation=neighbouring_relation(accountant),
                                     value_discretization_interval=PLD_DISCRETIZATION)
-    for (population, selected), count in counts:
-        composed.compose(round_event(sigma, population, selected, passes, accountant), count)
+    for (population, selected, mechanisms), count in counts:
+        composed.compose(round_event(sigma, population, selected, mechanisms, accountant), count)
     return float(composed.get_epsilon(delta))
 
 

@@ -70,7 +70,7 @@ def released_sum(plan: RoundPlan, stage: int, summed: np.ndarray, noise: Noise |
     range first; under DP with its noise added: N(0, (sigma C max_k p_k)^2) per entry, drawn
     block by block in the vector's order, as the plain private release draws it (``noised``)."""
     total = decode(summed, plan.bits)
-    check_sum(total, math.fsum(plan.weights) * plan.vector_bound, plan.bits, plan.clients)
+    check_sum(total, math.fsum(plan.weights) * plan.vector_bound, plan.bits, plan.clients, private=noise is not None)
     blocks = split(plan, stage, torch.from_numpy(total))
     if noise is None:
         return blocks

@@ -76,15 +76,17 @@ def encode(values: np.ndarray, bits: int) -> np.ndarray:
     """round(x 2^bits) mod 2^64 of every value, flattened in row-major order: a uint64 vector.
 
     Refuses (ValueError) a value that is not finite or whose integer would leave +-2^62: a
-    client whose contribution exceeds the announced bound must not upload it.
+    client whose contribution exceeds the announced bound must not upload it. The message names
+    the range only, never the value: the server also encodes a noiseless sum (the survivors' sum
+    rescaled), which under differential privacy nothing may publish.
     """
     flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(flat)):
         raise ValueError("secure aggregation: value must be finite to encode, got NaN or infinity")
     scaled = np.rint(np.ldexp(flat, bits))
     if scaled.size and np.max(np.abs(scaled)) > 2.0**HEADROOM_BITS:
-        raise ValueError(f"secure aggregation: value {np.max(np.abs(flat)):.6g} exceeds the fixed-point range "
-                         f"+-2^{HEADROOM_BITS - bits} of scale 2^{bits}")
+        raise ValueError(f"secure aggregation: a value exceeds the fixed-point range +-2^{HEADROOM_BITS - bits} "
+                         f"of scale 2^{bits}")
     return scaled.astype(np.int64).view(np.uint64)
 
 
@@ -99,19 +101,23 @@ def resolution(bits: int, clients: int) -> float:
     return clients * math.ldexp(0.5, -bits)
 
 
-def check_sum(total: np.ndarray, norm_bound: float, bits: int, clients: int) -> None:
+def check_sum(total: np.ndarray, norm_bound: float, bits: int, clients: int, private: bool = False) -> None:
     """Refuse (ValueError) a decoded sum outside the announced range: an entry beyond +-2^62 2^-f
     (where no honest sum reaches) or a Frobenius norm above ``norm_bound`` (the sum of the
     clients' bounds) by more than the fixed point's own rounding. What the server can still check
-    when it never sees a single contribution."""
+    when it never sees a single contribution. ``private`` (under differential privacy the sum is
+    the noiseless one, which nothing may publish): the message names the check and its limit only,
+    nothing computed from the sum (it reaches the log and the history's exclusion reasons)."""
     limit = math.ldexp(1.0, HEADROOM_BITS - bits)
     if total.size and float(np.max(np.abs(total))) > limit:
-        raise ValueError(f"secure aggregation: sum entry {float(np.max(np.abs(total))):.6g} outside the announced range "
-                         f"+-{limit:.6g} (a contribution above the bound, or a wrong scale)")
+        value = "" if private else f" {float(np.max(np.abs(total))):.6g}"
+        raise ValueError(f"secure aggregation: sum entry{value} outside the announced range +-{limit:.6g} "
+                         "(a contribution above the bound, or a wrong scale)")
     norm = float(np.linalg.norm(total))
     allowed = norm_bound + math.sqrt(total.size) * resolution(bits, clients)
     if not norm <= allowed:
-        raise ValueError(f"secure aggregation: sum norm {norm:.6g} exceeds the announced bound {allowed:.6g}")
+        value = "" if private else f" {norm:.6g}"
+        raise ValueError(f"secure aggregation: sum norm{value} exceeds the announced bound {allowed:.6g}")
 
 
 def wrapping_sum(vectors: list[np.ndarray]) -> np.ndarray:

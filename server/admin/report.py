@@ -1,7 +1,8 @@
 """``flora-admin report STATE_DIR``: a run's history as a picture and a markdown summary.
 
-Read from ``history.jsonl`` only (the run's durable record), so it works on a live run, a
-finished one, or a copy of a state directory on another machine. The markdown needs nothing
+Read from ``history.jsonl`` (the run's durable record) and, under differential privacy,
+``dp_releases.jsonl`` (noisy passes sent outside a committed round), so it works on a live run,
+a finished one, or a copy of a state directory on another machine. The markdown needs nothing
 beyond the standard library; the PNG needs matplotlib, an optional extra
 (``pip install 'flora-fl[report]'``), because servers and clients never draw.
 """
@@ -16,6 +17,8 @@ from typing import Any
 
 from flora.common.tables import format_table
 from flora.demo.monitor import COLUMNS, read_history, round_rows
+from flora.server.dp_releases import Release, ReleaseFileError, read_releases
+from flora.server.layout import Layout
 
 PNG_NAME = "report.png"
 MARKDOWN_NAME = "report.md"
@@ -45,7 +48,8 @@ def _rounds(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in history if r.get("round", 0) > 0]
 
 
-def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Path | None) -> str:
+def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Path | None,
+                     releases: Sequence[Release] = ()) -> str:
     """The markdown summary: what ran, the per-round table, the loss change, where the model is."""
     rounds = _rounds(history)
     names = sorted({c["name"] for r in rounds for c in r.get("clients", [])})
@@ -57,7 +61,7 @@ def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Pa
     losses = [r["validation_loss"] for r in history if r.get("validation_loss") is not None]
     if len(losses) >= 2:
         lines += [f"Validation loss of the merged model: {losses[0]:.4f} -> {losses[-1]:.4f}.", ""]
-    lines += privacy_lines(rounds)
+    lines += privacy_lines(rounds, releases)
     lines += secure_lines(rounds)
     checkpoints = [r["checkpoint"] for r in rounds if r.get("checkpoint")]
     if checkpoints:
@@ -65,16 +69,26 @@ def summary_markdown(history: Sequence[dict[str, Any]], state_dir: Path, png: Pa
     return "\n".join(lines)
 
 
-def privacy_lines(rounds: Sequence[dict[str, Any]]) -> list[str]:
-    """Under differential privacy: the (epsilon, delta) the run spent, and after which round how much."""
+def privacy_lines(rounds: Sequence[dict[str, Any]], releases: Sequence[Release] = ()) -> list[str]:
+    """Under differential privacy: the (epsilon, delta) the run spent, and after which round or
+    released pass outside a commit (server/dp_releases.py) how much."""
     private = [r for r in rounds if "dp_epsilon" in r]
-    if not private:
+    committed = {(r["round"], r.get("attempts")) for r in private}
+    outside = [r for r in releases if r.key not in committed]
+    if not private and not outside:
         return []
-    last = private[-1]
-    table = format_table([{"round": r["round"], "sampled": f"{r['dp_selected']} of {r['dp_population']}",
-                           "epsilon": f"{r['dp_epsilon']:.4g}"} for r in private], ("round", "sampled", "epsilon"))
-    return [f"Differential privacy (client level): epsilon {last['dp_epsilon']:.4g} at delta {last['dp_delta']:.3g} "
-            f"after {last['round']} rounds.", "", table, ""]
+    rows = [((r["round"], 1), {"round": r["round"], "sampled": f"{r['dp_selected']} of {r['dp_population']}",
+                               "epsilon": r["dp_epsilon"]}) for r in private]
+    rows += [((r.round, 0), {"round": f"{r.round} (attempt {r.attempt} not committed: pass 1 released)",
+                             "sampled": f"{r.selected} of {r.population}", "epsilon": r.dp_epsilon}) for r in outside]
+    rows.sort(key=lambda row: row[0])  # stable: a round's releases in the order recorded, before its commit
+    epsilon = max(row["epsilon"] for _, row in rows)  # spent only grows
+    delta = private[-1]["dp_delta"] if private else outside[-1].dp_delta
+    table = format_table([{**row, "epsilon": f"{row['epsilon']:.4g}"} for _, row in rows],
+                         ("round", "sampled", "epsilon"))
+    extra = f" and {len(outside)} released first pass(es) of attempts that did not commit" if outside else ""
+    return [f"Differential privacy (client level): epsilon {epsilon:.4g} at delta {delta:.3g} "
+            f"after {private[-1]['round'] if private else 0} rounds{extra}.", "", table, ""]
 
 
 def secure_lines(rounds: Sequence[dict[str, Any]]) -> list[str]:
@@ -145,6 +159,10 @@ def write_report(state_dir: Path, out_dir: Path | None = None, require_png: bool
     history = read_history(state_dir / "history.jsonl")
     if not _rounds(history):
         raise ReportError(f"{state_dir / 'history.jsonl'} has no committed round yet: nothing to report")
+    try:
+        releases = read_releases(Layout(state_dir).dp_releases)
+    except ReleaseFileError as err:
+        raise ReportError(str(err)) from None
     out_dir = out_dir or state_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     png: Path | None = out_dir / PNG_NAME
@@ -155,5 +173,5 @@ def write_report(state_dir: Path, out_dir: Path | None = None, require_png: bool
     else:
         png = None
     markdown = out_dir / MARKDOWN_NAME
-    markdown.write_text(summary_markdown(history, state_dir, png), encoding="utf-8")
+    markdown.write_text(summary_markdown(history, state_dir, png, releases), encoding="utf-8")
     return Report(markdown, png)
