@@ -154,11 +154,17 @@ def _run_both(folder: Path, method: str) -> SecureAndPlain:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Callable[[str], SecureAndPlain]:
     """``runs(method)``: the method's secure run and plain replay, made once for all of this file's tests."""
-    made: dict[str, SecureAndPlain] = {}
+    made: dict[str, SecureAndPlain | Exception] = {}
 
     def get(method: str) -> SecureAndPlain:
         if method not in made:
-            made[method] = _run_both(tmp_path_factory.mktemp(method), method)
+            try:
+                made[method] = _run_both(tmp_path_factory.mktemp(method), method)
+            except Exception as error:  # failed in the first test that asked: not run again for each next one
+                made[method] = error
+                raise
+        if isinstance(made[method], Exception):
+            pytest.fail(f"{method}'s runs failed in an earlier test of this file: {made[method]}"[:2000])
         return made[method]
 
     return get
