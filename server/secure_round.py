@@ -321,6 +321,8 @@ class SecureRounds:
         noise = Noise(self.settings.dp_noise_multiplier, secret_generator()) if self.settings.dp_enabled else None
         for stage in range(server.stage + (server.phase == "open"), plan.passes + 1):
             if server.phase == "open":
+                if stage > 1:  # pass 1's Q and survivors before the state that says pass 2 is open
+                    await att.saved.save_sketch(sketch, survivors)
                 server.open_stage(stage, (vector_length(plan, stage),))
                 await att.saved.state.flush()
             request = MaskRequest(server.round_id, stage, tuple(sorted(server.active)), server.lengths)
@@ -350,11 +352,10 @@ class SecureRounds:
             over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
             step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
-            if result is None:  # pass 2 is next: its Q and survivors before the state that says so
+            if result is None:  # pass 2 is next, with this Q
                 if noise is not None and self.released is not None:  # first: Q = orth(Y + N1) is a release
                     await self.released(att.number, att.attempt)
-                await att.saved.save_sketch(sketch, survivors)
-                await att.saved.state.flush()
+                att.sketch, att.survivors = sketch, survivors  # a retry of the attempt (a full disk) goes on with it
         if unmask.dropped:
             log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
                         att.number, len(unmask.dropped), len(survivors))

@@ -322,7 +322,7 @@ class SavedAttempt:
         return lambda: self.files.write_masked(self.identity, stage, sums, contributors)
 
     async def save_sketch(self, sketch: Sketch, survivors: frozenset[int]) -> None:
-        """Pass 1's result, before the state that says pass 2 is next."""
+        """Pass 1's result, before the state that says pass 2 is open (once recorded as released under DP)."""
         await asyncio.to_thread(self.files.write_sketch, self.identity, sketch, survivors)
 
     def announce(self, plan: Any) -> None:
