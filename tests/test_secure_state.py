@@ -12,7 +12,9 @@ over the same files resumes the attempt and the round merges what the plain meth
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,10 +29,11 @@ from flora.common.methods import get_method
 from flora.common.secagg.client import ClientRound
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
+from flora.common.secagg.messages import MaskedInput
 from flora.common.secagg.server import ServerRound
 from flora.server.rounds import Round, RoundState
 from flora.server.secure_round import SecureRounds, _label
-from flora.common.secagg.wire import keys_digest
+from flora.common.secagg.wire import keys_digest, vector_bytes
 from flora.server.layout import Layout
 from flora.server.secure_state import (
     AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load, stored_adverts,
@@ -81,10 +84,15 @@ def play() -> tuple[list[tuple], list[np.ndarray]]:
     return calls, sums
 
 
-def save(server: ServerRound, folder: Path) -> AttemptFiles:
-    """What SecureRounds writes at this point: the state, the open stage's sum, pass 1's sketch."""
+def save(server: ServerRound, folder: Path, uploads: Sequence[MaskedInput] = ()) -> AttemptFiles:
+    """What SecureRounds writes at this point: the open MASK step's accepted uploads, the state
+    that lists them, the stage's sum (written when the step closes), pass 1's sketch."""
     files = AttemptFiles(folder, ROUND, 1)
-    files.write_state(encode_state(IDENTITY, server, {"bits": 20}, {"bytes_up": {"share": 1.0}}))
+    folder.mkdir(parents=True, exist_ok=True)  # the server's first state write makes it, before any step
+    for upload in uploads:
+        files.write_upload(upload.stage, upload.sender, upload.vectors)
+    digests = {u.sender: hashlib.sha256(vector_bytes(u.vectors[0])).hexdigest() for u in uploads}
+    files.write_state(encode_state(IDENTITY, server, {"bits": 20}, {"bytes_up": {"share": 1.0}}, digests))
     files.write_masked(IDENTITY, server.stage, server.masked_sum, server.masked_from)
     if pass_two_next_or_open(server):
         files.write_sketch(IDENTITY, SKETCH, PASS_ONE_SURVIVORS)
@@ -100,7 +108,8 @@ def saved_at(calls: list[tuple], cut: int, folder: Path) -> tuple[ServerRound, A
     server = ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD)
     for method, *args in calls[:cut]:
         getattr(server, method)(*args)
-    return server, save(server, folder)
+    uploads = [args[0] for method, *args in calls[:cut] if method == "receive_masked" and args[0].stage == server.stage]
+    return server, save(server, folder, uploads if server.phase == "mask" else ())
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +197,29 @@ def test_a_resume_never_asks_a_holder_for_the_other_kind_of_share(round_calls, t
         load(files, IDENTITY)
 
 
+def test_a_mask_step_resumes_from_the_kept_uploads_each_held_to_its_recorded_sha256(round_calls, tmp_path):
+    """Mid MASK step the sum is not on disk: the restart re-adds the uploads the state lists; one
+    missing or altered is refused (the attempt starts over), one not listed is not added."""
+    calls, _ = round_calls
+    masks = [i for i, (m, *_) in enumerate(calls) if m == "receive_masked" and calls[i][1].stage == 1]
+    server, files = saved_at(calls, masks[1] + 1, tmp_path)  # two of stage 1's three uploads accepted
+    files.masked.unlink()
+    again = load(files, IDENTITY).server
+    assert again.masked_from == server.masked_from == {0, 1}
+    assert [s.tolist() for s in again.masked_sum] == [s.tolist() for s in server.masked_sum]
+    files.write_upload(1, 2, calls[masks[2]][1].vectors)  # written, not listed (its acknowledgement never came)
+    assert load(files, IDENTITY).server.masked_from == {0, 1}
+    upload = files.upload(1, 1)
+    data = bytearray(upload.read_bytes())
+    data[0] ^= 1
+    upload.write_bytes(bytes(data))
+    with pytest.raises(Untrusted, match=f"{upload.name} is missing or not the upload accepted from client 1"):
+        load(files, IDENTITY)
+    upload.unlink()
+    with pytest.raises(Untrusted, match="is missing"):
+        load(files, IDENTITY)
+
+
 def test_pass_two_is_not_resumed_without_pass_ones_sketch(round_calls, tmp_path):
     calls, _ = round_calls
     between = next(i for i, (m, *_) in enumerate(calls) if m == "close_unmask") + 1
@@ -258,6 +290,17 @@ def test_secure_rounds_cut_at_a_step_resume_in_a_new_server_object_and_merge_the
     plain = get_method("flora").merge(kept, updates, [n / sum(EXAMPLES) for n in EXAMPLES], torch.float64)
     wire.assert_same_adapter(result.delta, plain.delta)
     assert output.secure["survivors"] == 3
+
+
+def test_an_accepted_upload_is_kept_as_received_and_the_sum_written_once_when_the_step_closes():
+    """Mid MASK step the server has written the accepted upload, not the running sum (the cost of
+    an acknowledgement is the upload's own bytes); once the round is done no upload is left."""
+    again, clients, submissions, _ = _cut_and_resume("mask1")
+    files = again._attempt.saved.files
+    assert files.upload(1, 0).exists() and not files.masked.exists()
+    assert json.loads(files.state.read_bytes())["uploads"][0][0] == 0
+    asyncio.run(_drive(again, clients, submissions, None))
+    assert not list(files.folder.glob("*.masked")) and files.masked.exists()
 
 
 def test_a_client_whose_process_restarted_meanwhile_is_a_dropout_recovered_in_pass_one_fatal_in_pass_two():
