@@ -383,8 +383,8 @@ class SecureRounds:
                 await att.saved.masked.flush()  # the sum the unmask request is for, then the request; a
                 server.close_masked()           # full disk here: the retried attempt closes the step again
                 att.uploads = {}
-                await att.saved.state.flush()
-                await att.saved.drop_uploads(stage)  # the sum holds them now
+            await att.saved.state.flush()  # past the MASK step (again in a retry: a full disk may have stopped it)
+            await att.saved.drop_uploads(stage)  # the sum holds them now
             unmask = server.request
             if unmask.dropped and stage > 1:
                 raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "

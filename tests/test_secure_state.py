@@ -494,3 +494,31 @@ def test_a_full_disk_while_a_mask_steps_sum_is_saved_is_retried_not_skipped(monk
     result, _, _, secure = wire.secure_round("flora", None, updates, [1, 1, 1])
     assert saved == [0, 1, 2] and not list(secure.folder.glob("*.masked"))
     wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
+
+
+def test_a_full_disk_while_the_state_past_a_mask_step_is_saved_is_retried_and_the_uploads_go(monkeypatch):
+    """The sum is saved, the state that says the step closed is not (a full disk): the retried
+    aggregation saves that state, then deletes the step's uploads. Before, the retry went on with
+    the step closed in memory and the uploads stayed on disk until a later attempt."""
+    write, aggregate = AttemptFiles.write_state, SecureRounds.aggregate
+    failed: list[int] = []
+
+    def write_state(self, document):
+        doc = json.loads(document)
+        if (doc["stage"], doc["phase"]) == (1, "unmask") and not failed:
+            failed.append(1)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, document)
+
+    async def retried(self, number, submissions):  # as the server's lifecycle does after a resource failure
+        try:
+            return await aggregate(self, number, submissions)
+        except OSError:
+            return await aggregate(self, number, submissions)
+
+    monkeypatch.setattr(AttemptFiles, "write_state", write_state)
+    monkeypatch.setattr(SecureRounds, "aggregate", retried)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, _, _, secure = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert failed and not list(secure.folder.glob("*.masked"))
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
