@@ -93,7 +93,7 @@ def timed_round(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
         total = None
         for k, change in enumerate(changes):
             clock = time.perf_counter()
-            vector = np.concatenate(client_contribution(plan, 2, change, step.q))
+            vector = np.concatenate(client_contribution(plan, 2, change, step.sent))
             client_s[k] += time.perf_counter() - clock
             total = vector if total is None else wrapping_sum([total, vector])
         clock = time.perf_counter()

@@ -22,6 +22,12 @@ For K = 3, 10, 50, 100 clients (ranks 16/8/4/2 cycled) and the shapes of ``bench
   and unmask per pass, and the download, 5 or 7). Clients work in parallel: a stage costs one
   client's seconds. Wall = round trips + transfers + one client's seconds + the server's.
 
+- Q down in float32 against float64 (before), same run: the wall with Q's extra 4 bytes per
+  entry transferred, everything else equal;
+- the server's disk work per accepted masked upload, before (the running sum rewritten) and
+  after (the upload kept as received, and the JSON state that lists it): measured on the real
+  vector length and the round's real keys and shares; not in the wall (uploads overlap).
+
 The issue's target (issue 30): at K = 10 a secure round's wall time <= 2x a plain round's.
 Also per round the round's update down before and after (same sums, same run) it was cut to
 the public rank bound: formerly a dense-passed module's sum went beside an identity (the downlink
@@ -39,6 +45,7 @@ import argparse
 import itertools
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -61,7 +68,10 @@ from flora.common.secagg.graph import default_degree, default_threshold
 from flora.common.secagg.inprocess import _Runner, round_seed
 from flora.common.secagg.plan import RoundPlan, plan_round, sketch_bases, vector_length
 from flora.common.secagg.prg import MaskLabel, apply_masks
+from flora.common.secagg.server import ServerRound
+from flora.common.secagg.wire import sketch_size
 from flora.common.tables import format_table
+from flora.server.secure_state import AttemptFiles, Identity, encode_state
 
 MB = 1e6
 REVEAL_BYTES = 4 + shamir.SHARE_BYTES  # owner id + share, per revealed share
@@ -92,9 +102,32 @@ def unmasking_seconds(length: int, clients: int) -> float:
     return time.perf_counter() - clock
 
 
+def persistence_seconds(length: int, server: ServerRound, repeats: int = 3) -> dict[str, float]:
+    """The server's durable work per accepted masked upload of ``length`` entries (median of
+    ``repeats``), on this machine's disk. Before: the running sum copied and rewritten as
+    safetensors (``AttemptFiles.write_masked``: serialized, written, fsynced, renamed). After: the
+    upload's own bytes written as received (``write_upload``) and the state JSON that lists it
+    (``encode_state`` of the round's real keys and sealed shares, K clients listed)."""
+    clients = len(server.participants)
+    identity = Identity("bench", 1, 1, tuple(str(i) for i in range(clients)), bytes(32))
+    vector = np.random.default_rng(0).integers(0, 2**63, length, dtype=np.uint64)
+    listed = {i: "0" * 64 for i in range(clients)}
+    with tempfile.TemporaryDirectory(prefix="secagg-persist-") as folder:
+        files = AttemptFiles(Path(folder), 1, 1)
+
+        def after() -> None:
+            files.write_upload(1, 0, [vector])
+            files.write_state(encode_state(identity, server, None, {}, listed))
+
+        after()  # the folder made, caches warm for both
+        before = [timed(lambda: files.write_masked(identity, 1, [vector.copy()], range(clients)))[1] for _ in range(repeats)]
+        now = [timed(after)[1] for _ in range(repeats)]
+    return {"persist_before_s": statistics.median(before), "persist_after_s": statistics.median(now)}
+
+
 def key_stages(clients: int, passes: int) -> dict[str, float]:
     """Advertise and share for real over K clients: per-client seconds and bytes, the server's seconds,
-    and one client's seconds to open its inbox of sealed shares."""
+    and one client's seconds to open its inbox of sealed shares (and the server's state after sharing)."""
     degree = default_degree(clients)
     runner = _Runner(list(range(clients)), default_threshold(degree), round_seed(clients), passes, {}, degree, 1)
     runner.keys_and_shares()
@@ -102,7 +135,7 @@ def key_stages(clients: int, passes: int) -> dict[str, float]:
     clock = time.perf_counter()
     runner.clients[0].receive_shares(runner.inboxes[0])
     inbox_s = time.perf_counter() - clock
-    return {"degree": degree, "client_s": sum(out.client_seconds.values()) / clients + inbox_s,
+    return {"degree": degree, "server": runner.server, "client_s": sum(out.client_seconds.values()) / clients + inbox_s,
             "server_s": sum(out.server_seconds.values()),
             "up_B": sum(out.bytes_up.values()) / clients + passes * (degree + 1) * REVEAL_BYTES,
             "down_B": (sum(out.bytes_down.values()) + sum(s.nbytes for box in runner.inboxes.values() for s in box)) / clients}
@@ -144,9 +177,9 @@ def secure_side(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
     first, last_s = None, server_s
     if isinstance(step, Sketch):
         for k in sampled:
-            client_s[k] += timed(lambda k=k: _contribution(plan, 2, changes[k], step.q))[1]
+            client_s[k] += timed(lambda k=k: _contribution(plan, 2, changes[k], step.sent))[1]
         first = step
-        step, last_s = timed(lambda: server_step(plan, 2, _contribution(whole, 2, total, first.q), first))
+        step, last_s = timed(lambda: server_step(plan, 2, _contribution(whole, 2, total, first.sent), first))
         server_s += last_s
     downlink, downlink_s = timed(lambda: plan_downlink(step.delta.pairs))
     row = {"client_maths_s": statistics.median(client_s), "server_maths_s": server_s, "secure_downlink_s": downlink_s,
@@ -154,7 +187,7 @@ def secure_side(plan: RoundPlan, shapes: dict[str, tuple[int, int]], samples: in
     lengths = [vector_length(plan, s) for s in range(1, plan.passes + 1)]
     row["client_mask_s"] = sum(masking_seconds(n, degree + 1) for n in lengths)
     row["server_unmask_s"] = sum(unmasking_seconds(n, plan.clients) for n in lengths)
-    last = _contribution(whole, plan.passes, total, bases if first is None else first.q)
+    last = _contribution(whole, plan.passes, total, bases if first is None else first.sent)
     with mock.patch.object(finish, "_dense_pair", _former_dense_pair), mock.patch.object(finish, "_cut", _former_cut):
         former, former_s = timed(lambda: server_step(plan, plan.passes, last, first))  # the same sum, read as before
     former_downlink, former_downlink_s = timed(lambda: plan_downlink(former.delta.pairs))
@@ -185,8 +218,9 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
     log(f"{shape} K={clients}: {plan.passes} pass(es), {sum(m.dense for m in plan.modules)} dense modules")
     keys = key_stages(clients, plan.passes)
     secure = secure_side(plan, shapes, args.samples, int(keys["degree"]))
+    persist = persistence_seconds(max(vector_length(plan, s) for s in range(1, plan.passes + 1)), keys["server"])
     plain = plain_side(shapes, client_ranks)
-    q_bytes = 8 * sum(m.d_out * m.columns for m in plan.modules if not m.dense)
+    q_bytes = sketch_size(plan)  # float32 since the broadcast Q is rounded (before: 8 bytes per entry)
     up = keys["up_B"] + 8 * sum(vector_length(plan, s) for s in range(1, plan.passes + 1))
     down = keys["down_B"] + q_bytes + secure["down_update_B"]
     client_s = keys["client_s"] + secure["client_maths_s"] + secure["client_mask_s"]
@@ -195,6 +229,7 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
     rtt = args.rtt_ms / 1000
     plain_wall = 2 * rtt + per_byte * (plain["plain_up_B"] + plain["plain_down_B"]) + plain["plain_server_s"]
     secure_wall = (3 + 2 * plan.passes) * rtt + per_byte * (up + down) + client_s + server_s
+    former_wall = secure_wall + per_byte * q_bytes  # before: Q down in float64, twice its float32 bytes
     return {"shape": shape, "K": clients, "degree": keys["degree"], "passes": plan.passes,
             "dense": f"{sum(m.dense for m in plan.modules)}/{len(plan.modules)}",
             "up_MB": up / MB, "plain_up_MB": plain["plain_up_B"] / MB, "down_MB": down / MB,
@@ -204,10 +239,11 @@ def measure(shape: str, clients: int, ranks: list[int], args: argparse.Namespace
             "server_keys_s": keys["server_s"], "server_unmask_s": secure["server_unmask_s"],
             "server_maths_s": secure["server_maths_s"] + secure["secure_downlink_s"], "server_s": server_s,
             "plain_server_s": plain["plain_server_s"], "wall_s": secure_wall, "plain_wall_s": plain_wall,
-            "wall_ratio": secure_wall / plain_wall,
+            "wall_ratio": secure_wall / plain_wall, "q_before_MB": 2 * q_bytes / MB, "wall_before_s": former_wall,
+            "wall_ratio_before": former_wall / plain_wall,
             "update_down_MB": secure["down_update_B"] / MB,
             "update_down_before_MB": secure["down_update_before_B"] / MB,
-            "server_maths_before_s": secure["server_maths_before_s"]}
+            "server_maths_before_s": secure["server_maths_before_s"], **persist}
 
 
 COLUMNS = {
@@ -216,9 +252,13 @@ COLUMNS = {
     "seconds": ["shape", "K", "client_keys_s", "client_maths_s", "client_mask_s", "client_s", "server_keys_s",
                 "server_unmask_s", "server_maths_s", "server_s", "plain_server_s"],
     "wall, excluding training": ["shape", "K", "wall_s", "plain_wall_s", "wall_ratio"],
+    "Q down in float64 (before) / float32 (after), same run": [
+        "shape", "K", "q_before_MB", "q_MB", "wall_before_s", "wall_s", "wall_ratio_before", "wall_ratio"],
     "the round's update down, before / after the cut to the rank bound": [
         "shape", "K", "dense", "update_down_before_MB", "update_down_MB", "plain_down_MB", "server_maths_before_s",
         "server_maths_s"],
+    "the server's disk work per accepted masked upload (s), before / after (not in the wall: uploads overlap)": [
+        "shape", "K", "up_MB", "persist_before_s", "persist_after_s"],
 }
 
 

@@ -88,6 +88,19 @@ def range_basis(y: Tensor) -> Tensor:
     return torch.linalg.qr(y, mode="reduced").Q  # (d_out, m)
 
 
-def assemble(q: Tensor, p: Tensor) -> LoraPair:
-    """The result Q P^T as LoRA factors of rank m (b = Q, a = P^T), for the downlink to refactor."""
-    return LoraPair(a=p.T.contiguous(), b=q)
+def broadcast_basis(q: Tensor) -> Tensor:
+    """Q as it is broadcast between the passes: rounded to float32 (half the bytes of float64 on
+    the wire), held as float64 values, the very numbers every client computes pass 2 with. Its
+    span differs from Q's by about float32's epsilon; ``assemble`` undoes that exactly."""
+    return q.to(torch.float32).to(torch.float64)
+
+
+def assemble(q: Tensor, p: Tensor, sent: Tensor | None = None) -> LoraPair:
+    """The result as LoRA factors of rank m (b = Q), for the downlink to refactor, from P computed
+    with ``sent`` (default Q itself): P^T = sent^T D, and D = Q Q^T D because D's range lies in
+    Q's span, so Q^T D = (sent^T Q)^-1 P^T and a is that. For the float32 broadcast Q
+    (``broadcast_basis``) sent^T Q is the identity to float32's precision, and the solve takes the
+    rounding out exactly: the result is D to float64 round-off, as with Q sent in float64 (where
+    it is P^T)."""
+    sent = q if sent is None else sent
+    return LoraPair(a=torch.linalg.solve(sent.T @ q, p.T.to(q.dtype)).contiguous(), b=q)

@@ -179,6 +179,8 @@ class Coordinator:
         log.info("client %s (%s) %s: rank %d, alpha %g, %d examples, %s", client.name, client.id,
                  "rejoined" if returning else "joined", client.rank, client.alpha, client.num_examples, client.device or "?")
         self.machine.joined(client.id, now)
+        if returning is not None:  # a new process: it holds none of an open secure attempt's secrets
+            self._secure_gone(client.id)
         self.driver.advance()
         return pb.JoinReply(client_id=client.id, client_token=token, run=self.spec, global_version=self.machine.version)
 
@@ -279,8 +281,14 @@ class Coordinator:
         self.store.set_left(client_id)  # stored first: a full disk leaves memory as the database has it
         self.machine.left(client_id)
         self.clients[client_id] = replace(self.clients[client_id], left=True)
+        self._secure_gone(client_id)
         self.driver.advance()  # the round may have been waiting only for this client
         self.driver.notify()
+
+    def _secure_gone(self, client_id: str) -> None:
+        """Tell an open secure attempt that ``client_id`` will answer no step of it (no deadline waited)."""
+        if self.driver.secure is not None:
+            self.driver.secure.gone(client_id)
 
     # --- Status ---------------------------------------------------------------------------------------
 
@@ -440,7 +448,7 @@ class Coordinator:
             if self._recorded(client_id, header) or not self._allowed_once(client_id, header):
                 return secagg_pb2.SecureReply(accepted=True, message=f"keys already recorded for round {header.round}")
             secure.advertise(client_id, self.machine.current, request)
-            final = self.layout.update(header.round, client_id, header.sha256)
+            final = self.layout.keys(header.round, client_id, header.sha256)
             await asyncio.to_thread(_publish_keys, self.layout.tmp, request.keys.SerializeToString(), final)
             self._record(client_id, header, final)
         return secagg_pb2.SecureReply(accepted=True, message=f"keys recorded for round {header.round}")

@@ -82,6 +82,13 @@ class Layout:
             raise ValueError("client id and sha256 must be lowercase hex")
         return self.root / "updates" / f"r{round_number:06d}" / f"{client_id}.{sha256}.safetensors"
 
+    def keys(self, round_number: int, client_id: str, sha256: str) -> Path:
+        """Final place of a secure round's advertised public keys (protobuf ``PublicKeys``, not
+        safetensors), where a plain round keeps the update. The path is recorded with the
+        submission and read from there, so a state saved under the former ``.safetensors`` name
+        resumes as it is."""
+        return self.update(round_number, client_id, sha256).with_suffix(".keys")
+
     def global_artifact(self, version: int) -> Path:
         """The global LoRA a method keeps at a version (artifact kind "lora"); a flora state directory
         of the stacked format (before the canonical downlink) kept its stacked global adapters here."""

@@ -16,8 +16,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from flora.server.aggregator import Aggregator, RoundOutput
 from flora.server.config import ServerSettings
@@ -33,6 +33,7 @@ from flora.server.wakeups import Signal
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 TICK_S = 0.25  # how often deadlines and client timeouts are looked at
 _RETRY_MAX_S = 60.0
 
@@ -100,8 +101,10 @@ class RoundDriver:
 
     async def released(self, number: int, attempt: int) -> None:
         """Write-ahead, before a secure attempt sends its clients Q = orth(Y + N1): record that noisy
-        pass durably and count it (server/dp_releases.py). Raises when it cannot be recorded: Q then
-        stays with the server."""
+        pass durably and count it (server/dp_releases.py). Q stays with the server until then: a
+        full disk is waited out here (the attempt goes on once there is space, instead of failing
+        and making every client train again); any other failure raises, and the attempt fails
+        without sending Q."""
         current, budget = self.machine.current, self.privacy
         if budget is None or current is None or (current.number, current.attempt) != (number, attempt):
             raise RuntimeError(f"round {number} attempt {attempt}: a noisy pass to release outside the current "
@@ -111,7 +114,7 @@ class RoundDriver:
             entry = budget.release_of(number, attempt, current.population, current.sampled, time.time())
             return record_release(self.layout.dp_releases, entry)
 
-        budget.add_release(await asyncio.to_thread(record))
+        budget.add_release(await self._patiently(number, "recording its released first pass", record))
         log.info("round %d attempt %d: its noisy first pass (Q) goes to the clients; recorded as released: epsilon "
                  "%.4g spent (it stays spent if this attempt does not commit)", number, attempt, budget.spent)
 
@@ -278,15 +281,12 @@ class RoundDriver:
                     return
         now = time.time()
         closed, bytes_out = self._reasons.pop(number, ""), self.bytes_out
-        while True:
-            try:  # in a thread: a record of every client and a durable commit are blocking work
-                record = await asyncio.to_thread(self._commit, number, attempt, submissions, output, now, (closed, bytes_out))
-                break
-            except Exception as error:  # noqa: BLE001
-                if not is_resource_failure(error):
-                    log.exception("round %d: committing the aggregate failed; restart the server to aggregate it again", number)
-                    return
-                await self._wait_to_retry(number, "committing", error)
+        try:  # in a thread: a record of every client and a durable commit are blocking work
+            record = await self._patiently(number, "committing", lambda: self._commit(
+                number, attempt, submissions, output, now, (closed, bytes_out)))
+        except Exception:  # noqa: BLE001
+            log.exception("round %d: committing the aggregate failed; restart the server to aggregate it again", number)
+            return
         if self.privacy is not None:
             self.privacy.committed(record)
         # Derived files before anyone can see the new version: its history line is then on disk.
@@ -296,6 +296,16 @@ class RoundDriver:
         except OSError:
             log.exception("round %d: writing history.jsonl failed; it is rewritten at the next commit or start", number)
         self._advance_to(number, len(submissions), output, now)
+
+    async def _patiently(self, number: int, what: str, blocking: Callable[[], T]) -> T:
+        """``blocking()`` in a thread, its resource failures (a full disk) waited out; others raise."""
+        while True:
+            try:
+                return await asyncio.to_thread(blocking)
+            except Exception as error:  # noqa: BLE001
+                if not is_resource_failure(error):
+                    raise
+                await self._wait_to_retry(number, what, error)
 
     async def _wait_to_retry(self, number: int, what: str, error: Exception) -> None:
         """Sleep out a resource failure with backoff (1 s doubling to 60 s), each one logged."""

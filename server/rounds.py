@@ -9,7 +9,10 @@ events) before acting on it. The rules are those of protos/PROTOCOL.md, "Rounds"
   accepted update for the round), and selects participants with a generator seeded by
   (run seed, round, attempt), always keeping clients whose update is already accepted;
 - under differential privacy (``RoundPolicy.fresh_attempts``) every attempt is a uniform sample
-  without replacement of the eligible clients, as the accountant assumes: an abandoned attempt
+  without replacement of the eligible clients, as the accountant assumes, drawn from the
+  operating system's secret randomness rather than the run seed (amplification by sampling holds
+  only when nobody can recompute who was sampled; the selection is persisted, so a restart needs
+  no reproducible draw): an abandoned attempt
   drops its accepted updates instead of keeping them, and a round whose release would pass the
   privacy budget (``RoundMachine.gate``) does not open: the run ends (``Ended``);
 - it closes when every selected client has submitted, or at its deadline when the quorum has
@@ -414,8 +417,7 @@ class RoundMachine:
         if refusal is not None:
             return self._end(refusal)
         current.attempt += 1
-        rng = random.Random(f"flora-selection:{self.policy.seed}:{current.number}:{current.attempt}")
-        chosen = rng.sample(candidates, count)
+        chosen = self._sampler(current.number, current.attempt).sample(candidates, count)
         current.selected = frozenset(kept | set(chosen))
         current.population, current.sampled = len(candidates) + len(kept), len(current.selected)
         current.deadline = now + self.policy.deadline_s
@@ -424,6 +426,12 @@ class RoundMachine:
         return Opened(Round(current.number, current.attempt, current.state, current.selected,
                             current.deadline, current.quorum, dict(current.accepted),
                             population=current.population, sampled=current.sampled))
+
+    def _sampler(self, number: int, attempt: int) -> random.Random:
+        """The seeded generator of this attempt's selection, or under DP a secret one."""
+        if self.policy.fresh_attempts:
+            return random.SystemRandom()
+        return random.Random(f"flora-selection:{self.policy.seed}:{number}:{attempt}")
 
     def _end(self, reason: str) -> Ended:
         """Finish the run at the committed version: no round after it opens."""

@@ -45,11 +45,13 @@ class Attempt:
     resumed: asyncio.Event = field(default_factory=asyncio.Event)  # set while the current step is handed out
     downloads: dict[tuple[int, int], Payload] = field(default_factory=dict)  # the open MASK step's, by (index, kind)
     streams: set[int] = field(default_factory=set)  # clients with a SubmitMasked stream in progress
+    uploads: dict[int, str] = field(default_factory=dict)  # the open MASK step's kept uploads: client -> sha256
+    gone: set[int] = field(default_factory=set)  # clients known gone (left, removed, joined again): asked nothing more
 
     @classmethod
     def fresh(cls, folder: Path, identity: Identity, server: ServerRound) -> Attempt:
         """A new attempt; the files of every other attempt go (nothing can resume them any more)."""
-        saved = SavedAttempt(folder, identity, lambda: att.server, lambda: att.counters())
+        saved = SavedAttempt(folder, identity, lambda: att.server, lambda: att.counters(), lambda: att.uploads)
         att = cls(identity.number, identity.attempt, identity.ids, identity.seed, server, saved)
         att.resumed.set()
         remove_others(folder, saved.files)
@@ -69,6 +71,8 @@ class Attempt:
                      "its stored advertisements", self.number, self.attempt)
         else:
             self.server, self.bundles, self.inboxes = restored.server, restored.bundles, restored.inboxes
+            self.uploads = restored.uploads
+            self.saved.files.remove_unlisted(self.server.stage, self.uploads)  # a crash may have left others
             self.sketch, self.survivors, self.saved.plan = restored.sketch, restored.survivors, restored.plan
             for name in ("bytes_up", "bytes_down", "seconds"):
                 getattr(self, name).update(restored.counters.get(name, {}))
@@ -94,6 +98,15 @@ class Attempt:
             if not steps:
                 done.set()
         return step
+
+    def release(self, index: int) -> bool:
+        """Client ``index`` is known gone: no step waits for it any more (True when one was open for it)."""
+        self.gone.add(index)
+        if self.steps.pop(index, None) is None:
+            return False
+        if not self.steps:
+            self.done.set()
+        return True
 
     def counters(self) -> dict[str, dict[str, float]]:
         return {"bytes_up": dict(self.bytes_up), "bytes_down": dict(self.bytes_down), "seconds": dict(self.seconds)}

@@ -14,7 +14,8 @@ layer (``plan_round``, ``server_step``) turns the unmasked sums into the method'
   ``write_round``: the downlink and persistence are those of a plain round.
 
 What the server holds at any time: public keys, ciphertexts it cannot open, the running sum of
-the masked vectors of the stage, and the unmasked sums. A client that shares its keys but sends
+the masked vectors of the stage (and, on disk while the stage's MASK step is open, each accepted
+masked upload as received: masked, so nothing of one client), and the unmasked sums. A client that shares its keys but sends
 no masked input in stage 1 is recovered from its neighbours' shares, and the round is over the
 survivors (``_passes``); a restart resumes the attempt from what ``secure_state`` saved. Under
 differential privacy the clients also clip to dp_clip_norm and the server adds the release's noise
@@ -153,6 +154,17 @@ class SecureRounds:
             raise refusal(error) from None
         att.bytes_up["advertise"] += request.ByteSize()
 
+    def gone(self, client_id: str) -> None:
+        """A client that advertised keys in this attempt is known gone: it left or was removed, or it
+        joined again (a new process holds none of the attempt's secrets). The open step closes as
+        soon as every other client asked has answered, and no later step asks it: a dropout the
+        server knows of costs no deadline. (Before it advertised, a rejoined client trains again.)"""
+        att = self._attempt
+        if att is None or client_id not in att.ids or att.ids.index(client_id) not in att.server.adverts:
+            return
+        if att.release(att.ids.index(client_id)):
+            log.info("round %d: client %s is gone; the secure step no longer waits for it", att.number, client_id)
+
     # --- the steps after the round closed ---------------------------------------------------------
 
     def task_for(self, client_id: str) -> sa.SecureTask | None:
@@ -206,28 +218,59 @@ class SecureRounds:
             raise Unavailable("SubmitMasked: another stream of this client is in progress; retry once it ended")
         att.streams.add(index)
         closes = att.steps[index].deadline_unix_ms / 1000  # a stalled stream holds the step's buffer no longer
-        try:
-            async with asyncio.timeout(max(0.0, closes - time.time())):
-                vectors = await masked_vectors(header, messages, att.server.lengths)
-        except TimeoutError:
-            raise FailedPrecondition(f"secure aggregation: stage {header.stage}'s MASK step closed at its deadline "
-                                     "during the upload") from None
+        try:  # the client's stream counts as in progress until its upload is kept and added
+            try:
+                async with asyncio.timeout(max(0.0, closes - time.time())):
+                    vectors = await masked_vectors(header, messages, att.server.lengths)
+            except TimeoutError:
+                raise FailedPrecondition(f"secure aggregation: stage {header.stage}'s MASK step closed at its deadline "
+                                         "during the upload") from None
+            message = MaskedInput(index, att.number, header.stage, vectors)
+            self._take(att, client_id, header, att.server.check_masked, message)
+            await att.saved.save_upload(header.stage, index, vectors)  # kept durably as received before it counts
+            try:
+                self._take(att, client_id, header, att.server.receive_masked, message)  # the step may have closed meanwhile
+            except FailedPrecondition:  # not counted: its file goes (the step's own deletion may have run already)
+                await att.saved.forget_upload(header.stage, index)
+                raise
         finally:
             att.streams.discard(index)
-        if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:  # the step closed meanwhile
+        att.uploads[index] = header.sha256  # the state that lists it is saved before the acknowledgement
+        return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.state)
+
+    def _take(self, att: Attempt, client_id: str, header: sa.MaskedHeader, receive: Callable[[MaskedInput], None],
+              message: MaskedInput) -> None:
+        """``receive`` (check or add) a masked input, refused when the caller's MASK step of this attempt closed."""
+        if self._asked(client_id, "mask", header.round, header.stage)[0] is not att:
             raise FailedPrecondition(f"secure aggregation: round {header.round}'s attempt changed during the upload")
         try:
-            att.server.receive_masked(MaskedInput(index, att.number, header.stage, vectors))
+            receive(message)
         except SecAggError as error:
             raise refusal(error) from None
-        return await self._answered(att, index, "mask", header.ByteSize() + header.total_bytes, att.saved.masked)
 
     def fetch(self, client_id: str, request: sa.FetchSecureRequest) -> Iterator[transfer_pb2.Chunk]:
-        """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset."""
-        att, index = self._asked(client_id, "mask", request.round, request.stage)
-        for chunk in payload_chunks(att.downloads.get((index, request.kind)), request, self.settings.chunk_size):
-            att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
+        """A FetchSecure stream: a payload of the caller's open MASK step, from the request's offset.
+
+        Each chunk is cut from the payload the open step holds when the chunk is sent, and nothing
+        but that chunk is held between two: a stalled stream keeps neither Q nor its attempt alive,
+        and it ends (FAILED_PRECONDITION) once the step closed or its payload changed."""
+        offset, sha256 = request.offset, None
+        while True:
+            chunk = self._next_chunk(client_id, request, offset)
+            if sha256 not in (None, chunk.sha256):
+                raise FailedPrecondition(f"secure aggregation: stage {request.stage}'s payload changed during the fetch")
+            offset, sha256 = offset + len(chunk.data), chunk.sha256
             yield chunk
+            if offset >= chunk.total_bytes:  # the last piece (an empty payload's, or a resume at its end: one empty piece)
+                return
+
+    def _next_chunk(self, client_id: str, request: sa.FetchSecureRequest, offset: int) -> transfer_pb2.Chunk:
+        """The chunk at ``offset`` of the caller's open MASK step's payload."""
+        att, index = self._asked(client_id, "mask", request.round, request.stage)
+        at = sa.FetchSecureRequest(round=request.round, stage=request.stage, kind=request.kind, offset=offset)
+        chunk = next(iter(payload_chunks(att.downloads.get((index, request.kind)), at, self.settings.chunk_size)))
+        att.bytes_down[f"mask{request.stage}"] += len(chunk.data)
+        return chunk
 
     async def unmask(self, client_id: str, request: sa.UnmaskRequest) -> sa.SecureReply:
         att, index = await self._answer(client_id, "unmask", request.round, request.stage)
@@ -246,8 +289,8 @@ class SecureRounds:
         deadline = time.time() + self.settings.secure_stage_deadline_s
         for task in tasks.values():
             task.round, task.deadline_unix_ms = att.number, int(deadline * 1000)
-        att.steps, att.done = dict(tasks), asyncio.Event()
-        if not tasks:
+        att.steps, att.done = {i: t for i, t in tasks.items() if i not in att.gone}, asyncio.Event()
+        if not att.steps:
             att.done.set()
         att.resumed.set()
         self.notify()
@@ -321,7 +364,10 @@ class SecureRounds:
         noise = Noise(self.settings.dp_noise_multiplier, secret_generator()) if self.settings.dp_enabled else None
         for stage in range(server.stage + (server.phase == "open"), plan.passes + 1):
             if server.phase == "open":
+                if stage > 1:  # pass 1's Q and survivors before the state that says pass 2 is open
+                    await att.saved.save_sketch(sketch, survivors)
                 server.open_stage(stage, (vector_length(plan, stage),))
+                att.uploads = {}
                 await att.saved.state.flush()
             request = MaskRequest(server.round_id, stage, tuple(sorted(server.active)), server.lengths)
             if set(request.active) != survivors:
@@ -334,9 +380,11 @@ class SecureRounds:
                 await self._step(att, {i: sa.SecureTask(mask=self._mask_step(request, plan, stage, att.downloads, i))
                                        for i in request.active if i not in server.masked_from}, f"mask{stage}")
                 att.downloads = {}
-                server.close_masked()
-                await att.saved.masked.flush()  # the sum the unmask request is for, then the request
-                await att.saved.state.flush()
+                await att.saved.masked.flush()  # the sum the unmask request is for, then the request; a
+                server.close_masked()           # full disk here: the retried attempt closes the step again
+                att.uploads = {}
+            await att.saved.state.flush()  # past the MASK step (again in a retry: a full disk may have stopped it)
+            await att.saved.drop_uploads(stage)  # the sum holds them now
             unmask = server.request
             if unmask.dropped and stage > 1:
                 raise SecAggError("survivors", f"{len(unmask.dropped)} client(s) sent no masked input in stage {stage}; "
@@ -350,11 +398,10 @@ class SecureRounds:
             over, summed = _over_survivors(plan, planned, survivors, unmasked.sums[0])
             step = await asyncio.to_thread(server_step, over, stage, summed, sketch, self.aggregator.precision, noise)
             result, sketch = (None, step) if isinstance(step, Sketch) else (step, sketch)
-            if result is None:  # pass 2 is next: its Q and survivors before the state that says so
+            if result is None:  # pass 2 is next, with this Q
                 if noise is not None and self.released is not None:  # first: Q = orth(Y + N1) is a release
                     await self.released(att.number, att.attempt)
-                await att.saved.save_sketch(sketch, survivors)
-                await att.saved.state.flush()
+                att.sketch, att.survivors = sketch, survivors  # a retry of the attempt (a full disk) goes on with it
         if unmask.dropped:
             log.warning("round %d: %d client(s) dropped after sharing; recovered, the round is over %d survivors",
                         att.number, len(unmask.dropped), len(survivors))

@@ -5,12 +5,22 @@ ciphertexts it cannot open, the running sum of the open stage's masked inputs (w
 contributed to it), the reveals of the unmask step, and after pass 1 the sketch Q and the dense
 modules' sums (sums of every survivor, never one client's). All of it is written here before the
 server acts on it (a step is handed out, an answer acknowledged), each file through a temporary
-file, fsync and rename, in three files per attempt under ``<state_dir>/secure/``:
+file, fsync and rename, in these files per attempt under ``<state_dir>/secure/``:
 
-    r000003-a1.json               the protocol state: keys, sealed shares, stage, the unmask
-                                  request and the reveals, the announced plan (JSON, bytes as hex)
-    r000003-a1.masked.safetensors the open stage's masked sum (uint64) and its contributors
+    r000003-a1.json               the protocol state: keys, sealed shares, stage, the masked
+                                  uploads accepted in the open MASK step (client and sha256), the
+                                  unmask request and the reveals, the announced plan (JSON, bytes
+                                  as hex)
+    r000003-a1.s1-c4.masked       client 4's masked upload of stage 1 as received (uint64
+                                  little-endian), kept while stage 1's MASK step is open
+    r000003-a1.masked.safetensors the closed MASK step's masked sum (uint64) and its contributors
     r000003-a1.sketch.safetensors pass 1's Q and dense sums, and pass 1's survivors
+
+An accepted masked upload costs one write of its own bytes (then an addition into the sum in
+memory, and the small JSON that lists it); the running sum is written once, when the step
+closes, and the uploads are deleted once the state that says so is saved. A restart in a MASK
+step re-adds the listed uploads, each checked against its recorded sha256, and deletes any
+other kept upload a crash left (one never listed, or a closed step's not yet deleted).
 
 A restart rebuilds the ``ServerRound`` by replaying the keys, shares and reveals through its own
 ``receive_*`` checks, so a damaged file is refused as a hostile message would be (``Untrusted``),
@@ -21,6 +31,7 @@ for the same kind of share it was asked for before the restart, never the other 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -38,7 +49,7 @@ from flora.common.chunks import fsync_dir, write_atomic
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
 from flora.common.secagg.messages import (
-    AdvertiseKeys, EncryptedShare, KeyBundle, RevealedShare, ShareKeys, UnmaskResponse,
+    AdvertiseKeys, EncryptedShare, KeyBundle, MaskedInput, RevealedShare, ShareKeys, UnmaskResponse,
 )
 from flora.common.secagg.server import ServerRound
 from flora.common.secagg.wire import keys_digest
@@ -69,6 +80,7 @@ class Restored:
     """A saved attempt rebuilt: the protocol state and what its steps hand out again."""
 
     server: ServerRound
+    uploads: dict[int, str]  # the open MASK step's accepted uploads (client -> sha256), re-added
     bundles: dict[int, KeyBundle]
     inboxes: dict[int, tuple[EncryptedShare, ...]]
     plan: dict[str, Any] | None  # the public plan announced with stage 1, as saved
@@ -78,13 +90,35 @@ class Restored:
 
 
 class AttemptFiles:
-    """The three files of one attempt (blocking I/O: call the writers from a worker thread)."""
+    """The files of one attempt (blocking I/O: call the writers from a worker thread)."""
 
     def __init__(self, folder: Path, number: int, attempt: int) -> None:
         self.folder = folder
-        stem = f"r{number:06d}-a{attempt}"
-        self.state, self.masked, self.sketch = (folder / f"{stem}{suffix}" for suffix in
+        self.stem = f"r{number:06d}-a{attempt}"
+        self.state, self.masked, self.sketch = (folder / f"{self.stem}{suffix}" for suffix in
                                                 (".json", ".masked.safetensors", ".sketch.safetensors"))
+
+    def upload(self, stage: int, client: int) -> Path:
+        """Where client ``client``'s accepted masked upload of ``stage`` is kept."""
+        return self.folder / f"{self.stem}.s{stage}-c{client}.masked"
+
+    def write_upload(self, stage: int, client: int, vectors: Sequence[np.ndarray]) -> None:
+        """The upload's bytes as received (its vectors' uint64 entries, little-endian, in order)."""
+        data = vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
+        write_atomic(self.upload(stage, client), memoryview(data.astype("<u8", copy=False)).cast("B"), 0o600)
+
+    def remove_uploads(self, stage: int) -> None:
+        """Delete ``stage``'s kept uploads (its sum is saved: they are no longer needed)."""
+        for path in self.folder.glob(f"{self.stem}.s{stage}-c*.masked"):
+            path.unlink(missing_ok=True)
+
+    def remove_unlisted(self, stage: int, listed: Collection[int]) -> None:
+        """At a resume: delete every kept upload the saved state does not list (``listed``: the
+        open MASK step's clients), and the temporary files of writes a crash interrupted."""
+        keep = {self.upload(stage, c) for c in listed}
+        for path in [*self.folder.glob(f"{self.stem}.s*-c*.masked"), *self.folder.glob(f".{self.stem}.s*-c*.masked.*.tmp")]:
+            if path not in keep:
+                path.unlink(missing_ok=True)
 
     def write_state(self, document: bytes) -> None:
         if not self.folder.exists():  # the first write of a state directory's first secure round
@@ -107,7 +141,7 @@ def remove_others(folder: Path, keep: AttemptFiles) -> None:
     """Delete every saved attempt but ``keep``'s (a new attempt makes the older ones useless)."""
     if folder.is_dir():
         for path in folder.iterdir():
-            if path not in (keep.state, keep.masked, keep.sketch):
+            if not path.name.startswith(f"{keep.stem}."):
                 path.unlink(missing_ok=True)
 
 
@@ -140,12 +174,14 @@ def _header(identity: Identity) -> dict[str, str]:
 
 
 def encode_state(identity: Identity, server: ServerRound, plan: dict[str, Any] | None,
-                 counters: dict[str, dict[str, float]]) -> bytes:
-    """The ``ServerRound``'s state but the masked sum (its own file): nothing a client sent in clear."""
+                 counters: dict[str, dict[str, float]], uploads: dict[int, str] | None = None) -> bytes:
+    """The ``ServerRound``'s state but the masked uploads and sum (their own files): nothing a
+    client sent in clear. ``uploads``: the open MASK step's accepted uploads, client -> sha256."""
     request = server.request
     return json.dumps({
         **_header(identity), "stages": server.stages, "threshold": server.threshold, "degree": server.degree,
         "phase": server.phase, "stage": server.stage, "active": sorted(server.active), "lengths": list(server.lengths),
+        "uploads": sorted([c, d] for c, d in (uploads or {}).items()),
         "adverts": [[a.client, a.channel_key.hex(), [k.hex() for k in a.mask_keys]] for a in server.adverts.values()],
         "sealed": [[s.sender, [[e.receiver, e.ciphertext.hex()] for e in s.shares]] for s in server.sealed.values()],
         "request": None if request is None else [request.stage, list(request.survivors), list(request.dropped)],
@@ -190,7 +226,7 @@ def _replay(doc: dict[str, Any], files: AttemptFiles, identity: Identity) -> Res
                          doc["degree"])
     for client, channel, masks in doc["adverts"]:
         server.receive_keys(AdvertiseKeys(int(client), number, bytes.fromhex(channel), tuple(bytes.fromhex(k) for k in masks)))
-    restored = Restored(server, {}, {}, doc.get("plan"), None, None, doc.get("counters") or {})
+    restored = Restored(server, {}, {}, {}, doc.get("plan"), None, None, doc.get("counters") or {})
     if phase == "advertise":
         return restored
     restored.bundles = server.close_keys()
@@ -213,9 +249,10 @@ def _replay(doc: dict[str, Any], files: AttemptFiles, identity: Identity) -> Res
         return restored
     server.stage = stage - 1
     server.open_stage(stage, [int(n) for n in doc["lengths"]])
-    _load_masked(files, identity, server)
     if phase == "mask":
+        restored.uploads = _readd_uploads(files, server, doc["uploads"])
         return restored
+    _load_masked(files, identity, server)
     request = server.close_masked()
     if doc["request"] != [request.stage, list(request.survivors), list(request.dropped)]:
         raise Untrusted(f"{files.state.name}: the saved unmask request is not the one the saved masked sum gives")
@@ -225,8 +262,23 @@ def _replay(doc: dict[str, Any], files: AttemptFiles, identity: Identity) -> Res
     return restored
 
 
+def _readd_uploads(files: AttemptFiles, server: ServerRound, listed: Sequence[Sequence]) -> dict[int, str]:
+    """The open MASK step's accepted uploads added again through the protocol's own checks, each
+    file held to the sha256 recorded when it was accepted."""
+    uploads = {}
+    for client, digest in listed:
+        path = files.upload(server.stage, int(client))
+        data = path.read_bytes() if path.exists() else b""
+        if hashlib.sha256(data).hexdigest() != digest or len(data) != 8 * sum(server.lengths):
+            raise Untrusted(f"{path.name} is missing or not the upload accepted from client {client}")
+        vectors = np.split(np.frombuffer(data, dtype="<u8").astype(np.uint64), np.cumsum(server.lengths)[:-1])
+        server.receive_masked(MaskedInput(int(client), server.round_id, server.stage, tuple(vectors)))
+        uploads[int(client)] = digest
+    return uploads
+
+
 def _load_masked(files: AttemptFiles, identity: Identity, server: ServerRound) -> None:
-    """The open stage's running sum; none saved for this stage means no masked input was acknowledged yet."""
+    """The closed MASK step's sum; none saved for this stage means no masked input was acknowledged."""
     if not files.masked.exists():
         return
     data = files.masked.read_bytes()
@@ -299,21 +351,22 @@ def plan_record(plan: Any) -> dict[str, Any]:
 
 
 class SavedAttempt:
-    """What one attempt writes and when: its state, the open stage's masked sum, pass 1's sketch.
+    """What one attempt writes and when: its state, each accepted masked upload, a closed MASK
+    step's sum, pass 1's sketch.
 
-    ``server`` and ``counters`` are read at each snapshot (the attempt's live objects).
+    ``server``, ``counters`` and ``uploads`` are read at each snapshot (the attempt's live objects).
     """
 
     def __init__(self, folder: Path, identity: Identity, server: Callable[[], ServerRound],
-                 counters: Callable[[], dict[str, dict[str, float]]]) -> None:
+                 counters: Callable[[], dict[str, dict[str, float]]], uploads: Callable[[], dict[int, str]]) -> None:
         self.identity, self.files = identity, AttemptFiles(folder, identity.number, identity.attempt)
-        self._server, self._counters = server, counters
+        self._server, self._counters, self._uploads = server, counters, uploads
         self.plan: dict[str, Any] | None = None
         self.state = GroupCommit(self._state_write)
         self.masked = GroupCommit(self._masked_write)
 
     def _state_write(self) -> Callable[[], None]:
-        document = encode_state(self.identity, self._server(), self.plan, self._counters())
+        document = encode_state(self.identity, self._server(), self.plan, self._counters(), self._uploads())
         return lambda: self.files.write_state(document)
 
     def _masked_write(self) -> Callable[[], None]:
@@ -321,8 +374,20 @@ class SavedAttempt:
         sums, contributors, stage = [s.copy() for s in server.masked_sum], sorted(server.masked_from), server.stage
         return lambda: self.files.write_masked(self.identity, stage, sums, contributors)
 
+    async def save_upload(self, stage: int, client: int, vectors: Sequence[np.ndarray]) -> None:
+        """A masked upload as received, before it is added to the sum (blocking write in a thread)."""
+        await asyncio.to_thread(self.files.write_upload, stage, client, vectors)
+
+    async def forget_upload(self, stage: int, client: int) -> None:
+        """A kept upload that was not counted after all (its step closed while it was written)."""
+        await asyncio.to_thread(self.files.upload(stage, client).unlink, missing_ok=True)
+
+    async def drop_uploads(self, stage: int) -> None:
+        """``stage``'s uploads, once its sum and the state past its MASK step are saved."""
+        await asyncio.to_thread(self.files.remove_uploads, stage)
+
     async def save_sketch(self, sketch: Sketch, survivors: frozenset[int]) -> None:
-        """Pass 1's result, before the state that says pass 2 is next."""
+        """Pass 1's result, before the state that says pass 2 is open (once recorded as released under DP)."""
         await asyncio.to_thread(self.files.write_sketch, self.identity, sketch, survivors)
 
     def announce(self, plan: Any) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -127,3 +128,30 @@ def relative_error(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Ten
     diff = math.fsum(float(((got[n] - want[n]) ** 2).sum()) for n in want)
     norm = math.fsum(float((w ** 2).sum()) for w in want.values())
     return math.sqrt(diff / norm)
+
+
+def clear_values(dump: Path, key: str, names: Iterable[str]) -> tuple[dict[str, np.ndarray], list[np.ndarray], int]:
+    """What each client alone knows of the attempt ``key`` (its B, D = s B A, D^T, and its pass
+    vectors Y and P with their module blocks), the sums (and Q) the server may hold, the scale bits.
+    Not A: a fresh start's A is the run's seeded init, every client's rows the same."""
+    clear, stages = {}, {}
+    for name in names:
+        client = trained(dump, name, key)
+        for module, (a, b) in client.pairs.items():
+            d = client.scaling * b.double() @ a.double()
+            clear.update({f"{name} B {module}": b.numpy(), f"{name} D {module}": d.numpy(),
+                          f"{name} D^T {module}": d.T.contiguous().numpy()})
+        for stage in (1, 2):
+            with np.load(dump / f"{name}-{key}-s{stage}.npz", allow_pickle=False) as saved:
+                values = {k: saved[k] for k in saved.files}
+            stages.setdefault(stage, []).append(values)
+            label = "Y" if stage == 1 else "P"
+            clear.update({f"{name} {label}{k[len('vector'):] or ''}": v for k, v in values.items()
+                          if k == "vector" or k.startswith("block")})
+    allowed = []
+    for stage, per_client in stages.items():
+        for part in (k for k in per_client[0] if k == "vector" or k.startswith("block")):
+            allowed.append(sum(values[part] for values in per_client))
+        allowed += [v for k, v in per_client[0].items() if k.startswith("q.")]
+    bits = int(stages[1][0]["bits"][0])
+    return clear, allowed, bits

@@ -36,6 +36,7 @@ def test_secagg_round_smoke_compares_secure_and_plain_and_the_dense_downlink_mat
     for row in rows:
         assert row["up_MB"] > row["plain_up_MB"] > 0 and row["wall_s"] > 0 and row["plain_wall_s"] > 0
         assert row["client_s"] >= row["client_mask_s"] > 0 and row["server_s"] >= row["server_unmask_s"] > 0
+        assert row["persist_before_s"] > 0 and row["persist_after_s"] > 0
     dense = rows[1]  # its sum reaches the downlink as plain's stack does, no longer as the dense matrix
     assert dense["update_down_MB"] == dense["plain_down_MB"] < dense["update_down_before_MB"]
     assert "target at K = 10 (256)" in result.stdout and "| wall_s" in result.stdout

@@ -85,6 +85,19 @@ def test_a_dp_round_samples_uniformly_and_records_the_sample():
     assert (opened.round.population, opened.round.sampled, len(opened.round.selected)) == (5, 2, 2)
 
 
+def test_a_dp_sample_cannot_be_recomputed_from_the_run_seed():
+    """Amplification by sampling needs a sample nobody can recompute: under DP the same seed,
+    round and attempt must not give the same selection (20 choose 3: ten equal draws by chance
+    have probability 1140^-9)."""
+    clients = [f"c{i:02d}" for i in range(20)]
+    picks = set()
+    for _ in range(10):
+        machine = machine_with(clients, selection=Selection("count", 3), fresh_attempts=True, seed=7)
+        (opened,) = machine.advance(0.0)
+        picks.add(opened.round.selected)
+    assert len(picks) > 1
+
+
 def test_an_abandoned_dp_attempt_drops_its_updates_and_the_next_samples_afresh():
     machine = machine_with(["a", "b", "c", "d"], quorum=1.0, fresh_attempts=True)
     machine.advance(0.0)

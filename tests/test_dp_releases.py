@@ -14,6 +14,7 @@ history, a restarted budget and the report agree.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from flora.common.methods import get_method
 from flora.common.privacy.accountant import epsilon_of_rounds
 from flora.server.admin.report import privacy_lines, write_report
 from flora.server.config import ServerSettings
+import flora.server.lifecycle as lifecycle
 from flora.server.dp_releases import Release, ReleaseFileError, read_releases, record_release
 from flora.server.layout import Layout
 from flora.server.lifecycle import RoundDriver
@@ -34,6 +36,7 @@ from flora.server.privacy_budget import PrivacyBudget, privacy_status
 from flora.server.round_settings import round_policy
 from flora.server.rounds import RoundMachine, RoundState
 from flora.server.secure_round import SecureRounds, _label
+from flora.server.secure_state import AttemptFiles
 from flora.server.store import ClientRecord, RunRecord, Store, Submission
 from test_dp_settings import DP
 from test_server_config import settings_from
@@ -133,17 +136,7 @@ def test_a_resumed_attempt_sends_its_q_again_without_a_new_release(tmp_path):
         calls.append((number, attempt))
         release(budget, path, number, attempt, (3, 3))
 
-    kept, updates = wire.method_round("flora")
-    secure, aggregator, current, ids = wire.setup("flora", dp_noise_multiplier=SIGMA, dp_clip_norm=0.5)
-    secure.released = released
-    clients = {}
-    for client_id, u in zip(ids, updates):
-        link = wire.Loopback(secure, client_id)
-        link.current = current
-        info = secure.round_info(client_id, current)
-        clients[client_id] = link, secure_stages.advertise(link, wire.spec(secure.settings), info, wire.header(1, u.rank, 10),
-                                                           u, kept, get_method("flora"))
-    submissions = [_submission(c, u.rank) for c, u in zip(ids, updates)]
+    secure, aggregator, current, clients, submissions = _secure_attempt(released)
 
     async def cut_short() -> None:
         with pytest.raises(asyncio.CancelledError):
@@ -156,6 +149,58 @@ def test_a_resumed_attempt_sends_its_q_again_without_a_new_release(tmp_path):
     assert again._attempt.sketch is not None  # the Q saved with the attempt, the one the clients got
     output = asyncio.run(_drive(again, clients, submissions, None))
     assert output.secure["survivors"] == 3 and calls == [(1, 1)] and [r.key for r in read_releases(path)] == [(1, 1)]
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["before-the-record", "after-the-record"])
+def test_a_kill_at_the_record_sends_no_q_that_a_resumed_attempt_has_not_recorded(tmp_path, recorded):
+    """The server dies in the hook (before its record is on disk, or right after): nothing saved may
+    yet say that pass 2 is next, so the resumed attempt computes pass 1 again and records before
+    its Q goes out (a hook run after the sketch or the state was saved would be skipped by the
+    resume, and that Q sent unrecorded). The same (round, attempt) has one line either way."""
+    path, budget, calls = Layout(tmp_path).dp_releases, PrivacyBudget.of_run(settings_from(DP), []), []
+
+    async def dies(number: int, attempt: int) -> None:
+        assert not secure._attempt.saved.files.sketch.exists()
+        calls.append("killed")
+        if recorded:
+            release(budget, path, number, attempt, (3, 3))
+        raise asyncio.CancelledError
+
+    secure, aggregator, current, clients, submissions = _secure_attempt(dies)
+
+    async def killed() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await _drive(secure, clients, submissions, None)
+
+    asyncio.run(killed())
+    assert [r.key for r in read_releases(path)] == ([(1, 1)] if recorded else [])
+
+    async def released(number: int, attempt: int) -> None:
+        assert not again._attempt.steps and not again._attempt.downloads  # Q is still with the server
+        calls.append((number, attempt))
+        release(budget, path, number, attempt, (3, 3))
+
+    again = SecureRounds(secure.settings, aggregator, "run-1", lambda: None, released=released)
+    again.resume(current)
+    output = asyncio.run(_drive(again, clients, submissions, None))
+    assert output.secure["survivors"] == 3 and calls == ["killed", (1, 1)]
+    assert [r.key for r in read_releases(path)] == [(1, 1)]
+
+
+def _secure_attempt(released):
+    """Attempt 1 of a secure DP round over three clients that advertised their keys, with the hook
+    ``released``: (server, aggregator, current round, clients, submissions)."""
+    kept, updates = wire.method_round("flora")
+    secure, aggregator, current, ids = wire.setup("flora", dp_noise_multiplier=SIGMA, dp_clip_norm=0.5)
+    secure.released = released
+    clients = {}
+    for client_id, u in zip(ids, updates):
+        link = wire.Loopback(secure, client_id)
+        link.current = current
+        info = secure.round_info(client_id, current)
+        clients[client_id] = link, secure_stages.advertise(link, wire.spec(secure.settings), info, wire.header(1, u.rank, 10),
+                                                           u, kept, get_method("flora"))
+    return secure, aggregator, current, clients, [_submission(c, u.rank) for c, u in zip(ids, updates)]
 
 
 def _submission(client_id: str, rank: int, number: int = 1, path: str = "", sha256: str = "0" * 64) -> Submission:
@@ -172,7 +217,7 @@ class Run:
     three clients answering their secure steps from threads as the reference client does."""
 
     def __init__(self, root: Path) -> None:
-        self.settings = ServerSettings(method="flora", secure_aggregation=True, secure_stage_deadline_s=2.0,
+        self.settings = ServerSettings(method="flora", secure_aggregation=True, secure_stage_deadline_s=60.0,
                                        max_weight_share=1.0, lora_rank=4, lora_alpha=8.0, dp_noise_multiplier=SIGMA,
                                        dp_clip_norm=0.5, min_clients=3, rounds=1, state_dir=root,
                                        client_timeout_s=600, round_deadline_s=600)
@@ -187,7 +232,7 @@ class Run:
         self.driver = RoundDriver(self.settings, self.layout, self.store, wire.FakeAggregator(layout=self.layout),
                                   RoundMachine(round_policy(self.settings)))
         self.driver.use_secure_aggregation("run-1")
-        self.lost: set[str] = set()  # clients silent from their pass-2 masked input on
+        self.lost: dict[int, set[str]] = {}  # by attempt: clients silent from their pass-2 masked input on
         self.clients: dict[str, tuple] = {}
         self.busy: set[str] = set()
 
@@ -207,59 +252,70 @@ class Run:
 
     def answer_steps(self) -> None:
         loop = asyncio.get_running_loop()
+        lost = self.lost.get(self.driver.machine.current.attempt, set())
         for client_id, (link, session) in self.clients.items():
             task = None if client_id in self.busy else self.driver.secure.task_for(client_id)
-            if task is None or (client_id in self.lost and _label(task) == "mask2"):
+            if task is None or (client_id in lost and _label(task) == "mask2"):
                 continue
             self.busy.add(client_id)
             link.loop = loop
             done = loop.run_in_executor(None, secure_stages.handle, link, session, task)
             done.add_done_callback(lambda f, c=client_id: (f.exception(), self.busy.discard(c), self.answer_steps()))
+        self.close_without_the_lost(lost)
 
-    async def until(self, condition, timeout: float = 60.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
+    def close_without_the_lost(self, lost: set[str]) -> None:
+        """Once only the lost clients' pass-2 inputs are missing, close the step as its deadline
+        would (without waiting one out: a live client on a loaded machine must never miss it, so
+        every attempt but the one that loses a client commits)."""
+        att = self.driver.secure._attempt
+        if att is not None and att.steps and all(att.ids[i] in lost and _label(task) == "mask2"
+                                                 for i, task in att.steps.items()):
+            att.done.set()
+
+    async def commit_round(self) -> None:
+        """Open round 1 over the three clients and drive it to its commit, every attempt advertised."""
+        self.driver.secure.notify = lambda: asyncio.get_running_loop().call_soon(self.answer_steps)
+        machine, advertised = self.driver.machine, set()
+        for client_id in self.ids:
+            machine.joined(client_id, time.time())
+        self.driver.advance()
+        async with asyncio.timeout(60):
+            while machine.version < 1:
+                if machine.current.state is RoundState.OPEN and machine.current.attempt not in advertised:
+                    advertised.add(machine.current.attempt)
+                    self.advertise()
                 await asyncio.sleep(0.05)
+        await self.driver.stop()
 
 
 def test_a_secure_dp_round_retried_after_its_q_was_sent_counts_the_abandoned_pass(tmp_path):
     run = Run(tmp_path / "state")
-    machine, path = run.driver.machine, run.layout.dp_releases
+    path = run.layout.dp_releases
+    run.lost = {1: {run.ids[2]}}  # attempt 1: client c sends no pass-2 input, after Q was sent to all three
+    spent_once = {}  # by attempt: the budget's spent epsilon once its Q was recorded, before it goes out
 
-    async def scenario() -> None:
-        run.driver.secure.notify = lambda: asyncio.get_running_loop().call_soon(run.answer_steps)
-        for client_id in run.ids:
-            machine.joined(client_id, time.time())
-        run.driver.advance()  # attempt 1 opens over all three
-        run.lost = {run.ids[2]}
-        run.advertise()
-        await run.until(lambda: machine.current.attempt > 1 and machine.current.state is RoundState.OPEN)
-        assert [r.key for r in read_releases(path)] == [(1, 1)]  # its Q went out, then a client was lost
-        assert run.driver.privacy.spent == pytest.approx(by_hand([(3, 3, 1)]))
-        run.lost, advertised = set(), set()
-        async with asyncio.timeout(60):
-            while machine.version < 1:  # the retry (one more, should a loaded machine miss a step's deadline)
-                if machine.current.state is RoundState.OPEN and machine.current.attempt not in advertised:
-                    advertised.add(machine.current.attempt)
-                    run.advertise()  # every client back, fresh keys
-                await asyncio.sleep(0.05)
-        await run.driver.stop()
+    async def released(number: int, attempt: int) -> None:
+        await run.driver.released(number, attempt)
+        spent_once[attempt] = run.driver.privacy.spent
 
-    asyncio.run(scenario())
+    run.driver.secure.released = released
+    asyncio.run(run.commit_round())  # attempt 2: every client back, fresh keys; it commits
+    assert spent_once[1] == pytest.approx(by_hand([(3, 3, 1)]), rel=1e-9)  # counted as soon as Q may leave
+    assert spent_once[2] == pytest.approx(by_hand([(3, 3, 1)] * 2), rel=1e-9)  # and so is attempt 2's, until it commits
     (record,) = run.store.history()
     releases = read_releases(path)
-    abandoned = [(r.population, r.selected, r.mechanisms) for r in releases if r.key != (1, record["attempts"])]
-    assert abandoned[:1] == [(3, 3, 1)] and [r.key for r in releases][-1] == (1, record["attempts"])
-    spent = by_hand([*abandoned, (3, 3, 2)])
+    assert record["attempts"] == 2 and [(r.key, r.population, r.selected, r.mechanisms) for r in releases] == [
+        ((1, 1), 3, 3, 1), ((1, 2), 3, 3, 1)]
+    spent = by_hand([(3, 3, 1), (3, 3, 2)])
     assert record["dp_epsilon"] == pytest.approx(spent, rel=1e-9)
     assert record["dp_epsilon"] > epsilon_of_rounds(SIGMA, [(3, 3)], 2, DELTA)  # the committed round alone: short
     # Status (and flora-admin status, and the metrics gauge: the same budget), a restart, and the report agree.
     assert privacy_status(run.driver.privacy, 0.5, "").epsilon == record["dp_epsilon"] == run.driver.privacy.spent
     restarted = PrivacyBudget.of_run(run.settings, run.store.history(), releases)
-    assert restarted.spent == pytest.approx(record["dp_epsilon"]) and len(restarted.released) == len(abandoned)
+    assert restarted.spent == pytest.approx(record["dp_epsilon"]) and [r.key for r in restarted.released] == [(1, 1)]
     run.store.close()
     report = write_report(run.layout.root, tmp_path / "report", require_png=False).markdown.read_text()
-    assert (f"epsilon {spent:.4g} at delta 1e-05 after 1 rounds and {len(abandoned)} released first pass(es) of "
+    assert (f"epsilon {spent:.4g} at delta 1e-05 after 1 rounds and 1 released first pass(es) of "
             "attempts that did not commit") in report and "1 (attempt 1 not committed: pass 1 released)" in report
 
 
@@ -274,3 +330,31 @@ def test_the_report_lists_a_release_after_the_last_commit_and_its_spent_epsilon(
                            "released first pass(es)")
     assert "2 (attempt 1 not committed: pass 1 released) | 2 of 3" in text
     assert "1 (attempt 1 not committed" not in text  # round 1's attempt 1 committed: one of its passes
+
+
+@pytest.mark.parametrize("full", ["record", "sketch"])
+def test_a_full_disk_at_the_release_is_waited_out_and_the_attempt_goes_on(tmp_path, monkeypatch, full):
+    """Q stays with the server until its record is on disk; a full disk then (``record``), or while
+    the recorded Q is saved with the attempt (``sketch``), is waited out as every other write of a
+    round is (tests/test_disk_full.py), and the attempt goes on with that Q: no client trains
+    again, and no budget is spent on a release that a failed attempt wasted."""
+    failures = []
+
+    def full_once(write):
+        def once(*args):
+            if not failures:
+                failures.append(full)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args)
+        return once
+
+    if full == "record":
+        monkeypatch.setattr(lifecycle, "record_release", full_once(record_release))
+    else:
+        monkeypatch.setattr(AttemptFiles, "write_sketch", full_once(AttemptFiles.write_sketch))
+    run = Run(tmp_path / "state")
+    asyncio.run(run.commit_round())
+    (record,) = run.store.history()
+    assert failures == [full] and record["attempts"] == 1 and not record["excluded"]
+    assert [r.key for r in read_releases(run.layout.dp_releases)] == [(1, 1)]
+    assert record["dp_epsilon"] == pytest.approx(epsilon_of_rounds(SIGMA, [(3, 3)], 2, DELTA), rel=1e-9)

@@ -234,7 +234,7 @@ def test_both_passes_as_masked_stages_of_one_round_give_the_plain_result():
             return [np.concatenate(client_contribution(plan, 1, changes[client - 1], bases))]
         if "q" not in sketches:  # the server's broadcast, once
             sketches["q"] = server_step(plan, 1, previous.sums[0], dtype=torch.float64)
-        return [np.concatenate(client_contribution(plan, 2, changes[client - 1], sketches["q"].q))]
+        return [np.concatenate(client_contribution(plan, 2, changes[client - 1], sketches["q"].sent))]
 
     stages = masked_stages([1, 2, 3, 4], threshold=3, seed=11, stages=plan.passes, vectors=vectors)
     secure = server_step(plan, 2, stages[1].sums[0], sketches["q"], torch.float64)

@@ -127,7 +127,7 @@ def test_no_client_contributes_more_than_its_weight_times_c_to_a_masked_sum(meth
     assert min(c.clip for c in changes) < 0.5 and max(c.clip for c in changes) == 1.0
     bases, sketch = sketch_bases(plan), None
     for stage in range(1, plan.passes + 1):
-        vectors = [np.concatenate(client_contribution(plan, stage, c, bases if stage == 1 else sketch.q)) for c in changes]
+        vectors = [np.concatenate(client_contribution(plan, stage, c, bases if stage == 1 else sketch.sent)) for c in changes]
         for change, vector in zip(changes, vectors):  # each client's part of the sum, as the masks hide it
             assert float(np.linalg.norm(decode(vector, plan.bits))) <= plan.weights[change.index] * DP_CLIP * (1 + 1e-9)
         sketch = server_step(plan, stage, wrapping_sum(vectors), sketch, torch.float64)

@@ -62,8 +62,11 @@ def test_clients_lost_at_each_step_are_recovered_exactly_or_the_attempt_fails(st
 
 
 CLIENTS = {"a": 4, "b": 4, "c": 2, "d": 2, "e": 1}
-STAGE_DEADLINE_S = 4.0
-LATE_S = STAGE_DEADLINE_S + 3.0
+# The run waits out a stage's deadline three times (the lost clients' steps) and the late client's
+# delay once. A live client too slow for the deadline on a loaded machine weakens what a round
+# checks (see ``_missed``), never the verdict; the late answer comes 2 s after its step closed.
+STAGE_DEADLINE_S = 3.0
+LATE_S = STAGE_DEADLINE_S + 2.0
 # round -> faults (step, action, victims), two clients lost in each (t = 3 survivors exactly: the
 # tightest recovery). The real run covers both recoveries: a dropped client's pairwise masks
 # (round 1) and dead survivors' self masks (round 2); the in-process matrix above has every step,

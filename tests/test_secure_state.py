@@ -12,7 +12,10 @@ over the same files resumes the attempt and the round merges what the plain meth
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,13 +30,17 @@ from flora.common.methods import get_method
 from flora.common.secagg.client import ClientRound
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.finish import Sketch
+from flora.common.secagg.messages import MaskedInput
 from flora.common.secagg.server import ServerRound
 from flora.server.rounds import Round, RoundState
+from flora.server.secure_attempt import Attempt
 from flora.server.secure_round import SecureRounds, _label
-from flora.common.secagg.wire import keys_digest
+from flora.common.secagg.stream import masked_messages
+from flora.common.secagg.wire import keys_digest, vector_bytes
+from flora.server.errors import ResourceExhausted, Unavailable, resource_refusal
 from flora.server.layout import Layout
 from flora.server.secure_state import (
-    AttemptFiles, GroupCommit, Identity, Untrusted, encode_state, load, stored_adverts,
+    AttemptFiles, GroupCommit, Identity, SavedAttempt, Untrusted, encode_state, load, stored_adverts,
 )
 from flora.server.store import Submission
 from flora.v1 import run_pb2
@@ -81,10 +88,15 @@ def play() -> tuple[list[tuple], list[np.ndarray]]:
     return calls, sums
 
 
-def save(server: ServerRound, folder: Path) -> AttemptFiles:
-    """What SecureRounds writes at this point: the state, the open stage's sum, pass 1's sketch."""
+def save(server: ServerRound, folder: Path, uploads: Sequence[MaskedInput] = ()) -> AttemptFiles:
+    """What SecureRounds writes at this point: the open MASK step's accepted uploads, the state
+    that lists them, the stage's sum (written when the step closes), pass 1's sketch."""
     files = AttemptFiles(folder, ROUND, 1)
-    files.write_state(encode_state(IDENTITY, server, {"bits": 20}, {"bytes_up": {"share": 1.0}}))
+    folder.mkdir(parents=True, exist_ok=True)  # the server's first state write makes it, before any step
+    for upload in uploads:
+        files.write_upload(upload.stage, upload.sender, upload.vectors)
+    digests = {u.sender: hashlib.sha256(vector_bytes(u.vectors[0])).hexdigest() for u in uploads}
+    files.write_state(encode_state(IDENTITY, server, {"bits": 20}, {"bytes_up": {"share": 1.0}}, digests))
     files.write_masked(IDENTITY, server.stage, server.masked_sum, server.masked_from)
     if pass_two_next_or_open(server):
         files.write_sketch(IDENTITY, SKETCH, PASS_ONE_SURVIVORS)
@@ -100,7 +112,8 @@ def saved_at(calls: list[tuple], cut: int, folder: Path) -> tuple[ServerRound, A
     server = ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD)
     for method, *args in calls[:cut]:
         getattr(server, method)(*args)
-    return server, save(server, folder)
+    uploads = [args[0] for method, *args in calls[:cut] if method == "receive_masked" and args[0].stage == server.stage]
+    return server, save(server, folder, uploads if server.phase == "mask" else ())
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +201,29 @@ def test_a_resume_never_asks_a_holder_for_the_other_kind_of_share(round_calls, t
         load(files, IDENTITY)
 
 
+def test_a_mask_step_resumes_from_the_kept_uploads_each_held_to_its_recorded_sha256(round_calls, tmp_path):
+    """Mid MASK step the sum is not on disk: the restart re-adds the uploads the state lists; one
+    missing or altered is refused (the attempt starts over), one not listed is not added."""
+    calls, _ = round_calls
+    masks = [i for i, (m, *_) in enumerate(calls) if m == "receive_masked" and calls[i][1].stage == 1]
+    server, files = saved_at(calls, masks[1] + 1, tmp_path)  # two of stage 1's three uploads accepted
+    files.masked.unlink()
+    again = load(files, IDENTITY).server
+    assert again.masked_from == server.masked_from == {0, 1}
+    assert [s.tolist() for s in again.masked_sum] == [s.tolist() for s in server.masked_sum]
+    files.write_upload(1, 2, calls[masks[2]][1].vectors)  # written, not listed (its acknowledgement never came)
+    assert load(files, IDENTITY).server.masked_from == {0, 1}
+    upload = files.upload(1, 1)
+    data = bytearray(upload.read_bytes())
+    data[0] ^= 1
+    upload.write_bytes(bytes(data))
+    with pytest.raises(Untrusted, match=f"{upload.name} is missing or not the upload accepted from client 1"):
+        load(files, IDENTITY)
+    upload.unlink()
+    with pytest.raises(Untrusted, match="is missing"):
+        load(files, IDENTITY)
+
+
 def test_pass_two_is_not_resumed_without_pass_ones_sketch(round_calls, tmp_path):
     calls, _ = round_calls
     between = next(i for i, (m, *_) in enumerate(calls) if m == "close_unmask") + 1
@@ -258,6 +294,17 @@ def test_secure_rounds_cut_at_a_step_resume_in_a_new_server_object_and_merge_the
     plain = get_method("flora").merge(kept, updates, [n / sum(EXAMPLES) for n in EXAMPLES], torch.float64)
     wire.assert_same_adapter(result.delta, plain.delta)
     assert output.secure["survivors"] == 3
+
+
+def test_an_accepted_upload_is_kept_as_received_and_the_sum_written_once_when_the_step_closes():
+    """Mid MASK step the server has written the accepted upload, not the running sum (the cost of
+    an acknowledgement is the upload's own bytes); once the round is done no upload is left."""
+    again, clients, submissions, _ = _cut_and_resume("mask1")
+    files = again._attempt.saved.files
+    assert files.upload(1, 0).exists() and not files.masked.exists()
+    assert json.loads(files.state.read_bytes())["uploads"][0][0] == 0
+    asyncio.run(_drive(again, clients, submissions, None))
+    assert not list(files.folder.glob("*.masked")) and files.masked.exists()
 
 
 def test_a_client_whose_process_restarted_meanwhile_is_a_dropout_recovered_in_pass_one_fatal_in_pass_two():
@@ -342,3 +389,136 @@ def _submission(client_id: str, rank: int, examples: int) -> Submission:
     return Submission(round=1, client_id=client_id, sha256="0" * 64, path="", size=0, rank=rank, alpha=2.0 * rank,
                       scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=examples, base_version=0, train_loss=None,
                       validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
+
+
+def test_a_second_stream_of_a_client_while_its_upload_is_kept_is_refused_not_counted(monkeypatch):
+    """A client's upload is being written when another stream of the same client ends (a retry
+    with other bytes): refused as in progress. Before, the second was checked, written over the
+    first's file and counted in its place, so the sum held the wrong vector and the kept file no
+    longer matched the sha256 listed for it."""
+    keep, stream, original_aggregate = SavedAttempt.save_upload, SecureRounds.masked, SecureRounds.aggregate
+    outcome: list[str] = []
+
+    async def save_upload(self, stage, client, vectors):
+        secure = SecureRounds._current_secure
+        if stage == 1 and not outcome:
+            outcome.append("pending")
+            other = [np.zeros(n, dtype=np.uint64) for n in secure._attempt.server.lengths]
+            try:
+                await stream(secure, secure._attempt.ids[client], wire._aiter(masked_messages(1, 1, other, 4096)))
+                outcome[0] = "counted"
+            except Unavailable:
+                outcome[0] = "refused"
+        await keep(self, stage, client, vectors)
+
+    def aggregate(self, *args):
+        monkeypatch.setattr(SecureRounds, "_current_secure", self, raising=False)
+        return original_aggregate(self, *args)
+
+    monkeypatch.setattr(SecureRounds, "aggregate", aggregate)
+    monkeypatch.setattr(SavedAttempt, "save_upload", save_upload)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, *_ = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert outcome == ["refused"]
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
+
+
+def test_a_full_disk_while_keeping_an_upload_refuses_it_cleanly_and_the_retry_counts_once(monkeypatch):
+    """The project's full-disk rule for a masked upload: RESOURCE_EXHAUSTED, nothing of it
+    counted or listed, its step still open, so the client's retry is taken (once)."""
+    keep, stream = AttemptFiles.write_upload, SecureRounds.masked
+    seen: list[tuple] = []
+
+    def write_upload(self, stage, client, vectors):
+        if not seen:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        keep(self, stage, client, vectors)
+
+    async def masked(self, client_id, messages):
+        pieces = [m async for m in messages]
+        if not seen:
+            with pytest.raises(OSError) as full:
+                await stream(self, client_id, wire._aiter(pieces))
+            att, index = self._attempt, self._attempt.index(client_id)
+            seen.append((type(resource_refusal(full.value)), index in att.server.masked_from, index in att.uploads,
+                         index in att.steps, index in att.streams))
+        return await stream(self, client_id, wire._aiter(pieces))
+
+    monkeypatch.setattr(AttemptFiles, "write_upload", write_upload)
+    monkeypatch.setattr(SecureRounds, "masked", masked)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, *_ = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert seen == [(ResourceExhausted, False, False, True, False)]
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
+
+
+def test_a_resume_deletes_the_kept_uploads_its_state_does_not_list(round_calls, tmp_path):
+    """Left by a crash: a closed step's uploads (after the state past it was saved, before they
+    were deleted), one written but never listed, an interrupted write. The listed ones stay."""
+    calls, _ = round_calls
+    masks = [i for i, (m, *_) in enumerate(calls) if m == "receive_masked" and calls[i][1].stage == 1]
+    _, files = saved_at(calls, masks[1] + 1, tmp_path)  # clients 0 and 1 listed in stage 1's MASK step
+    stale = [files.upload(1, 2), files.upload(0, 0), tmp_path / f".{files.upload(1, 3).name}.0123abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"masked")
+    attempt = Attempt.fresh(tmp_path, IDENTITY, ServerRound(ROUND, SEED, range(4), STAGES, THRESHOLD))
+    assert attempt.resume() and set(attempt.uploads) == {0, 1}
+    assert not [p for p in stale if p.exists()] and files.upload(1, 0).exists() and files.upload(1, 1).exists()
+
+
+def test_a_full_disk_while_a_mask_steps_sum_is_saved_is_retried_not_skipped(monkeypatch):
+    """The server waits a full disk out and retries the aggregation with the attempt in memory:
+    the retry saves the closed step's sum and deletes its uploads. Before, the step counted as
+    closed in memory, so the retry went on without the sum on disk (a restart in the unmask step
+    could not resume) and the uploads stayed."""
+    write, aggregate = AttemptFiles.write_masked, SecureRounds.aggregate
+    saved: list[int] = []
+
+    def write_masked(self, identity, stage, sums, contributors):
+        if not saved:
+            saved.append(0)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, identity, stage, sums, contributors)
+        saved.append(stage)
+
+    async def retried(self, number, submissions):  # as the server's lifecycle does after a resource failure
+        try:
+            return await aggregate(self, number, submissions)
+        except OSError as error:
+            assert resource_refusal(error) is not None
+            return await aggregate(self, number, submissions)
+
+    monkeypatch.setattr(AttemptFiles, "write_masked", write_masked)
+    monkeypatch.setattr(SecureRounds, "aggregate", retried)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, _, _, secure = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert saved == [0, 1, 2] and not list(secure.folder.glob("*.masked"))
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)
+
+
+def test_a_full_disk_while_the_state_past_a_mask_step_is_saved_is_retried_and_the_uploads_go(monkeypatch):
+    """The sum is saved, the state that says the step closed is not (a full disk): the retried
+    aggregation saves that state, then deletes the step's uploads. Before, the retry went on with
+    the step closed in memory and the uploads stayed on disk until a later attempt."""
+    write, aggregate = AttemptFiles.write_state, SecureRounds.aggregate
+    failed: list[int] = []
+
+    def write_state(self, document):
+        doc = json.loads(document)
+        if (doc["stage"], doc["phase"]) == (1, "unmask") and not failed:
+            failed.append(1)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, document)
+
+    async def retried(self, number, submissions):  # as the server's lifecycle does after a resource failure
+        try:
+            return await aggregate(self, number, submissions)
+        except OSError:
+            return await aggregate(self, number, submissions)
+
+    monkeypatch.setattr(AttemptFiles, "write_state", write_state)
+    monkeypatch.setattr(SecureRounds, "aggregate", retried)
+    updates = [wire.update(r, seed) for seed, r in enumerate(wire.RANKS)]
+    result, _, _, secure = wire.secure_round("flora", None, updates, [1, 1, 1])
+    assert failed and not list(secure.folder.glob("*.masked"))
+    wire.assert_same_adapter(result.delta, get_method("flora").merge(None, updates, [1 / 3] * 3, torch.float64).delta)

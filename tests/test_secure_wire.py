@@ -24,7 +24,8 @@ from flora.common.methods import get_method
 from flora.common.secagg.errors import SecAggError
 from flora.common.secagg.plan import plan_round
 from flora.common.secagg.stream import masked_messages
-from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sketch_bytes, vector_bytes
+from flora.common.secagg.wire import keys_digest, read_sketch, read_vector, sketch_bytes, sketch_size, vector_bytes
+from flora.common.sketch import broadcast_basis
 from flora.server.aggregator import RoundOutput
 from flora.server.config import ServerSettings
 from flora.server.errors import FailedPrecondition, InvalidArgument
@@ -129,12 +130,14 @@ def header(number: int, rank: int, examples: int) -> transfer_pb2.UpdateHeader:
 
 
 def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapter], examples: list[int],
-                 silent: dict[int, str] | None = None, **extra):
+                 silent: dict[int, str] | None = None, gone: bool = False, deadline: float | None = None,
+                 bound: float | None = None, **extra):
     """One round through SecureRounds and the clients' secure_stages: the result, decisions and
-    output. ``silent`` {client k: step label}: that client answers nothing from that step on;
-    ``extra``: more server settings."""
+    output. ``silent`` {client k: step label}: that client answers nothing from that step on, and
+    with ``gone`` the server is told it is gone when that step is handed out; ``deadline``: the
+    stage deadline; ``bound``: seconds the whole aggregation may take; ``extra``: more server settings."""
     silent = silent or {}
-    secure, aggregator, current, ids = setup(method, kept, 0.5 if silent else 5.0, len(updates), **extra)
+    secure, aggregator, current, ids = setup(method, kept, deadline or (0.5 if silent else 5.0), len(updates), **extra)
     dropped: set[str] = set()
     sessions, links = {}, {}
     for client_id, u, n in zip(ids, updates, examples):
@@ -149,6 +152,8 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
             task = links[client_id]._on_loop(secure.task_for, client_id)
             if task is not None and silent.get(ids.index(client_id)) == _label(task):
                 dropped.add(client_id)
+                if gone:
+                    links[client_id]._on_loop(secure.gone, client_id)
             if task is not None and client_id not in dropped:
                 secure_stages.handle(links[client_id], sessions[client_id], task)
 
@@ -163,7 +168,7 @@ def secure_round(method: str, kept: LoraAdapter | None, updates: list[LoraAdapte
                               scaling_rule=run_pb2.SCALING_RULE_STANDARD, num_examples=n, base_version=0, train_loss=None,
                               validation_loss=None, steps=1, train_seconds=0.0, received=0.0)
                    for c, u, n in zip(ids, updates, examples)]
-    output = asyncio.run(secure.aggregate(1, submissions))
+    output = asyncio.run(asyncio.wait_for(secure.aggregate(1, submissions), bound))
     (result, decisions), = aggregator.results
     secure.notify = lambda: None
     return result, decisions, output, secure
@@ -285,10 +290,16 @@ def test_answers_out_of_turn_are_refused_as_failed_precondition():
 
 def test_the_sketch_and_vector_layouts_round_trip_and_refuse_a_wrong_length():
     plan = plan_round(get_method("flora"), None, SHAPES, list(RANKS), [SCALING] * 3, [1 / 3] * 3, 1.0, 7)
-    q = {m.name: torch.randn(m.d_out, m.columns, dtype=torch.float64) for m in plan.modules if not m.dense}
-    assert q and all(torch.equal(read_sketch(plan, sketch_bytes(plan, q))[n], q[n]) for n in q)
+    sketched = [m for m in plan.modules if not m.dense]
+    q = {m.name: broadcast_basis(torch.randn(m.d_out, m.columns, dtype=torch.float64)) for m in sketched}
+    data = sketch_bytes(plan, q)
+    assert q and len(data) == sketch_size(plan) == sum(4 * m.d_out * m.columns for m in sketched)  # float32 on the wire
+    assert all(torch.equal(read_sketch(plan, data)[n], q[n]) for n in q)  # the server's Q is the numbers sent
+    name, first = sketched[0].name, sketched[0]
+    assert np.array_equal(np.frombuffer(data, "<f4", first.d_out * first.columns).reshape(first.d_out, first.columns),
+                          q[name].numpy().astype(np.float32))  # an outside client: little-endian float32, row-major
     with pytest.raises(ValueError, match="sketch is"):
-        read_sketch(plan, sketch_bytes(plan, q)[:-8])
+        read_sketch(plan, data[:-4])
     vector = np.array([0, 1, 2**64 - 1], dtype=np.uint64)
     assert np.array_equal(read_vector(vector_bytes(vector), 3), vector)
     with pytest.raises(ValueError, match="24 bytes"):

@@ -9,7 +9,8 @@ import torch
 from flora.common.lora import LoraPair
 from flora.common.omega import sketch_basis
 from flora.common.sketch import (
-    assemble, prefers_dense, project_columns, project_rows, range_basis, rank_bound, sketch_columns, sketch_width,
+    assemble, broadcast_basis, prefers_dense, project_columns, project_rows, range_basis, rank_bound, sketch_columns,
+    sketch_width,
 )
 
 D_OUT, D_IN = 48, 40
@@ -40,6 +41,30 @@ def test_two_passes_at_the_rank_bound_give_the_exact_sum_of_mixed_rank_changes(r
     columns = sketch_columns(sum(ranks), D_OUT, D_IN)
     result = _two_pass(changes, columns)
     assert torch.linalg.norm(result - exact) <= 1e-10 * torch.linalg.norm(exact)
+
+
+def test_the_broadcast_basis_is_float32_values_and_the_assembly_takes_its_rounding_out_exactly():
+    """Q travels in float32: the rounded Q' is orthonormal only to float32's precision and its span
+    is not Q's, yet Q (Q'^T Q)^-1 P^T with P = D^T Q' gives back D to float64 round-off."""
+    q = range_basis(torch.randn(D_OUT, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    sent = broadcast_basis(q)
+    assert sent.dtype == torch.float64 and torch.equal(sent, sent.to(torch.float32).to(torch.float64))
+    gap = torch.linalg.matrix_norm(sent.T @ sent - torch.eye(12, dtype=torch.float64))
+    assert 0 < gap < 1e-5  # orthonormal to float32's precision, not exactly
+    change = q @ torch.randn(12, D_IN, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # in Q's span
+    pair = assemble(q, project_rows(change, sent), sent)
+    assert torch.linalg.norm(pair.b @ pair.a - change) <= 1e-12 * torch.linalg.norm(change)
+
+
+@pytest.mark.parametrize("ranks", [[16, 8, 4, 2], [3, 3, 3]])
+def test_two_passes_with_the_float32_broadcast_q_give_the_exact_sum(ranks):
+    changes = _changes(ranks)
+    exact = sum(_dense(c) for c in changes)
+    omega = sketch_basis(D_IN, sketch_columns(sum(ranks), D_OUT, D_IN), 7, "m")
+    q = range_basis(sum(project_columns(c, omega) for c in changes))
+    sent = broadcast_basis(q)
+    pair = assemble(q, sum(project_rows(c, sent) for c in changes), sent)
+    assert torch.linalg.norm(pair.b @ pair.a - exact) <= 1e-10 * torch.linalg.norm(exact)
 
 
 def test_dense_and_factored_changes_give_the_same_projections():

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from flora.common.lora import LoraAdapter, LoraPair
 from flora.common.omega import round_seed, sketch_basis
-from flora.common.sketch import Change, assemble, project_columns, project_rows, range_basis
+from flora.common.sketch import Change, assemble, broadcast_basis, project_columns, project_rows, range_basis
 
 ReleaseKind = Literal["sketch", "dense"]
 RELEASES: tuple[str, ...] = ("sketch", "dense")
@@ -111,7 +111,7 @@ class SketchRelease:
     """The two noisy passes of a sketch release, per module: everything downstream reads these."""
 
     y: dict[str, Tensor]  # (d_out, m) of a sketched module: delta Omega + N1
-    p: dict[str, Tensor]  # (d_in, m) of a sketched module: delta^T Q + N2, Q = orth(Y)
+    p: dict[str, Tensor]  # (d_in, m) of a sketched module: delta^T Q' + N2, Q' = orth(Y) in float32 (as broadcast)
     dense: dict[str, Tensor]  # (d_out, d_in) of a module released dense in pass 1: delta + N1
 
 
@@ -121,14 +121,16 @@ def sketch_release(change: Mapping[str, Change], omegas: Mapping[str, Tensor], s
     each module with an Omega and the dense delta of the others, pass 2 delta^T Q of the former."""
     first = noised({n: project_columns(c, omegas[n]) if n in omegas else _dense(c) for n, c in change.items()},
                    std, generator)
-    second = noised({n: project_rows(change[n], range_basis(first[n])) for n in omegas}, std, generator)
+    second = noised({n: project_rows(change[n], broadcast_basis(range_basis(first[n]))) for n in omegas}, std, generator)
     return SketchRelease({n: first[n] for n in omegas}, second, {n: t for n, t in first.items() if n not in omegas})
 
 
 def sketch_update(release: SketchRelease) -> dict[str, Change]:
     """The released update per module from the noisy passes alone: Q P^T as factors (b = Q,
-    a = P^T) for a sketched module, the noisy dense change for the others."""
-    return {**{n: assemble(range_basis(release.y[n]), release.p[n]) for n in sorted(release.y)}, **release.dense}
+    a = P^T, undoing Q's float32 rounding: ``assemble``) for a sketched module, the noisy dense
+    change for the others."""
+    bases = {n: range_basis(y) for n, y in release.y.items()}
+    return {**{n: assemble(bases[n], release.p[n], broadcast_basis(bases[n])) for n in sorted(release.y)}, **release.dense}
 
 
 def sketch_omegas(shapes: Mapping[str, tuple[int, int]], columns: Mapping[str, int], run_seed: int,

@@ -1,8 +1,10 @@
 """The server's side of a secure round: from unmasked sums to the method's ``RoundResult``.
 
 After pass 1 of a sketched round the server holds Y = sum_k D_k Omega per module (and the dense
-modules' sums), orthonormalizes Y to Q and broadcasts Q; after pass 2 it holds
-P = sum_k D_k^T Q, and the round's change is Delta = Q P^T = sum_k p_k c_k (s_k B_k A_k - init_k).
+modules' sums), orthonormalizes Y to Q and broadcasts Q rounded to float32 (Q'); after pass 2 it
+holds P = sum_k D_k^T Q', and the round's change is Delta = Q (Q'^T Q)^-1 P^T
+= sum_k p_k c_k (s_k B_k A_k - init_k) exactly (to float64 round-off: the sum's range lies in
+Q's span, so Q'^T D = (Q'^T Q) Q^T D; ``flora.common.sketch.assemble``).
 What the method keeps for the next round is then computed from Delta and the public starts alone
 (never from a client's factors): with S = sum_k p_k init_k (each init_k is the method's start
 for client k's announced rank, which every participant can compute),
@@ -44,16 +46,22 @@ from flora.common.privacy.release import noise_std, noised
 from flora.common.secagg.fixedpoint import check_sum, decode
 from flora.common.secagg.plan import FACTORS, RoundPlan, rank_bound, split
 from flora.common.omega import sketch_basis
-from flora.common.sketch import assemble, range_basis
+from flora.common.sketch import assemble, broadcast_basis, range_basis
 
 
 @dataclass(frozen=True)
 class Sketch:
-    """What pass 1 of a sketched round leaves: Q per sketched module (broadcast to the
-    participants, d_out x m) and the dense modules' finished sums (held by the server)."""
+    """What pass 1 of a sketched round leaves: Q per sketched module (d_out x m, float64; the
+    participants receive it rounded to float32, ``sent``) and the dense modules' finished sums
+    (held by the server)."""
 
     q: dict[str, Tensor]
     dense: dict[str, Tensor]
+
+    @property
+    def sent(self) -> dict[str, Tensor]:
+        """Q as broadcast to the participants, the Q their pass 2 projects on (``broadcast_basis``)."""
+        return {n: broadcast_basis(q) for n, q in self.q.items()}
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,8 @@ def server_step(
         return sketch if plan.passes == 2 else _finish_sketch(plan, {}, sketch, dtype)
     if sketch is None:
         raise ValueError("secure_aggregation: pass 2 needs the sketch pass 1 left")
-    return _finish_sketch(plan, {n: assemble(sketch.q[n], p) for n, p in blocks.items()}, sketch, dtype)
+    return _finish_sketch(plan, {n: assemble(sketch.q[n], p, broadcast_basis(sketch.q[n])) for n, p in blocks.items()},
+                          sketch, dtype)
 
 
 def _finish_sketch(plan: RoundPlan, pairs: dict[str, LoraPair], sketch: Sketch, dtype: torch.dtype) -> RoundResult:

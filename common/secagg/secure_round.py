@@ -47,6 +47,6 @@ def secure_round(
     step = server_step(plan, 1, sum_fn([np.concatenate(client_contribution(plan, 1, c, bases)) for c in changes]),
                        dtype=dtype, noise=noise)
     if isinstance(step, Sketch):
-        vectors = [np.concatenate(client_contribution(plan, 2, c, step.q)) for c in changes]
+        vectors = [np.concatenate(client_contribution(plan, 2, c, step.sent)) for c in changes]
         step = server_step(plan, 2, sum_fn(vectors), step, dtype, noise)
     return step, [c.clip for c in changes]

@@ -162,6 +162,14 @@ class ServerRound:
 
     def receive_masked(self, message: MaskedInput) -> None:
         """Add a masked input to the stage's running sum; refused when late, replayed or malformed."""
+        self.check_masked(message)
+        for acc, y in zip(self.masked_sum, message.vectors, strict=True):
+            np.add(acc, y, out=acc)
+        self.masked_from.add(message.sender)
+
+    def check_masked(self, message: MaskedInput) -> None:
+        """Refuse a masked input ``receive_masked`` would refuse, changing nothing (a caller may
+        keep the input durably first, then add it)."""
         u = message.sender
         if self.phase != "mask" and u in self.active and message.stage == self.stage:
             raise SecAggError("stage", f"stage {self.stage}'s masked inputs are closed: client {u} counts as dropped")
@@ -173,9 +181,6 @@ class ServerRound:
         for j, (y, n) in enumerate(zip(message.vectors, self.lengths, strict=True)):
             if not isinstance(y, np.ndarray) or y.dtype != np.uint64 or y.shape != (n,):
                 raise SecAggError("vectors", f"vector {j} must be {n} uint64 entries")
-        for acc, y in zip(self.masked_sum, message.vectors, strict=True):
-            np.add(acc, y, out=acc)
-        self.masked_from.add(u)
 
     def close_masked(self) -> UnmaskRequest:
         """End the masked inputs: survivors give self-mask shares, the dropped are recovered by key."""

@@ -5,7 +5,7 @@
 - a MASK step's inbox (MaskStep.inbox, fetched): per sealed share the sender's index (4 bytes
   big-endian) then its ciphertext, senders ascending;
 - Q in the MASK step of stage 2 (MaskStep.sketch, fetched): per sketched module in plan order,
-  d_out x m float64 little-endian row-major, concatenated;
+  d_out x m float32 little-endian row-major, concatenated;
 - a masked vector (SubmitMasked's bytes): its uint64 entries little-endian.
 """
 
@@ -53,26 +53,31 @@ def read_inbox(data: bytes, receiver: int, round_id: int, stages: int) -> tuple[
                  for at in range(0, len(data), record))
 
 
+_Q_BYTES = 4  # Q travels in float32 (``flora.common.sketch.broadcast_basis``)
+
+
 def sketch_size(plan: RoundPlan) -> int:
     """The bytes of Q for ``plan`` (0 when every module is dense)."""
-    return sum(rows * cols * 8 for _, rows, cols in _sketched(plan))
+    return sum(rows * cols * _Q_BYTES for _, rows, cols in _sketched(plan))
 
 
 def sketch_bytes(plan: RoundPlan, q: Mapping[str, torch.Tensor]) -> bytes:
-    """Q of every sketched module, as MaskStep.sketch carries it."""
-    return b"".join(q[name].to(torch.float64).contiguous().numpy().astype("<f8").tobytes() for name, _, _ in _sketched(plan))
+    """Q of every sketched module, as MaskStep.sketch carries it: float32 (the server's Q is
+    already float32 values, so nothing is lost here)."""
+    return b"".join(q[name].to(torch.float32).contiguous().numpy().astype("<f4").tobytes() for name, _, _ in _sketched(plan))
 
 
 def read_sketch(plan: RoundPlan, data: bytes) -> dict[str, torch.Tensor]:
-    """Q per sketched module from MaskStep.sketch; ValueError when its length is not the plan's."""
+    """Q per sketched module from MaskStep.sketch, as float64 values (pass 2's projections are
+    computed in float64); ValueError when its length is not the plan's."""
     expected = sketch_size(plan)
     if len(data) != expected:
         raise ValueError(f"secure_aggregation: the sketch is {len(data)} bytes, the plan's Q {expected}")
     q, offset = {}, 0
     for name, rows, cols in _sketched(plan):
-        values = np.frombuffer(data, dtype="<f8", count=rows * cols, offset=offset)
+        values = np.frombuffer(data, dtype="<f4", count=rows * cols, offset=offset)
         q[name] = torch.from_numpy(values.astype(np.float64).reshape(rows, cols))
-        offset += rows * cols * 8
+        offset += rows * cols * _Q_BYTES
     return q
 
 

@@ -2,7 +2,7 @@
 
 Nothing here is part of flora; it wraps functions of a process that put this folder on its
 PYTHONPATH and set one of the variables below (tests/test_secure_dropouts.py and
-tests/test_secure_nothing_individual.py).
+tests/test_secure_methods_exact.py).
 
 Client (``flora.client.cli``):
 - FLORA_TEST_SECAGG_FAULT="ROUND:STEP:ACTION,..." with FLORA_TEST_SECAGG_FAULT_DIR=DIR: when
@@ -23,7 +23,8 @@ Server (``flora.server.cli``):
   when the secure round's result is written (``Aggregator.write_round``), the server writes
   every numeric array and every byte string of 8n bytes reachable in its Python heap
   (``server-<seed>-<what>.npz``, <seed> as above, "write" for the write): what a test can
-  then compare with the clients' clear values.
+  then compare with the clients' clear values. Until the first write only: one round is what a
+  test compares, and each walk of the heap takes seconds.
 """
 
 import os
@@ -120,6 +121,7 @@ if _SERVER_DUMP:
 
     _close_unmask, _write_round = ServerRound.close_unmask, _aggregator.Aggregator.write_round
     _last_seed: list[str] = ["none"]
+    _written: list[bool] = [False]
 
     def _as_array(obj):
         if isinstance(obj, np.ndarray) and obj.dtype.kind in "iuf" and _MIN_ENTRIES <= obj.size <= _MAX_ENTRIES:
@@ -157,11 +159,14 @@ if _SERVER_DUMP:
     def _dumping_close_unmask(self):
         result = _close_unmask(self)
         _last_seed[0] = self.round_seed.hex()[:16]
-        _dump(f"unmask{self.stage}")
+        if not _written[0]:
+            _dump(f"unmask{self.stage}")
         return result
 
     def _dumping_write_round(self, *args, **kwargs):
-        _dump("write")
+        if not _written[0]:
+            _dump("write")
+            _written[0] = True
         return _write_round(self, *args, **kwargs)
 
     ServerRound.close_unmask, _aggregator.Aggregator.write_round = _dumping_close_unmask, _dumping_write_round

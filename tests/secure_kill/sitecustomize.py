@@ -4,7 +4,7 @@ FLORA_TEST_SECURE_KILL="<step>:<n>" names the point. ``advertise:<n>``: once the
 AdvertiseKeys is recorded and durable, before it is answered. ``<step>:0`` (share, mask1,
 unmask1, mask2, unmask2): when that step is about to be handed out (what opens it is saved).
 ``<step>:<n>`` with n >= 1: once the n-th answer of that step is saved, before it is
-acknowledged. Used by tests/test_secure_resume.py and tests/test_secure_integration.py.
+acknowledged. Used by tests/test_secure_resume.py.
 """
 
 import os
