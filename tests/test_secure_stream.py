@@ -416,7 +416,8 @@ def test_a_permanently_refused_upload_gives_the_round_up_after_the_cap_and_the_r
             daemon._secure_step(task)
 
     async def main():
-        async with wire(tmp_path, "flora", None, updates, SHAPES, chunk=256, deadline=3.0) as state:
+        # c-a's three tries must fit in the step: 3 s did not at load 10 under pytest-xdist
+        async with wire(tmp_path, "flora", None, updates, SHAPES, chunk=256, deadline=10.0) as state:
             state.servicer.refuse.add("c-a")
             daemon.conn, daemon.secure = state.conns["c-a"], state.sessions["c-a"]
             with caplog.at_level(logging.WARNING):
