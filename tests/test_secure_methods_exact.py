@@ -43,9 +43,6 @@ pytestmark = pytest.mark.slow
 RANKS = {"r8": 8, "r4": 4, "r2": 2, "r1": 1}
 ROUNDS = 3
 METHODS = ("flora", "flora-warm", "ffa")
-# Under pytest-xdist (pyproject's addopts: --dist loadgroup) a method's tests share one worker, so
-# its secure run (the module's `runs` fixture) is made once, while another method's runs beside it.
-BY_METHOD = [pytest.param(m, marks=pytest.mark.xdist_group(f"secure-exact-{m}")) for m in METHODS]
 
 
 @dataclass
@@ -174,7 +171,7 @@ def runs(tmp_path_factory) -> Callable[[str], SecureAndPlain]:
 
 
 @pytest.mark.timeout(900)  # the first test of a method makes its run: minutes on a loaded machine
-@pytest.mark.parametrize("method", BY_METHOD)
+@pytest.mark.parametrize("method", METHODS)
 def test_secure_rounds_merge_the_plain_methods_model_round_by_round(runs, method):
     run = runs(method)
     shapes = expected_shapes(run.secure.status.run)
@@ -186,7 +183,7 @@ def test_secure_rounds_merge_the_plain_methods_model_round_by_round(runs, method
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("method", BY_METHOD)
+@pytest.mark.parametrize("method", METHODS)
 def test_secure_rounds_are_recorded_as_secure_and_store_no_update(runs, method):
     run = runs(method)
     # Every client in every round, in the history and in Status; the plain run's rounds say nothing of it.
@@ -204,7 +201,6 @@ def test_secure_rounds_are_recorded_as_secure_and_store_no_update(runs, method):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xdist_group("secure-exact-flora")  # reads flora's run
 def test_the_server_keeps_only_masked_values_and_sums(runs):
     # tests/test_secure_nothing_individual.py's docstring says what is compared and why.
     run = runs("flora")
