@@ -21,7 +21,9 @@ and has a line of its own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -59,6 +61,13 @@ class Release(BaseModel):
     def key(self) -> tuple[int, int]:
         """(round, attempt): at most one release of each, the one a commit of that attempt supersedes."""
         return self.round, self.attempt
+
+
+def outside_commits(releases: Sequence[Release], rounds: Sequence[Mapping[str, Any]]) -> list[Release]:
+    """The releases whose attempt did not commit: a committed attempt's pass 1 is one of the
+    passes its history line (``round``, ``attempts``) already accounts."""
+    committed = {(r["round"], r.get("attempts")) for r in rounds}
+    return [r for r in releases if r.key not in committed]
 
 
 def read_releases(path: Path) -> list[Release]:

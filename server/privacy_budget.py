@@ -23,7 +23,7 @@ from typing import Any
 
 from flora.common.privacy.accountant import epsilon_of_releases
 from flora.server.config import ServerSettings
-from flora.server.dp_releases import PASS_ONE_MECHANISMS, Release
+from flora.server.dp_releases import PASS_ONE_MECHANISMS, Release, outside_commits
 from flora.v1 import coordinator_pb2 as pb
 
 # History fields of a DP round: the spent budget after it, and the sample it was accounted with.
@@ -56,10 +56,9 @@ class PrivacyBudget:
             return None
         rounds = [r for r in history if r.get("round", 0) > 0 and POPULATION in r]
         delta = rounds[0][DELTA] if rounds else releases[0].dp_delta if releases else settings.dp_effective_delta
-        committed = {(r["round"], r.get("attempts")) for r in rounds}
         budget = cls(settings.dp_noise_multiplier, settings.dp_mechanisms_per_round, delta, settings.dp_accountant,
                      settings.dp_target_epsilon, [(r[POPULATION], r[SELECTED]) for r in rounds],
-                     [r for r in releases if r.key not in committed])
+                     outside_commits(releases, rounds))
         budget.spent = budget.epsilon_after(budget.samples)
         return budget
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from flora.common.tables import format_table
 from flora.demo.monitor import COLUMNS, read_history, round_rows
-from flora.server.dp_releases import Release, ReleaseFileError, read_releases
+from flora.server.dp_releases import Release, ReleaseFileError, outside_commits, read_releases
 from flora.server.layout import Layout
 
 PNG_NAME = "report.png"
@@ -73,8 +73,7 @@ def privacy_lines(rounds: Sequence[dict[str, Any]], releases: Sequence[Release] 
     """Under differential privacy: the (epsilon, delta) the run spent, and after which round or
     released pass outside a commit (server/dp_releases.py) how much."""
     private = [r for r in rounds if "dp_epsilon" in r]
-    committed = {(r["round"], r.get("attempts")) for r in private}
-    outside = [r for r in releases if r.key not in committed]
+    outside = outside_commits(releases, private)
     if not private and not outside:
         return []
     rows = [((r["round"], 1), {"round": r["round"], "sampled": f"{r['dp_selected']} of {r['dp_population']}",
